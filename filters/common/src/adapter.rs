@@ -1,0 +1,398 @@
+//! The only code that calls proxy-wasm: [`ProxyWasmHost`] implements [`Host`] with hostcalls,
+//! and [`RootAdapter`] / [`HttpAdapter`] drive a [`RootFilter`] and its [`HttpFilter`]s from
+//! the proxy-wasm context traits. [`crate::export_filter!`] wires them up in a filter crate.
+
+use std::time::{Duration, SystemTime};
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
+
+use crate::filter::{CallResponse, Decision, HttpFilter, RootFilter};
+use crate::host::{Body, Host, HostError, HttpCall, MapKind, MetricKind, SharedError};
+use crate::problem::LocalReply;
+
+/// [`Host`] over proxy-wasm hostcalls. Header values are read as bytes and converted lossily,
+/// because the SDK's string getters panic on non-UTF-8 values that Envoy accepts.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ProxyWasmHost;
+
+fn map_type(map: MapKind) -> MapType {
+    match map {
+        MapKind::RequestHeaders => MapType::HttpRequestHeaders,
+        MapKind::RequestTrailers => MapType::HttpRequestTrailers,
+        MapKind::ResponseHeaders => MapType::HttpResponseHeaders,
+        MapKind::ResponseTrailers => MapType::HttpResponseTrailers,
+        MapKind::CallResponseHeaders => MapType::HttpCallResponseHeaders,
+    }
+}
+
+fn buffer_type(which: Body) -> BufferType {
+    match which {
+        Body::Request => BufferType::HttpRequestBody,
+        Body::Response => BufferType::HttpResponseBody,
+        Body::CallResponse => BufferType::HttpCallResponseBody,
+    }
+}
+
+fn host_error(op: &'static str, status: Status) -> HostError {
+    match status {
+        Status::BadArgument | Status::NotFound => HostError::NotAvailable(op),
+        _ => HostError::Failed(op),
+    }
+}
+
+fn lossy(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+}
+
+impl Host for ProxyWasmHost {
+    fn header(&self, map: MapKind, name: &str) -> Option<String> {
+        hostcalls::get_map_value_bytes(map_type(map), name)
+            .ok()
+            .flatten()
+            .map(lossy)
+    }
+
+    fn headers(&self, map: MapKind) -> Vec<(String, String)> {
+        hostcalls::get_map_bytes(map_type(map))
+            .map(|m| m.into_iter().map(|(k, v)| (k, lossy(v))).collect())
+            .unwrap_or_default()
+    }
+
+    fn set_header(&mut self, map: MapKind, name: &str, value: &str) {
+        if let Err(s) = hostcalls::set_map_value(map_type(map), name, Some(value)) {
+            log::debug!("set header {name}: {}", host_error("set_map_value", s));
+        }
+    }
+
+    fn add_header(&mut self, map: MapKind, name: &str, value: &str) {
+        if let Err(s) = hostcalls::add_map_value(map_type(map), name, value) {
+            log::debug!("add header {name}: {}", host_error("add_map_value", s));
+        }
+    }
+
+    fn remove_header(&mut self, map: MapKind, name: &str) {
+        if let Err(s) = hostcalls::remove_map_value(map_type(map), name) {
+            log::debug!(
+                "remove header {name}: {}",
+                host_error("remove_map_value", s)
+            );
+        }
+    }
+
+    fn body(&self, which: Body, start: usize, max: usize) -> Option<Vec<u8>> {
+        hostcalls::get_buffer(buffer_type(which), start, max)
+            .ok()
+            .flatten()
+    }
+
+    fn set_body(&mut self, which: Body, start: usize, size: usize, data: &[u8]) {
+        if let Err(s) = hostcalls::set_buffer(buffer_type(which), start, size, data) {
+            log::debug!("set body: {}", host_error("set_buffer", s));
+        }
+    }
+
+    fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
+        hostcalls::get_property(path.to_vec()).ok().flatten()
+    }
+
+    fn shared_get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, HostError> {
+        match hostcalls::get_shared_data(key) {
+            Ok((Some(v), Some(cas))) => Ok(Some((v, cas))),
+            Ok((Some(v), None)) => Ok(Some((v, 0))),
+            Ok((None, _)) => Ok(None),
+            Err(s) => Err(host_error("get_shared_data", s)),
+        }
+    }
+
+    fn shared_set(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), SharedError> {
+        match hostcalls::set_shared_data(key, Some(value), cas) {
+            Ok(()) => Ok(()),
+            Err(Status::CasMismatch) => Err(SharedError::CasMismatch),
+            Err(s) => Err(SharedError::Host(host_error("set_shared_data", s))),
+        }
+    }
+
+    fn http_call(&mut self, call: &HttpCall<'_>) -> Result<u32, HostError> {
+        hostcalls::dispatch_http_call(
+            call.cluster,
+            call.headers.clone(),
+            call.body,
+            Vec::new(),
+            call.timeout,
+        )
+        .map_err(|s| host_error("dispatch_http_call", s))
+    }
+
+    fn now(&self) -> SystemTime {
+        hostcalls::get_current_time().unwrap_or(SystemTime::UNIX_EPOCH)
+    }
+
+    fn define_metric(&mut self, kind: MetricKind, name: &str) -> Result<u32, HostError> {
+        let t = match kind {
+            MetricKind::Counter => MetricType::Counter,
+            MetricKind::Gauge => MetricType::Gauge,
+            MetricKind::Histogram => MetricType::Histogram,
+        };
+        hostcalls::define_metric(t, name).map_err(|s| host_error("define_metric", s))
+    }
+
+    fn increment_metric(&mut self, id: u32, delta: i64) {
+        let _ = hostcalls::increment_metric(id, delta);
+    }
+
+    fn record_metric(&mut self, id: u32, value: u64) {
+        let _ = hostcalls::record_metric(id, value);
+    }
+
+    fn set_tick_period(&mut self, period: Duration) {
+        let _ = hostcalls::set_tick_period(period);
+    }
+}
+
+/// Install the logger (at `info` until the VM starts; hostcalls such as `get_log_level` are
+/// refused while the module initializes).
+pub fn init_logging() {
+    proxy_wasm::set_log_level(LogLevel::Info);
+}
+
+/// Follow the proxy's log level, so disabled levels cost no hostcall.
+fn follow_proxy_log_level() {
+    if let Ok(level) = hostcalls::get_log_level() {
+        proxy_wasm::set_log_level(level);
+    }
+}
+
+fn send_reply(reply: &LocalReply) {
+    let headers: Vec<(&str, &str)> = reply
+        .headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let body = if reply.body.is_empty() {
+        None
+    } else {
+        Some(reply.body.as_slice())
+    };
+    if let Err(s) = hostcalls::send_http_response(u32::from(reply.status), headers, body) {
+        log::warn!(
+            "send local reply {}: {}",
+            reply.status,
+            host_error("send_http_response", s)
+        );
+    }
+}
+
+fn call_response(num_headers: usize, body_size: usize) -> CallResponse {
+    let host = ProxyWasmHost;
+    let headers = if num_headers > 0 {
+        host.headers(MapKind::CallResponseHeaders)
+    } else {
+        Vec::new()
+    };
+    let body = if body_size > 0 {
+        host.body(Body::CallResponse, 0, body_size)
+            .unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    CallResponse { headers, body }
+}
+
+/// Drives a [`RootFilter`] from proxy-wasm's root context.
+pub struct RootAdapter<R: RootFilter> {
+    root: R,
+    version: &'static str,
+}
+
+impl<R: RootFilter> RootAdapter<R> {
+    /// A root adapter; `version` is the filter crate's version, logged at VM start.
+    pub fn new(context_id: u32, version: &'static str) -> Self {
+        RootAdapter {
+            root: R::new(context_id),
+            version,
+        }
+    }
+}
+
+impl<R: RootFilter> Context for RootAdapter<R> {
+    fn on_http_call_response(
+        &mut self,
+        token: u32,
+        num_headers: usize,
+        body_size: usize,
+        _: usize,
+    ) {
+        let response = call_response(num_headers, body_size);
+        self.root
+            .on_call_response(&mut ProxyWasmHost, token, response);
+    }
+}
+
+impl<R: RootFilter> RootContext for RootAdapter<R> {
+    fn on_vm_start(&mut self, _vm_configuration_size: usize) -> bool {
+        follow_proxy_log_level();
+        log::info!("tollgate-{} {}: VM started", R::NAME, self.version);
+        true
+    }
+
+    fn on_configure(&mut self, size: usize) -> bool {
+        let bytes = if size > 0 {
+            hostcalls::get_buffer(BufferType::PluginConfiguration, 0, size)
+                .ok()
+                .flatten()
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        match self.root.configure(&mut ProxyWasmHost, &bytes) {
+            Ok(()) => {
+                log::info!(
+                    "tollgate-{} {}: configuration accepted",
+                    R::NAME,
+                    self.version
+                );
+                true
+            }
+            Err(e) => {
+                log::error!("tollgate-{}: {e}", R::NAME);
+                false
+            }
+        }
+    }
+
+    fn on_tick(&mut self) {
+        self.root.on_tick(&mut ProxyWasmHost);
+    }
+
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(HttpAdapter {
+            filter: self.root.create_filter(context_id),
+            paused: None,
+        }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stream {
+    Request,
+    Response,
+}
+
+/// Drives one [`HttpFilter`] from proxy-wasm's HTTP context.
+pub struct HttpAdapter<F: HttpFilter> {
+    filter: F,
+    paused: Option<Stream>,
+}
+
+impl<F: HttpFilter> HttpAdapter<F> {
+    fn act(&mut self, stream: Stream, d: Decision) -> Action {
+        match d {
+            Decision::Continue => Action::Continue,
+            Decision::Pause => {
+                self.paused = Some(stream);
+                Action::Pause
+            }
+            Decision::Respond(reply) => {
+                self.paused = None;
+                send_reply(&reply);
+                Action::Pause
+            }
+        }
+    }
+}
+
+impl<F: HttpFilter> Context for HttpAdapter<F> {
+    fn on_http_call_response(
+        &mut self,
+        token: u32,
+        num_headers: usize,
+        body_size: usize,
+        _: usize,
+    ) {
+        let response = call_response(num_headers, body_size);
+        match self
+            .filter
+            .on_call_response(&mut ProxyWasmHost, token, response)
+        {
+            Decision::Pause => {}
+            Decision::Continue => match self.paused.take() {
+                Some(Stream::Request) => {
+                    let _ = hostcalls::resume_http_request();
+                }
+                Some(Stream::Response) => {
+                    let _ = hostcalls::resume_http_response();
+                }
+                None => {}
+            },
+            Decision::Respond(reply) => {
+                self.paused = None;
+                send_reply(&reply);
+            }
+        }
+    }
+
+    fn on_done(&mut self) -> bool {
+        self.filter.on_done(&mut ProxyWasmHost);
+        true
+    }
+}
+
+impl<F: HttpFilter> HttpContext for HttpAdapter<F> {
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        let d = self
+            .filter
+            .on_request_headers(&mut ProxyWasmHost, end_of_stream);
+        self.act(Stream::Request, d)
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let d = self
+            .filter
+            .on_request_body(&mut ProxyWasmHost, body_size, end_of_stream);
+        self.act(Stream::Request, d)
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        let d = self
+            .filter
+            .on_response_headers(&mut ProxyWasmHost, end_of_stream);
+        self.act(Stream::Response, d)
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let d = self
+            .filter
+            .on_response_body(&mut ProxyWasmHost, body_size, end_of_stream);
+        self.act(Stream::Response, d)
+    }
+}
+
+/// Export a [`RootFilter`] as a proxy-wasm module: `tollgate_common::export_filter!(AuthRoot);`
+/// in the filter crate's `lib.rs`.
+#[macro_export]
+macro_rules! export_filter {
+    ($root:ty) => {
+        // Only the wasm module exports the entry point; host builds (unit tests, clippy) link
+        // without the proxy's imports.
+        #[cfg(target_arch = "wasm32")]
+        mod __tollgate_export {
+            #[allow(unused_imports)]
+            use super::*;
+            $crate::proxy_wasm::main! {{
+                $crate::adapter::init_logging();
+                $crate::proxy_wasm::set_root_context(|context_id| {
+                    Box::new($crate::adapter::RootAdapter::<$root>::new(
+                        context_id,
+                        env!("CARGO_PKG_VERSION"),
+                    ))
+                });
+            }}
+        }
+    };
+}

@@ -1,0 +1,103 @@
+//! The traits filter logic implements. Hooks take `&mut dyn Host` and return a [`Decision`];
+//! the adapter turns decisions into proxy actions.
+
+use crate::config::ConfigError;
+use crate::host::Host;
+use crate::problem::LocalReply;
+
+/// What the proxy should do after a hook.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Go on to the next filter.
+    Continue,
+    /// Hold the stream (for example, until a callout answers); resumed by a later decision.
+    Pause,
+    /// Stop and answer the client with this local reply.
+    Respond(LocalReply),
+}
+
+/// The answer to an HTTP callout.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CallResponse {
+    /// Response headers, including `:status`; empty when the call failed (reset, timeout, no
+    /// healthy upstream).
+    pub headers: Vec<(String, String)>,
+    /// Response body, possibly empty.
+    pub body: Vec<u8>,
+}
+
+impl CallResponse {
+    /// The HTTP status, or `None` when the call failed before any answer.
+    pub fn status(&self) -> Option<u16> {
+        self.header(":status").and_then(|s| s.parse().ok())
+    }
+    /// A response header by lower-case name.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Per-request filter logic. Every hook defaults to [`Decision::Continue`].
+pub trait HttpFilter {
+    /// Request headers arrived.
+    fn on_request_headers(&mut self, _host: &mut dyn Host, _end_of_stream: bool) -> Decision {
+        Decision::Continue
+    }
+    /// A piece of the request body arrived; `body_size` is the total buffered so far.
+    fn on_request_body(
+        &mut self,
+        _host: &mut dyn Host,
+        _body_size: usize,
+        _end_of_stream: bool,
+    ) -> Decision {
+        Decision::Continue
+    }
+    /// Response headers arrived.
+    fn on_response_headers(&mut self, _host: &mut dyn Host, _end_of_stream: bool) -> Decision {
+        Decision::Continue
+    }
+    /// A piece of the response body arrived; `body_size` is the total buffered so far.
+    fn on_response_body(
+        &mut self,
+        _host: &mut dyn Host,
+        _body_size: usize,
+        _end_of_stream: bool,
+    ) -> Decision {
+        Decision::Continue
+    }
+    /// An HTTP callout started by this request answered (or failed). `Continue` resumes the
+    /// paused stream, `Respond` answers the client, `Pause` keeps waiting.
+    fn on_call_response(
+        &mut self,
+        _host: &mut dyn Host,
+        _token: u32,
+        _response: CallResponse,
+    ) -> Decision {
+        Decision::Continue
+    }
+    /// The stream is complete (access-log time).
+    fn on_done(&mut self, _host: &mut dyn Host) {}
+}
+
+/// Per-VM (per worker) logic: configuration, background work, and creating request filters.
+pub trait RootFilter: Sized + 'static {
+    /// The per-request filter this root creates.
+    type Filter: HttpFilter + 'static;
+    /// Filter name used in logs and metric names, such as `auth`.
+    const NAME: &'static str;
+
+    /// A root for a new VM context.
+    fn new(context_id: u32) -> Self;
+    /// Parse and compile the plugin configuration. An error refuses the configuration; the
+    /// adapter logs it as one line.
+    fn configure(&mut self, host: &mut dyn Host, configuration: &[u8]) -> Result<(), ConfigError>;
+    /// Periodic work, when a tick period was set.
+    fn on_tick(&mut self, _host: &mut dyn Host) {}
+    /// An HTTP callout started by the root answered (or failed).
+    fn on_call_response(&mut self, _host: &mut dyn Host, _token: u32, _response: CallResponse) {}
+    /// A filter for a new request.
+    fn create_filter(&self, context_id: u32) -> Self::Filter;
+}

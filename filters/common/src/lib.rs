@@ -1,0 +1,29 @@
+//! Shared foundation of the Tollgate filters.
+//!
+//! Filter logic never calls proxy-wasm directly. It is written against the [`Host`] trait and
+//! the [`HttpFilter`] / [`RootFilter`] traits of [`filter`]; the generic adapter in [`adapter`]
+//! is the only code that makes hostcalls. [`mem_host::MemHost`] implements [`Host`] in memory so
+//! that filter logic is unit tested on the build machine.
+//!
+//! Also here: configuration parsing with field paths ([`config`]), the route matcher every filter
+//! uses for per-route rules ([`route`]), RFC 9457 problem replies ([`problem`]), request helpers
+//! ([`request`]) and named metrics ([`metrics`]).
+
+pub mod adapter;
+pub mod config;
+pub mod filter;
+pub mod host;
+pub mod mem_host;
+pub mod metrics;
+pub mod problem;
+pub mod request;
+pub mod route;
+
+pub use config::ConfigError;
+pub use filter::{CallResponse, Decision, HttpFilter, RootFilter};
+pub use host::{Body, Host, HostError, HttpCall, MapKind, MetricKind, SharedError};
+pub use problem::{LocalReply, Problem};
+pub use route::{RouteMatch, RouteParams, Rules};
+
+/// Re-exported so that [`export_filter!`] expands without each filter crate naming proxy-wasm.
+pub use proxy_wasm;

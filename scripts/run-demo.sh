@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Start the demo services and Envoy with envoy/envoy.yaml; Ctrl-C stops both.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ENVOY=${ENVOY:-.venv/bin/envoy}
+
+args=(--listen users=127.0.0.1:8081 --listen orders=127.0.0.1:8082 --listen products=127.0.0.1:8083)
+[ -f envoy/demo-keys/jwks.json ] && args+=(--jwks envoy/demo-keys/jwks.json)
+target/release/tollgate-demo "${args[@]}" &
+services=$!
+trap 'kill $services 2>/dev/null || true' EXIT INT TERM
+
+for port in 8081 8082 8083; do
+  for _ in $(seq 50); do curl -fs "127.0.0.1:$port/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
+done
+echo "gateway: http://127.0.0.1:10000  (try: curl -i 127.0.0.1:10000/api/products/1)"
+echo "admin:   http://127.0.0.1:9901"
+"$ENVOY" -c envoy/envoy.yaml --use-dynamic-base-id --concurrency "${CONCURRENCY:-2}" -l "${LOG_LEVEL:-info}"

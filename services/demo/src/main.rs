@@ -1,0 +1,489 @@
+//! Demo JSON services for the Tollgate gateway: `users`, `orders` and `products`, each on its
+//! own loopback port, with knobs that tests and benchmarks use.
+//!
+//! ```text
+//! tollgate-demo --listen users=127.0.0.1:8081 --listen orders=127.0.0.1:8082 \
+//!               --listen products=127.0.0.1:8083 [--jwks envoy/demo-keys/jwks.json]
+//! ```
+//!
+//! Every knob is a request header `x-demo-<knob>` or a query parameter `<knob>`:
+//! `delay` (ms), `status`, `fail_rate` (0..1, answers 500), `size` (pad the body to bytes),
+//! `cache_control`, `etag` (`none` to omit), `last_modified` (`none` to omit), `vary`,
+//! `set_cookie`, `content_type` (a non-JSON type sends a plain text body).
+//! Conditional GETs (`If-None-Match`, `If-Modified-Since`) get 304.
+//! Other endpoints: `/healthz`, `/echo/...` (the request as JSON), `/stats` (request counts per
+//! path; `POST /stats/reset` clears them), `/.well-known/jwks.json`,
+//! `/.well-known/openid-configuration`.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde_json::{json, Value};
+use tiny_http::{Header, Request, Response, Server};
+
+const WORKERS_PER_SERVICE: usize = 32;
+/// A fixed Last-Modified for demo data: 2026-01-01T00:00:00Z.
+const LAST_MODIFIED: &str = "Thu, 01 Jan 2026 00:00:00 GMT";
+
+struct Service {
+    name: String,
+    jwks: Option<String>,
+    issuer: String,
+    counts: Mutex<HashMap<String, u64>>,
+    total: AtomicU64,
+    rng: AtomicU64,
+}
+
+fn main() {
+    let mut listens = Vec::new();
+    let mut jwks = None;
+    let mut issuer = "https://demo.tollgate.local".to_string();
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--listen" => listens.push(args.next().unwrap_or_default()),
+            "--jwks" => jwks = args.next(),
+            "--issuer" => issuer = args.next().unwrap_or(issuer),
+            "-h" | "--help" => {
+                println!(
+                    "usage: tollgate-demo --listen NAME=ADDR:PORT ... [--jwks FILE] [--issuer URL]"
+                );
+                return;
+            }
+            other => {
+                eprintln!("tollgate-demo: unknown argument `{other}` (see --help)");
+                std::process::exit(2);
+            }
+        }
+    }
+    if listens.is_empty() {
+        listens = vec![
+            "users=127.0.0.1:8081".into(),
+            "orders=127.0.0.1:8082".into(),
+            "products=127.0.0.1:8083".into(),
+        ];
+    }
+    let jwks_doc = jwks.and_then(|path| match std::fs::read_to_string(&path) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            eprintln!("tollgate-demo: cannot read --jwks {path}: {e}; /.well-known/jwks.json will answer 404");
+            None
+        }
+    });
+    let mut threads = Vec::new();
+    for l in listens {
+        let Some((name, addr)) = l.split_once('=') else {
+            eprintln!("tollgate-demo: --listen wants NAME=ADDR:PORT, got `{l}`");
+            std::process::exit(2);
+        };
+        let server = match Server::http(addr) {
+            Ok(s) => Arc::new(s),
+            Err(e) => {
+                eprintln!("tollgate-demo: cannot listen on {addr}: {e}");
+                std::process::exit(1);
+            }
+        };
+        eprintln!("tollgate-demo: {name} listening on http://{addr}");
+        let svc = Arc::new(Service {
+            name: name.to_string(),
+            jwks: jwks_doc.clone(),
+            issuer: issuer.clone(),
+            counts: Mutex::new(HashMap::new()),
+            total: AtomicU64::new(0),
+            rng: AtomicU64::new(0x9E37_79B9_7F4A_7C15 ^ addr.len() as u64),
+        });
+        for _ in 0..WORKERS_PER_SERVICE {
+            let server = server.clone();
+            let svc = svc.clone();
+            threads.push(std::thread::spawn(move || {
+                while let Ok(req) = server.recv() {
+                    handle(&svc, req);
+                }
+            }));
+        }
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+}
+
+struct Knobs {
+    query: Vec<(String, String)>,
+    headers: Vec<(String, String)>,
+}
+
+impl Knobs {
+    fn get(&self, knob: &str) -> Option<String> {
+        let header = format!("x-demo-{}", knob.replace('_', "-"));
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(&header))
+            .map(|(_, v)| v.clone())
+            .or_else(|| {
+                self.query
+                    .iter()
+                    .find(|(k, _)| k == knob)
+                    .map(|(_, v)| v.clone())
+            })
+    }
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+fn decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(if b[i] == b'+' { b' ' } else { b[i] });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn next_random(svc: &Service) -> f64 {
+    // xorshift; good enough for a failure rate knob.
+    let mut x = svc.rng.load(Ordering::Relaxed);
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    svc.rng.store(x, Ordering::Relaxed);
+    (x >> 11) as f64 / (1u64 << 53) as f64
+}
+
+fn item(service: &str, id: &str) -> Option<Value> {
+    let n: u64 = id.parse().ok()?;
+    if n == 0 || n > 1000 {
+        return None;
+    }
+    Some(match service {
+        "users" => json!({
+            "id": n, "name": format!("User {n}"), "email": format!("user{n}@example.com"),
+            "company_id": (n % 5) + 1, "plan": if n % 2 == 0 { "pro" } else { "free" }
+        }),
+        "orders" => json!({
+            "id": n, "user": (n % 10) + 1, "product_ids": [n % 7 + 1, n % 11 + 1],
+            "total": (n * 1234) % 10000 + 99, "currency": "EUR", "status": "shipped"
+        }),
+        "products" => json!({
+            "id": n, "name": format!("Product {n}"), "price": (n * 317) % 5000 + 100,
+            "currency": "EUR", "stock": n % 13
+        }),
+        _ => json!({"id": n, "service": service}),
+    })
+}
+
+fn list(service: &str, knobs: &Knobs) -> Value {
+    let user = knobs
+        .query
+        .iter()
+        .find(|(k, _)| k == "user")
+        .map(|(_, v)| v.clone());
+    let items: Vec<Value> = (1..=5)
+        .filter_map(|i| {
+            let mut v = item(service, &i.to_string())?;
+            if let (Some(u), Some(obj)) = (&user, v.as_object_mut()) {
+                obj.insert("user".into(), Value::String(u.clone()));
+            }
+            Some(v)
+        })
+        .collect();
+    json!({ "service": service, "items": items, "count": items.len() })
+}
+
+fn fnv(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x1000_0000_01b3);
+    }
+    h
+}
+
+fn http_date_secs(s: &str) -> Option<u64> {
+    // Parses IMF-fixdate: "Thu, 01 Jan 2026 00:00:00 GMT".
+    let parts: Vec<&str> = s.split_whitespace().collect();
+    if parts.len() != 6 {
+        return None;
+    }
+    let day: u64 = parts[1].parse().ok()?;
+    let months = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let month = months.iter().position(|m| *m == parts[2])? as u64 + 1;
+    let year: u64 = parts[3].parse().ok()?;
+    let hms: Vec<u64> = parts[4].split(':').filter_map(|x| x.parse().ok()).collect();
+    if hms.len() != 3 {
+        return None;
+    }
+    // days from civil (Howard Hinnant)
+    let (y, m) = if month <= 2 {
+        (year - 1, month + 9)
+    } else {
+        (year, month - 3)
+    };
+    let era = y / 400;
+    let yoe = y - era * 400;
+    let doy = (153 * m + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days * 86400 + hms[0] * 3600 + hms[1] * 60 + hms[2])
+}
+
+fn handle(svc: &Service, mut req: Request) {
+    let url = req.url().to_string();
+    let (path, query) = url.split_once('?').unwrap_or((&url, ""));
+    let path = path.to_string();
+    let knobs = Knobs {
+        query: query
+            .split('&')
+            .filter(|p| !p.is_empty())
+            .map(|p| {
+                let (k, v) = p.split_once('=').unwrap_or((p, ""));
+                (decode(k), decode(v))
+            })
+            .collect(),
+        headers: req
+            .headers()
+            .iter()
+            .map(|h| {
+                (
+                    h.field.as_str().as_str().to_ascii_lowercase(),
+                    h.value.as_str().to_string(),
+                )
+            })
+            .collect(),
+    };
+    let method = req.method().as_str().to_string();
+    let mut body_in = String::new();
+    let _ = req.as_reader().take(1 << 20).read_to_string(&mut body_in);
+
+    if path != "/stats" && path != "/stats/reset" && path != "/healthz" {
+        svc.total.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut c) = svc.counts.lock() {
+            *c.entry(path.clone()).or_insert(0) += 1;
+        }
+    }
+    if let Some(ms) = knobs.get("delay").and_then(|d| d.parse::<u64>().ok()) {
+        std::thread::sleep(Duration::from_millis(ms.min(60_000)));
+    }
+
+    let mut status: u16 = 200;
+    let mut cache_control = match svc.name.as_str() {
+        "products" => "public, max-age=60",
+        "users" => "private, max-age=30",
+        _ => "no-store",
+    }
+    .to_string();
+    let mut extra: Vec<(String, String)> = Vec::new();
+    let mut validators = true;
+
+    let segments: Vec<&str> = path
+        .trim_matches('/')
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .collect();
+    let body: Value = match (method.as_str(), segments.as_slice()) {
+        (_, ["healthz"]) => json!({"ok": true, "service": svc.name}),
+        (_, ["stats"]) => {
+            let counts = svc.counts.lock().map(|c| c.clone()).unwrap_or_default();
+            validators = false;
+            cache_control = "no-store".into();
+            json!({"service": svc.name, "requests": svc.total.load(Ordering::Relaxed), "by_path": counts})
+        }
+        ("POST", ["stats", "reset"]) => {
+            if let Ok(mut c) = svc.counts.lock() {
+                c.clear();
+            }
+            svc.total.store(0, Ordering::Relaxed);
+            validators = false;
+            json!({"reset": true})
+        }
+        (_, [".well-known", "jwks.json"]) => match &svc.jwks {
+            Some(doc) => {
+                cache_control = "public, max-age=300".into();
+                serde_json::from_str(doc).unwrap_or(Value::Null)
+            }
+            None => {
+                status = 404;
+                json!({"title": "no JWKS configured"})
+            }
+        },
+        (_, [".well-known", "openid-configuration"]) => {
+            let host = knobs.header("host").unwrap_or("127.0.0.1");
+            json!({
+                "issuer": svc.issuer,
+                "jwks_uri": format!("http://{host}/.well-known/jwks.json"),
+                "id_token_signing_alg_values_supported": ["ES256", "RS256"]
+            })
+        }
+        (_, ["echo", ..]) => {
+            validators = false;
+            cache_control = "no-store".into();
+            let headers: serde_json::Map<String, Value> =
+                knobs
+                    .headers
+                    .iter()
+                    .fold(serde_json::Map::new(), |mut m, (k, v)| {
+                        match m.get_mut(k) {
+                            Some(Value::String(prev)) => {
+                                let joined = format!("{prev},{v}");
+                                *prev = joined;
+                            }
+                            _ => {
+                                m.insert(k.clone(), Value::String(v.clone()));
+                            }
+                        }
+                        m
+                    });
+            json!({"service": svc.name, "method": method, "path": url, "headers": headers, "body": body_in})
+        }
+        ("GET" | "HEAD", [s]) if *s == svc.name => list(&svc.name, &knobs),
+        ("GET" | "HEAD", [s, id]) if *s == svc.name => match item(&svc.name, id) {
+            Some(v) => v,
+            None => {
+                status = 404;
+                validators = false;
+                json!({"type": "about:blank", "title": "Not Found", "status": 404,
+                       "detail": format!("no {} with id {id}", svc.name)})
+            }
+        },
+        ("POST" | "PUT" | "PATCH" | "DELETE", [s, ..]) if *s == svc.name => {
+            validators = false;
+            cache_control = "no-store".into();
+            status = if method == "POST" { 201 } else { 200 };
+            json!({"service": svc.name, "method": method, "path": path, "accepted": true})
+        }
+        _ => {
+            status = 404;
+            validators = false;
+            json!({"type": "about:blank", "title": "Not Found", "status": 404, "detail": path})
+        }
+    };
+
+    if let Some(rate) = knobs.get("fail_rate").and_then(|r| r.parse::<f64>().ok()) {
+        if next_random(svc) < rate {
+            respond(
+                req,
+                500,
+                vec![],
+                b"{\"error\":\"injected failure\"}".to_vec(),
+                "application/json",
+                &method,
+            );
+            return;
+        }
+    }
+    if let Some(s) = knobs.get("status").and_then(|s| s.parse::<u16>().ok()) {
+        status = s;
+    }
+    if let Some(cc) = knobs.get("cache_control") {
+        cache_control = cc;
+    }
+    let content_type = knobs
+        .get("content_type")
+        .unwrap_or_else(|| "application/json".into());
+    let mut bytes = if content_type.contains("json") {
+        serde_json::to_vec(&body).unwrap_or_default()
+    } else {
+        b"this is not JSON <html>".to_vec()
+    };
+    if let Some(size) = knobs.get("size").and_then(|s| s.parse::<usize>().ok()) {
+        let size = size.min(64 << 20);
+        if content_type.contains("json") {
+            if let Value::Object(mut m) = body.clone() {
+                let base = serde_json::to_vec(&m).unwrap_or_default().len() + 12;
+                m.insert(
+                    "padding".into(),
+                    Value::String("x".repeat(size.saturating_sub(base))),
+                );
+                bytes = serde_json::to_vec(&m).unwrap_or_default();
+            }
+        } else {
+            bytes.resize(size, b'.');
+        }
+    }
+
+    if validators && status == 200 {
+        let etag = knobs
+            .get("etag")
+            .unwrap_or_else(|| format!("\"{:016x}\"", fnv(&bytes)));
+        let last_modified = knobs
+            .get("last_modified")
+            .unwrap_or_else(|| LAST_MODIFIED.into());
+        let mut not_modified = false;
+        if etag != "none" {
+            if let Some(inm) = knobs.header("if-none-match") {
+                let weak = |t: &str| t.trim().trim_start_matches("W/").to_string();
+                not_modified = inm.trim() == "*" || inm.split(',').any(|t| weak(t) == weak(&etag));
+            }
+            extra.push(("etag".into(), etag));
+        }
+        if last_modified != "none" {
+            if knobs.header("if-none-match").is_none() {
+                if let (Some(ims), Some(lm)) = (
+                    knobs.header("if-modified-since").and_then(http_date_secs),
+                    http_date_secs(&last_modified),
+                ) {
+                    not_modified = lm <= ims;
+                }
+            }
+            extra.push(("last-modified".into(), last_modified));
+        }
+        if not_modified {
+            status = 304;
+            bytes = Vec::new();
+        }
+    }
+    extra.push(("cache-control".into(), cache_control));
+    if let Some(v) = knobs.get("vary") {
+        extra.push(("vary".into(), v));
+    }
+    if let Some(c) = knobs.get("set_cookie") {
+        extra.push(("set-cookie".into(), c));
+    }
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    extra.push(("x-demo-service".into(), svc.name.clone()));
+    extra.push(("x-demo-served-at-ms".into(), now.to_string()));
+    respond(req, status, extra, bytes, &content_type, &method);
+}
+
+fn respond(
+    req: Request,
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+    ct: &str,
+    method: &str,
+) {
+    let mut resp = Response::from_data(if method == "HEAD" { Vec::new() } else { body })
+        .with_status_code(status);
+    if status != 304 {
+        if let Ok(h) = Header::from_bytes("content-type", ct) {
+            resp.add_header(h);
+        }
+    }
+    for (k, v) in headers {
+        if let Ok(h) = Header::from_bytes(k.as_bytes(), v.as_bytes()) {
+            resp.add_header(h);
+        }
+    }
+    let _ = req.respond(resp);
+}

