@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Build (or clippy-check) the filter crates for wasm32-wasip1 and copy the modules to build/.
 #
-#   scripts/wasm.sh build     # release build, modules in build/tollgate_<filter>.wasm
-#   scripts/wasm.sh clippy    # clippy -D warnings for the wasm target
+#   scripts/wasm.sh build [FILTER...]    # release build, modules in build/tollgate_<filter>.wasm
+#   scripts/wasm.sh clippy [FILTER...]   # clippy -D warnings for the wasm target
+# FILTER is auth, ratelimit, cache or aggregate; default: all four.
 #
 # Toolchain choice, made automatically:
 #   1. rustup's toolchain when `rustup target list --installed` shows wasm32-wasip1;
@@ -15,8 +16,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 MODE=${1:-build}
+shift || true
 TARGET=wasm32-wasip1
 PACKAGES=(tollgate-auth tollgate-ratelimit tollgate-cache tollgate-aggregate)
+if [ $# -gt 0 ]; then
+  PACKAGES=()
+  for f in "$@"; do PACKAGES+=("tollgate-$f"); done
+fi
 DEBIAN_PKGS=(rustc-web cargo-web rust-web-src lld-22 wasi-libc)
 [ "$MODE" = clippy ] && DEBIAN_PKGS+=(rust-web-clippy)
 CHOICE_FILE=target/.wasm-toolchain
