@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 MODE=${1:-build}
 shift || true
 TARGET=wasm32-wasip1
-PACKAGES=(tollgate-auth tollgate-ratelimit tollgate-cache tollgate-aggregate)
+PACKAGES=(tollgate-auth tollgate-ratelimit tollgate-cache tollgate-aggregate tollgate-probe)
 if [ $# -gt 0 ]; then
   PACKAGES=()
   for f in "$@"; do PACKAGES+=("tollgate-$f"); done

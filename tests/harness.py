@@ -27,6 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "build"
 FILTERS = ("auth", "ratelimit", "cache", "aggregate")
+# Every module `make build` produces: the four filters and the probe (tests and benchmarks).
+MODULES = FILTERS + ("probe",)
 SERVICES = ("users", "orders", "products")
 
 
@@ -52,7 +54,7 @@ def module_path(name: str) -> Path:
 
 
 def missing_artifacts() -> list[str]:
-    missing = [str(module_path(f)) for f in FILTERS if not module_path(f).exists()]
+    missing = [str(module_path(f)) for f in MODULES if not module_path(f).exists()]
     if not demo_binary().exists():
         missing.append(str(demo_binary()))
     return missing

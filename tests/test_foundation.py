@@ -119,3 +119,36 @@ def test_schema_refuses_what_the_filter_refuses(name):
     assert not v.is_valid({"no_such_field": 1})
     assert not v.is_valid({"routes": [{"match": {"prefix": "/a", "exact": "/a"}}]})
     assert v.is_valid({"routes": [{"match": {"template": "/api/users/{id}", "methods": ["GET"]}}]})
+
+
+def test_root_wakes_a_paused_request_which_calls_out_and_continues(services, envoy_factory):
+    """The adapter's wake path on a real Envoy: the probe pauses each request, its root wakes it
+    from on_tick, the woken request makes a callout (answered to it, not to the root) and then
+    continues upstream with the callout's status in a header."""
+    envoy = envoy_factory(filters=[("probe", {"wait_ms": 150, "call_cluster": "users"})],
+                          services=services, concurrency=2)
+    results = []
+
+    def one():
+        results.append(envoy.get("/api/users/echo/x"))
+
+    import threading
+    threads = [threading.Thread(target=one) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert len(results) == 6
+    for r in results:
+        assert r.status == 200, r
+        headers = r.json()["headers"]
+        assert headers.get("x-probe-woken") == "1", headers
+        assert headers.get("x-probe-call-status") == "200", headers
+        assert r.elapsed >= 0.14, r.elapsed
+    assert "panicked" not in envoy.log()
+
+
+def test_probe_passes_traffic_with_empty_configuration(services, envoy_factory):
+    envoy = envoy_factory(filters=[("probe", {})], services=services)
+    r = envoy.get("/api/users/echo/y")
+    assert r.status == 200 and "x-probe-woken" not in r.json()["headers"]

@@ -2,6 +2,9 @@
 //! and [`RootAdapter`] / [`HttpAdapter`] drive a [`RootFilter`] and its [`HttpFilter`]s from
 //! the proxy-wasm context traits. [`crate::export_filter!`] wires them up in a filter crate.
 
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::{Rc, Weak};
 use std::time::{Duration, SystemTime};
 
 use proxy_wasm::hostcalls;
@@ -122,6 +125,7 @@ impl Host for ProxyWasmHost {
             Vec::new(),
             call.timeout,
         )
+        .inspect(|token| record_call_owner(*token))
         .map_err(|s| host_error("dispatch_http_call", s))
     }
 
@@ -148,6 +152,10 @@ impl Host for ProxyWasmHost {
 
     fn set_tick_period(&mut self, period: Duration) {
         let _ = hostcalls::set_tick_period(period);
+    }
+
+    fn wake(&mut self, context_id: u32, reason: u32) -> bool {
+        wake_context(context_id, reason)
     }
 }
 
@@ -200,9 +208,72 @@ fn call_response(num_headers: usize, body_size: usize) -> CallResponse {
     CallResponse { headers, body }
 }
 
+thread_local! {
+    /// Live HTTP contexts of this VM, so that [`Host::wake`] can reach them.
+    static CONTEXTS: RefCell<HashMap<u32, Weak<dyn Wakeable>>> = RefCell::new(HashMap::new());
+    /// The context the proxy is currently calling into (what `set_effective_context` restores).
+    static ACTIVE: Cell<u32> = const { Cell::new(0) };
+    /// While a woken request runs, its id: callouts it starts are answered to it.
+    static WAKING: Cell<Option<u32>> = const { Cell::new(None) };
+    /// Callouts started by a woken request: token -> HTTP context id. The SDK registers them
+    /// to the context that was active (the waker), whose adapter forwards the answer.
+    static CALL_OWNERS: RefCell<HashMap<u32, u32>> = RefCell::new(HashMap::new());
+}
+
+/// An HTTP context that can be woken or handed a forwarded callout answer.
+trait Wakeable {
+    fn wake(&self, reason: u32);
+    fn call_response(&self, token: u32, response: CallResponse);
+}
+
+fn record_call_owner(token: u32) {
+    if let Some(owner) = WAKING.with(Cell::get) {
+        CALL_OWNERS.with(|m| m.borrow_mut().insert(token, owner));
+    }
+}
+
+/// Run `f` on the live HTTP context `context_id` with the proxy's effective context switched
+/// to it, then switch back. False when the context is gone or busy.
+fn with_context(context_id: u32, f: impl FnOnce(&dyn Wakeable)) -> bool {
+    let Some(target) = CONTEXTS.with(|m| m.borrow().get(&context_id).and_then(Weak::upgrade))
+    else {
+        return false;
+    };
+    let previous = ACTIVE.with(Cell::get);
+    if hostcalls::set_effective_context(context_id).is_err() {
+        return false;
+    }
+    ACTIVE.with(|a| a.set(context_id));
+    let outer = WAKING.with(|w| w.replace(Some(context_id)));
+    f(target.as_ref());
+    WAKING.with(|w| w.set(outer));
+    ACTIVE.with(|a| a.set(previous));
+    let _ = hostcalls::set_effective_context(previous);
+    true
+}
+
+fn wake_context(context_id: u32, reason: u32) -> bool {
+    with_context(context_id, |t| t.wake(reason))
+}
+
+/// Deliver a callout answer to the woken request that started the call, if it was one.
+fn forward_call_response(token: u32, response: CallResponse) -> Result<(), CallResponse> {
+    let Some(owner) = CALL_OWNERS.with(|m| m.borrow_mut().remove(&token)) else {
+        return Err(response);
+    };
+    let mut response = Some(response);
+    with_context(owner, |t| {
+        if let Some(r) = response.take() {
+            t.call_response(token, r);
+        }
+    });
+    Ok(())
+}
+
 /// Drives a [`RootFilter`] from proxy-wasm's root context.
 pub struct RootAdapter<R: RootFilter> {
     root: R,
+    context_id: u32,
     version: &'static str,
 }
 
@@ -211,8 +282,13 @@ impl<R: RootFilter> RootAdapter<R> {
     pub fn new(context_id: u32, version: &'static str) -> Self {
         RootAdapter {
             root: R::new(context_id),
+            context_id,
             version,
         }
+    }
+
+    fn enter(&self) {
+        ACTIVE.with(|a| a.set(self.context_id));
     }
 }
 
@@ -224,20 +300,25 @@ impl<R: RootFilter> Context for RootAdapter<R> {
         body_size: usize,
         _: usize,
     ) {
+        self.enter();
         let response = call_response(num_headers, body_size);
-        self.root
-            .on_call_response(&mut ProxyWasmHost, token, response);
+        if let Err(response) = forward_call_response(token, response) {
+            self.root
+                .on_call_response(&mut ProxyWasmHost, token, response);
+        }
     }
 }
 
 impl<R: RootFilter> RootContext for RootAdapter<R> {
     fn on_vm_start(&mut self, _vm_configuration_size: usize) -> bool {
+        self.enter();
         follow_proxy_log_level();
         log::info!("tollgate-{} {}: VM started", R::NAME, self.version);
         true
     }
 
     fn on_configure(&mut self, size: usize) -> bool {
+        self.enter();
         let bytes = if size > 0 {
             hostcalls::get_buffer(BufferType::PluginConfiguration, 0, size)
                 .ok()
@@ -263,14 +344,18 @@ impl<R: RootFilter> RootContext for RootAdapter<R> {
     }
 
     fn on_tick(&mut self) {
+        self.enter();
         self.root.on_tick(&mut ProxyWasmHost);
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(HttpAdapter {
-            filter: self.root.create_filter(context_id),
-            paused: None,
-        }))
+        let inner = Rc::new(HttpInner {
+            filter: RefCell::new(self.root.create_filter(context_id)),
+            paused: Cell::new(None),
+        });
+        let weak: Weak<dyn Wakeable> = Rc::downgrade(&(inner.clone() as Rc<dyn Wakeable>));
+        CONTEXTS.with(|m| m.borrow_mut().insert(context_id, weak));
+        Some(Box::new(HttpAdapter { inner, context_id }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -284,42 +369,31 @@ enum Stream {
     Response,
 }
 
-/// Drives one [`HttpFilter`] from proxy-wasm's HTTP context.
-pub struct HttpAdapter<F: HttpFilter> {
-    filter: F,
-    paused: Option<Stream>,
+struct HttpInner<F: HttpFilter> {
+    filter: RefCell<F>,
+    paused: Cell<Option<Stream>>,
 }
 
-impl<F: HttpFilter> HttpAdapter<F> {
-    fn act(&mut self, stream: Stream, d: Decision) -> Action {
+impl<F: HttpFilter> HttpInner<F> {
+    /// Apply a decision taken inside a hook of `stream`.
+    fn act(&self, stream: Stream, d: Decision) -> Action {
         match d {
             Decision::Continue => Action::Continue,
             Decision::Pause => {
-                self.paused = Some(stream);
+                self.paused.set(Some(stream));
                 Action::Pause
             }
             Decision::Respond(reply) => {
-                self.paused = None;
+                self.paused.set(None);
                 send_reply(&reply);
                 Action::Pause
             }
         }
     }
-}
 
-impl<F: HttpFilter> Context for HttpAdapter<F> {
-    fn on_http_call_response(
-        &mut self,
-        token: u32,
-        num_headers: usize,
-        body_size: usize,
-        _: usize,
-    ) {
-        let response = call_response(num_headers, body_size);
-        match self
-            .filter
-            .on_call_response(&mut ProxyWasmHost, token, response)
-        {
+    /// Apply a decision taken outside a stream hook (callout answer, wake).
+    fn act_async(&self, d: Decision) {
+        match d {
             Decision::Pause => {}
             Decision::Continue => match self.paused.take() {
                 Some(Stream::Request) => {
@@ -331,45 +405,109 @@ impl<F: HttpFilter> Context for HttpAdapter<F> {
                 None => {}
             },
             Decision::Respond(reply) => {
-                self.paused = None;
+                self.paused.set(None);
                 send_reply(&reply);
             }
         }
     }
 
+    fn hook(&self, stream: Stream, f: impl FnOnce(&mut F) -> Decision) -> Action {
+        let d = match self.filter.try_borrow_mut() {
+            Ok(mut filter) => f(&mut filter),
+            Err(_) => return Action::Continue,
+        };
+        self.act(stream, d)
+    }
+}
+
+impl<F: HttpFilter> Wakeable for HttpInner<F> {
+    fn wake(&self, reason: u32) {
+        let d = match self.filter.try_borrow_mut() {
+            Ok(mut filter) => filter.on_wake(&mut ProxyWasmHost, reason),
+            Err(_) => return,
+        };
+        self.act_async(d);
+    }
+
+    fn call_response(&self, token: u32, response: CallResponse) {
+        let d = match self.filter.try_borrow_mut() {
+            Ok(mut filter) => filter.on_call_response(&mut ProxyWasmHost, token, response),
+            Err(_) => return,
+        };
+        self.act_async(d);
+    }
+}
+
+/// Drives one [`HttpFilter`] from proxy-wasm's HTTP context.
+pub struct HttpAdapter<F: HttpFilter> {
+    inner: Rc<HttpInner<F>>,
+    context_id: u32,
+}
+
+impl<F: HttpFilter> HttpAdapter<F> {
+    fn enter(&self) {
+        ACTIVE.with(|a| a.set(self.context_id));
+    }
+}
+
+impl<F: HttpFilter> Drop for HttpAdapter<F> {
+    fn drop(&mut self) {
+        CONTEXTS.with(|m| m.borrow_mut().remove(&self.context_id));
+    }
+}
+
+impl<F: HttpFilter> Context for HttpAdapter<F> {
+    fn on_http_call_response(
+        &mut self,
+        token: u32,
+        num_headers: usize,
+        body_size: usize,
+        _: usize,
+    ) {
+        self.enter();
+        let response = call_response(num_headers, body_size);
+        if let Err(response) = forward_call_response(token, response) {
+            self.inner.call_response(token, response);
+        }
+    }
+
     fn on_done(&mut self) -> bool {
-        self.filter.on_done(&mut ProxyWasmHost);
+        self.enter();
+        if let Ok(mut filter) = self.inner.filter.try_borrow_mut() {
+            filter.on_done(&mut ProxyWasmHost);
+        }
+        CONTEXTS.with(|m| m.borrow_mut().remove(&self.context_id));
         true
     }
 }
 
 impl<F: HttpFilter> HttpContext for HttpAdapter<F> {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        let d = self
-            .filter
-            .on_request_headers(&mut ProxyWasmHost, end_of_stream);
-        self.act(Stream::Request, d)
+        self.enter();
+        self.inner.hook(Stream::Request, |f| {
+            f.on_request_headers(&mut ProxyWasmHost, end_of_stream)
+        })
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        let d = self
-            .filter
-            .on_request_body(&mut ProxyWasmHost, body_size, end_of_stream);
-        self.act(Stream::Request, d)
+        self.enter();
+        self.inner.hook(Stream::Request, |f| {
+            f.on_request_body(&mut ProxyWasmHost, body_size, end_of_stream)
+        })
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        let d = self
-            .filter
-            .on_response_headers(&mut ProxyWasmHost, end_of_stream);
-        self.act(Stream::Response, d)
+        self.enter();
+        self.inner.hook(Stream::Response, |f| {
+            f.on_response_headers(&mut ProxyWasmHost, end_of_stream)
+        })
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        let d = self
-            .filter
-            .on_response_body(&mut ProxyWasmHost, body_size, end_of_stream);
-        self.act(Stream::Response, d)
+        self.enter();
+        self.inner.hook(Stream::Response, |f| {
+            f.on_response_body(&mut ProxyWasmHost, body_size, end_of_stream)
+        })
     }
 }
 

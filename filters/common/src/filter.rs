@@ -78,6 +78,12 @@ pub trait HttpFilter {
     ) -> Decision {
         Decision::Continue
     }
+    /// Another context (usually the root, for example when a key fetch this request waits
+    /// for has finished, or on a timer in `on_tick`) woke this request with [`Host::wake`].
+    /// Decisions are applied as for callout answers: `Continue` resumes a paused stream.
+    fn on_wake(&mut self, _host: &mut dyn Host, _reason: u32) -> Decision {
+        Decision::Continue
+    }
     /// The stream is complete (access-log time).
     fn on_done(&mut self, _host: &mut dyn Host) {}
 }

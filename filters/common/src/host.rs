@@ -138,6 +138,14 @@ pub trait Host {
     /// Ask for `on_tick` every `period` (root context only); zero stops the ticks.
     fn set_tick_period(&mut self, period: Duration);
 
+    /// Wake the request whose HTTP context id is `context_id`: its filter's `on_wake` runs with
+    /// `reason`. Callouts that `on_wake` starts are answered to that request. Returns false
+    /// when that request is gone (finished or reset). Typically called by a root that keeps a
+    /// list of waiting requests (their ids come from `RootFilter::create_filter`).
+    fn wake(&mut self, _context_id: u32, _reason: u32) -> bool {
+        false
+    }
+
     /// The request's method (`:method`), empty when missing.
     fn method(&self) -> String {
         self.header(MapKind::RequestHeaders, ":method")

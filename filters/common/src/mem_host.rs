@@ -96,6 +96,9 @@ pub struct MemHost {
     metrics: Rc<RefCell<MetricStore>>,
     /// Last tick period asked for.
     pub tick_period: Option<Duration>,
+    /// `(context_id, reason)` of every `wake` call, in order. MemHost cannot reach the woken
+    /// filter; a test calls that filter's `on_wake` itself.
+    pub woken: Vec<(u32, u32)>,
 }
 
 impl Default for MemHost {
@@ -118,6 +121,7 @@ impl MemHost {
             now: SystemTime::UNIX_EPOCH + Duration::from_secs(1_767_225_600),
             metrics: Rc::default(),
             tick_period: None,
+            woken: Vec::new(),
         }
     }
 
@@ -320,6 +324,11 @@ impl Host for MemHost {
 
     fn set_tick_period(&mut self, period: Duration) {
         self.tick_period = Some(period);
+    }
+
+    fn wake(&mut self, context_id: u32, reason: u32) -> bool {
+        self.woken.push((context_id, reason));
+        true
     }
 }
 

@@ -11,7 +11,8 @@
 //! `cache_control`, `etag` (`none` to omit), `last_modified` (`none` to omit), `vary`,
 //! `set_cookie`, `content_type` (a non-JSON type sends a plain text body).
 //! Conditional GETs (`If-None-Match`, `If-Modified-Since`) get 304.
-//! Other endpoints: `/healthz`, `/echo/...` (the request as JSON), `/stats` (request counts per
+//! Other endpoints: `/healthz`, `/echo/...` and `/<service>/echo/...` (the request as JSON),
+//! `/stats` (request counts per
 //! path; `POST /stats/reset` clears them), `/.well-known/jwks.json`,
 //! `/.well-known/openid-configuration`.
 
@@ -331,7 +332,7 @@ fn handle(svc: &Service, mut req: Request) {
                 "id_token_signing_alg_values_supported": ["ES256", "RS256"]
             })
         }
-        (_, ["echo", ..]) => {
+        (_, ["echo", ..] | [_, "echo", ..]) => {
             validators = false;
             cache_control = "no-store".into();
             let headers: serde_json::Map<String, Value> =

@@ -1,0 +1,199 @@
+//! `tollgate-probe`: the smallest Tollgate filter. With `{}` it passes traffic and does nothing
+//! else (the floor of the wasm runtime in benchmarks). With `wait_ms` it pauses each request until
+//! the root wakes it from `on_tick`, optionally makes a callout from the woken request, and
+//! passes the callout's status upstream as `x-probe-call-status` — which is how the integration
+//! tests check the adapter's wake and callout forwarding on a real Envoy.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::time::{Duration, SystemTime};
+
+use serde::Deserialize;
+use tollgate_common::{
+    CallResponse, ConfigError, Decision, Host, HttpCall, HttpFilter, MapKind, RootFilter,
+};
+
+/// Configuration.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Hold each request this long, then let the root wake it (0: pass through at once).
+    #[serde(default)]
+    pub wait_ms: u64,
+    /// When woken, call this cluster's `/healthz` before continuing.
+    #[serde(default)]
+    pub call_cluster: Option<String>,
+}
+
+#[derive(Default)]
+struct Waiting {
+    list: Vec<(u32, SystemTime)>,
+}
+
+/// Root: keeps the waiting requests and wakes them on ticks.
+pub struct ProbeRoot {
+    config: Rc<Config>,
+    waiting: Rc<RefCell<Waiting>>,
+}
+
+impl RootFilter for ProbeRoot {
+    type Filter = ProbeFilter;
+    const NAME: &'static str = "probe";
+
+    fn new(_context_id: u32) -> Self {
+        ProbeRoot {
+            config: Rc::default(),
+            waiting: Rc::default(),
+        }
+    }
+
+    fn configure(&mut self, host: &mut dyn Host, configuration: &[u8]) -> Result<(), ConfigError> {
+        let config: Config = tollgate_common::config::parse(configuration)?;
+        if config.wait_ms > 0 {
+            host.set_tick_period(Duration::from_millis(10));
+        }
+        self.config = Rc::new(config);
+        Ok(())
+    }
+
+    fn on_tick(&mut self, host: &mut dyn Host) {
+        let now = host.now();
+        let due: Vec<u32> = {
+            let mut w = self.waiting.borrow_mut();
+            let (due, keep): (Vec<_>, Vec<_>) = w.list.drain(..).partition(|(_, at)| *at <= now);
+            w.list = keep;
+            due.into_iter().map(|(id, _)| id).collect()
+        };
+        for id in due {
+            if !host.wake(id, 1) {
+                log::debug!("probe: request {id} was gone before its wake");
+            }
+        }
+    }
+
+    fn create_filter(&self, context_id: u32) -> ProbeFilter {
+        ProbeFilter {
+            context_id,
+            config: self.config.clone(),
+            waiting: self.waiting.clone(),
+            token: None,
+        }
+    }
+}
+
+/// Per-request state.
+pub struct ProbeFilter {
+    context_id: u32,
+    config: Rc<Config>,
+    waiting: Rc<RefCell<Waiting>>,
+    token: Option<u32>,
+}
+
+impl HttpFilter for ProbeFilter {
+    fn on_request_headers(&mut self, host: &mut dyn Host, _end_of_stream: bool) -> Decision {
+        if self.config.wait_ms == 0 {
+            return Decision::Continue;
+        }
+        let at = host.now() + Duration::from_millis(self.config.wait_ms);
+        self.waiting.borrow_mut().list.push((self.context_id, at));
+        Decision::Pause
+    }
+
+    fn on_wake(&mut self, host: &mut dyn Host, _reason: u32) -> Decision {
+        host.set_header(MapKind::RequestHeaders, "x-probe-woken", "1");
+        let Some(cluster) = self.config.call_cluster.as_deref() else {
+            return Decision::Continue;
+        };
+        let call = HttpCall {
+            cluster,
+            headers: vec![
+                (":method", "GET"),
+                (":path", "/healthz"),
+                (":authority", cluster),
+            ],
+            body: None,
+            timeout: Duration::from_secs(2),
+        };
+        match host.http_call(&call) {
+            Ok(token) => {
+                self.token = Some(token);
+                Decision::Pause
+            }
+            Err(e) => {
+                host.set_header(
+                    MapKind::RequestHeaders,
+                    "x-probe-call-status",
+                    &format!("error: {e}"),
+                );
+                Decision::Continue
+            }
+        }
+    }
+
+    fn on_call_response(
+        &mut self,
+        host: &mut dyn Host,
+        token: u32,
+        response: CallResponse,
+    ) -> Decision {
+        if self.token != Some(token) {
+            return Decision::Pause;
+        }
+        let status = response
+            .status()
+            .map(|s| s.to_string())
+            .unwrap_or_else(|| "failed".into());
+        host.set_header(MapKind::RequestHeaders, "x-probe-call-status", &status);
+        Decision::Continue
+    }
+}
+
+tollgate_common::export_filter!(ProbeRoot);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tollgate_common::mem_host::MemHost;
+
+    #[test]
+    fn waits_until_woken_then_calls_and_continues() {
+        let mut root = ProbeRoot::new(1);
+        let mut host = MemHost::new();
+        root.configure(&mut host, br#"{"wait_ms": 50, "call_cluster": "users"}"#)
+            .unwrap();
+        let mut req = host.next_request("GET", "/x", &[]);
+        let mut f = root.create_filter(7);
+        assert_eq!(f.on_request_headers(&mut req, true), Decision::Pause);
+        root.on_tick(&mut host);
+        assert!(host.woken.is_empty(), "not due yet");
+        host.advance(Duration::from_millis(60));
+        root.on_tick(&mut host);
+        assert_eq!(host.woken, vec![(7, 1)]);
+        assert_eq!(f.on_wake(&mut req, 1), Decision::Pause);
+        let token = req.calls[0].token;
+        let ok = CallResponse {
+            headers: vec![(":status".into(), "200".into())],
+            body: vec![],
+        };
+        assert_eq!(f.on_call_response(&mut req, token, ok), Decision::Continue);
+        assert_eq!(
+            req.header(MapKind::RequestHeaders, "x-probe-call-status")
+                .as_deref(),
+            Some("200")
+        );
+    }
+
+    #[test]
+    fn empty_configuration_passes_through() {
+        let mut root = ProbeRoot::new(1);
+        root.configure(&mut MemHost::new(), b"").unwrap();
+        let mut req = MemHost::request("GET", "/", &[]);
+        assert_eq!(
+            root.create_filter(2).on_request_headers(&mut req, true),
+            Decision::Continue
+        );
+        assert!(root
+            .configure(&mut MemHost::new(), br#"{"wait": 1}"#)
+            .is_err());
+    }
+}
