@@ -11,7 +11,7 @@ ENVOY_BIN      = $(if $(ENVOY),$(ENVOY),$(VENV)/bin/envoy)
 PYTEST_ARGS   ?=
 
 .PHONY: help build wasm demo-service run test unit-test integration-test validate lint fmt clean \
-        host-toolchain python-env
+        host-toolchain python-env oci dist manifests test-matrix
 
 help: ## Show this help
 	@echo "Tollgate: API gateway filters for Envoy (proxy-wasm, Rust)"
@@ -57,6 +57,18 @@ test: build python-env ## Run every test: unit tests, configuration validation, 
 	$(ENVOY_BIN) --mode validate -c envoy/envoy.yaml -l warn
 	ENVOY=$(ENVOY_BIN) $(PYTHON) -m pytest tests $(PYTEST_ARGS)
 
+oci: wasm python-env ## Package each module as an OCI image layout in dist/oci/ (no Docker needed)
+	$(PYTHON) scripts/oci.py
+
+dist: build python-env ## Release artifacts in dist/: versioned modules, SHA256SUMS, JSON Schemas, OCI layouts
+	$(PYTHON) scripts/dist.py
+
+manifests: wasm python-env ## Regenerate deploy/ (Istio, Envoy Gateway, plain Envoy) from envoy/envoy.yaml
+	$(PYTHON) scripts/gen-deploy.py
+
+test-matrix: build python-env ## Run the integration tests on Envoy 1.36-1.40 (slow; VERSIONS="1.38.3 1.40.0" for some)
+	nice scripts/test-matrix.sh $(VERSIONS)
+
 lint: host-toolchain ## fmt check, clippy -D warnings on the host and for wasm32-wasip1
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
@@ -68,3 +80,16 @@ fmt: host-toolchain ## Format the code
 clean: ## Remove build output (keeps .venv)
 	cargo clean
 	rm -rf build dist
+
+.PHONY: bench bench-quick bench-tools
+BENCH_ARGS ?=
+
+bench-tools: host-toolchain
+	cargo build --release -q --manifest-path bench/loadgen/Cargo.toml
+	@command -v taskset >/dev/null || { echo "installing taskset (util-linux)"; apt-get install -y -q util-linux; }
+
+bench: build python-env bench-tools ## Benchmarks vs native Envoy filters and no filter (about 20 min) -> bench/results/latest.md
+	ENVOY=$(ENVOY_BIN) $(PYTHON) bench/bench.py $(BENCH_ARGS)
+
+bench-quick: build python-env bench-tools ## Every benchmark scenario briefly (checks that they run; no timing claims)
+	ENVOY=$(ENVOY_BIN) $(PYTHON) bench/bench.py --quick $(BENCH_ARGS)

