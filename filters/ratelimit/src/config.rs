@@ -1,39 +1,711 @@
-//! Configuration of the ratelimit filter.
+//! Configuration of the ratelimit filter: JSON (serde, unknown fields refused), then validated
+//! and compiled into [`Config`], immutable and shared by every request of a VM.
+
+use std::collections::BTreeMap;
 
 use serde::Deserialize;
-use tollgate_common::route::{RouteMatch, Routed};
+use tollgate_common::config::ConfigDuration;
+use tollgate_common::route::{RouteMatch, Routed, Rules};
 use tollgate_common::ConfigError;
 
-/// The filter's configuration (JSON in Envoy's `configuration` field).
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Config {
-    /// Per-route rules; the first match applies.
-    #[serde(default)]
-    pub routes: Vec<RouteRule>,
+use crate::algo::{Algorithm, Params, MICROS};
+use crate::table::Table;
+
+/// Largest `quota` and `burst` accepted.
+pub const MAX_UNITS: u64 = 1_000_000_000;
+/// Default number of slots (tracked client keys) per limit.
+pub const DEFAULT_SLOTS: u32 = 8192;
+/// Smallest and largest `slots`.
+pub const SLOTS_RANGE: (u32, u32) = (8, 1 << 20);
+
+fn default_consumer_header() -> String {
+    "x-tollgate-consumer".into()
+}
+fn default_plan_header() -> String {
+    "x-tollgate-plan".into()
+}
+fn default_api_key_header() -> String {
+    "x-api-key".into()
+}
+fn default_slots() -> u32 {
+    DEFAULT_SLOTS
+}
+fn default_cost() -> u64 {
+    1
 }
 
-/// A per-route rule.
+/// The configuration as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// Named limits; routes refer to them by name.
+    #[serde(default)]
+    pub limits: Vec<RawLimit>,
+    /// Per-route rules; the first whose `match` fits the request applies.
+    #[serde(default)]
+    pub routes: Vec<RawRoute>,
+    /// Request header with the consumer identity (set by the auth filter).
+    #[serde(default = "default_consumer_header")]
+    pub consumer_header: String,
+    /// Request header with the consumer's plan (set by the auth filter).
+    #[serde(default = "default_plan_header")]
+    pub plan_header: String,
+    /// Request header with the API key (for the `api_key` key source).
+    #[serde(default = "default_api_key_header")]
+    pub api_key_header: String,
+    /// Proxies in front of Envoy that append to `x-forwarded-for`; 0: use the downstream
+    /// address.
+    #[serde(default)]
+    pub trusted_hops: u32,
+    /// Which rate limit headers answers carry.
+    #[serde(default)]
+    pub headers: HeaderMode,
+    /// What happens when the counters cannot be updated.
+    #[serde(default)]
+    pub failure_mode: FailureMode,
+}
+
+/// A limit as written.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RouteRule {
+pub struct RawLimit {
+    /// Unique name: metrics, headers and shared-data keys use it.
+    pub name: String,
+    /// `gcra` (default) or `fixed_window`.
+    #[serde(default)]
+    pub algorithm: Algorithm,
+    /// Units per window.
+    pub quota: u64,
+    /// Window: a whole number of seconds (`"1s"`, `"1h"`, `"1d"`, or milliseconds).
+    pub window: ConfigDuration,
+    /// GCRA bucket size (default `quota`).
+    #[serde(default)]
+    pub burst: Option<u64>,
+    /// What identifies a client: one source or several (combined).
+    pub key: Vec<KeySource>,
+    /// Overrides per plan name.
+    #[serde(default)]
+    pub plans: BTreeMap<String, RawPlan>,
+    /// Count and report, never refuse.
+    #[serde(default)]
+    pub shadow: bool,
+    /// Which requests the limit applies to.
+    #[serde(default)]
+    pub applies_to: AppliesTo,
+    /// What to do when a key source is missing from the request.
+    #[serde(default)]
+    pub missing_key: MissingKey,
+    /// Client keys tracked at once (the table size).
+    #[serde(default = "default_slots")]
+    pub slots: u32,
+}
+
+/// Plan overrides as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPlan {
+    /// Units per window for this plan.
+    pub quota: u64,
+    /// Window for this plan (default: the limit's).
+    #[serde(default)]
+    pub window: Option<ConfigDuration>,
+    /// GCRA bucket size for this plan (default: this plan's quota).
+    #[serde(default)]
+    pub burst: Option<u64>,
+}
+
+/// A route rule as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
     /// Which requests the rule applies to.
     #[serde(rename = "match", default)]
     pub route: RouteMatch,
+    /// Name of the route (the `route` key source); default `routes[<index>]`.
+    #[serde(default)]
+    pub name: Option<String>,
     /// Skip the filter for these requests.
     #[serde(default)]
     pub disabled: bool,
+    /// Names of the limits that apply; all must admit the request.
+    #[serde(default)]
+    pub limits: Vec<String>,
+    /// Units one request takes from each limit.
+    #[serde(default = "default_cost")]
+    pub cost: u64,
 }
 
-impl Routed for RouteRule {
+/// A part of a client key.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeySource {
+    /// The consumer identity header (set by the auth filter).
+    Consumer,
+    /// The plan header (set by the auth filter).
+    Plan,
+    /// The API key header.
+    ApiKey,
+    /// The client IP: downstream address, or `x-forwarded-for` with `trusted_hops`.
+    ClientIp,
+    /// The name of the matched route.
+    Route,
+    /// A request header.
+    Header(String),
+    /// A query parameter.
+    Query(String),
+}
+
+/// Which requests a limit applies to, by the presence of the consumer header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AppliesTo {
+    /// Every request.
+    #[default]
+    All,
+    /// Requests without a consumer.
+    Anonymous,
+    /// Requests with a consumer.
+    Identified,
+}
+
+/// What a limit does when a key source is missing from the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MissingKey {
+    /// The limit does not apply to the request.
+    #[default]
+    Skip,
+    /// The missing part counts as an empty value: all such requests share one counter.
+    Shared,
+}
+
+/// Rate limit headers on answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HeaderMode {
+    /// `RateLimit-Policy` and `RateLimit` (draft-ietf-httpapi-ratelimit-headers-10).
+    #[default]
+    Draft,
+    /// `X-RateLimit-Limit`, `-Remaining`, `-Reset`.
+    Legacy,
+    /// Both.
+    Both,
+    /// Neither (429 answers still carry `Retry-After`).
+    None,
+}
+
+impl HeaderMode {
+    /// Draft fields wanted.
+    pub fn draft(self) -> bool {
+        matches!(self, HeaderMode::Draft | HeaderMode::Both)
+    }
+    /// Legacy fields wanted.
+    pub fn legacy(self) -> bool {
+        matches!(self, HeaderMode::Legacy | HeaderMode::Both)
+    }
+}
+
+/// What happens when the counters cannot be updated (CAS retries exhausted, shared data error).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureMode {
+    /// Let the request through (counted in `failures`).
+    #[default]
+    Allow,
+    /// Answer 503 (counted in `failures`).
+    Deny,
+}
+
+/// A compiled limit.
+#[derive(Debug, Clone)]
+pub struct Limit {
+    /// Unique name.
+    pub name: String,
+    /// Key sources, in order.
+    pub key: Vec<KeySource>,
+    /// Parameters without (or for an unknown) plan.
+    pub params: Params,
+    /// Parameters per plan.
+    pub plans: Vec<(String, Params)>,
+    /// Count and report only.
+    pub shadow: bool,
+    /// Which requests it applies to.
+    pub applies_to: AppliesTo,
+    /// Missing key sources.
+    pub missing_key: MissingKey,
+    /// Its table in shared data.
+    pub table: Table,
+}
+
+impl Limit {
+    /// The parameters for a plan (the limit's own for no plan or an unknown one).
+    pub fn params_for(&self, plan: Option<&str>) -> &Params {
+        plan.and_then(|p| self.plans.iter().find(|(n, _)| n == p))
+            .map_or(&self.params, |(_, params)| params)
+    }
+}
+
+/// A compiled route rule.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// Its match.
+    pub route: RouteMatch,
+    /// Its name.
+    pub name: String,
+    /// Skip the filter.
+    pub disabled: bool,
+    /// Indexes into [`Config::limits`].
+    pub limits: Vec<usize>,
+    /// Units per request.
+    pub cost: u64,
+}
+
+impl Routed for Route {
     fn route(&self) -> &RouteMatch {
         &self.route
     }
 }
 
+/// The compiled configuration.
+#[derive(Debug, Default)]
+pub struct Config {
+    /// Limits, in configuration order.
+    pub limits: Vec<Limit>,
+    /// Route rules.
+    pub routes: Rules<Route>,
+    /// Consumer header name (lower case).
+    pub consumer_header: String,
+    /// Plan header name (lower case).
+    pub plan_header: String,
+    /// API key header name (lower case).
+    pub api_key_header: String,
+    /// Trusted `x-forwarded-for` hops.
+    pub trusted_hops: u32,
+    /// Headers on answers.
+    pub headers: HeaderMode,
+    /// Failure mode.
+    pub failure_mode: FailureMode,
+}
+
 impl Config {
-    /// Parse and validate a configuration.
+    /// Parse, validate and compile a configuration.
     pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
-        tollgate_common::config::parse(bytes)
+        let raw: RawConfig = tollgate_common::config::parse(bytes)?;
+        compile(raw)
+    }
+}
+
+fn header_name(field: &str, name: &str) -> Result<String, ConfigError> {
+    let n = name.trim().to_ascii_lowercase();
+    let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+    if n.is_empty() || !n.bytes().all(token) {
+        return Err(ConfigError::new(
+            field,
+            format!("`{name}` is not a header name"),
+        ));
+    }
+    Ok(n)
+}
+
+fn window_us(field: &str, w: ConfigDuration) -> Result<u64, ConfigError> {
+    let us = u64::try_from(w.0.as_micros()).unwrap_or(u64::MAX);
+    if us == 0 || us % MICROS != 0 {
+        return Err(ConfigError::new(
+            field,
+            "must be a whole number of seconds, at least 1s (RateLimit-Policy's `w` is in seconds)",
+        ));
+    }
+    Ok(us)
+}
+
+fn units(field: &str, what: &str, n: u64) -> Result<u64, ConfigError> {
+    if n == 0 {
+        return Err(ConfigError::new(
+            field,
+            format!("{what} must be at least 1"),
+        ));
+    }
+    if n > MAX_UNITS {
+        return Err(ConfigError::new(
+            field,
+            format!("{what} must be at most {MAX_UNITS}"),
+        ));
+    }
+    Ok(n)
+}
+
+fn params(
+    at: &str,
+    algorithm: Algorithm,
+    quota: u64,
+    window: u64,
+    burst: Option<u64>,
+) -> Result<Params, ConfigError> {
+    let quota = units(&format!("{at}.quota"), "the quota", quota)?;
+    if algorithm == Algorithm::Gcra && quota > window {
+        return Err(ConfigError::new(
+            format!("{at}.quota"),
+            "more than one unit per microsecond is not supported",
+        ));
+    }
+    let burst = match (algorithm, burst) {
+        (_, None) => quota,
+        (Algorithm::Gcra, Some(b)) => units(&format!("{at}.burst"), "the burst", b)?,
+        (Algorithm::FixedWindow, Some(_)) => {
+            return Err(ConfigError::new(
+                format!("{at}.burst"),
+                "`burst` applies to the `gcra` algorithm only",
+            ))
+        }
+    };
+    Ok(Params {
+        algorithm,
+        quota,
+        window_us: window,
+        burst,
+    })
+}
+
+fn compile_limit(i: usize, raw: RawLimit) -> Result<Limit, ConfigError> {
+    let at = format!("limits[{i}]");
+    let name_ok = !raw.name.is_empty()
+        && raw.name.len() <= 64
+        && raw
+            .name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if !name_ok {
+        return Err(ConfigError::new(
+            format!("{at}.name"),
+            format!(
+                "`{}` is not a limit name (1 to 64 letters, digits, `_` or `-`)",
+                raw.name
+            ),
+        ));
+    }
+    let window = window_us(&format!("{at}.window"), raw.window)?;
+    let base = params(&at, raw.algorithm, raw.quota, window, raw.burst)?;
+    let mut plans = Vec::new();
+    for (plan, p) in raw.plans {
+        let pat = format!("{at}.plans.{plan}");
+        if plan.is_empty() {
+            return Err(ConfigError::new(pat, "a plan name must not be empty"));
+        }
+        let w = match p.window {
+            Some(w) => window_us(&format!("{pat}.window"), w)?,
+            None => window,
+        };
+        plans.push((plan, params(&pat, raw.algorithm, p.quota, w, p.burst)?));
+    }
+    if raw.key.is_empty() {
+        return Err(ConfigError::new(
+            format!("{at}.key"),
+            "give at least one key source",
+        ));
+    }
+    let mut key = Vec::new();
+    for (k, source) in raw.key.into_iter().enumerate() {
+        let kat = format!("{at}.key[{k}]");
+        let source = match source {
+            KeySource::Header(h) => KeySource::Header(header_name(&format!("{kat}.header"), &h)?),
+            KeySource::Query(q) if q.is_empty() => {
+                return Err(ConfigError::new(
+                    format!("{kat}.query"),
+                    "the parameter name must not be empty",
+                ))
+            }
+            other => other,
+        };
+        if key.contains(&source) {
+            return Err(ConfigError::new(kat, "this key source is already given"));
+        }
+        key.push(source);
+    }
+    if !(SLOTS_RANGE.0..=SLOTS_RANGE.1).contains(&raw.slots) {
+        return Err(ConfigError::new(
+            format!("{at}.slots"),
+            format!("must be from {} to {}", SLOTS_RANGE.0, SLOTS_RANGE.1),
+        ));
+    }
+    Ok(Limit {
+        table: Table::new(&raw.name, raw.slots),
+        name: raw.name,
+        key,
+        params: base,
+        plans,
+        shadow: raw.shadow,
+        applies_to: raw.applies_to,
+        missing_key: raw.missing_key,
+    })
+}
+
+fn compile(raw: RawConfig) -> Result<Config, ConfigError> {
+    let mut limits: Vec<Limit> = Vec::new();
+    for (i, l) in raw.limits.into_iter().enumerate() {
+        let limit = compile_limit(i, l)?;
+        if let Some(j) = limits.iter().position(|o| o.name == limit.name) {
+            return Err(ConfigError::new(
+                format!("limits[{i}].name"),
+                format!("duplicate limit name `{}` (also limits[{j}])", limit.name),
+            ));
+        }
+        limits.push(limit);
+    }
+    let mut routes = Vec::new();
+    for (i, r) in raw.routes.into_iter().enumerate() {
+        let at = format!("routes[{i}]");
+        let cost = units(&format!("{at}.cost"), "the cost", r.cost)?;
+        let mut ids = Vec::new();
+        for (j, name) in r.limits.iter().enumerate() {
+            let lat = format!("{at}.limits[{j}]");
+            let Some(id) = limits.iter().position(|l| &l.name == name) else {
+                return Err(ConfigError::new(lat, format!("no limit named `{name}`")));
+            };
+            if ids.contains(&id) {
+                return Err(ConfigError::new(lat, format!("`{name}` is listed twice")));
+            }
+            if let Some(limit) = limits.get(id) {
+                let smallest = limit
+                    .plans
+                    .iter()
+                    .map(|(_, p)| p)
+                    .chain([&limit.params])
+                    .map(Params::capacity)
+                    .min()
+                    .unwrap_or(0);
+                if cost > smallest {
+                    return Err(ConfigError::new(
+                        format!("{at}.cost"),
+                        format!(
+                            "a cost of {cost} can never fit limit `{name}` (at most {smallest} at once)"
+                        ),
+                    ));
+                }
+            }
+            ids.push(id);
+        }
+        routes.push(Route {
+            route: r.route,
+            name: r.name.unwrap_or_else(|| at.clone()),
+            disabled: r.disabled,
+            limits: ids,
+            cost,
+        });
+    }
+    Ok(Config {
+        limits,
+        routes: Rules(routes),
+        consumer_header: header_name("consumer_header", &raw.consumer_header)?,
+        plan_header: header_name("plan_header", &raw.plan_header)?,
+        api_key_header: header_name("api_key_header", &raw.api_key_header)?,
+        trusted_hops: raw.trusted_hops,
+        headers: raw.headers,
+        failure_mode: raw.failure_mode,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(json: &str) -> ConfigError {
+        Config::parse(json.as_bytes()).unwrap_err()
+    }
+
+    const LIMIT: &str = r#"{"name":"a","quota":10,"window":"1s","key":["client_ip"]}"#;
+
+    #[test]
+    fn empty_and_full_configurations_compile() {
+        let c = Config::parse(b"{}").unwrap();
+        assert!(c.limits.is_empty() && c.routes.0.is_empty());
+        assert_eq!(c.consumer_header, "x-tollgate-consumer");
+        assert_eq!(c.headers, HeaderMode::Draft);
+        let c = Config::parse(
+            br#"{
+              "limits": [
+                {"name":"per-consumer","quota":10,"window":"1m","burst":20,"key":["consumer"],
+                 "plans":{"pro":{"quota":100},"gold":{"quota":5000,"window":"1h","burst":500}},
+                 "applies_to":"identified"},
+                {"name":"daily","algorithm":"fixed_window","quota":10000,"window":"1d",
+                 "key":["consumer",{"header":"X-Tenant"},{"query":"t"}],"shadow":true,"slots":1024},
+                {"name":"per-ip","quota":5,"window":1000,"key":["client_ip"],"applies_to":"anonymous",
+                 "missing_key":"shared"}
+              ],
+              "routes": [
+                {"match":{"prefix":"/api/"},"limits":["per-consumer","daily","per-ip"],"cost":2,"name":"api"},
+                {"match":{"prefix":"/health"},"disabled":true}
+              ],
+              "trusted_hops": 2, "headers": "both", "failure_mode": "deny", "plan_header":"X-Plan"
+            }"#,
+        )
+        .unwrap();
+        assert_eq!(c.limits.len(), 3);
+        let l = &c.limits[0];
+        assert_eq!(
+            (l.params.quota, l.params.window_us, l.params.burst),
+            (10, 60 * MICROS, 20)
+        );
+        assert_eq!(l.params_for(Some("pro")).quota, 100);
+        assert_eq!(l.params_for(Some("pro")).burst, 100);
+        assert_eq!(l.params_for(Some("gold")).window_us, 3600 * MICROS);
+        assert_eq!(l.params_for(Some("nope")).quota, 10);
+        assert_eq!(l.params_for(None).quota, 10);
+        assert_eq!(c.limits[1].key[1], KeySource::Header("x-tenant".into()));
+        assert_eq!(c.limits[1].table.buckets(), 128);
+        assert_eq!(c.routes.0[0].limits, vec![0, 1, 2]);
+        assert_eq!(c.routes.0[1].name, "routes[1]");
+        assert_eq!(c.plan_header, "x-plan");
+        assert_eq!(c.failure_mode, FailureMode::Deny);
+    }
+
+    #[test]
+    fn bad_configurations_name_the_field() {
+        let with = |limit: &str| format!(r#"{{"limits":[{limit}]}}"#);
+        let cases: Vec<(String, &str, &str)> = vec![
+            (
+                with(r#"{"name":"a","quota":0,"window":"1s","key":["client_ip"]}"#),
+                "limits[0].quota",
+                "at least 1",
+            ),
+            (
+                with(r#"{"name":"a","quota":-5,"window":"1s","key":["client_ip"]}"#),
+                "limits[0].quota",
+                "invalid value",
+            ),
+            (
+                with(r#"{"name":"a","quota":5,"window":"0s","key":["client_ip"]}"#),
+                "limits[0].window",
+                "at least 1s",
+            ),
+            (
+                with(r#"{"name":"a","quota":5,"window":"-1s","key":["client_ip"]}"#),
+                "limits[0].window",
+                "duration",
+            ),
+            (
+                with(r#"{"name":"a","quota":5,"window":"1.5s","key":["client_ip"]}"#),
+                "limits[0].window",
+                "whole number",
+            ),
+            (
+                with(r#"{"name":"a","quota":5,"window":"1s","burst":0,"key":["client_ip"]}"#),
+                "limits[0].burst",
+                "at least 1",
+            ),
+            (
+                with(
+                    r#"{"name":"a","algorithm":"fixed_window","quota":5,"window":"1s","burst":3,"key":["client_ip"]}"#,
+                ),
+                "limits[0].burst",
+                "gcra",
+            ),
+            (
+                with(
+                    r#"{"name":"a","algorithm":"leaky","quota":5,"window":"1s","key":["client_ip"]}"#,
+                ),
+                "limits[0].algorithm",
+                "unknown variant",
+            ),
+            (
+                with(r#"{"name":"a","quota":5,"window":"1s","key":["cookie"]}"#),
+                "limits[0].key[0]",
+                "unknown variant `cookie`",
+            ),
+            (
+                with(r#"{"name":"a","quota":5,"window":"1s","key":[{"header":"bad header"}]}"#),
+                "limits[0].key[0].header",
+                "not a header name",
+            ),
+            (
+                with(r#"{"name":"a","quota":5,"window":"1s","key":["route","route"]}"#),
+                "limits[0].key[1]",
+                "already",
+            ),
+            (
+                with(r#"{"name":"a","quota":5,"window":"1s","key":[]}"#),
+                "limits[0].key",
+                "at least one",
+            ),
+            (
+                with(r#"{"name":"a","quota":5,"window":"1s"}"#),
+                "limits[0]",
+                "missing field `key`",
+            ),
+            (
+                with(r#"{"name":"a b","quota":5,"window":"1s","key":["route"]}"#),
+                "limits[0].name",
+                "not a limit name",
+            ),
+            (
+                with(r#"{"name":"a","quota":5,"window":"1s","key":["route"],"slots":2}"#),
+                "limits[0].slots",
+                "from 8",
+            ),
+            (
+                with(
+                    r#"{"name":"a","quota":5,"window":"1s","key":["route"],"plans":{"pro":{"quota":0}}}"#,
+                ),
+                "limits[0].plans.pro.quota",
+                "at least 1",
+            ),
+            (
+                with(
+                    r#"{"name":"a","quota":5,"window":"1s","key":["route"],"plans":{"pro":{"quota":1,"rate":2}}}"#,
+                ),
+                "limits[0].plans.pro.rate",
+                "unknown field",
+            ),
+            (
+                with(r#"{"name":"a","quota":5,"window":"1s","key":["route"],"applies_to":"bots"}"#),
+                "limits[0].applies_to",
+                "unknown variant",
+            ),
+            (
+                format!(r#"{{"limits":[{LIMIT},{LIMIT}]}}"#),
+                "limits[1].name",
+                "duplicate limit name `a`",
+            ),
+            (
+                format!(r#"{{"limits":[{LIMIT}],"routes":[{{"limits":["b"]}}]}}"#),
+                "routes[0].limits[0]",
+                "no limit named `b`",
+            ),
+            (
+                format!(r#"{{"limits":[{LIMIT}],"routes":[{{"limits":["a","a"]}}]}}"#),
+                "routes[0].limits[1]",
+                "twice",
+            ),
+            (
+                format!(r#"{{"limits":[{LIMIT}],"routes":[{{"limits":["a"],"cost":0}}]}}"#),
+                "routes[0].cost",
+                "at least 1",
+            ),
+            (
+                format!(r#"{{"limits":[{LIMIT}],"routes":[{{"limits":["a"],"cost":11}}]}}"#),
+                "routes[0].cost",
+                "never fit",
+            ),
+            (r#"{"headers":"some"}"#.into(), "headers", "unknown variant"),
+            (
+                r#"{"failure_mode":"panic"}"#.into(),
+                "failure_mode",
+                "unknown variant",
+            ),
+            (
+                r#"{"consumer_header":""}"#.into(),
+                "consumer_header",
+                "not a header name",
+            ),
+            (
+                r#"{"routes":[],"no_such_field":1}"#.into(),
+                "no_such_field",
+                "unknown field",
+            ),
+        ];
+        for (json, field, reason) in cases {
+            let e = err(&json);
+            assert_eq!(e.field, field, "{json}: {e}");
+            assert!(e.reason.contains(reason), "{json}: {e}");
+        }
     }
 }

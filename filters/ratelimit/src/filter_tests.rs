@@ -1,0 +1,348 @@
+use std::time::Duration;
+
+use serde_json::Value;
+use tollgate_common::mem_host::MemHost;
+
+use super::*;
+
+/// What the client saw.
+#[derive(Debug)]
+struct Answer {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+struct Gw {
+    root: RateLimitRoot,
+    host: MemHost,
+    next_id: u32,
+}
+
+impl Gw {
+    fn new(config: &str) -> Gw {
+        let mut root = RateLimitRoot::new(1);
+        let mut host = MemHost::new();
+        root.configure(&mut host, config.as_bytes()).unwrap();
+        Gw {
+            root,
+            host,
+            next_id: 2,
+        }
+    }
+
+    /// Another worker of the same Envoy: its own root, the same shared data and clock.
+    fn worker(&self, config: &str) -> Gw {
+        let mut root = RateLimitRoot::new(1);
+        let mut host = self.host.next_request("GET", "/", &[]);
+        root.configure(&mut host, config.as_bytes()).unwrap();
+        Gw {
+            root,
+            host,
+            next_id: 1000,
+        }
+    }
+
+    fn send(&mut self, path: &str, headers: &[(&str, &str)]) -> Answer {
+        self.send_from(path, headers, "192.0.2.1:5000")
+    }
+
+    fn send_from(&mut self, path: &str, headers: &[(&str, &str)], addr: &str) -> Answer {
+        let mut h = self.host.next_request("GET", path, headers);
+        h.set_property(&["source", "address"], addr);
+        self.next_id += 1;
+        let mut f = self.root.create_filter(self.next_id);
+        match f.on_request_headers(&mut h, true) {
+            Decision::Respond(r) => {
+                // Envoy runs the encoder path of a local reply through the filter too.
+                assert_eq!(f.on_response_headers(&mut h, false), Decision::Continue);
+                assert!(h.headers(MapKind::ResponseHeaders).is_empty());
+                Answer {
+                    status: r.status,
+                    headers: r.headers,
+                    body: r.body,
+                }
+            }
+            Decision::Continue => {
+                h.set_map(MapKind::ResponseHeaders, &[(":status", "200")]);
+                assert_eq!(f.on_response_headers(&mut h, false), Decision::Continue);
+                Answer {
+                    status: 200,
+                    headers: h.headers(MapKind::ResponseHeaders),
+                    body: Vec::new(),
+                }
+            }
+            Decision::Pause => panic!("the filter never pauses"),
+        }
+    }
+
+    fn statuses(&mut self, n: usize, path: &str, headers: &[(&str, &str)]) -> Vec<u16> {
+        (0..n).map(|_| self.send(path, headers).status).collect()
+    }
+
+    fn advance(&mut self, by: Duration) {
+        self.host.advance(by);
+    }
+
+    fn metric(&self, name: &str) -> Option<i64> {
+        self.host.metric(&format!("tollgate.ratelimit.{name}"))
+    }
+}
+
+const PER_IP: &str = r#"{
+  "limits": [{"name":"per-ip","quota":3,"window":"1h","key":["client_ip"]}],
+  "routes": [{"match":{"prefix":"/api/"},"limits":["per-ip"]},
+             {"match":{"prefix":"/health"},"disabled":true}]
+}"#;
+
+#[test]
+fn empty_configuration_passes_everything_and_counts() {
+    let mut gw = Gw::new("{}");
+    assert_eq!(gw.statuses(50, "/api/products/1", &[]), vec![200; 50]);
+    let a = gw.send("/x", &[]);
+    assert!(a.header("ratelimit").is_none());
+    assert_eq!(gw.metric("requests"), Some(51));
+    assert_eq!(gw.metric("allowed"), Some(0));
+}
+
+#[test]
+fn a_limit_admits_its_quota_then_answers_429_with_headers() {
+    let mut gw = Gw::new(PER_IP);
+    let a = gw.send("/api/x", &[]);
+    assert_eq!(a.status, 200);
+    assert_eq!(a.header("ratelimit-policy"), Some("\"per-ip\";q=3;w=3600"));
+    assert_eq!(a.header("ratelimit"), Some("\"per-ip\";r=2;t=1200"));
+    assert_eq!(gw.statuses(2, "/api/x", &[]), vec![200, 200]);
+    let r = gw.send("/api/x?secret=1", &[]);
+    assert_eq!(r.status, 429);
+    assert_eq!(r.header("content-type"), Some("application/problem+json"));
+    // one unit comes back every 1200s
+    assert_eq!(r.header("retry-after"), Some("1200"));
+    assert_eq!(r.header("ratelimit"), Some("\"per-ip\";r=0;t=1200"));
+    assert_eq!(r.header("ratelimit-policy"), Some("\"per-ip\";q=3;w=3600"));
+    let body: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(body["type"], QUOTA_EXCEEDED);
+    assert_eq!(body["status"], 429);
+    assert_eq!(body["instance"], "/api/x");
+    assert_eq!(body["violated-policies"], serde_json::json!(["per-ip"]));
+    // another client is not affected; the health route is not limited
+    assert_eq!(gw.send_from("/api/x", &[], "192.0.2.2:1").status, 200);
+    assert_eq!(gw.statuses(5, "/health", &[]), vec![200; 5]);
+    assert_eq!(gw.metric("allowed"), Some(4));
+    assert_eq!(gw.metric("limited"), Some(1));
+    assert_eq!(gw.metric("limit.per-ip.limited"), Some(1));
+    assert_eq!(gw.metric("limit.per-ip.allowed"), Some(4));
+    assert_eq!(gw.metric("skipped"), Some(5));
+    assert_eq!(gw.metric("requests"), Some(5));
+    // 1200s later one more
+    gw.advance(Duration::from_secs(1200));
+    assert_eq!(gw.statuses(2, "/api/x", &[]), vec![200, 429]);
+}
+
+#[test]
+fn several_limits_must_all_admit_and_a_refusal_takes_nothing() {
+    let cfg = r#"{
+      "limits": [
+        {"name":"hourly","quota":5,"window":"1h","key":["consumer"]},
+        {"name":"burst","quota":2,"window":"1m","key":["consumer"]}
+      ],
+      "routes": [{"match":{"prefix":"/both"},"limits":["hourly","burst"]},
+                 {"match":{"prefix":"/hourly"},"limits":["hourly"]}]
+    }"#;
+    let mut gw = Gw::new(cfg);
+    let alice = [("x-tollgate-consumer", "alice")];
+    let a = gw.send("/both", &alice);
+    assert_eq!(
+        a.header("ratelimit-policy"),
+        Some("\"hourly\";q=5;w=3600, \"burst\";q=2;w=60")
+    );
+    assert_eq!(
+        a.header("ratelimit"),
+        Some("\"hourly\";r=4;t=720, \"burst\";r=1;t=30")
+    );
+    assert_eq!(gw.send("/both", &alice).status, 200);
+    let r = gw.send("/both", &alice);
+    assert_eq!(r.status, 429);
+    assert_eq!(r.header("ratelimit"), Some("\"burst\";r=0;t=30"));
+    assert_eq!(r.header("retry-after"), Some("30"));
+    // the refused request took nothing from `hourly`: 3 left
+    let a = gw.send("/hourly", &alice);
+    assert_eq!(a.header("ratelimit"), Some("\"hourly\";r=2;t=2160"));
+    assert_eq!(gw.metric("limit.burst.limited"), Some(1));
+    assert_eq!(gw.metric("limit.hourly.limited"), Some(0));
+    // no consumer: the limits do not apply (missing key source)
+    assert_eq!(gw.statuses(10, "/both", &[]), vec![200; 10]);
+}
+
+#[test]
+fn plans_cost_and_applies_to() {
+    let cfg = r#"{
+      "limits": [
+        {"name":"consumer","algorithm":"fixed_window","quota":2,"window":"1h","key":["consumer"],
+         "plans":{"pro":{"quota":10}},"applies_to":"identified"},
+        {"name":"anon","algorithm":"fixed_window","quota":2,"window":"1h","key":["client_ip"],
+         "applies_to":"anonymous"}
+      ],
+      "routes": [{"match":{"prefix":"/expensive"},"limits":["consumer","anon"],"cost":2},
+                 {"match":{"prefix":"/"},"limits":["consumer","anon"]}]
+    }"#;
+    let mut gw = Gw::new(cfg);
+    let free = [("x-tollgate-consumer", "f"), ("x-tollgate-plan", "free")];
+    let pro = [("x-tollgate-consumer", "p"), ("x-tollgate-plan", "pro")];
+    assert_eq!(gw.statuses(3, "/a", &free), vec![200, 200, 429]);
+    assert_eq!(gw.statuses(4, "/expensive", &pro), vec![200; 4]);
+    let a = gw.send("/expensive", &pro);
+    assert_eq!(a.status, 200);
+    assert_eq!(
+        a.header("ratelimit-policy"),
+        Some("\"consumer\";q=10;w=3600")
+    );
+    assert!(a.header("ratelimit").unwrap().contains("r=0"));
+    assert_eq!(gw.send("/a", &pro).status, 429);
+    // anonymous requests are limited per IP, by the other limit
+    assert_eq!(gw.statuses(3, "/a", &[]), vec![200, 200, 429]);
+    assert_eq!(gw.send_from("/a", &[], "192.0.2.3:9").status, 200);
+}
+
+#[test]
+fn shadow_limits_report_but_never_refuse() {
+    let cfg = r#"{
+      "limits": [{"name":"trial","quota":2,"window":"1h","key":["client_ip"],"shadow":true}],
+      "routes": [{"limits":["trial"]}]
+    }"#;
+    let mut gw = Gw::new(cfg);
+    let answers: Vec<Answer> = (0..5).map(|_| gw.send("/a", &[])).collect();
+    assert!(answers.iter().all(|a| a.status == 200));
+    assert!(answers.iter().all(|a| a.header("ratelimit").is_none()));
+    let shadow: Vec<Option<&str>> = answers.iter().map(|a| a.header(SHADOW_HEADER)).collect();
+    assert_eq!(
+        shadow,
+        vec![None, None, Some("trial"), Some("trial"), Some("trial")]
+    );
+    assert_eq!(gw.metric("shadow_limited"), Some(3));
+    assert_eq!(gw.metric("limit.trial.shadow_limited"), Some(3));
+    assert_eq!(gw.metric("limit.trial.allowed"), Some(2));
+    assert_eq!(gw.metric("limited"), Some(0));
+}
+
+#[test]
+fn legacy_and_no_headers() {
+    let cfg = |mode: &str| {
+        format!(
+            r#"{{"headers":"{mode}","limits":[
+              {{"name":"a","quota":10,"window":"1m","key":["route"]}},
+              {{"name":"b","quota":3,"window":"1h","key":["route"]}}],
+              "routes":[{{"limits":["a","b"]}}]}}"#
+        )
+    };
+    let mut gw = Gw::new(&cfg("legacy"));
+    let a = gw.send("/", &[]);
+    assert!(a.header("ratelimit").is_none());
+    assert_eq!(a.header("x-ratelimit-limit"), Some("3"));
+    assert_eq!(a.header("x-ratelimit-remaining"), Some("2"));
+    assert_eq!(a.header("x-ratelimit-reset"), Some("1200"));
+    let mut gw = Gw::new(&cfg("both"));
+    let a = gw.send("/", &[]);
+    assert!(a.header("ratelimit").is_some() && a.header("x-ratelimit-limit").is_some());
+    let mut gw = Gw::new(&cfg("none"));
+    assert!(gw
+        .send("/", &[])
+        .headers
+        .iter()
+        .all(|(k, _)| k == ":status"));
+    gw.statuses(2, "/", &[]);
+    let r = gw.send("/", &[]);
+    assert_eq!(r.status, 429);
+    assert!(r.header("retry-after").is_some() && r.header("ratelimit").is_none());
+}
+
+#[test]
+fn workers_sharing_the_store_are_exact() {
+    let cfg = r#"{"limits":[{"name":"g","quota":100,"window":"1d","key":["route"]}],
+                  "routes":[{"limits":["g"]}]}"#;
+    let mut w1 = Gw::new(cfg);
+    let mut w2 = w1.worker(cfg);
+    let mut admitted = 0;
+    for i in 0..300 {
+        // a conflict now and then, as when the other worker writes between read and write
+        if i % 7 == 0 {
+            w1.host.shared.force_conflicts(3);
+        }
+        let gw = if i % 2 == 0 { &mut w1 } else { &mut w2 };
+        if gw.send("/", &[]).status == 200 {
+            admitted += 1;
+        }
+    }
+    assert_eq!(admitted, 100);
+}
+
+#[test]
+fn failure_mode_allow_counts_and_deny_answers_503() {
+    let cfg = |mode: &str| {
+        format!(
+            r#"{{"failure_mode":"{mode}","limits":[{{"name":"g","quota":1,"window":"1h","key":["route"]}}],
+                 "routes":[{{"limits":["g"]}}]}}"#
+        )
+    };
+    let mut gw = Gw::new(&cfg("allow"));
+    gw.host.shared.force_conflicts(1000);
+    assert_eq!(gw.statuses(3, "/", &[]), vec![200; 3]);
+    assert_eq!(gw.metric("failures"), Some(3));
+    assert_eq!(gw.metric("cas_exhausted"), Some(3));
+    assert_eq!(gw.metric("limit.g.cas_exhausted"), Some(3));
+    let mut gw = Gw::new(&cfg("deny"));
+    gw.host.shared.force_conflicts(1000);
+    let r = gw.send("/", &[]);
+    assert_eq!(r.status, 503);
+    assert_eq!(r.header("retry-after"), Some("1"));
+    gw.host.shared.force_conflicts(0);
+    assert_eq!(gw.statuses(2, "/", &[]), vec![200, 429]);
+}
+
+#[test]
+fn configuration_allocates_every_bucket_and_states_the_bound() {
+    let cfg = r#"{"limits":[{"name":"a","quota":1,"window":"1h","key":["route"],"slots":64},
+                            {"name":"b","quota":1,"window":"1h","key":["route"]}]}"#;
+    let gw = Gw::new(cfg);
+    assert_eq!(gw.host.shared.len(), 8 + 1024);
+    // a second worker's configuration finds them and adds nothing
+    let w2 = gw.worker(cfg);
+    assert_eq!(w2.host.shared.len(), 8 + 1024);
+    let bound: usize = gw
+        .root
+        .shared
+        .config
+        .limits
+        .iter()
+        .map(|l| l.table.bytes_bound())
+        .sum();
+    assert!(gw.host.shared.bytes() <= bound);
+}
+
+#[test]
+fn a_million_clients_keep_memory_bounded() {
+    // 100,000 distinct client IPs through the filter: the shared data stays at its size after
+    // configuration, and the evictions are counted.
+    let cfg = r#"{"trusted_hops":1,
+                  "limits":[{"name":"ip","quota":5,"window":"1h","key":["client_ip"],"slots":1024}],
+                  "routes":[{"limits":["ip"]}]}"#;
+    let mut gw = Gw::new(cfg);
+    let bytes = gw.host.shared.bytes();
+    let keys = gw.host.shared.len();
+    for i in 0..100_000u32 {
+        let ip = format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255);
+        assert_eq!(gw.send("/", &[("x-forwarded-for", &ip)]).status, 200);
+    }
+    assert_eq!(gw.host.shared.bytes(), bytes);
+    assert_eq!(gw.host.shared.len(), keys);
+    assert!(gw.metric("evictions").unwrap() > 90_000);
+}

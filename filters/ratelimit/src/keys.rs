@@ -1,0 +1,272 @@
+//! Client keys: the values of a limit's key sources for one request.
+
+use tollgate_common::request::query_param;
+use tollgate_common::route::RequestInfo;
+use tollgate_common::{Host, MapKind};
+
+use crate::config::{Config, KeySource, MissingKey};
+use crate::table::hash_parts;
+
+/// What a request says about its client, read once per request.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Client {
+    /// Consumer identity (non-empty), from the consumer header.
+    pub consumer: Option<String>,
+    /// Plan (non-empty), from the plan header.
+    pub plan: Option<String>,
+}
+
+impl Client {
+    /// Read the consumer and plan headers.
+    pub fn read(host: &dyn Host, config: &Config) -> Client {
+        let get = |name: &str| {
+            host.header(MapKind::RequestHeaders, name)
+                .map(|v| v.trim().to_string())
+                .filter(|v| !v.is_empty())
+        };
+        Client {
+            consumer: get(&config.consumer_header),
+            plan: get(&config.plan_header),
+        }
+    }
+}
+
+/// A client key of one limit: its hash, and a label safe to log (no credential).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientKey {
+    /// Hash of the key's parts (seeded with the limit's name).
+    pub hash: u64,
+    /// `consumer=alice ip=10.0.0.1 api_key=#1a2b3c4d`: secrets appear only as a short hash.
+    pub label: String,
+}
+
+/// The IP address without the port, from `ip:port`, `[v6]:port` or a bare address.
+pub fn strip_port(addr: &str) -> &str {
+    let a = addr.trim();
+    if let Some(rest) = a.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match a.split_once(':') {
+        Some((ip, port)) if !port.contains(':') => ip,
+        _ => a,
+    }
+}
+
+/// The client IP: with `trusted_hops` N > 0, the Nth `x-forwarded-for` entry from the right
+/// (the address the outermost trusted proxy saw; entries to its left may be forged); else,
+/// or when the header has fewer than N entries, the downstream address.
+pub fn client_ip(host: &dyn Host, trusted_hops: u32) -> Option<String> {
+    if trusted_hops > 0 {
+        if let Some(xff) = host.header(MapKind::RequestHeaders, "x-forwarded-for") {
+            let hops: Vec<&str> = xff
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .collect();
+            let n = trusted_hops as usize;
+            if hops.len() >= n {
+                if let Some(ip) = hops.get(hops.len() - n) {
+                    return Some(strip_port(ip).to_string());
+                }
+            }
+        }
+    }
+    let addr = host.property(&["source", "address"])?;
+    let addr = String::from_utf8_lossy(&addr).into_owned();
+    let ip = strip_port(&addr);
+    (!ip.is_empty()).then(|| ip.to_string())
+}
+
+fn short_hash(v: &str) -> String {
+    format!("#{:08x}", hash_parts("label", [v.as_bytes()]) >> 32)
+}
+
+/// Build the key of a limit from its sources; `None` when a source is missing and the limit
+/// skips such requests.
+#[allow(clippy::too_many_arguments)]
+pub fn build(
+    host: &dyn Host,
+    config: &Config,
+    limit_name: &str,
+    sources: &[KeySource],
+    missing: MissingKey,
+    client: &Client,
+    req: &RequestInfo,
+    route_name: &str,
+) -> Option<ClientKey> {
+    let mut parts: Vec<String> = Vec::with_capacity(sources.len());
+    let mut label: Vec<String> = Vec::with_capacity(sources.len());
+    for source in sources {
+        let header = |name: &str| {
+            host.header(MapKind::RequestHeaders, name)
+                .filter(|v| !v.trim().is_empty())
+        };
+        let (name, value, secret) = match source {
+            KeySource::Consumer => ("consumer", client.consumer.clone(), false),
+            KeySource::Plan => ("plan", client.plan.clone(), false),
+            KeySource::ApiKey => ("api_key", header(&config.api_key_header), true),
+            KeySource::ClientIp => ("ip", client_ip(host, config.trusted_hops), false),
+            KeySource::Route => ("route", Some(route_name.to_string()), false),
+            KeySource::Header(h) => (h.as_str(), header(h), true),
+            KeySource::Query(q) => (
+                q.as_str(),
+                query_param(&req.query, q).filter(|v| !v.is_empty()),
+                true,
+            ),
+        };
+        let value = match (value, missing) {
+            (Some(v), _) => v,
+            (None, MissingKey::Shared) => String::new(),
+            (None, MissingKey::Skip) => return None,
+        };
+        label.push(if secret {
+            format!("{name}={}", short_hash(&value))
+        } else {
+            format!("{name}={value}")
+        });
+        parts.push(value);
+    }
+    Some(ClientKey {
+        hash: hash_parts(limit_name, parts.iter().map(String::as_bytes)),
+        label: label.join(" "),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tollgate_common::mem_host::MemHost;
+
+    #[test]
+    fn ports_are_stripped() {
+        for (addr, ip) in [
+            ("10.0.0.1:5555", "10.0.0.1"),
+            ("10.0.0.1", "10.0.0.1"),
+            ("[::1]:80", "::1"),
+            ("::1", "::1"),
+            (" 2001:db8::2 ", "2001:db8::2"),
+        ] {
+            assert_eq!(strip_port(addr), ip, "{addr}");
+        }
+    }
+
+    #[test]
+    fn client_ip_trusts_only_the_configured_hops() {
+        let cases: &[(u32, Option<&str>, &str)] = &[
+            (0, Some("1.1.1.1"), "192.0.2.9"),
+            (1, Some("6.6.6.6, 1.1.1.1"), "1.1.1.1"),
+            (1, Some("1.1.1.1"), "1.1.1.1"),
+            (2, Some("6.6.6.6, 1.1.1.1, 10.0.0.2"), "1.1.1.1"),
+            (2, Some("1.1.1.1"), "192.0.2.9"),
+            (1, None, "192.0.2.9"),
+            (1, Some(" , "), "192.0.2.9"),
+            (1, Some("[2001:db8::1]:443"), "2001:db8::1"),
+        ];
+        for (hops, xff, want) in cases {
+            let headers: Vec<(&str, &str)> =
+                xff.map(|x| ("x-forwarded-for", x)).into_iter().collect();
+            let mut h = MemHost::request("GET", "/", &headers);
+            h.set_property(&["source", "address"], "192.0.2.9:40000");
+            assert_eq!(
+                client_ip(&h, *hops).as_deref(),
+                Some(*want),
+                "{hops} {xff:?}"
+            );
+        }
+        assert_eq!(client_ip(&MemHost::request("GET", "/", &[]), 0), None);
+    }
+
+    fn key_of(
+        sources: &str,
+        missing: MissingKey,
+        headers: &[(&str, &str)],
+        path: &str,
+    ) -> Option<ClientKey> {
+        let config = Config::parse(b"{}").unwrap();
+        let sources: Vec<KeySource> = serde_json::from_str(sources).unwrap();
+        let mut h = MemHost::request("GET", path, headers);
+        h.set_property(&["source", "address"], "10.9.8.7:1234");
+        let req = RequestInfo::from_host(&h);
+        let client = Client::read(&h, &config);
+        build(&h, &config, "lim", &sources, missing, &client, &req, "api")
+    }
+
+    #[test]
+    fn keys_combine_sources_and_hide_secrets() {
+        let k = key_of(
+            r#"["consumer","plan","api_key","client_ip","route",{"header":"x-tenant"},{"query":"t"}]"#,
+            MissingKey::Skip,
+            &[
+                ("x-tollgate-consumer", "alice"),
+                ("x-tollgate-plan", "pro"),
+                ("x-api-key", "s3cret-key"),
+                ("x-tenant", "acme"),
+            ],
+            "/a?t=blue",
+        )
+        .unwrap();
+        assert!(
+            k.label.starts_with("consumer=alice plan=pro api_key=#"),
+            "{}",
+            k.label
+        );
+        assert!(
+            k.label.contains("ip=10.9.8.7 route=api x-tenant=#"),
+            "{}",
+            k.label
+        );
+        assert!(
+            !k.label.contains("s3cret") && !k.label.contains("acme") && !k.label.contains("blue")
+        );
+        let other = key_of(
+            r#"["consumer"]"#,
+            MissingKey::Skip,
+            &[("x-tollgate-consumer", "bob")],
+            "/",
+        )
+        .unwrap();
+        let same = key_of(
+            r#"["consumer"]"#,
+            MissingKey::Skip,
+            &[("x-tollgate-consumer", "bob")],
+            "/x",
+        )
+        .unwrap();
+        assert_eq!(other, same);
+        assert_ne!(other.hash, k.hash);
+        // parts are separated: ("ab","c") and ("a","bc") differ
+        let a = key_of(
+            r#"[{"header":"x-a"},{"header":"x-b"}]"#,
+            MissingKey::Skip,
+            &[("x-a", "ab"), ("x-b", "c")],
+            "/",
+        )
+        .unwrap();
+        let b = key_of(
+            r#"[{"header":"x-a"},{"header":"x-b"}]"#,
+            MissingKey::Skip,
+            &[("x-a", "a"), ("x-b", "bc")],
+            "/",
+        )
+        .unwrap();
+        assert_ne!(a.hash, b.hash);
+    }
+
+    #[test]
+    fn missing_sources_skip_or_share() {
+        assert_eq!(key_of(r#"["consumer"]"#, MissingKey::Skip, &[], "/"), None);
+        assert_eq!(
+            key_of(r#"[{"query":"t"}]"#, MissingKey::Skip, &[], "/?t="),
+            None
+        );
+        let a = key_of(r#"["consumer"]"#, MissingKey::Shared, &[], "/").unwrap();
+        let b = key_of(
+            r#"["consumer"]"#,
+            MissingKey::Shared,
+            &[("x-tollgate-consumer", " ")],
+            "/",
+        )
+        .unwrap();
+        assert_eq!(a.hash, b.hash);
+    }
+}
