@@ -108,6 +108,7 @@ class Variant:
     clusters: list[dict]
     modules: list[str]
     skip: str | None = None
+    compare_to: str | None = None
     gateway: "Gateway | None" = None
     samples: dict[str, list[float]] = field(default_factory=dict)
     failure: str | None = None
@@ -185,6 +186,8 @@ def parse_variant(sc: Scenario, base: dict, v: dict, folder: Path) -> Variant:
         routes=v.get("routes", base.get("routes")),
         clusters=list(base.get("clusters") or []) + list(v.get("clusters") or []),
         modules=sorted(set(modules)),
+        skip=v.get("skip"),
+        compare_to=v.get("compare_to"),
     )
 
 
@@ -198,18 +201,30 @@ def builtin_scenarios() -> list[Scenario]:
     return [sc]
 
 
-def discover(only: list[str] | None) -> tuple[list[Scenario], list[str]]:
-    """Scenarios from bench/scenarios/*/scenarios.{yaml,yml,json}; problems are reported, not fatal."""
+def scenario_folders(extra_dirs: list[str] | None = None) -> list[Path]:
+    """bench/scenarios/* (filters' own folders first, extra/ last), or only the folders given."""
+    if extra_dirs:
+        return [Path(d).resolve() for d in extra_dirs]
+    folders = sorted(p for p in SCENARIOS.iterdir() if p.is_dir()) if SCENARIOS.exists() else []
+    folders.sort(key=lambda p: p.name == "extra")
+    return folders
+
+
+def rel(p: Path) -> str:
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)
+
+
+def discover(only: list[str] | None, dirs: list[str] | None = None) -> tuple[list[Scenario], list[str]]:
+    """Scenarios from bench/scenarios/*/scenarios.{yaml,yml,json}; problems are reported, not fatal.
+    A scenario id defined twice is taken from the first folder (a filter's own before extra/)."""
     scenarios = builtin_scenarios()
     problems = []
     seen = {s.id for s in scenarios}
-    folders = sorted(p for p in SCENARIOS.iterdir() if p.is_dir()) if SCENARIOS.exists() else []
-    # filters' own folders first, extra/ last: an extra scenario with an id already defined is dropped
-    folders.sort(key=lambda p: p.name == "extra")
+    folders = scenario_folders(dirs)
     for folder in folders:
         files = [folder / n for n in ("scenarios.yaml", "scenarios.yml", "scenarios.json") if (folder / n).exists()]
         if not files:
-            problems.append(f"bench/scenarios/{folder.name}/: no scenarios.yaml (see bench/scenarios/README.md)")
+            problems.append(f"{rel(folder)}/: no scenarios.yaml (see bench/scenarios/README.md)")
             continue
         try:
             doc = load_file(files[0])
@@ -217,7 +232,7 @@ def discover(only: list[str] | None) -> tuple[list[Scenario], list[str]]:
                 sid = spec["id"]
                 if sid in seen:
                     continue
-                sc = Scenario(sid, spec.get("title", sid), str(files[0].relative_to(ROOT)),
+                sc = Scenario(sid, spec.get("title", sid), rel(files[0]),
                               float(spec.get("latency_rate", DEFAULT_RATE)))
                 sc.variants = [parse_variant(sc, spec, v, folder) for v in spec.get("variants", [])]
                 if spec.get("skip"):
@@ -226,7 +241,7 @@ def discover(only: list[str] | None) -> tuple[list[Scenario], list[str]]:
                 seen.add(sid)
                 scenarios.append(sc)
         except Exception as exc:  # noqa: BLE001 - a broken scenario file must not stop the others
-            problems.append(f"{files[0].relative_to(ROOT)}: {type(exc).__name__}: {exc}")
+            problems.append(f"{rel(files[0])}: {type(exc).__name__}: {exc}")
     if only:
         def wanted(v: Variant) -> bool:
             return any(v.scenario.id == o or v.key == o or v.scenario.id.startswith(o.rstrip("*"))
@@ -596,7 +611,7 @@ class Bench:
     # -- memory ---------------------------------------------------------------------------------
     def measure_memory(self):
         """RSS of a gateway with the filters loaded, idle and after many distinct keys/URLs."""
-        spec = memory_spec()
+        spec = memory_spec(self.args.scenarios)
         if spec is None:
             self.memory = {"skip": "n/a: no `memory` section in bench/scenarios/*/scenarios.yaml"}
             return
@@ -636,9 +651,9 @@ class Bench:
             self.memory = {"skip": f"failed: {exc}"}
 
 
-def memory_spec():
+def memory_spec(dirs: list[str] | None = None):
     """The `memory` section of a scenarios file: the chain to load and the request sending distinct keys."""
-    for folder in sorted(p for p in SCENARIOS.iterdir() if p.is_dir()):
+    for folder in scenario_folders(dirs):
         for n in ("scenarios.yaml", "scenarios.yml", "scenarios.json"):
             f = folder / n
             if not f.exists():
@@ -650,7 +665,7 @@ def memory_spec():
             spec = doc.get("memory")
             if not spec:
                 continue
-            sc = Scenario("memory", spec.get("title", "memory"), str(f.relative_to(ROOT)), DEFAULT_RATE)
+            sc = Scenario("memory", spec.get("title", "memory"), rel(f), DEFAULT_RATE)
             loaded = parse_variant(sc, spec, {"name": "loaded", "kind": "tollgate",
                                               "filters": spec.get("filters", [])}, folder)
             missing = [m for m in loaded.modules if not harness.module_path(m).exists()]
@@ -721,6 +736,21 @@ def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}×"
 
 
+REFERENCE_KINDS = ("native", "client")
+
+
+def reference(sc: Scenario, v: Variant) -> Variant | None:
+    """What a Tollgate variant is compared with: `compare_to`, else the scenario's first native
+    (or client-side) variant. Only Tollgate variants (and the wasm floor) get a ratio."""
+    if v.kind not in ("tollgate", "floor"):
+        return None
+    if v.compare_to:
+        ref = next((r for r in sc.variants if r.name == v.compare_to), None)
+    else:
+        ref = next((r for r in sc.variants if r.kind in REFERENCE_KINDS), None)
+    return ref if ref is not None and ref.samples.get("cpu_us") else None
+
+
 def render(bench: Bench) -> tuple[str, dict]:
     prof = bench.prof
     m = machine()
@@ -760,8 +790,6 @@ def render(bench: Bench) -> tuple[str, dict]:
         lines += [f"## {sc.title}", "", f"`{sc.id}` from `{sc.source}`, latency at {sc.latency_rate:g} op/s.", ""]
         lines += ["| variant | CPU µs/op | added µs | × none | × native | p50 ms | p99 ms | op/s at saturation | core busy |",
                   "|---|---|---|---|---|---|---|---|---|"]
-        native = next((v for v in sc.variants if v.kind == "native" and v.samples.get("cpu_us")), None)
-        native_cpu = med(native.samples["cpu_us"]) if native else None
         sdata = {"id": sc.id, "title": sc.title, "source": sc.source, "latency_rate": sc.latency_rate,
                  "variants": []}
         for v in sc.variants:
@@ -773,11 +801,13 @@ def render(bench: Bench) -> tuple[str, dict]:
             if v.skip or (v.failure and not s.get("cpu_us")):
                 lines.append(f"| {v.name} | {v.skip or v.failure} | | | | | | | |")
                 continue
+            native = reference(sc, v)
+            native_cpu = med(native.samples["cpu_us"]) if native else None
             added = f"{cpu - none_cpu:+.1f}" if cpu is not None and none_cpu is not None and v is not none else "–"
             lines.append(
                 f"| {v.name}{' (⚠ ' + v.failure + ')' if v.failure else ''} | {fmt_spread(s.get('cpu_us', []), 1)} | {added} "
                 f"| {ratio(cpu, none_cpu) if v is not none else '1.00×'} "
-                f"| {ratio(cpu, native_cpu) if v.kind != 'native' and native_cpu else '–'} "
+                f"| {ratio(cpu, native_cpu) if native is not None else '–'} "
                 f"| {fmt_spread(s.get('p50_ms', []), 2)} | {fmt_spread(s.get('p99_ms', []), 2)} "
                 f"| {fmt_spread(s.get('rps', []), 0)} | {fmt_spread(s.get('busy', []), 0)} % |")
         lines.append("")
@@ -802,13 +832,11 @@ def render(bench: Bench) -> tuple[str, dict]:
     # comparisons
     cmp_lines = []
     for sc in bench.scenarios:
-        native = next((v for v in sc.variants if v.kind == "native" and v.samples.get("cpu_us")), None)
-        if not native:
-            continue
-        ncpu = med(native.samples["cpu_us"])
         for v in sc.variants:
-            if v.kind != "tollgate" or not v.samples.get("cpu_us"):
+            native = reference(sc, v)
+            if v.kind != "tollgate" or not v.samples.get("cpu_us") or native is None:
                 continue
+            ncpu = med(native.samples["cpu_us"])
             cpu = med(v.samples["cpu_us"])
             diff = cpu - ncpu
             word = "more" if diff > 0 else "less"
@@ -875,6 +903,9 @@ def main(argv=None) -> int:
     ap.add_argument("--memory-keys", type=int, help="distinct keys for the memory measurement")
     ap.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
     ap.add_argument("--output", help="results file (default bench/results/latest.md, quick: quick.md)")
+    ap.add_argument("--scenarios", action="append", metavar="DIR",
+                    help="read scenarios from DIR instead of bench/scenarios/* (repeatable)")
+    ap.add_argument("--keep", action="store_true", help="keep the Envoy configs and logs of the run")
     ap.add_argument("--list", action="store_true", help="list scenarios and variants, then exit")
     args = ap.parse_args(argv)
 
@@ -883,7 +914,7 @@ def main(argv=None) -> int:
         prof.rounds = args.rounds
     if args.cpu_ops:
         prof.cpu_ops = args.cpu_ops
-    scenarios, problems = discover(args.only)
+    scenarios, problems = discover(args.only, args.scenarios)
     if args.list:
         for sc in scenarios:
             print(f"{sc.id}: {sc.title}  [{sc.source}]")
@@ -904,10 +935,14 @@ def main(argv=None) -> int:
     out.write_text(text + "\n")
     out.with_suffix(".json").write_text(json.dumps(data, indent=1, default=str) + "\n")
     print(text)
-    log(f"\nresults: {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}; Envoy configs and logs: {bench.workdir}")
     failed = [v.key for v in bench.variants if v.failure]
     if failed:
         log("variants that failed: " + ", ".join(failed))
+    if args.keep or failed:
+        log(f"Envoy configs and logs: {bench.workdir}")
+    else:
+        shutil.rmtree(bench.workdir, ignore_errors=True)
+    log(f"results: {rel(out.resolve())}")
     return 0
 
 
