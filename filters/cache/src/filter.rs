@@ -1,24 +1,108 @@
-//! Request handling of the cache filter.
+//! Request handling of the cache filter: lookups, answers from the cache (200, 304, stale),
+//! revalidation, capture and store, invalidation, purge and background refresh.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::rc::Rc;
+use std::time::{Duration, SystemTime};
 
 use tollgate_common::metrics::Metrics;
-use tollgate_common::route::{RequestInfo, Rules};
-use tollgate_common::{ConfigError, Decision, Host, HttpFilter, RootFilter};
+use tollgate_common::request::{query_param, split_query};
+use tollgate_common::route::RequestInfo;
+use tollgate_common::{
+    Body, CallResponse, ConfigError, Decision, Host, HttpCall, HttpFilter, LocalReply, MapKind,
+    Problem, RootFilter,
+};
 
-use crate::config::{Config, RouteRule};
+use crate::config::{Compiled, Config, Refresh, Rule, SetCookie};
+use crate::key::{request_url_key, vary_names, UrlKey};
+use crate::policy::{directive, directive_secs, policy_request_headers, Policy};
+use crate::store::{millis, Entry, Found, Lookup, Meta, PurgeRule, Store};
 
-/// Per-VM state: the compiled configuration and metrics.
-pub struct CacheRoot {
-    shared: Rc<Shared>,
+/// Name of this cache in `Cache-Status`.
+pub const CACHE_NAME: &str = "tollgate";
+/// Header carrying the purge key.
+pub const PURGE_KEY_HEADER: &str = "x-tollgate-purge-key";
+
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+    "age",
+    "cache-status",
+];
+
+/// Headers a 304 carries (RFC 9110 15.4.5).
+const NOT_MODIFIED_HEADERS: &[&str] = &[
+    "cache-control",
+    "content-location",
+    "date",
+    "etag",
+    "expires",
+    "vary",
+    "last-modified",
+];
+
+/// A background refresh the root performs (stale-while-revalidate).
+#[derive(Debug, Clone)]
+pub struct RefreshJob {
+    /// The entry as it was found.
+    pub found: Found,
+    /// Its URL hash.
+    pub url_hash: u64,
+    /// Upstream.
+    pub refresh: Refresh,
+    /// Path and query as the client sent them.
+    pub path: String,
+    /// Authority.
+    pub authority: String,
+    /// Request headers that the entry varies on (sent with the refresh).
+    pub vary_headers: Vec<(String, String)>,
+    /// Configured key headers (to store the answer under the same variant).
+    pub key_headers: Vec<String>,
+    /// Request headers the policy needs.
+    pub policy_req: Vec<(String, String)>,
+    /// Set-Cookie handling.
+    pub set_cookie: SetCookie,
 }
 
 /// What every request of a VM shares.
 pub struct Shared {
-    /// Per-route rules.
-    pub rules: Rules<RouteRule>,
+    /// Compiled configuration.
+    pub config: Compiled,
+    /// The store's geometry.
+    pub store: Store,
     /// The filter's metrics.
     pub metrics: Metrics,
+    /// Refresh jobs queued by requests, started by the root on its next tick.
+    pub jobs: RefCell<Vec<RefreshJob>>,
+}
+
+impl Shared {
+    fn new(config: Compiled) -> Shared {
+        Shared {
+            store: Store {
+                sets: config.sets,
+                ways: config.ways,
+            },
+            config,
+            metrics: Metrics::new("cache"),
+            jobs: RefCell::new(Vec::new()),
+        }
+    }
+}
+
+/// Per-VM state: the compiled configuration, metrics and background refreshes.
+pub struct CacheRoot {
+    shared: Rc<Shared>,
+    pending: HashMap<u32, RefreshJob>,
+    ticks: u32,
 }
 
 impl RootFilter for CacheRoot {
@@ -27,85 +111,876 @@ impl RootFilter for CacheRoot {
 
     fn new(_context_id: u32) -> Self {
         CacheRoot {
-            shared: Rc::new(Shared {
-                rules: Rules::default(),
-                metrics: Metrics::new("cache"),
-            }),
+            shared: Rc::new(Shared::new(Compiled::default())),
+            pending: HashMap::new(),
+            ticks: 0,
         }
     }
 
-    fn configure(&mut self, _host: &mut dyn Host, configuration: &[u8]) -> Result<(), ConfigError> {
-        let config = Config::parse(configuration)?;
-        self.shared = Rc::new(Shared {
-            rules: Rules(config.routes),
-            metrics: Metrics::new("cache"),
-        });
+    fn configure(&mut self, host: &mut dyn Host, configuration: &[u8]) -> Result<(), ConfigError> {
+        let config = Config::parse(configuration)?.compile()?;
+        if !config.rules.0.is_empty() {
+            host.set_tick_period(Duration::from_millis(TICK_MS));
+        }
+        self.shared = Rc::new(Shared::new(config));
         Ok(())
+    }
+
+    fn on_tick(&mut self, host: &mut dyn Host) {
+        let jobs: Vec<RefreshJob> = self.shared.jobs.borrow_mut().drain(..).collect();
+        for job in jobs {
+            self.start_refresh(host, job);
+        }
+        self.ticks = self.ticks.wrapping_add(1);
+        if self.ticks % USAGE_EVERY_TICKS == 1 {
+            let (bytes, entries) = self.shared.store.usage(host);
+            self.shared.metrics.gauge_set(host, "bytes", bytes);
+            self.shared.metrics.gauge_set(host, "entries", entries);
+        }
+    }
+
+    fn on_call_response(&mut self, host: &mut dyn Host, token: u32, response: CallResponse) {
+        let Some(job) = self.pending.remove(&token) else {
+            return;
+        };
+        self.finish_refresh(host, job, response);
     }
 
     fn create_filter(&self, context_id: u32) -> CacheFilter {
         CacheFilter {
             context_id,
             shared: self.shared.clone(),
+            state: State::Pass,
+            rule: None,
+            url: None,
+            request: Vec::new(),
+            is_head: false,
+            no_store: false,
+            capture: None,
         }
     }
 }
 
+const TICK_MS: u64 = 100;
+const USAGE_EVERY_TICKS: u32 = 5;
+
+impl CacheRoot {
+    fn start_refresh(&mut self, host: &mut dyn Host, job: RefreshJob) {
+        let (path, query) = split_query(&job.path);
+        let rest = path
+            .strip_prefix(job.refresh.strip_prefix.as_str())
+            .unwrap_or(path);
+        let mut upstream = format!("{}{}", job.refresh.add_prefix, rest);
+        if upstream.is_empty() {
+            upstream.push('/');
+        }
+        if !query.is_empty() {
+            upstream.push('?');
+            upstream.push_str(query);
+        }
+        let meta = &job.found.entry.meta;
+        let etag = header(&meta.headers, "etag");
+        let last_modified = header(&meta.headers, "last-modified");
+        let mut headers: Vec<(&str, &str)> = vec![
+            (":method", "GET"),
+            (":path", &upstream),
+            (":authority", &job.authority),
+        ];
+        for (k, v) in &job.vary_headers {
+            headers.push((k, v));
+        }
+        if let Some(e) = etag.as_deref() {
+            headers.push(("if-none-match", e));
+        }
+        if let Some(lm) = last_modified.as_deref() {
+            headers.push(("if-modified-since", lm));
+        }
+        let call = HttpCall {
+            cluster: &job.refresh.cluster,
+            headers,
+            body: None,
+            timeout: job.refresh.timeout,
+        };
+        match host.http_call(&call) {
+            Ok(token) => {
+                self.pending.insert(token, job);
+            }
+            Err(e) => {
+                log::warn!("cache: background refresh of {} not started: {e}", meta.url);
+                self.shared.metrics.count(host, "refresh_failures", 1);
+            }
+        }
+    }
+
+    fn finish_refresh(&mut self, host: &mut dyn Host, job: RefreshJob, response: CallResponse) {
+        let shared = self.shared.clone();
+        let now = host.now();
+        let old = &job.found.entry;
+        let (status, headers, body) = match response.status() {
+            Some(304) => {
+                let headers = merge_not_modified(&old.meta.headers, &response.headers);
+                (old.meta.status, headers, old.body.clone())
+            }
+            Some(s) if s < 500 => (
+                s,
+                stored_headers(&response.headers, job.set_cookie),
+                response.body.clone(),
+            ),
+            other => {
+                log::info!(
+                    "cache: background refresh of {} failed ({other:?}); the stale entry stays",
+                    old.meta.url
+                );
+                shared.metrics.count(host, "refresh_failures", 1);
+                return;
+            }
+        };
+        if job.set_cookie == SetCookie::Bypass && header(&response.headers, "set-cookie").is_some()
+        {
+            shared.metrics.count(host, "refresh_failures", 1);
+            return;
+        }
+        let Some(vary) = vary_names(&all(&headers, "vary")) else {
+            return;
+        };
+        let policy = Policy::new(&old.meta.url, &job.policy_req, status, &headers, now);
+        if !policy.is_storable() {
+            // The origin no longer allows storing it: drop the stale entry.
+            shared.store.invalidate_url(host, job.url_hash);
+            return;
+        }
+        let v = crate::key::variant_hash(&job.vary_headers, &job.key_headers, &vary);
+        let entry = Entry {
+            meta: Meta {
+                g: 0,
+                url: old.meta.url.clone(),
+                host: old.meta.host.clone(),
+                path: old.meta.path.clone(),
+                v,
+                status,
+                headers,
+                req: job.policy_req.clone(),
+                at: millis(now),
+            },
+            body,
+        };
+        if entry.encode().len() as u64 > shared.config.max_entry_bytes {
+            shared.store.invalidate_url(host, job.url_hash);
+            return;
+        }
+        if let Some(st) = shared.store.put(host, job.url_hash, &vary, entry, now) {
+            shared.metrics.count(host, "refreshes", 1);
+            shared.metrics.count(host, "stores", 1);
+            if st.evicted {
+                shared.metrics.count(host, "evictions", 1);
+            }
+        }
+    }
+}
+
+/// A response being captured for the store.
+struct Capture {
+    status: u16,
+    headers: Vec<(String, String)>,
+    vary: Vec<String>,
+    policy_req: Vec<(String, String)>,
+    body: Vec<u8>,
+    at: SystemTime,
+}
+
+/// Where a request stands.
+enum State {
+    /// Untouched: no rule, or a disabled one.
+    Pass,
+    /// Forwarded without lookup; the text is the `Cache-Status` `fwd` value.
+    Bypass(&'static str),
+    /// An unsafe method: invalidate the URL when it succeeds.
+    Unsafe,
+    /// Nothing usable in the cache; `fwd` value.
+    Miss(&'static str),
+    /// A stale entry is being revalidated upstream.
+    Revalidate {
+        found: Box<Found>,
+        fwd: &'static str,
+        client_conditional: Vec<(String, String)>,
+    },
+    /// Answered (or decided); nothing more to do.
+    Done,
+}
+
 /// Per-request state.
 pub struct CacheFilter {
-    #[allow(dead_code)]
     context_id: u32,
     shared: Rc<Shared>,
+    state: State,
+    rule: Option<usize>,
+    url: Option<UrlKey>,
+    request: Vec<(String, String)>,
+    is_head: bool,
+    no_store: bool,
+    capture: Option<Capture>,
+}
+
+fn header(headers: &[(String, String)], name: &str) -> Option<String> {
+    headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.clone())
+}
+
+fn all<'a>(headers: &'a [(String, String)], name: &str) -> Vec<&'a str> {
+    headers
+        .iter()
+        .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+        .collect()
+}
+
+/// Response headers as stored: no pseudo-headers, no hop-by-hop headers, no `Set-Cookie` when
+/// stripping.
+fn stored_headers(headers: &[(String, String)], set_cookie: SetCookie) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .filter(|(k, _)| !k.starts_with(':'))
+        .filter(|(k, _)| !HOP_BY_HOP.contains(&k.to_ascii_lowercase().as_str()))
+        .filter(|(k, _)| set_cookie == SetCookie::Bypass || !k.eq_ignore_ascii_case("set-cookie"))
+        .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+        .collect()
+}
+
+/// Stored headers updated with those of a 304 (RFC 9111 4.3.4).
+fn merge_not_modified(
+    stored: &[(String, String)],
+    fresh: &[(String, String)],
+) -> Vec<(String, String)> {
+    const KEEP: &[&str] = &[
+        "content-length",
+        "content-encoding",
+        "content-range",
+        "content-type",
+    ];
+    let update: Vec<(String, String)> = fresh
+        .iter()
+        .filter(|(k, _)| !k.starts_with(':'))
+        .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+        .filter(|(k, _)| !HOP_BY_HOP.contains(&k.as_str()) && !KEEP.contains(&k.as_str()))
+        .filter(|(k, _)| k != "set-cookie")
+        .collect();
+    let mut out: Vec<(String, String)> = stored
+        .iter()
+        .filter(|(k, _)| !update.iter().any(|(u, _)| u == k))
+        .cloned()
+        .collect();
+    out.extend(update);
+    out
+}
+
+/// Parse an IMF-fixdate (`Thu, 01 Jan 2026 00:00:00 GMT`) to seconds since the epoch.
+pub fn http_date(s: &str) -> Option<u64> {
+    let parts: Vec<&str> = s.split_whitespace().collect();
+    if parts.len() != 6 || *parts.get(5)? != "GMT" {
+        return None;
+    }
+    let day: u64 = parts.get(1)?.parse().ok()?;
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let mon = *parts.get(2)?;
+    let month = MONTHS.iter().position(|m| *m == mon)? as u64 + 1;
+    let year: u64 = parts.get(3)?.parse().ok()?;
+    let hms: Vec<u64> = parts
+        .get(4)?
+        .split(':')
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let (h, m, sec) = (*hms.first()?, *hms.get(1)?, *hms.get(2)?);
+    if hms.len() != 3 || year < 1970 || !(1..=31).contains(&day) {
+        return None;
+    }
+    let (y, mm) = if month <= 2 {
+        (year - 1, month + 9)
+    } else {
+        (year, month - 3)
+    };
+    let era = y / 400;
+    let yoe = y - era * 400;
+    let doy = (153 * mm + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = (era * 146_097 + doe).checked_sub(719_468)?;
+    Some(days * 86400 + h * 3600 + m * 60 + sec)
+}
+
+/// Does a client's conditional request match the entry (so that 304 is the answer)?
+/// `If-None-Match` (weak comparison, `*`) wins over `If-Modified-Since`.
+fn client_not_modified(request: &[(String, String)], entry: &[(String, String)]) -> bool {
+    let etag = header(entry, "etag");
+    if let Some(inm) = header(request, "if-none-match") {
+        let weak = |t: &str| t.trim().trim_start_matches("W/").to_string();
+        return match etag {
+            Some(e) => inm.trim() == "*" || inm.split(',').any(|t| weak(t) == weak(&e)),
+            None => false,
+        };
+    }
+    match (
+        header(request, "if-modified-since").and_then(|v| http_date(&v)),
+        header(entry, "last-modified").and_then(|v| http_date(&v)),
+    ) {
+        (Some(ims), Some(lm)) => lm <= ims,
+        _ => false,
+    }
+}
+
+fn cache_status(params: &str) -> String {
+    format!("{CACHE_NAME}; {params}")
+}
+
+fn secs(d: Duration) -> u64 {
+    d.as_secs()
+}
+
+fn signed(d: Duration) -> i64 {
+    i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
+}
+
+impl CacheFilter {
+    fn rule(&self) -> Option<&Rule> {
+        self.rule.and_then(|i| self.shared.config.rules.0.get(i))
+    }
+
+    /// The answer from an entry: 304 when the client's validators match, else the stored
+    /// response (HEAD: Envoy sends no body).
+    fn answer(&self, entry: &Entry, age: Duration, status_params: &str) -> LocalReply {
+        let not_modified = client_not_modified(&self.request, &entry.meta.headers);
+        let mut reply = LocalReply::new(if not_modified { 304 } else { entry.meta.status });
+        for (k, v) in &entry.meta.headers {
+            if not_modified && !NOT_MODIFIED_HEADERS.contains(&k.as_str()) {
+                continue;
+            }
+            reply = reply.with_header(k.clone(), v.clone());
+        }
+        reply = reply
+            .with_header("age", secs(age).to_string())
+            .with_header("cache-status", cache_status(status_params));
+        if !not_modified {
+            reply = reply.with_body(entry.body.clone());
+        }
+        reply
+    }
+
+    fn purge(&mut self, host: &mut dyn Host) -> Decision {
+        let Some(purge) = self.shared.config.purge.as_ref() else {
+            return Decision::Continue;
+        };
+        self.state = State::Done;
+        let path = host.path();
+        let method = host.method();
+        if method != "POST" && method != "PURGE" {
+            return Decision::Respond(
+                Problem::new(405)
+                    .detail("use POST (or PURGE) with ?url=/path or ?prefix=/path/")
+                    .instance(split_query(&path).0)
+                    .into_reply()
+                    .with_header("allow", "POST, PURGE"),
+            );
+        }
+        let Some(key) = host.header(MapKind::RequestHeaders, PURGE_KEY_HEADER) else {
+            return Decision::Respond(
+                Problem::new(401)
+                    .detail(format!(
+                        "the purge endpoint needs the `{PURGE_KEY_HEADER}` header"
+                    ))
+                    .into_reply(),
+            );
+        };
+        if !purge.key_matches(&key) {
+            log::warn!("[{}] cache: purge refused: wrong key", self.context_id);
+            return Decision::Respond(Problem::new(403).detail("wrong purge key").into_reply());
+        }
+        let (_, query) = split_query(&path);
+        let (target, prefix) = match (query_param(query, "url"), query_param(query, "prefix")) {
+            (Some(u), None) => (split_query(&u).0.to_string(), false),
+            (None, Some(p)) => (p, true),
+            _ => {
+                return Decision::Respond(
+                    Problem::new(400)
+                        .detail("give exactly one of the query parameters `url` and `prefix`")
+                        .into_reply(),
+                )
+            }
+        };
+        if !target.starts_with('/') {
+            return Decision::Respond(
+                Problem::new(400)
+                    .detail("`url` and `prefix` are paths starting with `/`")
+                    .into_reply(),
+            );
+        }
+        let host_filter = query_param(query, "host").map(|h| h.to_ascii_lowercase());
+        let rule = PurgeRule {
+            host: host_filter.clone(),
+            path: target.clone(),
+            prefix,
+            at: millis(host.now()),
+        };
+        if !self.shared.store.add_purge(host, rule) {
+            return Decision::Respond(
+                Problem::new(503)
+                    .detail("the purge could not be recorded; retry")
+                    .into_reply(),
+            );
+        }
+        self.shared.metrics.count(host, "purges", 1);
+        log::info!(
+            "[{}] cache: purged {} {target}",
+            self.context_id,
+            if prefix { "prefix" } else { "path" }
+        );
+        let body = serde_json::json!({
+            "purged": target,
+            "kind": if prefix { "prefix" } else { "path" },
+            "host": host_filter,
+        });
+        Decision::Respond(
+            LocalReply::new(200)
+                .with_header("content-type", "application/json")
+                .with_header("cache-control", "no-store")
+                .with_body(serde_json::to_vec(&body).unwrap_or_default()),
+        )
+    }
+
+    fn lookup(&mut self, host: &mut dyn Host) -> Decision {
+        let Some(rule) = self.rule() else {
+            return Decision::Continue;
+        };
+        let key_headers = rule.key_headers.clone();
+        let refresh = rule.refresh.clone();
+        let set_cookie = rule.set_cookie;
+        let Some(url) = self.url.clone() else {
+            return Decision::Continue;
+        };
+        let m = &self.shared.metrics;
+        let only_if_cached = directive(&self.request, "only-if-cached").is_some();
+        let request_no_cache = directive(&self.request, "no-cache").is_some()
+            || header(&self.request, "pragma").is_some_and(|p| p.contains("no-cache"))
+                && header(&self.request, "cache-control").is_none();
+        let found = match self
+            .shared
+            .store
+            .lookup(host, url.hash, &self.request, &key_headers)
+        {
+            Lookup::Hit(found) => found,
+            miss => {
+                let fwd = if matches!(miss, Lookup::VaryMiss) {
+                    "vary-miss"
+                } else {
+                    "uri-miss"
+                };
+                m.count(host, "misses", 1);
+                if only_if_cached {
+                    self.state = State::Done;
+                    return Decision::Respond(
+                        Problem::new(504)
+                            .detail("only-if-cached: not in the cache")
+                            .into_reply()
+                            .with_header(
+                                "cache-status",
+                                cache_status(&format!("fwd={fwd}; detail=only-if-cached")),
+                            ),
+                    );
+                }
+                self.state = State::Miss(fwd);
+                return Decision::Continue;
+            }
+        };
+        let now = host.now();
+        let entry = &found.entry;
+        let at = SystemTime::UNIX_EPOCH + Duration::from_millis(entry.meta.at);
+        let policy = Policy::new(
+            &entry.meta.url,
+            &entry.meta.req,
+            entry.meta.status,
+            &entry.meta.headers,
+            at,
+        );
+        let age = policy.age(now);
+        if policy.satisfies(&url.url, &self.request, now) {
+            m.count(host, "hits", 1);
+            let ttl = signed(policy.lifetime(at)) - signed(age);
+            let reply = self.answer(entry, age, &format!("hit; ttl={ttl}"));
+            self.state = State::Done;
+            return Decision::Respond(reply);
+        }
+        let lifetime = policy.lifetime(at);
+        let stale_by = age.saturating_sub(lifetime);
+        let must_revalidate = directive(&entry.meta.headers, "must-revalidate").is_some()
+            || directive(&entry.meta.headers, "proxy-revalidate").is_some()
+            || directive(&entry.meta.headers, "no-cache").is_some();
+        let swr = directive_secs(&entry.meta.headers, "stale-while-revalidate");
+        if let (false, false, Some(w), Some(refresh)) =
+            (request_no_cache, must_revalidate, swr, refresh)
+        {
+            if stale_by < Duration::from_secs(w) && age > lifetime {
+                m.count(host, "hits", 1);
+                m.count(host, "stale_served", 1);
+                let ttl = -signed(stale_by);
+                let reply = self.answer(
+                    entry,
+                    age,
+                    &format!("hit; ttl={ttl}; detail=stale-while-revalidate"),
+                );
+                if self.shared.store.lock_refresh(
+                    host,
+                    &found,
+                    now,
+                    refresh.timeout + Duration::from_secs(1),
+                ) {
+                    let vary = vary_names(&all(&entry.meta.headers, "vary")).unwrap_or_default();
+                    let vary_headers: Vec<(String, String)> = self
+                        .request
+                        .iter()
+                        .filter(|(k, _)| vary.contains(k) || key_headers.contains(k))
+                        .cloned()
+                        .collect();
+                    self.shared.jobs.borrow_mut().push(RefreshJob {
+                        found: (*found).clone(),
+                        url_hash: url.hash,
+                        refresh,
+                        path: host.path(),
+                        authority: host.authority(),
+                        policy_req: entry.meta.req.clone(),
+                        vary_headers,
+                        key_headers,
+                        set_cookie,
+                    });
+                }
+                self.state = State::Done;
+                return Decision::Respond(reply);
+            }
+        }
+        if only_if_cached {
+            m.count(host, "misses", 1);
+            self.state = State::Done;
+            return Decision::Respond(
+                Problem::new(504)
+                    .detail("only-if-cached: the cached response is stale")
+                    .into_reply()
+                    .with_header(
+                        "cache-status",
+                        cache_status("fwd=stale; detail=only-if-cached"),
+                    ),
+            );
+        }
+        // Revalidate upstream with the entry's validators; the client's own conditional
+        // headers are kept aside and answered by us.
+        m.count(host, "revalidations", 1);
+        let mut client_conditional = Vec::new();
+        for name in ["if-none-match", "if-modified-since"] {
+            if let Some(v) = host.header(MapKind::RequestHeaders, name) {
+                client_conditional.push((name.to_string(), v));
+                host.remove_header(MapKind::RequestHeaders, name);
+            }
+        }
+        if let Some(e) = header(&entry.meta.headers, "etag") {
+            host.set_header(MapKind::RequestHeaders, "if-none-match", &e);
+        }
+        if let Some(lm) = header(&entry.meta.headers, "last-modified") {
+            host.set_header(MapKind::RequestHeaders, "if-modified-since", &lm);
+        }
+        self.state = State::Revalidate {
+            found,
+            fwd: if request_no_cache { "request" } else { "stale" },
+            client_conditional,
+        };
+        Decision::Continue
+    }
+
+    /// Decide whether to capture a forwarded response; returns the `Cache-Status` params.
+    fn start_capture(
+        &mut self,
+        host: &mut dyn Host,
+        fwd: &str,
+        status: u16,
+        headers: &[(String, String)],
+    ) -> String {
+        let mut params = format!("fwd={fwd}");
+        if fwd == "stale" || fwd == "request" {
+            params.push_str(&format!("; fwd-status={status}"));
+        }
+        let Some(rule) = self.rule() else {
+            return params;
+        };
+        let set_cookie = rule.set_cookie;
+        let Some(url) = self.url.as_ref() else {
+            return params;
+        };
+        let detail = (|| {
+            if self.is_head {
+                return Some("head");
+            }
+            if self.no_store {
+                return Some("request-no-store");
+            }
+            if set_cookie == SetCookie::Bypass && header(headers, "set-cookie").is_some() {
+                return Some("set-cookie");
+            }
+            if let Some(len) = header(headers, "content-length").and_then(|l| l.parse::<u64>().ok())
+            {
+                if len > self.shared.config.max_entry_bytes {
+                    return Some("too-large");
+                }
+            }
+            None
+        })();
+        if let Some(d) = detail {
+            if d == "too-large" {
+                self.shared.metrics.count(host, "too_large", 1);
+            }
+            return format!("{params}; detail={d}");
+        }
+        let Some(vary) = vary_names(&all(headers, "vary")) else {
+            return format!("{params}; detail=vary-star");
+        };
+        let stored = stored_headers(headers, set_cookie);
+        let policy_req = policy_request_headers(&self.request, &vary);
+        let now = host.now();
+        let policy = Policy::new(&url.url, &policy_req, status, &stored, now);
+        if !policy.is_storable() {
+            return format!("{params}; detail=not-storable");
+        }
+        self.capture = Some(Capture {
+            status,
+            headers: stored,
+            vary,
+            policy_req,
+            body: Vec::new(),
+            at: now,
+        });
+        // `stored` is promised only when the size is known to fit.
+        if header(headers, "content-length").is_some() {
+            params.push_str("; stored");
+        }
+        params
+    }
+
+    fn finish_capture(&mut self, host: &mut dyn Host) {
+        let Some(c) = self.capture.take() else {
+            return;
+        };
+        let (Some(url), Some(rule)) = (self.url.as_ref(), self.rule()) else {
+            return;
+        };
+        let v = crate::key::variant_hash(&self.request, &rule.key_headers, &c.vary);
+        let entry = Entry {
+            meta: Meta {
+                g: 0,
+                url: url.url.clone(),
+                host: url.host.clone(),
+                path: url.path.clone(),
+                v,
+                status: c.status,
+                headers: c.headers,
+                req: c.policy_req,
+                at: millis(c.at),
+            },
+            body: c.body,
+        };
+        if entry.encode().len() as u64 > self.shared.config.max_entry_bytes {
+            self.shared.metrics.count(host, "too_large", 1);
+            return;
+        }
+        let now = host.now();
+        match self.shared.store.put(host, url.hash, &c.vary, entry, now) {
+            Some(st) => {
+                self.shared.metrics.count(host, "stores", 1);
+                if st.evicted {
+                    self.shared.metrics.count(host, "evictions", 1);
+                }
+            }
+            None => log::debug!("[{}] cache: store lost a race", self.context_id),
+        }
+    }
 }
 
 impl HttpFilter for CacheFilter {
     fn on_request_headers(&mut self, host: &mut dyn Host, _end_of_stream: bool) -> Decision {
+        self.shared.metrics.count(host, "requests", 1);
         let req = RequestInfo::from_host(host);
-        if let Some((rule, _)) = self.shared.rules.find(&req) {
-            if rule.disabled {
-                self.shared.metrics.count(host, "skipped", 1);
-                return Decision::Continue;
+        if let Some(p) = self.shared.config.purge.as_ref() {
+            if req.path == p.path {
+                return self.purge(host);
             }
         }
-        self.shared.metrics.count(host, "requests", 1);
+        let Some(index) = self
+            .shared
+            .config
+            .rules
+            .0
+            .iter()
+            .position(|r| r.route.matches(&req).is_some())
+        else {
+            return Decision::Continue;
+        };
+        let Some(rule) = self.shared.config.rules.0.get(index) else {
+            return Decision::Continue;
+        };
+        if rule.disabled {
+            self.shared.metrics.count(host, "skipped", 1);
+            return Decision::Continue;
+        }
+        self.rule = Some(index);
+        self.url = Some(request_url_key(host, rule));
+        self.request = host
+            .headers(MapKind::RequestHeaders)
+            .into_iter()
+            .map(|(k, v)| (k.to_ascii_lowercase(), v))
+            .collect();
+        self.no_store = directive(&self.request, "no-store").is_some();
+        match req.method.as_str() {
+            "GET" => self.lookup(host),
+            "HEAD" => {
+                self.is_head = true;
+                self.lookup(host)
+            }
+            "POST" | "PUT" | "DELETE" | "PATCH" => {
+                self.state = State::Unsafe;
+                Decision::Continue
+            }
+            _ => {
+                self.shared.metrics.count(host, "bypass", 1);
+                self.state = State::Bypass("method");
+                Decision::Continue
+            }
+        }
+    }
+
+    fn on_response_headers(&mut self, host: &mut dyn Host, end_of_stream: bool) -> Decision {
+        let status: u16 = host
+            .header(MapKind::ResponseHeaders, ":status")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let state = std::mem::replace(&mut self.state, State::Done);
+        let params = match state {
+            State::Pass | State::Done => return Decision::Continue,
+            State::Bypass(fwd) => format!("fwd={fwd}"),
+            State::Unsafe => {
+                if (200..400).contains(&status) {
+                    if let Some(url) = self.url.as_ref() {
+                        let (n, _) = self.shared.store.invalidate_url(host, url.hash);
+                        if n > 0 {
+                            self.shared.metrics.count(host, "invalidations", n);
+                        }
+                    }
+                }
+                "fwd=method".to_string()
+            }
+            State::Miss(fwd) => {
+                let headers = host.headers(MapKind::ResponseHeaders);
+                self.start_capture(host, fwd, status, &headers)
+            }
+            State::Revalidate {
+                found,
+                fwd,
+                client_conditional,
+            } => {
+                let headers = host.headers(MapKind::ResponseHeaders);
+                let now = host.now();
+                let entry = &found.entry;
+                if status == 304 {
+                    // Refresh the entry's headers and serve it.
+                    let merged = merge_not_modified(&entry.meta.headers, &headers);
+                    let mut fresh = entry.clone();
+                    fresh.meta.headers = merged;
+                    fresh.meta.at = millis(now);
+                    let vary = vary_names(&all(&fresh.meta.headers, "vary")).unwrap_or_default();
+                    if let Some(url) = self.url.as_ref() {
+                        if self
+                            .shared
+                            .store
+                            .put(host, url.hash, &vary, fresh.clone(), now)
+                            .is_some()
+                        {
+                            self.shared.metrics.count(host, "refreshes", 1);
+                        }
+                    }
+                    self.request
+                        .retain(|(k, _)| k != "if-none-match" && k != "if-modified-since");
+                    self.request.extend(client_conditional);
+                    let reply = self.answer(
+                        &fresh,
+                        Duration::ZERO,
+                        &format!("fwd={fwd}; fwd-status=304"),
+                    );
+                    return Decision::Respond(reply);
+                }
+                let at = SystemTime::UNIX_EPOCH + Duration::from_millis(entry.meta.at);
+                let policy = Policy::new(
+                    &entry.meta.url,
+                    &entry.meta.req,
+                    entry.meta.status,
+                    &entry.meta.headers,
+                    at,
+                );
+                let failed = status >= 500 || status == 0;
+                if failed {
+                    let age = policy.age(now);
+                    let stale_by = age.saturating_sub(policy.lifetime(at));
+                    let window = directive_secs(&entry.meta.headers, "stale-if-error")
+                        .map(Duration::from_secs)
+                        .or(self.rule().and_then(|r| r.stale_if_error));
+                    if window.is_some_and(|w| stale_by <= w) {
+                        self.shared.metrics.count(host, "stale_served", 1);
+                        self.request
+                            .retain(|(k, _)| k != "if-none-match" && k != "if-modified-since");
+                        self.request.extend(client_conditional);
+                        let reply = self.answer(
+                            entry,
+                            age,
+                            &format!("fwd={fwd}; fwd-status={status}; detail=stale-if-error"),
+                        );
+                        return Decision::Respond(reply);
+                    }
+                }
+                self.start_capture(host, fwd, status, &headers)
+            }
+        };
+        host.set_header(
+            MapKind::ResponseHeaders,
+            "cache-status",
+            &cache_status(&params),
+        );
+        if end_of_stream {
+            self.finish_capture(host);
+        }
+        Decision::Continue
+    }
+
+    fn on_response_body(
+        &mut self,
+        host: &mut dyn Host,
+        body_size: usize,
+        end_of_stream: bool,
+    ) -> Decision {
+        let limit = usize::try_from(self.shared.config.max_entry_bytes).unwrap_or(usize::MAX);
+        if let Some(c) = self.capture.as_mut() {
+            if body_size > 0 {
+                match host.body(Body::Response, 0, body_size) {
+                    Some(chunk) if c.body.len() + chunk.len() <= limit => {
+                        c.body.extend_from_slice(&chunk)
+                    }
+                    _ => {
+                        // Too large (or unreadable): stop capturing, let it stream through.
+                        self.capture = None;
+                        self.shared.metrics.count(host, "too_large", 1);
+                    }
+                }
+            }
+        }
+        if end_of_stream {
+            self.finish_capture(host);
+        }
         Decision::Continue
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use tollgate_common::mem_host::MemHost;
-
-    #[test]
-    fn passes_traffic_and_counts_it() {
-        let mut root = CacheRoot::new(1);
-        let mut host = MemHost::new();
-        root.configure(
-            &mut host,
-            br#"{"routes":[{"match":{"prefix":"/health"},"disabled":true}]}"#,
-        )
-        .unwrap();
-        let mut h = host.next_request("GET", "/api/products/1", &[]);
-        assert_eq!(
-            root.create_filter(2).on_request_headers(&mut h, true),
-            Decision::Continue
-        );
-        let mut h2 = h.next_request("GET", "/health", &[]);
-        assert_eq!(
-            root.create_filter(3).on_request_headers(&mut h2, true),
-            Decision::Continue
-        );
-        assert_eq!(h2.metric("tollgate.cache.requests"), Some(1));
-        assert_eq!(h2.metric("tollgate.cache.skipped"), Some(1));
-    }
-
-    #[test]
-    fn refuses_unknown_fields_naming_them() {
-        let mut root = CacheRoot::new(1);
-        let e = root
-            .configure(&mut MemHost::new(), br#"{"routes":[{"bogus":1}]}"#)
-            .unwrap_err();
-        assert_eq!(e.field, "routes[0].bogus");
-    }
-}
+mod tests;

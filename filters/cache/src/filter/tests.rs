@@ -1,0 +1,528 @@
+#![allow(clippy::type_complexity)]
+use super::*;
+use tollgate_common::mem_host::MemHost;
+
+const CONFIG: &str = r#"{
+  "routes": [
+    {"match": {"prefix": "/api/"}, "key": {"query_exclude": ["utm"]},
+     "refresh": {"cluster": "products", "strip_prefix": "/api", "add_prefix": ""}},
+    {"match": {"prefix": "/sc/"}, "set_cookie": "strip", "stale_if_error": "1h"}
+  ],
+  "max_total_bytes": 262144, "max_entry_bytes": 16384, "ways": 4,
+  "purge": {"path": "/_purge", "key_sha256": "2bb80d537b1da3e38bd30361aa855686bde0eacd7162fef6a25fe97bf527a25b"}
+}"#;
+
+fn root(host: &mut MemHost) -> CacheRoot {
+    let mut r = CacheRoot::new(1);
+    r.configure(host, CONFIG.as_bytes()).unwrap();
+    r
+}
+
+/// One request through the filter against an origin answer; returns the local reply, if any,
+/// and the response headers the client would see when forwarded.
+struct Outcome {
+    reply: Option<LocalReply>,
+    forwarded: bool,
+    response: Vec<(String, String)>,
+    request: Vec<(String, String)>,
+}
+
+fn run(root: &CacheRoot, host: &mut MemHost, origin: &[(&str, &str)], body: &[u8]) -> Outcome {
+    let mut f = root.create_filter(7);
+    match f.on_request_headers(host, true) {
+        Decision::Respond(r) => {
+            return Outcome {
+                reply: Some(r),
+                forwarded: false,
+                response: vec![],
+                request: host.headers(MapKind::RequestHeaders),
+            }
+        }
+        Decision::Pause => panic!("unexpected pause"),
+        Decision::Continue => {}
+    }
+    let request = host.headers(MapKind::RequestHeaders);
+    host.set_map(MapKind::ResponseHeaders, origin);
+    if let Decision::Respond(r) = f.on_response_headers(host, body.is_empty()) {
+        return Outcome {
+            reply: Some(r),
+            forwarded: true,
+            response: vec![],
+            request,
+        };
+    }
+    if !body.is_empty() {
+        host.set_body_bytes(Body::Response, body);
+        assert_eq!(
+            f.on_response_body(host, body.len(), true),
+            Decision::Continue
+        );
+    }
+    Outcome {
+        reply: None,
+        forwarded: true,
+        response: host.headers(MapKind::ResponseHeaders),
+        request,
+    }
+}
+
+fn cs(o: &Outcome) -> String {
+    o.reply
+        .as_ref()
+        .and_then(|r| r.header("cache-status").map(str::to_string))
+        .or_else(|| header(&o.response, "cache-status"))
+        .unwrap_or_default()
+}
+
+const FRESH: &[(&str, &str)] = &[
+    (":status", "200"),
+    ("cache-control", "public, max-age=60"),
+    ("etag", "\"v1\""),
+    ("content-type", "application/json"),
+    ("content-length", "7"),
+];
+
+#[test]
+fn miss_then_hit_with_age_then_304_for_matching_validator() {
+    let mut h0 = MemHost::new();
+    let root = root(&mut h0);
+    let mut h = h0.next_request("GET", "/api/p/1?utm=x", &[]);
+    let o = run(&root, &mut h, FRESH, b"{\"a\":1}");
+    assert!(o.forwarded && o.reply.is_none());
+    assert_eq!(cs(&o), "tollgate; fwd=uri-miss; stored");
+
+    let mut h = h0.next_request("GET", "/api/p/1?utm=y", &[]);
+    h.advance(Duration::from_secs(5));
+    let o = run(&root, &mut h, &[], b"");
+    let r = o.reply.clone().unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, b"{\"a\":1}");
+    assert_eq!(r.header("age"), Some("5"));
+    assert_eq!(r.header("etag"), Some("\"v1\""));
+    assert_eq!(cs(&o), "tollgate; hit; ttl=55");
+
+    let mut h = h0.next_request("GET", "/api/p/1", &[("if-none-match", "W/\"v1\"")]);
+    let r = run(&root, &mut h, &[], b"").reply.unwrap();
+    assert_eq!(r.status, 304);
+    assert!(r.body.is_empty());
+    assert_eq!(r.header("content-type"), None);
+    assert_eq!(r.header("etag"), Some("\"v1\""));
+    assert_eq!(h.metric("tollgate.cache.hits"), Some(2));
+    assert_eq!(h.metric("tollgate.cache.stores"), Some(1));
+}
+
+#[test]
+fn unstorable_responses_are_not_stored() {
+    let mut h0 = MemHost::new();
+    let root = root(&mut h0);
+    let cases: &[(&str, &[(&str, &str)], &[(&str, &str)], &str)] = &[
+        (
+            "/api/a",
+            &[],
+            &[(":status", "200"), ("cache-control", "private, max-age=60")],
+            "not-storable",
+        ),
+        (
+            "/api/b",
+            &[],
+            &[(":status", "200"), ("cache-control", "no-store")],
+            "not-storable",
+        ),
+        (
+            "/api/c",
+            &[("authorization", "Bearer t")],
+            &[(":status", "200"), ("cache-control", "max-age=60")],
+            "not-storable",
+        ),
+        (
+            "/api/d",
+            &[],
+            &[
+                (":status", "200"),
+                ("cache-control", "max-age=60"),
+                ("set-cookie", "s=1"),
+            ],
+            "set-cookie",
+        ),
+        (
+            "/api/e",
+            &[],
+            &[
+                (":status", "200"),
+                ("cache-control", "max-age=60"),
+                ("vary", "*"),
+            ],
+            "vary-star",
+        ),
+        (
+            "/api/f",
+            &[],
+            &[
+                (":status", "200"),
+                ("cache-control", "max-age=60"),
+                ("content-length", "99999"),
+            ],
+            "too-large",
+        ),
+        (
+            "/api/g",
+            &[("cache-control", "no-store")],
+            &[(":status", "200"), ("cache-control", "max-age=60")],
+            "request-no-store",
+        ),
+    ];
+    for (path, req, res, detail) in cases {
+        for round in 0..2 {
+            let mut h = h0.next_request("GET", path, req);
+            let o = run(&root, &mut h, res, b"x");
+            assert!(o.forwarded, "{path} round {round}");
+            assert_eq!(
+                cs(&o),
+                format!("tollgate; fwd=uri-miss; detail={detail}"),
+                "{path}"
+            );
+        }
+    }
+    // An authorized request may be stored when the response allows it.
+    let mut h = h0.next_request("GET", "/api/auth", &[("authorization", "Bearer t")]);
+    run(
+        &root,
+        &mut h,
+        &[(":status", "200"), ("cache-control", "public, max-age=60")],
+        b"x",
+    );
+    let mut h = h0.next_request("GET", "/api/auth", &[]);
+    assert!(run(&root, &mut h, &[], b"").reply.is_some());
+}
+
+#[test]
+fn set_cookie_strip_stores_without_the_cookie() {
+    let mut h0 = MemHost::new();
+    let root = root(&mut h0);
+    let mut h = h0.next_request("GET", "/sc/1", &[]);
+    let o = run(
+        &root,
+        &mut h,
+        &[
+            (":status", "200"),
+            ("cache-control", "public, max-age=60"),
+            ("set-cookie", "s=1"),
+        ],
+        b"x",
+    );
+    assert_eq!(header(&o.response, "set-cookie").as_deref(), Some("s=1"));
+    let mut h = h0.next_request("GET", "/sc/1", &[]);
+    let r = run(&root, &mut h, &[], b"").reply.unwrap();
+    assert_eq!(r.header("set-cookie"), None);
+    assert_eq!(r.body, b"x");
+}
+
+#[test]
+fn vary_keeps_variants_apart() {
+    let mut h0 = MemHost::new();
+    let root = root(&mut h0);
+    let res = |lang: &'static str| -> Vec<(&'static str, &'static str)> {
+        vec![
+            (":status", "200"),
+            ("cache-control", "max-age=60"),
+            ("vary", "Accept-Language"),
+            ("content-language", lang),
+        ]
+    };
+    for lang in ["en", "fr"] {
+        let mut h = h0.next_request("GET", "/api/v", &[("accept-language", lang)]);
+        let o = run(&root, &mut h, &res(lang), lang.as_bytes());
+        assert!(
+            cs(&o).contains(if lang == "en" {
+                "uri-miss"
+            } else {
+                "vary-miss"
+            }),
+            "{}",
+            cs(&o)
+        );
+    }
+    for lang in ["en", "fr"] {
+        let mut h = h0.next_request("GET", "/api/v", &[("accept-language", lang)]);
+        let r = run(&root, &mut h, &[], b"").reply.unwrap();
+        assert_eq!(r.body, lang.as_bytes());
+    }
+    let mut h = h0.next_request("GET", "/api/v", &[("accept-language", "de")]);
+    assert!(cs(&run(&root, &mut h, &res("de"), b"de")).contains("vary-miss"));
+}
+
+#[test]
+fn stale_entries_are_revalidated_and_refreshed_on_304() {
+    let mut h0 = MemHost::new();
+    let root = root(&mut h0);
+    let res = [
+        (":status", "200"),
+        ("cache-control", "max-age=1"),
+        ("etag", "\"e1\""),
+        ("last-modified", "Thu, 01 Jan 2026 00:00:00 GMT"),
+    ];
+    let mut h = h0.next_request("GET", "/sc/r", &[]);
+    run(&root, &mut h, &res, b"body");
+    let mut h = h0.next_request("GET", "/sc/r", &[]);
+    h.advance(Duration::from_secs(3));
+    let o = run(
+        &root,
+        &mut h,
+        &[
+            (":status", "304"),
+            ("cache-control", "max-age=30"),
+            ("etag", "\"e1\""),
+        ],
+        b"",
+    );
+    assert_eq!(
+        header(&o.request, "if-none-match").as_deref(),
+        Some("\"e1\"")
+    );
+    assert_eq!(
+        header(&o.request, "if-modified-since").as_deref(),
+        Some("Thu, 01 Jan 2026 00:00:00 GMT")
+    );
+    let r = o.reply.unwrap();
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"body"[..]));
+    assert_eq!(
+        r.header("cache-status"),
+        Some("tollgate; fwd=stale; fwd-status=304")
+    );
+    assert_eq!(r.header("cache-control"), Some("max-age=30"));
+    // now fresh again for 30s
+    let mut h = h0.next_request("GET", "/sc/r", &[]);
+    h.advance(Duration::from_secs(13));
+    let r = run(&root, &mut h, &[], b"").reply.unwrap();
+    assert_eq!(r.header("cache-status"), Some("tollgate; hit; ttl=20"));
+}
+
+#[test]
+fn stale_if_error_serves_the_stale_entry_when_the_origin_fails() {
+    let mut h0 = MemHost::new();
+    let root = root(&mut h0);
+    let mut h = h0.next_request("GET", "/sc/e", &[]);
+    run(
+        &root,
+        &mut h,
+        &[(":status", "200"), ("cache-control", "max-age=1")],
+        b"old",
+    );
+    let mut h = h0.next_request("GET", "/sc/e", &[]);
+    h.advance(Duration::from_secs(5));
+    let r = run(&root, &mut h, &[(":status", "503")], b"")
+        .reply
+        .unwrap();
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"old"[..]));
+    assert_eq!(
+        r.header("cache-status"),
+        Some("tollgate; fwd=stale; fwd-status=503; detail=stale-if-error")
+    );
+    // /api/ has no stale_if_error default and the response had no directive: the error passes
+    let mut h = h0.next_request("GET", "/api/e", &[]);
+    run(
+        &root,
+        &mut h,
+        &[(":status", "200"), ("cache-control", "max-age=1")],
+        b"old",
+    );
+    let mut h = h0.next_request("GET", "/api/e", &[]);
+    h.advance(Duration::from_secs(5));
+    let o = run(&root, &mut h, &[(":status", "503")], b"");
+    assert!(o.reply.is_none());
+}
+
+#[test]
+fn stale_while_revalidate_serves_stale_and_queues_one_refresh() {
+    let mut h0 = MemHost::new();
+    let mut root = root(&mut h0);
+    let mut h = h0.next_request("GET", "/api/s?b=2&a=1", &[]);
+    run(
+        &root,
+        &mut h,
+        &[
+            (":status", "200"),
+            ("cache-control", "max-age=1, stale-while-revalidate=30"),
+            ("etag", "\"s1\""),
+        ],
+        b"old",
+    );
+    for _ in 0..3 {
+        let mut h = h0.next_request("GET", "/api/s?a=1&b=2", &[]);
+        h.advance(Duration::from_secs(3));
+        let r = run(&root, &mut h, &[], b"").reply.unwrap();
+        assert_eq!(r.body, b"old");
+        assert_eq!(
+            r.header("cache-status"),
+            Some("tollgate; hit; ttl=-2; detail=stale-while-revalidate")
+        );
+    }
+    assert_eq!(root.shared.jobs.borrow().len(), 1);
+    let mut rh = h0.next_request("GET", "/", &[]);
+    rh.advance(Duration::from_secs(3));
+    root.on_tick(&mut rh);
+    assert_eq!(rh.calls.len(), 1);
+    let call = &rh.calls[0];
+    assert_eq!(call.cluster, "products");
+    assert_eq!(call.header(":path"), Some("/s?a=1&b=2"));
+    assert_eq!(call.header("if-none-match"), Some("\"s1\""));
+    let token = call.token;
+    root.on_call_response(
+        &mut rh,
+        token,
+        CallResponse {
+            headers: vec![
+                (":status".into(), "200".into()),
+                ("cache-control".into(), "max-age=60".into()),
+            ],
+            body: b"new".to_vec(),
+        },
+    );
+    let mut h = h0.next_request("GET", "/api/s?a=1&b=2", &[]);
+    h.advance(Duration::from_secs(4));
+    let r = run(&root, &mut h, &[], b"").reply.unwrap();
+    assert_eq!(r.body, b"new");
+    assert!(r
+        .header("cache-status")
+        .unwrap()
+        .starts_with("tollgate; hit; ttl="));
+}
+
+#[test]
+fn request_directives_and_only_if_cached() {
+    let mut h0 = MemHost::new();
+    let root = root(&mut h0);
+    let mut h = h0.next_request("GET", "/api/oic", &[("cache-control", "only-if-cached")]);
+    let r = run(&root, &mut h, &[], b"").reply.unwrap();
+    assert_eq!(r.status, 504);
+    let mut h = h0.next_request("GET", "/api/oic", &[]);
+    run(&root, &mut h, FRESH, b"{\"a\":1}");
+    let mut h = h0.next_request("GET", "/api/oic", &[("cache-control", "no-cache")]);
+    let o = run(&root, &mut h, FRESH, b"{\"a\":2}");
+    assert!(o.forwarded);
+    assert_eq!(cs(&o), "tollgate; fwd=request; fwd-status=200; stored");
+    let mut h = h0.next_request("GET", "/api/oic", &[("cache-control", "only-if-cached")]);
+    let r = run(&root, &mut h, &[], b"").reply.unwrap();
+    assert_eq!(r.body, b"{\"a\":2}");
+}
+
+#[test]
+fn unsafe_methods_invalidate_on_success_and_head_uses_get_entries() {
+    let mut h0 = MemHost::new();
+    let root = root(&mut h0);
+    let mut h = h0.next_request("GET", "/api/u", &[]);
+    run(&root, &mut h, FRESH, b"{\"a\":1}");
+    let mut h = h0.next_request("HEAD", "/api/u", &[]);
+    assert!(run(&root, &mut h, &[], b"").reply.is_some());
+    let mut h = h0.next_request("POST", "/api/u", &[]);
+    let o = run(&root, &mut h, &[(":status", "500")], b"");
+    assert_eq!(cs(&o), "tollgate; fwd=method");
+    let mut h = h0.next_request("GET", "/api/u", &[]);
+    assert!(
+        run(&root, &mut h, &[], b"").reply.is_some(),
+        "a failed POST invalidates nothing"
+    );
+    let mut h = h0.next_request("DELETE", "/api/u", &[]);
+    run(&root, &mut h, &[(":status", "204")], b"");
+    let mut h = h0.next_request("GET", "/api/u", &[]);
+    assert!(run(&root, &mut h, FRESH, b"{}").forwarded);
+    assert_eq!(h.metric("tollgate.cache.invalidations"), Some(1));
+}
+
+#[test]
+fn large_bodies_stream_through_unstored() {
+    let mut h0 = MemHost::new();
+    let root = root(&mut h0);
+    let big = vec![b'x'; 20_000];
+    let mut h = h0.next_request("GET", "/api/big", &[]);
+    run(
+        &root,
+        &mut h,
+        &[(":status", "200"), ("cache-control", "max-age=60")],
+        &big,
+    );
+    let mut h = h0.next_request("GET", "/api/big", &[]);
+    assert!(
+        run(
+            &root,
+            &mut h,
+            &[(":status", "200"), ("cache-control", "max-age=60")],
+            b"x"
+        )
+        .forwarded
+    );
+    assert!(h.metric("tollgate.cache.too_large").unwrap_or(0) >= 1);
+}
+
+#[test]
+fn purge_endpoint_checks_the_key_and_purges() {
+    let mut h0 = MemHost::new();
+    let root = root(&mut h0);
+    let mut h = h0.next_request("GET", "/api/x/1", &[]);
+    run(&root, &mut h, FRESH, b"{\"a\":1}");
+    let cases: &[(&str, &str, &[(&str, &str)], u16)] = &[
+        (
+            "GET",
+            "/_purge?url=/api/x/1",
+            &[("x-tollgate-purge-key", "secret")],
+            405,
+        ),
+        ("POST", "/_purge?url=/api/x/1", &[], 401),
+        (
+            "POST",
+            "/_purge?url=/api/x/1",
+            &[("x-tollgate-purge-key", "nope")],
+            403,
+        ),
+        (
+            "POST",
+            "/_purge",
+            &[("x-tollgate-purge-key", "secret")],
+            400,
+        ),
+        (
+            "POST",
+            "/_purge?url=api",
+            &[("x-tollgate-purge-key", "secret")],
+            400,
+        ),
+    ];
+    for (m, p, hd, want) in cases {
+        let mut h = h0.next_request(m, p, hd);
+        let r = run(&root, &mut h, &[], b"").reply.unwrap();
+        assert_eq!(r.status, *want, "{m} {p}");
+        assert_eq!(r.header("content-type"), Some("application/problem+json"));
+    }
+    let mut h = h0.next_request("GET", "/api/x/1", &[]);
+    assert!(run(&root, &mut h, &[], b"").reply.is_some(), "still cached");
+    let mut h = h0.next_request(
+        "POST",
+        "/_purge?prefix=/api/x/",
+        &[("x-tollgate-purge-key", "secret")],
+    );
+    assert_eq!(run(&root, &mut h, &[], b"").reply.unwrap().status, 200);
+    let mut h = h0.next_request("GET", "/api/x/1", &[]);
+    assert!(run(&root, &mut h, FRESH, b"{}").forwarded);
+}
+
+#[test]
+fn empty_configuration_passes_untouched() {
+    let mut h0 = MemHost::new();
+    let mut r = CacheRoot::new(1);
+    r.configure(&mut h0, b"{}").unwrap();
+    assert_eq!(h0.tick_period, None);
+    let mut h = h0.next_request("GET", "/api/p/1", &[]);
+    let o = run(&r, &mut h, FRESH, b"{}");
+    assert!(o.forwarded && cs(&o).is_empty());
+    assert_eq!(h.metric("tollgate.cache.requests"), Some(1));
+}
+
+#[test]
+fn http_dates() {
+    assert_eq!(
+        http_date("Thu, 01 Jan 2026 00:00:00 GMT"),
+        Some(1_767_225_600)
+    );
+    assert_eq!(http_date("Thu, 01 Jan 2026 00:00:00 UTC"), None);
+    assert_eq!(http_date("garbage"), None);
+}

@@ -1,0 +1,656 @@
+//! The store in Envoy's shared data (one per VM id, shared by every worker).
+//!
+//! Shared data has no delete and a CAS only guards an existing key, so the layout uses a fixed
+//! set of keys and overwrites them:
+//!
+//! * `tc.set.<s>` for `s` in `0..sets`: the set record, a small JSON list of `ways` way records
+//!   (URL hash, variant hash, Vary names, generation, stored-at, size, refresh lock). Updated
+//!   with CAS.
+//! * `tc.slot.<s>.<w>`: one entry (metadata JSON + body), at most `max_entry_bytes`. A slot is
+//!   written before its way record; a reader checks that the slot's generation and key are the
+//!   ones the way record names, so a torn or raced write reads as a miss, never as another URL's
+//!   or another variant's entry.
+//! * `tc.purges`: the purge rules (prefix or path, with the time of the purge), at most
+//!   [`MAX_PURGE_RULES`]; when full, the oldest rule is folded into `flush_before`.
+//!
+//! A URL's set is `hash(url) % sets`, so all its variants live in one set and invalidating a
+//! URL touches one record. Eviction is FIFO within the set: the oldest way is overwritten.
+//! Memory is bounded by `sets x ways x max_entry_bytes` plus the set records and purge rules.
+
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use tollgate_common::{Host, SharedError};
+
+/// How many purge rules are kept before the oldest is folded into a flush.
+pub const MAX_PURGE_RULES: usize = 64;
+const CAS_RETRIES: usize = 4;
+
+/// Milliseconds since the epoch.
+pub fn millis(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// A way of a set: which entry occupies a slot.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Way {
+    /// URL hash (0: empty).
+    pub u: u64,
+    /// Variant hash.
+    pub v: u64,
+    /// Vary header names, comma separated.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub vary: String,
+    /// Generation of the slot's content.
+    pub g: u64,
+    /// Stored at (ms).
+    pub t: u64,
+    /// Bytes in the slot.
+    pub n: u64,
+    /// A background refresh is running until (ms).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub r: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+impl Way {
+    /// Is this way empty?
+    pub fn is_empty(&self) -> bool {
+        self.u == 0
+    }
+    /// The Vary names.
+    pub fn vary_names(&self) -> Vec<String> {
+        self.vary
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+/// A set record.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SetRecord {
+    /// The ways (padded to the configured number).
+    pub ways: Vec<Way>,
+}
+
+/// What is stored about a response besides its body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Meta {
+    /// Generation (matches the way's).
+    pub g: u64,
+    /// URL of the key.
+    pub url: String,
+    /// Host (for purges).
+    pub host: String,
+    /// Path without query (for purges).
+    pub path: String,
+    /// Variant hash.
+    pub v: u64,
+    /// Response status.
+    pub status: u16,
+    /// Response headers as stored.
+    pub headers: Vec<(String, String)>,
+    /// Request headers the policy needs (host, varying headers, redacted authorization).
+    pub req: Vec<(String, String)>,
+    /// Response time (ms since epoch).
+    pub at: u64,
+}
+
+/// An entry read from a slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// Metadata.
+    pub meta: Meta,
+    /// Body.
+    pub body: Vec<u8>,
+}
+
+impl Entry {
+    /// Encode: 4-byte little-endian metadata length, metadata JSON, body.
+    pub fn encode(&self) -> Vec<u8> {
+        let meta = serde_json::to_vec(&self.meta).unwrap_or_default();
+        let len = u32::try_from(meta.len()).unwrap_or(u32::MAX);
+        let mut out = Vec::with_capacity(4 + meta.len() + self.body.len());
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(&meta);
+        out.extend_from_slice(&self.body);
+        out
+    }
+    /// Decode; `None` for anything malformed (an empty slot included).
+    pub fn decode(bytes: &[u8]) -> Option<Entry> {
+        let len_bytes: [u8; 4] = bytes.get(..4)?.try_into().ok()?;
+        let len = usize::try_from(u32::from_le_bytes(len_bytes)).ok()?;
+        let meta_bytes = bytes.get(4..4usize.checked_add(len)?)?;
+        let meta: Meta = serde_json::from_slice(meta_bytes).ok()?;
+        let body = bytes.get(4 + len..)?.to_vec();
+        Some(Entry { meta, body })
+    }
+}
+
+/// A purge rule.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PurgeRule {
+    /// Host it applies to (`None`: every host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Path or path prefix.
+    pub path: String,
+    /// Prefix rather than exact path.
+    pub prefix: bool,
+    /// When (ms): entries stored at or before it are gone.
+    pub at: u64,
+}
+
+/// The purge rules.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Purges {
+    /// Every entry stored at or before this (ms) is gone.
+    pub flush_before: u64,
+    /// Rules, oldest first.
+    pub rules: Vec<PurgeRule>,
+}
+
+impl Purges {
+    /// Is an entry of `host` + `path` stored at `stored_at` purged?
+    pub fn purged(&self, host: &str, path: &str, stored_at: u64) -> bool {
+        if stored_at <= self.flush_before {
+            return true;
+        }
+        self.rules.iter().any(|r| {
+            stored_at <= r.at
+                && r.host
+                    .as_deref()
+                    .is_none_or(|h| h.eq_ignore_ascii_case(host))
+                && if r.prefix {
+                    path.starts_with(&r.path)
+                } else {
+                    path == r.path
+                }
+        })
+    }
+}
+
+/// A successful lookup.
+#[derive(Debug, Clone)]
+pub struct Found {
+    /// The entry.
+    pub entry: Entry,
+    /// Set and way it lives in.
+    pub set: u32,
+    /// Way index.
+    pub way: usize,
+    /// The way record as read.
+    pub record: Way,
+}
+
+/// Result of a lookup.
+#[derive(Debug, Clone)]
+pub enum Lookup {
+    /// No entry for the URL.
+    UriMiss,
+    /// Entries for the URL, none for this variant (or the response said `Vary: *`).
+    VaryMiss,
+    /// Found.
+    Hit(Box<Found>),
+}
+
+/// Result of a store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Stored {
+    /// Bytes held now minus before.
+    pub bytes_delta: i64,
+    /// A valid entry of another URL or variant was overwritten.
+    pub evicted: bool,
+    /// The way was empty before.
+    pub new_entry: bool,
+}
+
+/// The store: a view of the layout with the configured geometry.
+#[derive(Debug, Clone, Copy)]
+pub struct Store {
+    /// Number of sets.
+    pub sets: u32,
+    /// Ways per set.
+    pub ways: u32,
+}
+
+fn set_key(s: u32) -> String {
+    format!("tc.set.{s}")
+}
+
+fn slot_key(s: u32, w: usize) -> String {
+    format!("tc.slot.{s}.{w}")
+}
+
+const PURGES_KEY: &str = "tc.purges";
+
+impl Store {
+    /// The set of a URL hash.
+    pub fn set_of(&self, url_hash: u64) -> u32 {
+        u32::try_from(url_hash % u64::from(self.sets.max(1))).unwrap_or(0)
+    }
+
+    fn read_set(&self, host: &dyn Host, s: u32) -> (SetRecord, Option<u32>) {
+        let (mut rec, cas) = match host.shared_get(&set_key(s)) {
+            Ok(Some((bytes, cas))) => (
+                serde_json::from_slice::<SetRecord>(&bytes).unwrap_or_default(),
+                Some(cas),
+            ),
+            _ => (SetRecord::default(), None),
+        };
+        let ways = usize::try_from(self.ways).unwrap_or(1);
+        rec.ways.resize(ways, Way::default());
+        (rec, cas)
+    }
+
+    /// Read-modify-write a set record with CAS; `f` returns false to leave it unchanged.
+    fn update_set<T>(
+        &self,
+        host: &mut dyn Host,
+        s: u32,
+        mut f: impl FnMut(&mut SetRecord) -> Option<T>,
+    ) -> Option<T> {
+        for _ in 0..CAS_RETRIES {
+            let (mut rec, cas) = self.read_set(host, s);
+            let out = f(&mut rec)?;
+            let bytes = serde_json::to_vec(&rec).ok()?;
+            match host.shared_set(&set_key(s), &bytes, cas) {
+                Ok(()) => return Some(out),
+                Err(SharedError::CasMismatch) => continue,
+                Err(SharedError::Host(e)) => {
+                    log::warn!("cache: shared data write failed: {e}");
+                    return None;
+                }
+            }
+        }
+        None
+    }
+
+    /// The purge rules.
+    pub fn purges(&self, host: &dyn Host) -> Purges {
+        match host.shared_get(PURGES_KEY) {
+            Ok(Some((bytes, _))) => serde_json::from_slice(&bytes).unwrap_or_default(),
+            _ => Purges::default(),
+        }
+    }
+
+    /// Add a purge rule.
+    pub fn add_purge(&self, host: &mut dyn Host, rule: PurgeRule) -> bool {
+        for _ in 0..CAS_RETRIES {
+            let (mut purges, cas) = match host.shared_get(PURGES_KEY) {
+                Ok(Some((bytes, cas))) => (
+                    serde_json::from_slice::<Purges>(&bytes).unwrap_or_default(),
+                    Some(cas),
+                ),
+                _ => (Purges::default(), None),
+            };
+            purges.rules.push(rule.clone());
+            while purges.rules.len() > MAX_PURGE_RULES {
+                let oldest = purges.rules.remove(0);
+                purges.flush_before = purges.flush_before.max(oldest.at);
+            }
+            let Ok(bytes) = serde_json::to_vec(&purges) else {
+                return false;
+            };
+            match host.shared_set(PURGES_KEY, &bytes, cas) {
+                Ok(()) => return true,
+                Err(SharedError::CasMismatch) => continue,
+                Err(SharedError::Host(_)) => return false,
+            }
+        }
+        false
+    }
+
+    /// Find the entry of a URL for a request (`request` are its headers; `key_headers` the
+    /// configured key headers). Purged entries read as misses and are emptied.
+    pub fn lookup(
+        &self,
+        host: &mut dyn Host,
+        url_hash: u64,
+        request: &[(String, String)],
+        key_headers: &[String],
+    ) -> Lookup {
+        let s = self.set_of(url_hash);
+        let (rec, _) = self.read_set(host, s);
+        let mut any = false;
+        let purges = self.purges(host);
+        for (w, way) in rec.ways.iter().enumerate() {
+            if way.is_empty() || way.u != url_hash {
+                continue;
+            }
+            any = true;
+            let v = crate::key::variant_hash(request, key_headers, &way.vary_names());
+            if v != way.v {
+                continue;
+            }
+            let Ok(Some((bytes, _))) = host.shared_get(&slot_key(s, w)) else {
+                continue;
+            };
+            let Some(entry) = Entry::decode(&bytes) else {
+                continue;
+            };
+            if entry.meta.g != way.g || entry.meta.v != way.v {
+                continue;
+            }
+            if purges.purged(&entry.meta.host, &entry.meta.path, way.t) {
+                self.invalidate_way(host, s, w, way.g);
+                any = false;
+                continue;
+            }
+            return Lookup::Hit(Box::new(Found {
+                entry,
+                set: s,
+                way: w,
+                record: way.clone(),
+            }));
+        }
+        if any {
+            Lookup::VaryMiss
+        } else {
+            Lookup::UriMiss
+        }
+    }
+
+    /// Empty a way (if it still holds generation `g`) and its slot. Returns the bytes freed.
+    pub fn invalidate_way(&self, host: &mut dyn Host, s: u32, w: usize, g: u64) -> u64 {
+        let freed = self.update_set(host, s, |rec| {
+            let way = rec.ways.get_mut(w)?;
+            if way.g != g || way.is_empty() {
+                return None;
+            }
+            let n = way.n;
+            *way = Way::default();
+            Some(n)
+        });
+        if let Some(n) = freed {
+            let _ = host.shared_set(&slot_key(s, w), b"", None);
+            n
+        } else {
+            0
+        }
+    }
+
+    /// Drop every entry of a URL (all variants). Returns (entries, bytes) freed.
+    pub fn invalidate_url(&self, host: &mut dyn Host, url_hash: u64) -> (u64, u64) {
+        let s = self.set_of(url_hash);
+        let cleared = self
+            .update_set(host, s, |rec| {
+                let mut cleared = Vec::new();
+                for (w, way) in rec.ways.iter_mut().enumerate() {
+                    if !way.is_empty() && way.u == url_hash {
+                        cleared.push((w, way.n));
+                        *way = Way::default();
+                    }
+                }
+                if cleared.is_empty() {
+                    None
+                } else {
+                    Some(cleared)
+                }
+            })
+            .unwrap_or_default();
+        let mut bytes = 0;
+        for (w, n) in &cleared {
+            let _ = host.shared_set(&slot_key(s, *w), b"", None);
+            bytes += n;
+        }
+        (cleared.len() as u64, bytes)
+    }
+
+    /// Store an entry for a URL and variant. The way chosen: the one holding the same URL and
+    /// variant, else an empty one, else the oldest (FIFO eviction).
+    pub fn put(
+        &self,
+        host: &mut dyn Host,
+        url_hash: u64,
+        vary: &[String],
+        mut entry: Entry,
+        now: SystemTime,
+    ) -> Option<Stored> {
+        let s = self.set_of(url_hash);
+        let now_ms = millis(now);
+        let v = entry.meta.v;
+        // A generation unlikely to collide with a racing writer's.
+        let g = crate::key::fnv64(&[
+            &now_ms.to_le_bytes(),
+            &url_hash.to_le_bytes(),
+            &v.to_le_bytes(),
+            &entry.body.len().to_le_bytes(),
+        ]) | 1;
+        entry.meta.g = g;
+        let bytes = entry.encode();
+        let n = bytes.len() as u64;
+        let (rec, _) = self.read_set(host, s);
+        let w = choose_way(&rec, url_hash, v);
+        host.shared_set(&slot_key(s, w), &bytes, None).ok()?;
+        let vary = vary.join(",");
+        self.update_set(host, s, |rec| {
+            let way = rec.ways.get_mut(w)?;
+            let old = way.clone();
+            *way = Way {
+                u: url_hash,
+                v,
+                vary: vary.clone(),
+                g,
+                t: now_ms,
+                n,
+                r: 0,
+            };
+            Some(Stored {
+                bytes_delta: i64::try_from(n).unwrap_or(i64::MAX)
+                    - i64::try_from(old.n).unwrap_or(i64::MAX),
+                evicted: !(old.is_empty() || (old.u == url_hash && old.v == v)),
+                new_entry: old.is_empty(),
+            })
+        })
+    }
+
+    /// Take the refresh lock of an entry's way: true for exactly one caller until `until`.
+    pub fn lock_refresh(
+        &self,
+        host: &mut dyn Host,
+        found: &Found,
+        now: SystemTime,
+        hold: Duration,
+    ) -> bool {
+        let now_ms = millis(now);
+        let until = millis(now + hold);
+        self.update_set(host, found.set, |rec| {
+            let way = rec.ways.get_mut(found.way)?;
+            if way.g != found.record.g || way.r > now_ms {
+                return None;
+            }
+            way.r = until;
+            Some(())
+        })
+        .is_some()
+    }
+
+    /// Bytes and entries held, from the set records.
+    pub fn usage(&self, host: &dyn Host) -> (u64, u64) {
+        let mut bytes = 0;
+        let mut entries = 0;
+        for s in 0..self.sets {
+            let (rec, _) = self.read_set(host, s);
+            for w in rec.ways.iter().filter(|w| !w.is_empty()) {
+                bytes += w.n;
+                entries += 1;
+            }
+        }
+        (bytes, entries)
+    }
+}
+
+fn choose_way(rec: &SetRecord, url_hash: u64, v: u64) -> usize {
+    if let Some(w) = rec.ways.iter().position(|w| w.u == url_hash && w.v == v) {
+        return w;
+    }
+    if let Some(w) = rec.ways.iter().position(Way::is_empty) {
+        return w;
+    }
+    rec.ways
+        .iter()
+        .enumerate()
+        .min_by_key(|(_, w)| w.t)
+        .map(|(i, _)| i)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tollgate_common::mem_host::MemHost;
+
+    fn entry(url: &str, v: u64, body: &[u8]) -> Entry {
+        Entry {
+            meta: Meta {
+                g: 0,
+                url: url.into(),
+                host: "h".into(),
+                path: url.into(),
+                v,
+                status: 200,
+                headers: vec![("etag".into(), "\"1\"".into())],
+                req: vec![],
+                at: 0,
+            },
+            body: body.to_vec(),
+        }
+    }
+
+    #[test]
+    fn entries_round_trip_and_garbage_is_a_miss() {
+        let e = entry("/a", 7, b"hello");
+        assert_eq!(Entry::decode(&e.encode()), Some(e));
+        assert_eq!(Entry::decode(b""), None);
+        assert_eq!(Entry::decode(b"\xff\xff\xff\xff{}"), None);
+    }
+
+    #[test]
+    fn put_lookup_and_fifo_eviction_within_a_set() {
+        let store = Store { sets: 1, ways: 2 };
+        let mut h = MemHost::new();
+        let v0 = crate::key::variant_hash(&[], &[], &[]);
+        for (i, url) in ["/a", "/b", "/c"].iter().enumerate() {
+            h.advance(Duration::from_secs(1));
+            let now = h.now;
+            let st = store
+                .put(
+                    &mut h,
+                    100 + i as u64,
+                    &[],
+                    entry(url, v0, url.as_bytes()),
+                    now,
+                )
+                .unwrap();
+            assert_eq!(st.evicted, i == 2, "{url}");
+        }
+        assert!(matches!(
+            store.lookup(&mut h, 100, &[], &[]),
+            Lookup::UriMiss
+        ));
+        match store.lookup(&mut h, 101, &[], &[]) {
+            Lookup::Hit(f) => assert_eq!(f.entry.body, b"/b"),
+            other => panic!("{other:?}"),
+        }
+        let (bytes, entries) = store.usage(&h);
+        assert_eq!(entries, 2);
+        assert!(bytes > 0);
+        assert_eq!(store.invalidate_url(&mut h, 101).0, 1);
+        assert!(matches!(
+            store.lookup(&mut h, 101, &[], &[]),
+            Lookup::UriMiss
+        ));
+    }
+
+    #[test]
+    fn variants_are_kept_apart() {
+        let store = Store { sets: 1, ways: 4 };
+        let mut h = MemHost::new();
+        let vary = vec!["accept-language".to_string()];
+        let req = |l: &str| vec![("accept-language".to_string(), l.to_string())];
+        let now = h.now;
+        for l in ["en", "fr"] {
+            let v = crate::key::variant_hash(&req(l), &[], &vary);
+            store
+                .put(&mut h, 5, &vary, entry("/a", v, l.as_bytes()), now)
+                .unwrap();
+        }
+        for l in ["en", "fr"] {
+            match store.lookup(&mut h, 5, &req(l), &[]) {
+                Lookup::Hit(f) => assert_eq!(f.entry.body, l.as_bytes()),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(matches!(
+            store.lookup(&mut h, 5, &req("de"), &[]),
+            Lookup::VaryMiss
+        ));
+    }
+
+    #[test]
+    fn purge_rules_hide_older_entries_and_fold_when_full() {
+        let store = Store { sets: 1, ways: 4 };
+        let mut h = MemHost::new();
+        let v0 = crate::key::variant_hash(&[], &[], &[]);
+        let now = h.now;
+        store
+            .put(&mut h, 1, &[], entry("/api/x", v0, b"x"), now)
+            .unwrap();
+        let rule = PurgeRule {
+            host: None,
+            path: "/api/".into(),
+            prefix: true,
+            at: millis(now),
+        };
+        assert!(store.add_purge(&mut h, rule));
+        assert!(matches!(store.lookup(&mut h, 1, &[], &[]), Lookup::UriMiss));
+        h.advance(Duration::from_secs(1));
+        let now = h.now;
+        store
+            .put(&mut h, 1, &[], entry("/api/x", v0, b"x"), now)
+            .unwrap();
+        assert!(matches!(store.lookup(&mut h, 1, &[], &[]), Lookup::Hit(_)));
+        for i in 0..(MAX_PURGE_RULES as u64 + 1) {
+            let r = PurgeRule {
+                host: Some("other".into()),
+                path: "/z".into(),
+                prefix: false,
+                at: i,
+            };
+            store.add_purge(&mut h, r);
+        }
+        let p = store.purges(&h);
+        assert_eq!(p.rules.len(), MAX_PURGE_RULES);
+        assert!(p.flush_before > 0);
+    }
+
+    #[test]
+    fn refresh_lock_is_taken_once() {
+        let store = Store { sets: 1, ways: 1 };
+        let mut h = MemHost::new();
+        let now = h.now;
+        let v0 = crate::key::variant_hash(&[], &[], &[]);
+        store
+            .put(&mut h, 1, &[], entry("/a", v0, b"a"), now)
+            .unwrap();
+        let Lookup::Hit(f) = store.lookup(&mut h, 1, &[], &[]) else {
+            panic!()
+        };
+        assert!(store.lock_refresh(&mut h, &f, now, Duration::from_secs(5)));
+        let Lookup::Hit(f) = store.lookup(&mut h, 1, &[], &[]) else {
+            panic!()
+        };
+        assert!(!store.lock_refresh(&mut h, &f, now, Duration::from_secs(5)));
+        h.advance(Duration::from_secs(6));
+        let now = h.now;
+        assert!(store.lock_refresh(&mut h, &f, now, Duration::from_secs(5)));
+    }
+}
