@@ -54,8 +54,9 @@ RESULTS = BENCH / "results"
 class Profile:
     name: str
     rounds: int
-    warmup_ops: int
-    cpu_ops: int
+    warmup_seconds: float
+    cpu_ops: int  # at most this many operations for the CPU measurement ...
+    cpu_seconds: float  # ... and about this long at the rate the warm-up reached
     cpu_conns: int
     latency_seconds: float
     latency_conns: int
@@ -65,10 +66,12 @@ class Profile:
 
 
 PROFILES = {
-    "full": Profile("full", rounds=3, warmup_ops=1000, cpu_ops=20000, cpu_conns=8, latency_seconds=5,
-                    latency_conns=32, saturation_seconds=4, saturation_conns=32, memory_keys=1_000_000),
-    "quick": Profile("quick", rounds=1, warmup_ops=50, cpu_ops=300, cpu_conns=4, latency_seconds=0.5,
-                     latency_conns=8, saturation_seconds=0.5, saturation_conns=8, memory_keys=2000),
+    "full": Profile("full", rounds=3, warmup_seconds=1.0, cpu_ops=20000, cpu_seconds=3.0, cpu_conns=8,
+                    latency_seconds=4, latency_conns=32, saturation_seconds=3, saturation_conns=32,
+                    memory_keys=1_000_000),
+    "quick": Profile("quick", rounds=1, warmup_seconds=0.3, cpu_ops=300, cpu_seconds=0.5, cpu_conns=4,
+                     latency_seconds=0.5, latency_conns=8, saturation_seconds=0.5, saturation_conns=8,
+                     memory_keys=2000),
 }
 
 DEFAULT_RATE = 500
@@ -449,7 +452,8 @@ def loadgen_command(v: Variant, mode: str, prof: Profile) -> str:
     """The load generator command line of one measurement (the gateway port is shown as $PORT)."""
     argv = ["bench/loadgen/target/release/tollgate-loadgen", "--addr", "127.0.0.1:$PORT"] + v.load.args()
     if mode == "cpu":
-        argv += ["-c", str(prof.cpu_conns), "--ops", str(prof.cpu_ops)]
+        ops = int(statistics.median(v.samples["cpu_ops"])) if v.samples.get("cpu_ops") else prof.cpu_ops
+        argv += ["-c", str(prof.cpu_conns), "--ops", str(ops)]
     elif mode == "latency":
         argv += ["-c", str(prof.latency_conns), "--rate", str(v.scenario.latency_rate),
                  "--duration", str(prof.latency_seconds)]
@@ -536,10 +540,12 @@ class Bench:
         return s
 
     # -- one variant, one round -----------------------------------------------------------------
-    def warmup(self, v: Variant):
+    def warmup(self, v: Variant, gateway: "EnvoyProc | None" = None) -> dict:
+        """Closed loop for a moment: warms the gateway up and checks its answers."""
         prof = self.prof
-        r = loadgen(v.gateway.port, v.load, self.cores, ops=prof.warmup_ops, conns=prof.cpu_conns,
-                    start=self.next_start(prof.warmup_ops))
+        g = gateway or v.gateway
+        r = loadgen(g.port, v.load, self.cores, duration=prof.warmup_seconds, conns=prof.cpu_conns,
+                    start=self.next_start(int(100_000 * prof.warmup_seconds)))
         statuses = {int(k): c for k, c in r["statuses"].items()}
         bad = {k: c for k, c in statuses.items() if k not in v.expect}
         if r["errors"] or bad:
@@ -548,6 +554,9 @@ class Bench:
         missing = [s for s in v.require if s not in statuses]
         if missing:
             raise RuntimeError(f"warm-up: never saw status {missing} (got {statuses})")
+        if not r["ops"]:
+            raise RuntimeError("warm-up: no operation completed")
+        return r
 
     def check(self, v: Variant, r: dict, what: str):
         statuses = {int(k): c for k, c in r["statuses"].items()}
@@ -558,11 +567,13 @@ class Bench:
     def measure(self, v: Variant):
         prof = self.prof
         g = v.gateway
-        self.warmup(v)
-        # CPU per operation: the gateway's CPU time over a fixed number of operations
+        warm = self.warmup(v)
+        # CPU per operation: the gateway's CPU time over a fixed number of operations (sized from the
+        # warm-up's rate so that slow scenarios, e.g. with upstream delays, take cpu_seconds too)
+        ops = int(min(prof.cpu_ops, max(100, warm["ops_per_s"] * prof.cpu_seconds)))
+        v.samples.setdefault("cpu_ops", []).append(ops)
         before = g.cpu_ns()
-        r = loadgen(g.port, v.load, self.cores, ops=prof.cpu_ops, conns=prof.cpu_conns,
-                    start=self.next_start(prof.cpu_ops))
+        r = loadgen(g.port, v.load, self.cores, ops=ops, conns=prof.cpu_conns, start=self.next_start(ops))
         after = g.cpu_ns()
         self.check(v, r, "cpu run")
         ops = max(1, r["ops"])
@@ -631,7 +642,7 @@ class Bench:
                 self.memory = {"skip": f"n/a: gateway refused: {err}", "rss_none_kib": rss_none}
                 return
             try:
-                self.warmup(v)
+                self.warmup(v, g)
                 rss_loaded = g.rss_kib()
                 t0 = time.monotonic()
                 r = loadgen(g.port, v.load, self.cores, ops=keys, conns=self.prof.saturation_conns,
@@ -772,8 +783,9 @@ def render(bench: Bench) -> tuple[str, dict]:
         f"with taskset{'' if bench.cores.pinned else ' — NOT pinned: fewer than 2 CPUs or no taskset'}); "
         "upstream Envoy (direct_response), demo services and the load generator on the other core. "
         f"{prof.rounds} round(s), variants interleaved; each cell is the median over rounds with (min–max). "
-        f"CPU: gateway CPU time (all threads, /proc schedstat) over {prof.cpu_ops} operations on "
-        f"{prof.cpu_conns} keep-alive connections. Latency: open loop at the scenario's rate for "
+        f"CPU: gateway CPU time (all threads, /proc schedstat) over a fixed number of operations (at most "
+        f"{prof.cpu_ops}, fewer in slow scenarios: about {prof.cpu_seconds:g} s of work) on "
+        f"{prof.cpu_conns} keep-alive connections, after a {prof.warmup_seconds:g} s warm-up that also checks the answers. Latency: open loop at the scenario's rate for "
         f"{prof.latency_seconds:g} s on up to {prof.latency_conns} connections, measured from when each request "
         f"was due. Throughput: closed loop, {prof.saturation_conns} connections, {prof.saturation_seconds:g} s; "
         "“core busy” is the gateway's CPU use during that run (below ~95 % the gateway was not the bottleneck). "
