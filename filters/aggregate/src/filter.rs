@@ -1,24 +1,57 @@
 //! Request handling of the aggregate filter.
+//!
+//! A request that matches a composite endpoint never reaches the router: `on_request_headers`
+//! (or the end of the request body, when a call forwards it) starts every call whose inputs are
+//! known, pauses, collects the answers in `on_call_response`, starts dependent calls as their
+//! inputs arrive, and finally answers with the merged JSON (or a problem when a required call
+//! failed). Hedged calls are woken by the root's tick. Requests that match no endpoint pass
+//! through untouched.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::rc::Rc;
+use std::time::{Duration, SystemTime};
 
+use serde_json::{json, Map, Value};
 use tollgate_common::metrics::Metrics;
-use tollgate_common::route::{RequestInfo, Rules};
-use tollgate_common::{ConfigError, Decision, Host, HttpFilter, RootFilter};
+use tollgate_common::route::RequestInfo;
+use tollgate_common::{
+    Body, CallResponse, ConfigError, Decision, Host, HttpCall, HttpFilter, LocalReply, MapKind,
+    Problem, RootFilter, RouteParams,
+};
 
-use crate::config::{Config, RouteRule};
+use crate::breaker::{self, Admit, Transition};
+use crate::config::{Call, Compiled, Config, Endpoint, Selector};
+use crate::shape;
+use crate::template::Inputs;
+
+/// A timed-out callout answers at (or a hair before, by our clock) its timeout.
+const TIMEOUT_SLACK: Duration = Duration::from_millis(25);
+/// Tick period of the root while some call hedges.
+const TICK: Duration = Duration::from_millis(10);
+/// Largest request body read for `forward_body` calls.
+const MAX_REQUEST_BODY: usize = 1 << 20;
 
 /// Per-VM state: the compiled configuration and metrics.
 pub struct AggregateRoot {
     shared: Rc<Shared>,
+    wakes: Rc<RefCell<Vec<WakeAt>>>,
 }
 
 /// What every request of a VM shares.
 pub struct Shared {
-    /// Per-route rules.
-    pub rules: Rules<RouteRule>,
+    /// The compiled configuration.
+    pub config: Compiled,
     /// The filter's metrics.
     pub metrics: Metrics,
+}
+
+/// A request to wake later (hedging): context id, when, and the reason (call index + 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WakeAt {
+    context_id: u32,
+    at: SystemTime,
+    reason: u32,
 }
 
 impl RootFilter for AggregateRoot {
@@ -28,47 +61,814 @@ impl RootFilter for AggregateRoot {
     fn new(_context_id: u32) -> Self {
         AggregateRoot {
             shared: Rc::new(Shared {
-                rules: Rules::default(),
+                config: Compiled::default(),
                 metrics: Metrics::new("aggregate"),
             }),
+            wakes: Rc::default(),
         }
     }
 
-    fn configure(&mut self, _host: &mut dyn Host, configuration: &[u8]) -> Result<(), ConfigError> {
+    fn configure(&mut self, host: &mut dyn Host, configuration: &[u8]) -> Result<(), ConfigError> {
         let config = Config::parse(configuration)?;
+        host.set_tick_period(if config.hedging { TICK } else { Duration::ZERO });
         self.shared = Rc::new(Shared {
-            rules: Rules(config.routes),
+            config,
             metrics: Metrics::new("aggregate"),
         });
         Ok(())
+    }
+
+    fn on_tick(&mut self, host: &mut dyn Host) {
+        let now = host.now();
+        let due: Vec<WakeAt> = {
+            let mut w = self.wakes.borrow_mut();
+            let (due, keep): (Vec<_>, Vec<_>) = w.drain(..).partition(|x| x.at <= now);
+            *w = keep;
+            due
+        };
+        for w in due {
+            if !host.wake(w.context_id, w.reason) {
+                log::debug!("[{}] aggregate: request gone before its wake", w.context_id);
+            }
+        }
     }
 
     fn create_filter(&self, context_id: u32) -> AggregateFilter {
         AggregateFilter {
             context_id,
             shared: self.shared.clone(),
+            wakes: self.wakes.clone(),
+            active: None,
         }
     }
 }
 
 /// Per-request state.
 pub struct AggregateFilter {
-    #[allow(dead_code)]
     context_id: u32,
     shared: Rc<Shared>,
+    wakes: Rc<RefCell<Vec<WakeAt>>>,
+    active: Option<Active>,
+}
+
+/// A composite request in progress.
+struct Active {
+    rule: usize,
+    params: RouteParams,
+    query: String,
+    path: String,
+    profile: Option<usize>,
+    started: SystemTime,
+    request_headers: Vec<(String, String)>,
+    body: Option<Vec<u8>>,
+    awaiting_body: bool,
+    calls: Vec<CallState>,
+    tokens: HashMap<u32, usize>,
+    finished: bool,
+}
+
+enum CallState {
+    /// Not part of the chosen profile.
+    Skipped,
+    /// Waiting for the answers it depends on.
+    Waiting,
+    InFlight(Flight),
+    Done(Result<Part, Failure>),
+}
+
+struct Flight {
+    path: String,
+    attempts: Vec<Attempt>,
+    hedged: bool,
+    last_failure: Option<Failure>,
+}
+
+struct Attempt {
+    token: u32,
+    started: SystemTime,
+    timeout: Duration,
+    live: bool,
+}
+
+/// A successful answer.
+#[derive(Debug, Clone, PartialEq)]
+struct Part {
+    value: Value,
+    cache_control: Option<String>,
+}
+
+/// Why a call failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FailKind {
+    Timeout,
+    Status,
+    Unreachable,
+    NotJson,
+    TooLarge,
+    CircuitOpen,
+    Dependency,
+    MissingValue,
+    NotObject,
+}
+
+impl FailKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            FailKind::Timeout => "timeout",
+            FailKind::Status => "status",
+            FailKind::Unreachable => "unreachable",
+            FailKind::NotJson => "not_json",
+            FailKind::TooLarge => "too_large",
+            FailKind::CircuitOpen => "circuit_open",
+            FailKind::Dependency => "dependency",
+            FailKind::MissingValue => "missing_value",
+            FailKind::NotObject => "not_object",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Failure {
+    kind: FailKind,
+    status: Option<u16>,
+    detail: String,
+}
+
+impl Failure {
+    fn new(kind: FailKind, detail: impl Into<String>) -> Self {
+        Failure {
+            kind,
+            status: None,
+            detail: detail.into(),
+        }
+    }
+}
+
+fn endpoint(shared: &Shared, rule: usize) -> Option<&Endpoint> {
+    shared.config.rules.get(rule)?.endpoint.as_ref()
+}
+
+fn elapsed(now: SystemTime, since: SystemTime) -> Duration {
+    now.duration_since(since).unwrap_or(Duration::ZERO)
+}
+
+/// Classify a callout answer.
+fn classify(
+    call: &Call,
+    response: &CallResponse,
+    took: Duration,
+    timeout: Duration,
+) -> Result<Part, Failure> {
+    let timed_out = took + TIMEOUT_SLACK >= timeout;
+    let status = match response.status() {
+        None if timed_out => {
+            return Err(Failure::new(
+                FailKind::Timeout,
+                format!("no answer within {}ms", timeout.as_millis()),
+            ))
+        }
+        None => {
+            return Err(Failure::new(
+                FailKind::Unreachable,
+                "no answer (connection failed or reset, or no such cluster)",
+            ))
+        }
+        // Envoy answers a callout that ran out of time with a 504 of its own: not the
+        // backend's status, so none is reported.
+        Some(504) if timed_out => {
+            return Err(Failure::new(
+                FailKind::Timeout,
+                format!("no answer within {}ms", timeout.as_millis()),
+            ))
+        }
+        Some(s) => s,
+    };
+    if !(200..300).contains(&status) {
+        return Err(Failure {
+            kind: FailKind::Status,
+            status: Some(status),
+            detail: format!("answered {status}"),
+        });
+    }
+    let with_status = |kind, detail: String| Failure {
+        kind,
+        status: Some(status),
+        detail,
+    };
+    if response.body.len() > call.max_response_bytes {
+        return Err(with_status(
+            FailKind::TooLarge,
+            format!(
+                "answer of {} bytes is over the limit of {}",
+                response.body.len(),
+                call.max_response_bytes
+            ),
+        ));
+    }
+    if let Some(ct) = response.header("content-type") {
+        if !ct.to_ascii_lowercase().contains("json") {
+            return Err(with_status(
+                FailKind::NotJson,
+                format!("answered `{ct}`, not JSON"),
+            ));
+        }
+    }
+    let value = if response.body.iter().all(u8::is_ascii_whitespace) {
+        Value::Null
+    } else {
+        serde_json::from_slice(&response.body)
+            .map_err(|e| with_status(FailKind::NotJson, format!("invalid JSON: {e}")))?
+    };
+    Ok(Part {
+        value,
+        cache_control: response.header("cache-control").map(str::to_string),
+    })
+}
+
+/// Select and shape a call's answer: pointer, allow, deny, rename (in that order).
+fn shape_answer(call: &Call, value: &Value) -> Value {
+    let selected = match &call.pointer {
+        Some(p) => value.pointer(p).cloned().unwrap_or(Value::Null),
+        None => value.clone(),
+    };
+    let mut v = shape::deny_fields(shape::allow_fields(selected, &call.allow), &call.deny);
+    shape::rename(&mut v, &call.rename);
+    v
+}
+
+impl AggregateFilter {
+    fn metric(&self, host: &mut dyn Host, name: &str) {
+        self.shared.metrics.count(host, name, 1);
+    }
+
+    fn call_metric(&self, host: &mut dyn Host, ep: &Endpoint, call: &Call, what: &str) {
+        let name = format!("ep.{}.call.{}.{what}", ep.name, call.name);
+        self.shared.metrics.count(host, &name, 1);
+    }
+
+    fn breaker_metric(&self, host: &mut dyn Host, cluster: &str, t: Option<Transition>) {
+        let Some(t) = t else { return };
+        let what = match t {
+            Transition::Opened => "opened",
+            Transition::HalfOpened => "half_opened",
+            Transition::Closed => "closed",
+        };
+        log::info!(
+            "[{}] aggregate: circuit breaker of backend `{cluster}` {what}",
+            self.context_id
+        );
+        self.shared
+            .metrics
+            .count(host, &format!("breaker.{cluster}.{what}"), 1);
+    }
+
+    /// Start every waiting call whose inputs are known, then answer when possible.
+    fn advance(&mut self, host: &mut dyn Host) -> Decision {
+        let shared = self.shared.clone();
+        let Some(rule) = self.active.as_ref().map(|a| a.rule) else {
+            return Decision::Continue;
+        };
+        let Some(ep) = endpoint(&shared, rule) else {
+            return Decision::Continue;
+        };
+        loop {
+            let mut progressed = false;
+            for (i, call) in ep.calls.iter().enumerate() {
+                let Some(active) = self.active.as_mut() else {
+                    return Decision::Continue;
+                };
+                if !matches!(active.calls.get(i), Some(CallState::Waiting)) {
+                    continue;
+                }
+                let mut ready = true;
+                let mut failed_dep = None;
+                for d in &call.depends_on {
+                    match active.calls.get(*d) {
+                        Some(CallState::Done(Ok(_))) => {}
+                        Some(CallState::Done(Err(_)) | CallState::Skipped) | None => {
+                            failed_dep = Some(*d)
+                        }
+                        Some(CallState::Waiting | CallState::InFlight(_)) => ready = false,
+                    }
+                }
+                if failed_dep.is_none() && !ready {
+                    continue;
+                }
+                progressed = true;
+                if let Some(d) = failed_dep {
+                    let dep = ep.calls.get(d).map(|c| c.name.as_str()).unwrap_or("?");
+                    let f = Failure::new(
+                        FailKind::Dependency,
+                        format!("call `{dep}`, whose answer it needs, failed"),
+                    );
+                    self.finish_call(host, ep, i, Err(f), false);
+                    continue;
+                }
+                self.start_call(host, ep, i);
+            }
+            if !progressed {
+                break;
+            }
+        }
+        self.maybe_respond(host, ep)
+    }
+
+    fn start_call(&mut self, host: &mut dyn Host, ep: &Endpoint, i: usize) {
+        let Some(call) = ep.calls.get(i) else { return };
+        let Some(active) = self.active.as_ref() else {
+            return;
+        };
+        let rendered = {
+            let answer = |name: &str| -> Option<&Value> {
+                let j = ep.calls.iter().position(|c| c.name == name)?;
+                match active.calls.get(j) {
+                    Some(CallState::Done(Ok(p))) => Some(&p.value),
+                    _ => None,
+                }
+            };
+            let inputs = Inputs {
+                params: &active.params,
+                query: &active.query,
+                answer: &answer,
+            };
+            call.path.render(&inputs)
+        };
+        let path = match rendered {
+            Ok(p) => p,
+            Err(e) => {
+                self.finish_call(
+                    host,
+                    ep,
+                    i,
+                    Err(Failure::new(FailKind::MissingValue, e)),
+                    false,
+                );
+                return;
+            }
+        };
+        if let Some(b) = &call.breaker {
+            let (admit, t) = breaker::admit(host, &call.cluster, b);
+            self.breaker_metric(host, &call.cluster, t);
+            if admit == Admit::Reject {
+                self.call_metric(host, ep, call, "rejected");
+                let f = Failure::new(
+                    FailKind::CircuitOpen,
+                    format!("circuit breaker of backend `{}` is open", call.cluster),
+                );
+                self.finish_call(host, ep, i, Err(f), false);
+                return;
+            }
+        }
+        match self.dispatch(host, ep, i, &path) {
+            Ok(attempt) => {
+                let hedge = call.hedge_after.filter(|h| *h < attempt.timeout);
+                if let Some(active) = self.active.as_mut() {
+                    active.tokens.insert(attempt.token, i);
+                    if let Some(slot) = active.calls.get_mut(i) {
+                        *slot = CallState::InFlight(Flight {
+                            path,
+                            attempts: vec![attempt],
+                            hedged: false,
+                            last_failure: None,
+                        });
+                    }
+                }
+                if let Some(h) = hedge {
+                    self.wakes.borrow_mut().push(WakeAt {
+                        context_id: self.context_id,
+                        at: host.now() + h,
+                        reason: u32::try_from(i + 1).unwrap_or(u32::MAX),
+                    });
+                }
+            }
+            Err(f) => self.finish_call(host, ep, i, Err(f), false),
+        }
+    }
+
+    /// Dispatch one attempt of call `i`, bounded by the rest of the deadline.
+    fn dispatch(
+        &mut self,
+        host: &mut dyn Host,
+        ep: &Endpoint,
+        i: usize,
+        path: &str,
+    ) -> Result<Attempt, Failure> {
+        let (Some(call), Some(active)) = (ep.calls.get(i), self.active.as_ref()) else {
+            return Err(Failure::new(FailKind::Unreachable, "no such call"));
+        };
+        let now = host.now();
+        let left = ep.deadline.saturating_sub(elapsed(now, active.started));
+        if left < Duration::from_millis(1) {
+            return Err(Failure::new(
+                FailKind::Timeout,
+                format!(
+                    "the deadline of {}ms passed before the call could start",
+                    ep.deadline.as_millis()
+                ),
+            ));
+        }
+        let timeout = call.timeout.min(left);
+        let mut headers: Vec<(&str, &str)> = vec![
+            (":method", call.method.as_str()),
+            (":path", path),
+            (":authority", call.authority.as_str()),
+        ];
+        for name in &call.forward_headers {
+            for (k, v) in &active.request_headers {
+                if k == name {
+                    headers.push((k.as_str(), v.as_str()));
+                }
+            }
+        }
+        for (k, v) in &call.headers {
+            headers.push((k.as_str(), v.as_str()));
+        }
+        let body = if call.forward_body {
+            active.body.as_deref()
+        } else {
+            None
+        };
+        if let Some(b) = body {
+            // Content-Length is set by Envoy from the body.
+            if !b.is_empty() {
+                if let Some((_, ct)) = active
+                    .request_headers
+                    .iter()
+                    .find(|(k, _)| k == "content-type")
+                {
+                    headers.push(("content-type", ct.as_str()));
+                }
+            }
+        }
+        let req = HttpCall {
+            cluster: &call.cluster,
+            headers,
+            body,
+            timeout,
+        };
+        match host.http_call(&req) {
+            Ok(token) => {
+                self.call_metric(host, ep, call, "calls");
+                Ok(Attempt {
+                    token,
+                    started: now,
+                    timeout,
+                    live: true,
+                })
+            }
+            Err(e) => {
+                log::warn!(
+                    "[{}] aggregate: call `{}` to cluster `{}` could not start: {e}",
+                    self.context_id,
+                    call.name,
+                    call.cluster
+                );
+                Err(Failure::new(
+                    FailKind::Unreachable,
+                    format!(
+                        "the call could not start ({e}); is `{}` an Envoy cluster?",
+                        call.cluster
+                    ),
+                ))
+            }
+        }
+    }
+
+    /// Settle call `i`: metrics, breaker (`to_backend`: the outcome came from the backend).
+    fn finish_call(
+        &mut self,
+        host: &mut dyn Host,
+        ep: &Endpoint,
+        i: usize,
+        outcome: Result<Part, Failure>,
+        to_backend: bool,
+    ) {
+        let Some(call) = ep.calls.get(i) else { return };
+        if let Err(f) = &outcome {
+            self.call_metric(host, ep, call, "failures");
+            if f.kind == FailKind::Timeout {
+                self.call_metric(host, ep, call, "timeouts");
+            }
+            log::debug!(
+                "[{}] aggregate: call `{}` failed: {}",
+                self.context_id,
+                call.name,
+                f.detail
+            );
+        }
+        if to_backend {
+            if let Some(b) = &call.breaker {
+                let t = breaker::record(host, &call.cluster, b, outcome.is_ok());
+                self.breaker_metric(host, &call.cluster, t);
+            }
+        }
+        if let Some(slot) = self.active.as_mut().and_then(|a| a.calls.get_mut(i)) {
+            *slot = CallState::Done(outcome);
+        }
+    }
+
+    fn maybe_respond(&mut self, host: &mut dyn Host, ep: &Endpoint) -> Decision {
+        let Some(active) = self.active.as_ref() else {
+            return Decision::Continue;
+        };
+        // A failed required call answers at once, whatever is still in flight.
+        for (i, call) in ep.calls.iter().enumerate() {
+            if let (true, Some(CallState::Done(Err(f)))) = (call.required, active.calls.get(i)) {
+                let reply = self.problem(ep, call, f, &active.path);
+                self.metric(host, &format!("ep.{}.failed", ep.name));
+                return self.respond(reply);
+            }
+        }
+        let pending = active
+            .calls
+            .iter()
+            .any(|c| matches!(c, CallState::Waiting | CallState::InFlight(_)));
+        if pending {
+            return Decision::Pause;
+        }
+        let (reply, complete) = self.merged(ep, active);
+        let what = if complete { "complete" } else { "partial" };
+        self.metric(host, &format!("ep.{}.{what}", ep.name));
+        self.respond(reply)
+    }
+
+    fn respond(&mut self, reply: LocalReply) -> Decision {
+        if let Some(a) = self.active.as_mut() {
+            a.finished = true;
+        }
+        let id = self.context_id;
+        self.wakes.borrow_mut().retain(|w| w.context_id != id);
+        Decision::Respond(reply)
+    }
+
+    fn problem(&self, ep: &Endpoint, call: &Call, f: &Failure, path: &str) -> LocalReply {
+        let status = if f.kind == FailKind::Timeout {
+            504
+        } else {
+            502
+        };
+        log::warn!(
+            "[{}] aggregate: endpoint `{}`: required call `{}` (backend `{}`) failed: {}",
+            self.context_id,
+            ep.name,
+            call.name,
+            call.cluster,
+            f.detail
+        );
+        let mut p = Problem::new(status)
+            .detail(format!(
+                "required call `{}` to backend `{}` failed: {}",
+                call.name, call.cluster, f.detail
+            ))
+            .instance(path)
+            .extension("call", call.name.clone())
+            .extension("backend", call.cluster.clone())
+            .extension("error", f.kind.as_str());
+        if let Some(s) = f.status {
+            // `status` is the problem's own status (RFC 9457).
+            p = p.extension("backend_status", s);
+        }
+        p.into_reply().with_header("x-aggregate-complete", "false")
+    }
+
+    fn merged(&self, ep: &Endpoint, active: &Active) -> (LocalReply, bool) {
+        let mut out = Map::new();
+        let mut errors = Vec::new();
+        let mut cache_controls: Vec<Option<&str>> = Vec::new();
+        let mut complete = true;
+        for (i, call) in ep.calls.iter().enumerate() {
+            let failure = match active.calls.get(i) {
+                Some(CallState::Skipped) => continue,
+                Some(CallState::Done(Ok(part))) => {
+                    let v = shape_answer(call, &part.value);
+                    match shape::merge_into(&mut out, call.merge, &call.key, Some(v)) {
+                        Ok(()) => {
+                            cache_controls.push(part.cache_control.as_deref());
+                            continue;
+                        }
+                        Err(e) => Failure::new(FailKind::NotObject, e),
+                    }
+                }
+                Some(CallState::Done(Err(f))) => f.clone(),
+                _ => Failure::new(FailKind::Timeout, "unfinished"),
+            };
+            complete = false;
+            let _ = shape::merge_into(&mut out, call.merge, &call.key, None);
+            let mut e = json!({
+                "call": call.name,
+                "backend": call.cluster,
+                "error": failure.kind.as_str(),
+                "detail": failure.detail,
+            });
+            if let (Some(s), Some(obj)) = (failure.status, e.as_object_mut()) {
+                obj.insert("status".into(), Value::from(s));
+            }
+            errors.push(e);
+        }
+        let mut merged = Value::Object(out);
+        let profile = active.profile.and_then(|p| ep.profiles.get(p));
+        if let Some(p) = profile {
+            merged = shape::deny_fields(shape::allow_fields(merged, &p.allow), &p.deny);
+        }
+        if ep.errors {
+            if let Some(obj) = merged.as_object_mut() {
+                obj.insert("errors".into(), Value::Array(errors));
+            }
+        }
+        let body = serde_json::to_vec(&merged).unwrap_or_else(|_| b"{}".to_vec());
+        let mut reply = LocalReply::new(200)
+            .with_header("content-type", "application/json")
+            .with_header(
+                "cache-control",
+                shape::merged_cache_control(&cache_controls, complete),
+            )
+            .with_header(
+                "x-aggregate-complete",
+                if complete { "true" } else { "false" },
+            )
+            .with_body(body);
+        if let Some(p) = profile {
+            reply = reply.with_header("x-aggregate-profile", p.name.clone());
+        }
+        (reply, complete)
+    }
 }
 
 impl HttpFilter for AggregateFilter {
-    fn on_request_headers(&mut self, host: &mut dyn Host, _end_of_stream: bool) -> Decision {
+    fn on_request_headers(&mut self, host: &mut dyn Host, end_of_stream: bool) -> Decision {
         let req = RequestInfo::from_host(host);
-        if let Some((rule, _)) = self.shared.rules.find(&req) {
+        let shared = self.shared.clone();
+        let found = shared
+            .config
+            .rules
+            .iter()
+            .enumerate()
+            .find_map(|(i, r)| r.route.matches(&req).map(|p| (i, r, p)));
+        if let Some((_, rule, _)) = &found {
             if rule.disabled {
-                self.shared.metrics.count(host, "skipped", 1);
+                self.metric(host, "skipped");
                 return Decision::Continue;
             }
         }
-        self.shared.metrics.count(host, "requests", 1);
-        Decision::Continue
+        self.metric(host, "requests");
+        let Some((index, rule, params)) = found else {
+            return Decision::Continue;
+        };
+        let Some(ep) = rule.endpoint.as_ref() else {
+            return Decision::Continue;
+        };
+        let request_headers = host.headers(MapKind::RequestHeaders);
+        let profile = ep.profiles.iter().position(|p| match &p.selector {
+            Selector::Header(name, value) => request_headers
+                .iter()
+                .any(|(k, v)| k.eq_ignore_ascii_case(name) && v == value),
+            Selector::PathPrefix(prefix) => req.path.starts_with(prefix.as_str()),
+        });
+        let calls = ep
+            .calls
+            .iter()
+            .enumerate()
+            .map(|(i, _)| {
+                let included = profile
+                    .and_then(|p| ep.profiles.get(p))
+                    .and_then(|p| p.calls.as_ref())
+                    .is_none_or(|list| list.contains(&i));
+                if included {
+                    CallState::Waiting
+                } else {
+                    CallState::Skipped
+                }
+            })
+            .collect();
+        let awaiting_body = !end_of_stream && ep.calls.iter().any(|c| c.forward_body);
+        self.active = Some(Active {
+            rule: index,
+            params,
+            query: req.query.clone(),
+            path: host.path(),
+            profile,
+            started: host.now(),
+            request_headers,
+            body: None,
+            awaiting_body,
+            calls,
+            tokens: HashMap::new(),
+            finished: false,
+        });
+        self.metric(host, &format!("ep.{}.requests", ep.name));
+        if awaiting_body {
+            return Decision::Pause;
+        }
+        self.advance(host)
+    }
+
+    fn on_request_body(
+        &mut self,
+        host: &mut dyn Host,
+        body_size: usize,
+        end_of_stream: bool,
+    ) -> Decision {
+        let Some(active) = self.active.as_mut() else {
+            return Decision::Continue;
+        };
+        if !active.awaiting_body || active.finished {
+            return Decision::Pause;
+        }
+        if !end_of_stream {
+            return Decision::Pause;
+        }
+        active.awaiting_body = false;
+        active.body = Some(
+            host.body(Body::Request, 0, body_size.min(MAX_REQUEST_BODY))
+                .unwrap_or_default(),
+        );
+        self.advance(host)
+    }
+
+    fn on_call_response(
+        &mut self,
+        host: &mut dyn Host,
+        token: u32,
+        response: CallResponse,
+    ) -> Decision {
+        let shared = self.shared.clone();
+        let now = host.now();
+        let Some(active) = self.active.as_mut() else {
+            return Decision::Continue;
+        };
+        if active.finished {
+            return Decision::Pause;
+        }
+        let Some(i) = active.tokens.remove(&token) else {
+            return Decision::Pause;
+        };
+        let Some(ep) = endpoint(&shared, active.rule) else {
+            return Decision::Pause;
+        };
+        let Some(call) = ep.calls.get(i) else {
+            return Decision::Pause;
+        };
+        let Some(CallState::InFlight(flight)) = active.calls.get_mut(i) else {
+            // The loser of a hedge: the call is already settled.
+            return Decision::Pause;
+        };
+        let Some(attempt) = flight.attempts.iter_mut().find(|a| a.token == token) else {
+            return Decision::Pause;
+        };
+        attempt.live = false;
+        let outcome = classify(
+            call,
+            &response,
+            elapsed(now, attempt.started),
+            attempt.timeout,
+        );
+        let outcome = match outcome {
+            Err(f) if flight.attempts.iter().any(|a| a.live) => {
+                // A hedged twin is still out: wait for it.
+                flight.last_failure = Some(f);
+                return Decision::Pause;
+            }
+            other => other,
+        };
+        self.finish_call(host, ep, i, outcome, true);
+        self.advance(host)
+    }
+
+    fn on_wake(&mut self, host: &mut dyn Host, reason: u32) -> Decision {
+        let shared = self.shared.clone();
+        let Some(active) = self.active.as_ref() else {
+            return Decision::Continue;
+        };
+        if active.finished {
+            return Decision::Pause;
+        }
+        let Some(ep) = endpoint(&shared, active.rule) else {
+            return Decision::Pause;
+        };
+        let i = reason.saturating_sub(1) as usize;
+        let path = match active.calls.get(i) {
+            Some(CallState::InFlight(f)) if !f.hedged => f.path.clone(),
+            _ => return Decision::Pause,
+        };
+        let Some(call) = ep.calls.get(i) else {
+            return Decision::Pause;
+        };
+        if let Ok(attempt) = self.dispatch(host, ep, i, &path) {
+            self.call_metric(host, ep, call, "hedges");
+            if let Some(active) = self.active.as_mut() {
+                active.tokens.insert(attempt.token, i);
+                if let Some(CallState::InFlight(f)) = active.calls.get_mut(i) {
+                    f.hedged = true;
+                    f.attempts.push(attempt);
+                }
+            }
+        }
+        Decision::Pause
+    }
+
+    fn on_done(&mut self, _host: &mut dyn Host) {
+        let id = self.context_id;
+        self.wakes.borrow_mut().retain(|w| w.context_id != id);
     }
 }
 
@@ -77,15 +877,53 @@ mod tests {
     use super::*;
     use tollgate_common::mem_host::MemHost;
 
-    #[test]
-    fn passes_traffic_and_counts_it() {
+    fn root(config: &str) -> (AggregateRoot, MemHost) {
         let mut root = AggregateRoot::new(1);
         let mut host = MemHost::new();
-        root.configure(
-            &mut host,
-            br#"{"routes":[{"match":{"prefix":"/health"},"disabled":true}]}"#,
-        )
-        .unwrap();
+        root.configure(&mut host, config.as_bytes()).unwrap();
+        (root, host)
+    }
+
+    fn ok(body: &str, cc: Option<&str>) -> CallResponse {
+        let mut headers = vec![
+            (":status".to_string(), "200".to_string()),
+            ("content-type".to_string(), "application/json".to_string()),
+        ];
+        if let Some(cc) = cc {
+            headers.push(("cache-control".into(), cc.into()));
+        }
+        CallResponse {
+            headers,
+            body: body.as_bytes().to_vec(),
+        }
+    }
+
+    fn status(s: u16) -> CallResponse {
+        CallResponse {
+            headers: vec![(":status".to_string(), s.to_string())],
+            body: b"{}".to_vec(),
+        }
+    }
+
+    fn reply(d: Decision) -> (LocalReply, Value) {
+        match d {
+            Decision::Respond(r) => {
+                let v = serde_json::from_slice(&r.body).unwrap();
+                (r, v)
+            }
+            other => panic!("expected a reply, got {other:?}"),
+        }
+    }
+
+    const DASH: &str = r#"{"routes":[{"name":"dash","match":{"template":"/api/dashboard/{user}"},"errors":true,"calls":[
+        {"name":"user","cluster":"users","path":"/users/{user}","required":true,"timeout":"1s"},
+        {"name":"orders","cluster":"orders","path":"/orders?user={user}","pointer":"/items","allow":["id","total"]},
+        {"name":"company","cluster":"products","path":"/products/{user.company_id}","rename":{"name":"title"}}],
+        "profiles":[{"name":"mobile","header":{"name":"x-client","value":"mobile"},"calls":["user"],"allow":["user.name"]}]}]}"#;
+
+    #[test]
+    fn passes_traffic_and_counts_it() {
+        let (root, host) = root(r#"{"routes":[{"match":{"prefix":"/health"},"disabled":true}]}"#);
         let mut h = host.next_request("GET", "/api/products/1", &[]);
         assert_eq!(
             root.create_filter(2).on_request_headers(&mut h, true),
@@ -107,5 +945,242 @@ mod tests {
             .configure(&mut MemHost::new(), br#"{"routes":[{"bogus":1}]}"#)
             .unwrap_err();
         assert_eq!(e.field, "routes[0].bogus");
+    }
+
+    #[test]
+    fn fans_out_then_calls_dependents_and_merges() {
+        let (root, host) = root(DASH);
+        let mut h = host.next_request(
+            "GET",
+            "/api/dashboard/7",
+            &[("x-request-id", "abc"), ("authorization", "secret")],
+        );
+        let mut f = root.create_filter(5);
+        assert_eq!(f.on_request_headers(&mut h, true), Decision::Pause);
+        // Independent calls start at once; the dependent one waits.
+        assert_eq!(h.calls.len(), 2);
+        assert_eq!(h.calls[0].cluster, "users");
+        assert_eq!(h.calls[0].header(":path"), Some("/users/7"));
+        assert_eq!(h.calls[0].header("x-request-id"), Some("abc"));
+        assert_eq!(h.calls[0].header("authorization"), None);
+        assert_eq!(h.calls[1].header(":path"), Some("/orders?user=7"));
+        let (t_user, t_orders) = (h.calls[0].token, h.calls[1].token);
+        let orders = r#"{"items":[{"id":1,"total":5,"x":1},{"id":2,"total":6}]}"#;
+        assert_eq!(
+            f.on_call_response(&mut h, t_orders, ok(orders, Some("no-cache"))),
+            Decision::Pause
+        );
+        assert_eq!(
+            f.on_call_response(
+                &mut h,
+                t_user,
+                ok(
+                    r#"{"id":7,"name":"U","company_id":3}"#,
+                    Some("private, max-age=30")
+                )
+            ),
+            Decision::Pause
+        );
+        assert_eq!(h.calls.len(), 3);
+        assert_eq!(h.calls[2].header(":path"), Some("/products/3"));
+        let t = h.calls[2].token;
+        let (r, v) = reply(f.on_call_response(
+            &mut h,
+            t,
+            ok(r#"{"id":3,"name":"P"}"#, Some("public, max-age=60")),
+        ));
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("x-aggregate-complete"), Some("true"));
+        assert_eq!(r.header("cache-control"), Some("private, no-cache"));
+        assert_eq!(
+            v,
+            json!({"user":{"id":7,"name":"U","company_id":3},
+                   "orders":[{"id":1,"total":5},{"id":2,"total":6}],
+                   "company":{"id":3,"title":"P"},
+                   "errors":[]})
+        );
+        assert_eq!(h.metric("tollgate.aggregate.ep.dash.complete"), Some(1));
+        assert_eq!(
+            h.metric("tollgate.aggregate.ep.dash.call.user.calls"),
+            Some(1)
+        );
+    }
+
+    #[test]
+    fn optional_failures_leave_null_and_errors() {
+        let (root, host) = root(DASH);
+        let mut h = host.next_request("GET", "/api/dashboard/7", &[]);
+        let mut f = root.create_filter(5);
+        f.on_request_headers(&mut h, true);
+        let (t_user, t_orders) = (h.calls[0].token, h.calls[1].token);
+        let garbage = CallResponse {
+            headers: vec![
+                (":status".into(), "200".into()),
+                ("content-type".into(), "text/html".into()),
+            ],
+            body: b"<html>".to_vec(),
+        };
+        f.on_call_response(&mut h, t_orders, garbage);
+        // The user has no company_id: the dependent call fails without being made.
+        let (r, v) = reply(f.on_call_response(&mut h, t_user, ok(r#"{"id":7}"#, None)));
+        assert_eq!(h.calls.len(), 2);
+        assert_eq!(r.header("x-aggregate-complete"), Some("false"));
+        assert_eq!(r.header("cache-control"), Some("no-store"));
+        assert_eq!(v["orders"], Value::Null);
+        assert_eq!(v["company"], Value::Null);
+        let errors = v["errors"].as_array().unwrap();
+        assert_eq!(errors[0]["call"], "orders");
+        assert_eq!(errors[0]["error"], "not_json");
+        assert_eq!(errors[1]["error"], "missing_value");
+        assert_eq!(h.metric("tollgate.aggregate.ep.dash.partial"), Some(1));
+    }
+
+    #[test]
+    fn required_failures_give_502_or_504() {
+        for (resp, took, want, kind) in [
+            (status(500), 10, 502, "status"),
+            (CallResponse::default(), 10, 502, "unreachable"),
+            (CallResponse::default(), 1000, 504, "timeout"),
+            (status(504), 1000, 504, "timeout"),
+        ] {
+            let (root, host) = root(DASH);
+            let mut h = host.next_request("GET", "/api/dashboard/7", &[]);
+            let mut f = root.create_filter(5);
+            f.on_request_headers(&mut h, true);
+            h.advance(Duration::from_millis(took));
+            let t = h.calls[0].token;
+            let (r, v) = reply(f.on_call_response(&mut h, t, resp));
+            assert_eq!(r.status, want, "{kind}");
+            assert_eq!(r.header("content-type"), Some("application/problem+json"));
+            assert_eq!(v["backend"], "users");
+            assert_eq!(v["call"], "user");
+            assert_eq!(v["error"], kind);
+            // The late answer of the other call is ignored.
+            let t2 = h.calls[1].token;
+            assert_eq!(
+                f.on_call_response(&mut h, t2, ok("{}", None)),
+                Decision::Pause
+            );
+        }
+    }
+
+    #[test]
+    fn profiles_choose_calls_and_fields() {
+        let (root, host) = root(DASH);
+        let mut h = host.next_request("GET", "/api/dashboard/7", &[("x-client", "mobile")]);
+        let mut f = root.create_filter(5);
+        f.on_request_headers(&mut h, true);
+        assert_eq!(h.calls.len(), 1);
+        let t = h.calls[0].token;
+        let (r, v) = reply(f.on_call_response(
+            &mut h,
+            t,
+            ok(
+                r#"{"id":7,"name":"U","company_id":3}"#,
+                Some("private, max-age=30"),
+            ),
+        ));
+        assert_eq!(r.header("x-aggregate-profile"), Some("mobile"));
+        assert_eq!(r.header("cache-control"), Some("private, max-age=30"));
+        assert_eq!(v, json!({"user":{"name":"U"},"errors":[]}));
+    }
+
+    #[test]
+    fn circuit_breaker_fails_fast_and_recovers() {
+        let cfg = r#"{"circuit_breaker":{"failures":2,"cool_down":"1s"},"routes":[{"name":"b","match":{"prefix":"/b"},"calls":[
+            {"name":"u","cluster":"users","path":"/users/1"}]}]}"#;
+        let (root, host) = root(cfg);
+        let mut h = host.next_request("GET", "/b", &[]);
+        for n in 0..2 {
+            let mut f = root.create_filter(10 + n);
+            assert_eq!(f.on_request_headers(&mut h, true), Decision::Pause);
+            let t = h.calls.last().unwrap().token;
+            reply(f.on_call_response(&mut h, t, status(503)));
+        }
+        assert_eq!(h.metric("tollgate.aggregate.breaker.users.opened"), Some(1));
+        let made = h.calls.len();
+        let (_, v) = reply(root.create_filter(20).on_request_headers(&mut h, true));
+        assert_eq!(h.calls.len(), made, "no call while open");
+        assert_eq!(v["u"], Value::Null);
+        assert_eq!(h.metric("tollgate.aggregate.ep.b.call.u.rejected"), Some(1));
+        h.advance(Duration::from_millis(1100));
+        let mut probe = root.create_filter(21);
+        assert_eq!(probe.on_request_headers(&mut h, true), Decision::Pause);
+        // While the probe is out, others still fail fast.
+        reply(root.create_filter(22).on_request_headers(&mut h, true));
+        let t = h.calls.last().unwrap().token;
+        let (r, _) = reply(probe.on_call_response(&mut h, t, ok("{}", None)));
+        assert_eq!(r.header("x-aggregate-complete"), Some("true"));
+        assert_eq!(h.metric("tollgate.aggregate.breaker.users.closed"), Some(1));
+        assert_eq!(
+            root.create_filter(23).on_request_headers(&mut h, true),
+            Decision::Pause
+        );
+    }
+
+    #[test]
+    fn hedging_sends_a_twin_and_the_first_success_wins() {
+        let cfg = r#"{"routes":[{"name":"h","match":{"prefix":"/h"},"calls":[
+            {"name":"u","cluster":"users","path":"/users/1","hedge_after":"50ms","timeout":"1s"}]}]}"#;
+        let (mut root, mut host) = root(cfg);
+        assert_eq!(host.tick_period, Some(TICK));
+        let mut h = host.next_request("GET", "/h", &[]);
+        let mut f = root.create_filter(9);
+        assert_eq!(f.on_request_headers(&mut h, true), Decision::Pause);
+        root.on_tick(&mut host);
+        assert!(host.woken.is_empty());
+        host.advance(Duration::from_millis(60));
+        h.advance(Duration::from_millis(60));
+        root.on_tick(&mut host);
+        assert_eq!(host.woken, vec![(9, 1)]);
+        assert_eq!(f.on_wake(&mut h, 1), Decision::Pause);
+        assert_eq!(h.calls.len(), 2);
+        assert_eq!(h.calls[1].header(":path"), Some("/users/1"));
+        assert!(h.calls[1].timeout <= Duration::from_millis(1000));
+        // The first attempt fails, the twin succeeds.
+        let (t1, t2) = (h.calls[0].token, h.calls[1].token);
+        assert_eq!(f.on_call_response(&mut h, t1, status(500)), Decision::Pause);
+        let (r, v) = reply(f.on_call_response(&mut h, t2, ok(r#"{"id":1}"#, None)));
+        assert_eq!(r.header("x-aggregate-complete"), Some("true"));
+        assert_eq!(v["u"]["id"], 1);
+        assert_eq!(h.metric("tollgate.aggregate.ep.h.call.u.hedges"), Some(1));
+    }
+
+    #[test]
+    fn deadline_bounds_calls_and_body_is_forwarded() {
+        let cfg = r#"{"routes":[{"name":"p","match":{"prefix":"/p"},"deadline":"300ms","calls":[
+            {"name":"a","cluster":"orders","method":"post","path":"/orders","forward_body":true,"timeout":"1s"}]}]}"#;
+        let (root, host) = root(cfg);
+        let mut h = host.next_request("POST", "/p", &[("content-type", "application/json")]);
+        let mut f = root.create_filter(3);
+        assert_eq!(f.on_request_headers(&mut h, false), Decision::Pause);
+        assert!(h.calls.is_empty());
+        h.set_body_bytes(Body::Request, br#"{"x":1}"#);
+        assert_eq!(f.on_request_body(&mut h, 7, true), Decision::Pause);
+        assert_eq!(h.calls[0].header(":method"), Some("POST"));
+        assert_eq!(h.calls[0].body.as_deref(), Some(&br#"{"x":1}"#[..]));
+        assert_eq!(h.calls[0].timeout, Duration::from_millis(300));
+    }
+
+    #[test]
+    fn merge_modes_and_large_answers() {
+        let cfg = r#"{"routes":[{"match":{"prefix":"/m"},"errors":true,"calls":[
+            {"name":"a","cluster":"c","path":"/a","merge":"root"},
+            {"name":"b","cluster":"c","path":"/b","merge":"deep"},
+            {"name":"c","cluster":"c","path":"/c","merge":"append","key":"list"},
+            {"name":"d","cluster":"c","path":"/d","merge":"append","key":"list","max_response_bytes":10}]}]}"#;
+        let (root, host) = root(cfg);
+        let mut h = host.next_request("GET", "/m", &[]);
+        let mut f = root.create_filter(3);
+        f.on_request_headers(&mut h, true);
+        let t: Vec<u32> = h.calls.iter().map(|c| c.token).collect();
+        f.on_call_response(&mut h, t[3], ok(r#"{"this is":"too large"}"#, None));
+        f.on_call_response(&mut h, t[2], ok("[1,2]", None));
+        f.on_call_response(&mut h, t[1], ok(r#"{"n":{"y":2}}"#, None));
+        let (_, v) = reply(f.on_call_response(&mut h, t[0], ok(r#"{"a":1,"n":{"x":1}}"#, None)));
+        assert_eq!(v["a"], 1);
+        assert_eq!(v["n"], json!({"x":1,"y":2}));
+        assert_eq!(v["list"], json!([1, 2]));
+        assert_eq!(v["errors"][0]["error"], "too_large");
     }
 }

@@ -7,7 +7,8 @@
 //! ```
 //!
 //! Every knob is a request header `x-demo-<knob>` or a query parameter `<knob>`:
-//! `delay` (ms), `status`, `fail_rate` (0..1, answers 500), `size` (pad the body to bytes),
+//! `delay` (ms), `delay_first` (ms, only the first request to a path since the last stats
+//! reset waits: hedging tests), `status`, `fail_rate` (0..1, answers 500), `size` (pad the body to bytes),
 //! `cache_control`, `etag` (`none` to omit), `last_modified` (`none` to omit), `vary`,
 //! `set_cookie`, `content_type` (a non-JSON type sends a plain text body).
 //! Conditional GETs (`If-None-Match`, `If-Modified-Since`) get 304.
@@ -273,14 +274,23 @@ fn handle(svc: &Service, mut req: Request) {
     let mut body_in = String::new();
     let _ = req.as_reader().take(1 << 20).read_to_string(&mut body_in);
 
+    let mut nth_for_path = 0;
     if path != "/stats" && path != "/stats/reset" && path != "/healthz" {
         svc.total.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut c) = svc.counts.lock() {
-            *c.entry(path.clone()).or_insert(0) += 1;
+            let n = c.entry(path.clone()).or_insert(0);
+            *n += 1;
+            nth_for_path = *n;
         }
     }
     if let Some(ms) = knobs.get("delay").and_then(|d| d.parse::<u64>().ok()) {
         std::thread::sleep(Duration::from_millis(ms.min(60_000)));
+    }
+    // `delay_first`: only the first request to this path (since the last stats reset) waits.
+    if let Some(ms) = knobs.get("delay_first").and_then(|d| d.parse::<u64>().ok()) {
+        if nth_for_path == 1 {
+            std::thread::sleep(Duration::from_millis(ms.min(60_000)));
+        }
     }
 
     let mut status: u16 = 200;

@@ -1,0 +1,402 @@
+"""tollgate.aggregate on a real Envoy: fan-out, dependent calls, merging, shapes, failures,
+circuit breakers, hedging and Cache-Control, against the demo services."""
+
+import json
+import threading
+import time
+
+import pytest
+
+import harness
+from harness import ROOT
+
+SLOW = 200  # ms of demo delay in the parallelism test
+
+
+def agg(routes, **top):
+    return [("aggregate", dict(top, routes=routes))]
+
+
+def start(envoy_factory, services, routes, concurrency=1, **top):
+    return envoy_factory(filters=agg(routes, **top), services=services, concurrency=concurrency)
+
+
+def call(name, cluster, path, **kw):
+    return dict(kw, name=name, cluster=cluster, path=path)
+
+
+DASH_MATCH = {"template": "/api/dashboard/{user}", "methods": ["GET"]}
+
+
+def test_unmatched_requests_pass_through(services, envoy_factory):
+    envoy = start(envoy_factory, services, [
+        {"match": DASH_MATCH, "calls": [call("user", "users", "/users/{user}")]}])
+    r = envoy.get("/api/users/1")
+    assert r.status == 200 and r.header("x-demo-service") == "users", r
+    assert r.header("x-aggregate-complete") is None
+    assert envoy.stat("tollgate.aggregate.requests") == 1
+
+
+def test_parallel_fan_out_is_faster_than_sequential(services, envoy_factory):
+    envoy = start(envoy_factory, services, [{
+        "name": "par", "match": DASH_MATCH,
+        "calls": [
+            call("user", "users", f"/users/{{user}}?delay={SLOW}"),
+            call("orders", "orders", f"/orders?user={{user}}&delay={SLOW}"),
+            call("product", "products", f"/products/{{user}}?delay={SLOW}"),
+        ]}])
+    envoy.get("/api/dashboard/1")  # warm up connections and the VM
+    best = None
+    for _ in range(3):
+        r = envoy.get("/api/dashboard/2")
+        assert r.status == 200, r
+        assert r.header("x-aggregate-complete") == "true"
+        body = r.json()
+        assert body["user"]["id"] == 2 and body["product"]["id"] == 2
+        assert body["orders"]["service"] == "orders"
+        best = r.elapsed if best is None else min(best, r.elapsed)
+    # Three calls of 200 ms each: sequential would take >= 600 ms.
+    assert SLOW / 1000 <= best < 0.39, best
+    assert envoy.stat("tollgate.aggregate.ep.par.call.user.calls") == 4
+
+
+def test_dependent_call_uses_an_earlier_answer(services, envoy_factory):
+    services.reset_stats()
+    envoy = start(envoy_factory, services, [{
+        "match": DASH_MATCH,
+        "calls": [
+            call("user", "users", "/users/{user}"),
+            call("company", "products", "/products/{user.company_id}", rename={"name": "company_name"}),
+            call("first_order_product", "products", "/products/{orders.items.0.product_ids.1}"),
+            call("orders", "orders", "/orders?user={user}"),
+        ]}])
+    r = envoy.get("/api/dashboard/7")
+    assert r.status == 200, r
+    body = r.json()
+    assert body["user"]["company_id"] == 3  # demo: 7 % 5 + 1
+    assert body["company"]["id"] == 3 and body["company"]["company_name"] == "Product 3"
+    # orders item 1 has product_ids [2, 2] (demo: 1 % 7 + 1, 1 % 11 + 1)
+    assert body["first_order_product"]["id"] == body["orders"]["items"][0]["product_ids"][1]
+    assert services.hits("products", "/products/3") == 1
+
+
+def test_merge_modes(services, envoy_factory):
+    envoy = start(envoy_factory, services, [{
+        "match": DASH_MATCH,
+        "calls": [
+            call("user", "users", "/users/{user}"),  # key (default)
+            call("root", "products", "/products/1", merge="root", allow=["name", "price"]),
+            call("p2", "products", "/products/2", merge="append", key="products"),
+            call("p3", "products", "/products/3", merge="append", key="products"),
+        ]}])
+    r = envoy.get("/api/dashboard/4")
+    assert r.status == 200, r
+    body = r.json()
+    assert body["user"]["id"] == 4
+    assert body["name"] == "Product 1" and "price" in body and "stock" not in body
+    assert [p["id"] for p in body["products"]] == [2, 3]
+
+
+def test_deep_merge_and_fixed_headers(services, envoy_factory):
+    envoy = start(envoy_factory, services, [{
+        "match": DASH_MATCH,
+        "calls": [
+            call("a", "users", "/echo/a", merge="deep", pointer="/headers",
+                 allow=["x-one", "x-request-id"], headers={"x-one": "1"}),
+            call("b", "orders", "/echo/b", merge="deep", allow=["headers.x-two", "service"],
+                 headers={"x-two": "2"}),
+        ]}])
+    r = envoy.get("/api/dashboard/1", headers={"x-request-id": "rid-1", "authorization": "Bearer s"})
+    body = r.json()
+    assert body == {"x-one": "1", "x-request-id": "rid-1", "headers": {"x-two": "2"}, "service": "orders"}, body
+
+
+def test_pointer_and_field_lists(services, envoy_factory):
+    envoy = start(envoy_factory, services, [{
+        "match": DASH_MATCH,
+        "calls": [
+            call("orders", "orders", "/orders?user={user}", pointer="/items", allow=["id", "total", "currency"],
+                 deny=["currency"], rename={"total": "amount"}),
+            call("first", "orders", "/orders?user={user}", pointer="/items/0/product_ids/0"),
+            call("user", "users", "/users/{user}", deny=["email", "plan"]),
+        ]}])
+    body = envoy.get("/api/dashboard/5").json()
+    assert body["orders"] == [{"id": i, "amount": (i * 1234) % 10000 + 99} for i in range(1, 6)]
+    assert body["first"] == 2
+    assert set(body["user"]) == {"id", "name", "company_id"}
+
+
+PROFILES = [{
+    "match": {"template": "/{client}/dashboard/{user}"},
+    "calls": [
+        call("user", "users", "/users/{user}"),
+        call("orders", "orders", "/orders?user={user}", pointer="/items"),
+    ],
+    "profiles": [
+        {"name": "mobile", "header": {"name": "x-client", "value": "mobile"}, "calls": ["user"],
+         "allow": ["user.name"]},
+        {"name": "lite", "path_prefix": "/lite/", "deny": ["orders.currency", "user.email"]},
+    ]}]
+
+
+def test_profiles_by_header_and_by_path_prefix(services, envoy_factory):
+    services.reset_stats()
+    envoy = start(envoy_factory, services, PROFILES)
+    full = envoy.get("/web/dashboard/3")
+    assert full.header("x-aggregate-profile") is None
+    assert set(full.json()) == {"user", "orders"} and "email" in full.json()["user"]
+    mobile = envoy.get("/web/dashboard/3", headers={"x-client": "mobile"})
+    assert mobile.status == 200, mobile
+    assert mobile.header("x-aggregate-profile") == "mobile"
+    assert mobile.json() == {"user": {"name": "User 3"}}
+    assert len(mobile.body) < len(full.body) / 4
+    assert services.hits("orders", "/orders") == 1  # the mobile shape did not call orders
+    lite = envoy.get("/lite/dashboard/3")
+    assert lite.header("x-aggregate-profile") == "lite"
+    body = lite.json()
+    assert "email" not in body["user"] and "name" in body["user"]
+    assert all("currency" not in o and "total" in o for o in body["orders"])
+
+
+def test_optional_calls_failing_timing_out_or_answering_garbage(services, envoy_factory):
+    envoy = start(envoy_factory, services, [{
+        "name": "opt", "match": DASH_MATCH, "errors": True,
+        "calls": [
+            call("user", "users", "/users/{user}", required=True),
+            call("failing", "orders", "/orders?status=500"),
+            call("slow", "orders", "/orders?delay=2000", timeout="300ms"),
+            call("garbage", "products", "/products/1?content_type=text/html"),
+            call("big", "products", "/products/1?size=5000", max_response_bytes=1000),
+            call("missing", "products", "/products/0"),
+        ]}])
+    r = envoy.get("/api/dashboard/1")
+    assert r.status == 200, r
+    assert 0.28 <= r.elapsed < 1.5, r.elapsed
+    assert r.header("x-aggregate-complete") == "false"
+    assert r.header("cache-control") == "no-store"
+    body = r.json()
+    assert body["user"]["id"] == 1
+    for k in ("failing", "slow", "garbage", "big", "missing"):
+        assert body[k] is None, k
+    errors = {e["call"]: e for e in body["errors"]}
+    assert set(errors) == {"failing", "slow", "garbage", "big", "missing"}
+    assert errors["failing"]["error"] == "status" and errors["failing"]["status"] == 500
+    assert errors["failing"]["backend"] == "orders"
+    assert errors["slow"]["error"] == "timeout", errors["slow"]
+    assert "status" not in errors["slow"], "Envoy's own 504 is not the backend's status"
+    assert errors["garbage"]["error"] == "not_json"
+    assert errors["big"]["error"] == "too_large"
+    assert errors["missing"]["status"] == 404
+    assert envoy.stat("tollgate.aggregate.ep.opt.call.slow.timeouts") == 1
+    assert envoy.stat("tollgate.aggregate.ep.opt.call.failing.failures") == 1
+    assert envoy.stat("tollgate.aggregate.ep.opt.partial") == 1
+
+
+def test_unknown_cluster_is_an_unreachable_failure(services, envoy_factory):
+    envoy = start(envoy_factory, services, [{
+        "match": DASH_MATCH, "errors": True,
+        "calls": [call("user", "users", "/users/{user}"), call("ghost", "no_such_cluster", "/x")]}])
+    r = envoy.get("/api/dashboard/1")
+    assert r.status == 200, r
+    assert r.json()["errors"][0]["error"] == "unreachable"
+
+
+def test_required_call_failing_gives_502_and_timing_out_gives_504(services, envoy_factory):
+    envoy = start(envoy_factory, services, [
+        {"name": "e502", "match": {"template": "/a/{user}"}, "calls": [
+            call("user", "users", "/users/{user}?status=503", required=True),
+            call("orders", "orders", "/orders?delay=1500")]},
+        {"name": "e504", "match": {"template": "/b/{user}"}, "calls": [
+            call("user", "users", "/users/{user}?delay=1500", required=True, timeout="250ms"),
+            call("orders", "orders", "/orders")]},
+        {"name": "deadline", "match": {"template": "/c/{user}"}, "deadline": "300ms", "calls": [
+            call("user", "users", "/users/{user}?delay=1500", required=True, timeout="5s")]},
+    ])
+    r = envoy.get("/a/1")
+    assert r.status == 502, r
+    assert r.header("content-type") == "application/problem+json"
+    p = r.json()
+    assert p["backend"] == "users" and p["call"] == "user" and p["error"] == "status"
+    assert p["status"] == 502 and p["backend_status"] == 503
+    assert r.text.count('"status":') == 1, r.text
+    assert "users" in p["detail"]
+    assert r.elapsed < 1.0, "a failed required call answers without waiting for the others"
+    r = envoy.get("/b/1")
+    assert r.status == 504, r
+    assert r.header("content-type") == "application/problem+json"
+    assert r.json()["error"] == "timeout" and r.json()["backend"] == "users"
+    assert 0.2 <= r.elapsed < 1.2, r.elapsed
+    r = envoy.get("/c/1")
+    assert r.status == 504, r
+    assert 0.25 <= r.elapsed < 1.2, r.elapsed
+    assert envoy.stat("tollgate.aggregate.ep.e502.failed") == 1
+    assert envoy.stat("tollgate.aggregate.ep.e504.failed") == 1
+
+
+def worker_connections(envoy) -> list[int]:
+    stats = envoy.stats("worker_")
+    return [v for k, v in sorted(stats.items()) if k.startswith("listener.") and k.endswith("downstream_cx_total")]
+
+
+def test_circuit_breaker_opens_fails_fast_and_recovers_across_workers(services, envoy_factory):
+    envoy = start(envoy_factory, services, [{
+        "name": "cb", "match": DASH_MATCH, "errors": True,
+        "calls": [call("user", "users", "/users/{user}?status={query.status}")]}],
+        concurrency=2, circuit_breaker={"failures": 3, "cool_down": "1500ms"})
+    services.reset_stats()
+
+    def many(n, query=""):
+        out = []
+        lock = threading.Lock()
+
+        def one():
+            r = envoy.get("/api/dashboard/1" + query)
+            with lock:
+                out.append(r)
+        threads = [threading.Thread(target=one) for _ in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        return out
+
+    for r in many(3, "?status=500"):
+        assert r.json()["errors"][0]["status"] == 500, r
+    assert envoy.stat("tollgate.aggregate.breaker.users.opened") == 1
+    assert services.hits("users", "/users/1") == 3
+    before = worker_connections(envoy)
+    # Open: every request fails fast, whichever worker it lands on; the backend sees nothing.
+    fast = many(10)
+    for r in fast:
+        assert r.status == 200
+        assert r.json()["errors"][0]["error"] == "circuit_open", r
+        assert r.header("x-aggregate-complete") == "false"
+    after = worker_connections(envoy)
+    assert len(after) == 2 and all(a > b for a, b in zip(after, before)), (before, after)
+    assert services.hits("users", "/users/1") == 3
+    assert envoy.stat("tollgate.aggregate.ep.cb.call.user.rejected") == 10
+    # After the cool-down one probe goes through; it succeeds and the breaker closes.
+    time.sleep(1.7)
+    r = envoy.get("/api/dashboard/1")
+    assert r.header("x-aggregate-complete") == "true", r
+    assert envoy.stat("tollgate.aggregate.breaker.users.half_opened") == 1
+    assert envoy.stat("tollgate.aggregate.breaker.users.closed") == 1
+    for r in many(6):
+        assert r.header("x-aggregate-complete") == "true", r
+    assert services.hits("users", "/users/1") == 3 + 1 + 6
+
+
+def test_breaker_probe_failure_reopens(services, envoy_factory):
+    envoy = start(envoy_factory, services, [{
+        "match": DASH_MATCH, "errors": True,
+        "calls": [call("user", "users", "/users/{user}?status=500")]}],
+        circuit_breaker={"failures": 2, "cool_down": "600ms"})
+    for _ in range(2):
+        envoy.get("/api/dashboard/1")
+    assert envoy.get("/api/dashboard/1").json()["errors"][0]["error"] == "circuit_open"
+    time.sleep(0.7)
+    assert envoy.get("/api/dashboard/1").json()["errors"][0]["error"] == "status"  # the probe
+    assert envoy.get("/api/dashboard/1").json()["errors"][0]["error"] == "circuit_open"
+    assert envoy.stat("tollgate.aggregate.breaker.users.opened") == 2
+
+
+def test_hedging_sends_a_second_call_and_the_first_success_wins(services, envoy_factory):
+    envoy = start(envoy_factory, services, [{
+        "name": "hedge", "match": DASH_MATCH,
+        "calls": [call("user", "users", "/users/{user}?delay_first=1500", timeout="3s", hedge_after="100ms")]}])
+    services.reset_stats()
+    r = envoy.get("/api/dashboard/6")
+    assert r.status == 200, r
+    assert r.header("x-aggregate-complete") == "true"
+    assert r.json()["user"]["id"] == 6
+    # The first call sleeps 1.5 s; the hedge sent after 100 ms answers at once.
+    assert 0.09 <= r.elapsed < 1.0, r.elapsed
+    assert services.hits("users", "/users/6") == 2
+    assert envoy.stat("tollgate.aggregate.ep.hedge.call.user.hedges") == 1
+    # A fast backend is not hedged.
+    r = envoy.get("/api/dashboard/6")
+    assert r.status == 200 and r.elapsed < 1.0
+    time.sleep(0.2)
+    assert services.hits("users", "/users/6") == 3
+    assert "panicked" not in envoy.log()
+
+
+@pytest.mark.parametrize("parts, want", [
+    ({"users": "private, max-age=30", "products": "public, max-age=60"}, "private, max-age=30"),
+    ({"users": "public, max-age=120", "products": "public, max-age=60"}, "public, max-age=60"),
+    ({"users": "no-cache", "products": "public, max-age=60"}, "public, no-cache"),
+    ({"users": "no-store", "products": "public, max-age=60"}, "no-store"),
+])
+def test_cache_control_is_the_most_restrictive(parts, want, services, envoy_factory):
+    envoy = start(envoy_factory, services, [{
+        "match": DASH_MATCH,
+        "calls": [call("user", "users", "/users/{user}?cache_control={query.u}"),
+                  call("product", "products", "/products/{user}?cache_control={query.p}")]}])
+    from urllib.parse import quote
+    r = envoy.get(f"/api/dashboard/1?u={quote(parts['users'])}&p={quote(parts['products'])}")
+    assert r.status == 200 and r.header("x-aggregate-complete") == "true", r
+    assert r.header("cache-control") == want
+
+
+def test_refused_configuration_names_the_field(services, envoy_factory):
+    for config, field, reason in [
+        ({"routes": [{"match": DASH_MATCH, "calls": [
+            call("a", "users", "/a/{b.id}"), call("b", "users", "/b/{a.id}")]}]},
+         "routes[0].calls[0].path", "dependency cycle"),
+        ({"routes": [{"match": DASH_MATCH, "calls": [call("a", "users", "/a/{nope}")]}]},
+         "routes[0].calls[0].path", "unknown template variable"),
+        ({"routes": [{"match": DASH_MATCH, "calls": [
+            call("a", "users", "/a"), call("b", "users", "/b", key="a")]}]},
+         "routes[0].calls[1].key", "duplicate key"),
+    ]:
+        envoy = envoy_factory(filters=[("aggregate", config)], services=services, expect_failure=True)
+        lines = [l for l in envoy.log().splitlines() if "tollgate-aggregate: invalid configuration" in l]
+        assert len(lines) == 1, envoy.log_tail()
+        assert f"field `{field}`" in lines[0] and reason in lines[0], lines[0]
+
+
+# --- the bundled demo configuration, documentation example and schema -------------------------
+
+def test_bundled_dashboard_and_mobile_shape(services, envoy_factory):
+    from test_foundation import bundled_config
+    envoy = envoy_factory(config=bundled_config(services))
+    r = envoy.get("/api/dashboard/1")
+    assert r.status == 200, r
+    assert r.header("x-aggregate-complete") == "true"
+    body = r.json()
+    assert {"user", "orders", "company", "errors"} <= set(body), body
+    m = envoy.get("/api/dashboard/1", headers={"x-client": "mobile"})
+    assert m.status == 200 and m.header("x-aggregate-profile") == "mobile", m
+    assert len(m.body) < len(r.body)
+    # Other paths still go through to the services.
+    assert envoy.get("/api/users/1").json()["id"] == 1
+
+
+def doc_example() -> dict:
+    text = (ROOT / "docs" / "filters" / "aggregate.md").read_text()
+    start_marker = "<!-- example -->"
+    block = text.split(start_marker, 1)[1].split("```json", 1)[1].split("```", 1)[0]
+    return json.loads(block)
+
+
+def test_documented_example_runs(services, envoy_factory):
+    envoy = envoy_factory(filters=[("aggregate", doc_example())], services=services)
+    r = envoy.get("/api/dashboard/2")
+    assert r.status == 200 and r.header("x-aggregate-complete") == "true", r
+
+
+def test_schema_accepts_the_example_and_bundled_config_and_refuses_bad_ones():
+    from test_foundation import bundled_filter_configs, schema_validator
+    v = schema_validator("aggregate")
+    assert not list(v.iter_errors(doc_example()))
+    assert not list(v.iter_errors(bundled_filter_configs()["aggregate"]))
+    ok_call = {"name": "a", "cluster": "users", "path": "/users/1"}
+    for bad in [
+        {"routes": [{"calls": [{"name": "a", "cluster": "users"}]}]},  # no path
+        {"routes": [{"calls": [dict(ok_call, merge="sideways")]}]},
+        {"routes": [{"calls": [dict(ok_call, timeout="soon")]}]},
+        {"routes": [{"calls": [dict(ok_call, surprise=1)]}]},
+        {"routes": [{"calls": [ok_call], "profiles": [{"name": "m"}]}]},
+        {"circuit_breaker": {"failures": 0}},
+    ]:
+        assert not v.is_valid(bad), bad
