@@ -1,0 +1,419 @@
+"""tollgate.ratelimit on a real Envoy (--concurrency 2): exactness across workers, GCRA burst and
+refill, fixed windows, several limits, key sources, plans, cost, shadow mode, headers, bounded
+memory and bad configuration."""
+
+from __future__ import annotations
+
+import http.client as httpclient
+import json
+import re
+import threading
+import time
+
+import pytest
+import yaml
+
+import harness
+from harness import ROOT, Envoy
+
+QUOTA_EXCEEDED = "https://iana.org/assignments/http-problem-types#quota-exceeded"
+
+
+def lim(name, quota, window, key, **kw):
+    return {"name": name, "quota": quota, "window": window, "key": key, **kw}
+
+
+def route(prefix, limits, **kw):
+    return {"match": {"prefix": f"/api/users/echo/{prefix}"}, "limits": limits, **kw}
+
+
+# One Envoy for most tests; each test uses its own route and keys, so they do not interfere.
+CONFIG = {
+    "trusted_hops": 1,
+    "headers": "both",
+    "limits": [
+        lim("exact", 100, "1d", ["route"]),
+        lim("gcra", 1, "2s", ["client_ip"], burst=3),
+        lim("window", 3, "3s", ["client_ip"], algorithm="fixed_window"),
+        lim("multi-a", 3, "1h", ["client_ip"]),
+        lim("multi-b", 2, "1h", ["client_ip"], algorithm="fixed_window"),
+        lim("k-consumer", 2, "1h", ["consumer"]),
+        lim("k-api-key", 2, "1h", ["api_key"]),
+        lim("k-ip", 2, "1h", ["client_ip"]),
+        lim("k-header", 2, "1h", [{"header": "x-tenant"}]),
+        lim("k-query", 2, "1h", [{"query": "tenant"}]),
+        lim("k-route", 2, "1h", ["route"]),
+        lim("k-combo", 2, "1h", ["consumer", {"header": "x-device"}]),
+        lim("plan", 2, "1h", ["consumer"], plans={"pro": {"quota": 5}}),
+        lim("cost", 6, "1h", ["consumer"]),
+        lim("shadow", 2, "1h", ["consumer"], shadow=True),
+        lim("evict", 1, "1h", ["client_ip"], slots=8),
+    ],
+    "routes": [
+        route("exact", ["exact"]),
+        route("gcra", ["gcra"]),
+        route("window", ["window"]),
+        route("multi-both", ["multi-a", "multi-b"]),
+        route("multi-a", ["multi-a"]),
+        route("k-consumer", ["k-consumer"]),
+        route("k-api-key", ["k-api-key"]),
+        route("k-ip", ["k-ip"]),
+        route("k-header", ["k-header"]),
+        route("k-query", ["k-query"]),
+        route("k-route-one", ["k-route"], name="one"),
+        route("k-route-two", ["k-route"], name="two"),
+        route("k-combo", ["k-combo"]),
+        route("plan", ["plan"]),
+        route("cost-3", ["cost"], cost=3),
+        route("cost-1", ["cost"]),
+        route("shadow", ["shadow"]),
+        route("evict", ["evict"]),
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def envoy(services):
+    e = Envoy.start(filters=[("ratelimit", CONFIG)], services=services, concurrency=2)
+    yield e
+    e.stop()
+
+
+def path(name: str, query: str = "") -> str:
+    return f"/api/users/echo/{name}" + (f"?{query}" if query else "")
+
+
+def policies(value: str | None) -> dict[str, dict[str, int]]:
+    """Parse a RateLimit or RateLimit-Policy field: `"a";q=1;w=2, "b";...` -> {a: {q: 1, w: 2}}."""
+    out = {}
+    for item in (value or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        m = re.fullmatch(r'"([^"]+)"((?:;[a-z]+=\d+)+)', item)
+        assert m, f"not a structured field item: {item!r} in {value!r}"
+        out[m.group(1)] = {k: int(v) for k, v in re.findall(r";([a-z]+)=(\d+)", m.group(2))}
+    return out
+
+
+def check_refused(r, limit: str, legacy: bool = True):
+    """A 429 as the draft wants it: problem+json of the quota-exceeded type, Retry-After (integer
+    seconds) never earlier than the `t` of the refusing limits, and the rate limit fields."""
+    assert r.status == 429, r
+    assert r.header("content-type") == "application/problem+json", r
+    body = r.json()
+    assert body["type"] == QUOTA_EXCEEDED and body["status"] == 429, body
+    assert limit in body["violated-policies"], body
+    retry = r.header("retry-after")
+    assert retry is not None and retry.isdigit() and int(retry) >= 1, r
+    state = policies(r.header("ratelimit"))
+    assert limit in state, r
+    assert int(retry) >= max(s["t"] for s in state.values()), r
+    assert limit in policies(r.header("ratelimit-policy")), r
+    if legacy:
+        assert r.header("x-ratelimit-remaining") is not None and r.header("x-ratelimit-reset") is not None, r
+    return int(retry)
+
+
+def check_allowed(r, limit: str, remaining: int | None = None):
+    assert r.status == 200, r
+    state = policies(r.header("ratelimit"))
+    assert limit in state, r
+    assert limit in policies(r.header("ratelimit-policy")), r
+    if remaining is not None:
+        assert state[limit]["r"] == remaining, r
+    return state[limit]
+
+
+def crossed_lines(envoy, limit: str) -> list[str]:
+    return [l for l in envoy.log().splitlines() if f"rate limit `{limit}` crossed" in l]
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_exact_across_two_workers_with_64_connections(envoy):
+    """A limit of 100 admits exactly 100 of 320 requests sent on 64 concurrent keep-alive
+    connections, spread over both Envoy workers."""
+    results: list[int] = []
+    lock = threading.Lock()
+    start = threading.Barrier(64)
+    deadline = time.monotonic() + 60
+
+    def client():
+        conn = httpclient.HTTPConnection("127.0.0.1", envoy.port, timeout=20)
+        mine = []
+        try:
+            start.wait(20)
+            for _ in range(5):
+                if time.monotonic() > deadline:
+                    break
+                conn.request("GET", path("exact"))
+                resp = conn.getresponse()
+                resp.read()
+                mine.append(resp.status)
+        finally:
+            conn.close()
+            with lock:
+                results.extend(mine)
+
+    threads = [threading.Thread(target=client) for _ in range(64)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    assert len(results) == 320, len(results)
+    assert results.count(200) == 100, (results.count(200), results.count(429))
+    assert results.count(429) == 220
+    stats = envoy.stats()
+    per_worker = {k: v for k, v in stats.items()
+                  if re.fullmatch(r"listener\.127\.0\.0\.1_\d+\.worker_\d+\.downstream_cx_total", k)}
+    assert len(per_worker) == 2 and all(v > 0 for v in per_worker.values()), per_worker
+    assert envoy.stat("tollgate.ratelimit.limit.exact.allowed") == 100
+    assert envoy.stat("tollgate.ratelimit.limit.exact.limited") == 220
+    assert envoy.stat("tollgate.ratelimit.limit.exact.cas_exhausted") == 0
+    # one warning for the key crossing its limit, whichever worker saw it first
+    assert len(crossed_lines(envoy, "exact")) == 1, crossed_lines(envoy, "exact")
+
+
+def test_gcra_burst_then_refill(envoy):
+    """1 per 2s with a burst of 3: three at once, then one every 2s."""
+    ip = {"x-forwarded-for": "198.51.100.10"}
+    rs = [envoy.get(path("gcra"), ip) for _ in range(3)]
+    assert [check_allowed(r, "gcra")["r"] for r in rs] == [2, 1, 0]
+    retry = check_refused(envoy.get(path("gcra"), ip), "gcra")
+    assert retry == 2
+    time.sleep(retry + 0.2)
+    check_allowed(envoy.get(path("gcra"), ip), "gcra", remaining=0)
+    check_refused(envoy.get(path("gcra"), ip), "gcra")
+
+
+def test_fixed_window(envoy):
+    """3 per window of 3s aligned on the epoch: a full window, refusals, then a new window."""
+    while time.time() % 3 > 0.8:  # start early in a window, so that 4 requests fit in it
+        time.sleep(0.05)
+    ip = {"x-forwarded-for": "198.51.100.20"}
+    assert [check_allowed(envoy.get(path("window"), ip), "window")["r"] for _ in range(3)] == [2, 1, 0]
+    r = envoy.get(path("window"), ip)
+    retry = check_refused(r, "window")
+    assert 1 <= retry <= 3
+    time.sleep(retry + 0.1)
+    assert [envoy.get(path("window"), ip).status for _ in range(4)] == [200, 200, 200, 429]
+
+
+def test_several_limits_all_must_admit_and_are_each_reported(envoy):
+    ip = {"x-forwarded-for": "198.51.100.30"}
+    r = envoy.get(path("multi-both"), ip)
+    assert policies(r.header("ratelimit-policy")) == {"multi-a": {"q": 3, "w": 3600},
+                                                      "multi-b": {"q": 2, "w": 3600}}
+    state = policies(r.header("ratelimit"))
+    assert state["multi-a"]["r"] == 2 and state["multi-b"]["r"] == 1
+    check_allowed(envoy.get(path("multi-both"), ip), "multi-b", remaining=0)
+    check_refused(envoy.get(path("multi-both"), ip), "multi-b")
+    # the refused request took nothing from multi-a: one unit left there
+    check_allowed(envoy.get(path("multi-a"), ip), "multi-a", remaining=0)
+    check_refused(envoy.get(path("multi-a"), ip), "multi-a")
+
+
+@pytest.mark.parametrize("limit, name, same, other", [
+    ("k-consumer", "k-consumer",
+     lambda i: ({"x-tollgate-consumer": "alice"}, ""), lambda: ({"x-tollgate-consumer": "bob"}, "")),
+    ("k-api-key", "k-api-key",
+     lambda i: ({"x-api-key": "key-one"}, ""), lambda: ({"x-api-key": "key-two"}, "")),
+    ("k-header", "k-header",
+     lambda i: ({"x-tenant": "acme", "x-other": str(i)}, ""), lambda: ({"x-tenant": "globex"}, "")),
+    ("k-query", "k-query",
+     lambda i: ({}, f"tenant=acme&page={i}"), lambda: ({}, "tenant=globex")),
+    ("k-combo", "k-combo",
+     lambda i: ({"x-tollgate-consumer": "alice", "x-device": "d1"}, ""),
+     lambda: ({"x-tollgate-consumer": "alice", "x-device": "d2"}, "")),
+    # x-forwarded-for with one trusted hop: only the rightmost entry counts; what a client puts
+    # to its left is spoofable and changes nothing.
+    ("k-ip", "k-ip",
+     lambda i: ({"x-forwarded-for": f"6.6.6.{i}, 203.0.113.7"}, ""),
+     lambda: ({"x-forwarded-for": "6.6.6.1, 203.0.113.8"}, "")),
+])
+def test_key_sources(envoy, limit, name, same, other):
+    def send(hq, prefix=name):
+        headers, query = hq
+        return envoy.get(path(prefix, query), headers)
+
+    check_allowed(send(same(0)), limit, remaining=1)
+    check_allowed(send(same(1)), limit, remaining=0)
+    check_refused(send(same(2)), limit)
+    check_allowed(send(other()), limit, remaining=1)
+    # the secret parts of keys are never logged
+    for line in crossed_lines(envoy, limit):
+        assert "key-one" not in line and "acme" not in line, line
+
+
+def test_key_source_route(envoy):
+    """One limit keyed by route: each route has its own counter."""
+    assert [envoy.get(path("k-route-one")).status for _ in range(3)] == [200, 200, 429]
+    assert [envoy.get(path("k-route-two")).status for _ in range(3)] == [200, 200, 429]
+
+
+def test_missing_key_source_skips_the_limit(envoy):
+    assert [envoy.get(path("k-consumer")).status for _ in range(4)] == [200] * 4
+
+
+def test_plans(envoy):
+    free = {"x-tollgate-consumer": "f1", "x-tollgate-plan": "free"}
+    pro = {"x-tollgate-consumer": "p1", "x-tollgate-plan": "pro"}
+    assert [envoy.get(path("plan"), free).status for _ in range(3)] == [200, 200, 429]
+    r = envoy.get(path("plan"), pro)
+    assert policies(r.header("ratelimit-policy"))["plan"] == {"q": 5, "w": 3600}
+    assert [envoy.get(path("plan"), pro).status for _ in range(5)] == [200] * 4 + [429]
+
+
+def test_cost(envoy):
+    """A route costing 3 on a limit of 6: two requests, and the cheap route gets nothing left."""
+    c = {"x-tollgate-consumer": "spender"}
+    check_allowed(envoy.get(path("cost-3"), c), "cost", remaining=3)
+    check_allowed(envoy.get(path("cost-3"), c), "cost", remaining=0)
+    check_refused(envoy.get(path("cost-3"), c), "cost")
+    check_refused(envoy.get(path("cost-1"), c), "cost")
+    c2 = {"x-tollgate-consumer": "saver"}
+    check_allowed(envoy.get(path("cost-1"), c2), "cost", remaining=5)
+    check_allowed(envoy.get(path("cost-3"), c2), "cost", remaining=2)
+    check_refused(envoy.get(path("cost-3"), c2), "cost")
+
+
+def test_shadow_mode_reports_but_never_refuses(envoy):
+    c = {"x-tollgate-consumer": "shadowy"}
+    rs = [envoy.get(path("shadow"), c) for _ in range(5)]
+    assert [r.status for r in rs] == [200] * 5
+    assert [r.header("x-tollgate-ratelimit-shadow") for r in rs] == [None, None, "shadow", "shadow", "shadow"]
+    # shadow limits do not show in the client-facing fields
+    assert all(r.header("ratelimit") is None for r in rs)
+    assert envoy.stat("tollgate.ratelimit.limit.shadow.shadow_limited") == 3
+    assert envoy.stat("tollgate.ratelimit.limit.shadow.limited") == 0
+    lines = crossed_lines(envoy, "shadow")
+    assert len(lines) == 1 and "consumer=shadowy" in lines[0] and "shadow: not enforced" in lines[0], lines
+
+
+def test_memory_is_bounded_distinct_clients_evict(envoy):
+    """A table of 8 slots and 40 distinct clients: the oldest states are evicted (counted), and
+    every new client is admitted (it starts with a full quota)."""
+    statuses = [envoy.get(path("evict"), {"x-forwarded-for": f"192.0.2.{i}"}).status for i in range(40)]
+    assert statuses == [200] * 40
+    assert envoy.stat("tollgate.ratelimit.limit.evict.evicted") == 32
+    # the most recent clients are still tracked
+    check_refused(envoy.get(path("evict"), {"x-forwarded-for": "192.0.2.39"}), "evict")
+
+
+def test_metrics_and_no_panics(envoy):
+    stats = envoy.stats("tollgate.ratelimit")
+    for m in ("requests", "allowed", "limited", "shadow_limited", "failures", "cas_exhausted", "evictions"):
+        assert f"wasmcustom.tollgate.ratelimit.{m}" in stats, m
+    assert stats["wasmcustom.tollgate.ratelimit.failures"] == 0
+    assert envoy.stat("tollgate.ratelimit.requests") >= envoy.stat("tollgate.ratelimit.allowed") + \
+        envoy.stat("tollgate.ratelimit.limited")
+    assert "panicked" not in envoy.log()
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad configuration
+
+
+@pytest.mark.parametrize("config, field, reason", [
+    ({"limits": [lim("a", 0, "1s", ["client_ip"])]}, "limits[0].quota", "at least 1"),
+    ({"limits": [lim("a", -10, "1s", ["client_ip"])]}, "limits[0].quota", "invalid value"),
+    ({"limits": [lim("a", 10, "0s", ["client_ip"])]}, "limits[0].window", "at least 1s"),
+    ({"limits": [lim("a", 10, "1s", ["client_ip", "cookie"])]}, "limits[0].key[1]", "unknown variant `cookie`"),
+    ({"limits": [lim("a", 1, "1s", ["route"]), lim("a", 2, "1s", ["route"])]}, "limits[1].name",
+     "duplicate limit name `a`"),
+    ({"limits": [lim("a", 1, "1s", ["route"])], "routes": [{"limits": ["b"]}]}, "routes[0].limits[0]",
+     "no limit named `b`"),
+])
+def test_bad_configuration_is_refused_with_one_line(services, envoy_factory, config, field, reason):
+    e = envoy_factory(filters=[("ratelimit", config)], services=services, expect_failure=True)
+    assert e.returncode not in (None, 0)
+    lines = [l for l in e.log().splitlines() if "tollgate-ratelimit: invalid configuration" in l]
+    assert len(lines) == 1, e.log_tail()
+    assert f"field `{field}`" in lines[0] and reason in lines[0], lines[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# The bundled configuration, the documented example and the JSON Schema
+
+
+def bundled_ratelimit_config() -> dict:
+    cfg = yaml.safe_load((ROOT / "envoy" / "envoy.yaml").read_text())
+    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    (f,) = [f for f in hcm["http_filters"] if f["name"] == "tollgate.ratelimit"]
+    return json.loads(f["typed_config"]["config"]["configuration"]["value"])
+
+
+def documented_example() -> dict:
+    text = (ROOT / "docs" / "filters" / "ratelimit.md").read_text()
+    m = re.search(r"<!-- example -->\s*```json\n(.*?)```", text, re.S)
+    assert m, "docs/filters/ratelimit.md has no example block"
+    return json.loads(m.group(1))
+
+
+def test_bundled_configuration_limits_per_plan_and_per_ip(services, envoy_factory):
+    """envoy/envoy.yaml's rate limiting alone: anonymous clients per IP, consumers per plan."""
+    e = envoy_factory(filters=[("ratelimit", bundled_ratelimit_config())], services=services,
+                      concurrency=2)
+    # 10 per minute per IP (one more every 6s): generous about a slow machine
+    anon = [e.get("/api/products/1") for _ in range(13)]
+    assert [r.status for r in anon[:10]] == [200] * 10, anon
+    check_refused(anon[-1], "anonymous-ip", legacy=False)
+    free = {"x-tollgate-consumer": "ann", "x-tollgate-plan": "free"}
+    pro = {"x-tollgate-consumer": "pat", "x-tollgate-plan": "pro"}
+    free_statuses = [e.get("/api/products/1", free).status for _ in range(7)]
+    assert free_statuses[:5] == [200] * 5 and free_statuses[-1] == 429, free_statuses
+    assert [e.get("/api/products/1", pro).status for _ in range(20)] == [200] * 20
+    assert e.get("/healthz").status == 404  # not limited, not routed by the test Envoy
+
+
+def test_documented_example_and_bench_scenarios_load(services, envoy_factory):
+    configs = [documented_example()]
+    for p in sorted((ROOT / "bench" / "scenarios" / "ratelimit").glob("tollgate-*.json")):
+        configs.append(json.loads(p.read_text()))
+    assert len(configs) >= 3
+    for c in configs:
+        e = envoy_factory(filters=[("ratelimit", c)], services=services)
+        assert e.get("/api/products/1").status in (200, 429)
+        e.stop()
+
+
+def schema_validator():
+    import jsonschema
+    from referencing import Registry, Resource
+
+    registry = Registry()
+    for p in (ROOT / "schemas").glob("*.schema.json"):
+        doc = json.loads(p.read_text())
+        registry = registry.with_resource(doc["$id"], Resource.from_contents(doc))
+    schema = json.loads((ROOT / "schemas" / "ratelimit.schema.json").read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema, registry=registry)
+
+
+def test_schema_accepts_the_documented_and_bundled_configurations():
+    v = schema_validator()
+    for c in [documented_example(), bundled_ratelimit_config(), CONFIG, {}]:
+        errors = [e.message for e in v.iter_errors(c)]
+        assert not errors, (c, errors)
+    for p in (ROOT / "bench" / "scenarios" / "ratelimit").glob("tollgate-*.json"):
+        assert v.is_valid(json.loads(p.read_text())), p
+
+
+@pytest.mark.parametrize("config", [
+    {"limits": [lim("a", 0, "1s", ["client_ip"])]},
+    {"limits": [lim("a", -1, "1s", ["client_ip"])]},
+    {"limits": [lim("a", 1, "1s", ["cookie"])]},
+    {"limits": [lim("a", 1, "1s", [])]},
+    {"limits": [lim("a b", 1, "1s", ["route"])]},
+    {"limits": [lim("a", 1, "1s", ["route"], algorithm="leaky")]},
+    {"limits": [lim("a", 1, "1s", ["route"], burst=2, algorithm="fixed_window")]},
+    {"limits": [lim("a", 1, "1s", ["route"], plans={"pro": {"quota": 0}})]},
+    {"limits": [{"name": "a", "quota": 1, "window": "1s"}]},
+    {"routes": [{"limits": ["a"], "cost": 0}]},
+    {"headers": "sometimes"},
+    {"trusted_hops": -1},
+])
+def test_schema_refuses_what_the_filter_refuses(config):
+    assert not schema_validator().is_valid(config), config
