@@ -70,6 +70,8 @@ pub struct RefreshJob {
     pub policy_req: Vec<(String, String)>,
     /// Set-Cookie handling.
     pub set_cookie: SetCookie,
+    /// Purge sequence number when the refresh was started.
+    pub purge_seq: u64,
 }
 
 /// What every request of a VM shares.
@@ -157,6 +159,7 @@ impl RootFilter for CacheRoot {
             is_head: false,
             no_store: false,
             capture: None,
+            purge_seq: 0,
         }
     }
 }
@@ -165,7 +168,8 @@ const TICK_MS: u64 = 100;
 const USAGE_EVERY_TICKS: u32 = 5;
 
 impl CacheRoot {
-    fn start_refresh(&mut self, host: &mut dyn Host, job: RefreshJob) {
+    fn start_refresh(&mut self, host: &mut dyn Host, mut job: RefreshJob) {
+        job.purge_seq = self.shared.store.purges(host).seq;
         let (path, query) = split_query(&job.path);
         let rest = path
             .strip_prefix(job.refresh.strip_prefix.as_str())
@@ -268,7 +272,10 @@ impl CacheRoot {
             shared.store.invalidate_url(host, job.url_hash);
             return;
         }
-        if let Some(st) = shared.store.put(host, job.url_hash, &vary, entry, now) {
+        if let Some(st) = shared
+            .store
+            .put(host, job.url_hash, &vary, entry, now, job.purge_seq)
+        {
             shared.metrics.count(host, "refreshes", 1);
             shared.metrics.count(host, "stores", 1);
             if st.evicted {
@@ -319,6 +326,7 @@ pub struct CacheFilter {
     is_head: bool,
     no_store: bool,
     capture: Option<Capture>,
+    purge_seq: u64,
 }
 
 fn header(headers: &[(String, String)], name: &str) -> Option<String> {
@@ -521,6 +529,7 @@ impl CacheFilter {
             path: target.clone(),
             prefix,
             at: millis(host.now()),
+            seq: 0,
         };
         if !self.shared.store.add_purge(host, rule) {
             return Decision::Respond(
@@ -563,35 +572,38 @@ impl CacheFilter {
         let request_no_cache = directive(&self.request, "no-cache").is_some()
             || header(&self.request, "pragma").is_some_and(|p| p.contains("no-cache"))
                 && header(&self.request, "cache-control").is_none();
-        let found = match self
-            .shared
-            .store
-            .lookup(host, url.hash, &self.request, &key_headers)
-        {
-            Lookup::Hit(found) => found,
-            miss => {
-                let fwd = if matches!(miss, Lookup::VaryMiss) {
-                    "vary-miss"
-                } else {
-                    "uri-miss"
-                };
-                m.count(host, "misses", 1);
-                if only_if_cached {
-                    self.state = State::Done;
-                    return Decision::Respond(
-                        Problem::new(504)
-                            .detail("only-if-cached: not in the cache")
-                            .into_reply()
-                            .with_header(
-                                "cache-status",
-                                cache_status(&format!("fwd={fwd}; detail=only-if-cached")),
-                            ),
-                    );
+        let purges = self.shared.store.purges(host);
+        self.purge_seq = purges.seq;
+        let found =
+            match self
+                .shared
+                .store
+                .lookup(host, url.hash, &self.request, &key_headers, &purges)
+            {
+                Lookup::Hit(found) => found,
+                miss => {
+                    let fwd = if matches!(miss, Lookup::VaryMiss) {
+                        "vary-miss"
+                    } else {
+                        "uri-miss"
+                    };
+                    m.count(host, "misses", 1);
+                    if only_if_cached {
+                        self.state = State::Done;
+                        return Decision::Respond(
+                            Problem::new(504)
+                                .detail("only-if-cached: not in the cache")
+                                .into_reply()
+                                .with_header(
+                                    "cache-status",
+                                    cache_status(&format!("fwd={fwd}; detail=only-if-cached")),
+                                ),
+                        );
+                    }
+                    self.state = State::Miss(fwd);
+                    return Decision::Continue;
                 }
-                self.state = State::Miss(fwd);
-                return Decision::Continue;
-            }
-        };
+            };
         let now = host.now();
         let entry = &found.entry;
         let at = SystemTime::UNIX_EPOCH + Duration::from_millis(entry.meta.at);
@@ -651,6 +663,7 @@ impl CacheFilter {
                         vary_headers,
                         key_headers,
                         set_cookie,
+                        purge_seq: 0,
                     });
                 }
                 self.state = State::Done;
@@ -789,7 +802,11 @@ impl CacheFilter {
             return;
         }
         let now = host.now();
-        match self.shared.store.put(host, url.hash, &c.vary, entry, now) {
+        match self
+            .shared
+            .store
+            .put(host, url.hash, &c.vary, entry, now, self.purge_seq)
+        {
             Some(st) => {
                 self.shared.metrics.count(host, "stores", 1);
                 if st.evicted {
@@ -896,7 +913,7 @@ impl HttpFilter for CacheFilter {
                         if self
                             .shared
                             .store
-                            .put(host, url.hash, &vary, fresh.clone(), now)
+                            .put(host, url.hash, &vary, fresh.clone(), now, self.purge_seq)
                             .is_some()
                         {
                             self.shared.metrics.count(host, "refreshes", 1);

@@ -52,6 +52,10 @@ pub struct Way {
     /// A background refresh is running until (ms).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub r: u64,
+    /// Purge sequence number seen before the response was fetched: purges with a higher
+    /// number apply to this entry.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub p: u64,
 }
 
 fn is_zero(v: &u64) -> bool {
@@ -144,27 +148,35 @@ pub struct PurgeRule {
     pub path: String,
     /// Prefix rather than exact path.
     pub prefix: bool,
-    /// When (ms): entries stored at or before it are gone.
+    /// When (ms), for operators reading the record.
     pub at: u64,
+    /// Sequence number: entries fetched before it (a lower `p`) are gone.
+    #[serde(default)]
+    pub seq: u64,
 }
 
 /// The purge rules.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Purges {
-    /// Every entry stored at or before this (ms) is gone.
+    /// Last purge sequence number given out.
+    #[serde(default)]
+    pub seq: u64,
+    /// Every entry fetched before this sequence number is gone.
     pub flush_before: u64,
     /// Rules, oldest first.
     pub rules: Vec<PurgeRule>,
 }
 
 impl Purges {
-    /// Is an entry of `host` + `path` stored at `stored_at` purged?
-    pub fn purged(&self, host: &str, path: &str, stored_at: u64) -> bool {
-        if stored_at <= self.flush_before {
+    /// Is an entry of `host` + `path`, fetched when the sequence number was `seen`, purged?
+    /// Sequence numbers rather than times: workers' clocks need not agree to the millisecond,
+    /// and a response fetched before a purge must not survive it even if stored after it.
+    pub fn purged(&self, host: &str, path: &str, seen: u64) -> bool {
+        if seen < self.flush_before {
             return true;
         }
         self.rules.iter().any(|r| {
-            stored_at <= r.at
+            seen < r.seq
                 && r.host
                     .as_deref()
                     .is_none_or(|h| h.eq_ignore_ascii_case(host))
@@ -291,10 +303,13 @@ impl Store {
                 ),
                 _ => (Purges::default(), None),
             };
-            purges.rules.push(rule.clone());
+            purges.seq += 1;
+            let mut rule = rule.clone();
+            rule.seq = purges.seq;
+            purges.rules.push(rule);
             while purges.rules.len() > MAX_PURGE_RULES {
                 let oldest = purges.rules.remove(0);
-                purges.flush_before = purges.flush_before.max(oldest.at);
+                purges.flush_before = purges.flush_before.max(oldest.seq);
             }
             let Ok(bytes) = serde_json::to_vec(&purges) else {
                 return false;
@@ -316,11 +331,11 @@ impl Store {
         url_hash: u64,
         request: &[(String, String)],
         key_headers: &[String],
+        purges: &Purges,
     ) -> Lookup {
         let s = self.set_of(url_hash);
         let (rec, _) = self.read_set(host, s);
         let mut any = false;
-        let purges = self.purges(host);
         for (w, way) in rec.ways.iter().enumerate() {
             if way.is_empty() || way.u != url_hash {
                 continue;
@@ -339,7 +354,7 @@ impl Store {
             if entry.meta.g != way.g || entry.meta.v != way.v {
                 continue;
             }
-            if purges.purged(&entry.meta.host, &entry.meta.path, way.t) {
+            if purges.purged(&entry.meta.host, &entry.meta.path, way.p) {
                 self.invalidate_way(host, s, w, way.g);
                 any = false;
                 continue;
@@ -413,6 +428,7 @@ impl Store {
         vary: &[String],
         mut entry: Entry,
         now: SystemTime,
+        purge_seq: u64,
     ) -> Option<Stored> {
         let s = self.set_of(url_hash);
         let now_ms = millis(now);
@@ -442,6 +458,7 @@ impl Store {
                 t: now_ms,
                 n,
                 r: 0,
+                p: purge_seq,
             };
             Some(Stored {
                 bytes_delta: i64::try_from(n).unwrap_or(i64::MAX)
@@ -525,6 +542,19 @@ mod tests {
         }
     }
 
+    impl Store {
+        fn lookup_now(
+            &self,
+            h: &mut MemHost,
+            u: u64,
+            r: &[(String, String)],
+            k: &[String],
+        ) -> Lookup {
+            let p = self.purges(h);
+            self.lookup(h, u, r, k, &p)
+        }
+    }
+
     #[test]
     fn entries_round_trip_and_garbage_is_a_miss() {
         let e = entry("/a", 7, b"hello");
@@ -548,15 +578,16 @@ mod tests {
                     &[],
                     entry(url, v0, url.as_bytes()),
                     now,
+                    0,
                 )
                 .unwrap();
             assert_eq!(st.evicted, i == 2, "{url}");
         }
         assert!(matches!(
-            store.lookup(&mut h, 100, &[], &[]),
+            store.lookup_now(&mut h, 100, &[], &[]),
             Lookup::UriMiss
         ));
-        match store.lookup(&mut h, 101, &[], &[]) {
+        match store.lookup_now(&mut h, 101, &[], &[]) {
             Lookup::Hit(f) => assert_eq!(f.entry.body, b"/b"),
             other => panic!("{other:?}"),
         }
@@ -565,7 +596,7 @@ mod tests {
         assert!(bytes > 0);
         assert_eq!(store.invalidate_url(&mut h, 101).0, 1);
         assert!(matches!(
-            store.lookup(&mut h, 101, &[], &[]),
+            store.lookup_now(&mut h, 101, &[], &[]),
             Lookup::UriMiss
         ));
     }
@@ -580,17 +611,17 @@ mod tests {
         for l in ["en", "fr"] {
             let v = crate::key::variant_hash(&req(l), &[], &vary);
             store
-                .put(&mut h, 5, &vary, entry("/a", v, l.as_bytes()), now)
+                .put(&mut h, 5, &vary, entry("/a", v, l.as_bytes()), now, 0)
                 .unwrap();
         }
         for l in ["en", "fr"] {
-            match store.lookup(&mut h, 5, &req(l), &[]) {
+            match store.lookup_now(&mut h, 5, &req(l), &[]) {
                 Lookup::Hit(f) => assert_eq!(f.entry.body, l.as_bytes()),
                 other => panic!("{other:?}"),
             }
         }
         assert!(matches!(
-            store.lookup(&mut h, 5, &req("de"), &[]),
+            store.lookup_now(&mut h, 5, &req("de"), &[]),
             Lookup::VaryMiss
         ));
     }
@@ -601,29 +632,45 @@ mod tests {
         let mut h = MemHost::new();
         let v0 = crate::key::variant_hash(&[], &[], &[]);
         let now = h.now;
+        let seen = store.purges(&h).seq;
         store
-            .put(&mut h, 1, &[], entry("/api/x", v0, b"x"), now)
+            .put(&mut h, 1, &[], entry("/api/x", v0, b"x"), now, seen)
             .unwrap();
         let rule = PurgeRule {
             host: None,
             path: "/api/".into(),
             prefix: true,
             at: millis(now),
+            seq: 0,
         };
         assert!(store.add_purge(&mut h, rule));
-        assert!(matches!(store.lookup(&mut h, 1, &[], &[]), Lookup::UriMiss));
-        h.advance(Duration::from_secs(1));
-        let now = h.now;
+        assert!(matches!(
+            store.lookup_now(&mut h, 1, &[], &[]),
+            Lookup::UriMiss
+        ));
+        // fetched before the purge, stored after it (same clock): still purged
         store
-            .put(&mut h, 1, &[], entry("/api/x", v0, b"x"), now)
+            .put(&mut h, 1, &[], entry("/api/x", v0, b"x"), now, seen)
             .unwrap();
-        assert!(matches!(store.lookup(&mut h, 1, &[], &[]), Lookup::Hit(_)));
+        assert!(matches!(
+            store.lookup_now(&mut h, 1, &[], &[]),
+            Lookup::UriMiss
+        ));
+        let seen = store.purges(&h).seq;
+        store
+            .put(&mut h, 1, &[], entry("/api/x", v0, b"x"), now, seen)
+            .unwrap();
+        assert!(matches!(
+            store.lookup_now(&mut h, 1, &[], &[]),
+            Lookup::Hit(_)
+        ));
         for i in 0..(MAX_PURGE_RULES as u64 + 1) {
             let r = PurgeRule {
                 host: Some("other".into()),
                 path: "/z".into(),
                 prefix: false,
                 at: i,
+                seq: 0,
             };
             store.add_purge(&mut h, r);
         }
@@ -639,13 +686,13 @@ mod tests {
         let now = h.now;
         let v0 = crate::key::variant_hash(&[], &[], &[]);
         store
-            .put(&mut h, 1, &[], entry("/a", v0, b"a"), now)
+            .put(&mut h, 1, &[], entry("/a", v0, b"a"), now, 0)
             .unwrap();
-        let Lookup::Hit(f) = store.lookup(&mut h, 1, &[], &[]) else {
+        let Lookup::Hit(f) = store.lookup_now(&mut h, 1, &[], &[]) else {
             panic!()
         };
         assert!(store.lock_refresh(&mut h, &f, now, Duration::from_secs(5)));
-        let Lookup::Hit(f) = store.lookup(&mut h, 1, &[], &[]) else {
+        let Lookup::Hit(f) = store.lookup_now(&mut h, 1, &[], &[]) else {
             panic!()
         };
         assert!(!store.lock_refresh(&mut h, &f, now, Duration::from_secs(5)));

@@ -1,0 +1,351 @@
+"""tollgate.cache on a real Envoy: RFC 9111 hits and misses, Vary, 304s, revalidation, stale
+serving, Authorization / Set-Cookie safety, the memory bound, purge and cross-worker sharing.
+
+Most tests share one Envoy (two workers) and use their own URLs; the demo services' `/stats`
+tell how often the origin was asked. Knobs go in `x-demo-*` headers, which are not in the key.
+"""
+
+import hashlib
+import json
+import time
+
+import pytest
+import yaml
+
+import harness
+from harness import ROOT, Envoy, free_port, static_cluster
+
+PURGE_KEY = "test-purge-key"
+PURGE_SHA = hashlib.sha256(PURGE_KEY.encode()).hexdigest()
+
+
+def routes(timeout="10s"):
+    out = [
+        {"match": {"prefix": f"/api/{s}"},
+         "route": {"cluster": s, "prefix_rewrite": f"/{s}", "timeout": timeout}}
+        for s in harness.SERVICES
+    ]
+    out.append({"match": {"prefix": "/"}, "direct_response": {"status": 404, "body": {"inline_string": "no route"}}})
+    return out
+
+
+CONFIG = {
+    "routes": [
+        {"match": {"prefix": "/api/products"},
+         "key": {"query_exclude": ["utm_source"]},
+         "refresh": {"cluster": "products", "strip_prefix": "/api/products", "add_prefix": "/products",
+                     "timeout": "3s"}},
+        {"match": {"prefix": "/api/orders"}, "set_cookie": "strip", "stale_if_error": "1h"},
+    ],
+    "max_total_bytes": 4 << 20,
+    "max_entry_bytes": 64 << 10,
+    "purge": {"path": "/_tollgate/cache/purge", "key_sha256": PURGE_SHA},
+}
+
+
+@pytest.fixture(scope="module")
+def envoy(services):
+    e = Envoy.start(filters=[("cache", CONFIG)], services=services, concurrency=2, routes=routes("2s"))
+    yield e
+    e.stop()
+
+
+def hits(services, path, service="products"):
+    return services.hits(service, path)
+
+
+def cs(r):
+    return r.header("cache-status") or ""
+
+
+_n = [0]
+
+
+def fresh_id():
+    """A product id no other test used in this Envoy (ids go up to 1000)."""
+    _n[0] += 1
+    return 100 + _n[0]
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_miss_then_hit_with_age_and_cache_status(envoy, services):
+    i = fresh_id()
+    r = envoy.get(f"/api/products/{i}")
+    assert r.status == 200 and r.json()["id"] == i, r
+    assert cs(r) == "tollgate; fwd=uri-miss; stored", r
+    time.sleep(1.2)
+    r2 = envoy.get(f"/api/products/{i}")
+    assert r2.status == 200 and r2.body == r.body, r2
+    assert cs(r2).startswith("tollgate; hit; ttl="), r2
+    assert int(r2.header("age")) >= 1, r2
+    assert r2.header("etag") == r.header("etag")
+    assert r2.header("content-type") == "application/json"
+    assert hits(services, f"/products/{i}") == 1
+    # the normalised query: order does not matter, an excluded parameter is ignored
+    envoy.get(f"/api/products/{i}?b=2&a=1")
+    r3 = envoy.get(f"/api/products/{i}?a=1&utm_source=x&b=2")
+    assert "hit" in cs(r3), r3
+    assert hits(services, f"/products/{i}") == 2
+    assert envoy.stat("tollgate.cache.hits") >= 2
+    assert envoy.stat("tollgate.cache.stores") >= 2
+
+
+def test_entry_stored_by_one_worker_is_served_by_the_other(envoy, services):
+    i = fresh_id()
+    before = {k: v for k, v in envoy.stats("downstream_cx_total").items() if ".worker_" in k}
+    for _ in range(30):  # a new connection each time: Envoy spreads them over both workers
+        r = envoy.get(f"/api/products/{i}")
+        assert r.status == 200, r
+    after = {k: v for k, v in envoy.stats("downstream_cx_total").items() if ".worker_" in k}
+    used = [k for k in after if after[k] > before.get(k, 0)]
+    assert len(used) == 2, (before, after)
+    assert hits(services, f"/products/{i}") == 1
+
+
+def test_client_conditional_requests_get_304_from_the_cache(envoy, services):
+    i = fresh_id()
+    r = envoy.get(f"/api/products/{i}")
+    etag, lm = r.header("etag"), r.header("last-modified")
+    assert etag and lm, r
+    r304 = envoy.get(f"/api/products/{i}", headers={"if-none-match": etag})
+    assert r304.status == 304 and r304.body == b"", r304
+    assert r304.header("etag") == etag and "hit" in cs(r304)
+    weak = envoy.get(f"/api/products/{i}", headers={"if-none-match": f'"nope", W/{etag}'})
+    assert weak.status == 304, weak
+    ims = envoy.get(f"/api/products/{i}", headers={"if-modified-since": lm})
+    assert ims.status == 304, ims
+    other = envoy.get(f"/api/products/{i}", headers={"if-none-match": '"other"'})
+    assert other.status == 200 and other.body == r.body, other
+    assert hits(services, f"/products/{i}") == 1
+
+
+def test_head_is_answered_from_the_get_entry(envoy, services):
+    i = fresh_id()
+    r = envoy.get(f"/api/products/{i}")
+    h = envoy.request("HEAD", f"/api/products/{i}")
+    assert h.status == 200 and h.body == b"", h
+    assert "hit" in cs(h) and h.header("etag") == r.header("etag"), h
+    assert hits(services, f"/products/{i}") == 1
+
+
+def test_vary_keeps_variants_apart(envoy, services):
+    path = f"/api/products/echo/vary-{fresh_id()}"
+    knobs = {"x-demo-cache-control": "public, max-age=60", "x-demo-vary": "Accept-Language"}
+    seen = {}
+    for lang in ("en", "fr"):
+        r = envoy.get(path, headers={**knobs, "accept-language": lang})
+        assert r.json()["headers"]["accept-language"] == lang
+        assert "stored" in cs(r), r
+        seen[lang] = r.body
+    for lang in ("en", "fr", "en"):
+        r = envoy.get(path, headers={**knobs, "accept-language": lang})
+        assert "hit" in cs(r), r
+        assert r.json()["headers"]["accept-language"] == lang, r
+    r = envoy.get(path, headers={**knobs, "accept-language": "de"})
+    assert "fwd=vary-miss" in cs(r) and r.json()["headers"]["accept-language"] == "de", r
+    assert hits(services, path.replace("/api", "")) == 3
+    # Vary: * never matches
+    star = f"/api/products/echo/star-{fresh_id()}"
+    for _ in range(2):
+        r = envoy.get(star, headers={"x-demo-cache-control": "public, max-age=60", "x-demo-vary": "*"})
+        assert "hit" not in cs(r), r
+    assert hits(services, star.replace("/api", "")) == 2
+
+
+def test_stale_entry_is_revalidated_and_refreshed_by_304(envoy, services):
+    i = fresh_id()
+    knobs = {"x-demo-cache-control": "public, max-age=1"}
+    r = envoy.get(f"/api/products/{i}", headers=knobs)
+    assert "stored" in cs(r)
+    time.sleep(1.5)
+    r2 = envoy.get(f"/api/products/{i}", headers={"x-demo-cache-control": "public, max-age=30"})
+    assert r2.status == 200 and r2.body == r.body, r2
+    assert cs(r2) == "tollgate; fwd=stale; fwd-status=304", r2
+    assert r2.header("cache-control") == "public, max-age=30"
+    r3 = envoy.get(f"/api/products/{i}")
+    assert "hit" in cs(r3), r3
+    assert hits(services, f"/products/{i}") == 2
+    assert envoy.stat("tollgate.cache.revalidations") >= 1
+
+
+def test_stale_while_revalidate_serves_stale_and_refreshes_once_in_background(envoy, services):
+    i = fresh_id()
+    r = envoy.get(f"/api/products/{i}", headers={"x-demo-cache-control": "public, max-age=1, stale-while-revalidate=30"})
+    assert "stored" in cs(r)
+    time.sleep(1.5)
+    for _ in range(5):
+        s = envoy.get(f"/api/products/{i}", headers={"x-demo-delay": "2000"})
+        assert s.status == 200 and s.body == r.body
+        assert "detail=stale-while-revalidate" in cs(s), s
+        assert s.elapsed < 1.5, s.elapsed  # did not wait for the (slow) origin
+    harness.wait_for(lambda: hits(services, f"/products/{i}") == 2, 10, "the background refresh")
+    time.sleep(0.5)
+    assert hits(services, f"/products/{i}") == 2, "exactly one refresh"
+    # the refresh (a 304 carrying the origin's default `max-age=60`) made the entry fresh
+    f = envoy.get(f"/api/products/{i}")
+    assert cs(f).startswith("tollgate; hit; ttl=") and "stale" not in cs(f), f
+    assert int(cs(f).split("ttl=")[1]) > 50, f
+
+
+def test_stale_if_error_serves_stale_on_5xx_and_timeout(envoy, services):
+    i = fresh_id()
+    r = envoy.get(f"/api/products/{i}", headers={"x-demo-cache-control": "public, max-age=1, stale-if-error=60"})
+    time.sleep(1.5)
+    e = envoy.get(f"/api/products/{i}", headers={"x-demo-status": "503"})
+    assert e.status == 200 and e.body == r.body, e
+    assert cs(e) == "tollgate; fwd=stale; fwd-status=503; detail=stale-if-error", e
+    t = envoy.get(f"/api/products/{i}", headers={"x-demo-delay": "3000"})  # route timeout 2s
+    assert t.status == 200 and t.body == r.body, t
+    assert "fwd-status=504" in cs(t), t
+    # without stale-if-error the origin's error passes
+    j = fresh_id()
+    envoy.get(f"/api/products/{j}", headers={"x-demo-cache-control": "public, max-age=1"})
+    time.sleep(1.5)
+    e = envoy.get(f"/api/products/{j}", headers={"x-demo-status": "503"})
+    assert e.status == 503, e
+    # the route's default window (orders rule: stale_if_error 1h) when the response has none
+    o = envoy.get("/api/orders/7", headers={"x-demo-cache-control": "public, max-age=1"})
+    assert o.status == 200 and "stored" in cs(o), o
+    time.sleep(1.5)
+    e = envoy.get("/api/orders/7", headers={"x-demo-status": "500"})
+    assert e.status == 200 and e.body == o.body and "stale-if-error" in cs(e), e
+
+
+def test_authorization_is_not_stored_unless_the_response_allows_it(envoy, services):
+    i = fresh_id()
+    auth = {"authorization": "Bearer alice", "x-demo-cache-control": "max-age=60"}
+    r = envoy.get(f"/api/products/{i}", headers=auth)
+    assert "detail=not-storable" in cs(r), r
+    r = envoy.get(f"/api/products/{i}")  # another client, no credentials
+    assert "hit" not in cs(r)
+    assert hits(services, f"/products/{i}") == 2
+    j = fresh_id()
+    r = envoy.get(f"/api/products/{j}", headers={"authorization": "Bearer alice",
+                                                 "x-demo-cache-control": "public, max-age=60"})
+    assert "stored" in cs(r), r
+    assert "hit" in cs(envoy.get(f"/api/products/{j}"))
+    # private responses (the users service) are never stored
+    for _ in range(2):
+        u = envoy.get("/api/users/3")
+        assert "hit" not in cs(u) and u.header("cache-control") == "private, max-age=30"
+    assert "Bearer alice" not in envoy.log()
+
+
+def test_set_cookie_responses_are_not_stored_unless_configured(envoy, services):
+    i = fresh_id()
+    knobs = {"x-demo-cache-control": "public, max-age=60", "x-demo-set-cookie": "session=alice"}
+    r = envoy.get(f"/api/products/{i}", headers=knobs)
+    assert r.header("set-cookie") == "session=alice" and "detail=set-cookie" in cs(r), r
+    r = envoy.get(f"/api/products/{i}")
+    assert "hit" not in cs(r) and r.header("set-cookie") is None
+    # the orders rule strips the cookie and stores
+    o = envoy.get("/api/orders/9", headers=knobs)
+    assert o.header("set-cookie") == "session=alice" and "stored" in cs(o), o
+    o2 = envoy.get("/api/orders/9")
+    assert "hit" in cs(o2) and o2.header("set-cookie") is None, o2
+
+
+def test_request_directives(envoy, services):
+    i = fresh_id()
+    r = envoy.get(f"/api/products/{i}", headers={"cache-control": "only-if-cached"})
+    assert r.status == 504 and "only-if-cached" in cs(r), r
+    envoy.get(f"/api/products/{i}")
+    r = envoy.get(f"/api/products/{i}", headers={"cache-control": "no-cache"})
+    assert cs(r).startswith("tollgate; fwd=request"), r
+    time.sleep(1.1)
+    r = envoy.get(f"/api/products/{i}", headers={"cache-control": "max-age=0"})
+    assert "fwd=" in cs(r) and "hit" not in cs(r), r
+    r = envoy.get(f"/api/products/{i}", headers={"cache-control": "min-fresh=3600"})
+    assert "hit" not in cs(r), r
+    r = envoy.get(f"/api/products/{i}", headers={"cache-control": "only-if-cached"})
+    assert r.status == 200 and "hit" in cs(r), r
+    r = envoy.get(f"/api/products/{i}", headers={"cache-control": "no-store"})
+    assert r.status == 200
+
+
+def test_unsafe_methods_invalidate_the_url_on_success(envoy, services):
+    i = fresh_id()
+    envoy.get(f"/api/products/{i}")
+    assert "hit" in cs(envoy.get(f"/api/products/{i}"))
+    p = envoy.request("POST", f"/api/products/{i}", body="{}", headers={"x-demo-status": "500"})
+    assert p.status == 500 and cs(p) == "tollgate; fwd=method"
+    assert "hit" in cs(envoy.get(f"/api/products/{i}")), "a failed POST invalidates nothing"
+    p = envoy.request("PUT", f"/api/products/{i}", body="{}")
+    assert p.status == 200, p
+    r = envoy.get(f"/api/products/{i}")
+    assert cs(r) == "tollgate; fwd=uri-miss; stored", r
+    assert envoy.stat("tollgate.cache.invalidations") >= 1
+
+
+def test_purge_one_url_and_a_prefix(envoy, services):
+    a, b = fresh_id(), fresh_id()
+    for i in (a, b):
+        envoy.get(f"/api/products/{i}")
+        assert "hit" in cs(envoy.get(f"/api/products/{i}"))
+    url = f"/_tollgate/cache/purge?url=/api/products/{a}"
+    r = envoy.request("POST", url)
+    assert r.status == 401 and r.header("content-type") == "application/problem+json", r
+    r = envoy.request("POST", url, headers={"x-tollgate-purge-key": "wrong"})
+    assert r.status == 403, r
+    r = envoy.request("POST", url, headers={"x-tollgate-purge-key": PURGE_KEY})
+    assert r.status == 200 and r.json()["purged"] == f"/api/products/{a}", r
+    assert "uri-miss" in cs(envoy.get(f"/api/products/{a}"))
+    assert "hit" in cs(envoy.get(f"/api/products/{b}"))
+    r = envoy.request("PURGE", "/_tollgate/cache/purge?prefix=/api/products/",
+                      headers={"x-tollgate-purge-key": PURGE_KEY})
+    assert r.status == 200 and r.json()["kind"] == "prefix", r
+    assert "uri-miss" in cs(envoy.get(f"/api/products/{b}"))
+    assert "hit" in cs(envoy.get(f"/api/products/{b}"))
+    assert PURGE_KEY not in envoy.log()
+
+
+def test_memory_stays_under_the_bound_with_a_stream_of_distinct_urls(services, envoy_factory):
+    config = {"routes": [{"match": {"prefix": "/api/products"}}],
+              "max_total_bytes": 65536, "max_entry_bytes": 8192, "ways": 2}
+    envoy = envoy_factory(filters=[("cache", config)], services=services, concurrency=2)
+    bound = 65536
+    for n in range(60):
+        r = envoy.get(f"/api/products/5?n={n}&size=3000")
+        assert r.status == 200 and abs(len(r.body) - 3000) < 50, r
+        assert "stored" in cs(r), r
+    harness.wait_for(lambda: envoy.stat("tollgate.cache.entries") > 0, 5, "the usage gauges")
+    time.sleep(1.0)
+    held, entries = envoy.stat("tollgate.cache.bytes"), envoy.stat("tollgate.cache.entries")
+    assert 0 < held <= bound, held
+    assert 0 < entries <= 8, entries
+    assert envoy.stat("tollgate.cache.stores") == 60
+    assert envoy.stat("tollgate.cache.evictions") >= 60 - 8
+    # the most recent URL is still there
+    assert "hit" in cs(envoy.get("/api/products/5?n=59&size=3000"))
+    # larger than an entry: streams through whole, never stored
+    for _ in range(2):
+        big = envoy.get("/api/products/6?size=50000")
+        assert big.status == 200 and abs(len(big.body) - 50000) < 50 and json.loads(big.body)["id"] == 6
+        # the demo sends this one chunked (no Content-Length): capture stops at the limit
+        assert "hit" not in cs(big) and "stored" not in cs(big), big
+    assert hits(services, "/products/6") == 2
+    assert envoy.stat("tollgate.cache.too_large") >= 2
+    # with a Content-Length over the limit, the header says so at once
+    r = envoy.get("/api/products/7?size=9000")
+    assert r.header("content-length") and "detail=too-large" in cs(r), r
+
+
+def test_empty_configuration_passes_traffic_untouched(services, envoy_factory):
+    envoy = envoy_factory(filters=[("cache", {})], services=services)
+    for _ in range(2):
+        r = envoy.get("/api/products/1")
+        assert r.status == 200 and r.header("cache-status") is None
+    assert envoy.stat("tollgate.cache.requests") == 2
+
+
+@pytest.mark.parametrize("config, field", [
+    ({"ways": 0}, "ways"),
+    ({"purge": {"path": "/p", "key_sha256": "not-hex"}}, "purge.key_sha256"),
+    ({"routes": [{"match": {"prefix": "/a"}, "key": {"headers": ["authorization"]}}]}, "routes[0].key.headers[0]"),
+])
+def test_bad_configuration_is_refused_with_one_line(config, field, services, envoy_factory):
+    envoy = envoy_factory(filters=[("cache", config)], services=services, expect_failure=True)
+    lines = [l for l in envoy.log().splitlines() if "tollgate-cache: invalid configuration" in l]
+    assert len(lines) == 1 and f"field `{field}`" in lines[0], envoy.log_tail()
