@@ -192,13 +192,19 @@ def test_optional_calls_failing_timing_out_or_answering_garbage(services, envoy_
     assert envoy.stat("tollgate.aggregate.ep.opt.partial") == 1
 
 
-def test_unknown_cluster_is_an_unreachable_failure(services, envoy_factory):
-    envoy = start(envoy_factory, services, [{
+def test_unknown_cluster_and_refused_connection_are_unreachable_not_a_status(services, envoy_factory):
+    envoy = envoy_factory(filters=agg([{
         "match": DASH_MATCH, "errors": True,
-        "calls": [call("user", "users", "/users/{user}"), call("ghost", "no_such_cluster", "/x")]}])
+        "calls": [call("user", "users", "/users/{user}"), call("ghost", "no_such_cluster", "/x"),
+                  call("dead", "dead", "/x")]}]),
+        services=services, clusters=[harness.static_cluster("dead", harness.free_port())])
     r = envoy.get("/api/dashboard/1")
     assert r.status == 200, r
-    assert r.json()["errors"][0]["error"] == "unreachable"
+    errors = {e["call"]: e for e in r.json()["errors"]}
+    assert errors["ghost"]["error"] == "unreachable", errors
+    # Envoy's own 503 "upstream connect error" is not the backend's status.
+    assert errors["dead"]["error"] == "unreachable" and "status" not in errors["dead"], errors
+    assert envoy.stat("tollgate.aggregate.backend.dead.failures") == 1
 
 
 def test_required_call_failing_gives_502_and_timing_out_gives_504(services, envoy_factory):
@@ -400,3 +406,16 @@ def test_schema_accepts_the_example_and_bundled_config_and_refuses_bad_ones():
         {"circuit_breaker": {"failures": 0}},
     ]:
         assert not v.is_valid(bad), bad
+
+
+def test_post_with_a_body_is_answered_from_its_headers(services, envoy_factory):
+    """Envoy holds a body back while a proxy-wasm filter pauses at the headers, so the calls start
+    at the headers and the body is not forwarded; the request must still be answered."""
+    envoy = start(envoy_factory, services, [{
+        "match": {"exact": "/api/submit", "methods": ["POST"]},
+        "calls": [call("a", "users", "/echo/a", method="POST", pointer="/method"),
+                  call("b", "orders", "/orders/1", allow=["id"])]}])
+    payload = json.dumps({"x": 1, "pad": "y" * 200000})
+    r = envoy.request("POST", "/api/submit", headers={"content-type": "application/json"}, body=payload)
+    assert r.status == 200, r
+    assert r.json() == {"a": "POST", "b": {"id": 1}}

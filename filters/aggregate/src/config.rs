@@ -83,9 +83,6 @@ pub struct CallConfig {
     /// Fixed headers added to the call.
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
-    /// Send the client's request body with the call.
-    #[serde(default)]
-    pub forward_body: bool,
     /// Timeout of the call (bounded by what is left of the deadline).
     #[serde(default)]
     pub timeout: Option<ConfigDuration>,
@@ -253,8 +250,6 @@ pub struct Call {
     pub forward_headers: Vec<String>,
     /// Fixed headers (lower-case names).
     pub headers: Vec<(String, String)>,
-    /// Forward the request body.
-    pub forward_body: bool,
     /// Timeout.
     pub timeout: Duration,
     /// Required.
@@ -629,7 +624,6 @@ fn compile_call(
         authority: c.authority.clone().unwrap_or_else(|| c.cluster.clone()),
         forward_headers,
         headers,
-        forward_body: c.forward_body,
         timeout,
         required: c.required,
         merge: c.merge,

@@ -16,8 +16,8 @@ use serde_json::{json, Map, Value};
 use tollgate_common::metrics::Metrics;
 use tollgate_common::route::RequestInfo;
 use tollgate_common::{
-    Body, CallResponse, ConfigError, Decision, Host, HttpCall, HttpFilter, LocalReply, MapKind,
-    Problem, RootFilter, RouteParams,
+    CallResponse, ConfigError, Decision, Host, HttpCall, HttpFilter, LocalReply, MapKind, Problem,
+    RootFilter, RouteParams,
 };
 
 use crate::breaker::{self, Admit, Transition};
@@ -29,8 +29,6 @@ use crate::template::Inputs;
 const TIMEOUT_SLACK: Duration = Duration::from_millis(25);
 /// Tick period of the root while some call hedges.
 const TICK: Duration = Duration::from_millis(10);
-/// Largest request body read for `forward_body` calls.
-const MAX_REQUEST_BODY: usize = 1 << 20;
 
 /// Per-VM state: the compiled configuration and metrics.
 pub struct AggregateRoot {
@@ -120,8 +118,6 @@ struct Active {
     profile: Option<usize>,
     started: SystemTime,
     request_headers: Vec<(String, String)>,
-    body: Option<Vec<u8>>,
-    awaiting_body: bool,
     calls: Vec<CallState>,
     tokens: HashMap<u32, usize>,
     finished: bool,
@@ -243,6 +239,9 @@ fn classify(
         }
         Some(s) => s,
     };
+    if let Some(f) = envoy_local_failure(status, &response.body, timeout) {
+        return Err(f);
+    }
     if !(200..300).contains(&status) {
         return Err(Failure {
             kind: FailKind::Status,
@@ -285,6 +284,29 @@ fn classify(
     })
 }
 
+/// Envoy answers a callout it could not complete with a local reply of its own (a 503 "upstream
+/// connect error ..." or "no healthy upstream", a 504 "upstream request timeout"): that is not the
+/// backend's status.
+fn envoy_local_failure(status: u16, body: &[u8], timeout: Duration) -> Option<Failure> {
+    let text = body.get(..body.len().min(120)).unwrap_or(&[]);
+    let text = String::from_utf8_lossy(text);
+    if status == 504 && text.starts_with("upstream request timeout") {
+        return Some(Failure::new(
+            FailKind::Timeout,
+            format!("no answer within {}ms", timeout.as_millis()),
+        ));
+    }
+    if (500..=503).contains(&status)
+        && (text.starts_with("upstream connect error") || text.starts_with("no healthy upstream"))
+    {
+        return Some(Failure::new(
+            FailKind::Unreachable,
+            format!("no answer: {}", text.trim()),
+        ));
+    }
+    None
+}
+
 /// Select and shape a call's answer: pointer, allow, deny, rename (in that order).
 fn shape_answer(call: &Call, value: &Value) -> Value {
     let selected = match &call.pointer {
@@ -301,8 +323,11 @@ impl AggregateFilter {
         self.shared.metrics.count(host, name, 1);
     }
 
+    /// Count per endpoint call and per backend (cluster).
     fn call_metric(&self, host: &mut dyn Host, ep: &Endpoint, call: &Call, what: &str) {
         let name = format!("ep.{}.call.{}.{what}", ep.name, call.name);
+        self.shared.metrics.count(host, &name, 1);
+        let name = format!("backend.{}.{what}", call.cluster);
         self.shared.metrics.count(host, &name, 1);
     }
 
@@ -483,27 +508,10 @@ impl AggregateFilter {
         for (k, v) in &call.headers {
             headers.push((k.as_str(), v.as_str()));
         }
-        let body = if call.forward_body {
-            active.body.as_deref()
-        } else {
-            None
-        };
-        if let Some(b) = body {
-            // Content-Length is set by Envoy from the body.
-            if !b.is_empty() {
-                if let Some((_, ct)) = active
-                    .request_headers
-                    .iter()
-                    .find(|(k, _)| k == "content-type")
-                {
-                    headers.push(("content-type", ct.as_str()));
-                }
-            }
-        }
         let req = HttpCall {
             cluster: &call.cluster,
             headers,
-            body,
+            body: None,
             timeout,
         };
         match host.http_call(&req) {
@@ -695,7 +703,7 @@ impl AggregateFilter {
 }
 
 impl HttpFilter for AggregateFilter {
-    fn on_request_headers(&mut self, host: &mut dyn Host, end_of_stream: bool) -> Decision {
+    fn on_request_headers(&mut self, host: &mut dyn Host, _end_of_stream: bool) -> Decision {
         let req = RequestInfo::from_host(host);
         let shared = self.shared.clone();
         let found = shared
@@ -740,7 +748,6 @@ impl HttpFilter for AggregateFilter {
                 }
             })
             .collect();
-        let awaiting_body = !end_of_stream && ep.calls.iter().any(|c| c.forward_body);
         self.active = Some(Active {
             rule: index,
             params,
@@ -749,40 +756,27 @@ impl HttpFilter for AggregateFilter {
             profile,
             started: host.now(),
             request_headers,
-            body: None,
-            awaiting_body,
             calls,
             tokens: HashMap::new(),
             finished: false,
         });
         self.metric(host, &format!("ep.{}.requests", ep.name));
-        if awaiting_body {
-            return Decision::Pause;
-        }
+        // The calls start now, request body or not: Envoy turns a pause at the request headers
+        // into StopAllIteration, so a paused filter never sees the body (it is not forwarded).
         self.advance(host)
     }
 
     fn on_request_body(
         &mut self,
-        host: &mut dyn Host,
-        body_size: usize,
-        end_of_stream: bool,
+        _host: &mut dyn Host,
+        _body_size: usize,
+        _end_of_stream: bool,
     ) -> Decision {
-        let Some(active) = self.active.as_mut() else {
-            return Decision::Continue;
-        };
-        if !active.awaiting_body || active.finished {
-            return Decision::Pause;
+        // A composite request is answered locally: its body never goes upstream.
+        match self.active {
+            Some(_) => Decision::Pause,
+            None => Decision::Continue,
         }
-        if !end_of_stream {
-            return Decision::Pause;
-        }
-        active.awaiting_body = false;
-        active.body = Some(
-            host.body(Body::Request, 0, body_size.min(MAX_REQUEST_BODY))
-                .unwrap_or_default(),
-        );
-        self.advance(host)
     }
 
     fn on_call_response(
@@ -1065,6 +1059,32 @@ mod tests {
     }
 
     #[test]
+    fn envoy_local_replies_are_not_backend_statuses() {
+        let (root, _host) = root(DASH);
+        let call = &endpoint(&root.shared, 0).unwrap().calls[1];
+        let local = |status: u16, body: &str| CallResponse {
+            headers: vec![
+                (":status".into(), status.to_string()),
+                ("content-type".into(), "text/plain".into()),
+            ],
+            body: body.as_bytes().to_vec(),
+        };
+        let t = Duration::from_secs(2);
+        let short = Duration::from_millis(5);
+        let cases = [
+            (local(503, "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure"), FailKind::Unreachable, None),
+            (local(503, "no healthy upstream"), FailKind::Unreachable, None),
+            (local(504, "upstream request timeout"), FailKind::Timeout, None),
+            (local(503, "busy"), FailKind::Status, Some(503)),
+            (status(504), FailKind::Status, Some(504)),
+        ];
+        for (resp, kind, st) in cases {
+            let f = classify(call, &resp, short, t).unwrap_err();
+            assert_eq!((f.kind, f.status), (kind, st), "{resp:?}");
+        }
+    }
+
+    #[test]
     fn profiles_choose_calls_and_fields() {
         let (root, host) = root(DASH);
         let mut h = host.next_request("GET", "/api/dashboard/7", &[("x-client", "mobile")]);
@@ -1147,19 +1167,21 @@ mod tests {
     }
 
     #[test]
-    fn deadline_bounds_calls_and_body_is_forwarded() {
+    fn deadline_bounds_calls_and_requests_with_bodies_start_at_headers() {
         let cfg = r#"{"routes":[{"name":"p","match":{"prefix":"/p"},"deadline":"300ms","calls":[
-            {"name":"a","cluster":"orders","method":"post","path":"/orders","forward_body":true,"timeout":"1s"}]}]}"#;
+            {"name":"a","cluster":"orders","method":"post","path":"/orders","timeout":"1s"}]}]}"#;
         let (root, host) = root(cfg);
         let mut h = host.next_request("POST", "/p", &[("content-type", "application/json")]);
         let mut f = root.create_filter(3);
         assert_eq!(f.on_request_headers(&mut h, false), Decision::Pause);
-        assert!(h.calls.is_empty());
-        h.set_body_bytes(Body::Request, br#"{"x":1}"#);
-        assert_eq!(f.on_request_body(&mut h, 7, true), Decision::Pause);
         assert_eq!(h.calls[0].header(":method"), Some("POST"));
-        assert_eq!(h.calls[0].body.as_deref(), Some(&br#"{"x":1}"#[..]));
+        assert_eq!(h.calls[0].body, None);
         assert_eq!(h.calls[0].timeout, Duration::from_millis(300));
+        assert_eq!(f.on_request_body(&mut h, 7, true), Decision::Pause);
+        let mut other = root.create_filter(4);
+        let mut h2 = host.next_request("POST", "/elsewhere", &[]);
+        assert_eq!(other.on_request_headers(&mut h2, false), Decision::Continue);
+        assert_eq!(other.on_request_body(&mut h2, 7, true), Decision::Continue);
     }
 
     #[test]
