@@ -1,12 +1,21 @@
-//! Tollgate authentication filter (proxy-wasm).
+//! Tollgate authentication filter (proxy-wasm): JWT (inline or remote JWKS, OIDC discovery),
+//! API keys stored as SHA-256 digests, OAuth 2.0 token introspection, and per-route scope,
+//! claim and consumer authorization.
 //!
-//! Filter logic lives in [`filter`] and [`config`] and talks to the proxy only through
-//! [`tollgate_common::Host`]; the module entry point is exported by
-//! [`tollgate_common::export_filter!`].
+//! Filter logic lives in [`filter`] and talks to the proxy only through
+//! [`tollgate_common::Host`]; [`jose`] parses and verifies tokens, [`claims`] checks claims,
+//! [`keys`] keeps remote key sets and the verified-token cache, [`config`] compiles the
+//! configuration. The module entry point is exported by [`tollgate_common::export_filter!`].
 
+pub mod claims;
 pub mod config;
 pub mod filter;
+pub mod jose;
+pub mod keys;
 
 pub use filter::{AuthFilter, AuthRoot};
 
 tollgate_common::export_filter!(AuthRoot);
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,417 @@
+//! Per-worker runtime state shared by the root and its requests: remote key sets (with the
+//! fetch under way and the requests waiting for it) and the verified-token cache.
+
+use std::collections::{HashMap, VecDeque};
+use std::rc::Rc;
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+use tollgate_common::{CallResponse, Host, HttpCall};
+
+use crate::config::{Compiled, KeySource, Remote};
+use crate::jose::{self, Jwk};
+
+/// Wake reason: a fetch a request waited for has finished (successfully or not).
+pub const WAKE_FETCHED: u32 = 1;
+/// Wake reason: the request waited longer than the fetch timeout.
+pub const WAKE_TIMEOUT: u32 = 2;
+
+/// Which document a fetch asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// The OpenID configuration.
+    Discovery,
+    /// The JWK Set.
+    Jwks,
+}
+
+/// A fetch under way.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Fetch {
+    /// Callout token.
+    pub token: u32,
+    /// What it fetches.
+    pub stage: Stage,
+    /// When it started (Unix seconds).
+    pub started: f64,
+}
+
+/// Runtime state of one provider with remote keys.
+#[derive(Debug, Default)]
+pub struct RemoteState {
+    /// Current keys.
+    pub keys: Option<Rc<Vec<Jwk>>>,
+    /// When the current keys were fetched (by any worker).
+    pub fetched_at: f64,
+    /// When they stop being used.
+    pub expires_at: f64,
+    /// The fetch under way.
+    pub fetching: Option<Fetch>,
+    /// A request asked for a fetch (no keys yet, or an unknown `kid`).
+    pub wanted: bool,
+    /// Last unknown-`kid` refetch.
+    pub last_refetch: Option<f64>,
+    /// No fetch before this time (after a failure).
+    pub next_attempt: f64,
+    /// When the last fetch failed (0: the last one succeeded).
+    pub failed_at: f64,
+    /// Requests waiting for keys: (context id, deadline).
+    pub waiters: Vec<(u32, f64)>,
+    /// JWK Set path and authority (configured, or from discovery).
+    pub jwks_location: Option<(String, String)>,
+}
+
+impl RemoteState {
+    /// Keys usable now.
+    pub fn current(&self, now: f64) -> Option<Rc<Vec<Jwk>>> {
+        self.keys.clone().filter(|_| now < self.expires_at)
+    }
+}
+
+/// A verified token in the cache.
+#[derive(Debug, Clone)]
+pub struct CachedToken {
+    /// Provider index.
+    pub provider: usize,
+    /// Verified claims.
+    pub claims: Rc<Map<String, Value>>,
+    /// Payload segment (for the payload header).
+    pub payload_b64: String,
+}
+
+/// A bounded cache of verified tokens keyed by the SHA-256 of the token. Entries leave in
+/// insertion order when the cache is full; expired entries are refused on lookup.
+#[derive(Debug, Default)]
+pub struct TokenCache {
+    cap: usize,
+    map: HashMap<[u8; 32], CachedToken>,
+    order: VecDeque<[u8; 32]>,
+}
+
+impl TokenCache {
+    /// A cache of `cap` entries (0: disabled).
+    pub fn new(cap: usize) -> Self {
+        TokenCache {
+            cap,
+            map: HashMap::new(),
+            order: VecDeque::new(),
+        }
+    }
+    /// Look a token up.
+    pub fn get(&self, digest: &[u8; 32]) -> Option<&CachedToken> {
+        self.map.get(digest)
+    }
+    /// Remove an entry (expired).
+    pub fn remove(&mut self, digest: &[u8; 32]) {
+        if self.map.remove(digest).is_some() {
+            self.order.retain(|d| d != digest);
+        }
+    }
+    /// Insert, evicting the oldest entries beyond the capacity.
+    pub fn insert(&mut self, digest: [u8; 32], t: CachedToken) {
+        if self.cap == 0 {
+            return;
+        }
+        if self.map.insert(digest, t).is_none() {
+            self.order.push_back(digest);
+        }
+        while self.map.len() > self.cap {
+            match self.order.pop_front() {
+                Some(old) => {
+                    self.map.remove(&old);
+                }
+                None => break,
+            }
+        }
+    }
+    /// Entries held.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+/// State shared by a worker's root and its requests.
+#[derive(Debug, Default)]
+pub struct Runtime {
+    /// One per provider (unused for inline providers).
+    pub remotes: Vec<RemoteState>,
+    /// Verified tokens.
+    pub cache: TokenCache,
+}
+
+impl Runtime {
+    /// Fresh state for a configuration.
+    pub fn new(c: &Compiled) -> Self {
+        Runtime {
+            remotes: c
+                .providers
+                .iter()
+                .map(|p| RemoteState {
+                    jwks_location: match &p.keys {
+                        KeySource::Remote(r) => {
+                            r.path.clone().map(|path| (path, r.authority.clone()))
+                        }
+                        KeySource::Inline(_) => None,
+                    },
+                    ..RemoteState::default()
+                })
+                .collect(),
+            cache: TokenCache::new(c.token_cache_size),
+        }
+    }
+}
+
+/// Shared-data key of a provider's keys.
+pub fn shared_key(provider: &str) -> String {
+    format!("tollgate.auth.jwks.{provider}")
+}
+
+/// Encode keys for shared data: `fetched_at` then the JWK Set as fetched.
+pub fn encode_shared(fetched_at: f64, body: &[u8]) -> Vec<u8> {
+    let mut v = format!("{fetched_at}\n").into_bytes();
+    v.extend_from_slice(body);
+    v
+}
+
+/// Decode [`encode_shared`].
+pub fn decode_shared(v: &[u8]) -> Option<(f64, &[u8])> {
+    let nl = v.iter().position(|b| *b == b'\n')?;
+    let t: f64 = std::str::from_utf8(v.get(..nl)?).ok()?.parse().ok()?;
+    Some((t, v.get(nl + 1..)?))
+}
+
+/// The path and authority of a `jwks_uri` (`https://host/path?q` gives `/path?q`, `host`).
+pub fn split_uri(uri: &str) -> Option<(String, String)> {
+    let rest = uri.split_once("://").map(|(_, r)| r)?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (rest.get(..i)?, rest.get(i..)?),
+        None => (rest, "/"),
+    };
+    if authority.is_empty() {
+        return None;
+    }
+    Some((path.to_string(), authority.to_string()))
+}
+
+/// What the root should do after a fetch answer or a tick: requests to wake.
+pub type Wakes = Vec<(u32, u32)>;
+
+fn start_fetch(
+    host: &mut dyn Host,
+    name: &str,
+    r: &Remote,
+    st: &mut RemoteState,
+    now: f64,
+) -> Result<(), String> {
+    let (stage, path, authority) = match &st.jwks_location {
+        Some((p, a)) => (Stage::Jwks, p.clone(), a.clone()),
+        None => match &r.discovery_path {
+            Some(d) => (Stage::Discovery, d.clone(), r.authority.clone()),
+            None => return Err("no JWK Set path".into()),
+        },
+    };
+    let call = HttpCall {
+        cluster: &r.cluster,
+        headers: vec![
+            (":method", "GET"),
+            (":path", &path),
+            (":authority", &authority),
+            ("accept", "application/json"),
+        ],
+        body: None,
+        timeout: r.timeout,
+    };
+    match host.http_call(&call) {
+        Ok(token) => {
+            log::debug!(
+                "tollgate-auth: provider {name}: fetching {path} from {}",
+                r.cluster
+            );
+            st.fetching = Some(Fetch {
+                token,
+                stage,
+                started: now,
+            });
+            Ok(())
+        }
+        Err(e) => Err(format!("cannot call cluster `{}`: {e}", r.cluster)),
+    }
+}
+
+fn fail(st: &mut RemoteState, r: &Remote, now: f64, wakes: &mut Wakes) {
+    st.fetching = None;
+    st.wanted = false;
+    st.failed_at = now;
+    st.next_attempt = now + r.retry_interval.as_secs_f64();
+    wakes.extend(st.waiters.drain(..).map(|(id, _)| (id, WAKE_FETCHED)));
+}
+
+fn install(st: &mut RemoteState, keys: Vec<Jwk>, fetched_at: f64, r: &Remote, wakes: &mut Wakes) {
+    st.keys = Some(Rc::new(keys));
+    st.fetched_at = fetched_at;
+    st.expires_at = fetched_at + r.cache_duration.as_secs_f64();
+    st.failed_at = 0.0;
+    st.wanted = false;
+    wakes.extend(st.waiters.drain(..).map(|(id, _)| (id, WAKE_FETCHED)));
+}
+
+/// Periodic work for every remote provider: adopt keys another worker stored, time out
+/// waiting requests, and start fetches (at start, before expiry, on request).
+pub fn tick(
+    host: &mut dyn Host,
+    c: &Compiled,
+    rt: &mut Runtime,
+    metrics: &tollgate_common::metrics::Metrics,
+) -> Wakes {
+    let now = host.now_secs();
+    let mut wakes = Vec::new();
+    for (i, p) in c.providers.iter().enumerate() {
+        let KeySource::Remote(r) = &p.keys else {
+            continue;
+        };
+        let Some(st) = rt.remotes.get_mut(i) else {
+            continue;
+        };
+        // Keys stored by another worker (or an earlier fetch of ours).
+        if let Ok(Some((v, _))) = host.shared_get(&shared_key(&p.name)) {
+            if let Some((t, body)) = decode_shared(&v) {
+                let fresh = t + r.cache_duration.as_secs_f64() > now;
+                if t > st.fetched_at && fresh {
+                    if let Ok(keys) = jose::parse_jwks_bytes(body) {
+                        install(st, keys, t, r, &mut wakes);
+                    }
+                }
+            }
+        }
+        // Waiting requests past their deadline.
+        let (late, keep): (Vec<_>, Vec<_>) = st.waiters.drain(..).partition(|(_, d)| *d <= now);
+        st.waiters = keep;
+        wakes.extend(late.into_iter().map(|(id, _)| (id, WAKE_TIMEOUT)));
+        // A fetch whose answer never came.
+        if let Some(f) = st.fetching {
+            if now > f.started + r.timeout.as_secs_f64() + 2.0 {
+                st.fetching = None;
+            }
+        }
+        let refresh_at = st.fetched_at + 0.8 * r.cache_duration.as_secs_f64();
+        let need = st.keys.is_none() || now >= refresh_at || st.wanted;
+        if need && st.fetching.is_none() && now >= st.next_attempt {
+            if let Err(e) = start_fetch(host, &p.name, r, st, now) {
+                log::warn!("tollgate-auth: provider {}: key fetch failed: {e}", p.name);
+                metrics.count(host, "jwks_fetch_failures", 1);
+                fail(st, r, now, &mut wakes);
+            }
+        }
+    }
+    wakes
+}
+
+/// A callout answer to the root: if it is a key fetch, use it.
+pub fn on_fetched(
+    host: &mut dyn Host,
+    c: &Compiled,
+    rt: &mut Runtime,
+    metrics: &tollgate_common::metrics::Metrics,
+    token: u32,
+    resp: &CallResponse,
+) -> Wakes {
+    let now = host.now_secs();
+    let mut wakes = Vec::new();
+    for (i, p) in c.providers.iter().enumerate() {
+        let KeySource::Remote(r) = &p.keys else {
+            continue;
+        };
+        let Some(st) = rt.remotes.get_mut(i) else {
+            continue;
+        };
+        let Some(f) = st.fetching.filter(|f| f.token == token) else {
+            continue;
+        };
+        st.fetching = None;
+        let result = match resp.status() {
+            None => Err("no answer (connection failure or timeout)".to_string()),
+            Some(200) => Ok(()),
+            Some(s) => Err(format!("status {s}")),
+        };
+        let result = result.and_then(|()| match f.stage {
+            Stage::Discovery => {
+                let v: Value = serde_json::from_slice(&resp.body)
+                    .map_err(|_| "the OpenID configuration is not JSON".to_string())?;
+                let uri = v
+                    .get("jwks_uri")
+                    .and_then(Value::as_str)
+                    .ok_or("the OpenID configuration has no `jwks_uri`")?;
+                let loc = split_uri(uri).ok_or("`jwks_uri` is not an absolute URL")?;
+                st.jwks_location = Some(loc);
+                start_fetch(host, &p.name, r, st, now)
+            }
+            Stage::Jwks => {
+                let keys = jose::parse_jwks_bytes(&resp.body)?;
+                let n = keys.len();
+                if let Err(e) =
+                    host.shared_set(&shared_key(&p.name), &encode_shared(now, &resp.body), None)
+                {
+                    log::warn!("tollgate-auth: provider {}: cannot store keys: {e}", p.name);
+                }
+                install(st, keys, now, r, &mut wakes);
+                metrics.count(host, "jwks_fetches", 1);
+                log::info!("tollgate-auth: provider {}: fetched {n} keys", p.name);
+                Ok(())
+            }
+        });
+        if let Err(e) = result {
+            log::warn!("tollgate-auth: provider {}: key fetch failed: {e}", p.name);
+            metrics.count(host, "jwks_fetch_failures", 1);
+            fail(st, r, now, &mut wakes);
+        }
+    }
+    wakes
+}
+
+/// The longest a request waits for a provider's keys.
+pub fn wait_limit(r: &Remote) -> Duration {
+    r.timeout + Duration::from_millis(500)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uri_and_shared_encoding() {
+        assert_eq!(
+            split_uri("http://127.0.0.1:8081/.well-known/jwks.json"),
+            Some(("/.well-known/jwks.json".into(), "127.0.0.1:8081".into()))
+        );
+        assert_eq!(split_uri("https://idp"), Some(("/".into(), "idp".into())));
+        assert_eq!(split_uri("/relative"), None);
+        let v = encode_shared(12.5, b"{\"keys\":[]}");
+        assert_eq!(decode_shared(&v), Some((12.5, &b"{\"keys\":[]}"[..])));
+        assert_eq!(decode_shared(b"garbage"), None);
+    }
+
+    #[test]
+    fn token_cache_is_bounded() {
+        let mut c = TokenCache::new(2);
+        let t = CachedToken {
+            provider: 0,
+            claims: Rc::default(),
+            payload_b64: String::new(),
+        };
+        c.insert([1; 32], t.clone());
+        c.insert([2; 32], t.clone());
+        c.insert([3; 32], t.clone());
+        assert_eq!(c.len(), 2);
+        assert!(c.get(&[1; 32]).is_none());
+        assert!(c.get(&[3; 32]).is_some());
+        c.remove(&[3; 32]);
+        assert_eq!(c.len(), 1);
+        let mut off = TokenCache::new(0);
+        off.insert([1; 32], t);
+        assert!(off.is_empty());
+    }
+}
