@@ -63,6 +63,7 @@ class Profile:
     saturation_seconds: float
     saturation_conns: int
     memory_keys: int
+    memory_seconds: float = 240  # ... or as many as this allows
 
 
 PROFILES = {
@@ -115,6 +116,7 @@ class Variant:
     gateway: "Gateway | None" = None
     samples: dict[str, list[float]] = field(default_factory=dict)
     failure: str | None = None
+    stats: dict = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -412,6 +414,19 @@ class EnvoyProc:
                 pass
         return total
 
+    def tollgate_stats(self) -> dict[str, int]:
+        """The gateway's Tollgate metrics (`wasmcustom.tollgate.*`): evidence the filters did their work."""
+        try:
+            r = harness.http(self.admin_port, "GET", "/stats?filter=wasmcustom.tollgate", timeout=5)
+        except OSError:
+            return {}
+        out = {}
+        for line in r.text.splitlines():
+            name, _, value = line.partition(": ")
+            if value.strip().isdigit():
+                out[name.removeprefix("wasmcustom.")] = int(value)
+        return out
+
     def rss_kib(self) -> int:
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
@@ -486,10 +501,9 @@ class Bench:
 
     # -- set-up ---------------------------------------------------------------------------------
     def start_upstreams(self):
-        port, admin = harness.free_port(), harness.free_port()
-        cfg = bootstrap(port, admin, upstream_routes(), [], [])
-        self.upstream = EnvoyProc("upstream", cfg, self.cores, gateway=False, workdir=self.workdir)
-        err = self.upstream.wait_ready()
+        self.upstream, err = self.launch(
+            "upstream", lambda: bootstrap(harness.free_port(), harness.free_port(), upstream_routes(), [], []),
+            gateway=False)
         if err:
             raise RuntimeError(f"upstream Envoy: {err}")
         if harness.demo_binary().exists():
@@ -500,6 +514,19 @@ class Bench:
         else:
             self.problems.append(f"{harness.demo_binary()} is missing: scenarios using /api/* will fail "
                                  "(cargo build --release -p tollgate-demo)")
+
+    def launch(self, name: str, make_config, gateway: bool = True) -> tuple[EnvoyProc, str | None]:
+        """Start one Envoy and wait for it; retried on a port taken meanwhile. (proc, error or None)"""
+        for _ in range(4):
+            p = EnvoyProc(name, make_config(), self.cores, gateway=gateway, workdir=self.workdir)
+            err = p.wait_ready()
+            if err and "already in use" in err:
+                p.stop()
+                continue
+            if err:
+                p.stop()
+            return p, err
+        return p, err
 
     def clusters(self, extra: list[dict]) -> list[dict]:
         out = [cluster("upstream", self.upstream.port)]
@@ -520,6 +547,13 @@ class Bench:
             pending.append(v)
         for v in pending:
             err = v.gateway.wait_ready()
+            for _ in range(3):
+                # a free port found by bind-and-close can be taken by someone else before Envoy binds it
+                if not err or "already in use" not in err:
+                    break
+                v.gateway.stop()
+                v.gateway = Gateway(v.key, self.gateway_config(v), self.cores, gateway=True, workdir=self.workdir)
+                err = v.gateway.wait_ready()
             if err:
                 v.skip = f"n/a: gateway refused: {err}"
                 v.gateway.stop()
@@ -615,6 +649,7 @@ class Bench:
                     log(f"  {v.key:<48} {v.failure}")
         for v in self.variants:
             if v.gateway:
+                v.stats = v.gateway.tollgate_stats()
                 v.gateway.stop()
         if not self.args.no_memory:
             self.measure_memory()
@@ -628,16 +663,14 @@ class Bench:
             return
         keys = self.args.memory_keys or self.prof.memory_keys
         try:
-            none = Gateway("memory-none", self.gateway_config(spec["none"]), self.cores, True, self.workdir)
-            err = none.wait_ready()
+            none, err = self.launch("memory-none", lambda: self.gateway_config(spec["none"]))
             rss_none = none.rss_kib() if not err else None
             none.stop()
             v = spec["loaded"]
             if v.skip:
                 self.memory = {"skip": v.skip, "rss_none_kib": rss_none}
                 return
-            g = Gateway("memory-loaded", self.gateway_config(v), self.cores, True, self.workdir)
-            err = g.wait_ready()
+            g, err = self.launch("memory-loaded", lambda: self.gateway_config(v))
             if err:
                 self.memory = {"skip": f"n/a: gateway refused: {err}", "rss_none_kib": rss_none}
                 return
@@ -646,15 +679,17 @@ class Bench:
                 rss_loaded = g.rss_kib()
                 t0 = time.monotonic()
                 r = loadgen(g.port, v.load, self.cores, ops=keys, conns=self.prof.saturation_conns,
+                            duration=self.args.memory_seconds or self.prof.memory_seconds,
                             start=self.next_start(keys), timeout=1800)
                 took = time.monotonic() - t0
                 time.sleep(1)
                 rss_after = g.rss_kib()
+                stats = {k: c for k, c in g.tollgate_stats().items() if c}
                 self.memory = {
-                    "title": spec["title"], "source": spec["source"], "keys": keys, "seconds": took,
+                    "title": spec["title"], "source": spec["source"], "keys": keys, "seconds": took, "keys_sent": r["ops"],
                     "statuses": r["statuses"], "errors": r["errors"], "rss_none_kib": rss_none,
                     "rss_loaded_kib": rss_loaded, "rss_after_kib": rss_after,
-                    "filters": [f["name"] for f in v.http_filters],
+                    "filters": [f["name"] for f in v.http_filters], "stats": stats,
                 }
             finally:
                 g.stop()
@@ -808,7 +843,7 @@ def render(bench: Bench) -> tuple[str, dict]:
             s = v.samples
             cpu = med(s.get("cpu_us", []))
             vd = {"name": v.name, "kind": v.kind, "samples": s, "skip": v.skip, "failure": v.failure,
-                  "modules": v.modules}
+                  "modules": v.modules, "tollgate_stats": v.stats}
             sdata["variants"].append(vd)
             if v.skip or (v.failure and not s.get("cpu_us")):
                 lines.append(f"| {v.name} | {v.skip or v.failure} | | | | | | | |")
@@ -881,9 +916,14 @@ def render(bench: Bench) -> tuple[str, dict]:
             "|---|---|",
             f"| no filter, idle | {mem['rss_none_kib'] / 1024:.1f} MiB |",
             f"| filters loaded, after warm-up | {mem['rss_loaded_kib'] / 1024:.1f} MiB |",
-            f"| after {mem['keys']:,} distinct keys/URLs ({mem['seconds']:.0f} s, statuses {mem['statuses']}, "
+            f"| after {mem['keys_sent']:,} distinct keys/URLs"
+            + (f" (of {mem['keys']:,} planned: the run is capped in time)" if mem['keys_sent'] < mem['keys'] else "")
+            + f" ({mem['seconds']:.0f} s, statuses {mem['statuses']}, "
             f"errors {mem['errors']}) | {mem['rss_after_kib'] / 1024:.1f} MiB (+{grown / 1024:.1f} MiB, "
-            f"{grown * 1024 / max(1, mem['keys']):.0f} bytes per key) |",
+            f"{grown * 1024 / max(1, mem['keys_sent']):.0f} bytes per key) |",
+            "",
+            "The filters' counters after the run (non-zero): "
+            + (", ".join(f"`{k}` {c:,}" for k, c in sorted(mem.get("stats", {}).items())) or "none") + ".",
             "",
         ]
     if bench.problems:
@@ -913,6 +953,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, help="rounds (default: 3, quick: 1)")
     ap.add_argument("--cpu-ops", type=int, help="operations of the CPU measurement")
     ap.add_argument("--memory-keys", type=int, help="distinct keys for the memory measurement")
+    ap.add_argument("--memory-seconds", type=float, help="time cap of the memory measurement (default 240)")
     ap.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
     ap.add_argument("--output", help="results file (default bench/results/latest.md, quick: quick.md)")
     ap.add_argument("--scenarios", action="append", metavar="DIR",

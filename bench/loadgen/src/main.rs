@@ -11,7 +11,8 @@
 //!   the previous ones; its latency is measured from when it was due (not from when a connection
 //!   was free to send it), so a slow answer delays and is charged to every operation queued behind
 //!   it (no coordinated omission, as wrk2 does);
-//! - `--duration S` alone: closed loop for S seconds (throughput at saturation).
+//! - `--duration S` alone: closed loop for S seconds (throughput at saturation); with `--ops N`
+//!   too, at most N operations in at most S seconds.
 //!
 //! Prints one JSON object on stdout.
 
@@ -46,7 +47,7 @@ struct Opts {
 }
 
 const USAGE: &str = "usage: tollgate-loadgen --addr HOST:PORT [--req 'GET /path']... [-H 'name: value']... \
-[--body TEXT] [--host NAME] [-c CONNECTIONS] (--ops N | --rate R --duration S | --duration S) \
+[--body TEXT] [--host NAME] [-c CONNECTIONS] (--ops N [--duration MAX_S] | --rate R --duration S | --duration S) \
 [--start N] [--timeout S]";
 
 fn parse_args() -> Result<Opts, String> {
@@ -116,7 +117,7 @@ fn parse_args() -> Result<Opts, String> {
         return Err("-c must be at least 1".into());
     }
     match (ops, rate, duration) {
-        (Some(_), None, None) | (None, None, Some(_)) => {}
+        (Some(_), None, _) | (None, None, Some(_)) => {}
         (None, Some(r), Some(_)) if r > 0.0 => {}
         _ => return Err(format!("choose one of --ops N, --rate R --duration S, --duration S\n{USAGE}")),
     }
@@ -293,6 +294,7 @@ fn worker(opts: Arc<Opts>, next: Arc<AtomicU64>, stop: Arc<AtomicBool>, t0: Inst
         (None, Some(r), Some(d)) => Some((r * d).round() as u64),
         _ => None,
     };
+    // closed loop: --duration alone, or a time cap on --ops
     let deadline = match (opts.rate, opts.duration) {
         (None, Some(d)) => Some(t0 + Duration::from_secs_f64(d)),
         _ => None,
