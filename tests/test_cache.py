@@ -10,10 +10,8 @@ import json
 import time
 
 import pytest
-import yaml
-
 import harness
-from harness import ROOT, Envoy, free_port, static_cluster
+from harness import ROOT, Envoy
 
 PURGE_KEY = "test-purge-key"
 PURGE_SHA = hashlib.sha256(PURGE_KEY.encode()).hexdigest()
@@ -349,3 +347,47 @@ def test_bad_configuration_is_refused_with_one_line(config, field, services, env
     envoy = envoy_factory(filters=[("cache", config)], services=services, expect_failure=True)
     lines = [l for l in envoy.log().splitlines() if "tollgate-cache: invalid configuration" in l]
     assert len(lines) == 1 and f"field `{field}`" in lines[0], envoy.log_tail()
+
+
+# --- JSON Schema ------------------------------------------------------------------------------
+
+
+def schema():
+    from test_foundation import schema_validator
+    return schema_validator("cache")
+
+
+def documented_example() -> dict:
+    text = (ROOT / "docs" / "filters" / "cache.md").read_text()
+    block = text.split("### Example (the bundled configuration)", 1)[1].split("```json", 1)[1].split("```", 1)[0]
+    return json.loads(block)
+
+
+def test_schema_accepts_the_documented_example_and_the_bundled_config():
+    from test_foundation import bundled_filter_configs
+    v = schema()
+    bundled = bundled_filter_configs()["cache"]
+    assert documented_example() == bundled, "the documented example is the bundled configuration"
+    for config in (bundled, CONFIG, {}, {"routes": [{"match": {"prefix": "/a"}}]}):
+        errors = [e.message for e in v.iter_errors(config)]
+        assert not errors, (config, errors)
+
+
+@pytest.mark.parametrize("config", [
+    {"ways": 0},
+    {"ways": 17},
+    {"max_entry_bytes": 10},
+    {"purge": {"path": "/p", "key_sha256": "abc"}},
+    {"purge": {"path": "p", "key_sha256": PURGE_SHA}},
+    {"purge": {"path": "/p"}},
+    {"routes": [{"key": {"headers": ["authorization"]}}]},
+    {"routes": [{"key": {"headers": ["bad header"]}}]},
+    {"routes": [{"key": {"query_exclude": [""]}}]},
+    {"routes": [{"set_cookie": "keep"}]},
+    {"routes": [{"stale_if_error": "soon"}]},
+    {"routes": [{"refresh": {"cluster": ""}}]},
+    {"routes": [{"refresh": {"cluster": "c", "strip_prefix": "x"}}]},
+    {"routes": [{"key": {"nope": 1}}]},
+])
+def test_schema_refuses_what_the_filter_refuses(config):
+    assert not schema().is_valid(config), config
