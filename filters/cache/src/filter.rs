@@ -34,7 +34,6 @@ const HOP_BY_HOP: &[&str] = &[
     "transfer-encoding",
     "upgrade",
     "content-length",
-    "age",
     "cache-status",
 ];
 
@@ -104,7 +103,8 @@ impl Shared {
 pub struct CacheRoot {
     shared: Rc<Shared>,
     pending: HashMap<u32, RefreshJob>,
-    ticks: u32,
+    /// Usage scan: next set, and the sums so far of this pass.
+    scan: (u32, u64, u64),
 }
 
 impl RootFilter for CacheRoot {
@@ -115,7 +115,7 @@ impl RootFilter for CacheRoot {
         CacheRoot {
             shared: Rc::new(Shared::new(Compiled::default())),
             pending: HashMap::new(),
-            ticks: 0,
+            scan: (0, 0, 0),
         }
     }
 
@@ -133,11 +133,17 @@ impl RootFilter for CacheRoot {
         for job in jobs {
             self.start_refresh(host, job);
         }
-        self.ticks = self.ticks.wrapping_add(1);
-        if self.ticks % USAGE_EVERY_TICKS == 1 {
-            let (bytes, entries) = self.shared.store.usage(host);
-            self.shared.metrics.gauge_set(host, "bytes", bytes);
-            self.shared.metrics.gauge_set(host, "entries", entries);
+        // The usage gauges, from the set records, a bounded number of sets per tick.
+        let store = self.shared.store;
+        let (from, bytes, entries) = self.scan;
+        let to = from.saturating_add(SCAN_SETS_PER_TICK).min(store.sets);
+        let (b, e) = store.usage_of(host, from, to);
+        if to >= store.sets {
+            self.shared.metrics.gauge_set(host, "bytes", bytes + b);
+            self.shared.metrics.gauge_set(host, "entries", entries + e);
+            self.scan = (0, 0, 0);
+        } else {
+            self.scan = (to, bytes + b, entries + e);
         }
     }
 
@@ -165,7 +171,7 @@ impl RootFilter for CacheRoot {
 }
 
 const TICK_MS: u64 = 100;
-const USAGE_EVERY_TICKS: u32 = 5;
+const SCAN_SETS_PER_TICK: u32 = 256;
 
 impl CacheRoot {
     fn start_refresh(&mut self, host: &mut dyn Host, mut job: RefreshJob) {
@@ -376,7 +382,7 @@ fn merge_not_modified(
         .collect();
     let mut out: Vec<(String, String)> = stored
         .iter()
-        .filter(|(k, _)| !update.iter().any(|(u, _)| u == k))
+        .filter(|(k, _)| k != "age" && !update.iter().any(|(u, _)| u == k))
         .cloned()
         .collect();
     out.extend(update);
@@ -461,7 +467,7 @@ impl CacheFilter {
         let not_modified = client_not_modified(&self.request, &entry.meta.headers);
         let mut reply = LocalReply::new(if not_modified { 304 } else { entry.meta.status });
         for (k, v) in &entry.meta.headers {
-            if not_modified && !NOT_MODIFIED_HEADERS.contains(&k.as_str()) {
+            if k == "age" || (not_modified && !NOT_MODIFIED_HEADERS.contains(&k.as_str())) {
                 continue;
             }
             reply = reply.with_header(k.clone(), v.clone());
@@ -960,11 +966,14 @@ impl HttpFilter for CacheFilter {
                 self.start_capture(host, fwd, status, &headers)
             }
         };
-        host.set_header(
-            MapKind::ResponseHeaders,
-            "cache-status",
-            &cache_status(&params),
-        );
+        // RFC 9211: caches append their member; the one nearest the client comes last.
+        let value = match host.header(MapKind::ResponseHeaders, "cache-status") {
+            Some(upstream) if !upstream.trim().is_empty() => {
+                format!("{upstream}, {}", cache_status(&params))
+            }
+            _ => cache_status(&params),
+        };
+        host.set_header(MapKind::ResponseHeaders, "cache-status", &value);
         if end_of_stream {
             self.finish_capture(host);
         }

@@ -492,9 +492,14 @@ impl Store {
 
     /// Bytes and entries held, from the set records.
     pub fn usage(&self, host: &dyn Host) -> (u64, u64) {
+        self.usage_of(host, 0, self.sets)
+    }
+
+    /// Bytes and entries held in sets `from..to`.
+    pub fn usage_of(&self, host: &dyn Host, from: u32, to: u32) -> (u64, u64) {
         let mut bytes = 0;
         let mut entries = 0;
-        for s in 0..self.sets {
+        for s in from..to.min(self.sets) {
             let (rec, _) = self.read_set(host, s);
             for w in rec.ways.iter().filter(|w| !w.is_empty()) {
                 bytes += w.n;

@@ -526,3 +526,28 @@ fn http_dates() {
     assert_eq!(http_date("Thu, 01 Jan 2026 00:00:00 UTC"), None);
     assert_eq!(http_date("garbage"), None);
 }
+
+#[test]
+fn origin_age_counts_and_upstream_cache_status_is_kept() {
+    let mut h0 = MemHost::new();
+    let root = root(&mut h0);
+    let mut h = h0.next_request("GET", "/api/aged", &[]);
+    let o = run(
+        &root,
+        &mut h,
+        &[
+            (":status", "200"),
+            ("cache-control", "max-age=60"),
+            ("age", "10"),
+            ("cache-status", "origin-cache; hit"),
+        ],
+        b"x",
+    );
+    assert_eq!(cs(&o), "origin-cache; hit, tollgate; fwd=uri-miss");
+    let mut h = h0.next_request("GET", "/api/aged", &[]);
+    h.advance(Duration::from_secs(5));
+    let r = run(&root, &mut h, &[], b"").reply.unwrap();
+    assert_eq!(r.header("age"), Some("15"));
+    assert_eq!(r.headers.iter().filter(|(k, _)| k == "age").count(), 1);
+    assert_eq!(r.header("cache-status"), Some("tollgate; hit; ttl=45"));
+}
