@@ -235,9 +235,34 @@ pub struct Limit {
     pub missing_key: MissingKey,
     /// Its table in shared data.
     pub table: Table,
+    /// Its metric names: `limit.<name>.` + allowed, limited, shadow_limited, cas_exhausted,
+    /// evicted (see [`LimitMetric`]).
+    pub metric_names: [String; 5],
+    /// It reads the consumer or plan header (key, plans or `applies_to`).
+    pub uses_client: bool,
+}
+
+/// A per-limit metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitMetric {
+    /// Admitted requests the limit decided.
+    Allowed = 0,
+    /// Requests it refused.
+    Limited = 1,
+    /// Requests it would have refused (shadow).
+    ShadowLimited = 2,
+    /// CAS retries exhausted.
+    CasExhausted = 3,
+    /// Live states evicted.
+    Evicted = 4,
 }
 
 impl Limit {
+    /// The full name of one of its metrics (without the filter prefix).
+    pub fn metric(&self, m: LimitMetric) -> &str {
+        self.metric_names.get(m as usize).map_or("", String::as_str)
+    }
+
     /// The parameters for a plan (the limit's own for no plan or an unknown one).
     pub fn params_for(&self, plan: Option<&str>) -> &Params {
         plan.and_then(|p| self.plans.iter().find(|(n, _)| n == p))
@@ -258,6 +283,8 @@ pub struct Route {
     pub limits: Vec<usize>,
     /// Units per request.
     pub cost: u64,
+    /// One of its limits reads the consumer or plan header.
+    pub uses_client: bool,
 }
 
 impl Routed for Route {
@@ -427,8 +454,26 @@ fn compile_limit(i: usize, raw: RawLimit) -> Result<Limit, ConfigError> {
             format!("must be from {} to {}", SLOTS_RANGE.0, SLOTS_RANGE.1),
         ));
     }
+    let kind = match raw.algorithm {
+        Algorithm::Gcra => 'g',
+        Algorithm::FixedWindow => 'f',
+    };
+    let uses_client = !plans.is_empty()
+        || raw.applies_to != AppliesTo::All
+        || key
+            .iter()
+            .any(|k| matches!(k, KeySource::Consumer | KeySource::Plan));
     Ok(Limit {
-        table: Table::new(&raw.name, raw.slots),
+        table: Table::new(&raw.name, kind, raw.slots),
+        metric_names: [
+            "allowed",
+            "limited",
+            "shadow_limited",
+            "cas_exhausted",
+            "evicted",
+        ]
+        .map(|m| format!("limit.{}.{m}", raw.name)),
+        uses_client,
         name: raw.name,
         key,
         params: base,
@@ -484,7 +529,11 @@ fn compile(raw: RawConfig) -> Result<Config, ConfigError> {
             }
             ids.push(id);
         }
+        let uses_client = ids
+            .iter()
+            .any(|&id| limits.get(id).is_some_and(|l| l.uses_client));
         routes.push(Route {
+            uses_client,
             route: r.route,
             name: r.name.unwrap_or_else(|| at.clone()),
             disabled: r.disabled,
@@ -552,6 +601,17 @@ mod tests {
         assert_eq!(l.params_for(None).quota, 10);
         assert_eq!(c.limits[1].key[1], KeySource::Header("x-tenant".into()));
         assert_eq!(c.limits[1].table.buckets(), 128);
+        assert_eq!(c.limits[1].table.key(0), "tollgate.ratelimit:daily:f:128:0");
+        assert_eq!(
+            c.limits[0].table.key(1),
+            "tollgate.ratelimit:per-consumer:g:1024:1"
+        );
+        assert_eq!(
+            c.limits[1].metric(LimitMetric::Evicted),
+            "limit.daily.evicted"
+        );
+        assert!(c.limits[0].uses_client && c.limits[1].uses_client && c.limits[2].uses_client);
+        assert!(c.routes.0[0].uses_client && !c.routes.0[1].uses_client);
         assert_eq!(c.routes.0[0].limits, vec![0, 1, 2]);
         assert_eq!(c.routes.0[1].name, "routes[1]");
         assert_eq!(c.plan_header, "x-plan");

@@ -14,7 +14,7 @@ use tollgate_common::route::RequestInfo;
 use tollgate_common::{ConfigError, Decision, Host, HttpFilter, MapKind, Problem, RootFilter};
 
 use crate::algo::{evaluate, Outcome, Params};
-use crate::config::{AppliesTo, Config, FailureMode, HeaderMode, Limit};
+use crate::config::{AppliesTo, Config, FailureMode, HeaderMode, Limit, LimitMetric};
 use crate::keys::{self, Client, ClientKey};
 use crate::table::StoreError;
 
@@ -50,13 +50,6 @@ const TOTALS: [&str; 8] = [
     "cas_exhausted",
     "evictions",
 ];
-const PER_LIMIT: [&str; 5] = [
-    "allowed",
-    "limited",
-    "shadow_limited",
-    "cas_exhausted",
-    "evicted",
-];
 
 impl RootFilter for RateLimitRoot {
     type Filter = RateLimitFilter;
@@ -81,8 +74,8 @@ impl RootFilter for RateLimitRoot {
         let mut keys = 0u64;
         let mut bound = 0usize;
         for limit in &config.limits {
-            for m in PER_LIMIT {
-                metrics.count(host, &limit_metric(&limit.name, m), 0);
+            for m in &limit.metric_names {
+                metrics.count(host, m, 0);
             }
             // Every bucket exists before traffic, so that every update is guarded by a CAS.
             if let Err(e) = limit.table.allocate(host) {
@@ -113,10 +106,6 @@ impl RootFilter for RateLimitRoot {
             replied: false,
         }
     }
-}
-
-fn limit_metric(name: &str, metric: &str) -> String {
-    format!("limit.{name}.{metric}")
 }
 
 /// Per-request state.
@@ -182,7 +171,7 @@ impl RateLimitFilter {
         let m = &self.shared.metrics;
         if updated.evicted {
             m.count(host, "evictions", 1);
-            m.count(host, &limit_metric(&limit.name, "evicted"), 1);
+            m.count(host, limit.metric(LimitMetric::Evicted), 1);
         }
         let o = updated.value;
         if !o.admitted && o.warn {
@@ -205,14 +194,16 @@ impl RateLimitFilter {
 
     /// The counters could not be used: count it and apply the failure mode.
     fn failure(&mut self, host: &mut dyn Host, check: &Check, e: &StoreError) -> Option<Decision> {
-        let name = self
-            .limit(check.limit)
-            .map_or_else(|| "?".to_string(), |l| l.name.clone());
-        let m = &self.shared.metrics;
+        let shared = self.shared.clone();
+        let limit = shared.config.limits.get(check.limit);
+        let name = limit.map_or("?", |l| l.name.as_str());
+        let m = &shared.metrics;
         m.count(host, "failures", 1);
         if *e == StoreError::CasExhausted {
             m.count(host, "cas_exhausted", 1);
-            m.count(host, &limit_metric(&name, "cas_exhausted"), 1);
+            if let Some(l) = limit {
+                m.count(host, l.metric(LimitMetric::CasExhausted), 1);
+            }
         }
         let mode = self.shared.config.failure_mode;
         log::warn!(
@@ -316,13 +307,13 @@ impl RateLimitFilter {
             let metric = match (v.outcome.admitted, limit.shadow) {
                 (false, true) => {
                     shadow = true;
-                    "shadow_limited"
+                    LimitMetric::ShadowLimited
                 }
-                (false, false) => "limited",
-                (true, _) if !refused => "allowed",
+                (false, false) => LimitMetric::Limited,
+                (true, _) if !refused => LimitMetric::Allowed,
                 (true, _) => continue,
             };
-            m.count(host, &limit_metric(&limit.name, metric), 1);
+            m.count(host, limit.metric(metric), 1);
         }
         if shadow {
             m.count(host, "shadow_limited", 1);
@@ -399,7 +390,11 @@ impl HttpFilter for RateLimitFilter {
             return Decision::Continue;
         }
         shared.metrics.count(host, "requests", 1);
-        let client = Client::read(host, config);
+        let client = if route.uses_client {
+            Client::read(host, config)
+        } else {
+            Client::default()
+        };
         let checks: Vec<Check> = route
             .limits
             .iter()

@@ -3,7 +3,8 @@
 //! Shared data has no delete, and a CAS only guards a key that exists (a set on a missing key
 //! always inserts, so two workers creating the same key race and one update is lost). So:
 //!
-//! - Each limit owns `buckets` shared-data keys `tollgate.ratelimit:<limit>:<buckets>:<i>`,
+//! - Each limit owns `buckets` shared-data keys `tollgate.ratelimit:<limit>:<g|f>:<buckets>:<i>`
+//!   (`g` GCRA, `f` fixed window: a limit that changes algorithm starts new counters),
 //!   all written (empty) when the configuration is loaded, before any traffic: every key a
 //!   request touches already exists, and memory never grows with the number of clients.
 //! - A bucket holds [`WAYS`] slots of [`SLOT_BYTES`] bytes: a 64-bit fingerprint of the client
@@ -76,11 +77,12 @@ pub struct Table {
 }
 
 impl Table {
-    /// The table of the limit `name` with room for at least `slots` keys.
-    pub fn new(name: &str, slots: u32) -> Self {
+    /// The table of the limit `name` (whose states `kind` interprets: `g` GCRA, `f` fixed
+    /// window) with room for at least `slots` keys.
+    pub fn new(name: &str, kind: char, slots: u32) -> Self {
         let buckets = slots.div_ceil(WAYS as u32).max(1);
         Table {
-            prefix: format!("tollgate.ratelimit:{name}:{buckets}:"),
+            prefix: format!("tollgate.ratelimit:{name}:{kind}:{buckets}:"),
             buckets,
         }
     }
@@ -307,7 +309,7 @@ mod tests {
     #[test]
     fn allocation_creates_every_bucket_once() {
         let mut h = MemHost::new();
-        let t = Table::new("api", 100);
+        let t = Table::new("api", 'g', 100);
         assert_eq!(t.buckets(), 13);
         assert_eq!(t.allocate(&mut h).unwrap(), 13);
         assert_eq!(t.allocate(&mut h).unwrap(), 0);
@@ -327,7 +329,7 @@ mod tests {
     #[test]
     fn updates_survive_conflicts_and_give_up_when_they_never_end() {
         let mut h = MemHost::new();
-        let t = Table::new("api", 8);
+        let t = Table::new("api", 'g', 8);
         t.allocate(&mut h).unwrap();
         let p = Params {
             algorithm: Algorithm::FixedWindow,
@@ -350,7 +352,7 @@ mod tests {
     fn two_workers_interleaving_stay_exact() {
         // Worker B writes between worker A's read and A's write: A's CAS fails and A retries.
         let mut a = MemHost::new();
-        let t = Table::new("api", 8);
+        let t = Table::new("api", 'g', 8);
         t.allocate(&mut a).unwrap();
         let mut b = a.next_request("GET", "/", &[]);
         let p = Params {
@@ -378,7 +380,7 @@ mod tests {
     #[test]
     fn a_missing_bucket_is_created_on_first_use() {
         let mut h = MemHost::new();
-        let t = Table::new("lazy", 8);
+        let t = Table::new("lazy", 'g', 8);
         let p = Params {
             algorithm: Algorithm::FixedWindow,
             quota: 1,
@@ -394,7 +396,7 @@ mod tests {
         // 200,000 distinct clients through a 4,096-slot table: the shared data never grows
         // past the table's bound; live states are evicted (those clients start afresh).
         let mut h = MemHost::new();
-        let t = Table::new("per-ip", 4096);
+        let t = Table::new("per-ip", 'g', 4096);
         t.allocate(&mut h).unwrap();
         let before = h.shared.bytes();
         let p = Params {
