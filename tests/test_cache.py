@@ -18,7 +18,10 @@ PURGE_SHA = hashlib.sha256(PURGE_KEY.encode()).hexdigest()
 
 
 def routes(timeout="10s"):
-    out = [
+    # requests with `x-dead` go to a port where nothing listens: the origin is down
+    out = [{"match": {"prefix": "/api/products", "headers": [{"name": "x-dead", "present_match": True}]},
+            "route": {"cluster": "dead", "prefix_rewrite": "/products", "timeout": timeout}}]
+    out += [
         {"match": {"prefix": f"/api/{s}"},
          "route": {"cluster": s, "prefix_rewrite": f"/{s}", "timeout": timeout}}
         for s in harness.SERVICES
@@ -30,7 +33,7 @@ def routes(timeout="10s"):
 CONFIG = {
     "routes": [
         {"match": {"prefix": "/api/products"},
-         "key": {"query_exclude": ["utm_source"]},
+         "key": {"query_exclude": ["utm_source"], "headers": ["x-tenant"]},
          "refresh": {"cluster": "products", "strip_prefix": "/api/products", "add_prefix": "/products",
                      "timeout": "3s"}},
         {"match": {"prefix": "/api/orders"}, "set_cookie": "strip", "stale_if_error": "1h"},
@@ -43,7 +46,8 @@ CONFIG = {
 
 @pytest.fixture(scope="module")
 def envoy(services):
-    e = Envoy.start(filters=[("cache", CONFIG)], services=services, concurrency=2, routes=routes("2s"))
+    e = Envoy.start(filters=[("cache", CONFIG)], services=services, concurrency=2, routes=routes("2s"),
+                    clusters=[harness.static_cluster("dead", harness.free_port(), timeout="0.25s")])
     yield e
     e.stop()
 
@@ -197,6 +201,9 @@ def test_stale_if_error_serves_stale_on_5xx_and_timeout(envoy, services):
     t = envoy.get(f"/api/products/{i}", headers={"x-demo-delay": "3000"})  # route timeout 2s
     assert t.status == 200 and t.body == r.body, t
     assert "fwd-status=504" in cs(t), t
+    d = envoy.get(f"/api/products/{i}", headers={"x-dead": "1"})  # connection refused
+    assert d.status == 200 and d.body == r.body, d
+    assert "fwd-status=503" in cs(d) and "stale-if-error" in cs(d), d
     # without stale-if-error the origin's error passes
     j = fresh_id()
     envoy.get(f"/api/products/{j}", headers={"x-demo-cache-control": "public, max-age=1"})
@@ -261,6 +268,16 @@ def test_request_directives(envoy, services):
     assert r.status == 200 and "hit" in cs(r), r
     r = envoy.get(f"/api/products/{i}", headers={"cache-control": "no-store"})
     assert r.status == 200
+
+
+def test_configured_key_headers_separate_entries(envoy, services):
+    i = fresh_id()
+    for tenant in ("a", "b", "a", "b"):
+        r = envoy.get(f"/api/products/{i}", headers={"x-tenant": tenant})
+        assert r.status == 200
+    assert hits(services, f"/products/{i}") == 2
+    assert "hit" in cs(envoy.get(f"/api/products/{i}", headers={"x-tenant": "b"}))
+    assert "fwd=vary-miss" in cs(envoy.get(f"/api/products/{i}"))  # no tenant: its own entry
 
 
 def test_unsafe_methods_invalidate_the_url_on_success(envoy, services):

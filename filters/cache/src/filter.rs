@@ -781,6 +781,47 @@ impl CacheFilter {
         params
     }
 
+    /// After a successful unsafe request: drop the target URL, and the `Location` and
+    /// `Content-Location` URLs when they are on the same host (RFC 9111 4.4).
+    fn invalidate_targets(&mut self, host: &mut dyn Host) {
+        let (Some(url), Some(rule)) = (self.url.as_ref(), self.rule()) else {
+            return;
+        };
+        let mut hashes = vec![url.hash];
+        let scheme = url.url.split("://").next().unwrap_or("http").to_string();
+        for name in ["location", "content-location"] {
+            let Some(target) = host.header(MapKind::ResponseHeaders, name) else {
+                continue;
+            };
+            let same_origin = format!("{scheme}://{}", url.host);
+            let path = if target.starts_with('/') && !target.starts_with("//") {
+                target.as_str()
+            } else if let Some(rest) = target.strip_prefix(&same_origin) {
+                if rest.is_empty() || rest.starts_with('/') || rest.starts_with('?') {
+                    rest
+                } else {
+                    continue;
+                }
+            } else {
+                continue;
+            };
+            let path = if path.is_empty() || path.starts_with('?') {
+                format!("/{path}")
+            } else {
+                path.to_string()
+            };
+            hashes.push(crate::key::url_key(&scheme, &url.host, &path, rule).hash);
+        }
+        hashes.dedup();
+        let mut dropped = 0;
+        for h in hashes {
+            dropped += self.shared.store.invalidate_url(host, h).0;
+        }
+        if dropped > 0 {
+            self.shared.metrics.count(host, "invalidations", dropped);
+        }
+    }
+
     fn finish_capture(&mut self, host: &mut dyn Host) {
         let Some(c) = self.capture.take() else {
             return;
@@ -887,12 +928,7 @@ impl HttpFilter for CacheFilter {
             State::Bypass(fwd) => format!("fwd={fwd}"),
             State::Unsafe => {
                 if (200..400).contains(&status) {
-                    if let Some(url) = self.url.as_ref() {
-                        let (n, _) = self.shared.store.invalidate_url(host, url.hash);
-                        if n > 0 {
-                            self.shared.metrics.count(host, "invalidations", n);
-                        }
-                    }
+                    self.invalidate_targets(host);
                 }
                 "fwd=method".to_string()
             }

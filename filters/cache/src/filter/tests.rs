@@ -551,3 +551,42 @@ fn origin_age_counts_and_upstream_cache_status_is_kept() {
     assert_eq!(r.headers.iter().filter(|(k, _)| k == "age").count(), 1);
     assert_eq!(r.header("cache-status"), Some("tollgate; hit; ttl=45"));
 }
+
+#[test]
+fn unsafe_methods_also_invalidate_same_host_location_targets() {
+    let mut h0 = MemHost::new();
+    let root = root(&mut h0);
+    for p in ["/api/l/1", "/api/l/2", "/api/l/3"] {
+        let mut h = h0.next_request("GET", p, &[]);
+        run(&root, &mut h, FRESH, b"{}");
+    }
+    let mut h = h0.next_request("POST", "/api/l/new", &[]);
+    run(
+        &root,
+        &mut h,
+        &[
+            (":status", "201"),
+            ("location", "/api/l/1"),
+            ("content-location", "http://gateway.test/api/l/2"),
+        ],
+        b"",
+    );
+    let mut h = h0.next_request("PATCH", "/api/l/x", &[]);
+    run(
+        &root,
+        &mut h,
+        &[
+            (":status", "200"),
+            ("location", "http://elsewhere.test/api/l/3"),
+        ],
+        b"",
+    );
+    for (p, cached) in [("/api/l/1", false), ("/api/l/2", false), ("/api/l/3", true)] {
+        let mut h = h0.next_request("GET", p, &[]);
+        assert_eq!(
+            run(&root, &mut h, FRESH, b"{}").reply.is_some(),
+            cached,
+            "{p}"
+        );
+    }
+}
