@@ -590,3 +590,46 @@ fn unsafe_methods_also_invalidate_same_host_location_targets() {
         );
     }
 }
+
+#[test]
+#[ignore = "timing probe: cargo test --release -p tollgate-cache -- --ignored --nocapture"]
+fn hit_path_timing_probe() {
+    let mut h0 = MemHost::new();
+    let root = root(&mut h0);
+    let mut h = h0.next_request("GET", "/api/p/1", &[]);
+    run(&root, &mut h, FRESH, b"{\"a\":1}");
+    let n = 20_000;
+    let t = std::time::Instant::now();
+    for _ in 0..n {
+        let mut h = h0.next_request("GET", "/api/p/1", &[]);
+        let mut f = root.create_filter(7);
+        assert!(matches!(
+            f.on_request_headers(&mut h, true),
+            Decision::Respond(_)
+        ));
+    }
+    eprintln!("hit: {:?}/op", t.elapsed() / n);
+    let store = root.shared.store;
+    let t = std::time::Instant::now();
+    for _ in 0..n {
+        let p = store.purges(&h0);
+        let r: Vec<(String, String)> = vec![];
+        let _ = store.lookup(&mut h0, crate::key::fnv64(&[b"x"]), &r, &[], &p);
+    }
+    eprintln!("lookup miss: {:?}/op", t.elapsed() / n);
+    let mut h = h0.next_request("GET", "/api/p/1", &[]);
+    let req = h.headers(MapKind::RequestHeaders);
+    let uh = crate::key::request_url_key(&h, &root.shared.config.rules.0[0]).hash;
+    let p = store.purges(&h0);
+    let Lookup::Hit(found) = store.lookup(&mut h, uh, &req, &[], &p) else {
+        panic!()
+    };
+    let e = &found.entry;
+    let t = std::time::Instant::now();
+    for _ in 0..n {
+        let at = SystemTime::UNIX_EPOCH + Duration::from_millis(e.meta.at);
+        let p = Policy::new(&e.meta.url, &e.meta.req, e.meta.status, &e.meta.headers, at);
+        assert!(p.satisfies(&e.meta.url, &req, h.now));
+    }
+    eprintln!("policy: {:?}/op", t.elapsed() / n);
+}
