@@ -580,36 +580,41 @@ impl CacheFilter {
                 && header(&self.request, "cache-control").is_none();
         let purges = self.shared.store.purges(host);
         self.purge_seq = purges.seq;
-        let found =
+        let lookup =
             match self
                 .shared
                 .store
                 .lookup(host, url.hash, &self.request, &key_headers, &purges)
             {
-                Lookup::Hit(found) => found,
-                miss => {
-                    let fwd = if matches!(miss, Lookup::VaryMiss) {
-                        "vary-miss"
-                    } else {
-                        "uri-miss"
-                    };
-                    m.count(host, "misses", 1);
-                    if only_if_cached {
-                        self.state = State::Done;
-                        return Decision::Respond(
-                            Problem::new(504)
-                                .detail("only-if-cached: not in the cache")
-                                .into_reply()
-                                .with_header(
-                                    "cache-status",
-                                    cache_status(&format!("fwd={fwd}; detail=only-if-cached")),
-                                ),
-                        );
-                    }
-                    self.state = State::Miss(fwd);
-                    return Decision::Continue;
-                }
+                // A 64-bit hash collision of two URLs reads as a miss.
+                Lookup::Hit(found) if found.entry.meta.url != url.url => Lookup::UriMiss,
+                other => other,
             };
+        let found = match lookup {
+            Lookup::Hit(found) => found,
+            miss => {
+                let fwd = if matches!(miss, Lookup::VaryMiss) {
+                    "vary-miss"
+                } else {
+                    "uri-miss"
+                };
+                m.count(host, "misses", 1);
+                if only_if_cached {
+                    self.state = State::Done;
+                    return Decision::Respond(
+                        Problem::new(504)
+                            .detail("only-if-cached: not in the cache")
+                            .into_reply()
+                            .with_header(
+                                "cache-status",
+                                cache_status(&format!("fwd={fwd}; detail=only-if-cached")),
+                            ),
+                    );
+                }
+                self.state = State::Miss(fwd);
+                return Decision::Continue;
+            }
+        };
         let now = host.now();
         let entry = &found.entry;
         let at = SystemTime::UNIX_EPOCH + Duration::from_millis(entry.meta.at);
