@@ -247,6 +247,14 @@ def test_key_sources(envoy, limit, name, same, other):
         assert "key-one" not in line and "acme" not in line, line
 
 
+def test_ipv6_clients_count_per_64(envoy):
+    """Two addresses of one IPv6 /64 share a counter; another /64 has its own."""
+    a1 = {"x-forwarded-for": "2001:db8:77:1::1"}
+    a2 = {"x-forwarded-for": "2001:db8:77:1:ffff::2"}
+    b = {"x-forwarded-for": "2001:db8:77:2::1"}
+    assert [envoy.get(path("k-ip"), h).status for h in (a1, a2, a1, b)] == [200, 200, 429, 200]
+
+
 def test_key_source_route(envoy):
     """One limit keyed by route: each route has its own counter."""
     assert [envoy.get(path("k-route-one")).status for _ in range(3)] == [200, 200, 429]
@@ -413,6 +421,7 @@ def test_schema_accepts_the_documented_and_bundled_configurations():
     {"limits": [{"name": "a", "quota": 1, "window": "1s"}]},
     {"routes": [{"limits": ["a"], "cost": 0}]},
     {"headers": "sometimes"},
+    {"ipv6_prefix": 129},
     {"trusted_hops": -1},
 ])
 def test_schema_refuses_what_the_filter_refuses(config):

@@ -27,6 +27,9 @@ fn default_plan_header() -> String {
 fn default_api_key_header() -> String {
     "x-api-key".into()
 }
+fn default_ipv6_prefix() -> u8 {
+    64
+}
 fn default_slots() -> u32 {
     DEFAULT_SLOTS
 }
@@ -57,6 +60,9 @@ pub struct RawConfig {
     /// address.
     #[serde(default)]
     pub trusted_hops: u32,
+    /// IPv6 client addresses count by this prefix length (one client usually holds a /64).
+    #[serde(default = "default_ipv6_prefix")]
+    pub ipv6_prefix: u8,
     /// Which rate limit headers answers carry.
     #[serde(default)]
     pub headers: HeaderMode,
@@ -308,6 +314,8 @@ pub struct Config {
     pub api_key_header: String,
     /// Trusted `x-forwarded-for` hops.
     pub trusted_hops: u32,
+    /// IPv6 prefix length of client IP keys.
+    pub ipv6_prefix: u8,
     /// Headers on answers.
     pub headers: HeaderMode,
     /// Failure mode.
@@ -548,6 +556,11 @@ fn compile(raw: RawConfig) -> Result<Config, ConfigError> {
         plan_header: header_name("plan_header", &raw.plan_header)?,
         api_key_header: header_name("api_key_header", &raw.api_key_header)?,
         trusted_hops: raw.trusted_hops,
+        ipv6_prefix: if raw.ipv6_prefix <= 128 {
+            raw.ipv6_prefix
+        } else {
+            return Err(ConfigError::new("ipv6_prefix", "must be from 0 to 128"));
+        },
         headers: raw.headers,
         failure_mode: raw.failure_mode,
     })

@@ -1,5 +1,7 @@
 //! Client keys: the values of a limit's key sources for one request.
 
+use std::net::{IpAddr, Ipv6Addr};
+
 use tollgate_common::request::query_param;
 use tollgate_common::route::RequestInfo;
 use tollgate_common::{Host, MapKind};
@@ -52,10 +54,36 @@ pub fn strip_port(addr: &str) -> &str {
     }
 }
 
+/// The key form of an address: IPv4 as is (also when written IPv4-mapped, `::ffff:a.b.c.d`),
+/// IPv6 cut to its first `ipv6_prefix` bits (`2001:db8:1:2::/64`), as one client usually
+/// holds a whole /64. Text that is not an address is kept as written.
+pub fn normalize_ip(ip: &str, ipv6_prefix: u8) -> String {
+    match ip.parse::<IpAddr>() {
+        Ok(IpAddr::V4(v4)) => v4.to_string(),
+        Ok(IpAddr::V6(v6)) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.to_string(),
+            None if ipv6_prefix >= 128 => v6.to_string(),
+            None => {
+                let bits = u128::from(v6);
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(ipv6_prefix))
+                    .unwrap_or(0);
+                format!("{}/{ipv6_prefix}", Ipv6Addr::from(bits & mask))
+            }
+        },
+        Err(_) => ip.to_string(),
+    }
+}
+
 /// The client IP: with `trusted_hops` N > 0, the Nth `x-forwarded-for` entry from the right
 /// (the address the outermost trusted proxy saw; entries to its left may be forged); else,
-/// or when the header has fewer than N entries, the downstream address.
-pub fn client_ip(host: &dyn Host, trusted_hops: u32) -> Option<String> {
+/// or when the header has fewer than N entries, the downstream address. Normalized with
+/// [`normalize_ip`].
+pub fn client_ip(host: &dyn Host, trusted_hops: u32, ipv6_prefix: u8) -> Option<String> {
+    raw_client_ip(host, trusted_hops).map(|ip| normalize_ip(&ip, ipv6_prefix))
+}
+
+fn raw_client_ip(host: &dyn Host, trusted_hops: u32) -> Option<String> {
     if trusted_hops > 0 {
         if let Some(xff) = host.header(MapKind::RequestHeaders, "x-forwarded-for") {
             let hops: Vec<&str> = xff
@@ -105,7 +133,11 @@ pub fn build(
             KeySource::Consumer => ("consumer", client.consumer.clone(), false),
             KeySource::Plan => ("plan", client.plan.clone(), false),
             KeySource::ApiKey => ("api_key", header(&config.api_key_header), true),
-            KeySource::ClientIp => ("ip", client_ip(host, config.trusted_hops), false),
+            KeySource::ClientIp => (
+                "ip",
+                client_ip(host, config.trusted_hops, config.ipv6_prefix),
+                false,
+            ),
             KeySource::Route => ("route", Some(route_name.to_string()), false),
             KeySource::Header(h) => (h.as_str(), header(h), true),
             KeySource::Query(q) => (
@@ -168,12 +200,31 @@ mod tests {
             let mut h = MemHost::request("GET", "/", &headers);
             h.set_property(&["source", "address"], "192.0.2.9:40000");
             assert_eq!(
-                client_ip(&h, *hops).as_deref(),
+                client_ip(&h, *hops, 128).as_deref(),
                 Some(*want),
                 "{hops} {xff:?}"
             );
         }
-        assert_eq!(client_ip(&MemHost::request("GET", "/", &[]), 0), None);
+        assert_eq!(client_ip(&MemHost::request("GET", "/", &[]), 0, 64), None);
+    }
+
+    #[test]
+    fn addresses_are_normalized() {
+        for (ip, prefix, want) in [
+            ("10.0.0.1", 64, "10.0.0.1"),
+            ("::ffff:10.0.0.1", 64, "10.0.0.1"),
+            ("2001:db8:1:2:aaaa:bbbb:cccc:dddd", 64, "2001:db8:1:2::/64"),
+            ("2001:db8:1:2:ffff::1", 64, "2001:db8:1:2::/64"),
+            ("2001:db8:1:2:aaaa::1", 48, "2001:db8:1::/48"),
+            ("2001:db8::1", 128, "2001:db8::1"),
+            ("2001:db8::1", 0, "::/0"),
+            ("not-an-ip", 64, "not-an-ip"),
+        ] {
+            assert_eq!(normalize_ip(ip, prefix), want, "{ip}/{prefix}");
+        }
+        let mut h = MemHost::request("GET", "/", &[]);
+        h.set_property(&["source", "address"], "[2001:db8:5:6::99]:4444");
+        assert_eq!(client_ip(&h, 0, 64).as_deref(), Some("2001:db8:5:6::/64"));
     }
 
     fn key_of(
