@@ -664,15 +664,34 @@ class Bench:
         keys = self.args.memory_keys or self.prof.memory_keys
         try:
             none, err = self.launch("memory-none", lambda: self.gateway_config(spec["none"]))
+            time.sleep(1)
             rss_none = none.rss_kib() if not err else None
             none.stop()
+            idle = []
+            for iv in spec["idle"]:
+                if iv.skip:
+                    idle.append({"name": iv.name, "skip": iv.skip})
+                    continue
+                ig, err = self.launch(f"memory-idle-{len(idle)}", lambda iv=iv: self.gateway_config(iv))
+                if err:
+                    idle.append({"name": iv.name, "skip": f"n/a: gateway refused: {err}"})
+                    continue
+                try:
+                    self.warmup(iv, ig)
+                    time.sleep(1)
+                    idle.append({"name": iv.name, "rss_kib": ig.rss_kib(),
+                                 "filters": [f["name"] for f in iv.http_filters]})
+                except Exception as exc:  # noqa: BLE001
+                    idle.append({"name": iv.name, "skip": f"failed: {exc}"})
+                finally:
+                    ig.stop()
             v = spec["loaded"]
             if v.skip:
-                self.memory = {"skip": v.skip, "rss_none_kib": rss_none}
+                self.memory = {"skip": v.skip, "rss_none_kib": rss_none, "idle": idle}
                 return
             g, err = self.launch("memory-loaded", lambda: self.gateway_config(v))
             if err:
-                self.memory = {"skip": f"n/a: gateway refused: {err}", "rss_none_kib": rss_none}
+                self.memory = {"skip": f"n/a: gateway refused: {err}", "rss_none_kib": rss_none, "idle": idle}
                 return
             try:
                 self.warmup(v, g)
@@ -689,7 +708,8 @@ class Bench:
                     "title": spec["title"], "source": spec["source"], "keys": keys, "seconds": took, "keys_sent": r["ops"],
                     "statuses": r["statuses"], "errors": r["errors"], "rss_none_kib": rss_none,
                     "rss_loaded_kib": rss_loaded, "rss_after_kib": rss_after,
-                    "filters": [f["name"] for f in v.http_filters], "stats": stats,
+                    "filters": [f["name"] for f in v.http_filters], "stats": stats, "idle": idle,
+                    "note": spec.get("note"),
                 }
             finally:
                 g.stop()
@@ -718,7 +738,15 @@ def memory_spec(dirs: list[str] | None = None):
             if missing:
                 loaded.skip = "n/a: not built: " + ", ".join(missing)
             none = parse_variant(sc, {}, {"name": "none", "kind": "none"}, folder)
-            return {"title": sc.title, "source": sc.source, "loaded": loaded, "none": none}
+            idle = []
+            for i in spec.get("idle", []):
+                iv = parse_variant(sc, spec, {"kind": "tollgate", **i}, folder)
+                missing = [m for m in iv.modules if not harness.module_path(m).exists()]
+                if missing:
+                    iv.skip = "n/a: not built: " + ", ".join(missing)
+                idle.append(iv)
+            return {"title": sc.title, "source": sc.source, "loaded": loaded, "none": none, "idle": idle,
+                    "note": spec.get("note")}
     return None
 
 
@@ -910,12 +938,18 @@ def render(bench: Bench) -> tuple[str, dict]:
     else:
         grown = mem["rss_after_kib"] - mem["rss_loaded_kib"]
         lines += [
-            f"{mem['title']} (`{mem['source']}`); filters: {', '.join(mem['filters'])}.",
+            f"{mem['title']} (`{mem['source']}`)." + (f" {mem['note']}" if mem.get("note") else ""),
             "",
             "| gateway | resident memory (VmRSS) |",
             "|---|---|",
             f"| no filter, idle | {mem['rss_none_kib'] / 1024:.1f} MiB |",
-            f"| filters loaded, after warm-up | {mem['rss_loaded_kib'] / 1024:.1f} MiB |",
+        ] + [
+            f"| {i['name']}, after warm-up | "
+            + (f"{i['rss_kib'] / 1024:.1f} MiB (+{(i['rss_kib'] - mem['rss_none_kib']) / 1024:.1f} MiB) |"
+               if i.get("rss_kib") else f"{i.get('skip')} |")
+            for i in mem.get("idle", [])
+        ] + [
+            f"| {', '.join(mem['filters'])} sized for a million clients, after warm-up | {mem['rss_loaded_kib'] / 1024:.1f} MiB |",
             f"| after {mem['keys_sent']:,} distinct keys/URLs"
             + (f" (of {mem['keys']:,} planned: the run is capped in time)" if mem['keys_sent'] < mem['keys'] else "")
             + f" ({mem['seconds']:.0f} s, statuses {mem['statuses']}, "
