@@ -408,7 +408,13 @@ pub fn http_date(s: &str) -> Option<u64> {
         .filter_map(|x| x.parse().ok())
         .collect();
     let (h, m, sec) = (*hms.first()?, *hms.get(1)?, *hms.get(2)?);
-    if hms.len() != 3 || year < 1970 || !(1..=31).contains(&day) {
+    if hms.len() != 3
+        || !(1970..=9999).contains(&year)
+        || !(1..=31).contains(&day)
+        || h > 23
+        || m > 59
+        || sec > 60
+    {
         return None;
     }
     let (y, mm) = if month <= 2 {

@@ -27,6 +27,8 @@ pub fn policy_request_headers(
     out
 }
 
+const MAX_AGE_HEADER: u64 = 2_147_483_648;
+
 fn header_map(headers: &[(String, String)]) -> HeaderMap {
     let mut map = HeaderMap::new();
     for (k, v) in headers {
@@ -38,6 +40,20 @@ fn header_map(headers: &[(String, String)]) -> HeaderMap {
         if name.starts_with(':') {
             continue;
         }
+        // RFC 9111 5.1: an Age too large to hold is 2^31; an invalid one is ignored. (Also keeps
+        // the policy's time arithmetic from overflowing.)
+        let clamped;
+        let v = if name.eq_ignore_ascii_case("age") {
+            match v.trim().parse::<u64>() {
+                Ok(n) => {
+                    clamped = n.min(MAX_AGE_HEADER).to_string();
+                    &clamped
+                }
+                Err(_) => continue,
+            }
+        } else {
+            v
+        };
         if let (Ok(n), Ok(v)) = (
             HeaderName::from_bytes(name.as_bytes()),
             HeaderValue::from_str(v),
@@ -105,7 +121,7 @@ impl Policy {
 
     /// Freshness lifetime (age + ttl at any time while fresh).
     pub fn lifetime(&self, now: SystemTime) -> Duration {
-        self.age(now) + self.ttl(now)
+        self.age(now).saturating_add(self.ttl(now))
     }
 
     /// May a request with these headers be answered from this entry without contacting the
@@ -232,6 +248,35 @@ mod tests {
             t0,
         );
         assert!(!nc.satisfies(URL, &req, t0));
+    }
+
+    #[test]
+    fn absurd_values_do_not_overflow() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_767_225_600);
+        let req = h(&[("host", "gateway.test")]);
+        let res = h(&[
+            (
+                "cache-control",
+                "max-age=18446744073709551615, stale-if-error=99999999999999999999",
+            ),
+            ("age", "18446744073709551615"),
+            ("expires", "Fri, 31 Dec 9999 23:59:59 GMT"),
+            ("last-modified", "Mon, 01 Jan 0001 00:00:00 GMT"),
+        ]);
+        let p = Policy::new(URL, &req, 200, &res, t0);
+        let far = t0 + Duration::from_secs(1 << 28);
+        assert_eq!(p.age(t0), Duration::from_secs(MAX_AGE_HEADER));
+        let _ = (p.lifetime(far), p.ttl(far), p.satisfies(URL, &req, far));
+        let bad = Policy::new(
+            URL,
+            &req,
+            200,
+            &h(&[("age", "-3"), ("cache-control", "max-age=5")]),
+            t0,
+        );
+        assert_eq!(bad.age(t0), Duration::ZERO);
+        let with = h(&[("host", "gateway.test"), ("cache-control", "max-stale=18446744073709551615, min-fresh=18446744073709551615, max-age=18446744073709551615")]);
+        let _ = p.satisfies(URL, &with, far);
     }
 
     #[test]

@@ -633,3 +633,45 @@ fn hit_path_timing_probe() {
     }
     eprintln!("policy: {:?}/op", t.elapsed() / n);
 }
+
+#[test]
+fn hostile_headers_do_not_panic() {
+    let mut h0 = MemHost::new();
+    let root = root(&mut h0);
+    let nasty: &[(&str, &str)] = &[
+        (":status", "200"),
+        (
+            "cache-control",
+            "max-age=99999999999999999999999, s-maxage=-1, stale-if-error=x, ,,=",
+        ),
+        ("age", "18446744073709551615"),
+        ("expires", "0"),
+        ("date", "Thu, 99 Foo 99999 99:99:99 GMT"),
+        ("last-modified", "Thu, 01 Jan 1000 00:00:00 GMT"),
+        ("etag", "\"\u{e9}\""),
+        ("vary", ",,, ,"),
+    ];
+    let reqs: &[(&str, &str)] = &[
+        (
+            "cache-control",
+            "max-stale=99999999999999999999, min-fresh=-5, max-age=x",
+        ),
+        (
+            "if-modified-since",
+            "Thu, 01 Jan 99999999999999999999 00:00:00 GMT",
+        ),
+        ("if-none-match", ",,,*"),
+    ];
+    for _ in 0..3 {
+        let mut h = h0.next_request("GET", "/api/nasty?%zz=%%&a", reqs);
+        h.advance(Duration::from_secs(100));
+        let _ = run(&root, &mut h, nasty, b"body");
+    }
+    for status in ["0", "999", "abc", "304", "503"] {
+        let mut h = h0.next_request("GET", "/sc/nasty", reqs);
+        h.advance(Duration::from_secs(1000));
+        let mut res = nasty.to_vec();
+        res[0] = (":status", status);
+        let _ = run(&root, &mut h, &res, b"body");
+    }
+}
