@@ -584,7 +584,7 @@ impl AggregateFilter {
             if let (true, Some(CallState::Done(Err(f)))) = (call.required, active.calls.get(i)) {
                 let reply = self.problem(ep, call, f, &active.path);
                 self.metric(host, &format!("ep.{}.failed", ep.name));
-                return self.respond(reply);
+                return self.respond(host, ep, reply);
             }
         }
         let pending = active
@@ -597,12 +597,19 @@ impl AggregateFilter {
         let (reply, complete) = self.merged(ep, active);
         let what = if complete { "complete" } else { "partial" };
         self.metric(host, &format!("ep.{}.{what}", ep.name));
-        self.respond(reply)
+        self.respond(host, ep, reply)
     }
 
-    fn respond(&mut self, reply: LocalReply) -> Decision {
+    fn respond(&mut self, host: &mut dyn Host, ep: &Endpoint, reply: LocalReply) -> Decision {
+        let now = host.now();
         if let Some(a) = self.active.as_mut() {
             a.finished = true;
+            let ms = elapsed(now, a.started).as_millis();
+            self.shared.metrics.record(
+                host,
+                &format!("ep.{}.latency_ms", ep.name),
+                u64::try_from(ms).unwrap_or(u64::MAX),
+            );
         }
         let id = self.context_id;
         self.wakes.borrow_mut().retain(|w| w.context_id != id);
@@ -994,6 +1001,7 @@ mod tests {
                    "errors":[]})
         );
         assert_eq!(h.metric("tollgate.aggregate.ep.dash.complete"), Some(1));
+        assert_eq!(h.metric("tollgate.aggregate.ep.dash.latency_ms"), Some(0));
         assert_eq!(
             h.metric("tollgate.aggregate.ep.dash.call.user.calls"),
             Some(1)
