@@ -313,10 +313,10 @@ fn configuration_allocates_every_bucket_and_states_the_bound() {
     let cfg = r#"{"limits":[{"name":"a","quota":1,"window":"1h","key":["route"],"slots":64},
                             {"name":"b","quota":1,"window":"1h","key":["route"]}]}"#;
     let gw = Gw::new(cfg);
-    assert_eq!(gw.host.shared.len(), 8 + 1024);
+    assert_eq!(gw.host.shared.len(), 8 + 1024 + 2);
     // a second worker's configuration finds them and adds nothing
     let w2 = gw.worker(cfg);
-    assert_eq!(w2.host.shared.len(), 8 + 1024);
+    assert_eq!(w2.host.shared.len(), 8 + 1024 + 2);
     let bound: usize = gw
         .root
         .shared

@@ -100,7 +100,7 @@ impl Table {
     /// Upper bound of the shared data this table uses, in bytes of keys and values.
     pub fn bytes_bound(&self) -> usize {
         let longest_key = self.key(self.buckets.saturating_sub(1)).len();
-        self.buckets as usize * (longest_key + BUCKET_BYTES)
+        self.buckets as usize * (longest_key + BUCKET_BYTES) + self.allocated_key().len() + 1
     }
 
     /// Where a client key (already hashed) lives.
@@ -113,10 +113,20 @@ impl Table {
         }
     }
 
+    /// The key marking a table whose buckets were all written.
+    fn allocated_key(&self) -> String {
+        format!("{}allocated", self.prefix)
+    }
+
     /// Write every missing bucket, empty, so that all later writes can be guarded by a CAS.
     /// Buckets that exist (another worker's VM, or a previous configuration with the same
-    /// layout) are kept. Returns how many were created.
+    /// layout) are kept; a table already marked allocated (by the first VM that loaded this
+    /// configuration) is not scanned again. Returns how many buckets were created.
     pub fn allocate(&self, host: &mut dyn Host) -> Result<u32, HostError> {
+        let marker = self.allocated_key();
+        if host.shared_get(&marker)?.is_some() {
+            return Ok(0);
+        }
         let empty = [0u8; BUCKET_BYTES];
         let mut created = 0;
         for b in 0..self.buckets {
@@ -129,6 +139,10 @@ impl Table {
                 created += 1;
             }
         }
+        host.shared_set(&marker, b"1", None).map_err(|e| match e {
+            SharedError::Host(h) => h,
+            SharedError::CasMismatch => HostError::Failed("set_shared_data"),
+        })?;
         Ok(created)
     }
 
@@ -313,7 +327,7 @@ mod tests {
         assert_eq!(t.buckets(), 13);
         assert_eq!(t.allocate(&mut h).unwrap(), 13);
         assert_eq!(t.allocate(&mut h).unwrap(), 0);
-        assert_eq!(h.shared.len(), 13);
+        assert_eq!(h.shared.len(), 13 + 1);
         assert!(h.shared.bytes() <= t.bytes_bound());
     }
 
@@ -412,7 +426,7 @@ mod tests {
                 evictions += 1;
             }
         }
-        assert_eq!(h.shared.len(), t.buckets() as usize);
+        assert_eq!(h.shared.len(), t.buckets() as usize + 1);
         assert_eq!(h.shared.bytes(), before);
         assert!(h.shared.bytes() <= t.bytes_bound());
         assert!(t.bytes_bound() < 300 * 1024, "{}", t.bytes_bound());
