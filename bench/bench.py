@@ -67,9 +67,9 @@ class Profile:
 
 
 PROFILES = {
-    "full": Profile("full", rounds=3, warmup_seconds=1.0, cpu_ops=20000, cpu_seconds=3.0, cpu_conns=8,
-                    latency_seconds=4, latency_conns=32, saturation_seconds=3, saturation_conns=32,
-                    memory_keys=1_000_000),
+    "full": Profile("full", rounds=3, warmup_seconds=0.5, cpu_ops=20000, cpu_seconds=2.0, cpu_conns=8,
+                    latency_seconds=3, latency_conns=32, saturation_seconds=2, saturation_conns=32,
+                    memory_keys=1_000_000, memory_seconds=180),
     "quick": Profile("quick", rounds=1, warmup_seconds=0.3, cpu_ops=300, cpu_seconds=0.5, cpu_conns=4,
                      latency_seconds=0.5, latency_conns=8, saturation_seconds=0.5, saturation_conns=8,
                      memory_keys=2000),
@@ -247,6 +247,8 @@ def discover(only: list[str] | None, dirs: list[str] | None = None) -> tuple[lis
                 scenarios.append(sc)
         except Exception as exc:  # noqa: BLE001 - a broken scenario file must not stop the others
             problems.append(f"{rel(files[0])}: {type(exc).__name__}: {exc}")
+    order = ("baseline", "auth", "ratelimit", "cache", "aggregate", "chain")
+    scenarios.sort(key=lambda sc: next((i for i, p in enumerate(order) if sc.id.startswith(p)), len(order)))
     if only:
         def wanted(v: Variant) -> bool:
             return any(v.scenario.id == o or v.key == o or v.scenario.id.startswith(o.rstrip("*"))
@@ -886,6 +888,15 @@ def render(bench: Bench) -> tuple[str, dict]:
                 f"| {fmt_spread(s.get('p50_ms', []), 2)} | {fmt_spread(s.get('p99_ms', []), 2)} "
                 f"| {fmt_spread(s.get('rps', []), 0)} | {fmt_spread(s.get('busy', []), 0)} % |")
         lines.append("")
+        counters = []
+        for v in sc.variants:
+            shown = {k.removeprefix("tollgate."): c for k, c in v.stats.items()
+                     if c and not k.endswith(".requests") and ".limit." not in k}
+            if shown:
+                counters.append(f"{v.name}: " + ", ".join(f"{k} {c:,}" for k, c in sorted(shown.items())))
+        if counters:
+            lines += ["Tollgate counters at the end of the run (evidence the filter did its job): "
+                      + "; ".join(counters) + ".", ""]
         runnable = [v for v in sc.variants if not v.skip]
         if runnable:
             lines.append("<details><summary>Reproduce</summary>")
@@ -987,7 +998,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, help="rounds (default: 3, quick: 1)")
     ap.add_argument("--cpu-ops", type=int, help="operations of the CPU measurement")
     ap.add_argument("--memory-keys", type=int, help="distinct keys for the memory measurement")
-    ap.add_argument("--memory-seconds", type=float, help="time cap of the memory measurement (default 240)")
+    ap.add_argument("--memory-seconds", type=float, help="time cap of the memory measurement (default 180)")
     ap.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
     ap.add_argument("--output", help="results file (default bench/results/latest.md, quick: quick.md)")
     ap.add_argument("--scenarios", action="append", metavar="DIR",
