@@ -106,6 +106,56 @@ def test_entry_stored_by_one_worker_is_served_by_the_other(envoy, services):
     assert hits(services, f"/products/{i}") == 1
 
 
+def http_date(offset: float) -> str:
+    from email.utils import formatdate
+    return formatdate(time.time() + offset, usegmt=True)
+
+
+@pytest.mark.parametrize("cache_control, expires, outcome", [
+    ("public, max-age=60", None, "hit"),
+    ("s-maxage=60", None, "hit"),
+    ("max-age=0, s-maxage=60", None, "hit"),          # a shared cache uses s-maxage
+    ("x-no-directive", None, "hit"),                  # heuristic: 10% of the time since Last-Modified
+    ("x-no-directive", "future", "hit"),              # Expires
+    ("max-age=60", "past", "hit"),                    # max-age wins over Expires
+    ("x-no-directive", "past", "revalidated"),
+    ("x-no-directive", "0", "revalidated"),           # an invalid Expires is in the past
+    ("max-age=0", None, "revalidated"),
+    ("no-cache, max-age=60", None, "revalidated"),
+    ("must-revalidate, max-age=0", None, "revalidated"),
+    ("proxy-revalidate, max-age=60", None, "revalidated"),  # the crate revalidates every use
+    ("no-store, max-age=60", None, "not-stored"),
+    ("private, max-age=60", None, "not-stored"),
+])
+def test_response_freshness_directives(cache_control, expires, outcome, envoy, services):
+    i = fresh_id()
+    knobs = {"x-demo-cache-control": cache_control}
+    if expires:
+        knobs["x-demo-expires"] = {"future": http_date(60), "past": http_date(-60)}.get(expires, expires)
+    first = envoy.get(f"/api/products/{i}", headers=knobs)
+    assert first.status == 200, first
+    second = envoy.get(f"/api/products/{i}", headers=knobs)
+    assert second.status == 200 and second.body == first.body, second
+    if outcome == "hit":
+        assert "stored" in cs(first) and cs(second).startswith("tollgate; hit; ttl="), (first, second)
+        assert hits(services, f"/products/{i}") == 1
+    elif outcome == "revalidated":
+        assert "stored" in cs(first), first
+        assert cs(second) == "tollgate; fwd=stale; fwd-status=304", second
+        assert hits(services, f"/products/{i}") == 2
+    else:
+        assert "detail=not-storable" in cs(first) and cs(second) == cs(first), (first, second)
+
+
+def test_no_heuristic_freshness_without_last_modified(envoy, services):
+    i = fresh_id()
+    knobs = {"x-demo-cache-control": "x-no-directive", "x-demo-last-modified": "none"}
+    first = envoy.get(f"/api/products/{i}", headers=knobs)
+    second = envoy.get(f"/api/products/{i}", headers=knobs)
+    assert "stored" in cs(first), first
+    assert cs(second) == "tollgate; fwd=stale; fwd-status=304", second
+
+
 def test_client_conditional_requests_get_304_from_the_cache(envoy, services):
     i = fresh_id()
     r = envoy.get(f"/api/products/{i}")

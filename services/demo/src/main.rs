@@ -9,7 +9,7 @@
 //! Every knob is a request header `x-demo-<knob>` or a query parameter `<knob>`:
 //! `delay` (ms), `delay_first` (ms, only the first request to a path since the last stats
 //! reset waits: hedging tests), `status`, `fail_rate` (0..1, answers 500), `size` (pad the body to bytes),
-//! `cache_control`, `etag` (`none` to omit), `last_modified` (`none` to omit), `vary`,
+//! `cache_control`, `etag` (`none` to omit), `last_modified` (`none` to omit), `vary`, `expires`,
 //! `set_cookie`, `content_type` (a non-JSON type sends a plain text body).
 //! Conditional GETs (`If-None-Match`, `If-Modified-Since`) get 304.
 //! Other endpoints: `/healthz`, `/echo/...` and `/<service>/echo/...` (the request as JSON),
@@ -463,6 +463,9 @@ fn handle(svc: &Service, mut req: Request) {
     extra.push(("cache-control".into(), cache_control));
     if let Some(v) = knobs.get("vary") {
         extra.push(("vary".into(), v));
+    }
+    if let Some(v) = knobs.get("expires") {
+        extra.push(("expires".into(), v));
     }
     if let Some(c) = knobs.get("set_cookie") {
         extra.push(("set-cookie".into(), c));
