@@ -253,7 +253,9 @@ def envoy_snippet(f: str, config: dict, all_clusters: dict[str, dict]) -> str:
                                             "@type": "type.googleapis.com/google.protobuf.StringValue",
                                             "value": json.dumps(config, indent=2) + "\n",
                                         },
-                                        "fail_open": PLACEMENT[f]["failStrategy"] == "FAIL_OPEN",
+                                        # fail_open is deprecated (Envoy 1.36+ warn about it).
+                                        "failure_policy": "FAIL_OPEN" if PLACEMENT[f]["failStrategy"] == "FAIL_OPEN"
+                                        else "FAIL_CLOSED",
                                     },
                                 },
                             },

@@ -283,6 +283,7 @@ def test_plain_envoy_snippet_validates_with_the_module(name, tmp_path):
     assert [f["name"] for f in filters] == [f"tollgate.{name}", "envoy.filters.http.router"]
     r = validate_envoy(snippet_for_local_run(name, tmp_path))
     assert r.returncode == 0 and "OK" in r.stdout + r.stderr, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "Deprecated field" not in r.stdout + r.stderr, r.stdout[-2000:] + r.stderr[-2000:]
 
 
 def test_plain_envoy_validation_runs_the_filter_configuration(tmp_path):
