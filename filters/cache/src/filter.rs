@@ -231,7 +231,9 @@ impl CacheRoot {
                 let headers = merge_not_modified(&old.meta.headers, &response.headers);
                 (old.meta.status, headers, old.body.clone())
             }
-            Some(s) if s < 500 => (
+            // The refresh carries no credentials: an authentication answer says nothing about
+            // the resource, so it is a failure like a 5xx.
+            Some(s) if s < 500 && !matches!(s, 401 | 403 | 407 | 429) => (
                 s,
                 stored_headers(&response.headers, job.set_cookie),
                 response.body.clone(),

@@ -675,3 +675,36 @@ fn hostile_headers_do_not_panic() {
         let _ = run(&root, &mut h, &res, b"body");
     }
 }
+
+#[test]
+fn failed_background_refresh_keeps_the_stale_entry() {
+    let mut h0 = MemHost::new();
+    let mut root = root(&mut h0);
+    let mut h = h0.next_request("GET", "/api/f", &[]);
+    let swr = [
+        (":status", "200"),
+        ("cache-control", "max-age=1, stale-while-revalidate=60"),
+    ];
+    run(&root, &mut h, &swr, b"old");
+    for answer in [
+        CallResponse::default(),
+        CallResponse {
+            headers: vec![(":status".into(), "401".into())],
+            body: vec![],
+        },
+        CallResponse {
+            headers: vec![(":status".into(), "503".into())],
+            body: vec![],
+        },
+    ] {
+        h0.advance(Duration::from_secs(10));
+        let mut h = h0.next_request("GET", "/api/f", &[]);
+        let r = run(&root, &mut h, &[], b"").reply.unwrap();
+        assert_eq!(r.body, b"old");
+        let mut rh = h0.next_request("GET", "/", &[]);
+        root.on_tick(&mut rh);
+        let token = rh.calls.last().expect("a refresh was started").token;
+        root.on_call_response(&mut rh, token, answer);
+    }
+    assert_eq!(h0.metric("tollgate.cache.refresh_failures"), Some(3));
+}
