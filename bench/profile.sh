@@ -17,35 +17,37 @@ S=bench/scenarios
 OUT=bench/results
 mkdir -p "$OUT"
 echo '{}' > /tmp/tollgate-empty.json
-TOKEN_ES=$(python3 -c 'import json;print(json.load(open("bench/scenarios/extra/tokens.json"))["ES256"])')
+tok() { python3 -c "import json,sys;print(json.load(open('$S/extra/tokens.json'))[sys.argv[1]])" "$1"; }
 
+# one argument per line: MODULE CONFIG [options of tollgate-micro]
 case_args() {
+  local rsp="cache-control: public, max-age=86400"
   case "$1" in
-    probe) echo "probe /tmp/tollgate-empty.json" ;;
-    ratelimit-never) echo "ratelimit $S/ratelimit/tollgate-never.json --path /bench/rl -H x-api-key:bench-key-1" ;;
-    ratelimit-limiting) echo "ratelimit $S/ratelimit/tollgate-limiting.json --path /bench/rl" ;;
-    cache-hit) echo "cache $S/cache/tollgate-cache.json --path /cacheable/hit --response-header cache-control:public,max-age=86400" ;;
-    cache-miss) echo "cache $S/cache/tollgate-cache.json --path /cacheable/miss/{n} --response-header cache-control:public,max-age=86400" ;;
-    auth-*) [ -f "$S/extra/micro-$1.args" ] && cat "$S/extra/micro-$1.args" ;;
+    probe) printf '%s\n' probe /tmp/tollgate-empty.json ;;
+    ratelimit-never) printf '%s\n' ratelimit $S/ratelimit/tollgate-never.json --path /bench/rl -H "x-api-key: bench-key-1" ;;
+    ratelimit-limiting) printf '%s\n' ratelimit $S/ratelimit/tollgate-limiting.json --path /bench/rl ;;
+    cache-hit) printf '%s\n' cache $S/cache/tollgate-cache.json --path /cacheable/hit --response-header "$rsp" ;;
+    cache-miss) printf '%s\n' cache $S/cache/tollgate-cache.json --path '/cacheable/miss/{n}' --response-header "$rsp" ;;
+    auth-jwt-es256) printf '%s\n' auth $S/auth/tollgate-cold.json --path /bench/auth -H "authorization: Bearer $(tok ES256)" ;;
+    auth-jwt-rs256) printf '%s\n' auth $S/auth/tollgate-cold.json --path /bench/auth -H "authorization: Bearer $(tok RS256)" ;;
+    auth-jwt-es256-cached) printf '%s\n' auth $S/auth/tollgate-cached.json --path /bench/auth -H "authorization: Bearer $(tok ES256)" ;;
+    auth-apikey) printf '%s\n' auth $S/auth/tollgate-cold.json --path /bench/auth -H "x-api-key: $(tok api_key)" ;;
   esac
 }
 
 CASES=("$@")
-[ ${#CASES[@]} -gt 0 ] || CASES=(probe ratelimit-never ratelimit-limiting cache-hit cache-miss auth-jwt-es256 auth-jwt-rs256 auth-apikey)
+[ ${#CASES[@]} -gt 0 ] || CASES=(probe ratelimit-never ratelimit-limiting cache-hit cache-miss auth-jwt-es256 auth-jwt-rs256 auth-jwt-es256-cached auth-apikey)
 for c in "${CASES[@]}"; do
-  args=$(case_args "$c" || true)
-  if [ -z "$args" ]; then echo "$c: no micro case, skipped"; continue; fi
-  read -r module config rest <<<"$args"
-  # shellcheck disable=SC2086
-  set -- $rest
-  rest=("$@")
-  rest=("${rest[@]//TOKEN_ES/$TOKEN_ES}")
-  speed=$("$M" "$module" "$config" 20000 "${rest[@]}")
-  valgrind --tool=callgrind --callgrind-out-file=/tmp/tollgate-cg-$c.out "$M" "$module" "$config" 2000 "${rest[@]}" >/dev/null 2>&1
+  mapfile -t a < <(case_args "$c")
+  if [ ${#a[@]} -lt 2 ]; then echo "$c: no such case"; continue; fi
+  module=${a[0]}; config=${a[1]}; rest=("${a[@]:2}")
+  n=20000; case "$c" in auth-jwt-es256|auth-jwt-rs256) n=2000 ;; esac
+  speed=$("$M" "$module" "$config" "$n" "${rest[@]}")
+  valgrind --tool=callgrind --callgrind-out-file=/tmp/tollgate-cg-$c.out "$M" "$module" "$config" $((n / 10)) "${rest[@]}" >/dev/null 2>&1
   {
-    echo "# $c: $module with $config ${rest[*]}"
+    echo "# $c: $module with $config ${rest[*]}" | sed -E "s/Bearer [A-Za-z0-9._-]+/Bearer <token from bench\/scenarios\/extra\/tokens.json>/"
     echo "# host speed: $speed"
-    echo "# callgrind, 2000 requests (+100 warm-up); instructions, inclusive:"
+    echo "# callgrind, $((n / 10)) requests (+100 warm-up); instructions, inclusive:"
     callgrind_annotate --inclusive=yes /tmp/tollgate-cg-$c.out 2>/dev/null | grep -E '^ *[0-9,]+ \(' | sed -n '1,60p' | cut -c1-220
     echo
     echo "# self:"
