@@ -113,8 +113,10 @@ def test_compose_files_exist_images_pinned_and_health_gated():
             src, _dst, mode = vol.split(":")
             assert (ROOT / src).exists(), vol
             assert mode == "ro", f"mounts are read-only: {vol}"
-    # Pinned images: an exact Envoy release, never `latest`.
+    # Pinned images: an exact Envoy release, never `latest`, the one `make run` installs.
     assert re.fullmatch(r"envoyproxy/envoy:v\d+\.\d+\.\d+", envoy["image"]), envoy["image"]
+    make_version = re.search(r"^ENVOY_VERSION\s*\?=\s*(\S+)", (ROOT / "Makefile").read_text(), re.M).group(1)
+    assert envoy["image"] == f"envoyproxy/envoy:v{make_version}"
     for line in dockerfile.read_text().splitlines():
         if line.startswith("FROM "):
             image = line.split()[1]
@@ -432,7 +434,7 @@ def test_kubernetes_demo_matches_the_bundled_routes_and_the_istio_clusters():
     for dep in by_kind["Deployment"]:
         c = dep["spec"]["template"]["spec"]["containers"][0]
         name = dep["metadata"]["name"]
-        assert c["args"] == ["--listen", f"{name}=0.0.0.0:{c['ports'][0]['containerPort']}"]
+        assert c["args"][:2] == ["--listen", f"{name}=0.0.0.0:{c['ports'][0]['containerPort']}"]
         assert services[name]["spec"]["ports"][0]["targetPort"] == c["ports"][0]["containerPort"]
         assert c["image"] == f"ghcr.io/tollgate-gw/tollgate-demo:{VERSION}"
     # The VirtualService has the bundled Envoy routes.
@@ -445,3 +447,10 @@ def test_kubernetes_demo_matches_the_bundled_routes_and_the_istio_clusters():
                      h["route"][0]["destination"]["host"].split(".")[0]) for h in vs}
     assert istio_routes == envoy_routes
     assert by_kind["Namespace"][0]["metadata"]["labels"]["istio-injection"] == "enabled"
+    # The cluster auth fetches its JWKS from serves it (--jwks, from the demo-jwks ConfigMap).
+    users = next(d for d in by_kind["Deployment"] if d["metadata"]["name"] == "users")["spec"]["template"]["spec"]
+    args = users["containers"][0]["args"]
+    jwks_dir = str(Path(args[args.index("--jwks") + 1]).parent)
+    assert users["containers"][0]["volumeMounts"][0]["mountPath"] == jwks_dir
+    assert users["volumes"][0]["configMap"]["name"] == "demo-jwks"
+    assert (ROOT / "envoy" / "demo-keys" / "jwks.json").is_file()
