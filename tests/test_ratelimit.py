@@ -310,6 +310,27 @@ def test_memory_is_bounded_distinct_clients_evict(envoy):
     check_refused(envoy.get(path("evict"), {"x-forwarded-for": "192.0.2.39"}), "evict")
 
 
+def documented_bound(limits: list[dict]) -> tuple[int, int]:
+    """Shared-data keys and bytes of keys and values, as docs/filters/ratelimit.md states them:
+    per limit ceil(slots/8) keys `tollgate.ratelimit:<name>:<g|f>:<buckets>:<i>` of 8 x 32 bytes,
+    plus one marker key."""
+    keys = total = 0
+    for l in limits:
+        buckets = -(-l.get("slots", 8192) // 8)
+        prefix = f"tollgate.ratelimit:{l['name']}:{'f' if l.get('algorithm') == 'fixed_window' else 'g'}:{buckets}:"
+        keys += buckets + 1
+        total += buckets * (len(prefix + str(buckets - 1)) + 256) + len(prefix + "allocated") + 1
+    return keys, total
+
+
+def test_memory_bound_is_published_and_matches_the_docs(envoy):
+    keys, total = documented_bound(CONFIG["limits"])
+    assert envoy.stat("tollgate.ratelimit.shared_keys") == keys
+    assert envoy.stat("tollgate.ratelimit.shared_bytes_bound") == total
+    # 15 limits of 8,192 slots and one of 8: under 300 KB each
+    assert total < 15 * 300 * 1024 + 1024, total
+
+
 def test_metrics_and_no_panics(envoy):
     stats = envoy.stats("tollgate.ratelimit")
     for m in ("requests", "allowed", "limited", "shadow_limited", "failures", "cas_exhausted", "evictions"):

@@ -85,9 +85,11 @@ impl RootFilter for RateLimitRoot {
                     limit.name
                 );
             }
-            keys += u64::from(limit.table.buckets());
+            keys += u64::from(limit.table.buckets()) + 1;
             bound += limit.table.bytes_bound();
         }
+        metrics.gauge_set(host, "shared_keys", keys);
+        metrics.gauge_set(host, "shared_bytes_bound", bound as u64);
         log::info!(
             "[{}] {} limits, {} routes; counters in {keys} shared-data keys, at most {bound} bytes",
             self.context_id,

@@ -326,6 +326,8 @@ fn configuration_allocates_every_bucket_and_states_the_bound() {
         .map(|l| l.table.bytes_bound())
         .sum();
     assert!(gw.host.shared.bytes() <= bound);
+    assert_eq!(gw.metric("shared_keys"), Some(8 + 1024 + 2));
+    assert_eq!(gw.metric("shared_bytes_bound"), Some(bound as i64));
 }
 
 #[test]
