@@ -21,6 +21,8 @@ use crate::store::{millis, Entry, Found, Lookup, Meta, PurgeRule, Store};
 
 /// Name of this cache in `Cache-Status`.
 pub const CACHE_NAME: &str = "tollgate";
+/// Longest purge path or prefix accepted.
+pub const MAX_PURGE_TARGET: usize = 1024;
 /// Header carrying the purge key.
 pub const PURGE_KEY_HEADER: &str = "x-tollgate-purge-key";
 
@@ -538,6 +540,16 @@ impl CacheFilter {
             );
         }
         let host_filter = query_param(query, "host").map(|h| h.to_ascii_lowercase());
+        if target.len() > MAX_PURGE_TARGET || host_filter.as_ref().is_some_and(|h| h.len() > 255) {
+            // Keeps the purge record (64 rules) small.
+            return Decision::Respond(
+                Problem::new(400)
+                    .detail(format!(
+                        "the path is longer than {MAX_PURGE_TARGET} bytes (or the host than 255)"
+                    ))
+                    .into_reply(),
+            );
+        }
         let rule = PurgeRule {
             host: host_filter.clone(),
             path: target.clone(),

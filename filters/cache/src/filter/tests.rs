@@ -708,3 +708,15 @@ fn failed_background_refresh_keeps_the_stale_entry() {
     }
     assert_eq!(h0.metric("tollgate.cache.refresh_failures"), Some(3));
 }
+
+#[test]
+fn purge_targets_are_bounded() {
+    let mut h0 = MemHost::new();
+    let root = root(&mut h0);
+    let long = format!("/_purge?prefix=/{}", "a".repeat(MAX_PURGE_TARGET));
+    let mut h = h0.next_request("POST", &long, &[("x-tollgate-purge-key", "secret")]);
+    assert_eq!(run(&root, &mut h, &[], b"").reply.unwrap().status, 400);
+    let ok = format!("/_purge?prefix=/{}", "a".repeat(MAX_PURGE_TARGET - 1));
+    let mut h = h0.next_request("POST", &ok, &[("x-tollgate-purge-key", "secret")]);
+    assert_eq!(run(&root, &mut h, &[], b"").reply.unwrap().status, 200);
+}
