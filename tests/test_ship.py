@@ -113,6 +113,11 @@ def test_compose_files_exist_images_pinned_and_health_gated():
             src, _dst, mode = vol.split(":")
             assert (ROOT / src).exists(), vol
             assert mode == "ro", f"mounts are read-only: {vol}"
+    # Files named on the command lines (the configuration, the demo JWKS) come from the mounts.
+    for name, svc in services.items():
+        for arg in svc.get("command", []):
+            if arg.startswith("/") and host_path(svc, arg) is not None:
+                assert host_path(svc, arg).is_file(), f"{name}: {arg} is not in the repository"
     # Pinned images: an exact Envoy release, never `latest`, the one `make run` installs.
     assert re.fullmatch(r"envoyproxy/envoy:v\d+\.\d+\.\d+", envoy["image"]), envoy["image"]
     make_version = re.search(r"^ENVOY_VERSION\s*\?=\s*(\S+)", (ROOT / "Makefile").read_text(), re.M).group(1)
