@@ -93,3 +93,9 @@ bench: build python-env bench-tools ## Benchmarks vs native Envoy filters and no
 
 bench-quick: build python-env bench-tools ## Every benchmark scenario briefly (checks that they run; no timing claims)
 	ENVOY=$(ENVOY_BIN) $(PYTHON) bench/bench.py --quick $(BENCH_ARGS)
+
+.PHONY: token
+SUB    ?= alice
+SCOPES ?=
+token: host-toolchain ## Print a demo JWT (DEMO-ONLY keys): make token SUB=alice SCOPES="orders:read"
+	@cargo run -q --release -p tollgate-auth --example mint-token -- --sub "$(SUB)" $(if $(SCOPES),--scopes "$(SCOPES)")

@@ -1256,3 +1256,26 @@ mod tests {
         assert_eq!(parse_rfc3339_utc("2026-01-01 00:00:00"), None);
     }
 }
+
+#[cfg(test)]
+mod doc_tests {
+    #[test]
+    fn the_documented_example_compiles() {
+        let doc = include_str!("../../../docs/filters/auth.md");
+        let example = doc
+            .split("<!-- example -->")
+            .nth(1)
+            .and_then(|s| s.split("```json").nth(1))
+            .and_then(|s| s.split("```").next())
+            .unwrap();
+        let c = super::Config::parse(example.as_bytes()).unwrap();
+        assert_eq!(c.providers.len(), 2);
+        assert_eq!(c.rules.0.len(), 5);
+        for bench in [
+            include_str!("../../../bench/scenarios/auth/tollgate-cold.json"),
+            include_str!("../../../bench/scenarios/auth/tollgate-cached.json"),
+        ] {
+            super::Config::parse(bench.as_bytes()).unwrap();
+        }
+    }
+}

@@ -25,16 +25,22 @@ use crate::keys::{self, CachedToken, Runtime, WAKE_TIMEOUT};
 
 /// Per-VM (per worker) state: the compiled configuration, runtime state and metrics.
 pub struct AuthRoot {
+    context_id: u32,
     config: Rc<Compiled>,
     runtime: Rc<RefCell<Runtime>>,
     metrics: Rc<Metrics>,
+    /// Wakes that could not be done yet (runtime state busy): done on the next tick.
+    deferred: keys::Wakes,
 }
 
 impl AuthRoot {
     fn wake_all(&self, host: &mut dyn Host, wakes: keys::Wakes) {
         for (id, reason) in wakes {
             if !host.wake(id, reason) {
-                log::debug!("tollgate-auth: request {id} was gone before its wake");
+                log::debug!(
+                    "[{}] request {id} was gone before its wake",
+                    self.context_id
+                );
             }
         }
     }
@@ -44,8 +50,10 @@ impl RootFilter for AuthRoot {
     type Filter = AuthFilter;
     const NAME: &'static str = "auth";
 
-    fn new(_context_id: u32) -> Self {
+    fn new(context_id: u32) -> Self {
         AuthRoot {
+            context_id,
+            deferred: Vec::new(),
             config: Rc::default(),
             runtime: Rc::default(),
             metrics: Rc::new(Metrics::new("auth")),
@@ -64,21 +72,37 @@ impl RootFilter for AuthRoot {
     }
 
     fn on_tick(&mut self, host: &mut dyn Host) {
-        let wakes = match self.runtime.try_borrow_mut() {
-            Ok(mut rt) => keys::tick(host, &self.config, &mut rt, &self.metrics),
-            Err(_) => return,
+        let mut wakes = std::mem::take(&mut self.deferred);
+        match self.runtime.try_borrow_mut() {
+            Ok(mut rt) => wakes.extend(keys::tick(
+                host,
+                self.context_id,
+                &self.config,
+                &mut rt,
+                &self.metrics,
+            )),
+            Err(_) => {
+                self.deferred = wakes;
+                return;
+            }
         };
         self.wake_all(host, wakes);
     }
 
     fn on_call_response(&mut self, host: &mut dyn Host, token: u32, response: CallResponse) {
-        let wakes = match self.runtime.try_borrow_mut() {
-            Ok(mut rt) => {
-                keys::on_fetched(host, &self.config, &mut rt, &self.metrics, token, &response)
-            }
-            Err(_) => return,
-        };
-        self.wake_all(host, wakes);
+        if let Ok(mut rt) = self.runtime.try_borrow_mut() {
+            let wakes = keys::on_fetched(
+                host,
+                self.context_id,
+                &self.config,
+                &mut rt,
+                &self.metrics,
+                token,
+                &response,
+            );
+            drop(rt);
+            self.wake_all(host, wakes);
+        }
     }
 
     fn create_filter(&self, context_id: u32) -> AuthFilter {
@@ -329,7 +353,10 @@ impl AuthFilter {
             ));
             return self.finish(host, outcome);
         }
-        let looks_like_jwt = token.bytes().filter(|b| *b == b'.').count() == 2;
+        // A JWS (or a JSON-serialized one, which `parse_compact` refuses); anything else is an
+        // opaque token.
+        let looks_like_jwt =
+            token.starts_with('{') || token.bytes().filter(|b| *b == b'.').count() == 2;
         let outcome = if looks_like_jwt && !allow.providers.is_empty() {
             self.check_jwt(host, token, false)
         } else if allow.introspection {

@@ -498,12 +498,8 @@ pub fn parse_compact(token: &str) -> Result<Jws<'_>, JwsError> {
     if h.is_empty() {
         return Err(malformed("the header is empty"));
     }
-    if s.is_empty() {
-        return Err(malformed("the signature is empty"));
-    }
     let header_bytes = b64url(h).map_err(|_| malformed("the header is not base64url"))?;
     let payload = b64url(p).map_err(|_| malformed("the payload is not base64url"))?;
-    let signature = b64url(s).map_err(|_| malformed("the signature is not base64url"))?;
     let StrictValue(hv) = serde_json::from_slice(&header_bytes)
         .map_err(|_| malformed("the header is not a JSON object without duplicate members"))?;
     let ho = hv
@@ -537,6 +533,10 @@ pub fn parse_compact(token: &str) -> Result<Jws<'_>, JwsError> {
         Some(Value::String(t)) => Some(t.clone()),
         Some(_) => return Err(malformed("`typ` is not a string")),
     };
+    if s.is_empty() {
+        return Err(malformed("the signature is empty"));
+    }
+    let signature = b64url(s).map_err(|_| malformed("the signature is not base64url"))?;
     let signing_input = token
         .get(..h.len() + 1 + p.len())
         .ok_or_else(|| malformed("bad length"))?;

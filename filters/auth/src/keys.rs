@@ -202,6 +202,7 @@ pub type Wakes = Vec<(u32, u32)>;
 
 fn start_fetch(
     host: &mut dyn Host,
+    ctx: u32,
     name: &str,
     r: &Remote,
     st: &mut RemoteState,
@@ -228,7 +229,7 @@ fn start_fetch(
     match host.http_call(&call) {
         Ok(token) => {
             log::debug!(
-                "tollgate-auth: provider {name}: fetching {path} from {}",
+                "[{ctx}] provider {name}: fetching {path} from {}",
                 r.cluster
             );
             st.fetching = Some(Fetch {
@@ -263,6 +264,7 @@ fn install(st: &mut RemoteState, keys: Vec<Jwk>, fetched_at: f64, r: &Remote, wa
 /// waiting requests, and start fetches (at start, before expiry, on request).
 pub fn tick(
     host: &mut dyn Host,
+    ctx: u32,
     c: &Compiled,
     rt: &mut Runtime,
     metrics: &tollgate_common::metrics::Metrics,
@@ -300,8 +302,8 @@ pub fn tick(
         let refresh_at = st.fetched_at + 0.8 * r.cache_duration.as_secs_f64();
         let need = st.keys.is_none() || now >= refresh_at || st.wanted;
         if need && st.fetching.is_none() && now >= st.next_attempt {
-            if let Err(e) = start_fetch(host, &p.name, r, st, now) {
-                log::warn!("tollgate-auth: provider {}: key fetch failed: {e}", p.name);
+            if let Err(e) = start_fetch(host, ctx, &p.name, r, st, now) {
+                log::warn!("[{ctx}] provider {}: key fetch failed: {e}", p.name);
                 metrics.count(host, "jwks_fetch_failures", 1);
                 fail(st, r, now, &mut wakes);
             }
@@ -313,6 +315,7 @@ pub fn tick(
 /// A callout answer to the root: if it is a key fetch, use it.
 pub fn on_fetched(
     host: &mut dyn Host,
+    ctx: u32,
     c: &Compiled,
     rt: &mut Runtime,
     metrics: &tollgate_common::metrics::Metrics,
@@ -347,7 +350,7 @@ pub fn on_fetched(
                     .ok_or("the OpenID configuration has no `jwks_uri`")?;
                 let loc = split_uri(uri).ok_or("`jwks_uri` is not an absolute URL")?;
                 st.jwks_location = Some(loc);
-                start_fetch(host, &p.name, r, st, now)
+                start_fetch(host, ctx, &p.name, r, st, now)
             }
             Stage::Jwks => {
                 let keys = jose::parse_jwks_bytes(&resp.body)?;
@@ -355,16 +358,16 @@ pub fn on_fetched(
                 if let Err(e) =
                     host.shared_set(&shared_key(&p.name), &encode_shared(now, &resp.body), None)
                 {
-                    log::warn!("tollgate-auth: provider {}: cannot store keys: {e}", p.name);
+                    log::warn!("[{ctx}] provider {}: cannot store keys: {e}", p.name);
                 }
                 install(st, keys, now, r, &mut wakes);
                 metrics.count(host, "jwks_fetches", 1);
-                log::info!("tollgate-auth: provider {}: fetched {n} keys", p.name);
+                log::info!("[{ctx}] provider {}: fetched {n} keys", p.name);
                 Ok(())
             }
         });
         if let Err(e) = result {
-            log::warn!("tollgate-auth: provider {}: key fetch failed: {e}", p.name);
+            log::warn!("[{ctx}] provider {}: key fetch failed: {e}", p.name);
             metrics.count(host, "jwks_fetch_failures", 1);
             fail(st, r, now, &mut wakes);
         }

@@ -167,7 +167,7 @@ fn table_of_tokens() {
                 b64url_encode(claims(json!({})).to_string().as_bytes())
             )),
             401,
-            "malformed",
+            "alg_not_allowed",
         ),
         (
             "alg none with sig",

@@ -1,0 +1,155 @@
+"""Helpers for tests/test_auth.py: a small identity provider (JWKS, OIDC discovery, RFC 7662
+introspection) whose answers a test can change, and demo tokens minted with the
+`mint-token` example (filters/auth/examples/mint-token.rs) and the DEMO-ONLY keys in
+envoy/demo-keys/.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import subprocess
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs
+
+from harness import ROOT
+
+KEYS = ROOT / "envoy" / "demo-keys"
+MINT = ROOT / "target" / "release" / "examples" / "mint-token"
+ISSUER = "https://demo.tollgate.local"
+
+
+def build_mint():
+    """Build the minting tool (once per session; a no-op when up to date)."""
+    subprocess.run(["cargo", "build", "-q", "--release", "-p", "tollgate-auth", "--example", "mint-token"],
+                   cwd=ROOT, check=True, timeout=900)
+
+
+def mint(kid="demo-es256", keys: Path | None = None, header: dict | None = None, claims: dict | None = None,
+         **opts) -> str:
+    """A signed token. opts: sub, scopes, iss, aud, ttl, nbf_in, iat_in, no_exp (True)."""
+    opts.setdefault("sub", "alice")
+    args = [str(MINT), "--kid", kid]
+    if keys:
+        args += ["--keys", str(keys)]
+    for k, v in opts.items():
+        flag = "--" + k.replace("_", "-")
+        args += [flag] if v is True else [flag, str(v)]
+    if header:
+        args += ["--header", json.dumps(header)]
+    if claims:
+        args += ["--claims", json.dumps(claims)]
+    return subprocess.run(args, capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def unb64(s: str) -> bytes:
+    return base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
+
+
+def hs256(header: dict, claims: dict, secret: bytes) -> str:
+    """An HS256 token made with Python's own HMAC (for attacks: any header we like)."""
+    signing_input = b64(json.dumps(header).encode()) + "." + b64(json.dumps(claims).encode())
+    sig = hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()
+    return signing_input + "." + b64(sig)
+
+
+def demo_claims(**extra) -> dict:
+    now = int(time.time())
+    c = {"iss": ISSUER, "aud": "tollgate-demo", "sub": "alice", "iat": now, "exp": now + 600}
+    c.update(extra)
+    return {k: v for k, v in c.items() if v is not None}
+
+
+def public_jwks(*kids: str, files=("jwks.json",)) -> bytes:
+    keys = []
+    for f in files:
+        for k in json.loads((KEYS / f).read_text())["keys"]:
+            if not kids or k["kid"] in kids:
+                keys.append({n: v for n, v in k.items() if n not in ("d", "p", "q")})
+    return json.dumps({"keys": keys}).encode()
+
+
+class Idp:
+    """A threaded HTTP identity provider on a free loopback port.
+
+    routes: path -> (status, content_type, body bytes, delay seconds); change them at any time.
+    `/introspect` answers RFC 7662: tokens starting with `active-` are active (sub = the rest,
+    scope `orders:read`, plan `pro`), others are inactive. `hits` counts requests per path.
+    """
+
+    def __init__(self):
+        self.routes: dict[str, tuple[int, str, bytes, float]] = {}
+        self.hits: dict[str, int] = {}
+        self.introspect_delay = 0.0
+        self.lock = threading.Lock()
+        idp = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def _send(self, status, ctype, body):
+                self.send_response(status)
+                self.send_header("content-type", ctype)
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                path = self.path.split("?")[0]
+                with idp.lock:
+                    idp.hits[path] = idp.hits.get(path, 0) + 1
+                    route = idp.routes.get(path)
+                if route is None:
+                    return self._send(404, "text/plain", b"no such path")
+                status, ctype, body, delay = route
+                if delay:
+                    time.sleep(delay)
+                self._send(status, ctype, body)
+
+            def do_POST(self):
+                path = self.path.split("?")[0]
+                length = int(self.headers.get("content-length") or 0)
+                form = parse_qs(self.rfile.read(length).decode())
+                with idp.lock:
+                    idp.hits[path] = idp.hits.get(path, 0) + 1
+                if path != "/introspect":
+                    return self._send(404, "text/plain", b"no such path")
+                if idp.introspect_delay:
+                    time.sleep(idp.introspect_delay)
+                token = (form.get("token") or [""])[0]
+                if token.startswith("active-"):
+                    answer = {"active": True, "sub": token[len("active-"):], "scope": "orders:read",
+                              "plan": "pro", "client_id": "demo-client", "exp": int(time.time()) + 300}
+                else:
+                    answer = {"active": False}
+                self._send(200, "application/json", json.dumps(answer).encode())
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def set(self, path: str, body: bytes, status: int = 200, ctype: str = "application/json", delay: float = 0.0):
+        with self.lock:
+            self.routes[path] = (status, ctype, body, delay)
+
+    def count(self, path: str) -> int:
+        with self.lock:
+            return self.hits.get(path, 0)
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
