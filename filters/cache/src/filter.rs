@@ -21,6 +21,8 @@ use crate::store::{millis, Entry, Found, Lookup, Meta, PurgeRule, Store};
 
 /// Name of this cache in `Cache-Status`.
 pub const CACHE_NAME: &str = "tollgate";
+/// Longest list of `Vary` names (joined with commas) an entry may have.
+pub const MAX_VARY_BYTES: usize = 256;
 /// Longest purge path or prefix accepted.
 pub const MAX_PURGE_TARGET: usize = 1024;
 /// Header carrying the purge key.
@@ -254,7 +256,10 @@ impl CacheRoot {
             shared.metrics.count(host, "refresh_failures", 1);
             return;
         }
-        let Some(vary) = vary_names(&all(&headers, "vary")) else {
+        let Some(vary) =
+            vary_names(&all(&headers, "vary")).filter(|v| v.join(",").len() <= MAX_VARY_BYTES)
+        else {
+            shared.store.invalidate_url(host, job.url_hash);
             return;
         };
         let policy = Policy::new(&old.meta.url, &job.policy_req, status, &headers, now);
@@ -784,6 +789,10 @@ impl CacheFilter {
         let Some(vary) = vary_names(&all(headers, "vary")) else {
             return format!("{params}; detail=vary-star");
         };
+        if vary.join(",").len() > MAX_VARY_BYTES {
+            // The names live in the set record, which must stay small.
+            return format!("{params}; detail=vary-too-long");
+        }
         let stored = stored_headers(headers, set_cookie);
         let policy_req = policy_request_headers(&self.request, &vary);
         let now = host.now();

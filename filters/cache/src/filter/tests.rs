@@ -720,3 +720,23 @@ fn purge_targets_are_bounded() {
     let mut h = h0.next_request("POST", &ok, &[("x-tollgate-purge-key", "secret")]);
     assert_eq!(run(&root, &mut h, &[], b"").reply.unwrap().status, 200);
 }
+
+#[test]
+fn overlong_vary_lists_are_not_stored() {
+    let mut h0 = MemHost::new();
+    let root = root(&mut h0);
+    let names: Vec<String> = (0..40).map(|i| format!("x-header-{i}")).collect();
+    let vary = names.join(", ");
+    let mut h = h0.next_request("GET", "/api/vary-long", &[]);
+    let o = run(
+        &root,
+        &mut h,
+        &[
+            (":status", "200"),
+            ("cache-control", "max-age=60"),
+            ("vary", &vary),
+        ],
+        b"x",
+    );
+    assert!(cs(&o).ends_with("detail=vary-too-long"), "{}", cs(&o));
+}
