@@ -138,6 +138,8 @@ class Idp:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
+        # Envoy gives up on slow answers (that is what the tests check): no broken-pipe noise.
+        self.server.handle_error = lambda request, client_address: None
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()

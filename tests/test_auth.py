@@ -40,6 +40,7 @@ def idp():
     i.set("/slow-jwks", public_jwks(), delay=3.0)
     i.set("/garbage-jwks", b"this is not JSON <html>", ctype="text/plain")
     i.set("/lazy-jwks", public_jwks(), delay=2.5)
+    i.set("/short-jwks", public_jwks("demo-es256"))
     yield i
     i.stop()
 
@@ -70,6 +71,8 @@ def main_auth_config():
              "remote_jwks": {"cluster": "idp", "path": "/rot-jwks", "timeout": "1s", "refetch_interval": "1s"}},
             {"name": "oidc", "issuer": "https://oidc.local", "algorithms": ["RS256"],
              "remote_jwks": {"cluster": "idp", "discovery_path": "/.well-known/openid-configuration"}},
+            {"name": "short", "issuer": "https://short.local", "algorithms": ["ES256"],
+             "remote_jwks": {"cluster": "idp", "path": "/short-jwks", "cache_duration": "2s"}},
             {"name": "hs", "issuer": "https://hs.local", "algorithms": ["HS256"], "typ": "at+jwt",
              "jwks": {"keys": [{"kty": "oct", "kid": "hs1", "k": b64(HS_SECRET)}]}},
         ],
@@ -81,6 +84,8 @@ def main_auth_config():
             ],
         },
         "introspection": {"cluster": "idp", "path": "/introspect", "timeout": "1s", "plan_claim": "plan"},
+        "token_sources": [{"header": "authorization", "prefix": "Bearer "}, {"header": "x-token", "prefix": "Token "},
+                          {"query": "access_token"}, {"cookie": "session"}],
         "remove_credential": True,
         "routes": [
             {"match": {"prefix": "/api/products"}, "disabled": True},
@@ -261,6 +266,30 @@ def test_oidc_discovery_gives_the_jwks(gw, idp, minted):
     assert idp.count("/.well-known/openid-configuration") >= 1 and idp.count("/oidc-jwks") >= 1
 
 
+def test_token_sources_header_prefix_query_cookie(gw, minted):
+    token = minted(sub="carol")
+    h = echo_headers(gw.get("/api/users/echo/s", headers={"x-token": f"Token {token}"}))
+    assert h["x-tollgate-consumer"] == "carol" and "x-token" not in h
+    r = gw.get(f"/api/users/echo/s?a=1&access_token={token}")
+    assert echo_headers(r)["x-tollgate-consumer"] == "carol"
+    assert "access_token" not in r.json()["path"] and "a=1" in r.json()["path"]
+    h = echo_headers(gw.get("/api/users/echo/s", headers={"cookie": f"theme=dark; session={token}"}))
+    assert h["x-tollgate-consumer"] == "carol"
+    assert h["cookie"] == "theme=dark", "remove_credential removes only the session cookie"
+    # A header without the configured prefix is not a token source.
+    assert_refused(gw.get("/api/users/echo/s", headers={"x-token": token}), "missing")
+
+
+def test_keys_are_refreshed_before_they_expire(gw, idp, minted):
+    """cache_duration 2s: every VM refetches at 80 % of it, without any request asking."""
+    token = minted(iss="https://short.local")
+    assert gw.get("/api/users/echo/x", headers=bearer(token)).status == 200
+    before = idp.count("/short-jwks")
+    time.sleep(3.5)
+    assert idp.count("/short-jwks") - before >= 2
+    assert gw.get("/api/users/echo/x", headers=bearer(token)).status == 200
+
+
 def test_verified_token_cache(gw, minted):
     token = minted(sub="cached")
     hits = gw.stat("tollgate.auth.token_cache_hits")
@@ -325,6 +354,14 @@ def test_introspection_active_inactive_and_cached(gw, idp):
     assert_refused(gw.get("/api/users/echo/i", headers=bearer("revoked-token")), "inactive_token")
     assert idp.count("/introspect") == calls, "inactive results are cached briefly"
     assert gw.stat("tollgate.auth.introspection_cache_hits") >= 5
+    # Slow endpoint: the failure mode within the timeout (1 s).
+    idp.introspect_delay = 2.5
+    try:
+        r = gw.get("/api/users/echo/i", headers=bearer("active-slowpoke"), timeout=15)
+    finally:
+        idp.introspect_delay = 0.0
+    assert_refused(r, "unavailable", "active-slowpoke", status=503)
+    assert 0.9 <= r.elapsed < 2.4, r.elapsed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -468,4 +505,14 @@ def test_benchmark_scenario_configs_accept_the_benchmark_credentials(services, e
             r = envoy.get(sc["request"]["path"], headers=sc["request"]["headers"])
             assert r.status == 404, (config, sc["id"], r)
         assert_refused(envoy.get("/bench/auth", headers={"x-api-key": "wrong"}), "invalid_api_key")
+        envoy.stop()
+    # Envoy's native filters of the scenario do the same check: the tokens and key pass, others not.
+    jwt_sc = [sc for sc in scenarios if sc["id"].startswith("auth-jwt")]
+    for native, requests in [("native-jwt-cold.json", jwt_sc), ("native-jwt-cached.json", jwt_sc),
+                             ("native-api-key.json", [sc for sc in scenarios if sc["id"] == "auth-apikey"])]:
+        envoy = envoy_factory(http_filters=json.loads((folder / native).read_text()), services=services)
+        for sc in requests:
+            assert envoy.get(sc["request"]["path"], headers=sc["request"]["headers"]).status == 404, (native, sc["id"])
+        wrong = {"authorization": "Bearer " + hs256({"alg": "HS256"}, {}, HS_SECRET), "x-api-key": "wrong"}
+        assert envoy.get("/bench/auth", headers=wrong).status == 401, native
         envoy.stop()
