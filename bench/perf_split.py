@@ -63,7 +63,7 @@ def main() -> int:
         bench.start_gateways(chosen)
         for v in chosen:
             if not v.gateway:
-                rows.append(f"| {v.key} | {v.skip} | | | | | |")
+                rows.append(f"| {v.key} | {v.skip} | | | | | | |")
                 continue
             g = v.gateway
             B.loadgen(g.port, v.load, bench.cores, duration=1, conns=16)
@@ -72,12 +72,16 @@ def main() -> int:
                 perf = subprocess.Popen(["perf", "record", "-F", "2000", "-o", str(data), "-p", str(g.pid)],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 time.sleep(0.3)
+                c0 = g.cpu_ns()
                 r = B.loadgen(g.port, v.load, bench.cores, duration=5, conns=16)
+                us = (g.cpu_ns() - c0) / 1000 / max(1, r["ops"])
                 perf.send_signal(2)
                 perf.wait()
                 s = split(data)
-            rows.append(f"| {v.key} | {r['ops_per_s']:.0f} | {s.get('kernel', 0):.1f} % | {s.get('envoy binary', 0):.1f} % "
-                        f"| {s.get('JIT (wasm code)', 0):.1f} % | {s.get('libc', 0):.1f} % | {s.get('other', 0):.1f} % |")
+            def part(k):
+                return f"{s.get(k, 0):.1f} % ({s.get(k, 0) * us / 100:.1f})"
+            rows.append(f"| {v.key} | {r['ops_per_s']:.0f} | {us:.1f} | {part('kernel')} | {part('envoy binary')} "
+                        f"| {part('JIT (wasm code)')} | {part('libc')} | {part('other')} |")
             print(rows[-1])
     finally:
         bench.stop_all()
@@ -86,9 +90,10 @@ def main() -> int:
         out.write_text("# Where the gateway's CPU goes (perf, software clock, saturating load)\n\n"
                        "Produced by `bench/perf_split.py`. \"envoy binary\" is Envoy, V8's runtime and the "
                        "proxy-wasm host functions together (the binary is stripped); \"JIT\" is the wasm "
-                       "filters' own compiled code.\n\n"
-                       "| variant | op/s | kernel | envoy binary | JIT (wasm code) | libc | other |\n"
-                       "|---|---|---|---|---|---|---|\n")
+                       "filters' own compiled code. Each cell: share of the samples (and µs per operation, "
+                       "from the gateway's schedstat CPU time during the same run).\n\n"
+                       "| variant | op/s | CPU µs/op | kernel | envoy binary | JIT (wasm code) | libc | other |\n"
+                       "|---|---|---|---|---|---|---|---|\n")
     with out.open("a") as f:
         f.write("\n".join(rows) + "\n")
     print(f"-> {out}")
