@@ -471,4 +471,13 @@ def test_readme_demo_through_the_whole_bundled_chain(services, envoy_factory):
     last = rs[-1]
     retry = check_refused(last, "anonymous-ip", legacy=False)
     assert 1 <= retry <= 6, last
-    assert e.stat("tollgate.ratelimit.limited") >= 1
+    # identified through the auth filter's demo API keys: the plan it forwards picks the limit
+    free = [e.get("/api/orders/1", {"x-api-key": "demo-key-free"}) for _ in range(7)]
+    assert [r.status for r in free[:5]] == [200] * 5 and free[-1].status == 429, free
+    assert policies(free[0].header("ratelimit-policy")) == {
+        "consumer-minute": {"q": 5, "w": 60}, "consumer-daily": {"q": 1000, "w": 86400}}, free[0]
+    check_refused(free[-1], "consumer-minute", legacy=False)
+    pro = [e.get("/api/orders/1", {"x-api-key": "demo-key-pro"}) for _ in range(7)]
+    assert [r.status for r in pro] == [200] * 7, pro
+    assert policies(pro[-1].header("ratelimit"))["consumer-minute"]["r"] == 593, pro[-1]
+    assert e.stat("tollgate.ratelimit.limited") >= 2
