@@ -18,15 +18,20 @@
 //! `/.well-known/openid-configuration`.
 
 use std::collections::HashMap;
-use std::io::Read;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
-use tiny_http::{Header, Request, Response, Server};
+use tokio::net::TcpListener;
 
-const WORKERS_PER_SERVICE: usize = 32;
+/// Largest request body read (bigger bodies are cut).
+const MAX_BODY: usize = 1 << 20;
 /// A fixed Last-Modified for demo data: 2026-01-01T00:00:00Z.
 const LAST_MODIFIED: &str = "Thu, 01 Jan 2026 00:00:00 GMT";
 
@@ -75,40 +80,151 @@ fn main() {
             None
         }
     });
-    let mut threads = Vec::new();
-    for l in listens {
-        let Some((name, addr)) = l.split_once('=') else {
-            eprintln!("tollgate-demo: --listen wants NAME=ADDR:PORT, got `{l}`");
-            std::process::exit(2);
-        };
-        let server = match Server::http(addr) {
-            Ok(s) => Arc::new(s),
-            Err(e) => {
-                eprintln!("tollgate-demo: cannot listen on {addr}: {e}");
-                std::process::exit(1);
-            }
-        };
-        eprintln!("tollgate-demo: {name} listening on http://{addr}");
-        let svc = Arc::new(Service {
-            name: name.to_string(),
-            jwks: jwks_doc.clone(),
-            issuer: issuer.clone(),
-            counts: Mutex::new(HashMap::new()),
-            total: AtomicU64::new(0),
-            rng: AtomicU64::new(0x9E37_79B9_7F4A_7C15 ^ addr.len() as u64),
-        });
-        for _ in 0..WORKERS_PER_SERVICE {
-            let server = server.clone();
-            let svc = svc.clone();
-            threads.push(std::thread::spawn(move || {
-                while let Ok(req) = server.recv() {
-                    handle(&svc, req);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(512)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("tollgate-demo: cannot start the runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    runtime.block_on(async move {
+        let mut servers = Vec::new();
+        for l in listens {
+            let Some((name, addr)) = l.split_once('=') else {
+                eprintln!("tollgate-demo: --listen wants NAME=ADDR:PORT, got `{l}`");
+                std::process::exit(2);
+            };
+            let listener = match TcpListener::bind(addr).await {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("tollgate-demo: cannot listen on {addr}: {e}");
+                    std::process::exit(1);
                 }
-            }));
+            };
+            eprintln!("tollgate-demo: {name} listening on http://{addr}");
+            let svc = Arc::new(Service {
+                name: name.to_string(),
+                jwks: jwks_doc.clone(),
+                issuer: issuer.clone(),
+                counts: Mutex::new(HashMap::new()),
+                total: AtomicU64::new(0),
+                rng: AtomicU64::new(0x9E37_79B9_7F4A_7C15 ^ addr.len() as u64),
+            });
+            servers.push(tokio::spawn(serve(listener, svc)));
+        }
+        for s in servers {
+            let _ = s.await;
+        }
+    });
+}
+
+/// Accept connections and serve HTTP/1.1 (keep-alive) on each; a request is handled on the
+/// blocking pool, so the `delay` knobs simply sleep.
+async fn serve(listener: TcpListener, svc: Arc<Service>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let svc = svc.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let svc = svc.clone();
+                async move {
+                    let method = req.method().as_str().to_string();
+                    let url = req
+                        .uri()
+                        .path_and_query()
+                        .map(|p| p.as_str().to_string())
+                        .unwrap_or_else(|| "/".into());
+                    let headers = req
+                        .headers()
+                        .iter()
+                        .map(|(k, v)| {
+                            (
+                                k.as_str().to_string(),
+                                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                            )
+                        })
+                        .collect();
+                    let body = Limited::new(req.into_body(), MAX_BODY)
+                        .collect()
+                        .await
+                        .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
+                        .unwrap_or_default();
+                    let request = DemoRequest {
+                        method,
+                        url,
+                        headers,
+                        body,
+                    };
+                    let answer = tokio::task::spawn_blocking(move || handle(&svc, request))
+                        .await
+                        .unwrap_or_else(|_| DemoResponse::error());
+                    Ok::<_, std::convert::Infallible>(answer.into_hyper())
+                }
+            });
+            let _ = http1::Builder::new()
+                .keep_alive(true)
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// A request as the handler sees it.
+struct DemoRequest {
+    method: String,
+    url: String,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+/// The handler's answer.
+struct DemoResponse {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+    content_type: String,
+    head: bool,
+}
+
+impl DemoResponse {
+    fn error() -> Self {
+        DemoResponse {
+            status: 500,
+            headers: Vec::new(),
+            body: b"{\"error\":\"handler failed\"}".to_vec(),
+            content_type: "application/json".into(),
+            head: false,
         }
     }
-    for t in threads {
-        let _ = t.join();
+
+    fn into_hyper(self) -> hyper::Response<Full<Bytes>> {
+        let body = if self.head { Vec::new() } else { self.body };
+        let mut resp = hyper::Response::new(Full::new(Bytes::from(body)));
+        *resp.status_mut() = hyper::StatusCode::from_u16(self.status)
+            .unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
+        let h = resp.headers_mut();
+        if self.status != 304 {
+            if let Ok(v) = hyper::header::HeaderValue::from_str(&self.content_type) {
+                h.insert(hyper::header::CONTENT_TYPE, v);
+            }
+        }
+        for (k, v) in self.headers {
+            if let (Ok(k), Ok(v)) = (
+                hyper::header::HeaderName::from_bytes(k.as_bytes()),
+                hyper::header::HeaderValue::from_str(&v),
+            ) {
+                h.append(k, v);
+            }
+        }
+        resp
     }
 }
 
@@ -246,8 +362,8 @@ fn http_date_secs(s: &str) -> Option<u64> {
     Some(days * 86400 + hms[0] * 3600 + hms[1] * 60 + hms[2])
 }
 
-fn handle(svc: &Service, mut req: Request) {
-    let url = req.url().to_string();
+fn handle(svc: &Service, req: DemoRequest) -> DemoResponse {
+    let url = req.url.clone();
     let (path, query) = url.split_once('?').unwrap_or((&url, ""));
     let path = path.to_string();
     let knobs = Knobs {
@@ -260,19 +376,13 @@ fn handle(svc: &Service, mut req: Request) {
             })
             .collect(),
         headers: req
-            .headers()
+            .headers
             .iter()
-            .map(|h| {
-                (
-                    h.field.as_str().as_str().to_ascii_lowercase(),
-                    h.value.as_str().to_string(),
-                )
-            })
+            .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
             .collect(),
     };
-    let method = req.method().as_str().to_string();
-    let mut body_in = String::new();
-    let _ = req.as_reader().take(1 << 20).read_to_string(&mut body_in);
+    let method = req.method.clone();
+    let body_in = req.body;
 
     let mut nth_for_path = 0;
     if path != "/stats" && path != "/stats/reset" && path != "/healthz" {
@@ -388,15 +498,13 @@ fn handle(svc: &Service, mut req: Request) {
 
     if let Some(rate) = knobs.get("fail_rate").and_then(|r| r.parse::<f64>().ok()) {
         if next_random(svc) < rate {
-            respond(
-                req,
+            return respond(
                 500,
                 vec![],
                 b"{\"error\":\"injected failure\"}".to_vec(),
                 "application/json",
                 &method,
             );
-            return;
         }
     }
     if let Some(s) = knobs.get("status").and_then(|s| s.parse::<u16>().ok()) {
@@ -476,28 +584,21 @@ fn handle(svc: &Service, mut req: Request) {
         .unwrap_or(0);
     extra.push(("x-demo-service".into(), svc.name.clone()));
     extra.push(("x-demo-served-at-ms".into(), now.to_string()));
-    respond(req, status, extra, bytes, &content_type, &method);
+    respond(status, extra, bytes, &content_type, &method)
 }
 
 fn respond(
-    req: Request,
     status: u16,
     headers: Vec<(String, String)>,
     body: Vec<u8>,
     ct: &str,
     method: &str,
-) {
-    let mut resp = Response::from_data(if method == "HEAD" { Vec::new() } else { body })
-        .with_status_code(status);
-    if status != 304 {
-        if let Ok(h) = Header::from_bytes("content-type", ct) {
-            resp.add_header(h);
-        }
+) -> DemoResponse {
+    DemoResponse {
+        status,
+        headers,
+        body,
+        content_type: ct.to_string(),
+        head: method == "HEAD",
     }
-    for (k, v) in headers {
-        if let Ok(h) = Header::from_bytes(k.as_bytes(), v.as_bytes()) {
-            resp.add_header(h);
-        }
-    }
-    let _ = req.respond(resp);
 }
