@@ -281,7 +281,7 @@ pub struct RemoteJwksConfig {
     /// Timeout of each fetch, and the longest a request waits for keys.
     #[serde(default = "default_fetch_timeout")]
     pub timeout: ConfigDuration,
-    /// Least time between two fetches caused by unknown `kid`s.
+    /// Least time between two fetches caused by unknown `kid`s (all workers together).
     #[serde(default = "default_refetch_interval")]
     pub refetch_interval: ConfigDuration,
     /// Wait after a failed fetch before the next.

@@ -63,6 +63,11 @@ impl RootFilter for AuthRoot {
     fn configure(&mut self, host: &mut dyn Host, configuration: &[u8]) -> Result<(), ConfigError> {
         let compiled = Config::parse(configuration)?;
         self.runtime = Rc::new(RefCell::new(Runtime::new(&compiled)));
+        for p in &compiled.providers {
+            if matches!(p.keys, KeySource::Remote(_)) {
+                keys::ensure_lease(host, &p.name);
+            }
+        }
         if compiled.has_remote() {
             // Fetch keys at once (first tick), then keep them fresh.
             host.set_tick_period(std::time::Duration::from_millis(50));
@@ -547,19 +552,16 @@ impl AuthFilter {
         let verified = match &p.keys {
             KeySource::Inline(keys) => jose::verify_jws(&jws, keys, &p.algorithms),
             KeySource::Remote(r) => {
-                let (keys, may_refetch, failed_recently) = {
+                let (keys, fetching_here, failed_recently) = {
                     let Ok(rt) = self.runtime.try_borrow() else {
                         return Outcome::Unavailable("busy".into());
                     };
                     let Some(st) = rt.remotes.get(pi) else {
                         return Outcome::Unavailable("no key state".into());
                     };
-                    let may_refetch = st
-                        .last_refetch
-                        .is_none_or(|t| now - t >= r.refetch_interval.as_secs_f64());
                     let failed_recently =
                         st.failed_at > 0.0 && st.fetching.is_none() && now < st.next_attempt;
-                    (st.current(now), may_refetch, failed_recently)
+                    (st.current(now), st.fetching.is_some(), failed_recently)
                 };
                 match keys {
                     None if resumed || failed_recently => {
@@ -568,10 +570,24 @@ impl AuthFilter {
                             p.name
                         ))
                     }
-                    None => return self.wait_for_keys(host, pi, r, token, false),
+                    None => return self.wait_for_keys(host, pi, r, token, true),
                     Some(keys) => match jose::verify_jws(&jws, &keys, &p.algorithms) {
-                        Err(JwsError::UnknownKid) if !resumed && may_refetch => {
-                            return self.wait_for_keys(host, pi, r, token, true)
+                        Err(JwsError::UnknownKid) if !resumed => {
+                            // A fetch under way (in this worker or another) may bring the key.
+                            let elsewhere = matches!(
+                                keys::read_lease(host, &p.name),
+                                Some(keys::Lease::Fetching(until)) if until > now
+                            );
+                            if fetching_here || elsewhere {
+                                return self.wait_for_keys(host, pi, r, token, false);
+                            }
+                            // One refetch per `refetch_interval` for all workers.
+                            let interval = r.refetch_interval.as_secs_f64();
+                            if keys::claim_refetch(host, &p.name, now, interval) {
+                                self.count(host, "jwks_refetches");
+                                return self.wait_for_keys(host, pi, r, token, true);
+                            }
+                            Err(JwsError::UnknownKid)
                         }
                         other => other,
                     },
@@ -598,13 +614,14 @@ impl AuthFilter {
         Outcome::Allowed(self.jwt_identity(p, claims, jws.payload_b64))
     }
 
+    /// Pause until the provider's keys change or a fetch ends; `fetch`: ask the root for one.
     fn wait_for_keys(
         &mut self,
         host: &mut dyn Host,
         pi: usize,
         r: &crate::config::Remote,
         token: String,
-        refetch: bool,
+        fetch: bool,
     ) -> Outcome {
         let now = host.now_secs();
         let Ok(mut rt) = self.runtime.try_borrow_mut() else {
@@ -613,23 +630,11 @@ impl AuthFilter {
         let Some(st) = rt.remotes.get_mut(pi) else {
             return Outcome::Unavailable("no key state".into());
         };
-        if refetch {
-            st.last_refetch = Some(now);
-            drop(rt);
-            self.count(host, "jwks_refetches");
-            let Ok(mut rt) = self.runtime.try_borrow_mut() else {
-                return Outcome::Unavailable("busy".into());
-            };
-            if let Some(st) = rt.remotes.get_mut(pi) {
-                st.wanted = true;
-                st.waiters
-                    .push((self.context_id, now + keys::wait_limit(r).as_secs_f64()));
-            }
-        } else {
+        if fetch {
             st.wanted = true;
-            st.waiters
-                .push((self.context_id, now + keys::wait_limit(r).as_secs_f64()));
         }
+        st.waiters
+            .push((self.context_id, now + keys::wait_limit(r).as_secs_f64()));
         self.pending = Pending::Keys { token };
         Outcome::Wait
     }

@@ -49,8 +49,6 @@ pub struct RemoteState {
     pub fetching: Option<Fetch>,
     /// A request asked for a fetch (no keys yet, or an unknown `kid`).
     pub wanted: bool,
-    /// Last unknown-`kid` refetch.
-    pub last_refetch: Option<f64>,
     /// No fetch before this time (after a failure).
     pub next_attempt: f64,
     /// When the last fetch failed (0: the last one succeeded).
@@ -184,6 +182,113 @@ pub fn decode_shared(v: &[u8]) -> Option<(f64, &[u8])> {
     Some((t, v.get(nl + 1..)?))
 }
 
+/// Shared-data key of a provider's fetch lease: `fetching <until>` while a worker fetches,
+/// then `ok <time>` or `fail <time>`. One worker fetches at a time; the others adopt its
+/// result from shared data (or its failure).
+pub fn lease_key(provider: &str) -> String {
+    format!("tollgate.auth.jwks_lease.{provider}")
+}
+
+/// Shared-data key of the time of a provider's last unknown-`kid` refetch (all workers).
+pub fn refetch_key(provider: &str) -> String {
+    format!("tollgate.auth.jwks_refetch.{provider}")
+}
+
+/// A provider's fetch lease as stored.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Lease {
+    /// A worker fetches until this time (or until it finishes).
+    Fetching(f64),
+    /// The last fetch succeeded at this time.
+    Ok(f64),
+    /// The last fetch failed at this time.
+    Failed(f64),
+}
+
+/// Parse a lease value.
+pub fn parse_lease(v: &[u8]) -> Option<Lease> {
+    let text = std::str::from_utf8(v).ok()?;
+    let (kind, t) = text.split_once(' ')?;
+    let t: f64 = t.parse().ok()?;
+    match kind {
+        "fetching" => Some(Lease::Fetching(t)),
+        "ok" => Some(Lease::Ok(t)),
+        "fail" => Some(Lease::Failed(t)),
+        _ => None,
+    }
+}
+
+fn encode_lease(l: Lease) -> String {
+    match l {
+        Lease::Fetching(t) => format!("fetching {t}"),
+        Lease::Ok(t) => format!("ok {t}"),
+        Lease::Failed(t) => format!("fail {t}"),
+    }
+}
+
+/// Create a provider's lease key when missing, so that later claims are guarded by CAS (in
+/// Envoy a CAS only guards an existing key).
+pub fn ensure_lease(host: &mut dyn Host, provider: &str) {
+    if let Ok(None) = host.shared_get(&lease_key(provider)) {
+        let _ = host.shared_set(
+            &lease_key(provider),
+            encode_lease(Lease::Ok(0.0)).as_bytes(),
+            None,
+        );
+    }
+}
+
+/// The current lease, if readable.
+pub fn read_lease(host: &dyn Host, provider: &str) -> Option<Lease> {
+    let (v, _) = host.shared_get(&lease_key(provider)).ok()??;
+    parse_lease(&v)
+}
+
+/// Claim the lease to fetch until `until`; false when another worker holds it.
+fn claim_lease(host: &mut dyn Host, provider: &str, now: f64, until: f64) -> bool {
+    let key = lease_key(provider);
+    let current = host.shared_get(&key).ok().flatten();
+    let cas = match &current {
+        Some((v, cas)) => {
+            if let Some(Lease::Fetching(u)) = parse_lease(v) {
+                if u > now {
+                    return false;
+                }
+            }
+            Some(*cas)
+        }
+        None => None,
+    };
+    host.shared_set(&key, encode_lease(Lease::Fetching(until)).as_bytes(), cas)
+        .is_ok()
+}
+
+fn release_lease(host: &mut dyn Host, provider: &str, l: Lease) {
+    let _ = host.shared_set(&lease_key(provider), encode_lease(l).as_bytes(), None);
+}
+
+/// May a request cause an unknown-`kid` refetch now? Claims the slot (all workers share the
+/// rate limit); false when another refetch happened within `interval`.
+pub fn claim_refetch(host: &mut dyn Host, provider: &str, now: f64, interval: f64) -> bool {
+    let key = refetch_key(provider);
+    let current = host.shared_get(&key).ok().flatten();
+    let cas = match &current {
+        Some((v, cas)) => {
+            let last: f64 = std::str::from_utf8(v)
+                .ok()
+                .and_then(|t| t.parse().ok())
+                .unwrap_or(0.0);
+            if now - last < interval {
+                return false;
+            }
+            Some(*cas)
+        }
+        None => None,
+    };
+    host.shared_set(&key, format!("{now}").as_bytes(), cas)
+        .is_ok()
+}
+
 /// The path and authority of a `jwks_uri` (`https://host/path?q` gives `/path?q`, `host`).
 pub fn split_uri(uri: &str) -> Option<(String, String)> {
     let rest = uri.split_once("://").map(|(_, r)| r)?;
@@ -289,6 +394,13 @@ pub fn tick(
                 }
             }
         }
+        // Another worker's fetch failed: our waiters need not wait for a fetch of their own.
+        let lease = read_lease(host, &p.name);
+        if let Some(Lease::Failed(t)) = lease {
+            if t > st.failed_at && st.fetching.is_none() && !st.waiters.is_empty() {
+                fail(st, r, t, &mut wakes);
+            }
+        }
         // Waiting requests past their deadline.
         let (late, keep): (Vec<_>, Vec<_>) = st.waiters.drain(..).partition(|(_, d)| *d <= now);
         st.waiters = keep;
@@ -301,8 +413,14 @@ pub fn tick(
         }
         let refresh_at = st.fetched_at + 0.8 * r.cache_duration.as_secs_f64();
         let need = st.keys.is_none() || now >= refresh_at || st.wanted;
-        if need && st.fetching.is_none() && now >= st.next_attempt {
+        let until = now + r.timeout.as_secs_f64() * 2.0 + 1.0;
+        if need
+            && st.fetching.is_none()
+            && now >= st.next_attempt
+            && claim_lease(host, &p.name, now, until)
+        {
             if let Err(e) = start_fetch(host, ctx, &p.name, r, st, now) {
+                release_lease(host, &p.name, Lease::Failed(now));
                 log::warn!("[{ctx}] provider {}: key fetch failed: {e}", p.name);
                 metrics.count(host, "jwks_fetch_failures", 1);
                 fail(st, r, now, &mut wakes);
@@ -361,6 +479,7 @@ pub fn on_fetched(
                     log::warn!("[{ctx}] provider {}: cannot store keys: {e}", p.name);
                 }
                 install(st, keys, now, r, &mut wakes);
+                release_lease(host, &p.name, Lease::Ok(now));
                 metrics.count(host, "jwks_fetches", 1);
                 log::info!("[{ctx}] provider {}: fetched {n} keys", p.name);
                 Ok(())
@@ -369,6 +488,7 @@ pub fn on_fetched(
         if let Err(e) = result {
             log::warn!("[{ctx}] provider {}: key fetch failed: {e}", p.name);
             metrics.count(host, "jwks_fetch_failures", 1);
+            release_lease(host, &p.name, Lease::Failed(now));
             fail(st, r, now, &mut wakes);
         }
     }

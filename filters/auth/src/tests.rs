@@ -841,3 +841,89 @@ fn remove_credential_from_header_query_and_cookie() {
     );
     assert_eq!(req.header(MapKind::RequestHeaders, "x-api-key"), None);
 }
+
+#[test]
+fn workers_share_one_fetch_and_its_failure() {
+    // Two workers of one Envoy: two roots over one shared-data store.
+    let cfg = remote_config(json!({}));
+    let (mut r1, mut h1) = root(&cfg);
+    let mut r2 = AuthRoot::new(1);
+    let mut h2 = h1.next_request("GET", "/", &[]);
+    r2.configure(&mut h2, cfg.as_bytes()).unwrap();
+    let auth = format!("Bearer {}", es("es", claims(json!({}))));
+    let mut req2 = h2.next_request("GET", "/x", &[("authorization", &auth)]);
+    let mut f2 = r2.create_filter(21);
+    assert_eq!(f2.on_request_headers(&mut req2, true), Decision::Pause);
+    r1.on_tick(&mut h1);
+    r2.on_tick(&mut h2);
+    assert_eq!(h1.calls.len(), 1, "worker 1 holds the lease and fetches");
+    assert!(h2.calls.is_empty(), "worker 2 waits for worker 1's fetch");
+    let t = h1.calls[0].token;
+    r1.on_call_response(&mut h1, t, ok(&format!(r#"{{"keys":[{ES_PUB}]}}"#)));
+    h2.advance(Duration::from_millis(50));
+    r2.on_tick(&mut h2);
+    assert_eq!(
+        h2.woken,
+        vec![(21, WAKE_FETCHED)],
+        "adopted from shared data"
+    );
+    assert_eq!(f2.on_wake(&mut req2, WAKE_FETCHED), Decision::Continue);
+    assert!(h2.calls.is_empty());
+
+    // A failure of the lease holder reaches the other worker's waiters at once.
+    let cfg = remote_config(json!({}));
+    let (mut r1, mut h1) = root(&cfg);
+    let mut r2 = AuthRoot::new(1);
+    let mut h2 = h1.next_request("GET", "/", &[]);
+    r2.configure(&mut h2, cfg.as_bytes()).unwrap();
+    let mut req2 = h2.next_request("GET", "/x", &[("authorization", &auth)]);
+    let mut f2 = r2.create_filter(22);
+    assert_eq!(f2.on_request_headers(&mut req2, true), Decision::Pause);
+    r1.on_tick(&mut h1);
+    r2.on_tick(&mut h2);
+    let t = h1.calls[0].token;
+    h1.advance(Duration::from_millis(10));
+    r1.on_call_response(&mut h1, t, CallResponse::default());
+    h2.advance(Duration::from_millis(50));
+    r2.on_tick(&mut h2);
+    assert_eq!(h2.woken, vec![(22, WAKE_FETCHED)]);
+    assert_eq!(status(&f2.on_wake(&mut req2, WAKE_FETCHED)), 503);
+}
+
+#[test]
+fn unknown_kid_refetch_is_limited_for_all_workers() {
+    let cfg = remote_config(json!({}));
+    let (mut r1, mut h1) = root(&cfg);
+    r1.on_tick(&mut h1);
+    let t = h1.calls[0].token;
+    r1.on_call_response(&mut h1, t, ok(&format!(r#"{{"keys":[{ES_PUB}]}}"#)));
+    let mut r2 = AuthRoot::new(1);
+    let mut h2 = h1.next_request("GET", "/", &[]);
+    r2.configure(&mut h2, cfg.as_bytes()).unwrap();
+    r2.on_tick(&mut h2);
+    let stranger = format!("Bearer {}", es("nobody", claims(json!({}))));
+    // Worker 1 refetches for the unknown kid.
+    let mut req = h1.next_request("GET", "/x", &[("authorization", &stranger)]);
+    let mut f1 = r1.create_filter(31);
+    assert_eq!(f1.on_request_headers(&mut req, true), Decision::Pause);
+    r1.on_tick(&mut h1);
+    assert_eq!(h1.calls.len(), 2);
+    // Worker 2, meanwhile: a fetch is under way, so it waits for it without a refetch of its own.
+    let mut req2 = h2.next_request("GET", "/x", &[("authorization", &stranger)]);
+    let mut f2 = r2.create_filter(32);
+    assert_eq!(f2.on_request_headers(&mut req2, true), Decision::Pause);
+    let t = h1.calls[1].token;
+    h1.advance(Duration::from_millis(10));
+    r1.on_call_response(&mut h1, t, ok(&format!(r#"{{"keys":[{ES_PUB}]}}"#)));
+    assert_eq!(reason(&f1.on_wake(&mut req, WAKE_FETCHED)), "unknown_kid");
+    h2.advance(Duration::from_millis(50));
+    r2.on_tick(&mut h2);
+    assert!(h2.calls.is_empty());
+    assert_eq!(reason(&f2.on_wake(&mut req2, WAKE_FETCHED)), "unknown_kid");
+    // Within the interval, worker 2 refuses at once.
+    let mut req3 = h2.next_request("GET", "/x", &[("authorization", &stranger)]);
+    assert_eq!(
+        reason(&r2.create_filter(33).on_request_headers(&mut req3, true)),
+        "unknown_kid"
+    );
+}
