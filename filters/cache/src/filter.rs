@@ -651,14 +651,14 @@ impl CacheFilter {
             at,
         );
         let age = policy.age(now);
-        if policy.satisfies(&url.url, &self.request, now) {
+        if policy.satisfies(&self.request, now) {
             m.count(host, "hits", 1);
-            let ttl = signed(policy.lifetime(at)) - signed(age);
+            let ttl = signed(policy.lifetime()) - signed(age);
             let reply = self.answer(entry, age, &format!("hit; ttl={ttl}"));
             self.state = State::Done;
             return Decision::Respond(reply);
         }
-        let lifetime = policy.lifetime(at);
+        let lifetime = policy.lifetime();
         let stale_by = age.saturating_sub(lifetime);
         let must_revalidate = directive(&entry.meta.headers, "must-revalidate").is_some()
             || directive(&entry.meta.headers, "proxy-revalidate").is_some()
@@ -1016,7 +1016,7 @@ impl HttpFilter for CacheFilter {
                 let failed = status >= 500 || status == 0;
                 if failed {
                     let age = policy.age(now);
-                    let stale_by = age.saturating_sub(policy.lifetime(at));
+                    let stale_by = age.saturating_sub(policy.lifetime());
                     let window = directive_secs(&entry.meta.headers, "stale-if-error")
                         .map(Duration::from_secs)
                         .or(self.rule().and_then(|r| r.stale_if_error));

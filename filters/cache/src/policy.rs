@@ -5,7 +5,9 @@
 use std::time::{Duration, SystemTime};
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
-use http_cache_semantics::{BeforeRequest, CacheOptions, CachePolicy};
+#[cfg(test)]
+use http_cache_semantics::BeforeRequest;
+use http_cache_semantics::{CacheOptions, CachePolicy};
 
 /// Request headers kept with an entry: only what the policy needs (`host`, the headers the
 /// response varies on, and whether `authorization` was present: its value is never stored).
@@ -82,6 +84,10 @@ fn response_parts(status: u16, headers: &[(String, String)]) -> http::response::
 /// A stored response's policy and the facts derived from it.
 pub struct Policy {
     inner: CachePolicy,
+    /// Freshness lifetime (RFC 9111 4.2.1), computed once.
+    lifetime: Duration,
+    /// The response forbids serving it stale (`must-revalidate`).
+    must_revalidate: bool,
 }
 
 impl Policy {
@@ -99,8 +105,15 @@ impl Policy {
             shared: true,
             ..CacheOptions::default()
         };
+        let inner = CachePolicy::new_options(&req, &res, response_time, opts);
+        // At the response time the resident time is zero: age + ttl is the lifetime.
+        let lifetime = inner
+            .age(response_time)
+            .saturating_add(inner.time_to_live(response_time));
         Policy {
-            inner: CachePolicy::new_options(&req, &res, response_time, opts),
+            inner,
+            lifetime,
+            must_revalidate: directive(response, "must-revalidate").is_some(),
         }
     }
 
@@ -116,19 +129,59 @@ impl Policy {
 
     /// Remaining freshness at `now`.
     pub fn ttl(&self, now: SystemTime) -> Duration {
-        self.inner.time_to_live(now)
+        self.lifetime.saturating_sub(self.age(now))
     }
 
-    /// Freshness lifetime (age + ttl at any time while fresh).
-    pub fn lifetime(&self, now: SystemTime) -> Duration {
-        self.age(now).saturating_add(self.ttl(now))
+    /// Freshness lifetime.
+    pub fn lifetime(&self) -> Duration {
+        self.lifetime
     }
 
     /// May a request with these headers be answered from this entry without contacting the
-    /// origin (freshness, request `max-age`, `min-fresh`, `max-stale`, `no-cache`)?
-    pub fn satisfies(&self, url: &str, request: &[(String, String)], now: SystemTime) -> bool {
-        // The variant was chosen by our own Vary matching; give the policy the request's
-        // `host` as stored so that its own URL/host/Vary check agrees.
+    /// origin? The stored response's freshness (from the crate), then the request's
+    /// `no-cache` (and `Pragma: no-cache` without `Cache-Control`), `max-age`, `min-fresh`
+    /// and `max-stale`, as the crate's `before_request` decides them (URL, host and `Vary` were
+    /// matched by the store). Done here because `before_request` also builds a whole response
+    /// head, which is most of the cost of a hit.
+    pub fn satisfies(&self, request: &[(String, String)], now: SystemTime) -> bool {
+        let has_cc = request
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("cache-control"));
+        let pragma_no_cache = !has_cc
+            && request
+                .iter()
+                .any(|(k, v)| k.eq_ignore_ascii_case("pragma") && v.contains("no-cache"));
+        if pragma_no_cache || directive(request, "no-cache").is_some() {
+            return false;
+        }
+        let age = self.age(now);
+        if directive_secs(request, "max-age").is_some_and(|m| age > Duration::from_secs(m)) {
+            return false;
+        }
+        let ttl = self.lifetime.saturating_sub(age);
+        if directive_secs(request, "min-fresh").is_some_and(|m| ttl < Duration::from_secs(m)) {
+            return false;
+        }
+        if self.lifetime <= age {
+            let Some(max_stale) = directive(request, "max-stale") else {
+                return false;
+            };
+            if self.must_revalidate {
+                return false;
+            }
+            let stale_by = age - self.lifetime;
+            return match max_stale.parse::<u64>() {
+                Ok(m) => Duration::from_secs(m) > stale_by,
+                // `max-stale` without a value: any staleness.
+                Err(_) => true,
+            };
+        }
+        true
+    }
+
+    /// The crate's own answer, for the parity test.
+    #[cfg(test)]
+    fn satisfies_by_crate(&self, url: &str, request: &[(String, String)], now: SystemTime) -> bool {
         let req = request_parts("GET", url, request);
         matches!(
             self.inner.before_request(&req, now),
@@ -218,16 +271,16 @@ mod tests {
         let p = Policy::new(URL, &req, 200, &h(&[("cache-control", "max-age=60")]), t0);
         let at = |s| t0 + Duration::from_secs(s);
         assert_eq!(p.ttl(at(10)), Duration::from_secs(50));
-        assert_eq!(p.lifetime(at(10)), Duration::from_secs(60));
-        assert!(p.satisfies(URL, &req, at(10)));
-        assert!(!p.satisfies(URL, &req, at(61)));
+        assert_eq!(p.lifetime(), Duration::from_secs(60));
+        assert!(p.satisfies(&req, at(10)));
+        assert!(!p.satisfies(&req, at(61)));
         let with = |cc: &str| h(&[("host", "gateway.test"), ("cache-control", cc)]);
-        assert!(!p.satisfies(URL, &with("no-cache"), at(10)));
-        assert!(!p.satisfies(URL, &with("max-age=5"), at(10)));
-        assert!(p.satisfies(URL, &with("max-age=50"), at(10)));
-        assert!(!p.satisfies(URL, &with("min-fresh=55"), at(10)));
-        assert!(p.satisfies(URL, &with("max-stale=30"), at(80)));
-        assert!(!p.satisfies(URL, &with("max-stale=10"), at(80)));
+        assert!(!p.satisfies(&with("no-cache"), at(10)));
+        assert!(!p.satisfies(&with("max-age=5"), at(10)));
+        assert!(p.satisfies(&with("max-age=50"), at(10)));
+        assert!(!p.satisfies(&with("min-fresh=55"), at(10)));
+        assert!(p.satisfies(&with("max-stale=30"), at(80)));
+        assert!(!p.satisfies(&with("max-stale=10"), at(80)));
         // heuristic freshness: 10% of the time since Last-Modified, only without explicit expiry
         let lm = Policy::new(
             URL,
@@ -239,7 +292,7 @@ mod tests {
             ]),
             t0,
         );
-        assert_eq!(lm.lifetime(t0), Duration::from_secs(8640));
+        assert_eq!(lm.lifetime(), Duration::from_secs(8640));
         let nc = Policy::new(
             URL,
             &req,
@@ -247,7 +300,7 @@ mod tests {
             &h(&[("cache-control", "no-cache, max-age=60")]),
             t0,
         );
-        assert!(!nc.satisfies(URL, &req, t0));
+        assert!(!nc.satisfies(&req, t0));
     }
 
     #[test]
@@ -266,7 +319,7 @@ mod tests {
         let p = Policy::new(URL, &req, 200, &res, t0);
         let far = t0 + Duration::from_secs(1 << 28);
         assert_eq!(p.age(t0), Duration::from_secs(MAX_AGE_HEADER));
-        let _ = (p.lifetime(far), p.ttl(far), p.satisfies(URL, &req, far));
+        let _ = (p.lifetime(), p.ttl(far), p.satisfies(&req, far));
         let bad = Policy::new(
             URL,
             &req,
@@ -276,7 +329,63 @@ mod tests {
         );
         assert_eq!(bad.age(t0), Duration::ZERO);
         let with = h(&[("host", "gateway.test"), ("cache-control", "max-stale=18446744073709551615, min-fresh=18446744073709551615, max-age=18446744073709551615")]);
-        let _ = p.satisfies(URL, &with, far);
+        let _ = p.satisfies(&with, far);
+    }
+
+    #[test]
+    fn request_directives_agree_with_the_crate() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_767_225_600);
+        let responses = [
+            "max-age=60",
+            "max-age=60, must-revalidate",
+            "max-age=0",
+            "no-cache, max-age=60",
+            "s-maxage=30, max-age=5",
+            "public",
+            "max-age=10, stale-while-revalidate=30",
+        ];
+        let requests = [
+            None,
+            Some("no-cache"),
+            Some("max-age=5"),
+            Some("max-age=100"),
+            Some("max-age=x"),
+            Some("min-fresh=20"),
+            Some("min-fresh=200"),
+            Some("max-stale"),
+            Some("max-stale=10"),
+            Some("max-stale=1000"),
+            Some("max-stale=10, min-fresh=5"),
+            Some("no-store"),
+        ];
+        for res in responses {
+            let mut rh = h(&[
+                ("cache-control", res),
+                ("last-modified", "Wed, 31 Dec 2025 00:00:00 GMT"),
+            ]);
+            rh.push(("date".into(), "Thu, 01 Jan 2026 00:00:00 GMT".into()));
+            let p = Policy::new(URL, &h(&[("host", "gateway.test")]), 200, &rh, t0);
+            for req in requests {
+                let mut r = h(&[("host", "gateway.test")]);
+                if let Some(cc) = req {
+                    r.push(("cache-control".into(), cc.into()));
+                }
+                for secs in [0, 3, 20, 45, 59, 61, 75, 200, 5000] {
+                    let now = t0 + Duration::from_secs(secs);
+                    assert_eq!(
+                        p.satisfies(&r, now),
+                        p.satisfies_by_crate(URL, &r, now),
+                        "response {res}, request {req:?}, at +{secs}s"
+                    );
+                }
+            }
+            let pragma = h(&[("host", "gateway.test"), ("pragma", "no-cache")]);
+            assert_eq!(
+                p.satisfies(&pragma, t0),
+                p.satisfies_by_crate(URL, &pragma, t0),
+                "{res}"
+            );
+        }
     }
 
     #[test]

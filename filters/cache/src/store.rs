@@ -3,7 +3,7 @@
 //! Shared data has no delete and a CAS only guards an existing key, so the layout uses a fixed
 //! set of keys and overwrites them:
 //!
-//! * `tc.set.<s>` for `s` in `0..sets`: the set record, a small JSON list of `ways` way records
+//! * `tc.set.<s>` for `s` in `0..sets`: the set record, a compact binary list of `ways` way records
 //!   (URL hash, variant hash, Vary names, generation, stored-at, size, refresh lock). Updated
 //!   with CAS.
 //! * `tc.slot.<s>.<w>`: one entry (metadata JSON + body), at most `max_entry_bytes`. A slot is
@@ -78,10 +78,65 @@ impl Way {
 }
 
 /// A set record.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SetRecord {
     /// The ways (padded to the configured number).
     pub ways: Vec<Way>,
+}
+
+const SET_FORMAT: u8 = 1;
+
+impl SetRecord {
+    /// Compact binary form (read on every lookup, so not JSON): a format byte, then per way
+    /// seven little-endian u64 (`u v g t n r p`), a u16 length and the Vary names.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(1 + self.ways.len() * 64);
+        out.push(SET_FORMAT);
+        for w in &self.ways {
+            for x in [w.u, w.v, w.g, w.t, w.n, w.r, w.p] {
+                out.extend_from_slice(&x.to_le_bytes());
+            }
+            let vary = w.vary.as_bytes();
+            let len = u16::try_from(vary.len()).unwrap_or(0);
+            out.extend_from_slice(&len.to_le_bytes());
+            out.extend_from_slice(vary.get(..usize::from(len)).unwrap_or(&[]));
+        }
+        out
+    }
+
+    /// Decode; `None` for anything malformed.
+    pub fn decode(bytes: &[u8]) -> Option<SetRecord> {
+        if *bytes.first()? != SET_FORMAT {
+            return None;
+        }
+        let mut pos: usize = 1;
+        let mut take = |n: usize| -> Option<&[u8]> {
+            let slice = bytes.get(pos..pos.checked_add(n)?)?;
+            pos += n;
+            Some(slice)
+        };
+        let mut ways = Vec::new();
+        while let Some(first) = take(8) {
+            let mut x = [u64::from_le_bytes(first.try_into().ok()?); 7];
+            for slot in x.iter_mut().skip(1) {
+                *slot = u64::from_le_bytes(take(8)?.try_into().ok()?);
+            }
+            let len = u16::from_le_bytes(take(2)?.try_into().ok()?);
+            let vary = String::from_utf8(take(usize::from(len))?.to_vec()).ok()?;
+            let [u, v, g, t, n, r, p] = x;
+            ways.push(Way {
+                u,
+                v,
+                vary,
+                g,
+                t,
+                n,
+                r,
+                p,
+            });
+        }
+        Some(SetRecord { ways })
+    }
 }
 
 /// What is stored about a response besides its body.
@@ -251,10 +306,7 @@ impl Store {
 
     fn read_set(&self, host: &dyn Host, s: u32) -> (SetRecord, Option<u32>) {
         let (mut rec, cas) = match host.shared_get(&set_key(s)) {
-            Ok(Some((bytes, cas))) => (
-                serde_json::from_slice::<SetRecord>(&bytes).unwrap_or_default(),
-                Some(cas),
-            ),
+            Ok(Some((bytes, cas))) => (SetRecord::decode(&bytes).unwrap_or_default(), Some(cas)),
             _ => (SetRecord::default(), None),
         };
         let ways = usize::try_from(self.ways).unwrap_or(1);
@@ -272,7 +324,7 @@ impl Store {
         for _ in 0..CAS_RETRIES {
             let (mut rec, cas) = self.read_set(host, s);
             let out = f(&mut rec)?;
-            let bytes = serde_json::to_vec(&rec).ok()?;
+            let bytes = rec.encode();
             match host.shared_set(&set_key(s), &bytes, cas) {
                 Ok(()) => return Some(out),
                 Err(SharedError::CasMismatch) => continue,
@@ -558,6 +610,45 @@ mod tests {
             let p = self.purges(h);
             self.lookup(h, u, r, k, &p)
         }
+    }
+
+    #[test]
+    fn set_records_round_trip_and_garbage_is_empty() {
+        let rec = SetRecord {
+            ways: vec![
+                Way {
+                    u: 1,
+                    v: 2,
+                    vary: "accept,accept-language".into(),
+                    g: 3,
+                    t: 4,
+                    n: 5,
+                    r: 6,
+                    p: 7,
+                },
+                Way::default(),
+                Way {
+                    u: u64::MAX,
+                    v: 0,
+                    vary: String::new(),
+                    g: u64::MAX,
+                    t: 0,
+                    n: 0,
+                    r: 0,
+                    p: 0,
+                },
+            ],
+        };
+        assert_eq!(SetRecord::decode(&rec.encode()), Some(rec.clone()));
+        let bytes = rec.encode();
+        for cut in 1..bytes.len() {
+            // a truncated record is refused or shorter, never garbage ways
+            if let Some(r) = SetRecord::decode(&bytes[..cut]) {
+                assert!(r.ways.len() < rec.ways.len());
+            }
+        }
+        assert_eq!(SetRecord::decode(b""), None);
+        assert_eq!(SetRecord::decode(b"{\"ways\":[]}"), None);
     }
 
     #[test]
