@@ -398,6 +398,26 @@ def test_key_server_down_slow_garbage_and_introspection_down(services, idp, mint
     log = envoy.log()
     assert "key fetch failed" in log
     assert "panicked" not in log
+    # failure_mode allow: the same outage lets requests through, without identity.
+    auth["failure_mode"] = "allow"
+    envoy = envoy_factory(config=envoy_config(services, idp, auth, extra_clusters=[static_cluster("closed", closed)]))
+    h = echo_headers(envoy.get("/api/users/echo/x", headers=bearer(minted(iss="https://down.local")), timeout=15))
+    assert "x-tollgate-consumer" not in h
+    assert envoy.stat("tollgate.auth.failure_mode_allowed") == 1
+    # A token refused for its own sake is still refused.
+    assert_refused(envoy.get("/api/users/echo/x", headers=bearer(minted(iss="https://nobody.local"))),
+                   "unknown_issuer")
+
+
+def test_make_token_prints_a_demo_token():
+    import subprocess
+    out = subprocess.run(["make", "-s", "token", "SUB=dora", "SCOPES=orders:read orders:write"], cwd=harness.ROOT,
+                         capture_output=True, text=True, timeout=600, check=True).stdout.strip()
+    header, payload, sig = out.split(".")
+    assert json.loads(unb64(header))["kid"] == "demo-es256"
+    claims = json.loads(unb64(payload))
+    assert claims["sub"] == "dora" and claims["scope"] == "orders:read orders:write"
+    assert claims["iss"] == ISSUER and claims["exp"] > time.time()
 
 
 def test_requests_during_the_first_fetch_wait_for_it(services, idp, minted, envoy_factory):
