@@ -609,6 +609,13 @@ fn hit_path_timing_probe() {
         ));
     }
     eprintln!("hit: {:?}/op", t.elapsed() / n);
+    let t = std::time::Instant::now();
+    for i in 0..n {
+        let mut h = h0.next_request("GET", &format!("/api/miss/{i}"), &[]);
+        let o = run(&root, &mut h, FRESH, b"{\"a\":1}");
+        assert!(o.reply.is_none());
+    }
+    eprintln!("miss+store: {:?}/op", t.elapsed() / n);
     let store = root.shared.store;
     let t = std::time::Instant::now();
     for _ in 0..n {
