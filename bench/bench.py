@@ -129,6 +129,8 @@ class Scenario:
     title: str
     source: str
     latency_rate: float
+    capacity: float | None = None  # slowest variant's warm-up rate (calibration)
+    rate_used: float | None = None
     variants: list[Variant] = field(default_factory=list)
 
 
@@ -472,7 +474,7 @@ def loadgen_command(v: Variant, mode: str, prof: Profile) -> str:
         ops = int(statistics.median(v.samples["cpu_ops"])) if v.samples.get("cpu_ops") else prof.cpu_ops
         argv += ["-c", str(prof.cpu_conns), "--ops", str(ops)]
     elif mode == "latency":
-        argv += ["-c", str(prof.latency_conns), "--rate", str(v.scenario.latency_rate),
+        argv += ["-c", str(prof.latency_conns), "--rate", f"{v.scenario.rate_used or v.scenario.latency_rate:g}",
                  "--duration", str(prof.latency_seconds)]
     else:
         argv += ["-c", str(prof.saturation_conns), "--duration", str(prof.saturation_seconds)]
@@ -615,8 +617,9 @@ class Bench:
         ops = max(1, r["ops"])
         v.samples.setdefault("cpu_us", []).append((after - before) / 1000 / ops)
         # latency at a fixed, moderate rate (open loop)
-        n = int(v.scenario.latency_rate * prof.latency_seconds)
-        r = loadgen(g.port, v.load, self.cores, rate=v.scenario.latency_rate, duration=prof.latency_seconds,
+        rate = v.scenario.rate_used or v.scenario.latency_rate
+        n = int(rate * prof.latency_seconds)
+        r = loadgen(g.port, v.load, self.cores, rate=rate, duration=prof.latency_seconds,
                     conns=prof.latency_conns, start=self.next_start(n))
         self.check(v, r, "latency run")
         v.samples.setdefault("p50_ms", []).append(r["latency_us"]["p50"] / 1000)
@@ -635,6 +638,7 @@ class Bench:
         active = [v for v in self.variants if not v.skip]
         log(f"starting {len(active)} gateway Envoys (one per variant), pinned to core {self.cores.gateway}")
         self.start_gateways(active)
+        self.calibrate()
         for rnd in range(self.prof.rounds):
             order = [v for v in self.variants if v.gateway and not v.failure]
             if rnd % 2 == 1:
@@ -655,6 +659,27 @@ class Bench:
                 v.gateway.stop()
         if not self.args.no_memory:
             self.measure_memory()
+
+    def calibrate(self):
+        """Latency is measured at a moderate rate: the scenario's, lowered to half of what its
+        slowest variant managed in a closed-loop warm-up, so that no variant is measured overloaded
+        (the same rate for every variant of a scenario)."""
+        for sc in self.scenarios:
+            caps = []
+            for v in sc.variants:
+                if not v.gateway or v.failure:
+                    continue
+                try:
+                    caps.append(self.warmup(v)["ops_per_s"])
+                except Exception as exc:  # noqa: BLE001
+                    v.failure = f"failed: {exc}"
+                    log(f"  {v.key:<48} {v.failure}")
+            if caps:
+                sc.capacity = min(caps)
+                sc.rate_used = max(1.0, min(sc.latency_rate, round(sc.capacity / 2)))
+                if sc.rate_used < sc.latency_rate:
+                    log(f"  {sc.id}: latency rate lowered to {sc.rate_used:g} op/s (slowest variant: "
+                        f"{sc.capacity:.0f} op/s)")
 
     # -- memory ---------------------------------------------------------------------------------
     def measure_memory(self):
@@ -864,10 +889,15 @@ def render(bench: Bench) -> tuple[str, dict]:
     data = {"profile": prof.__dict__, "machine": m, "started": bench.started.isoformat(), "argv": sys.argv[1:],
             "scenarios": [], "memory": bench.memory, "problems": bench.problems}
     for sc in bench.scenarios:
-        lines += [f"## {sc.title}", "", f"`{sc.id}` from `{sc.source}`, latency at {sc.latency_rate:g} op/s.", ""]
+        rate_note = f"latency at {sc.rate_used or sc.latency_rate:g} op/s"
+        if sc.rate_used and sc.rate_used < sc.latency_rate:
+            rate_note += (f" (lowered from {sc.latency_rate:g}: half of what the slowest variant managed, "
+                          f"{sc.capacity:.0f} op/s, in a closed-loop warm-up)")
+        lines += [f"## {sc.title}", "", f"`{sc.id}` from `{sc.source}`, {rate_note}.", ""]
         lines += ["| variant | CPU µs/op | added µs | × none | × native | p50 ms | p99 ms | op/s at saturation | core busy |",
                   "|---|---|---|---|---|---|---|---|---|"]
         sdata = {"id": sc.id, "title": sc.title, "source": sc.source, "latency_rate": sc.latency_rate,
+                 "rate_used": sc.rate_used, "capacity": sc.capacity,
                  "variants": []}
         for v in sc.variants:
             s = v.samples
