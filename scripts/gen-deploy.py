@@ -11,6 +11,7 @@ Each Tollgate filter's JSON configuration in envoy/envoy.yaml is the source of:
 - deploy/envoy-gateway/tollgate-<filter>.yaml an Envoy Gateway EnvoyExtensionPolicy with that filter
 - deploy/envoy-gateway/tollgate-all.yaml      one EnvoyExtensionPolicy with the four filters in order
 - deploy/envoy/tollgate-<filter>.yaml         a minimal plain-Envoy configuration loading that module
+- deploy/kubernetes/demo.yaml                 (hand-written; with --registry, its images are renamed)
 
 The `sha256` of the Istio and Envoy Gateway examples is the digest of the OCI image manifest that
 scripts/oci.py builds from build/tollgate_<filter>.wasm (what both fetchers verify), so build the
@@ -301,6 +302,9 @@ def generate(version: str | None = None, build: Path = ROOT / "build") -> dict[P
         "# (auth -> ratelimit -> cache -> aggregate); the wasm list is the filter order.\n")
     for f in FILTERS:
         out[Path("deploy/envoy") / f"tollgate-{f}.yaml"] = envoy_snippet(f, configs.get(f, {}), all_clusters)
+    # The Kubernetes demo is written by hand; only its image names follow the registry.
+    demo = Path("deploy/kubernetes/demo.yaml")
+    out[demo] = (ROOT / demo).read_text().replace(f"{oci.DEFAULT_REGISTRY}/", f"{oci.REGISTRY}/")
     return out
 
 

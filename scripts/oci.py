@@ -52,7 +52,8 @@ MEDIA_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
 VARIANT_ANNOTATION = "module.wasm.image/variant"
 PLUGIN_FILE = "plugin.wasm"
 # Where the images are published; TOLLGATE_REGISTRY=my.registry.example/team overrides it.
-REGISTRY = os.environ.get("TOLLGATE_REGISTRY", "ghcr.io/tollgate-gw").rstrip("/")
+DEFAULT_REGISTRY = "ghcr.io/tollgate-gw"
+REGISTRY = os.environ.get("TOLLGATE_REGISTRY", DEFAULT_REGISTRY).rstrip("/")
 SOURCE = "https://github.com/tollgate-gw/tollgate"
 
 

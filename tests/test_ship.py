@@ -408,7 +408,7 @@ def test_dist_writes_versioned_modules_sums_schemas_and_layouts(tmp_path):
 def test_deploy_docs_refer_to_files_that_exist():
     for doc in (ROOT / "docs" / "deploy.md", ROOT / "README.md"):
         text = doc.read_text()
-        for path in set(re.findall(r"(?<![\w/.])((?:deploy|scripts|services|envoy|schemas)/[\w./-]+\.\w+)", text)):
+        for path in set(re.findall(r"(?<![\w/.-])((?:deploy|scripts|services|envoy|schemas)/[\w./-]+\.\w+)", text)):
             assert (ROOT / path).exists(), f"{doc.name} refers to {path}, which does not exist"
 
 
