@@ -888,6 +888,7 @@ def render(bench: Bench) -> tuple[str, dict]:
     ]
     data = {"profile": prof.__dict__, "machine": m, "started": bench.started.isoformat(), "argv": sys.argv[1:],
             "scenarios": [], "memory": bench.memory, "problems": bench.problems}
+    summary_at = len(lines)
     for sc in bench.scenarios:
         rate_note = f"latency at {sc.rate_used or sc.latency_rate:g} op/s"
         if sc.rate_used and sc.rate_used < sc.latency_rate:
@@ -945,8 +946,8 @@ def render(bench: Bench) -> tuple[str, dict]:
             lines.append("</details>")
             lines.append("")
         data["scenarios"].append(sdata)
-    # comparisons
-    cmp_lines = []
+    # summary: every Tollgate variant beside what it is compared with
+    summary = []
     for sc in bench.scenarios:
         for v in sc.variants:
             native = reference(sc, v)
@@ -955,19 +956,22 @@ def render(bench: Bench) -> tuple[str, dict]:
             ncpu = med(native.samples["cpu_us"])
             cpu = med(v.samples["cpu_us"])
             diff = cpu - ncpu
-            word = "more" if diff > 0 else "less"
-            extra = ""
-            if none_cpu is not None:
-                na, ta = ncpu - none_cpu, cpu - none_cpu
-                extra = f"; the filter itself adds {ta:.1f} µs vs native {na:.1f} µs"
-            cmp_lines.append(f"- {sc.title} — {v.name}: {abs(diff):.1f} µs/op {word} than {native.name} "
-                             f"({cpu / ncpu:.2f}×){extra}.")
-    if cmp_lines:
-        lines += ["## Tollgate vs native", ""] + cmp_lines + [""]
+            added = (f"{cpu - none_cpu:+.1f} vs {ncpu - none_cpu:+.1f}" if none_cpu is not None else "–")
+            summary.append(f"| {sc.id} | {v.name} | {native.name} | {cpu:.1f} | {ncpu:.1f} | "
+                           f"{'**' if diff > 0 else ''}{diff:+.1f}{'**' if diff > 0 else ''} | {cpu / ncpu:.2f}× | {added} |")
+    head = []
+    if summary:
+        head += ["## Summary: Tollgate vs the native equivalent", "",
+                 "CPU per operation of the gateway, medians (details, spread and latency in each scenario's "
+                 "table below). A positive difference (in bold) is how much more the Tollgate filter costs.", "",
+                 "| scenario | Tollgate | compared with | Tollgate µs/op | native µs/op | difference µs | ratio "
+                 "| added over no filter: Tollgate vs native µs |",
+                 "|---|---|---|---|---|---|---|---|"] + summary + [""]
     if floor_cpu is not None and none_cpu is not None:
-        lines += [f"The wasm runtime floor (the probe filter, which does nothing) costs {floor_cpu - none_cpu:.1f} µs "
-                  f"per request over no filter ({floor_cpu / none_cpu:.2f}×); every Tollgate filter pays it "
-                  "once per module in the chain.", ""]
+        head += [f"The wasm runtime floor (the probe filter, which does nothing) costs {floor_cpu - none_cpu:+.1f} µs "
+                 f"per request over no filter ({floor_cpu / none_cpu:.2f}×); every Tollgate module in a chain "
+                 "pays it.", ""]
+    lines[summary_at:summary_at] = head
     # memory
     lines += ["## Memory", ""]
     mem = bench.memory
