@@ -395,6 +395,11 @@ def test_key_server_down_slow_garbage_and_introspection_down(services, idp, mint
     assert r.elapsed < 5
     assert envoy.stat("tollgate.auth.jwks_fetch_failures") >= 3
     assert envoy.stat("tollgate.auth.introspection_failures") >= 1
+    # A failing key server is retried once per retry_interval (1 s) for the whole Envoy, not on
+    # every tick of every worker.
+    start = idp.count("/garbage-jwks")
+    time.sleep(2.5)
+    assert 1 <= idp.count("/garbage-jwks") - start <= 4
     log = envoy.log()
     assert "key fetch failed" in log
     assert "panicked" not in log

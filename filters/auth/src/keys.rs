@@ -400,6 +400,8 @@ pub fn tick(
             if t > st.failed_at && st.fetching.is_none() && !st.waiters.is_empty() {
                 fail(st, r, t, &mut wakes);
             }
+            // Nobody retries before `retry_interval` after anyone's failure.
+            st.next_attempt = st.next_attempt.max(t + r.retry_interval.as_secs_f64());
         }
         // Waiting requests past their deadline.
         let (late, keep): (Vec<_>, Vec<_>) = st.waiters.drain(..).partition(|(_, d)| *d <= now);

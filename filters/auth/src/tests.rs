@@ -888,6 +888,19 @@ fn workers_share_one_fetch_and_its_failure() {
     r2.on_tick(&mut h2);
     assert_eq!(h2.woken, vec![(22, WAKE_FETCHED)]);
     assert_eq!(status(&f2.on_wake(&mut req2, WAKE_FETCHED)), 503);
+    // Neither worker retries before the retry interval (1 s) has passed since the failure.
+    for _ in 0..5 {
+        h1.advance(Duration::from_millis(100));
+        h2.advance(Duration::from_millis(100));
+        r1.on_tick(&mut h1);
+        r2.on_tick(&mut h2);
+    }
+    assert_eq!(h1.calls.len() + h2.calls.len(), 1);
+    h1.advance(Duration::from_millis(600));
+    h2.advance(Duration::from_millis(600));
+    r1.on_tick(&mut h1);
+    r2.on_tick(&mut h2);
+    assert_eq!(h1.calls.len() + h2.calls.len(), 2, "then one retry");
 }
 
 #[test]
