@@ -459,3 +459,48 @@ def test_kubernetes_demo_matches_the_bundled_routes_and_the_istio_clusters():
     assert users["containers"][0]["volumeMounts"][0]["mountPath"] == jwks_dir
     assert users["volumes"][0]["configMap"]["name"] == "demo-jwks"
     assert (ROOT / "envoy" / "demo-keys" / "jwks.json").is_file()
+
+
+def test_wasmplugin_schema_accepts_istios_own_examples():
+    """Examples from Istio's WasmPlugin reference, so that the schema is not stricter than Istio."""
+    examples = yaml.safe_load_all("""
+apiVersion: extensions.istio.io/v1alpha1
+kind: WasmPlugin
+metadata: {name: openid-connect, namespace: istio-ingress}
+spec:
+  selector: {matchLabels: {istio: ingressgateway}}
+  url: file:///opt/filters/openid.wasm
+  sha256: 1ef0c9a92b0420cf25f7fe5d481b231464bc88f486ca3b9c83ed5cc21d2f6210
+  phase: AUTHN
+  pluginConfig: {openid_server: authn, openid_realm: ingress}
+---
+apiVersion: extensions.istio.io/v1alpha1
+kind: WasmPlugin
+metadata: {name: openid-connect, namespace: istio-ingress}
+spec:
+  selector: {matchLabels: {istio: ingressgateway}}
+  url: oci://private-registry:5000/openid-connect/openid:latest
+  imagePullPolicy: IfNotPresent
+  imagePullSecret: private-registry-pull-secret
+  phase: AUTHN
+  pluginConfig: {openid_server: authn, openid_realm: ingress}
+  vmConfig:
+    env:
+    - {name: POD_NAME, valueFrom: HOST}
+    - {name: TRUST_DOMAIN, value: cluster.local}
+---
+apiVersion: extensions.istio.io/v1alpha1
+kind: WasmPlugin
+metadata: {name: acl-check, namespace: istio-ingress}
+spec:
+  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: my-gateway}]
+  url: https://private-bucket/filters/openid.wasm
+  imagePullPolicy: Always
+  phase: AUTHZ
+  priority: 1000
+  failStrategy: FAIL_OPEN
+  match: [{mode: SERVER, ports: [{number: 8080}]}]
+""")
+    v = deploy_validator("wasmplugin")
+    for doc in examples:
+        assert not errors(v, doc), doc["metadata"]["name"]
