@@ -164,6 +164,19 @@ def test_no_heuristic_freshness_without_last_modified(envoy, services):
     assert cs(second) == "tollgate; fwd=stale; fwd-status=304", second
 
 
+def test_concurrent_misses_are_collapsed_per_worker(envoy, services):
+    from concurrent.futures import ThreadPoolExecutor
+    i = fresh_id()
+    with ThreadPoolExecutor(8) as pool:
+        rs = list(pool.map(lambda _: envoy.get(f"/api/products/{i}", headers={"x-demo-delay": "700"}), range(8)))
+    assert all(r.status == 200 and r.body == rs[0].body for r in rs), rs
+    # one fetch per worker at most (two workers); the others waited and were answered from it
+    assert hits(services, f"/products/{i}") <= 2, [cs(r) for r in rs]
+    collapsed = [r for r in rs if cs(r).endswith("; collapsed")]
+    assert len(collapsed) >= 8 - 2, [cs(r) for r in rs]
+    assert all(r.header("age") is not None for r in collapsed)
+
+
 def test_client_conditional_requests_get_304_from_the_cache(envoy, services):
     i = fresh_id()
     r = envoy.get(f"/api/products/{i}")

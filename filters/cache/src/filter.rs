@@ -87,6 +87,10 @@ pub struct Shared {
     pub metrics: Metrics,
     /// Refresh jobs queued by requests, started by the root on its next tick.
     pub jobs: RefCell<Vec<RefreshJob>>,
+    /// Misses being fetched on this worker: URL hash -> requests waiting for that fetch.
+    pub inflight: RefCell<HashMap<u64, Vec<u32>>>,
+    /// Waiting requests to wake on the next tick (their fetch finished).
+    pub wake_queue: RefCell<Vec<u32>>,
 }
 
 impl Shared {
@@ -99,6 +103,8 @@ impl Shared {
             config,
             metrics: Metrics::new("cache"),
             jobs: RefCell::new(Vec::new()),
+            inflight: RefCell::new(HashMap::new()),
+            wake_queue: RefCell::new(Vec::new()),
         }
     }
 }
@@ -137,6 +143,12 @@ impl RootFilter for CacheRoot {
         for job in jobs {
             self.start_refresh(host, job);
         }
+        let woken: Vec<u32> = self.shared.wake_queue.borrow_mut().drain(..).collect();
+        for id in woken {
+            if !host.wake(id, WAKE_FETCHED) {
+                log::debug!("cache: collapsed request {id} was gone before its wake");
+            }
+        }
         // The usage gauges, from the set records, a bounded number of sets per tick.
         let store = self.shared.store;
         let (from, bytes, entries) = self.scan;
@@ -170,12 +182,18 @@ impl RootFilter for CacheRoot {
             no_store: false,
             capture: None,
             purge_seq: 0,
+            leading: None,
+            collapsed: false,
         }
     }
 }
 
-const TICK_MS: u64 = 100;
-const SCAN_SETS_PER_TICK: u32 = 256;
+const TICK_MS: u64 = 50;
+/// Wake reason: the fetch a collapsed request waited for has finished.
+const WAKE_FETCHED: u32 = 1;
+/// Most requests that wait for one fetch; more go upstream themselves.
+const MAX_WAITERS: usize = 1024;
+const SCAN_SETS_PER_TICK: u32 = 128;
 
 impl CacheRoot {
     fn start_refresh(&mut self, host: &mut dyn Host, mut job: RefreshJob) {
@@ -328,6 +346,8 @@ enum State {
     },
     /// Answered (or decided); nothing more to do.
     Done,
+    /// Waiting for another request of this worker that fetches the same URL.
+    Waiting,
 }
 
 /// Per-request state.
@@ -342,6 +362,10 @@ pub struct CacheFilter {
     no_store: bool,
     capture: Option<Capture>,
     purge_seq: u64,
+    /// This request fetches a missing URL that other requests may wait for.
+    leading: Option<u64>,
+    /// This request already waited for another's fetch (it waits at most once).
+    collapsed: bool,
 }
 
 fn header(headers: &[(String, String)], name: &str) -> Option<String> {
@@ -623,6 +647,24 @@ impl CacheFilter {
                 } else {
                     "uri-miss"
                 };
+                if !only_if_cached {
+                    // Collapse concurrent misses of one URL on this worker: the first fetches,
+                    // the others wait for it (once) and look again.
+                    let mut inflight = self.shared.inflight.borrow_mut();
+                    match inflight.get_mut(&url.hash) {
+                        Some(waiters) if !self.collapsed && waiters.len() < MAX_WAITERS => {
+                            waiters.push(self.context_id);
+                            self.state = State::Waiting;
+                            return Decision::Pause;
+                        }
+                        Some(_) => {}
+                        None if !self.is_head && !self.no_store => {
+                            inflight.insert(url.hash, Vec::new());
+                            self.leading = Some(url.hash);
+                        }
+                        None => {}
+                    }
+                }
                 m.count(host, "misses", 1);
                 if only_if_cached {
                     self.state = State::Done;
@@ -654,7 +696,8 @@ impl CacheFilter {
         if policy.satisfies(&self.request, now) {
             m.count(host, "hits", 1);
             let ttl = signed(policy.lifetime()) - signed(age);
-            let reply = self.answer(entry, age, &format!("hit; ttl={ttl}"));
+            let collapsed = if self.collapsed { "; collapsed" } else { "" };
+            let reply = self.answer(entry, age, &format!("hit; ttl={ttl}{collapsed}"));
             self.state = State::Done;
             return Decision::Respond(reply);
         }
@@ -856,7 +899,23 @@ impl CacheFilter {
         }
     }
 
+    /// The fetch this request led is over (stored or not): wake the requests waiting for it.
+    fn release(&mut self) {
+        let Some(hash) = self.leading.take() else {
+            return;
+        };
+        let waiters = self.shared.inflight.borrow_mut().remove(&hash);
+        if let Some(w) = waiters {
+            self.shared.wake_queue.borrow_mut().extend(w);
+        }
+    }
+
     fn finish_capture(&mut self, host: &mut dyn Host) {
+        self.store_capture(host);
+        self.release();
+    }
+
+    fn store_capture(&mut self, host: &mut dyn Host) {
         let Some(c) = self.capture.take() else {
             return;
         };
@@ -900,6 +959,21 @@ impl CacheFilter {
 }
 
 impl HttpFilter for CacheFilter {
+    fn on_wake(&mut self, host: &mut dyn Host, _reason: u32) -> Decision {
+        if !matches!(self.state, State::Waiting) {
+            return Decision::Continue;
+        }
+        // The fetch we waited for is over: look again (a hit now, or upstream ourselves).
+        self.collapsed = true;
+        self.state = State::Pass;
+        self.shared.metrics.count(host, "collapsed", 1);
+        self.lookup(host)
+    }
+
+    fn on_done(&mut self, _host: &mut dyn Host) {
+        self.release();
+    }
+
     fn on_request_headers(&mut self, host: &mut dyn Host, _end_of_stream: bool) -> Decision {
         self.shared.metrics.count(host, "requests", 1);
         let req = RequestInfo::from_host(host);
@@ -958,7 +1032,7 @@ impl HttpFilter for CacheFilter {
             .unwrap_or(0);
         let state = std::mem::replace(&mut self.state, State::Done);
         let params = match state {
-            State::Pass | State::Done => return Decision::Continue,
+            State::Pass | State::Done | State::Waiting => return Decision::Continue,
             State::Bypass(fwd) => format!("fwd={fwd}"),
             State::Unsafe => {
                 if (200..400).contains(&status) {
@@ -1044,7 +1118,7 @@ impl HttpFilter for CacheFilter {
             _ => cache_status(&params),
         };
         host.set_header(MapKind::ResponseHeaders, "cache-status", &value);
-        if end_of_stream {
+        if end_of_stream || self.capture.is_none() {
             self.finish_capture(host);
         }
         Decision::Continue
@@ -1066,6 +1140,7 @@ impl HttpFilter for CacheFilter {
                     _ => {
                         // Too large (or unreadable): stop capturing, let it stream through.
                         self.capture = None;
+                        self.release();
                         self.shared.metrics.count(host, "too_large", 1);
                     }
                 }

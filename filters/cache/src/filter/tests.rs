@@ -747,3 +747,81 @@ fn overlong_vary_lists_are_not_stored() {
     );
     assert!(cs(&o).ends_with("detail=vary-too-long"), "{}", cs(&o));
 }
+
+#[test]
+fn concurrent_misses_of_one_url_are_collapsed_on_a_worker() {
+    let mut h0 = MemHost::new();
+    let mut root = root(&mut h0);
+    // the leader misses and goes upstream
+    let mut hl = h0.next_request("GET", "/api/c", &[]);
+    let mut leader = root.create_filter(10);
+    assert_eq!(leader.on_request_headers(&mut hl, true), Decision::Continue);
+    // two more arrive meanwhile: they wait
+    let mut hw = h0.next_request("GET", "/api/c", &[]);
+    let mut waiter = root.create_filter(11);
+    assert_eq!(waiter.on_request_headers(&mut hw, true), Decision::Pause);
+    let mut hh = h0.next_request("HEAD", "/api/c", &[]);
+    let mut head = root.create_filter(12);
+    assert_eq!(head.on_request_headers(&mut hh, true), Decision::Pause);
+    // the leader's response is stored; the root wakes the waiters on its next tick
+    hl.set_map(MapKind::ResponseHeaders, FRESH);
+    leader.on_response_headers(&mut hl, false);
+    hl.set_body_bytes(Body::Response, b"{\"a\":1}");
+    leader.on_response_body(&mut hl, 7, true);
+    let mut rh = h0.next_request("GET", "/", &[]);
+    root.on_tick(&mut rh);
+    assert_eq!(rh.woken, vec![(11, WAKE_FETCHED), (12, WAKE_FETCHED)]);
+    let Decision::Respond(r) = waiter.on_wake(&mut hw, WAKE_FETCHED) else {
+        panic!()
+    };
+    assert_eq!(r.body, b"{\"a\":1}");
+    assert!(r.header("cache-status").unwrap().ends_with("; collapsed"));
+    assert!(matches!(
+        head.on_wake(&mut hh, WAKE_FETCHED),
+        Decision::Respond(_)
+    ));
+    assert_eq!(hw.metric("tollgate.cache.collapsed"), Some(2));
+    assert_eq!(hw.metric("tollgate.cache.stores"), Some(1));
+}
+
+#[test]
+fn waiters_of_an_unstorable_fetch_go_upstream_themselves() {
+    let mut h0 = MemHost::new();
+    let mut root = root(&mut h0);
+    let mut hl = h0.next_request("GET", "/api/u2", &[]);
+    let mut leader = root.create_filter(10);
+    assert_eq!(leader.on_request_headers(&mut hl, true), Decision::Continue);
+    let mut hw = h0.next_request("GET", "/api/u2", &[]);
+    let mut waiter = root.create_filter(11);
+    assert_eq!(waiter.on_request_headers(&mut hw, true), Decision::Pause);
+    hl.set_map(
+        MapKind::ResponseHeaders,
+        &[(":status", "200"), ("cache-control", "private")],
+    );
+    leader.on_response_headers(&mut hl, false);
+    let mut rh = h0.next_request("GET", "/", &[]);
+    root.on_tick(&mut rh);
+    assert_eq!(rh.woken, vec![(11, WAKE_FETCHED)]);
+    assert_eq!(waiter.on_wake(&mut hw, WAKE_FETCHED), Decision::Continue);
+    hw.set_map(
+        MapKind::ResponseHeaders,
+        &[(":status", "200"), ("cache-control", "private")],
+    );
+    waiter.on_response_headers(&mut hw, true);
+    assert_eq!(
+        hw.header(MapKind::ResponseHeaders, "cache-status")
+            .as_deref(),
+        Some("tollgate; fwd=uri-miss; detail=not-storable")
+    );
+    // a leader that ends without an answer (reset) releases its waiters too
+    let mut h3 = h0.next_request("GET", "/api/u3", &[]);
+    let mut l3 = root.create_filter(20);
+    assert_eq!(l3.on_request_headers(&mut h3, true), Decision::Continue);
+    let mut h4 = h0.next_request("GET", "/api/u3", &[]);
+    let mut w4 = root.create_filter(21);
+    assert_eq!(w4.on_request_headers(&mut h4, true), Decision::Pause);
+    l3.on_done(&mut h3);
+    let mut rh = h0.next_request("GET", "/", &[]);
+    root.on_tick(&mut rh);
+    assert_eq!(rh.woken, vec![(21, WAKE_FETCHED)]);
+}
