@@ -61,8 +61,14 @@ for v in "${VERSIONS[@]}"; do
   fi
   build=$("$envoy" --version 2>/dev/null | sed -n 's/.*version: \([0-9a-f]\{7\}\)[0-9a-f]*\/\([^/]*\)\/.*/\2 (\1)/p')
   validate=pass
-  if ! "$envoy" --mode validate -c envoy/envoy.yaml -l error >"$MATRIX/results/$v-validate.log" 2>&1; then
+  if ! "$envoy" --mode validate -c envoy/envoy.yaml -l warn >"$MATRIX/results/$v-validate.log" 2>&1; then
     validate=FAIL
+  fi
+  if grep -q "compiled without support" "$MATRIX/results/$v-validate.log"; then
+    # No Wasm runtime in this build: every test would fail the same way, slowly.
+    rows+=("| $v | ${build:-?} | FAIL | 0 | all | this build has no Wasm runtime (\"Envoy was compiled without support\" for envoy.wasm.runtime.v8) |")
+    failed=1
+    continue
   fi
   log "Envoy $v: running ${TESTS:-tests} (log: $MATRIX/results/$v.log)"
   start=$(date +%s)
