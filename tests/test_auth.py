@@ -342,7 +342,7 @@ def test_optional_and_allow_missing_routes(gw, minted):
     assert_refused(gw.get("/api/users/echo/maybe", headers=bearer(expired)), "expired")
 
 
-def test_introspection_active_inactive_and_cached(gw, idp):
+def test_introspection_active_inactive_and_cached(gw, idp, services):
     h = echo_headers(gw.get("/api/users/echo/i", headers=bearer("active-bob")))
     assert h["x-tollgate-consumer"] == "bob" and h["x-tollgate-plan"] == "pro"
     calls = idp.count("/introspect")
@@ -354,6 +354,16 @@ def test_introspection_active_inactive_and_cached(gw, idp):
     assert_refused(gw.get("/api/users/echo/i", headers=bearer("revoked-token")), "inactive_token")
     assert idp.count("/introspect") == calls, "inactive results are cached briefly"
     assert gw.stat("tollgate.auth.introspection_cache_hits") >= 5
+    # A request body arriving while the answer is awaited does not take the request upstream.
+    idp.introspect_delay = 0.5
+    try:
+        for token, want in [("revoked-with-body", 401), ("active-withbody", 200)]:
+            services.reset_stats()
+            r = gw.request("POST", "/api/users/echo/body", headers=bearer(token), body="x" * 5000)
+            assert r.status == want, (token, r)
+            assert services.hits("users", "/users/echo/body") == (1 if want == 200 else 0), token
+    finally:
+        idp.introspect_delay = 0.0
     # Slow endpoint: the failure mode within the timeout (1 s).
     idp.introspect_delay = 2.5
     try:

@@ -932,6 +932,22 @@ impl HttpFilter for AuthFilter {
         self.start(host)
     }
 
+    /// While the request waits (keys, introspection), its body is held too: Envoy documents that
+    /// a `Continue` from a body callback resumes a stream whose headers were stopped. (Envoy
+    /// 1.40's wasm filter did not resume in our test, `test_introspection_active_inactive_and_
+    /// cached`; holding the body does not depend on that.)
+    fn on_request_body(
+        &mut self,
+        _host: &mut dyn Host,
+        _body_size: usize,
+        _end_of_stream: bool,
+    ) -> Decision {
+        match self.pending {
+            Pending::Nothing => Decision::Continue,
+            _ => Decision::Pause,
+        }
+    }
+
     fn on_wake(&mut self, host: &mut dyn Host, reason: u32) -> Decision {
         let Pending::Keys { token } = std::mem::replace(&mut self.pending, Pending::Nothing) else {
             return Decision::Pause;
