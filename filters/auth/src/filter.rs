@@ -383,8 +383,17 @@ impl AuthFilter {
         self.count(host, "denied");
         self.count(host, "denied.missing");
         let realm = quote(&self.config.realm);
-        let mut challenge = vec![format!("Bearer realm=\"{realm}\"")];
-        if self.rule().is_some_and(|r| r.allow.api_key) {
+        let (bearer, api_key) = self.rule().map_or((true, false), |r| {
+            (
+                !r.allow.providers.is_empty() || r.allow.introspection,
+                r.allow.api_key,
+            )
+        });
+        let mut challenge = Vec::new();
+        if bearer {
+            challenge.push(format!("Bearer realm=\"{realm}\""));
+        }
+        if api_key {
             challenge.push(format!("ApiKey realm=\"{realm}\""));
         }
         let reply = Problem::new(401)

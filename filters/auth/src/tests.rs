@@ -474,6 +474,18 @@ fn api_keys() {
             assert!(!String::from_utf8_lossy(&reply.body).contains(key));
         }
     }
+    // Missing key on an API-key-only route: only the ApiKey challenge.
+    let cfg = json!({"api_keys": {"keys": []}, "routes": [{"match": {}}]}).to_string();
+    let (r2, h2) = root(&cfg);
+    let mut req = h2.next_request("GET", "/x", &[("authorization", "Bearer x.y.z")]);
+    let d = r2.create_filter(2).on_request_headers(&mut req, true);
+    assert_eq!(reason(&d), "missing");
+    if let Decision::Respond(reply) = &d {
+        assert_eq!(
+            reply.header("www-authenticate"),
+            Some("ApiKey realm=\"tollgate\"")
+        );
+    }
     // The admin route accepts only the JWT provider.
     let mut req = h.next_request("GET", "/admin", &[("x-api-key", "key-pro")]);
     assert_eq!(
