@@ -17,7 +17,7 @@ use tollgate_common::{
 use crate::config::{Compiled, Config, Refresh, Rule, SetCookie};
 use crate::key::{request_url_key, vary_names, UrlKey};
 use crate::policy::{directive, directive_secs, policy_request_headers, Policy};
-use crate::store::{millis, Entry, Found, Lookup, Meta, PurgeRule, Store};
+use crate::store::{millis, Entry, Found, Lookup, Meta, PurgeRule, PutError, Store};
 
 /// Name of this cache in `Cache-Status`.
 pub const CACHE_NAME: &str = "tollgate";
@@ -99,6 +99,7 @@ impl Shared {
             store: Store {
                 sets: config.sets,
                 ways: config.ways,
+                max_entry_bytes: config.max_entry_bytes,
             },
             config,
             metrics: Metrics::new("cache"),
@@ -301,19 +302,23 @@ impl CacheRoot {
             },
             body,
         };
-        if entry.encode().len() as u64 > shared.config.max_entry_bytes {
-            shared.store.invalidate_url(host, job.url_hash);
-            return;
-        }
-        if let Some(st) = shared
+        match shared
             .store
             .put(host, job.url_hash, &vary, entry, now, job.purge_seq)
         {
-            shared.metrics.count(host, "refreshes", 1);
-            shared.metrics.count(host, "stores", 1);
-            if st.evicted {
-                shared.metrics.count(host, "evictions", 1);
+            Ok(st) => {
+                shared.metrics.count(host, "refreshes", 1);
+                shared.metrics.count(host, "stores", 1);
+                if st.evicted {
+                    shared.metrics.count(host, "evictions", 1);
+                }
             }
+            Err(PutError::TooLarge) => {
+                // The fresh answer no longer fits: the stale entry must not outlive it.
+                shared.metrics.count(host, "too_large", 1);
+                shared.store.invalidate_url(host, job.url_hash);
+            }
+            Err(PutError::Lost) => shared.metrics.count(host, "refresh_failures", 1),
         }
     }
 }
@@ -937,23 +942,22 @@ impl CacheFilter {
             },
             body: c.body,
         };
-        if entry.encode().len() as u64 > self.shared.config.max_entry_bytes {
-            self.shared.metrics.count(host, "too_large", 1);
-            return;
-        }
         let now = host.now();
         match self
             .shared
             .store
             .put(host, url.hash, &c.vary, entry, now, self.purge_seq)
         {
-            Some(st) => {
+            Ok(st) => {
                 self.shared.metrics.count(host, "stores", 1);
                 if st.evicted {
                     self.shared.metrics.count(host, "evictions", 1);
                 }
             }
-            None => log::debug!("[{}] cache: store lost a race", self.context_id),
+            Err(PutError::TooLarge) => self.shared.metrics.count(host, "too_large", 1),
+            Err(PutError::Lost) => {
+                log::debug!("[{}] cache: store lost a race", self.context_id)
+            }
         }
     }
 }
@@ -1064,7 +1068,7 @@ impl HttpFilter for CacheFilter {
                             .shared
                             .store
                             .put(host, url.hash, &vary, fresh.clone(), now, self.purge_seq)
-                            .is_some()
+                            .is_ok()
                         {
                             self.shared.metrics.count(host, "refreshes", 1);
                         }

@@ -286,6 +286,17 @@ pub struct Store {
     pub sets: u32,
     /// Ways per set.
     pub ways: u32,
+    /// Largest slot value (entry with metadata) stored.
+    pub max_entry_bytes: u64,
+}
+
+/// Why a store did not happen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutError {
+    /// The encoded entry is larger than `max_entry_bytes`.
+    TooLarge,
+    /// Shared data refused the write, or other writers won every compare-and-swap.
+    Lost,
 }
 
 fn set_key(s: u32) -> String {
@@ -481,7 +492,7 @@ impl Store {
         mut entry: Entry,
         now: SystemTime,
         purge_seq: u64,
-    ) -> Option<Stored> {
+    ) -> Result<Stored, PutError> {
         let s = self.set_of(url_hash);
         let now_ms = millis(now);
         let v = entry.meta.v;
@@ -495,9 +506,13 @@ impl Store {
         entry.meta.g = g;
         let bytes = entry.encode();
         let n = bytes.len() as u64;
+        if n > self.max_entry_bytes {
+            return Err(PutError::TooLarge);
+        }
         let (rec, _) = self.read_set(host, s);
         let w = choose_way(&rec, url_hash, v);
-        host.shared_set(&slot_key(s, w), &bytes, None).ok()?;
+        host.shared_set(&slot_key(s, w), &bytes, None)
+            .map_err(|_| PutError::Lost)?;
         let vary = vary.join(",");
         self.update_set(host, s, |rec| {
             let way = rec.ways.get_mut(w)?;
@@ -519,6 +534,7 @@ impl Store {
                 new_entry: old.is_empty(),
             })
         })
+        .ok_or(PutError::Lost)
     }
 
     /// Take the refresh lock of an entry's way: true for exactly one caller until `until`.
@@ -661,7 +677,11 @@ mod tests {
 
     #[test]
     fn put_lookup_and_fifo_eviction_within_a_set() {
-        let store = Store { sets: 1, ways: 2 };
+        let store = Store {
+            sets: 1,
+            ways: 2,
+            max_entry_bytes: 1 << 20,
+        };
         let mut h = MemHost::new();
         let v0 = crate::key::variant_hash(&[], &[], &[]);
         for (i, url) in ["/a", "/b", "/c"].iter().enumerate() {
@@ -699,7 +719,11 @@ mod tests {
 
     #[test]
     fn variants_are_kept_apart() {
-        let store = Store { sets: 1, ways: 4 };
+        let store = Store {
+            sets: 1,
+            ways: 4,
+            max_entry_bytes: 1 << 20,
+        };
         let mut h = MemHost::new();
         let vary = vec!["accept-language".to_string()];
         let req = |l: &str| vec![("accept-language".to_string(), l.to_string())];
@@ -724,7 +748,11 @@ mod tests {
 
     #[test]
     fn purge_rules_hide_older_entries_and_fold_when_full() {
-        let store = Store { sets: 1, ways: 4 };
+        let store = Store {
+            sets: 1,
+            ways: 4,
+            max_entry_bytes: 1 << 20,
+        };
         let mut h = MemHost::new();
         let v0 = crate::key::variant_hash(&[], &[], &[]);
         let now = h.now;
@@ -776,8 +804,32 @@ mod tests {
     }
 
     #[test]
+    fn entries_over_the_bound_are_refused() {
+        let store = Store {
+            sets: 1,
+            ways: 1,
+            max_entry_bytes: 300,
+        };
+        let mut h = MemHost::new();
+        let now = h.now;
+        let v0 = crate::key::variant_hash(&[], &[], &[]);
+        assert_eq!(
+            store.put(&mut h, 1, &[], entry("/a", v0, &[b'x'; 300]), now, 0),
+            Err(PutError::TooLarge)
+        );
+        assert!(store
+            .put(&mut h, 1, &[], entry("/a", v0, b"x"), now, 0)
+            .is_ok());
+        assert!(store.usage(&h).0 <= 300);
+    }
+
+    #[test]
     fn refresh_lock_is_taken_once() {
-        let store = Store { sets: 1, ways: 1 };
+        let store = Store {
+            sets: 1,
+            ways: 1,
+            max_entry_bytes: 1 << 20,
+        };
         let mut h = MemHost::new();
         let now = h.now;
         let v0 = crate::key::variant_hash(&[], &[], &[]);
