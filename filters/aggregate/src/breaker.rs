@@ -1,18 +1,32 @@
 //! Circuit breakers per backend (Envoy cluster), kept in shared data so that every worker of
 //! the VM agrees.
 //!
-//! Key `tollgate.aggregate.cb.<cluster>`, value `<state> <consecutive failures> <since ms>` as
-//! text, with state `closed`, `open` (since = when it opened) or `half_open` (since = when the
-//! probe was let through). Updates are compare-and-swap with a bounded number of retries; when
+//! Key `tollgate.aggregate.cb.<cluster>`, value `<state> <consecutive failures> <since ms>
+//! <lease ms> <probe>` as text, with state `closed`, `open` (since = when it opened) or
+//! `half_open` (since = when the probe was let through; lease = when the probe's lease
+//! expires); `probe` counts the probes, and identifies the current one. Updates are compare-and-swap with a bounded number of retries; when
 //! shared data fails the breaker lets calls through (it never blocks traffic on its own error).
+//!
+//! A probe holds a lease as long as its call may take (its timeout plus a margin). When its
+//! request ends without an outcome (reset by the client, answered before the probe came back),
+//! the filter releases the lease at once ([`release`]); if even that is lost (the worker
+//! died), the lease expires and the next call becomes the probe. Only the probe's own outcome
+//! moves a half-open breaker; late outcomes of calls admitted while it was closed are ignored
+//! once it has opened.
+//!
+//! The key is inserted (closed) when the configuration is loaded ([`init`]): Envoy's CAS guards
+//! only an existing key, so two workers recording the first failures of a missing key could
+//! both insert and one count would be lost.
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use tollgate_common::{Host, SharedError};
 
 use crate::config::Breaker;
 
 const RETRIES: usize = 8;
+/// A probe's lease: its call's timeout plus this margin.
+pub const LEASE_MARGIN: Duration = Duration::from_secs(1);
 
 /// Breaker state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +44,8 @@ struct Record {
     state: State,
     failures: u32,
     since_ms: u64,
+    lease_ms: u64,
+    probe: u64,
 }
 
 impl Record {
@@ -39,7 +55,10 @@ impl Record {
             State::Open => "open",
             State::HalfOpen => "half_open",
         };
-        format!("{s} {} {}", self.failures, self.since_ms)
+        format!(
+            "{s} {} {} {} {}",
+            self.failures, self.since_ms, self.lease_ms, self.probe
+        )
     }
 
     fn decode(bytes: &[u8]) -> Option<Record> {
@@ -51,10 +70,23 @@ impl Record {
             "half_open" => State::HalfOpen,
             _ => return None,
         };
+        let failures = it.next()?.parse().ok()?;
+        let since_ms = it.next()?.parse().ok()?;
+        // Records written before leases existed have none: it expired long ago.
+        let lease_ms = match it.next() {
+            Some(l) => l.parse().ok()?,
+            None => 0,
+        };
+        let probe = match it.next() {
+            Some(p) => p.parse().ok()?,
+            None => 0,
+        };
         Some(Record {
             state,
-            failures: it.next()?.parse().ok()?,
-            since_ms: it.next()?.parse().ok()?,
+            failures,
+            since_ms,
+            lease_ms,
+            probe,
         })
     }
 }
@@ -63,17 +95,19 @@ const CLOSED: Record = Record {
     state: State::Closed,
     failures: 0,
     since_ms: 0,
+    lease_ms: 0,
+    probe: 0,
 };
 
 /// May a call go to the backend?
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admit {
-    /// Yes (`probe`: this call is the one probe after the cool-down).
-    Allow {
-        /// This call is the probe.
-        probe: bool,
-    },
-    /// No: the breaker is open.
+    /// Yes, an ordinary call.
+    Allow,
+    /// Yes, as the one probe after the cool-down; the value identifies the probe for
+    /// [`record`] and [`release`].
+    Probe(u64),
+    /// No: the breaker is open (or half-open with a probe out).
     Reject,
 }
 
@@ -92,9 +126,13 @@ fn key(cluster: &str) -> String {
     format!("tollgate.aggregate.cb.{cluster}")
 }
 
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 fn now_ms(now: SystemTime) -> u64 {
     now.duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .map(ms)
         .unwrap_or(0)
 }
 
@@ -121,57 +159,77 @@ fn write(host: &mut dyn Host, k: &str, r: Record, cas: Option<u32>) -> Option<bo
     }
 }
 
-/// Ask the breaker of `cluster` whether a call may go.
-pub fn admit(host: &mut dyn Host, cluster: &str, b: &Breaker) -> (Admit, Option<Transition>) {
+/// Insert the (closed) record of `cluster` when it is missing, so that every later write is
+/// guarded by a CAS.
+pub fn init(host: &mut dyn Host, cluster: &str) {
+    let k = key(cluster);
+    if let Ok(None) = host.shared_get(&k) {
+        let _ = write(host, &k, CLOSED, None);
+    }
+}
+
+/// Ask the breaker of `cluster` whether a call may go; `lease` is how long a probe may take.
+pub fn admit(
+    host: &mut dyn Host,
+    cluster: &str,
+    b: &Breaker,
+    lease: Duration,
+) -> (Admit, Option<Transition>) {
     let k = key(cluster);
     let now = now_ms(host.now());
-    let cool = u64::try_from(b.cool_down.as_millis()).unwrap_or(u64::MAX);
+    let cool = ms(b.cool_down);
     for _ in 0..RETRIES {
         let Some((r, cas)) = read(host, &k) else {
-            return (Admit::Allow { probe: false }, None);
+            return (Admit::Allow, None);
         };
-        match r.state {
-            State::Closed => return (Admit::Allow { probe: false }, None),
-            State::Open | State::HalfOpen => {
-                // Open: wait out the cool-down. Half-open: a probe is out; if it has not come
-                // back within a cool-down (its request vanished), let another probe go.
-                if now.saturating_sub(r.since_ms) < cool {
-                    return (Admit::Reject, None);
-                }
-                let next = Record {
-                    state: State::HalfOpen,
-                    failures: r.failures,
-                    since_ms: now,
-                };
-                match write(host, &k, next, cas) {
-                    Some(true) => {
-                        return (Admit::Allow { probe: true }, Some(Transition::HalfOpened))
-                    }
-                    Some(false) => continue,
-                    None => return (Admit::Allow { probe: false }, None),
-                }
-            }
+        let waiting = match r.state {
+            State::Closed => return (Admit::Allow, None),
+            // Open: wait out the cool-down.
+            State::Open => now.saturating_sub(r.since_ms) < cool,
+            // Half-open: a probe is out until its lease expires.
+            State::HalfOpen => now < r.lease_ms,
+        };
+        if waiting {
+            return (Admit::Reject, None);
+        }
+        let next = Record {
+            state: State::HalfOpen,
+            failures: r.failures,
+            since_ms: now,
+            lease_ms: now.saturating_add(ms(lease)),
+            probe: r.probe.wrapping_add(1),
+        };
+        match write(host, &k, next, cas) {
+            Some(true) => return (Admit::Probe(next.probe), Some(Transition::HalfOpened)),
+            Some(false) => continue,
+            None => return (Admit::Allow, None),
         }
     }
     // Lost every race: someone else is moving the breaker; do not add load.
     (Admit::Reject, None)
 }
 
-/// Record the outcome of a call to `cluster`.
+/// Record the outcome of a call to `cluster`; `probe` is what [`admit`] gave a probe.
 pub fn record(
     host: &mut dyn Host,
     cluster: &str,
     b: &Breaker,
     success: bool,
+    probe: Option<u64>,
 ) -> Option<Transition> {
     let k = key(cluster);
     let now = now_ms(host.now());
     for _ in 0..RETRIES {
         let (r, cas) = read(host, &k)?;
+        let own_probe = r.state == State::HalfOpen && probe == Some(r.probe);
+        // The probe count survives closing, so that an old probe is never taken for a new one.
+        let closed = Record {
+            probe: r.probe,
+            ..CLOSED
+        };
         let (next, transition) = match (success, r.state) {
             (true, State::Closed) if r.failures == 0 => return None,
-            (true, State::Closed) => (CLOSED, None),
-            (true, _) => (CLOSED, Some(Transition::Closed)),
+            (true, State::Closed) => (closed, None),
             (false, State::Closed) => {
                 let failures = r.failures.saturating_add(1);
                 if failures >= b.failures {
@@ -180,23 +238,29 @@ pub fn record(
                             state: State::Open,
                             failures,
                             since_ms: now,
+                            lease_ms: 0,
+                            probe: r.probe,
                         },
                         Some(Transition::Opened),
                     )
                 } else {
-                    (Record { failures, ..CLOSED }, None)
+                    (Record { failures, ..closed }, None)
                 }
             }
-            (false, State::HalfOpen) => (
+            (true, State::HalfOpen) if own_probe => (closed, Some(Transition::Closed)),
+            (false, State::HalfOpen) if own_probe => (
                 Record {
                     state: State::Open,
                     failures: r.failures.saturating_add(1),
                     since_ms: now,
+                    lease_ms: 0,
+                    probe: r.probe,
                 },
                 Some(Transition::Opened),
             ),
-            // A call admitted before the breaker opened failed too: it stays open.
-            (false, State::Open) => return None,
+            // Outcomes of calls admitted before the breaker opened, or of a probe whose lease
+            // was taken over, do not move an open or half-open breaker.
+            (_, State::Open | State::HalfOpen) => return None,
         };
         match write(host, &k, next, cas)? {
             true => return transition,
@@ -204,6 +268,32 @@ pub fn record(
         }
     }
     None
+}
+
+/// The probe `probe` ended without an outcome (its request went away): let the next call
+/// probe at once instead of waiting for the lease to expire.
+pub fn release(host: &mut dyn Host, cluster: &str, b: &Breaker, probe: u64) {
+    let k = key(cluster);
+    let now = now_ms(host.now());
+    for _ in 0..RETRIES {
+        let Some((r, cas)) = read(host, &k) else {
+            return;
+        };
+        if r.state != State::HalfOpen || r.probe != probe {
+            return;
+        }
+        let next = Record {
+            state: State::Open,
+            failures: r.failures,
+            since_ms: now.saturating_sub(ms(b.cool_down)),
+            lease_ms: 0,
+            probe: r.probe,
+        };
+        match write(host, &k, next, cas) {
+            Some(false) => continue,
+            _ => return,
+        }
+    }
 }
 
 /// The current state (for tests and logs).
@@ -216,57 +306,103 @@ pub fn state(host: &dyn Host, cluster: &str) -> State {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
     use tollgate_common::mem_host::MemHost;
 
     const B: Breaker = Breaker {
         failures: 3,
         cool_down: Duration::from_secs(5),
     };
+    const LEASE: Duration = Duration::from_secs(2);
+
+    fn probe_id(a: (Admit, Option<Transition>)) -> u64 {
+        match a {
+            (Admit::Probe(id), Some(Transition::HalfOpened)) => id,
+            other => panic!("expected a probe, got {other:?}"),
+        }
+    }
 
     #[test]
     fn opens_fails_fast_probes_and_closes_across_workers() {
         let mut w1 = MemHost::new();
         let mut w2 = w1.next_request("GET", "/", &[]);
-        assert_eq!(admit(&mut w1, "users", &B).0, Admit::Allow { probe: false });
-        assert_eq!(record(&mut w1, "users", &B, false), None);
-        assert_eq!(record(&mut w2, "users", &B, false), None);
+        init(&mut w1, "users");
+        init(&mut w2, "users");
+        assert_eq!(admit(&mut w1, "users", &B, LEASE).0, Admit::Allow);
+        assert_eq!(record(&mut w1, "users", &B, false, None), None);
+        assert_eq!(record(&mut w2, "users", &B, false, None), None);
         // A success resets the count.
-        assert_eq!(record(&mut w2, "users", &B, true), None);
+        assert_eq!(record(&mut w2, "users", &B, true, None), None);
         for _ in 0..2 {
-            assert_eq!(record(&mut w1, "users", &B, false), None);
+            assert_eq!(record(&mut w1, "users", &B, false, None), None);
         }
         assert_eq!(
-            record(&mut w2, "users", &B, false),
+            record(&mut w2, "users", &B, false, None),
             Some(Transition::Opened)
         );
         assert_eq!(state(&w1, "users"), State::Open);
-        assert_eq!(admit(&mut w1, "users", &B).0, Admit::Reject);
-        assert_eq!(admit(&mut w2, "users", &B).0, Admit::Reject);
+        assert_eq!(admit(&mut w1, "users", &B, LEASE).0, Admit::Reject);
+        assert_eq!(admit(&mut w2, "users", &B, LEASE).0, Admit::Reject);
+        // A late success of a call admitted before it opened does not close it.
+        assert_eq!(record(&mut w1, "users", &B, true, None), None);
+        assert_eq!(state(&w1, "users"), State::Open);
         // Other backends are not affected.
-        assert_eq!(
-            admit(&mut w2, "orders", &B).0,
-            Admit::Allow { probe: false }
-        );
+        assert_eq!(admit(&mut w2, "orders", &B, LEASE).0, Admit::Allow);
         // After the cool-down exactly one probe goes through.
         w1.advance(Duration::from_secs(6));
         w2.advance(Duration::from_secs(6));
-        assert_eq!(
-            admit(&mut w2, "users", &B),
-            (Admit::Allow { probe: true }, Some(Transition::HalfOpened))
-        );
-        assert_eq!(admit(&mut w1, "users", &B).0, Admit::Reject);
+        let p = probe_id(admit(&mut w2, "users", &B, LEASE));
+        assert_eq!(admit(&mut w1, "users", &B, LEASE).0, Admit::Reject);
+        // Outcomes of other calls do not move a half-open breaker.
+        assert_eq!(record(&mut w1, "users", &B, true, None), None);
+        assert_eq!(record(&mut w1, "users", &B, false, Some(p + 1)), None);
+        assert_eq!(state(&w1, "users"), State::HalfOpen);
         // The probe fails: open again for a cool-down.
         assert_eq!(
-            record(&mut w2, "users", &B, false),
+            record(&mut w2, "users", &B, false, Some(p)),
             Some(Transition::Opened)
         );
-        assert_eq!(admit(&mut w1, "users", &B).0, Admit::Reject);
+        assert_eq!(admit(&mut w1, "users", &B, LEASE).0, Admit::Reject);
         w1.advance(Duration::from_secs(6));
         w2.advance(Duration::from_secs(6));
-        assert_eq!(admit(&mut w1, "users", &B).0, Admit::Allow { probe: true });
-        assert_eq!(record(&mut w1, "users", &B, true), Some(Transition::Closed));
-        assert_eq!(admit(&mut w2, "users", &B).0, Admit::Allow { probe: false });
+        let p = probe_id(admit(&mut w1, "users", &B, LEASE));
+        assert_eq!(
+            record(&mut w1, "users", &B, true, Some(p)),
+            Some(Transition::Closed)
+        );
+        assert_eq!(admit(&mut w2, "users", &B, LEASE).0, Admit::Allow);
+    }
+
+    #[test]
+    fn a_vanished_probe_is_released_or_its_lease_expires() {
+        let b1 = Breaker { failures: 1, ..B };
+        let mut h = MemHost::new();
+        init(&mut h, "x");
+        assert_eq!(
+            record(&mut h, "x", &b1, false, None),
+            Some(Transition::Opened)
+        );
+        h.advance(Duration::from_secs(6));
+        // Released by its request's end: the next call probes at once.
+        let p = probe_id(admit(&mut h, "x", &b1, LEASE));
+        assert_eq!(admit(&mut h, "x", &b1, LEASE).0, Admit::Reject);
+        release(&mut h, "x", &b1, p);
+        assert_eq!(state(&h, "x"), State::Open);
+        let p2 = probe_id(admit(&mut h, "x", &b1, LEASE));
+        assert_ne!(p, p2);
+        // Releasing an old probe does nothing to the new one.
+        release(&mut h, "x", &b1, p);
+        assert_eq!(state(&h, "x"), State::HalfOpen);
+        // Not released (its worker went away): after the lease (not a cool-down) another probe.
+        h.advance(LEASE - Duration::from_millis(1));
+        assert_eq!(admit(&mut h, "x", &b1, LEASE).0, Admit::Reject);
+        h.advance(Duration::from_millis(1));
+        let p3 = probe_id(admit(&mut h, "x", &b1, LEASE));
+        // The expired probe's late answer is ignored; the new one decides.
+        assert_eq!(record(&mut h, "x", &b1, true, Some(p2)), None);
+        assert_eq!(
+            record(&mut h, "x", &b1, true, Some(p3)),
+            Some(Transition::Closed)
+        );
     }
 
     #[test]
@@ -274,10 +410,30 @@ mod tests {
         let mut h = MemHost::new();
         h.shared_set("tollgate.aggregate.cb.x", b"garbage", None)
             .unwrap();
-        assert_eq!(admit(&mut h, "x", &B).0, Admit::Allow { probe: false });
+        assert_eq!(admit(&mut h, "x", &B, LEASE).0, Admit::Allow);
         h.shared.force_conflicts(2);
         let b1 = Breaker { failures: 1, ..B };
-        assert_eq!(record(&mut h, "x", &b1, false), Some(Transition::Opened));
+        assert_eq!(
+            record(&mut h, "x", &b1, false, None),
+            Some(Transition::Opened)
+        );
+        assert_eq!(state(&h, "x"), State::Open);
+        // Records without a lease (older format) still decode.
+        h.shared_set("tollgate.aggregate.cb.y", b"half_open 3 1000", None)
+            .unwrap();
+        assert_eq!(state(&h, "y"), State::HalfOpen);
+        assert!(matches!(admit(&mut h, "y", &b1, LEASE).0, Admit::Probe(_)));
+    }
+
+    #[test]
+    fn init_inserts_closed_once() {
+        let mut h = MemHost::new();
+        init(&mut h, "x");
+        let (v, _) = h.shared_get("tollgate.aggregate.cb.x").unwrap().unwrap();
+        assert_eq!(v, b"closed 0 0 0 0");
+        let b1 = Breaker { failures: 1, ..B };
+        record(&mut h, "x", &b1, false, None);
+        init(&mut h, "x");
         assert_eq!(state(&h, "x"), State::Open);
     }
 }

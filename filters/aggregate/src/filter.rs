@@ -68,6 +68,13 @@ impl RootFilter for AggregateRoot {
 
     fn configure(&mut self, host: &mut dyn Host, configuration: &[u8]) -> Result<(), ConfigError> {
         let config = Config::parse(configuration)?;
+        for rule in &config.rules {
+            for call in rule.endpoint.iter().flat_map(|ep| ep.calls.iter()) {
+                if call.breaker.is_some() {
+                    breaker::init(host, &call.cluster);
+                }
+            }
+        }
         host.set_tick_period(if config.hedging { TICK } else { Duration::ZERO });
         self.shared = Rc::new(Shared {
             config,
@@ -137,6 +144,8 @@ struct Flight {
     attempts: Vec<Attempt>,
     hedged: bool,
     last_failure: Option<Failure>,
+    /// This call is its breaker's probe (the id [`breaker::admit`] gave it).
+    probe: Option<u64>,
 }
 
 struct Attempt {
@@ -431,9 +440,15 @@ impl AggregateFilter {
                 return;
             }
         };
+        let mut probe = None;
         if let Some(b) = &call.breaker {
-            let (admit, t) = breaker::admit(host, &call.cluster, b);
+            // A probe may take its timeout (and a hedge's delay) before its outcome is known.
+            let lease = call.timeout + call.hedge_after.unwrap_or_default() + breaker::LEASE_MARGIN;
+            let (admit, t) = breaker::admit(host, &call.cluster, b, lease);
             self.breaker_metric(host, &call.cluster, t);
+            if let Admit::Probe(id) = admit {
+                probe = Some(id);
+            }
             if admit == Admit::Reject {
                 self.call_metric(host, ep, call, "rejected");
                 let f = Failure::new(
@@ -455,6 +470,7 @@ impl AggregateFilter {
                             attempts: vec![attempt],
                             hedged: false,
                             last_failure: None,
+                            probe,
                         });
                     }
                 }
@@ -466,7 +482,13 @@ impl AggregateFilter {
                     });
                 }
             }
-            Err(f) => self.finish_call(host, ep, i, Err(f), false),
+            Err(f) => {
+                // The probe never went out: let the next call probe.
+                if let (Some(b), Some(id)) = (&call.breaker, probe) {
+                    breaker::release(host, &call.cluster, b, id);
+                }
+                self.finish_call(host, ep, i, Err(f), false)
+            }
         }
     }
 
@@ -566,7 +588,11 @@ impl AggregateFilter {
         }
         if to_backend {
             if let Some(b) = &call.breaker {
-                let t = breaker::record(host, &call.cluster, b, outcome.is_ok());
+                let probe = match self.active.as_ref().and_then(|a| a.calls.get(i)) {
+                    Some(CallState::InFlight(f)) => f.probe,
+                    _ => None,
+                };
+                let t = breaker::record(host, &call.cluster, b, outcome.is_ok(), probe);
                 self.breaker_metric(host, &call.cluster, t);
             }
         }
@@ -867,9 +893,30 @@ impl HttpFilter for AggregateFilter {
         Decision::Pause
     }
 
-    fn on_done(&mut self, _host: &mut dyn Host) {
+    fn on_done(&mut self, host: &mut dyn Host) {
         let id = self.context_id;
         self.wakes.borrow_mut().retain(|w| w.context_id != id);
+        // A probe still out will never be answered here (the request was reset, or answered
+        // before the probe came back): release it so that the next call probes at once.
+        let shared = self.shared.clone();
+        let Some(active) = self.active.as_ref() else {
+            return;
+        };
+        let Some(ep) = endpoint(&shared, active.rule) else {
+            return;
+        };
+        for (call, state) in ep.calls.iter().zip(&active.calls) {
+            if let (Some(b), CallState::InFlight(f)) = (&call.breaker, state) {
+                if let Some(probe) = f.probe {
+                    log::debug!(
+                        "[{}] aggregate: releasing the breaker probe of `{}`",
+                        self.context_id,
+                        call.cluster
+                    );
+                    breaker::release(host, &call.cluster, b, probe);
+                }
+            }
+        }
     }
 }
 
@@ -1143,6 +1190,43 @@ mod tests {
         assert_eq!(
             root.create_filter(23).on_request_headers(&mut h, true),
             Decision::Pause
+        );
+    }
+
+    #[test]
+    fn a_probe_whose_request_goes_away_is_released() {
+        let cfg = r#"{"circuit_breaker":{"failures":1,"cool_down":"10s"},"routes":[{"name":"b","match":{"prefix":"/b"},"calls":[
+            {"name":"u","cluster":"users","path":"/users/1","timeout":"1s"}]}]}"#;
+        let (root, host) = root(cfg);
+        let mut h = host.next_request("GET", "/b", &[]);
+        let mut f = root.create_filter(10);
+        f.on_request_headers(&mut h, true);
+        let t = h.calls[0].token;
+        reply(f.on_call_response(&mut h, t, status(500)));
+        assert_eq!(breaker::state(&h, "users"), breaker::State::Open);
+        h.advance(Duration::from_secs(11));
+        // The probe's request is reset before the probe answers.
+        let mut probe = root.create_filter(11);
+        assert_eq!(probe.on_request_headers(&mut h, true), Decision::Pause);
+        let made = h.calls.len();
+        reply(root.create_filter(12).on_request_headers(&mut h, true));
+        assert_eq!(
+            h.calls.len(),
+            made,
+            "no second probe while the first is out"
+        );
+        probe.on_done(&mut h);
+        // The next request probes at once, without another cool-down.
+        let mut next = root.create_filter(13);
+        assert_eq!(next.on_request_headers(&mut h, true), Decision::Pause);
+        assert_eq!(h.calls.len(), made + 1);
+        let t = h.calls[made].token;
+        let (r, _) = reply(next.on_call_response(&mut h, t, ok("{}", None)));
+        assert_eq!(r.header("x-aggregate-complete"), Some("true"));
+        assert_eq!(breaker::state(&h, "users"), breaker::State::Closed);
+        assert_eq!(
+            h.metric("tollgate.aggregate.breaker.users.half_opened"),
+            Some(2)
         );
     }
 
