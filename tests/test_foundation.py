@@ -152,3 +152,14 @@ def test_probe_passes_traffic_with_empty_configuration(services, envoy_factory):
     envoy = envoy_factory(filters=[("probe", {})], services=services)
     r = envoy.get("/api/users/echo/y")
     assert r.status == 200 and "x-probe-woken" not in r.json()["headers"]
+
+
+def test_a_header_map_read_out_of_phase_does_not_kill_the_vm(services, envoy_factory):
+    """Envoy refuses to read request headers in a response hook (BadArgument); the SDK's own
+    wrapper would panic and kill the VM. The adapter reports it as absent instead."""
+    envoy = envoy_factory(filters=[("probe", {"read_request_in_response": True})], services=services)
+    for _ in range(3):
+        r = envoy.get("/api/products/1")
+        assert r.status == 200, r
+        assert r.header("x-probe-request-path") in ("unavailable", "/api/products/1"), r
+    assert "panicked" not in envoy.log() and "unexpected status" not in envoy.log()

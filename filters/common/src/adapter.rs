@@ -11,6 +11,7 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
 
+use crate::abi;
 use crate::filter::{CallResponse, Decision, HttpFilter, RootFilter};
 use crate::host::{Body, Host, HostError, HttpCall, MapKind, MetricKind, SharedError};
 use crate::problem::LocalReply;
@@ -51,48 +52,56 @@ fn lossy(bytes: Vec<u8>) -> String {
 
 impl Host for ProxyWasmHost {
     fn header(&self, map: MapKind, name: &str) -> Option<String> {
-        hostcalls::get_map_value_bytes(map_type(map), name)
-            .ok()
-            .flatten()
-            .map(lossy)
+        match abi::get_header(map_type(map), name) {
+            Ok(v) => v.map(lossy),
+            Err(s) => {
+                log::debug!("read header {name}: status {s} (map not available in this phase)");
+                None
+            }
+        }
     }
 
     fn headers(&self, map: MapKind) -> Vec<(String, String)> {
-        hostcalls::get_map_bytes(map_type(map))
-            .map(|m| m.into_iter().map(|(k, v)| (k, lossy(v))).collect())
-            .unwrap_or_default()
+        match abi::get_headers(map_type(map)) {
+            Ok(m) => m.into_iter().map(|(k, v)| (k, lossy(v))).collect(),
+            Err(s) => {
+                log::debug!("read headers: status {s} (map not available in this phase)");
+                Vec::new()
+            }
+        }
     }
 
     fn set_header(&mut self, map: MapKind, name: &str, value: &str) {
-        if let Err(s) = hostcalls::set_map_value(map_type(map), name, Some(value)) {
-            log::debug!("set header {name}: {}", host_error("set_map_value", s));
+        if let Err(s) = abi::set_header(map_type(map), name, value) {
+            log::debug!("set header {name}: status {s} (map not available in this phase)");
         }
     }
 
     fn add_header(&mut self, map: MapKind, name: &str, value: &str) {
-        if let Err(s) = hostcalls::add_map_value(map_type(map), name, value) {
-            log::debug!("add header {name}: {}", host_error("add_map_value", s));
+        if let Err(s) = abi::add_header(map_type(map), name, value) {
+            log::debug!("add header {name}: status {s} (map not available in this phase)");
         }
     }
 
     fn remove_header(&mut self, map: MapKind, name: &str) {
-        if let Err(s) = hostcalls::remove_map_value(map_type(map), name) {
-            log::debug!(
-                "remove header {name}: {}",
-                host_error("remove_map_value", s)
-            );
+        if let Err(s) = abi::remove_header(map_type(map), name) {
+            log::debug!("remove header {name}: status {s} (map not available in this phase)");
         }
     }
 
     fn body(&self, which: Body, start: usize, max: usize) -> Option<Vec<u8>> {
-        hostcalls::get_buffer(buffer_type(which), start, max)
-            .ok()
-            .flatten()
+        match abi::get_buffer(buffer_type(which), start, max) {
+            Ok(b) => b,
+            Err(s) => {
+                log::debug!("read body: status {s} (buffer not available in this phase)");
+                None
+            }
+        }
     }
 
     fn set_body(&mut self, which: Body, start: usize, size: usize, data: &[u8]) {
-        if let Err(s) = hostcalls::set_buffer(buffer_type(which), start, size, data) {
-            log::debug!("set body: {}", host_error("set_buffer", s));
+        if let Err(s) = abi::set_buffer(buffer_type(which), start, size, data) {
+            log::debug!("set body: status {s} (buffer not available in this phase)");
         }
     }
 
@@ -178,17 +187,8 @@ fn send_reply(reply: &LocalReply) {
         .iter()
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
-    let body = if reply.body.is_empty() {
-        None
-    } else {
-        Some(reply.body.as_slice())
-    };
-    if let Err(s) = hostcalls::send_http_response(u32::from(reply.status), headers, body) {
-        log::warn!(
-            "send local reply {}: {}",
-            reply.status,
-            host_error("send_http_response", s)
-        );
+    if let Err(s) = abi::send_local_response(u32::from(reply.status), &headers, &reply.body) {
+        log::warn!("send local reply {}: status {s}", reply.status);
     }
 }
 

@@ -9,6 +9,7 @@
 //! uses for per-route rules ([`route`]), RFC 9457 problem replies ([`problem`]), request helpers
 //! ([`request`]) and named metrics ([`metrics`]).
 
+mod abi;
 pub mod adapter;
 pub mod config;
 pub mod filter;

@@ -23,6 +23,10 @@ pub struct Config {
     /// When woken, call this cluster's `/healthz` before continuing.
     #[serde(default)]
     pub call_cluster: Option<String>,
+    /// Read the request's `:path` in the response hook and echo what it got (or
+    /// `unavailable`) as `x-probe-request-path`: Envoy refuses that read, which must not crash.
+    #[serde(default)]
+    pub read_request_in_response: bool,
 }
 
 #[derive(Default)]
@@ -97,6 +101,15 @@ impl HttpFilter for ProbeFilter {
         let at = host.now() + Duration::from_millis(self.config.wait_ms);
         self.waiting.borrow_mut().list.push((self.context_id, at));
         Decision::Pause
+    }
+
+    fn on_response_headers(&mut self, host: &mut dyn Host, _end_of_stream: bool) -> Decision {
+        if self.config.read_request_in_response {
+            let path = host.header(MapKind::RequestHeaders, ":path");
+            let shown = path.as_deref().unwrap_or("unavailable");
+            host.set_header(MapKind::ResponseHeaders, "x-probe-request-path", shown);
+        }
+        Decision::Continue
     }
 
     fn on_wake(&mut self, host: &mut dyn Host, _reason: u32) -> Decision {
