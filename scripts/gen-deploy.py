@@ -294,8 +294,8 @@ def generate(version: str | None = None, build: Path = ROOT / "build") -> dict[P
         entries.append(entry)
         out[Path("deploy/envoy-gateway") / f"tollgate-{f}.yaml"] = eg_policy(
             f"tollgate-{f}", [entry], version,
-            f"# Envoy Gateway: tollgate.{f} alone on the Gateway `{EG_GATEWAY}`. Envoy Gateway applies one\n"
-            "# EnvoyExtensionPolicy per target, so to run several filters use tollgate-all.yaml instead.\n")
+            f"# Envoy Gateway: tollgate.{f} alone on the Gateway `{EG_GATEWAY}`. Policies attached to the same\n"
+            "# target are not merged, so to run several filters use tollgate-all.yaml instead.\n")
     out[Path("deploy/envoy-gateway/tollgate-all.yaml")] = eg_policy(
         "tollgate", entries, version,
         f"# Envoy Gateway: the four filters on the Gateway `{EG_GATEWAY}`, in this order\n"
