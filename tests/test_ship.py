@@ -504,3 +504,32 @@ spec:
     v = deploy_validator("wasmplugin")
     for doc in examples:
         assert not errors(v, doc), doc["metadata"]["name"]
+
+
+def test_demo_dockerfile_rust_is_new_enough_for_the_demo_dependencies():
+    """The Dockerfile's pinned Rust must build the demo's dependency tree as locked."""
+    dockerfile = (ROOT / "services" / "demo" / "Dockerfile").read_text()
+    pinned = re.search(r"^FROM rust:(\d+)\.(\d+)(?:\.(\d+))?-", dockerfile, re.M)
+    assert pinned, "the builder image must be rust:<version>-..."
+    have = tuple(int(x or 0) for x in pinned.groups())
+    r = subprocess.run(["cargo", "metadata", "--format-version", "1", "--offline", "--locked",
+                        "--filter-platform", "x86_64-unknown-linux-gnu"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    meta = json.loads(r.stdout)
+    packages = {p["id"]: p for p in meta["packages"]}
+    nodes = {n["id"]: n for n in meta["resolve"]["nodes"]}
+    todo = [next(p["id"] for p in meta["packages"] if p["name"] == "tollgate-demo")]
+    seen: set[str] = set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        todo += [d["pkg"] for d in nodes[pid]["deps"] if any(k["kind"] in (None, "build") for k in d["dep_kinds"])]
+    too_new = []
+    for pid in seen:
+        need = packages[pid].get("rust_version")
+        if need and tuple(int(x) for x in (need.split(".") + ["0", "0"])[:3]) > have:
+            too_new.append(f"{packages[pid]['name']} {packages[pid]['version']} needs Rust {need}")
+    assert len(seen) > 1 and not too_new, too_new
