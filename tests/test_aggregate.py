@@ -476,8 +476,8 @@ def test_schema_accepts_the_example_and_bundled_config_and_refuses_bad_ones():
 
 
 def test_post_with_a_body_is_answered_from_its_headers(services, envoy_factory):
-    """Envoy holds a body back while a proxy-wasm filter pauses at the headers, so the calls start
-    at the headers and the body is not forwarded; the request must still be answered."""
+    """Without `forward_body` the calls start at the headers (Envoy holds the body back while a
+    proxy-wasm filter pauses there, and it is never read); the request must still be answered."""
     envoy = start(envoy_factory, services, [{
         "match": {"exact": "/api/submit", "methods": ["POST"]},
         "calls": [call("a", "users", "/echo/a", method="POST", pointer="/method"),
@@ -486,3 +486,49 @@ def test_post_with_a_body_is_answered_from_its_headers(services, envoy_factory):
     r = envoy.request("POST", "/api/submit", headers={"content-type": "application/json"}, body=payload)
     assert r.status == 200, r
     assert r.json() == {"a": "POST", "b": {"id": 1}}
+
+
+def test_calls_can_forward_the_request_body(services, envoy_factory):
+    """The headers go on to the router (Envoy would not hand a filter paused at the headers the
+    body); the body is held by the filter, the calls start at its end with it, and the merged
+    reply replaces the route's upstream request, which never gets the body."""
+    envoy = start(envoy_factory, services, [{
+        "match": {"exact": "/api/orders/submit", "methods": ["POST"]}, "max_request_bytes": 500000,
+        "calls": [call("a", "users", "/echo/a", method="POST", forward_body=True,
+                       forward_headers=["content-type"]),
+                  call("b", "orders", "/orders/1", allow=["id"])]}])
+    services.reset_stats()
+    for size in (10, 300000):  # one chunk, many chunks
+        payload = json.dumps({"x": 1, "pad": "y" * size})
+        r = envoy.request("POST", "/api/orders/submit", headers={"content-type": "application/json"},
+                          body=payload)
+        assert r.status == 200, r
+        body = r.json()
+        assert body["b"] == {"id": 1}
+        assert body["a"]["method"] == "POST"
+        assert body["a"]["body"] == payload
+        assert body["a"]["headers"]["content-type"] == "application/json"
+        assert r.header("x-aggregate-complete") == "true"
+    # Without a body the calls start at the headers (and the router never sees the request).
+    r = envoy.request("POST", "/api/orders/submit")
+    assert r.status == 200 and r.json()["a"]["body"] == "", r
+    # Too large a body: 413, no call. (Over Envoy's own buffer limit, 1 MiB by default, Envoy
+    # answers 413 itself, in text/plain.)
+    r = envoy.request("POST", "/api/orders/submit", body="z" * 600000)
+    assert r.status == 413 and r.header("content-type") == "application/problem+json", r
+    assert "panicked" not in envoy.log()
+
+
+def test_forwarding_the_body_needs_a_route_to_an_upstream(services, envoy_factory):
+    """When the route answers by itself (here a direct response) Envoy stops handing the body to
+    the filters: that answer goes through (counted, logged) instead of the request hanging."""
+    routes = [{"match": {"path": "/api/submit"},
+               "direct_response": {"status": 404, "body": {"inline_string": "no such page"}}}]
+    envoy = envoy_factory(filters=agg([{
+        "name": "sub", "match": {"exact": "/api/submit", "methods": ["POST"]},
+        "calls": [call("a", "users", "/echo/a", method="POST", forward_body=True)]}]),
+        services=services, routes=routes + harness.default_routes())
+    r = envoy.request("POST", "/api/submit", body=json.dumps({"x": 1}), timeout=5)
+    assert r.status == 404 and r.text == "no such page", r
+    assert envoy.stat("tollgate.aggregate.ep.sub.body_lost") == 1
+    assert "needs a route to a live upstream" in envoy.log()

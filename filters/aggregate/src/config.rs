@@ -19,6 +19,8 @@ pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(2);
 pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(5);
 /// Default largest call answer accepted.
 pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 1 << 20;
+/// Default largest request body buffered for calls that forward it.
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 1 << 20;
 /// Request headers forwarded to every call unless the call says otherwise.
 pub const DEFAULT_FORWARD_HEADERS: &[&str] = &["traceparent", "tracestate", "x-request-id"];
 
@@ -56,6 +58,9 @@ pub struct RouteRule {
     /// Add an `errors` member naming each failed call, its backend and why.
     #[serde(default)]
     pub errors: bool,
+    /// Largest request body buffered when a call forwards it; a larger one is refused (413).
+    #[serde(default)]
+    pub max_request_bytes: Option<usize>,
     /// Client shapes, chosen by a request header or a path prefix; the first that fits applies.
     #[serde(default)]
     pub profiles: Vec<ProfileConfig>,
@@ -116,6 +121,10 @@ pub struct CallConfig {
     /// Circuit breaker of this call's backend, overriding the top-level one; `null`: inherit.
     #[serde(default)]
     pub circuit_breaker: Option<BreakerConfig>,
+    /// Send the client's request body with this call (the calls then start at the end of the
+    /// request body instead of at its headers).
+    #[serde(default)]
+    pub forward_body: bool,
 }
 
 fn default_method() -> String {
@@ -229,6 +238,10 @@ pub struct Endpoint {
     pub deadline: Duration,
     /// Add the `errors` member.
     pub errors: bool,
+    /// Some call forwards the request body.
+    pub needs_body: bool,
+    /// Largest request body buffered.
+    pub max_request_bytes: usize,
     /// Client shapes.
     pub profiles: Vec<Profile>,
 }
@@ -270,6 +283,8 @@ pub struct Call {
     pub max_response_bytes: usize,
     /// Hedging delay.
     pub hedge_after: Option<Duration>,
+    /// Send the request body.
+    pub forward_body: bool,
     /// Breaker, when enabled.
     pub breaker: Option<Breaker>,
     /// Indexes of the calls whose answers the path uses.
@@ -412,6 +427,10 @@ fn compile_endpoint(
     if deadline.is_zero() {
         return Err(ConfigError::new("deadline", "must be more than 0"));
     }
+    let max_request_bytes = r.max_request_bytes.unwrap_or(DEFAULT_MAX_REQUEST_BYTES);
+    if max_request_bytes == 0 {
+        return Err(ConfigError::new("max_request_bytes", "must be more than 0"));
+    }
     let call_names: Vec<&str> = r.calls.iter().map(|c| c.name.as_str()).collect();
     let mut calls: Vec<Call> = Vec::new();
     for (i, c) in r.calls.iter().enumerate() {
@@ -458,11 +477,14 @@ fn compile_endpoint(
         let at = format!("profiles[{i}]");
         profiles.push(compile_profile(p, &calls).map_err(|e| e.within(&at))?);
     }
+    let needs_body = calls.iter().any(|c| c.forward_body);
     Ok(Endpoint {
         name,
         calls,
         deadline,
         errors: r.errors,
+        needs_body,
+        max_request_bytes,
         profiles,
     })
 }
@@ -634,6 +656,7 @@ fn compile_call(
         rename,
         max_response_bytes,
         hedge_after,
+        forward_body: c.forward_body,
         breaker,
         depends_on,
     })

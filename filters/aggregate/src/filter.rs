@@ -16,8 +16,8 @@ use serde_json::{json, Map, Value};
 use tollgate_common::metrics::Metrics;
 use tollgate_common::route::RequestInfo;
 use tollgate_common::{
-    CallResponse, ConfigError, Decision, Host, HttpCall, HttpFilter, LocalReply, MapKind, Problem,
-    RootFilter, RouteParams,
+    Body, CallResponse, ConfigError, Decision, Host, HttpCall, HttpFilter, LocalReply, MapKind,
+    Problem, RootFilter, RouteParams,
 };
 
 use crate::breaker::{self, Admit, Transition};
@@ -128,6 +128,10 @@ struct Active {
     calls: Vec<CallState>,
     tokens: HashMap<u32, usize>,
     finished: bool,
+    /// The request body, once complete, for calls that forward it.
+    body: Option<Vec<u8>>,
+    /// The calls wait for the end of the request body.
+    awaiting_body: bool,
 }
 
 enum CallState {
@@ -514,7 +518,22 @@ impl AggregateFilter {
                 ),
             ));
         }
-        let timeout = call.timeout.min(left);
+        // A hedge gets what is left of the call's timeout, not a timeout of its own.
+        let first = match active.calls.get(i) {
+            Some(CallState::InFlight(f)) => f.attempts.first().map(|a| a.started),
+            _ => None,
+        };
+        let budget = match first {
+            Some(t) => call.timeout.saturating_sub(elapsed(now, t)),
+            None => call.timeout,
+        };
+        if budget < Duration::from_millis(1) {
+            return Err(Failure::new(
+                FailKind::Timeout,
+                format!("no answer within {}ms", call.timeout.as_millis()),
+            ));
+        }
+        let timeout = budget.min(left);
         let mut headers: Vec<(&str, &str)> = vec![
             (":method", call.method.as_str()),
             (":path", path),
@@ -530,10 +549,14 @@ impl AggregateFilter {
         for (k, v) in &call.headers {
             headers.push((k.as_str(), v.as_str()));
         }
+        let body = match (&active.body, call.forward_body) {
+            (Some(b), true) if !b.is_empty() => Some(b.as_slice()),
+            _ => None,
+        };
         let req = HttpCall {
             cluster: &call.cluster,
             headers,
-            body: None,
+            body,
             timeout,
         };
         match host.http_call(&req) {
@@ -736,7 +759,7 @@ impl AggregateFilter {
 }
 
 impl HttpFilter for AggregateFilter {
-    fn on_request_headers(&mut self, host: &mut dyn Host, _end_of_stream: bool) -> Decision {
+    fn on_request_headers(&mut self, host: &mut dyn Host, end_of_stream: bool) -> Decision {
         let req = RequestInfo::from_host(host);
         let shared = self.shared.clone();
         let found = shared
@@ -792,23 +815,105 @@ impl HttpFilter for AggregateFilter {
             calls,
             tokens: HashMap::new(),
             finished: false,
+            body: None,
+            awaiting_body: false,
         });
         self.metric(host, &format!("ep.{}.requests", ep.name));
-        // The calls start now, request body or not: Envoy turns a pause at the request headers
-        // into StopAllIteration, so a paused filter never sees the body (it is not forwarded).
+        if ep.needs_body && !end_of_stream {
+            // Envoy turns a pause at the request headers into StopAllIteration, so a filter
+            // that pauses here never sees the body. To forward it, the headers go on (the
+            // router opens the route's upstream request) while the body is held here; the
+            // calls start at its end, and the local answer resets that upstream request.
+            if let Some(a) = self.active.as_mut() {
+                a.awaiting_body = true;
+            }
+            return Decision::Continue;
+        }
+        // Without a body to forward the calls start now; the router never sees the request.
         self.advance(host)
     }
 
     fn on_request_body(
         &mut self,
+        host: &mut dyn Host,
+        body_size: usize,
+        end_of_stream: bool,
+    ) -> Decision {
+        let shared = self.shared.clone();
+        let Some(active) = self.active.as_mut() else {
+            return Decision::Continue;
+        };
+        // A composite request is answered locally: its body never goes upstream.
+        if !active.awaiting_body || active.finished {
+            return Decision::Pause;
+        }
+        let Some(ep) = endpoint(&shared, active.rule) else {
+            return Decision::Pause;
+        };
+        if body_size > ep.max_request_bytes {
+            log::info!(
+                "[{}] aggregate: request body over {} bytes refused",
+                self.context_id,
+                ep.max_request_bytes
+            );
+            let reply = Problem::new(413)
+                .detail(format!(
+                    "the request body is larger than {} bytes",
+                    ep.max_request_bytes
+                ))
+                .instance(&active.path)
+                .into_reply();
+            self.metric(host, &format!("ep.{}.refused", ep.name));
+            return self.respond(host, ep, reply);
+        }
+        if !end_of_stream {
+            return Decision::Pause;
+        }
+        active.body = Some(host.body(Body::Request, 0, body_size).unwrap_or_default());
+        active.awaiting_body = false;
+        self.advance(host)
+    }
+
+    fn on_response_headers(&mut self, host: &mut dyn Host, _end_of_stream: bool) -> Decision {
+        let shared = self.shared.clone();
+        let Some(active) = self.active.as_mut() else {
+            return Decision::Continue;
+        };
+        if active.finished {
+            return Decision::Continue;
+        }
+        if active.awaiting_body {
+            // The router answered before the end of the request body (no route, a direct
+            // response, no healthy upstream): Envoy then stops handing the body to the
+            // filters, so the calls could never start. Let that answer through.
+            active.finished = true;
+            if let Some(ep) = endpoint(&shared, active.rule) {
+                log::warn!(
+                    "[{}] aggregate: endpoint `{}`: the route answered before the request body \
+                     was complete; a composite endpoint that forwards the body needs a route to \
+                     a live upstream",
+                    self.context_id,
+                    ep.name
+                );
+                self.metric(host, &format!("ep.{}.body_lost", ep.name));
+            }
+            return Decision::Continue;
+        }
+        // The route's upstream answered while the calls of a composite request (whose headers
+        // went on, to read its body) are out: hold that answer back; the merged reply replaces
+        // it.
+        Decision::Pause
+    }
+
+    fn on_response_body(
+        &mut self,
         _host: &mut dyn Host,
         _body_size: usize,
         _end_of_stream: bool,
     ) -> Decision {
-        // A composite request is answered locally: its body never goes upstream.
-        match self.active {
-            Some(_) => Decision::Pause,
-            None => Decision::Continue,
+        match &self.active {
+            Some(a) if !a.finished => Decision::Pause,
+            _ => Decision::Continue,
         }
     }
 
@@ -1274,6 +1379,71 @@ mod tests {
         let mut h2 = host.next_request("POST", "/elsewhere", &[]);
         assert_eq!(other.on_request_headers(&mut h2, false), Decision::Continue);
         assert_eq!(other.on_request_body(&mut h2, 7, true), Decision::Continue);
+    }
+
+    #[test]
+    fn calls_that_forward_the_body_start_at_its_end() {
+        let cfg = r#"{"routes":[{"name":"p","match":{"prefix":"/p"},"max_request_bytes":10,"calls":[
+            {"name":"a","cluster":"orders","method":"post","path":"/orders","forward_body":true},
+            {"name":"b","cluster":"users","path":"/users/1"}]}]}"#;
+        let (root, host) = root(cfg);
+        let mut h = host.next_request("POST", "/p", &[("content-type", "application/json")]);
+        let mut f = root.create_filter(3);
+        // The headers go on (Envoy would not hand a filter paused here the body).
+        assert_eq!(f.on_request_headers(&mut h, false), Decision::Continue);
+        assert!(h.calls.is_empty());
+        assert_eq!(f.on_request_body(&mut h, 4, false), Decision::Pause);
+        h.set_body_bytes(Body::Request, br#"{"x":1}"#);
+        assert_eq!(f.on_request_body(&mut h, 7, true), Decision::Pause);
+        // An answer of the route's upstream is held back while the calls are out.
+        assert_eq!(f.on_response_headers(&mut h, false), Decision::Pause);
+        assert_eq!(f.on_response_body(&mut h, 5, true), Decision::Pause);
+        assert_eq!(h.calls.len(), 2);
+        assert_eq!(h.calls[0].body.as_deref(), Some(&br#"{"x":1}"#[..]));
+        assert_eq!(h.calls[1].body, None);
+        let (t0, t1) = (h.calls[0].token, h.calls[1].token);
+        f.on_call_response(&mut h, t1, ok("{}", None));
+        let (r, v) = reply(f.on_call_response(&mut h, t0, ok(r#"{"id":9}"#, None)));
+        assert_eq!(r.status, 200);
+        assert_eq!(v["a"]["id"], 9);
+        // Our own reply passes our response hooks.
+        assert_eq!(f.on_response_headers(&mut h, true), Decision::Continue);
+        // Without a body (end of stream at the headers) the calls start at once, bodiless.
+        let mut h2 = host.next_request("POST", "/p", &[]);
+        let mut g = root.create_filter(4);
+        assert_eq!(g.on_request_headers(&mut h2, true), Decision::Pause);
+        assert_eq!(h2.calls.len(), 2);
+        assert_eq!(h2.calls[0].body, None);
+        // Too large a body: 413 as problem+json, no call.
+        let mut h3 = host.next_request("POST", "/p", &[]);
+        let mut k = root.create_filter(5);
+        assert_eq!(k.on_request_headers(&mut h3, false), Decision::Continue);
+        let (r, v) = reply(k.on_request_body(&mut h3, 11, false));
+        assert_eq!(r.status, 413);
+        assert_eq!(r.header("content-type"), Some("application/problem+json"));
+        assert!(v["detail"].as_str().unwrap().contains("10 bytes"));
+        assert!(h3.calls.is_empty());
+        // The route answered before the end of the body (no more body will come): let it go.
+        let mut h4 = host.next_request("POST", "/p", &[]);
+        let mut l = root.create_filter(6);
+        assert_eq!(l.on_request_headers(&mut h4, false), Decision::Continue);
+        assert_eq!(l.on_response_headers(&mut h4, false), Decision::Continue);
+        assert_eq!(l.on_response_body(&mut h4, 3, true), Decision::Continue);
+        assert!(h4.calls.is_empty());
+        assert_eq!(h4.metric("tollgate.aggregate.ep.p.body_lost"), Some(1));
+    }
+
+    #[test]
+    fn a_hedge_gets_what_is_left_of_the_call_timeout() {
+        let cfg = r#"{"routes":[{"name":"h","match":{"prefix":"/h"},"calls":[
+            {"name":"u","cluster":"users","path":"/users/1","hedge_after":"300ms","timeout":"1s"}]}]}"#;
+        let (root, host) = root(cfg);
+        let mut h = host.next_request("GET", "/h", &[]);
+        let mut f = root.create_filter(9);
+        f.on_request_headers(&mut h, true);
+        h.advance(Duration::from_millis(300));
+        assert_eq!(f.on_wake(&mut h, 1), Decision::Pause);
+        assert_eq!(h.calls[1].timeout, Duration::from_millis(700));
     }
 
     #[test]
