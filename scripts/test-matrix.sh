@@ -6,6 +6,7 @@
 #   MATRIX_INSTALL_ONLY=1 scripts/test-matrix.sh     # only create the venvs
 #   TESTS="tests/test_foundation.py tests/test_ship.py" scripts/test-matrix.sh   # some test files only
 #   PYTEST_ARGS="-k bundled" scripts/test-matrix.sh                            # more pytest arguments
+#   UPDATE_README=1 scripts/test-matrix.sh         # also put the table into README.md
 #
 # Each Envoy lives in its own venv, .venv-matrix/<version> (gitignored); the tests run with the
 # main .venv's pytest (`make python-env`) and ENVOY=.venv-matrix/<version>/bin/envoy. The modules
@@ -108,4 +109,19 @@ done
   printf '%s\n' "${rows[@]}"
 } >"$MATRIX/results.md"
 cat "$MATRIX/results.md"
+if [ -n "${UPDATE_README:-}" ]; then
+  # Replace the table between the matrix markers of README.md with this run's.
+  "$PYTHON" - "$MATRIX/results.md" <<'PY'
+import re, sys, datetime
+table = open(sys.argv[1]).read().strip()
+readme = open("README.md").read()
+stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+new = f"<!-- matrix: results of scripts/test-matrix.sh -->\n{table}\n\n_Run on {stamp}._\n<!-- end matrix -->"
+out, n = re.subn(r"<!-- matrix: .*?-->.*?<!-- end matrix -->", lambda m: new, readme, flags=re.S)
+if n != 1:
+    sys.exit("README.md has no matrix markers")
+open("README.md", "w").write(out)
+PY
+  log "README.md updated"
+fi
 exit $failed
