@@ -23,7 +23,7 @@ use tollgate_common::{
 use crate::breaker::{self, Admit, Transition};
 use crate::config::{Call, Compiled, Config, Endpoint, Selector};
 use crate::shape;
-use crate::template::Inputs;
+use crate::template::{Inputs, RenderError};
 
 /// A timed-out callout answers at (or a hair before, by our clock) its timeout.
 const TIMEOUT_SLACK: Duration = Duration::from_millis(25);
@@ -177,6 +177,7 @@ enum FailKind {
     CircuitOpen,
     Dependency,
     MissingValue,
+    BadValue,
     NotObject,
 }
 
@@ -191,6 +192,7 @@ impl FailKind {
             FailKind::CircuitOpen => "circuit_open",
             FailKind::Dependency => "dependency",
             FailKind::MissingValue => "missing_value",
+            FailKind::BadValue => "bad_value",
             FailKind::NotObject => "not_object",
         }
     }
@@ -438,7 +440,10 @@ impl AggregateFilter {
                     host,
                     ep,
                     i,
-                    Err(Failure::new(FailKind::MissingValue, e)),
+                    Err(match e {
+                        RenderError::Missing(e) => Failure::new(FailKind::MissingValue, e),
+                        RenderError::Unsafe(e) => Failure::new(FailKind::BadValue, e),
+                    }),
                     false,
                 );
                 return;

@@ -2,7 +2,9 @@
 //!
 //! A variable is a route variable (`{user}`, from the route's `match.template`), a query value
 //! of the client's request (`{query.q}`), or a field of an earlier call's JSON answer
-//! (`{user.company_id}`, `{orders.items.0.id}`). Values are percent-encoded.
+//! (`{user.company_id}`, `{orders.items.0.id}`). Values are percent-encoded; in the path part (before
+//! `?`) a value (or, for a `{*rest}` route variable, a segment of it) that is `.` or `..` is
+//! refused, so that no input (least of all a backend's answer) can climb out of the templated path.
 
 use serde_json::Value;
 use tollgate_common::request::{percent_decode, percent_encode, query_param};
@@ -85,27 +87,49 @@ impl PathTemplate {
         })
     }
 
-    /// Render with values; the error names a variable without a value.
-    pub fn render(&self, inputs: &Inputs<'_>) -> Result<String, String> {
+    /// Render with values; the error names a variable without a usable value.
+    pub fn render(&self, inputs: &Inputs<'_>) -> Result<String, RenderError> {
         let mut out = String::new();
+        let dots = |name: String, v: &str| -> Result<(), RenderError> {
+            if v == "." || v == ".." {
+                Err(RenderError::Unsafe(format!(
+                    "`{{{name}}}` is `{v}`, which is not allowed in a path"
+                )))
+            } else {
+                Ok(())
+            }
+        };
         for p in &self.pieces {
+            let in_path = !out.contains('?');
             match p {
                 Piece::Lit(s) => out.push_str(s),
                 Piece::Var(Var::Route(n)) => {
                     let v = inputs.params.get(n).unwrap_or("");
                     // Re-encode each segment (a `{*rest}` variable keeps its slashes).
-                    let enc: Vec<String> = v
-                        .split('/')
-                        .map(|s| percent_encode(&percent_decode(s, false)))
-                        .collect();
+                    let mut enc = Vec::new();
+                    for seg in v.split('/') {
+                        let seg = percent_decode(seg, false);
+                        if in_path {
+                            dots(n.clone(), &seg)?;
+                        }
+                        enc.push(percent_encode(&seg));
+                    }
                     out.push_str(&enc.join("/"));
                 }
                 Piece::Var(Var::Query(n)) => {
                     let v = query_param(inputs.query, n).unwrap_or_default();
+                    if in_path {
+                        dots(format!("query.{n}"), &v)?;
+                    }
                     out.push_str(&percent_encode(&v));
                 }
                 Piece::Var(Var::Field(call, path)) => {
-                    let missing = || format!("`{{{call}.{}}}` has no value", path.join("."));
+                    let missing = || {
+                        RenderError::Missing(format!(
+                            "`{{{call}.{}}}` has no value",
+                            path.join(".")
+                        ))
+                    };
                     let answer = (inputs.answer)(call).ok_or_else(missing)?;
                     let v = lookup(answer, path).ok_or_else(missing)?;
                     let text = match v {
@@ -114,11 +138,31 @@ impl PathTemplate {
                         Value::Bool(b) => b.to_string(),
                         _ => return Err(missing()),
                     };
+                    if in_path {
+                        dots(format!("{call}.{}", path.join(".")), &text)?;
+                    }
                     out.push_str(&percent_encode(&text));
                 }
             }
         }
         Ok(out)
+    }
+}
+
+/// Why a template could not be rendered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RenderError {
+    /// A call's answer has no usable value for a variable.
+    Missing(String),
+    /// A value would change the path's structure (`.` or `..`).
+    Unsafe(String),
+}
+
+impl std::fmt::Display for RenderError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RenderError::Missing(s) | RenderError::Unsafe(s) => f.write_str(s),
+        }
     }
 }
 
@@ -186,9 +230,41 @@ mod tests {
             "/c/3/a%20b?q=h%C3%A9%20llo&x=1&o=x%2Fy"
         );
         let t2 = PathTemplate::parse("/p/{user.nope}").unwrap();
-        assert!(t2.render(&inputs).unwrap_err().contains("{user.nope}"));
+        assert!(t2
+            .render(&inputs)
+            .unwrap_err()
+            .to_string()
+            .contains("{user.nope}"));
         let t3 = PathTemplate::parse("/p/{missing.id}").unwrap();
         assert!(t3.render(&inputs).is_err());
+    }
+
+    #[test]
+    fn dot_segments_are_refused_in_the_path_only() {
+        let params = RouteParams(vec![
+            ("id".into(), "..".into()),
+            ("rest".into(), "a/%2E%2E/b".into()),
+            ("ok".into(), "a/b..c".into()),
+        ]);
+        let user = json!({"company_id": "..", "dot": "."});
+        let answer = |n: &str| (n == "user").then_some(&user);
+        let inputs = Inputs {
+            params: &params,
+            query: "q=..",
+            answer: &answer,
+        };
+        for t in [
+            "/c/{id}",
+            "/c/{rest}",
+            "/c/{query.q}",
+            "/c/{user.company_id}",
+            "/c/{user.dot}/x",
+        ] {
+            let e = PathTemplate::parse(t).unwrap().render(&inputs).unwrap_err();
+            assert!(matches!(e, RenderError::Unsafe(_)), "{t}: {e:?}");
+        }
+        let t = PathTemplate::parse("/c/{ok}?q={query.q}&c={user.company_id}&i={id}").unwrap();
+        assert_eq!(t.render(&inputs).unwrap(), "/c/a/b..c?q=..&c=..&i=..");
     }
 
     #[test]
