@@ -12,10 +12,99 @@
 //! MODULE: probe | auth | ratelimit | cache. The request's answer (when the filter lets it through)
 //! is a 200 with a small JSON body and the given response headers.
 
-use std::time::Instant;
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant, SystemTime};
 
 use tollgate_common::mem_host::MemHost;
-use tollgate_common::{Body, Decision, HttpFilter, MapKind, RootFilter};
+use tollgate_common::{
+    Body, Decision, Host, HostError, HttpCall, HttpFilter, MapKind, MetricKind, RootFilter,
+    SharedError,
+};
+
+/// A `Host` that counts the calls filter logic makes (each is a proxy-wasm hostcall in Envoy:
+/// a V8-to-C++ transition plus the copy of its arguments and results) and passes them to MemHost.
+struct Counting<'a> {
+    inner: &'a mut MemHost,
+    calls: &'a RefCell<BTreeMap<&'static str, u64>>,
+}
+
+impl Counting<'_> {
+    fn count(&self, what: &'static str) {
+        *self.calls.borrow_mut().entry(what).or_default() += 1;
+    }
+}
+
+impl Host for Counting<'_> {
+    fn header(&self, map: MapKind, name: &str) -> Option<String> {
+        self.count("header");
+        self.inner.header(map, name)
+    }
+    fn headers(&self, map: MapKind) -> Vec<(String, String)> {
+        self.count("headers (whole map)");
+        self.inner.headers(map)
+    }
+    fn set_header(&mut self, map: MapKind, name: &str, value: &str) {
+        self.count("set_header");
+        self.inner.set_header(map, name, value)
+    }
+    fn add_header(&mut self, map: MapKind, name: &str, value: &str) {
+        self.count("add_header");
+        self.inner.add_header(map, name, value)
+    }
+    fn remove_header(&mut self, map: MapKind, name: &str) {
+        self.count("remove_header");
+        self.inner.remove_header(map, name)
+    }
+    fn body(&self, which: Body, start: usize, max: usize) -> Option<Vec<u8>> {
+        self.count("body");
+        self.inner.body(which, start, max)
+    }
+    fn set_body(&mut self, which: Body, start: usize, size: usize, data: &[u8]) {
+        self.count("set_body");
+        self.inner.set_body(which, start, size, data)
+    }
+    fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
+        self.count("property");
+        self.inner.property(path)
+    }
+    fn shared_get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, HostError> {
+        self.count("shared_get");
+        self.inner.shared_get(key)
+    }
+    fn shared_set(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), SharedError> {
+        self.count("shared_set");
+        self.inner.shared_set(key, value, cas)
+    }
+    fn http_call(&mut self, call: &HttpCall<'_>) -> Result<u32, HostError> {
+        self.count("http_call");
+        self.inner.http_call(call)
+    }
+    fn now(&self) -> SystemTime {
+        self.count("now");
+        self.inner.now()
+    }
+    fn define_metric(&mut self, kind: MetricKind, name: &str) -> Result<u32, HostError> {
+        self.count("define_metric");
+        self.inner.define_metric(kind, name)
+    }
+    fn increment_metric(&mut self, id: u32, delta: i64) {
+        self.count("increment_metric");
+        self.inner.increment_metric(id, delta)
+    }
+    fn record_metric(&mut self, id: u32, value: u64) {
+        self.count("record_metric");
+        self.inner.record_metric(id, value)
+    }
+    fn set_tick_period(&mut self, period: Duration) {
+        self.count("set_tick_period");
+        self.inner.set_tick_period(period)
+    }
+    fn wake(&mut self, context_id: u32, reason: u32) -> bool {
+        self.count("wake");
+        self.inner.wake(context_id, reason)
+    }
+}
 
 struct Args {
     module: String,
@@ -66,8 +155,15 @@ fn parse() -> Result<Args, String> {
 
 const BODY: &[u8] = br#"{"id":1,"name":"bench","items":[1,2,3],"ok":true}"#;
 
-/// One request through the filter; returns what happened for a summary.
-fn one<R: RootFilter>(root: &R, base: &MemHost, args: &Args, n: u64) -> &'static str {
+/// One request through the filter; returns what happened for a summary. With `calls`, the
+/// filter's host calls are counted there.
+fn one<R: RootFilter>(
+    root: &R,
+    base: &MemHost,
+    args: &Args,
+    n: u64,
+    calls: Option<&RefCell<BTreeMap<&'static str, u64>>>,
+) -> &'static str {
     let num = n.to_string();
     let path = args.path.replace("{n}", &num);
     let headers: Vec<(String, String)> = args
@@ -76,25 +172,26 @@ fn one<R: RootFilter>(root: &R, base: &MemHost, args: &Args, n: u64) -> &'static
         .map(|(k, v)| (k.clone(), v.replace("{n}", &num)))
         .collect();
     let hv: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let mut host = base.next_request("GET", &path, &hv);
+    let mut mem = base.next_request("GET", &path, &hv);
+    let scratch = RefCell::new(BTreeMap::new());
+    let calls = calls.unwrap_or(&scratch);
     let mut f = root.create_filter(n as u32 + 2);
-    let outcome = match f.on_request_headers(&mut host, true) {
+    let decision = f.on_request_headers(&mut Counting { inner: &mut mem, calls }, true);
+    let outcome = match decision {
         Decision::Respond(_) => "local reply",
         Decision::Pause => "paused",
         Decision::Continue => {
-            let mut rh: Vec<(&str, &str)> = vec![
-                (":status", "200"),
-                ("content-type", "application/json"),
-            ];
+            let mut rh: Vec<(&str, &str)> =
+                vec![(":status", "200"), ("content-type", "application/json")];
             rh.extend(args.response_headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-            host.set_map(MapKind::ResponseHeaders, &rh);
-            let _ = f.on_response_headers(&mut host, false);
-            host.set_body_bytes(Body::Response, BODY);
-            let _ = f.on_response_body(&mut host, BODY.len(), true);
+            mem.set_map(MapKind::ResponseHeaders, &rh);
+            let _ = f.on_response_headers(&mut Counting { inner: &mut mem, calls }, false);
+            mem.set_body_bytes(Body::Response, BODY);
+            let _ = f.on_response_body(&mut Counting { inner: &mut mem, calls }, BODY.len(), true);
             "upstream"
         }
     };
-    f.on_done(&mut host);
+    f.on_done(&mut Counting { inner: &mut mem, calls });
     outcome
 }
 
@@ -105,17 +202,22 @@ fn run<R: RootFilter>(args: &Args) -> Result<(), String> {
         .map_err(|e| format!("configuration refused: {e}"))?;
     // warm-up (JWKS parsing, caches filled, ...)
     for i in 0..args.iterations.min(100) {
-        one(&root, &base, args, i);
+        one(&root, &base, args, i, None);
     }
+    // host calls of one more request, after the warm-up
+    let calls = RefCell::new(BTreeMap::new());
+    one(&root, &base, args, 999_999, Some(&calls));
+    let calls = calls.into_inner();
     let mut counts: std::collections::BTreeMap<&str, u64> = Default::default();
     let t0 = Instant::now();
     for i in 0..args.iterations {
-        *counts.entry(one(&root, &base, args, 1_000_000 + i)).or_default() += 1;
+        *counts.entry(one(&root, &base, args, 1_000_000 + i, None)).or_default() += 1;
     }
     let ns = t0.elapsed().as_nanos() as f64 / args.iterations.max(1) as f64;
+    let total: u64 = calls.values().sum();
     println!(
-        "{{\"module\":\"{}\",\"iterations\":{},\"ns_per_request\":{:.0},\"outcomes\":{:?}}}",
-        args.module, args.iterations, ns, counts
+        "{{\"module\":\"{}\",\"iterations\":{},\"ns_per_request\":{:.0},\"outcomes\":{:?},\"host_calls_per_request\":{},\"host_calls\":{:?}}}",
+        args.module, args.iterations, ns, counts, total, calls
     );
     Ok(())
 }
