@@ -144,10 +144,13 @@ def test_profiles_by_header_and_by_path_prefix(services, envoy_factory):
     envoy = start(envoy_factory, services, PROFILES)
     full = envoy.get("/web/dashboard/3")
     assert full.header("x-aggregate-profile") is None
+    # A cache in front must keep the shapes apart.
+    assert full.header("vary") == "x-client", full
     assert set(full.json()) == {"user", "orders"} and "email" in full.json()["user"]
     mobile = envoy.get("/web/dashboard/3", headers={"x-client": "mobile"})
     assert mobile.status == 200, mobile
     assert mobile.header("x-aggregate-profile") == "mobile"
+    assert mobile.header("vary") == "x-client"
     assert mobile.json() == {"user": {"name": "User 3"}}
     assert len(mobile.body) < len(full.body) / 4
     assert services.hits("orders", "/orders") == 1  # the mobile shape did not call orders
@@ -398,6 +401,8 @@ def test_hedging_sends_a_second_call_and_the_first_success_wins(services, envoy_
     ({"users": "public, max-age=120", "products": "public, max-age=60"}, "public, max-age=60"),
     ({"users": "no-cache", "products": "public, max-age=60"}, "public, no-cache"),
     ({"users": "no-store", "products": "public, max-age=60"}, "no-store"),
+    ({"users": "public, max-age=60, s-maxage=5", "products": "public, max-age=30"},
+     "public, max-age=30, s-maxage=5"),
 ])
 def test_cache_control_is_the_most_restrictive(parts, want, services, envoy_factory):
     envoy = start(envoy_factory, services, [{
@@ -408,6 +413,15 @@ def test_cache_control_is_the_most_restrictive(parts, want, services, envoy_fact
     r = envoy.get(f"/api/dashboard/1?u={quote(parts['users'])}&p={quote(parts['products'])}")
     assert r.status == 200 and r.header("x-aggregate-complete") == "true", r
     assert r.header("cache-control") == want
+
+
+def test_vary_of_the_parts_is_kept(services, envoy_factory):
+    envoy = start(envoy_factory, services, [{
+        "match": DASH_MATCH,
+        "calls": [call("user", "users", "/users/{user}?vary=Accept-Language"),
+                  call("product", "products", "/products/{user}?vary=x-user,accept-language")]}])
+    r = envoy.get("/api/dashboard/1")
+    assert r.status == 200 and r.header("vary") == "accept-language, x-user", r
 
 
 def test_refused_configuration_names_the_field(services, envoy_factory):

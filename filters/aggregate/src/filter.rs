@@ -164,6 +164,7 @@ struct Attempt {
 struct Part {
     value: Value,
     cache_control: Option<String>,
+    vary: Option<String>,
 }
 
 /// Why a call failed.
@@ -296,6 +297,7 @@ fn classify(
     Ok(Part {
         value,
         cache_control: response.header("cache-control").map(str::to_string),
+        vary: response.header("vary").map(str::to_string),
     })
 }
 
@@ -704,6 +706,7 @@ impl AggregateFilter {
         let mut out = Map::new();
         let mut errors = Vec::new();
         let mut cache_controls: Vec<Option<&str>> = Vec::new();
+        let mut varies: Vec<Option<&str>> = Vec::new();
         let mut complete = true;
         for (i, call) in ep.calls.iter().enumerate() {
             let failure = match active.calls.get(i) {
@@ -713,6 +716,7 @@ impl AggregateFilter {
                     match shape::merge_into(&mut out, call.merge, &call.key, Some(v)) {
                         Ok(()) => {
                             cache_controls.push(part.cache_control.as_deref());
+                            varies.push(part.vary.as_deref());
                             continue;
                         }
                         Err(e) => Failure::new(FailKind::NotObject, e),
@@ -758,6 +762,14 @@ impl AggregateFilter {
             .with_body(body);
         if let Some(p) = profile {
             reply = reply.with_header("x-aggregate-profile", p.name.clone());
+        }
+        // The reply depends on the headers that choose a profile, and on what the parts vary on.
+        let profile_headers = ep.profiles.iter().filter_map(|p| match &p.selector {
+            Selector::Header(name, _) => Some(name.as_str()),
+            Selector::PathPrefix(_) => None,
+        });
+        if let Some(vary) = shape::merged_vary(varies, profile_headers) {
+            reply = reply.with_header("vary", vary);
         }
         (reply, complete)
     }
@@ -1266,6 +1278,7 @@ mod tests {
             ),
         ));
         assert_eq!(r.header("x-aggregate-profile"), Some("mobile"));
+        assert_eq!(r.header("vary"), Some("x-client"));
         assert_eq!(r.header("cache-control"), Some("private, max-age=30"));
         assert_eq!(v, json!({"user":{"name":"U"},"errors":[]}));
     }

@@ -158,20 +158,25 @@ pub fn merge_into(
 }
 
 /// The most restrictive Cache-Control of the parts. A part without Cache-Control, or any
-/// incomplete answer, gives `no-store`.
+/// incomplete answer, gives `no-store`. Shared caches get the smallest of each part's
+/// `s-maxage` (else `max-age`) as `s-maxage` when it is below the merged `max-age`; any
+/// `must-revalidate` is kept.
 pub fn merged_cache_control(parts: &[Option<&str>], complete: bool) -> String {
     if !complete || parts.is_empty() {
         return "no-store".into();
     }
     let mut private = false;
     let mut no_cache = false;
+    let mut must_revalidate = false;
     let mut max_age: Option<u64> = None;
+    let mut shared_age: Option<u64> = None;
     let mut every_part_has_max_age = true;
     for part in parts {
         let Some(cc) = part else {
             return "no-store".into();
         };
         let mut this_max_age = None;
+        let mut this_s_maxage = None;
         for d in cc.split(',') {
             let d = d.trim().to_ascii_lowercase();
             let (name, value) = match d.split_once('=') {
@@ -186,6 +191,9 @@ pub fn merged_cache_control(parts: &[Option<&str>], complete: bool) -> String {
                 "no-cache" => no_cache = true,
                 "private" => private = true,
                 "max-age" => this_max_age = value.and_then(|v| v.parse::<u64>().ok()),
+                // An unreadable s-maxage: shared caches must not keep the part.
+                "s-maxage" => this_s_maxage = Some(value.and_then(|v| v.parse::<u64>().ok())),
+                "must-revalidate" | "proxy-revalidate" => must_revalidate = true,
                 _ => {}
             }
         }
@@ -193,12 +201,50 @@ pub fn merged_cache_control(parts: &[Option<&str>], complete: bool) -> String {
             Some(a) => max_age = Some(max_age.map_or(a, |m| m.min(a))),
             None => every_part_has_max_age = false,
         }
+        let this_shared = match this_s_maxage {
+            Some(s) => s.unwrap_or(0),
+            None => this_max_age.unwrap_or(0),
+        };
+        shared_age = Some(shared_age.map_or(this_shared, |m| m.min(this_shared)));
     }
     let scope = if private { "private" } else { "public" };
-    match max_age {
-        Some(a) if !no_cache && every_part_has_max_age && a > 0 => format!("{scope}, max-age={a}"),
+    let mut out = match max_age {
+        Some(a) if !no_cache && every_part_has_max_age && a > 0 => {
+            let mut out = format!("{scope}, max-age={a}");
+            if let Some(s) = shared_age.filter(|s| !private && *s < a) {
+                out.push_str(&format!(", s-maxage={s}"));
+            }
+            out
+        }
         _ => format!("{scope}, no-cache"),
+    };
+    if must_revalidate {
+        out.push_str(", must-revalidate");
     }
+    out
+}
+
+/// The merged `Vary`: the union of the parts' `Vary` (a `*` wins) and the request headers that
+/// choose a profile, as lower-case names; `None` when empty.
+pub fn merged_vary<'a>(
+    parts: impl IntoIterator<Item = Option<&'a str>>,
+    profile_headers: impl IntoIterator<Item = &'a str>,
+) -> Option<String> {
+    let mut names: Vec<String> = Vec::new();
+    let mut add = |n: &str| {
+        let n = n.trim().to_ascii_lowercase();
+        if !n.is_empty() && !names.contains(&n) {
+            names.push(n);
+        }
+    };
+    for v in parts.into_iter().flatten() {
+        v.split(',').for_each(&mut add);
+    }
+    profile_headers.into_iter().for_each(&mut add);
+    if names.iter().any(|n| n == "*") {
+        return Some("*".into());
+    }
+    (!names.is_empty()).then(|| names.join(", "))
 }
 
 #[cfg(test)]
@@ -258,6 +304,19 @@ mod tests {
     }
 
     #[test]
+    fn vary_is_the_union_of_the_parts_and_profile_headers() {
+        assert_eq!(merged_vary([None, None], []), None);
+        assert_eq!(
+            merged_vary(
+                [Some("Accept-Language, x-user"), None, Some("x-user")],
+                ["X-Client"]
+            ),
+            Some("accept-language, x-user, x-client".into())
+        );
+        assert_eq!(merged_vary([Some("*")], ["x-client"]), Some("*".into()));
+    }
+
+    #[test]
     fn cache_control_is_the_most_restrictive() {
         let cases: &[(&[Option<&str>], bool, &str)] = &[
             (
@@ -287,6 +346,29 @@ mod tests {
                 "public, no-cache",
             ),
             (&[Some("public, max-age=60")], false, "no-store"),
+            (
+                &[Some("public, max-age=60, s-maxage=5"), Some("max-age=30")],
+                true,
+                "public, max-age=30, s-maxage=5",
+            ),
+            (
+                &[Some("public, max-age=60, s-maxage=90"), Some("max-age=30")],
+                true,
+                "public, max-age=30",
+            ),
+            (
+                &[Some("private, max-age=60, s-maxage=5")],
+                true,
+                "private, max-age=60",
+            ),
+            (
+                &[
+                    Some("max-age=60, s-maxage=x"),
+                    Some("max-age=30, must-revalidate"),
+                ],
+                true,
+                "public, max-age=30, s-maxage=0, must-revalidate",
+            ),
             (&[], true, "no-store"),
         ];
         for (parts, complete, want) in cases {
