@@ -533,3 +533,31 @@ def test_demo_dockerfile_rust_is_new_enough_for_the_demo_dependencies():
         if need and tuple(int(x) for x in (need.split(".") + ["0", "0"])[:3]) > have:
             too_new.append(f"{packages[pid]['name']} {packages[pid]['version']} needs Rust {need}")
     assert len(seen) > 1 and not too_new, too_new
+
+
+def test_compose_health_checks_work_against_real_processes(services, envoy_factory, tmp_path):
+    """The two health-check commands, run here against a real Envoy and the demo services."""
+    c = compose()
+    # Envoy's: bash + /dev/tcp against the admin port's /ready.
+    envoy = envoy_factory(filters=[], services=services)
+    check = c["services"]["envoy"]["healthcheck"]["test"][1:]
+    admin = bundled_ports()["admin"]
+
+    def run_envoy_check(port: int) -> int:
+        cmd = [part.replace(f"127.0.0.1/{admin}", f"127.0.0.1/{port}") for part in check]
+        return subprocess.run(cmd, capture_output=True, timeout=30).returncode
+
+    assert run_envoy_check(envoy.admin_port) == 0
+    assert run_envoy_check(harness.free_port()) != 0
+    # The demo's: the script services/demo/Dockerfile writes, with the compose file's arguments.
+    dockerfile = (ROOT / "services" / "demo" / "Dockerfile").read_text().replace("\\\n", "")
+    fmt = re.search(r"printf '([^']*)'\s*>\s*/usr/local/bin/tollgate-demo-health", dockerfile).group(1)
+    script = tmp_path / "tollgate-demo-health"
+    subprocess.run(["sh", "-c", f"printf '{fmt}' > {script}"], check=True, timeout=10)
+    ports = bundled_ports()
+    args = [a for a in c["services"]["demo"]["healthcheck"]["test"][2:]]
+    for name in harness.SERVICES:
+        args = [a.replace(f"127.0.0.1:{ports[name]}", f"127.0.0.1:{services.ports[name]}") for a in args]
+    assert len(args) == len(harness.SERVICES)
+    assert subprocess.run(["sh", str(script), *args], timeout=30).returncode == 0
+    assert subprocess.run(["sh", str(script), *args, f"127.0.0.1:{harness.free_port()}"], timeout=30).returncode != 0
