@@ -561,3 +561,29 @@ def test_compose_health_checks_work_against_real_processes(services, envoy_facto
     assert len(args) == len(harness.SERVICES)
     assert subprocess.run(["sh", str(script), *args], timeout=30).returncode == 0
     assert subprocess.run(["sh", str(script), *args, f"127.0.0.1:{harness.free_port()}"], timeout=30).returncode != 0
+
+
+def test_compose_demo_command_starts_the_demo_services(tmp_path):
+    """The demo container's command line, given to the demo binary here (free ports, and the
+    container paths mapped back to the repository), serves the three services and the JWKS."""
+    demo = compose()["services"]["demo"]
+    ports = {name: harness.free_port() for name in harness.SERVICES}
+    args = []
+    for arg in demo["command"]:
+        mapped = host_path(demo, arg) if arg.startswith("/") else None
+        if mapped is not None:
+            arg = str(mapped)
+        for name in harness.SERVICES:
+            arg = re.sub(rf"^{name}=127\.0\.0\.1:\d+$", f"{name}=127.0.0.1:{ports[name]}", arg)
+        args.append(arg)
+    log = open(tmp_path / "demo.log", "wb")
+    proc = subprocess.Popen([str(harness.demo_binary()), *args], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        for name, port in ports.items():
+            harness.wait_for(lambda p=port: harness.http(p, "GET", "/healthz", timeout=1).status == 200, 15,
+                             f"demo {name} on {port}")
+        jwks = harness.http(ports["users"], "GET", "/.well-known/jwks.json")
+        assert jwks.status == 200 and jwks.json()["keys"], jwks
+    finally:
+        proc.terminate()
+        proc.wait(10)
