@@ -70,14 +70,33 @@ scenarios:
   - name: refused config
     kind: tollgate
     filters: [{module: probe, config: {no_such_field: 1}}]
+- id: mini
+  title: A Tollgate variant beside a native one
+  request: {path: /bench, headers: {x-api-key: right}}
+  variants:
+  - name: native api key
+    kind: native
+    http_filters:
+    - name: envoy.filters.http.api_key_auth
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.filters.http.api_key_auth.v3.ApiKeyAuth
+        credentials: [{key: right, client: c}]
+        key_sources: [{header: x-api-key}]
+  - name: probe as tollgate
+    kind: tollgate
+    filters: [{module: probe, config: {}}]
 """)
-    md, data, _ = run_bench(tmp_path, "--scenarios", str(scen), "--only", "broken")
+    md, data, _ = run_bench(tmp_path, "--scenarios", str(scen), "--only", "broken", "--only", "mini")
     vs = variants(data)
     refused = vs[("broken", "api key refused")]
     assert refused["failure"] and "401" in refused["failure"], refused
     assert "n/a: not built" in vs[("broken", "not built")]["skip"]
     assert "n/a: gateway refused" in vs[("broken", "refused config")]["skip"]
     assert "n/a: not built" in md and "failed: warm-up" in md
+    # a working Tollgate variant gets its row in the summary, compared with the scenario's native one
+    assert vs[("mini", "probe as tollgate")]["failure"] is None
+    assert "## Summary: Tollgate vs the native equivalent" in md
+    assert "| mini | probe as tollgate | native api key |" in md
 
 
 def test_open_loop_latency_counts_the_queue(services):
