@@ -195,6 +195,24 @@ def test_optional_calls_failing_timing_out_or_answering_garbage(services, envoy_
     assert envoy.stat("tollgate.aggregate.ep.opt.partial") == 1
 
 
+def test_huge_answers_fail_as_too_large_and_the_vm_survives(services, envoy_factory):
+    """8 MB answers against the default 1 MiB limit: the adapter copies only the limit plus one
+    byte into the VM, the calls fail as too_large, and the VM keeps serving."""
+    envoy = start(envoy_factory, services, [{
+        "match": DASH_MATCH, "errors": True,
+        "calls": [call("a", "products", "/products/1?size=8000000"),
+                  call("b", "orders", "/orders/1?size=8000000"),
+                  call("user", "users", "/users/{user}")]}])
+    for _ in range(2):
+        r = envoy.get("/api/dashboard/1", timeout=30)
+        assert r.status == 200 and r.header("x-aggregate-complete") == "false", r
+        errors = {e["call"]: e for e in r.json()["errors"]}
+        assert set(errors) == {"a", "b"}
+        assert errors["a"]["error"] == "too_large" and "1048576 bytes" in errors["a"]["detail"], errors
+        assert r.json()["user"]["id"] == 1
+    assert "panicked" not in envoy.log() and "Wasm VM failed" not in envoy.log()
+
+
 def test_unknown_cluster_and_refused_connection_are_unreachable_not_a_status(services, envoy_factory):
     envoy = envoy_factory(filters=agg([{
         "match": DASH_MATCH, "errors": True,

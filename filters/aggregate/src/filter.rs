@@ -273,9 +273,9 @@ fn classify(
     if response.body.len() > call.max_response_bytes {
         return Err(with_status(
             FailKind::TooLarge,
+            // The adapter copies at most one byte over the limit into the VM.
             format!(
-                "answer of {} bytes is over the limit of {}",
-                response.body.len(),
+                "the answer is over the limit of {} bytes",
                 call.max_response_bytes
             ),
         ));
@@ -983,6 +983,13 @@ impl HttpFilter for AggregateFilter {
         self.advance(host)
     }
 
+    fn call_body_limit(&self, token: u32) -> Option<usize> {
+        let active = self.active.as_ref()?;
+        let i = *active.tokens.get(&token)?;
+        let call = endpoint(&self.shared, active.rule)?.calls.get(i)?;
+        Some(call.max_response_bytes)
+    }
+
     fn on_wake(&mut self, host: &mut dyn Host, reason: u32) -> Decision {
         let shared = self.shared.clone();
         let Some(active) = self.active.as_ref() else {
@@ -1462,6 +1469,34 @@ mod tests {
         h.advance(Duration::from_millis(300));
         assert_eq!(f.on_wake(&mut h, 1), Decision::Pause);
         assert_eq!(h.calls[1].timeout, Duration::from_millis(700));
+    }
+
+    #[test]
+    fn hostile_answers_fail_cleanly() {
+        let (agg, _host) = root(DASH);
+        let call = &endpoint(&agg.shared, 0).unwrap().calls[1];
+        let t = Duration::from_secs(1);
+        let short = Duration::from_millis(5);
+        // Nesting deeper than serde_json's recursion limit (128) is refused, not a stack overflow.
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        let f = classify(call, &ok(&deep, None), short, t).unwrap_err();
+        assert_eq!(f.kind, FailKind::NotJson, "{}", f.detail);
+        assert!(f.detail.contains("recursion"), "{}", f.detail);
+        // Over the size limit: refused before parsing.
+        let big = format!("[{}1]", "1,".repeat(600_000));
+        let f = classify(call, &ok(&big, None), short, t).unwrap_err();
+        assert_eq!(f.kind, FailKind::TooLarge);
+        // The adapter is told to copy no more than the limit (plus one byte) into the VM.
+        let (r2, host) = root(DASH);
+        let mut h = host.next_request("GET", "/api/dashboard/7", &[]);
+        let mut f = r2.create_filter(5);
+        f.on_request_headers(&mut h, true);
+        assert_eq!(f.call_body_limit(h.calls[1].token), Some(1 << 20));
+        assert_eq!(f.call_body_limit(9999), None);
+        // Just under the recursion limit still parses and shapes.
+        let fine = format!("{}{}", "[".repeat(100), "]".repeat(100));
+        let part = classify(call, &ok(&fine, None), short, t).unwrap();
+        let _ = shape_answer(call, &part.value);
     }
 
     #[test]

@@ -192,20 +192,37 @@ fn send_reply(reply: &LocalReply) {
     }
 }
 
-fn call_response(num_headers: usize, body_size: usize) -> CallResponse {
+/// Read a callout answer. With `limit`, at most `limit + 1` bytes of the body are copied into
+/// the VM (so that the filter can tell it was too large without a huge answer filling the VM's
+/// memory).
+fn call_response(num_headers: usize, body_size: usize, limit: Option<usize>) -> CallResponse {
     let host = ProxyWasmHost;
     let headers = if num_headers > 0 {
         host.headers(MapKind::CallResponseHeaders)
     } else {
         Vec::new()
     };
-    let body = if body_size > 0 {
-        host.body(Body::CallResponse, 0, body_size)
-            .unwrap_or_default()
+    let take = match limit {
+        Some(l) => body_size.min(l.saturating_add(1)),
+        None => body_size,
+    };
+    let body = if take > 0 {
+        host.body(Body::CallResponse, 0, take).unwrap_or_default()
     } else {
         Vec::new()
     };
     CallResponse { headers, body }
+}
+
+/// The body limit asked for by the HTTP context that will get the answer to `token`: the woken
+/// request that started the call, if it was one, else `own`.
+fn call_body_limit(token: u32, own: Option<&dyn Wakeable>) -> Option<usize> {
+    match CALL_OWNERS.with(|m| m.borrow().get(&token).copied()) {
+        Some(owner) => CONTEXTS
+            .with(|m| m.borrow().get(&owner).and_then(Weak::upgrade))
+            .and_then(|t| t.call_body_limit(token)),
+        None => own.and_then(|t| t.call_body_limit(token)),
+    }
 }
 
 thread_local! {
@@ -224,6 +241,7 @@ thread_local! {
 trait Wakeable {
     fn wake(&self, reason: u32);
     fn call_response(&self, token: u32, response: CallResponse);
+    fn call_body_limit(&self, token: u32) -> Option<usize>;
 }
 
 fn record_call_owner(token: u32) {
@@ -301,7 +319,8 @@ impl<R: RootFilter> Context for RootAdapter<R> {
         _: usize,
     ) {
         self.enter();
-        let response = call_response(num_headers, body_size);
+        let limit = call_body_limit(token, None);
+        let response = call_response(num_headers, body_size, limit);
         if let Err(response) = forward_call_response(token, response) {
             self.root
                 .on_call_response(&mut ProxyWasmHost, token, response);
@@ -436,6 +455,13 @@ impl<F: HttpFilter> Wakeable for HttpInner<F> {
         };
         self.act_async(d);
     }
+
+    fn call_body_limit(&self, token: u32) -> Option<usize> {
+        self.filter
+            .try_borrow()
+            .ok()
+            .and_then(|f| f.call_body_limit(token))
+    }
 }
 
 /// Drives one [`HttpFilter`] from proxy-wasm's HTTP context.
@@ -465,7 +491,8 @@ impl<F: HttpFilter> Context for HttpAdapter<F> {
         _: usize,
     ) {
         self.enter();
-        let response = call_response(num_headers, body_size);
+        let limit = call_body_limit(token, Some(self.inner.as_ref() as &dyn Wakeable));
+        let response = call_response(num_headers, body_size, limit);
         if let Err(response) = forward_call_response(token, response) {
             self.inner.call_response(token, response);
         }

@@ -78,6 +78,12 @@ pub trait HttpFilter {
     ) -> Decision {
         Decision::Continue
     }
+    /// The largest body of the answer to callout `token` this filter wants: a longer body is
+    /// cut to `limit + 1` bytes before it is copied into the VM, so the filter sees that it is
+    /// too large without a huge answer filling the VM's memory. Default: no limit.
+    fn call_body_limit(&self, _token: u32) -> Option<usize> {
+        None
+    }
     /// Another context (usually the root, for example when a key fetch this request waits
     /// for has finished, or on a timer in `on_tick`) woke this request with [`Host::wake`].
     /// Decisions are applied as for callout answers: `Continue` resumes a paused stream.
