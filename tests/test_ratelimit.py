@@ -49,6 +49,7 @@ CONFIG = {
         lim("shadow", 2, "1h", ["consumer"], shadow=True),
         lim("evict", 1, "1h", ["client_ip"], slots=8),
         lim("k-shared", 2, "1h", ["api_key"], missing_key="shared"),
+        lim("writes", 2, "1h", ["route"]),
     ],
     "routes": [
         route("exact", ["exact"]),
@@ -70,6 +71,9 @@ CONFIG = {
         route("shadow", ["shadow"]),
         route("evict", ["evict"]),
         route("k-shared", ["k-shared"]),
+        # The filter reads :method and :authority only because this route matches on them.
+        {"match": {"prefix": "/api/users/echo/writes", "methods": ["POST"], "hosts": ["127.0.0.1"]},
+         "limits": ["writes"]},
     ],
 }
 
@@ -271,6 +275,16 @@ def test_missing_key_shared_counts_all_keyless_requests_together(envoy):
     assert [envoy.get(path("k-shared"), {"x-forwarded-for": f"192.0.2.{i}"}).status
             for i in range(3)] == [200, 200, 429]
     assert envoy.get(path("k-shared"), {"x-api-key": "own-key"}).status == 200
+
+
+def test_routes_on_method_and_host(envoy):
+    """A rule for POST to host 127.0.0.1 (the authority is 127.0.0.1:<port>: the port does not
+    count): other methods pass unlimited."""
+    assert [envoy.get(path("writes")).status for _ in range(4)] == [200] * 4
+    rs = [envoy.request("POST", path("writes"), {}, b"{}") for _ in range(3)]
+    assert [r.status for r in rs] == [200, 200, 429], rs
+    check_refused(rs[2], "writes")
+    assert envoy.request("PUT", path("writes"), {}, b"{}").status == 200
 
 
 def test_plans(envoy):

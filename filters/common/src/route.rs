@@ -272,6 +272,18 @@ impl RouteMatch {
         }
     }
 
+    /// It looks at the request's method (it lists methods): a filter whose routes never do
+    /// need not read `:method`.
+    pub fn uses_method(&self) -> bool {
+        !self.methods.is_empty()
+    }
+
+    /// It looks at the request's host (it lists hosts): a filter whose routes never do need
+    /// not read `:authority`.
+    pub fn uses_host(&self) -> bool {
+        !self.hosts.is_empty()
+    }
+
     /// The names of the template variables (empty for other path kinds).
     pub fn variables(&self) -> Vec<&str> {
         match &self.path {
@@ -368,6 +380,19 @@ mod tests {
 
     fn req(method: &str, host: &str, path: &str) -> RequestInfo {
         RequestInfo::new(method, host, path)
+    }
+
+    #[test]
+    fn what_a_match_looks_at() {
+        for (json, method, host) in [
+            (r#"{}"#, false, false),
+            (r#"{"prefix":"/api/"}"#, false, false),
+            (r#"{"methods":["GET"]}"#, true, false),
+            (r#"{"hosts":["*.a.com"],"exact":"/x"}"#, false, true),
+        ] {
+            let m = rm(json).unwrap();
+            assert_eq!((m.uses_method(), m.uses_host()), (method, host), "{json}");
+        }
     }
 
     #[test]

@@ -246,6 +246,11 @@ pub struct Limit {
     pub metric_names: [String; 5],
     /// It reads the consumer or plan header (key, plans or `applies_to`).
     pub uses_client: bool,
+    /// Its `RateLimit-Policy` items, `"<name>";q=<quota>;w=<window>`, written at load: index 0
+    /// for its own parameters, `i + 1` for `plans[i]` (see [`Limit::plan_index`]).
+    pub policies: Vec<String>,
+    /// The start of its `RateLimit` item: `"<name>";r=`.
+    pub state_prefix: String,
 }
 
 /// A per-limit metric.
@@ -271,7 +276,21 @@ impl Limit {
 
     /// The parameters for a plan (the limit's own for no plan or an unknown one).
     pub fn params_for(&self, plan: Option<&str>) -> &Params {
-        plan.and_then(|p| self.plans.iter().find(|(n, _)| n == p))
+        self.params_at(self.plan_index(plan))
+    }
+
+    /// Which parameters a plan uses: 0 the limit's own (no plan, or an unknown one), `i + 1`
+    /// those of `plans[i]`.
+    pub fn plan_index(&self, plan: Option<&str>) -> usize {
+        plan.and_then(|p| self.plans.iter().position(|(n, _)| n == p))
+            .map_or(0, |i| i + 1)
+    }
+
+    /// The parameters at a [`Limit::plan_index`].
+    pub fn params_at(&self, index: usize) -> &Params {
+        index
+            .checked_sub(1)
+            .and_then(|i| self.plans.get(i))
             .map_or(&self.params, |(_, params)| params)
     }
 }
@@ -320,6 +339,10 @@ pub struct Config {
     pub headers: HeaderMode,
     /// Failure mode.
     pub failure_mode: FailureMode,
+    /// Some route matches on the method: `:method` must be read.
+    pub needs_method: bool,
+    /// Some route matches on the host: `:authority` must be read.
+    pub needs_host: bool,
 }
 
 impl Config {
@@ -471,7 +494,14 @@ fn compile_limit(i: usize, raw: RawLimit) -> Result<Limit, ConfigError> {
         || key
             .iter()
             .any(|k| matches!(k, KeySource::Consumer | KeySource::Plan));
+    let policy = |p: &Params| format!("\"{}\";q={};w={}", raw.name, p.quota, p.window_secs());
+    let policies = std::iter::once(&base)
+        .chain(plans.iter().map(|(_, p)| p))
+        .map(policy)
+        .collect();
     Ok(Limit {
+        policies,
+        state_prefix: format!("\"{}\";r=", raw.name),
         table: Table::new(&raw.name, kind, raw.slots),
         metric_names: [
             "allowed",
@@ -550,6 +580,8 @@ fn compile(raw: RawConfig) -> Result<Config, ConfigError> {
         });
     }
     Ok(Config {
+        needs_method: routes.iter().any(|r: &Route| r.route.uses_method()),
+        needs_host: routes.iter().any(|r: &Route| r.route.uses_host()),
         limits,
         routes: Rules(routes),
         consumer_header: header_name("consumer_header", &raw.consumer_header)?,
@@ -612,6 +644,14 @@ mod tests {
         assert_eq!(l.params_for(Some("gold")).window_us, 3600 * MICROS);
         assert_eq!(l.params_for(Some("nope")).quota, 10);
         assert_eq!(l.params_for(None).quota, 10);
+        // plans are kept sorted by name: gold, pro
+        assert_eq!(l.plan_index(Some("pro")), 2);
+        assert_eq!(l.plan_index(Some("nope")), 0);
+        assert_eq!(
+            l.policies[l.plan_index(Some("gold"))],
+            "\"per-consumer\";q=5000;w=3600"
+        );
+        assert_eq!(l.policies[0], "\"per-consumer\";q=10;w=60");
         assert_eq!(c.limits[1].key[1], KeySource::Header("x-tenant".into()));
         assert_eq!(c.limits[1].table.buckets(), 128);
         assert_eq!(c.limits[1].table.key(0), "tollgate.ratelimit:daily:f:128:0");

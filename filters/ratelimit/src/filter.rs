@@ -6,17 +6,20 @@
 //! (each take is itself a read-decide-CAS on shared data, so it is exact across workers). A
 //! refused request takes nothing. With one limit the take is the only phase.
 
+use std::fmt::Write as _;
 use std::rc::Rc;
 use std::time::UNIX_EPOCH;
 
 use tollgate_common::metrics::Metrics;
 use tollgate_common::route::RequestInfo;
-use tollgate_common::{ConfigError, Decision, Host, HttpFilter, MapKind, Problem, RootFilter};
+use tollgate_common::{
+    ConfigError, Decision, Host, HttpFilter, MapKind, MetricKind, Problem, RootFilter,
+};
 
 use crate::algo::{evaluate, Outcome, Params};
 use crate::config::{AppliesTo, Config, FailureMode, HeaderMode, Limit, LimitMetric};
-use crate::keys::{self, Client, ClientKey};
-use crate::table::StoreError;
+use crate::keys::{self, Client};
+use crate::table::{push_u64, StoreError};
 
 /// Problem type of 429 answers (draft-ietf-httpapi-ratelimit-headers-10).
 pub const QUOTA_EXCEEDED: &str = "https://iana.org/assignments/http-problem-types#quota-exceeded";
@@ -36,8 +39,62 @@ pub struct RateLimitRoot {
 pub struct Shared {
     /// The compiled configuration.
     pub config: Config,
-    /// The filter's metrics.
+    /// The filter's metrics (gauges set at load).
     pub metrics: Metrics,
+    /// Ids of the counters, defined at load: a request increments by id (no name lookup).
+    ids: Ids,
+}
+
+/// Counter ids: the totals (indexed by [`Total`]) and each limit's (by [`LimitMetric`]).
+#[derive(Debug, Default)]
+struct Ids {
+    totals: [Option<u32>; 8],
+    limits: Vec<[Option<u32>; 5]>,
+}
+
+/// A total counter (index into [`TOTALS`]).
+#[derive(Debug, Clone, Copy)]
+enum Total {
+    Requests = 0,
+    Skipped = 1,
+    Allowed = 2,
+    Limited = 3,
+    ShadowLimited = 4,
+    Failures = 5,
+    CasExhausted = 6,
+    Evictions = 7,
+}
+
+impl Ids {
+    fn define(host: &mut dyn Host, metrics: &Metrics, config: &Config) -> Ids {
+        let mut define = |name: &str| {
+            host.define_metric(MetricKind::Counter, &metrics.full_name(name))
+                .ok()
+        };
+        Ids {
+            totals: TOTALS.map(&mut define),
+            limits: config
+                .limits
+                .iter()
+                .map(|l| {
+                    let n = &l.metric_names;
+                    [&n[0], &n[1], &n[2], &n[3], &n[4]].map(|m| define(m))
+                })
+                .collect(),
+        }
+    }
+
+    fn count(&self, host: &mut dyn Host, total: Total) {
+        if let Some(Some(id)) = self.totals.get(total as usize) {
+            host.increment_metric(*id, 1);
+        }
+    }
+
+    fn count_limit(&self, host: &mut dyn Host, limit: usize, m: LimitMetric) {
+        if let Some(Some(id)) = self.limits.get(limit).and_then(|ids| ids.get(m as usize)) {
+            host.increment_metric(*id, 1);
+        }
+    }
 }
 
 const TOTALS: [&str; 8] = [
@@ -61,6 +118,7 @@ impl RootFilter for RateLimitRoot {
             shared: Rc::new(Shared {
                 config: Config::default(),
                 metrics: Metrics::new("ratelimit"),
+                ids: Ids::default(),
             }),
         }
     }
@@ -68,15 +126,10 @@ impl RootFilter for RateLimitRoot {
     fn configure(&mut self, host: &mut dyn Host, configuration: &[u8]) -> Result<(), ConfigError> {
         let config = Config::parse(configuration)?;
         let metrics = Metrics::new("ratelimit");
-        for m in TOTALS {
-            metrics.count(host, m, 0);
-        }
+        let ids = Ids::define(host, &metrics, &config);
         let mut keys = 0u64;
         let mut bound = 0usize;
         for limit in &config.limits {
-            for m in &limit.metric_names {
-                metrics.count(host, m, 0);
-            }
             // Every bucket exists before traffic, so that every update is guarded by a CAS.
             if let Err(e) = limit.table.allocate(host) {
                 log::warn!(
@@ -96,7 +149,11 @@ impl RootFilter for RateLimitRoot {
             config.limits.len(),
             config.routes.0.len()
         );
-        self.shared = Rc::new(Shared { config, metrics });
+        self.shared = Rc::new(Shared {
+            config,
+            metrics,
+            ids,
+        });
         Ok(())
     }
 
@@ -115,7 +172,7 @@ pub struct RateLimitFilter {
     context_id: u32,
     shared: Rc<Shared>,
     /// Headers to add to the response of an admitted request.
-    response_headers: Vec<(String, String)>,
+    response_headers: Vec<(&'static str, String)>,
     /// This filter answered the request itself.
     replied: bool,
 }
@@ -123,13 +180,24 @@ pub struct RateLimitFilter {
 /// One limit to check for this request.
 struct Check {
     limit: usize,
-    key: ClientKey,
+    /// Hash of the client key.
+    key: u64,
+    /// Which parameters (see [`Limit::plan_index`]).
+    plan: usize,
     params: Params,
+}
+
+/// What the key of a limit is built from, to rebuild it with its label for a warning.
+struct KeyCtx<'a> {
+    client: &'a Client,
+    req: &'a RequestInfo,
+    route_name: &'a str,
 }
 
 /// What one limit said.
 struct Verdict {
     limit: usize,
+    plan: usize,
     params: Params,
     outcome: Outcome,
 }
@@ -152,6 +220,7 @@ impl RateLimitFilter {
         &self,
         host: &mut dyn Host,
         check: &Check,
+        ctx: &KeyCtx<'_>,
         now: u64,
         cost: u64,
         take: bool,
@@ -159,7 +228,7 @@ impl RateLimitFilter {
         let Some(limit) = self.limit(check.limit) else {
             return Err(StoreError::CasExhausted);
         };
-        let slot = limit.table.slot(check.key.hash);
+        let slot = limit.table.slot(check.key);
         let params = check.params;
         let updated = limit.table.update(host, slot, now, |state| {
             let o = evaluate(&params, state, now, cost);
@@ -170,18 +239,32 @@ impl RateLimitFilter {
             };
             (write, o)
         })?;
-        let m = &self.shared.metrics;
+        let ids = &self.shared.ids;
         if updated.evicted {
-            m.count(host, "evictions", 1);
-            m.count(host, limit.metric(LimitMetric::Evicted), 1);
+            ids.count(host, Total::Evictions);
+            ids.count_limit(host, check.limit, LimitMetric::Evicted);
         }
         let o = updated.value;
-        if !o.admitted && o.warn {
+        if !o.admitted && o.warn && log::log_enabled!(log::Level::Warn) {
+            // The label (safe to log) is built only here: once per key and period.
+            let config = &self.shared.config;
+            let label = keys::build(
+                host,
+                config,
+                &limit.name,
+                &limit.key,
+                limit.missing_key,
+                ctx.client,
+                ctx.req,
+                ctx.route_name,
+            )
+            .map(|k| k.label)
+            .unwrap_or_default();
             log::warn!(
                 "[{}] rate limit `{}` crossed by {}: {} per {}s{}",
                 self.context_id,
                 limit.name,
-                check.key.label,
+                label,
                 params.quota,
                 params.window_secs(),
                 if limit.shadow {
@@ -199,13 +282,11 @@ impl RateLimitFilter {
         let shared = self.shared.clone();
         let limit = shared.config.limits.get(check.limit);
         let name = limit.map_or("?", |l| l.name.as_str());
-        let m = &shared.metrics;
-        m.count(host, "failures", 1);
+        let ids = &shared.ids;
+        ids.count(host, Total::Failures);
         if *e == StoreError::CasExhausted {
-            m.count(host, "cas_exhausted", 1);
-            if let Some(l) = limit {
-                m.count(host, l.metric(LimitMetric::CasExhausted), 1);
-            }
+            ids.count(host, Total::CasExhausted);
+            ids.count_limit(host, check.limit, LimitMetric::CasExhausted);
         }
         let mode = self.shared.config.failure_mode;
         log::warn!(
@@ -233,38 +314,44 @@ impl RateLimitFilter {
     }
 
     /// Rate limit headers for these verdicts (enforced limits only).
-    fn rate_headers(&self, verdicts: &[&Verdict]) -> Vec<(String, String)> {
+    fn rate_headers(&self, verdicts: &[&Verdict]) -> Vec<(&'static str, String)> {
         let mode: HeaderMode = self.shared.config.headers;
         let mut out = Vec::new();
         if verdicts.is_empty() {
             return out;
         }
-        let name = |v: &Verdict| self.limit(v.limit).map_or("", |l| l.name.as_str());
         if mode.draft() {
-            let policy: Vec<String> = verdicts
-                .iter()
-                .map(|v| {
-                    format!(
-                        "\"{}\";q={};w={}",
-                        name(v),
-                        v.params.quota,
-                        v.params.window_secs()
-                    )
-                })
-                .collect();
-            let state: Vec<String> = verdicts
-                .iter()
-                .map(|v| {
-                    format!(
-                        "\"{}\";r={};t={}",
-                        name(v),
-                        v.outcome.remaining,
-                        v.outcome.reset_secs()
-                    )
-                })
-                .collect();
-            out.push(("ratelimit-policy".into(), policy.join(", ")));
-            out.push(("ratelimit".into(), state.join(", ")));
+            // Written without `format!`: the items of the policy were written at load, and the
+            // numbers of the state are appended digit by digit.
+            let mut policy = String::with_capacity(40 * verdicts.len());
+            let mut state = String::with_capacity(40 * verdicts.len());
+            for (i, v) in verdicts.iter().enumerate() {
+                let Some(limit) = self.limit(v.limit) else {
+                    continue;
+                };
+                if i > 0 {
+                    policy.push_str(", ");
+                    state.push_str(", ");
+                }
+                match limit.policies.get(v.plan) {
+                    Some(item) => policy.push_str(item),
+                    None => {
+                        let _ = write!(
+                            policy,
+                            "\"{}\";q={};w={}",
+                            limit.name,
+                            v.params.quota,
+                            v.params.window_secs()
+                        );
+                    }
+                }
+                state.push_str(&limit.state_prefix);
+                push_u64(&mut state, v.outcome.remaining);
+                state.push_str(";t=");
+                push_u64(&mut state, v.outcome.reset_secs());
+            }
+            out.push(("ratelimit-policy", policy));
+            out.push(("ratelimit", state));
         }
         if mode.legacy() {
             // The most restrictive limit: least remaining, then the latest reset.
@@ -274,33 +361,34 @@ impl RateLimitFilter {
                     std::cmp::Reverse(v.outcome.reset_secs()),
                 )
             }) {
-                out.push(("x-ratelimit-limit".into(), v.params.quota.to_string()));
-                out.push((
-                    "x-ratelimit-remaining".into(),
-                    v.outcome.remaining.to_string(),
-                ));
-                out.push((
-                    "x-ratelimit-reset".into(),
-                    v.outcome.reset_secs().to_string(),
-                ));
+                out.push(("x-ratelimit-limit", v.params.quota.to_string()));
+                out.push(("x-ratelimit-remaining", v.outcome.remaining.to_string()));
+                out.push(("x-ratelimit-reset", v.outcome.reset_secs().to_string()));
             }
         }
         out
     }
 
-    fn shadow_header(&self, verdicts: &[Verdict]) -> Option<(String, String)> {
+    fn shadow_header(&self, verdicts: &[Verdict]) -> Option<(&'static str, String)> {
         let names: Vec<&str> = verdicts
             .iter()
             .filter(|v| !v.outcome.admitted && !self.enforced(v))
             .filter_map(|v| self.limit(v.limit).map(|l| l.name.as_str()))
             .collect();
-        (!names.is_empty()).then(|| (SHADOW_HEADER.to_string(), names.join(", ")))
+        (!names.is_empty()).then(|| (SHADOW_HEADER, names.join(", ")))
     }
 
     /// Count the final verdicts.
     fn count(&self, host: &mut dyn Host, verdicts: &[Verdict], refused: bool) {
-        let m = &self.shared.metrics;
-        m.count(host, if refused { "limited" } else { "allowed" }, 1);
+        let ids = &self.shared.ids;
+        ids.count(
+            host,
+            if refused {
+                Total::Limited
+            } else {
+                Total::Allowed
+            },
+        );
         let mut shadow = false;
         for v in verdicts {
             let Some(limit) = self.limit(v.limit) else {
@@ -315,14 +403,14 @@ impl RateLimitFilter {
                 (true, _) if !refused => LimitMetric::Allowed,
                 (true, _) => continue,
             };
-            m.count(host, limit.metric(metric), 1);
+            ids.count_limit(host, v.limit, metric);
         }
         if shadow {
-            m.count(host, "shadow_limited", 1);
+            ids.count(host, Total::ShadowLimited);
         }
     }
 
-    fn refuse(&mut self, host: &mut dyn Host, verdicts: &[Verdict]) -> Decision {
+    fn refuse(&mut self, host: &mut dyn Host, verdicts: &[Verdict], path: &str) -> Decision {
         self.count(host, verdicts, true);
         let refusing: Vec<&Verdict> = verdicts
             .iter()
@@ -349,8 +437,7 @@ impl RateLimitFilter {
                 )
             })
             .unwrap_or_default();
-        let path = host.path();
-        let instance = path.split('?').next().unwrap_or("").to_string();
+        let instance = path.to_string();
         let mut reply = Problem::new(429)
             .typed(QUOTA_EXCEEDED, QUOTA_EXCEEDED_TITLE)
             .detail(detail)
@@ -382,16 +469,32 @@ impl HttpFilter for RateLimitFilter {
     fn on_request_headers(&mut self, host: &mut dyn Host, _end_of_stream: bool) -> Decision {
         let shared = self.shared.clone();
         let config = &shared.config;
-        let req = RequestInfo::from_host(host);
+        let ids = &shared.ids;
+        if config.routes.0.is_empty() {
+            ids.count(host, Total::Requests);
+            return Decision::Continue;
+        }
+        // Only what the routes match on is read (each read is a host call).
+        let method = if config.needs_method {
+            host.method()
+        } else {
+            String::new()
+        };
+        let authority = if config.needs_host {
+            host.authority()
+        } else {
+            String::new()
+        };
+        let req = RequestInfo::new(&method, &authority, &host.path());
         let Some((route, _)) = config.routes.find(&req) else {
-            shared.metrics.count(host, "requests", 1);
+            ids.count(host, Total::Requests);
             return Decision::Continue;
         };
         if route.disabled {
-            shared.metrics.count(host, "skipped", 1);
+            ids.count(host, Total::Skipped);
             return Decision::Continue;
         }
-        shared.metrics.count(host, "requests", 1);
+        ids.count(host, Total::Requests);
         let client = if route.uses_client {
             Client::read(host, config)
         } else {
@@ -410,7 +513,7 @@ impl HttpFilter for RateLimitFilter {
                 if !applies {
                     return None;
                 }
-                let key = keys::build(
+                let key = keys::hash(
                     host,
                     config,
                     &limit.name,
@@ -420,26 +523,34 @@ impl HttpFilter for RateLimitFilter {
                     &req,
                     &route.name,
                 )?;
+                let plan = limit.plan_index(client.plan.as_deref());
                 Some(Check {
                     limit: id,
                     key,
-                    params: *limit.params_for(client.plan.as_deref()),
+                    plan,
+                    params: *limit.params_at(plan),
                 })
             })
             .collect();
         if checks.is_empty() {
             return Decision::Continue;
         }
+        let ctx = KeyCtx {
+            client: &client,
+            req: &req,
+            route_name: &route.name,
+        };
         let now = now_us(host);
         let cost = route.cost;
 
         // Phase 1 (several limits): would every enforced limit admit? Nothing is taken.
         if checks.len() > 1 {
-            let mut verdicts = Vec::new();
+            let mut verdicts = Vec::with_capacity(checks.len());
             for check in &checks {
-                match self.run(host, check, now, cost, false) {
+                match self.run(host, check, &ctx, now, cost, false) {
                     Ok(outcome) => verdicts.push(Verdict {
                         limit: check.limit,
+                        plan: check.plan,
                         params: check.params,
                         outcome,
                     }),
@@ -454,16 +565,17 @@ impl HttpFilter for RateLimitFilter {
                 .iter()
                 .any(|v| !v.outcome.admitted && self.enforced(v))
             {
-                return self.refuse(host, &verdicts);
+                return self.refuse(host, &verdicts, &req.path);
             }
         }
 
         // Phase 2: take the units from each limit (exact: read, decide, CAS-write).
-        let mut verdicts = Vec::new();
+        let mut verdicts = Vec::with_capacity(checks.len());
         for check in &checks {
-            match self.run(host, check, now, cost, true) {
+            match self.run(host, check, &ctx, now, cost, true) {
                 Ok(outcome) => verdicts.push(Verdict {
                     limit: check.limit,
+                    plan: check.plan,
                     params: check.params,
                     outcome,
                 }),
@@ -478,7 +590,7 @@ impl HttpFilter for RateLimitFilter {
             .iter()
             .any(|v| !v.outcome.admitted && self.enforced(v))
         {
-            return self.refuse(host, &verdicts);
+            return self.refuse(host, &verdicts, &req.path);
         }
         self.admit(host, &verdicts)
     }
@@ -486,7 +598,7 @@ impl HttpFilter for RateLimitFilter {
     fn on_response_headers(&mut self, host: &mut dyn Host, _end_of_stream: bool) -> Decision {
         if !self.replied {
             for (k, v) in std::mem::take(&mut self.response_headers) {
-                host.set_header(MapKind::ResponseHeaders, &k, &v);
+                host.set_header(MapKind::ResponseHeaders, k, &v);
             }
         }
         Decision::Continue

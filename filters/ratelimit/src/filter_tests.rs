@@ -348,3 +348,182 @@ fn a_million_clients_keep_memory_bounded() {
     assert_eq!(gw.host.shared.len(), keys);
     assert!(gw.metric("evictions").unwrap() > 90_000);
 }
+
+/// A host that counts the calls a request makes (each is a crossing of the wasm boundary in
+/// Envoy, the main cost of the filter).
+struct Counting<'a> {
+    inner: &'a mut MemHost,
+    calls: std::cell::RefCell<Vec<&'static str>>,
+}
+
+impl Counting<'_> {
+    fn note(&self, what: &'static str) {
+        self.calls.borrow_mut().push(what);
+    }
+}
+
+impl Host for Counting<'_> {
+    fn header(&self, map: MapKind, name: &str) -> Option<String> {
+        self.note("header");
+        self.inner.header(map, name)
+    }
+    fn headers(&self, map: MapKind) -> Vec<(String, String)> {
+        self.note("headers");
+        self.inner.headers(map)
+    }
+    fn set_header(&mut self, map: MapKind, name: &str, value: &str) {
+        self.note("set_header");
+        self.inner.set_header(map, name, value)
+    }
+    fn add_header(&mut self, map: MapKind, name: &str, value: &str) {
+        self.note("add_header");
+        self.inner.add_header(map, name, value)
+    }
+    fn remove_header(&mut self, map: MapKind, name: &str) {
+        self.note("remove_header");
+        self.inner.remove_header(map, name)
+    }
+    fn body(&self, which: tollgate_common::Body, start: usize, max: usize) -> Option<Vec<u8>> {
+        self.note("body");
+        self.inner.body(which, start, max)
+    }
+    fn set_body(&mut self, which: tollgate_common::Body, start: usize, size: usize, data: &[u8]) {
+        self.note("set_body");
+        self.inner.set_body(which, start, size, data)
+    }
+    fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
+        self.note("property");
+        self.inner.property(path)
+    }
+    fn shared_get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, tollgate_common::HostError> {
+        self.note("shared_get");
+        self.inner.shared_get(key)
+    }
+    fn shared_set(
+        &mut self,
+        key: &str,
+        value: &[u8],
+        cas: Option<u32>,
+    ) -> Result<(), tollgate_common::SharedError> {
+        self.note("shared_set");
+        self.inner.shared_set(key, value, cas)
+    }
+    fn http_call(
+        &mut self,
+        call: &tollgate_common::HttpCall<'_>,
+    ) -> Result<u32, tollgate_common::HostError> {
+        self.note("http_call");
+        self.inner.http_call(call)
+    }
+    fn now(&self) -> std::time::SystemTime {
+        self.note("now");
+        self.inner.now()
+    }
+    fn define_metric(
+        &mut self,
+        kind: tollgate_common::MetricKind,
+        name: &str,
+    ) -> Result<u32, tollgate_common::HostError> {
+        self.note("define_metric");
+        self.inner.define_metric(kind, name)
+    }
+    fn increment_metric(&mut self, id: u32, delta: i64) {
+        self.note("increment_metric");
+        self.inner.increment_metric(id, delta)
+    }
+    fn record_metric(&mut self, id: u32, value: u64) {
+        self.note("record_metric");
+        self.inner.record_metric(id, value)
+    }
+    fn set_tick_period(&mut self, period: Duration) {
+        self.note("set_tick_period");
+        self.inner.set_tick_period(period)
+    }
+}
+
+/// Host calls of one request through both hooks (after a warm-up request, so that metrics
+/// are defined).
+fn host_calls(gw: &mut Gw, path: &str, headers: &[(&str, &str)]) -> (u16, Vec<&'static str>) {
+    gw.send(path, headers);
+    let mut h = gw.host.next_request("GET", path, headers);
+    h.set_property(&["source", "address"], "192.0.2.1:5000");
+    let mut f = gw.root.create_filter(99_999);
+    let mut c = Counting {
+        inner: &mut h,
+        calls: Default::default(),
+    };
+    let status = match f.on_request_headers(&mut c, true) {
+        Decision::Respond(r) => r.status,
+        _ => 200,
+    };
+    f.on_response_headers(&mut c, false);
+    (status, c.calls.into_inner())
+}
+
+#[test]
+fn host_calls_per_request_stay_few() {
+    // The budget of host calls (each crosses the wasm boundary in Envoy): see the
+    // "Performance" section of docs/filters/ratelimit.md.
+    let cases: &[(&str, &str, u16, usize)] = &[
+        ("{}", "/x", 200, 1),
+        (PER_IP, "/health", 200, 2),
+        (PER_IP, "/api/x", 200, 10),
+    ];
+    for (cfg, path, status, budget) in cases {
+        let mut gw = Gw::new(cfg);
+        let (s, calls) = host_calls(&mut gw, path, &[]);
+        assert_eq!(s, *status, "{path}");
+        assert!(
+            calls.len() <= *budget,
+            "{path}: {} calls: {calls:?}",
+            calls.len()
+        );
+    }
+}
+
+#[test]
+fn routes_on_methods_and_hosts_read_them() {
+    // The method and host are read only when some route matches on them.
+    let cfg = r#"{
+      "limits": [{"name":"writes","quota":1,"window":"1h","key":["client_ip"]}],
+      "routes": [{"match":{"prefix":"/api/","methods":["POST"],"hosts":["api.example.com"]},
+                  "limits":["writes"]}]
+    }"#;
+    let mut gw = Gw::new(cfg);
+    let send = |gw: &mut Gw, method: &str, host: &str| {
+        let mut h = gw.host.next_request(method, "/api/x", &[]);
+        h.set_header(MapKind::RequestHeaders, ":authority", host);
+        h.set_property(&["source", "address"], "192.0.2.1:5000");
+        let mut f = gw.root.create_filter(7);
+        match f.on_request_headers(&mut h, true) {
+            Decision::Respond(r) => r.status,
+            _ => 200,
+        }
+    };
+    assert_eq!(send(&mut gw, "GET", "api.example.com"), 200);
+    assert_eq!(send(&mut gw, "POST", "other.example.com"), 200);
+    assert_eq!(send(&mut gw, "post", "API.example.com:443"), 200);
+    assert_eq!(send(&mut gw, "POST", "api.example.com"), 429);
+    assert_eq!(gw.metric("limit.writes.allowed"), Some(1));
+    assert_eq!(gw.metric("limit.writes.limited"), Some(1));
+}
+
+#[test]
+fn numbers_are_written_like_display() {
+    for v in [
+        0,
+        1,
+        9,
+        10,
+        99,
+        100,
+        1200,
+        86_399,
+        u64::from(u32::MAX),
+        u64::MAX,
+    ] {
+        let mut s = String::from("x");
+        push_u64(&mut s, v);
+        assert_eq!(s, format!("x{v}"));
+    }
+}

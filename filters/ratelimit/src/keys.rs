@@ -86,16 +86,15 @@ pub fn client_ip(host: &dyn Host, trusted_hops: u32, ipv6_prefix: u8) -> Option<
 fn raw_client_ip(host: &dyn Host, trusted_hops: u32) -> Option<String> {
     if trusted_hops > 0 {
         if let Some(xff) = host.header(MapKind::RequestHeaders, "x-forwarded-for") {
-            let hops: Vec<&str> = xff
-                .split(',')
+            // From the right: only the trusted entries are looked at, however long the header.
+            let n = usize::try_from(trusted_hops).unwrap_or(usize::MAX);
+            if let Some(ip) = xff
+                .rsplit(',')
                 .map(str::trim)
                 .filter(|s| !s.is_empty())
-                .collect();
-            let n = trusted_hops as usize;
-            if hops.len() >= n {
-                if let Some(ip) = hops.get(hops.len() - n) {
-                    return Some(strip_port(ip).to_string());
-                }
+                .nth(n.saturating_sub(1))
+            {
+                return Some(strip_port(ip).to_string());
             }
         }
     }
@@ -105,25 +104,34 @@ fn raw_client_ip(host: &dyn Host, trusted_hops: u32) -> Option<String> {
     (!ip.is_empty()).then(|| ip.to_string())
 }
 
+/// Longest value shown in a label (a log line), in characters.
+const LABEL_VALUE_CHARS: usize = 64;
+
+/// A value cut to [`LABEL_VALUE_CHARS`] for a label (`…` marks a cut).
+fn clip(v: &str) -> String {
+    match v.char_indices().nth(LABEL_VALUE_CHARS) {
+        Some((at, _)) => format!("{}…", v.get(..at).unwrap_or("")),
+        None => v.to_string(),
+    }
+}
+
 fn short_hash(v: &str) -> String {
     format!("#{:08x}", hash_parts("label", [v.as_bytes()]) >> 32)
 }
 
-/// Build the key of a limit from its sources; `None` when a source is missing and the limit
-/// skips such requests.
+/// The value of each key source of a limit (name, value, secret); `None` when a source is
+/// missing and the limit skips such requests.
 #[allow(clippy::too_many_arguments)]
-pub fn build(
+fn values<'a>(
     host: &dyn Host,
     config: &Config,
-    limit_name: &str,
-    sources: &[KeySource],
+    sources: &'a [KeySource],
     missing: MissingKey,
     client: &Client,
     req: &RequestInfo,
     route_name: &str,
-) -> Option<ClientKey> {
-    let mut parts: Vec<String> = Vec::with_capacity(sources.len());
-    let mut label: Vec<String> = Vec::with_capacity(sources.len());
+) -> Option<Vec<(&'a str, String, bool)>> {
+    let mut out = Vec::with_capacity(sources.len());
     for source in sources {
         let header = |name: &str| {
             host.header(MapKind::RequestHeaders, name)
@@ -151,15 +159,57 @@ pub fn build(
             (None, MissingKey::Shared) => String::new(),
             (None, MissingKey::Skip) => return None,
         };
-        label.push(if secret {
-            format!("{name}={}", short_hash(&value))
-        } else {
-            format!("{name}={value}")
-        });
-        parts.push(value);
+        out.push((name, value, secret));
     }
+    Some(out)
+}
+
+/// The hash of a limit's key (what [`build`] computes, without the label): the per-request
+/// path, which needs the label only to log a warning.
+#[allow(clippy::too_many_arguments)]
+pub fn hash(
+    host: &dyn Host,
+    config: &Config,
+    limit_name: &str,
+    sources: &[KeySource],
+    missing: MissingKey,
+    client: &Client,
+    req: &RequestInfo,
+    route_name: &str,
+) -> Option<u64> {
+    let values = values(host, config, sources, missing, client, req, route_name)?;
+    Some(hash_parts(
+        limit_name,
+        values.iter().map(|(_, v, _)| v.as_bytes()),
+    ))
+}
+
+/// Build the key of a limit from its sources; `None` when a source is missing and the limit
+/// skips such requests.
+#[allow(clippy::too_many_arguments)]
+pub fn build(
+    host: &dyn Host,
+    config: &Config,
+    limit_name: &str,
+    sources: &[KeySource],
+    missing: MissingKey,
+    client: &Client,
+    req: &RequestInfo,
+    route_name: &str,
+) -> Option<ClientKey> {
+    let values = values(host, config, sources, missing, client, req, route_name)?;
+    let label: Vec<String> = values
+        .iter()
+        .map(|(name, value, secret)| {
+            if *secret {
+                format!("{name}={}", short_hash(value))
+            } else {
+                format!("{name}={}", clip(value))
+            }
+        })
+        .collect();
     Some(ClientKey {
-        hash: hash_parts(limit_name, parts.iter().map(String::as_bytes)),
+        hash: hash_parts(limit_name, values.iter().map(|(_, v, _)| v.as_bytes())),
         label: label.join(" "),
     })
 }
@@ -239,7 +289,38 @@ mod tests {
         h.set_property(&["source", "address"], "10.9.8.7:1234");
         let req = RequestInfo::from_host(&h);
         let client = Client::read(&h, &config);
-        build(&h, &config, "lim", &sources, missing, &client, &req, "api")
+        let key = build(&h, &config, "lim", &sources, missing, &client, &req, "api");
+        let hashed = hash(&h, &config, "lim", &sources, missing, &client, &req, "api");
+        assert_eq!(
+            key.as_ref().map(|k| k.hash),
+            hashed,
+            "hash() is build()'s hash"
+        );
+        key
+    }
+
+    #[test]
+    fn labels_clip_long_values() {
+        let long = "é".repeat(500);
+        let k = key_of(
+            r#"["consumer"]"#,
+            MissingKey::Skip,
+            &[("x-tollgate-consumer", &long)],
+            "/",
+        )
+        .unwrap();
+        assert_eq!(
+            k.label,
+            format!("consumer={}…", "é".repeat(LABEL_VALUE_CHARS))
+        );
+        let short = key_of(
+            r#"["consumer"]"#,
+            MissingKey::Skip,
+            &[("x-tollgate-consumer", "alice")],
+            "/",
+        )
+        .unwrap();
+        assert_eq!(short.label, "consumer=alice");
     }
 
     #[test]

@@ -94,7 +94,10 @@ impl Table {
 
     /// The shared-data key of a bucket.
     pub fn key(&self, bucket: u32) -> String {
-        format!("{}{bucket}", self.prefix)
+        let mut key = String::with_capacity(self.prefix.len() + 10);
+        key.push_str(&self.prefix);
+        push_u64(&mut key, u64::from(bucket));
+        key
     }
 
     /// Upper bound of the shared data this table uses, in bytes of keys and values.
@@ -223,35 +226,56 @@ fn read_u64(bytes: &[u8], at: usize) -> u64 {
         .map_or(0, u64::from_le_bytes)
 }
 
+/// The slots of a bucket (on the stack: no allocation per request).
+type Bucket = [(u64, State); WAYS];
+
 /// Decode a bucket value; a value of the wrong size reads as an empty bucket.
-fn decode(bytes: &[u8]) -> Vec<(u64, State)> {
+fn decode(bytes: &[u8]) -> Bucket {
+    let mut bucket = [(0, State::default()); WAYS];
     if bytes.len() != BUCKET_BYTES {
-        return vec![(0, State::default()); WAYS];
+        return bucket;
     }
-    (0..WAYS)
-        .map(|w| {
-            let o = w * SLOT_BYTES;
-            (
-                read_u64(bytes, o),
-                State {
-                    a: read_u64(bytes, o + 8),
-                    n: read_u64(bytes, o + 16),
-                    warn_until: read_u64(bytes, o + 24),
-                },
-            )
-        })
-        .collect()
+    for (w, slot) in bucket.iter_mut().enumerate() {
+        let o = w * SLOT_BYTES;
+        *slot = (
+            read_u64(bytes, o),
+            State {
+                a: read_u64(bytes, o + 8),
+                n: read_u64(bytes, o + 16),
+                warn_until: read_u64(bytes, o + 24),
+            },
+        );
+    }
+    bucket
 }
 
-fn encode(bucket: &[(u64, State)]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(BUCKET_BYTES);
-    for (fp, s) in bucket.iter().take(WAYS) {
-        for v in [*fp, s.a, s.n, s.warn_until] {
-            out.extend_from_slice(&v.to_le_bytes());
+fn encode(bucket: &Bucket) -> [u8; BUCKET_BYTES] {
+    let mut out = [0u8; BUCKET_BYTES];
+    for (chunk, (fp, s)) in out.chunks_exact_mut(SLOT_BYTES).zip(bucket.iter()) {
+        for (field, v) in chunk.chunks_exact_mut(8).zip([*fp, s.a, s.n, s.warn_until]) {
+            field.copy_from_slice(&v.to_le_bytes());
         }
     }
-    out.resize(BUCKET_BYTES, 0);
     out
+}
+
+/// Append the decimal digits of `v` (cheaper than `fmt` in a wasm module).
+pub fn push_u64(out: &mut String, mut v: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        if let Some(d) = digits.get_mut(at) {
+            *d = b'0' + (v % 10) as u8;
+        }
+        v /= 10;
+        if v == 0 || at == 0 {
+            break;
+        }
+    }
+    for d in digits.get(at..).unwrap_or(&[]) {
+        out.push(char::from(*d));
+    }
 }
 
 /// A 64-bit finalizer (splitmix64): spreads the bits of a hash.
