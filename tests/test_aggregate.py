@@ -496,6 +496,9 @@ def test_schema_accepts_the_example_and_bundled_config_and_refuses_bad_ones():
     assert not list(v.iter_errors(doc_example()))
     assert not list(v.iter_errors(bundled_filter_configs()["aggregate"]))
     ok_call = {"name": "a", "cluster": "users", "path": "/users/1"}
+    assert v.is_valid({"routes": [{"max_request_bytes": 10, "calls": [
+        dict(ok_call, forward_body=True, forward_headers=["content-type", "x-request-id"],
+             headers={"x-te-ok": "1"})]}]})
     for bad in [
         {"routes": [{"calls": [{"name": "a", "cluster": "users"}]}]},  # no path
         {"routes": [{"calls": [dict(ok_call, merge="sideways")]}]},
@@ -503,6 +506,10 @@ def test_schema_accepts_the_example_and_bundled_config_and_refuses_bad_ones():
         {"routes": [{"calls": [dict(ok_call, surprise=1)]}]},
         {"routes": [{"calls": [ok_call], "profiles": [{"name": "m"}]}]},
         {"circuit_breaker": {"failures": 0}},
+        {"routes": [{"calls": [dict(ok_call, forward_headers=["Content-Length"])]}]},
+        {"routes": [{"calls": [dict(ok_call, headers={"host": "x"})]}]},
+        {"routes": [{"calls": [dict(ok_call, forward_body="yes")]}]},
+        {"routes": [{"max_request_bytes": 0, "calls": [ok_call]}]},
     ]:
         assert not v.is_valid(bad), bad
 

@@ -338,6 +338,33 @@ fn valid_header_name(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
+/// Headers that describe the downstream connection or message framing: Envoy sets them for the
+/// call itself, and a copied value (a `content-length` that does not fit the call's body) would
+/// break it.
+const CONNECTION_HEADERS: &[&str] = &[
+    "connection",
+    "content-length",
+    "host",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "transfer-encoding",
+    "upgrade",
+];
+
+fn check_header_name(name: &str) -> Result<String, String> {
+    if !valid_header_name(name) {
+        return Err(format!("`{name}` is not a header name"));
+    }
+    let lower = name.to_ascii_lowercase();
+    if CONNECTION_HEADERS.contains(&lower.as_str()) {
+        return Err(format!(
+            "`{name}` belongs to the connection or the message framing; Envoy sets it for the call"
+        ));
+    }
+    Ok(lower)
+}
+
 fn compile_breaker(b: &BreakerConfig) -> Result<Option<Breaker>, ConfigError> {
     if b.disabled {
         return Ok(None);
@@ -561,14 +588,8 @@ fn compile_call(
             .iter()
             .enumerate()
             .map(|(i, h)| {
-                if valid_header_name(h) {
-                    Ok(h.to_ascii_lowercase())
-                } else {
-                    Err(ConfigError::new(
-                        format!("forward_headers[{i}]"),
-                        format!("`{h}` is not a header name"),
-                    ))
-                }
+                check_header_name(h)
+                    .map_err(|e| ConfigError::new(format!("forward_headers[{i}]"), e))
             })
             .collect::<Result<Vec<_>, _>>()?,
         None => DEFAULT_FORWARD_HEADERS
@@ -578,13 +599,8 @@ fn compile_call(
     };
     let mut headers = Vec::new();
     for (k, v) in &c.headers {
-        if !valid_header_name(k) {
-            return Err(ConfigError::new(
-                format!("headers.{k}"),
-                "not a header name",
-            ));
-        }
-        headers.push((k.to_ascii_lowercase(), v.clone()));
+        let name = check_header_name(k).map_err(|e| ConfigError::new(format!("headers.{k}"), e))?;
+        headers.push((name, v.clone()));
     }
     let timeout = c.timeout.map(|d| d.0).unwrap_or(DEFAULT_CALL_TIMEOUT);
     if timeout.is_zero() {
@@ -851,6 +867,21 @@ mod tests {
                 call(r#"{"name":"b","cluster":"c","path":"x"}"#),
                 "routes[0].calls[1].path",
                 "start with `/`",
+            ),
+            (
+                call(r#"{"name":"b","cluster":"c","path":"/x","forward_headers":["x-a","Content-Length"]}"#),
+                "routes[0].calls[1].forward_headers[1]",
+                "message framing",
+            ),
+            (
+                call(r#"{"name":"b","cluster":"c","path":"/x","headers":{"Host":"h"}}"#),
+                "routes[0].calls[1].headers.Host",
+                "Envoy sets it",
+            ),
+            (
+                r#"{"routes":[{"max_request_bytes":0,"calls":[{"name":"a","cluster":"c","path":"/x"}]}]}"#.into(),
+                "routes[0].max_request_bytes",
+                "more than 0",
             ),
             (
                 call(r#"{"name":"b","cluster":"c","path":"/x/{unclosed"}"#),
