@@ -536,6 +536,8 @@ class Bench:
         out = [cluster("upstream", self.upstream.port)]
         if self.services:
             out += [cluster(n, p) for n, p in self.services.ports.items()]
+        for c in extra:  # the scenario's own clusters get the same tuning
+            c.setdefault("circuit_breakers", circuit_breakers())
         return out + extra
 
     def gateway_config(self, v: Variant) -> dict:
