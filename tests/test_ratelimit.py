@@ -251,6 +251,10 @@ def test_key_sources(envoy, limit, name, same, other):
     # the secret parts of keys are never logged
     for line in crossed_lines(envoy, limit):
         assert "key-one" not in line and "acme" not in line, line
+    if limit == "k-ip":
+        # the label of the key, built only for this line, names the client
+        harness.wait_for(lambda: any("crossed by ip=203.0.113.7:" in l for l in crossed_lines(envoy, limit)),
+                         5, "the warning naming the client IP")
 
 
 def test_ipv6_clients_count_per_64(envoy):
