@@ -366,6 +366,22 @@ def test_breaker_probe_failure_reopens(services, envoy_factory):
     assert services.hits("users", "/users/1") == 2 + probes
 
 
+def test_client_errors_do_not_open_the_breaker(services, envoy_factory):
+    envoy = start(envoy_factory, services, [{
+        "match": DASH_MATCH, "errors": True,
+        "calls": [call("user", "users", "/users/{user}?status={query.status}")]}],
+        circuit_breaker={"failures": 2, "cool_down": "30s"})
+    services.reset_stats()
+    for _ in range(3):  # a backend that answers 404 works
+        assert envoy.get("/api/dashboard/1?status=404").json()["errors"][0]["status"] == 404
+    assert envoy.stat("tollgate.aggregate.breaker.users.opened") == 0
+    for _ in range(2):  # 5xx count
+        assert envoy.get("/api/dashboard/1?status=502").json()["errors"][0]["status"] == 502
+    assert envoy.stat("tollgate.aggregate.breaker.users.opened") == 1
+    assert error_of(envoy.get("/api/dashboard/1")) == "circuit_open"
+    assert services.hits("users", "/users/1") == 5
+
+
 def test_breaker_probe_whose_client_went_away_is_replaced_at_once(services, envoy_factory):
     """The probe's client hangs up while the probe is out: its lease (call timeout + 1 s = 11 s)
     is released when the request ends, so the next request probes at once, neither after the
@@ -471,6 +487,7 @@ def test_bundled_dashboard_and_mobile_shape(services, envoy_factory):
     assert {"user", "orders", "company", "errors"} <= set(body), body
     m = envoy.get("/api/dashboard/1", headers={"x-client": "mobile"})
     assert m.status == 200 and m.header("x-aggregate-profile") == "mobile", m
+    assert r.header("vary") == m.header("vary") == "x-client"
     assert len(m.body) < len(r.body)
     # Other paths are not the aggregate filter's: they go on to the router.
     other = envoy.get("/api/products/1")

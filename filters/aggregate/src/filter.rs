@@ -324,6 +324,20 @@ fn envoy_local_failure(status: u16, body: &[u8], timeout: Duration) -> Option<Fa
     None
 }
 
+/// Does the outcome say the backend is healthy, for its circuit breaker? Timeouts, failed
+/// connections and 5xx answers count against it; a 4xx, or an answer the filter cannot use
+/// (not JSON, too large), came from a working backend.
+fn healthy(outcome: &Result<Part, Failure>) -> bool {
+    match outcome {
+        Ok(_) => true,
+        Err(f) => match f.kind {
+            FailKind::Timeout | FailKind::Unreachable => false,
+            FailKind::Status => f.status.is_none_or(|s| s < 500),
+            _ => true,
+        },
+    }
+}
+
 /// Select and shape a call's answer: pointer, allow, deny, rename (in that order).
 fn shape_answer(call: &Call, value: &Value) -> Value {
     let selected = match &call.pointer {
@@ -622,7 +636,7 @@ impl AggregateFilter {
                     Some(CallState::InFlight(f)) => f.probe,
                     _ => None,
                 };
-                let t = breaker::record(host, &call.cluster, b, outcome.is_ok(), probe);
+                let t = breaker::record(host, &call.cluster, b, healthy(&outcome), probe);
                 self.breaker_metric(host, &call.cluster, t);
             }
         }
@@ -1321,6 +1335,38 @@ mod tests {
             root.create_filter(23).on_request_headers(&mut h, true),
             Decision::Pause
         );
+    }
+
+    #[test]
+    fn client_errors_do_not_open_the_breaker() {
+        let cfg = r#"{"circuit_breaker":{"failures":2,"cool_down":"10s"},"routes":[{"name":"b","match":{"prefix":"/b"},"calls":[
+            {"name":"u","cluster":"users","path":"/users/1","timeout":"1s"}]}]}"#;
+        let (root, host) = root(cfg);
+        let mut h = host.next_request("GET", "/b", &[]);
+        let html = CallResponse {
+            headers: vec![
+                (":status".into(), "200".into()),
+                ("content-type".into(), "text/html".into()),
+            ],
+            body: b"<html>".to_vec(),
+        };
+        for (n, resp) in [status(404), status(400), html, status(404)]
+            .into_iter()
+            .enumerate()
+        {
+            let mut f = root.create_filter(10 + n as u32);
+            f.on_request_headers(&mut h, true);
+            let t = h.calls.last().unwrap().token;
+            reply(f.on_call_response(&mut h, t, resp));
+        }
+        assert_eq!(breaker::state(&h, "users"), breaker::State::Closed);
+        for n in 0..2 {
+            let mut f = root.create_filter(20 + n);
+            f.on_request_headers(&mut h, true);
+            let t = h.calls.last().unwrap().token;
+            reply(f.on_call_response(&mut h, t, status(503)));
+        }
+        assert_eq!(breaker::state(&h, "users"), breaker::State::Open);
     }
 
     #[test]
