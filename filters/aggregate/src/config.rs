@@ -624,12 +624,18 @@ fn compile_call(
             "a `root` or `deep` merge has no key",
         ));
     }
-    let mut rename = Vec::new();
+    let mut rename: Vec<(String, String)> = Vec::new();
     for (from, to) in &c.rename {
         if to.is_empty() {
             return Err(ConfigError::new(
                 format!("rename.{from}"),
                 "the new name must not be empty",
+            ));
+        }
+        if let Some((other, _)) = rename.iter().find(|(_, t)| t == to) {
+            return Err(ConfigError::new(
+                format!("rename.{from}"),
+                format!("`{other}` is renamed to `{to}` too; one would silently replace the other"),
             ));
         }
         rename.push((from.clone(), to.clone()));
@@ -877,6 +883,11 @@ mod tests {
                 call(r#"{"name":"b","cluster":"c","path":"/x","headers":{"Host":"h"}}"#),
                 "routes[0].calls[1].headers.Host",
                 "Envoy sets it",
+            ),
+            (
+                call(r#"{"name":"b","cluster":"c","path":"/x","rename":{"a":"z","b":"z"}}"#),
+                "routes[0].calls[1].rename.b",
+                "renamed to `z` too",
             ),
             (
                 r#"{"routes":[{"max_request_bytes":0,"calls":[{"name":"a","cluster":"c","path":"/x"}]}]}"#.into(),
