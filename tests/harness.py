@@ -403,3 +403,51 @@ def started_envoys() -> list[Envoy]:
 def forget_envoys():
     with _lock:
         _started.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# The bundled configuration and the JSON Schemas
+
+
+def bundled_config(services: DemoServices) -> dict:
+    """envoy/envoy.yaml with its ports moved to free ones, its clusters pointed at `services`
+    and its module paths made absolute: the demo exactly as shipped, startable by a test."""
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / "envoy" / "envoy.yaml").read_text())
+    cfg["admin"]["address"]["socket_address"]["port_value"] = free_port()
+    cfg["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"] = free_port()
+    for cluster in cfg["static_resources"]["clusters"]:
+        if cluster["name"] in services.ports:
+            for ep in cluster["load_assignment"]["endpoints"]:
+                for lb in ep["lb_endpoints"]:
+                    lb["endpoint"]["address"]["socket_address"]["port_value"] = services.ports[cluster["name"]]
+    text = json.dumps(cfg).replace('"build/', f'"{ROOT}/build/').replace('"envoy/', f'"{ROOT}/envoy/')
+    return json.loads(text)
+
+
+def bundled_filter_configs() -> dict[str, dict]:
+    """The JSON configuration of each Tollgate filter in envoy/envoy.yaml."""
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / "envoy" / "envoy.yaml").read_text())
+    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    out = {}
+    for f in hcm["http_filters"]:
+        if f["name"].startswith("tollgate."):
+            out[f["name"].split(".", 1)[1]] = json.loads(f["typed_config"]["config"]["configuration"]["value"])
+    return out
+
+
+def schema_validator(name: str):
+    import jsonschema
+    from referencing import Registry, Resource
+
+    schemas = ROOT / "schemas"
+    registry = Registry()
+    for path in schemas.glob("*.schema.json"):
+        doc = json.loads(path.read_text())
+        registry = registry.with_resource(doc["$id"], Resource.from_contents(doc))
+    schema = json.loads((schemas / f"{name}.schema.json").read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema, registry=registry)

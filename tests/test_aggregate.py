@@ -478,7 +478,7 @@ def test_refused_configuration_names_the_field(services, envoy_factory):
 # --- the bundled demo configuration, documentation example and schema -------------------------
 
 def test_bundled_dashboard_and_mobile_shape(services, envoy_factory):
-    from test_foundation import bundled_config
+    from harness import bundled_config
     envoy = envoy_factory(config=bundled_config(services))
     r = envoy.get("/api/dashboard/1")
     assert r.status == 200, r
@@ -508,7 +508,7 @@ def test_documented_example_runs(services, envoy_factory):
 
 
 def test_schema_accepts_the_example_and_bundled_config_and_refuses_bad_ones():
-    from test_foundation import bundled_filter_configs, schema_validator
+    from harness import bundled_filter_configs, schema_validator
     v = schema_validator("aggregate")
     assert not list(v.iter_errors(doc_example()))
     assert not list(v.iter_errors(bundled_filter_configs()["aggregate"]))

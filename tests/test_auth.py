@@ -483,7 +483,7 @@ def test_bad_configurations_are_refused_naming_the_field(services, envoy_factory
 
 
 def test_schema_accepts_documented_and_bundled_configs_and_refuses_bad_ones():
-    from test_foundation import bundled_filter_configs, schema_validator
+    from harness import bundled_filter_configs, schema_validator
 
     v = schema_validator("auth")
     assert not list(v.iter_errors(bundled_filter_configs()["auth"]))
@@ -503,7 +503,7 @@ def test_schema_accepts_documented_and_bundled_configs_and_refuses_bad_ones():
 
 
 def test_bundled_demo_protects_users_and_orders(services, minted, envoy_factory):
-    from test_foundation import bundled_config
+    from harness import bundled_config
 
     envoy = envoy_factory(config=bundled_config(services))
     assert envoy.get("/api/products/1").status == 200

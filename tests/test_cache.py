@@ -444,7 +444,7 @@ def test_bad_configuration_is_refused_with_one_line(config, field, services, env
 
 
 def schema():
-    from test_foundation import schema_validator
+    from harness import schema_validator
     return schema_validator("cache")
 
 
@@ -455,7 +455,7 @@ def documented_example() -> dict:
 
 
 def test_schema_accepts_the_documented_example_and_the_bundled_config():
-    from test_foundation import bundled_filter_configs
+    from harness import bundled_filter_configs
     v = schema()
     bundled = bundled_filter_configs()["cache"]
     assert documented_example() == bundled, "the documented example is the bundled configuration"

@@ -11,7 +11,6 @@ import threading
 import time
 
 import pytest
-import yaml
 
 import harness
 from harness import ROOT, Envoy
@@ -394,10 +393,9 @@ def test_bad_configuration_is_refused_with_one_line(services, envoy_factory, con
 
 
 def bundled_ratelimit_config() -> dict:
-    cfg = yaml.safe_load((ROOT / "envoy" / "envoy.yaml").read_text())
-    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    (f,) = [f for f in hcm["http_filters"] if f["name"] == "tollgate.ratelimit"]
-    return json.loads(f["typed_config"]["config"]["configuration"]["value"])
+    from harness import bundled_filter_configs
+
+    return bundled_filter_configs()["ratelimit"]
 
 
 def documented_example() -> dict:
@@ -435,16 +433,7 @@ def test_documented_example_and_bench_scenarios_load(services, envoy_factory):
 
 
 def schema_validator():
-    import jsonschema
-    from referencing import Registry, Resource
-
-    registry = Registry()
-    for p in (ROOT / "schemas").glob("*.schema.json"):
-        doc = json.loads(p.read_text())
-        registry = registry.with_resource(doc["$id"], Resource.from_contents(doc))
-    schema = json.loads((ROOT / "schemas" / "ratelimit.schema.json").read_text())
-    jsonschema.Draft202012Validator.check_schema(schema)
-    return jsonschema.Draft202012Validator(schema, registry=registry)
+    return harness.schema_validator("ratelimit")
 
 
 def test_schema_accepts_the_documented_and_bundled_configurations():
@@ -478,18 +467,9 @@ def test_schema_refuses_what_the_filter_refuses(config):
 def test_readme_demo_through_the_whole_bundled_chain(services, envoy_factory):
     """The README's curl loop on envoy/envoy.yaml as shipped (auth -> ratelimit -> cache ->
     aggregate): anonymous clients reach 429 after 10 requests, with the documented headers."""
-    from harness import free_port
+    from harness import bundled_config
 
-    cfg = yaml.safe_load((ROOT / "envoy" / "envoy.yaml").read_text())
-    cfg["admin"]["address"]["socket_address"]["port_value"] = free_port()
-    cfg["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"] = free_port()
-    for cluster in cfg["static_resources"]["clusters"]:
-        if cluster["name"] in services.ports:
-            for ep in cluster["load_assignment"]["endpoints"]:
-                for lb in ep["lb_endpoints"]:
-                    lb["endpoint"]["address"]["socket_address"]["port_value"] = services.ports[cluster["name"]]
-    text = json.dumps(cfg).replace('"build/', f'"{ROOT}/build/').replace('"envoy/', f'"{ROOT}/envoy/')
-    e = envoy_factory(config=json.loads(text))
+    e = envoy_factory(config=bundled_config(services))
     rs = [e.get("/api/products/1") for _ in range(12)]
     assert [r.status for r in rs[:10]] == [200] * 10, rs
     assert rs[0].header("ratelimit-policy") == '"anonymous-ip";q=10;w=60', rs[0]

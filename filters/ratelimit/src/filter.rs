@@ -309,6 +309,44 @@ impl RateLimitFilter {
         })
     }
 
+    /// Run every check (taking units when `take`), applying the failure mode to store errors;
+    /// `Err` is the answer when a check fails closed or an enforced limit refuses.
+    #[allow(clippy::too_many_arguments)]
+    fn judge(
+        &mut self,
+        host: &mut dyn Host,
+        checks: &[Check],
+        ctx: &KeyCtx<'_>,
+        now: u64,
+        cost: u64,
+        take: bool,
+        path: &str,
+    ) -> Result<Vec<Verdict>, Decision> {
+        let mut verdicts = Vec::with_capacity(checks.len());
+        for check in checks {
+            match self.run(host, check, ctx, now, cost, take) {
+                Ok(outcome) => verdicts.push(Verdict {
+                    limit: check.limit,
+                    plan: check.plan,
+                    params: check.params,
+                    outcome,
+                }),
+                Err(e) => {
+                    if let Some(d) = self.failure(host, check, &e) {
+                        return Err(d);
+                    }
+                }
+            }
+        }
+        if verdicts
+            .iter()
+            .any(|v| !v.outcome.admitted && self.enforced(v))
+        {
+            return Err(self.refuse(host, &verdicts, path));
+        }
+        Ok(verdicts)
+    }
+
     fn enforced(&self, v: &Verdict) -> bool {
         self.limit(v.limit).is_some_and(|l| !l.shadow)
     }
@@ -545,53 +583,15 @@ impl HttpFilter for RateLimitFilter {
 
         // Phase 1 (several limits): would every enforced limit admit? Nothing is taken.
         if checks.len() > 1 {
-            let mut verdicts = Vec::with_capacity(checks.len());
-            for check in &checks {
-                match self.run(host, check, &ctx, now, cost, false) {
-                    Ok(outcome) => verdicts.push(Verdict {
-                        limit: check.limit,
-                        plan: check.plan,
-                        params: check.params,
-                        outcome,
-                    }),
-                    Err(e) => {
-                        if let Some(d) = self.failure(host, check, &e) {
-                            return d;
-                        }
-                    }
-                }
-            }
-            if verdicts
-                .iter()
-                .any(|v| !v.outcome.admitted && self.enforced(v))
-            {
-                return self.refuse(host, &verdicts, &req.path);
+            if let Err(d) = self.judge(host, &checks, &ctx, now, cost, false, &req.path) {
+                return d;
             }
         }
-
         // Phase 2: take the units from each limit (exact: read, decide, CAS-write).
-        let mut verdicts = Vec::with_capacity(checks.len());
-        for check in &checks {
-            match self.run(host, check, &ctx, now, cost, true) {
-                Ok(outcome) => verdicts.push(Verdict {
-                    limit: check.limit,
-                    plan: check.plan,
-                    params: check.params,
-                    outcome,
-                }),
-                Err(e) => {
-                    if let Some(d) = self.failure(host, check, &e) {
-                        return d;
-                    }
-                }
-            }
-        }
-        if verdicts
-            .iter()
-            .any(|v| !v.outcome.admitted && self.enforced(v))
-        {
-            return self.refuse(host, &verdicts, &req.path);
-        }
+        let verdicts = match self.judge(host, &checks, &ctx, now, cost, true, &req.path) {
+            Ok(v) => v,
+            Err(d) => return d,
+        };
         self.admit(host, &verdicts)
     }
 
