@@ -18,7 +18,6 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
-from referencing import Registry, Resource
 
 import harness
 from harness import ROOT
@@ -42,15 +41,6 @@ def sha256(data: bytes) -> str:
 def validate_envoy(config_path: Path, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     return subprocess.run([harness.envoy_binary(), "--mode", "validate", "-c", str(config_path), "-l", "warn"],
                           cwd=cwd, capture_output=True, text=True, timeout=120)
-
-
-def filter_schema_validator(name: str) -> jsonschema.Draft202012Validator:
-    registry = Registry()
-    for path in (ROOT / "schemas").glob("*.schema.json"):
-        doc = json.loads(path.read_text())
-        registry = registry.with_resource(doc["$id"], Resource.from_contents(doc))
-    schema = json.loads((ROOT / "schemas" / f"{name}.schema.json").read_text())
-    return jsonschema.Draft202012Validator(schema, registry=registry)
 
 
 def deploy_validator(name: str) -> jsonschema.Draft202012Validator:
@@ -197,7 +187,7 @@ def test_istio_wasmplugin_is_valid_and_its_plugin_config_fits_the_filter_schema(
     assert spec["failStrategy"] == ("FAIL_OPEN" if name == "cache" else "FAIL_CLOSE")
     assert spec["match"] and spec["selector"]["matchLabels"]
     assert spec["imagePullPolicy"] in ("IfNotPresent", "Always")
-    problems = errors(filter_schema_validator(name), spec["pluginConfig"])
+    problems = errors(harness.schema_validator(name), spec["pluginConfig"])
     assert not problems, problems
 
 
@@ -254,7 +244,7 @@ def test_envoy_gateway_policy_is_valid_and_configs_fit_the_filter_schemas(name):
     for f, w in zip(expected, wasm):
         assert w["code"]["image"]["url"] == f"ghcr.io/tollgate-gw/tollgate-{f}:{VERSION}"
         assert w["failOpen"] is (f == "cache")
-        assert not errors(filter_schema_validator(f), w["config"]), f
+        assert not errors(harness.schema_validator(f), w["config"]), f
 
 
 def test_envoy_gateway_schema_refuses_a_bad_policy():
@@ -378,7 +368,7 @@ def test_manifests_carry_the_oci_manifest_digest_of_the_modules():
         policy = yaml.safe_load(files[Path("deploy/envoy-gateway") / f"tollgate-{name}.yaml"])
         assert policy["spec"]["wasm"][0]["code"]["image"]["sha256"] == digest
         # The examples carry the bundled configuration of each filter.
-        bundled = gen.filter_configs(bundled_envoy())[name]
+        bundled = harness.bundled_filter_configs()[name]
         assert policy["spec"]["wasm"][0]["config"] == bundled
 
 
