@@ -125,7 +125,7 @@ impl HttpFilter for ProbeFilter {
                 (":authority", cluster),
             ],
             body: None,
-            timeout: Duration::from_secs(2),
+            timeout: Duration::from_secs(10),
         };
         match host.http_call(&call) {
             Ok(token) => {
