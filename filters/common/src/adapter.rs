@@ -12,8 +12,8 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
 
 use crate::abi;
-use crate::filter::{CallResponse, Decision, HttpFilter, RootFilter};
-use crate::host::{Body, Host, HostError, HttpCall, MapKind, MetricKind, SharedError};
+use crate::filter::{CallResponse, Decision, GrpcResponse, HttpFilter, RootFilter};
+use crate::host::{Body, GrpcCall, Host, HostError, HttpCall, MapKind, MetricKind, SharedError};
 use crate::problem::LocalReply;
 
 /// [`Host`] over proxy-wasm hostcalls. Header values are read as bytes and converted lossily,
@@ -138,6 +138,19 @@ impl Host for ProxyWasmHost {
         .map_err(|s| host_error("dispatch_http_call", s))
     }
 
+    fn grpc_call(&mut self, call: &GrpcCall<'_>) -> Result<u32, HostError> {
+        hostcalls::dispatch_grpc_call(
+            call.cluster,
+            call.service,
+            call.method,
+            call.metadata.clone(),
+            Some(call.message),
+            call.timeout,
+        )
+        .inspect(|token| record_call_owner(*token))
+        .map_err(|s| host_error("dispatch_grpc_call", s))
+    }
+
     fn now(&self) -> SystemTime {
         hostcalls::get_current_time().unwrap_or(SystemTime::UNIX_EPOCH)
     }
@@ -214,6 +227,26 @@ fn call_response(num_headers: usize, body_size: usize, limit: Option<usize>) -> 
     CallResponse { headers, body }
 }
 
+/// Read a gRPC callout answer (its status, status message and, on success, the message).
+fn grpc_response(status: u32, size: usize) -> GrpcResponse {
+    // The status message is not read yet: the SDK's `get_grpc_status` panics on a message
+    // that is not UTF-8.
+    let message = None;
+    let body = if status == 0 && size > 0 {
+        abi::get_buffer(BufferType::GrpcReceiveBuffer, 0, size)
+            .ok()
+            .flatten()
+            .unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    GrpcResponse {
+        status,
+        message,
+        body,
+    }
+}
+
 /// The body limit asked for by the HTTP context that will get the answer to `token`: the woken
 /// request that started the call, if it was one, else `own`.
 fn call_body_limit(token: u32, own: Option<&dyn Wakeable>) -> Option<usize> {
@@ -241,6 +274,7 @@ thread_local! {
 trait Wakeable {
     fn wake(&self, reason: u32);
     fn call_response(&self, token: u32, response: CallResponse);
+    fn grpc_response(&self, token: u32, response: GrpcResponse);
     fn call_body_limit(&self, token: u32) -> Option<usize>;
 }
 
@@ -272,6 +306,20 @@ fn with_context(context_id: u32, f: impl FnOnce(&dyn Wakeable)) -> bool {
 
 fn wake_context(context_id: u32, reason: u32) -> bool {
     with_context(context_id, |t| t.wake(reason))
+}
+
+/// Deliver a gRPC answer to the woken request that started the call, if it was one.
+fn forward_grpc_response(token: u32, response: GrpcResponse) -> Result<(), GrpcResponse> {
+    let Some(owner) = CALL_OWNERS.with(|m| m.borrow_mut().remove(&token)) else {
+        return Err(response);
+    };
+    let mut response = Some(response);
+    with_context(owner, |t| {
+        if let Some(r) = response.take() {
+            t.grpc_response(token, r);
+        }
+    });
+    Ok(())
 }
 
 /// Deliver a callout answer to the woken request that started the call, if it was one.
@@ -324,6 +372,15 @@ impl<R: RootFilter> Context for RootAdapter<R> {
         if let Err(response) = forward_call_response(token, response) {
             self.root
                 .on_call_response(&mut ProxyWasmHost, token, response);
+        }
+    }
+
+    fn on_grpc_call_response(&mut self, token: u32, status: u32, size: usize) {
+        self.enter();
+        let response = grpc_response(status, size);
+        if let Err(response) = forward_grpc_response(token, response) {
+            self.root
+                .on_grpc_response(&mut ProxyWasmHost, token, response);
         }
     }
 }
@@ -456,6 +513,14 @@ impl<F: HttpFilter> Wakeable for HttpInner<F> {
         self.act_async(d);
     }
 
+    fn grpc_response(&self, token: u32, response: GrpcResponse) {
+        let d = match self.filter.try_borrow_mut() {
+            Ok(mut filter) => filter.on_grpc_response(&mut ProxyWasmHost, token, response),
+            Err(_) => return,
+        };
+        self.act_async(d);
+    }
+
     fn call_body_limit(&self, token: u32) -> Option<usize> {
         self.filter
             .try_borrow()
@@ -495,6 +560,14 @@ impl<F: HttpFilter> Context for HttpAdapter<F> {
         let response = call_response(num_headers, body_size, limit);
         if let Err(response) = forward_call_response(token, response) {
             self.inner.call_response(token, response);
+        }
+    }
+
+    fn on_grpc_call_response(&mut self, token: u32, status: u32, size: usize) {
+        self.enter();
+        let response = grpc_response(status, size);
+        if let Err(response) = forward_grpc_response(token, response) {
+            self.inner.grpc_response(token, response);
         }
     }
 

@@ -40,6 +40,18 @@ impl CallResponse {
     }
 }
 
+/// The answer to a unary gRPC callout.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GrpcResponse {
+    /// gRPC status code: 0 is OK; 4 is a deadline exceeded (the callout timed out), 14 is
+    /// unavailable (no healthy upstream, connection failure), and so on.
+    pub status: u32,
+    /// The status message, when the proxy or the server gave one.
+    pub message: Option<String>,
+    /// The serialized response message (protobuf); empty unless `status` is 0.
+    pub body: Vec<u8>,
+}
+
 /// Per-request filter logic. Every hook defaults to [`Decision::Continue`].
 pub trait HttpFilter {
     /// Request headers arrived.
@@ -78,6 +90,16 @@ pub trait HttpFilter {
     ) -> Decision {
         Decision::Continue
     }
+    /// A gRPC callout started by this request answered (or failed). Decisions are applied as
+    /// for HTTP callout answers.
+    fn on_grpc_response(
+        &mut self,
+        _host: &mut dyn Host,
+        _token: u32,
+        _response: GrpcResponse,
+    ) -> Decision {
+        Decision::Continue
+    }
     /// The largest body of the answer to callout `token` this filter wants: a longer body is
     /// cut to `limit + 1` bytes before it is copied into the VM, so the filter sees that it is
     /// too large without a huge answer filling the VM's memory. Default: no limit.
@@ -110,6 +132,8 @@ pub trait RootFilter: Sized + 'static {
     fn on_tick(&mut self, _host: &mut dyn Host) {}
     /// An HTTP callout started by the root answered (or failed).
     fn on_call_response(&mut self, _host: &mut dyn Host, _token: u32, _response: CallResponse) {}
+    /// A gRPC callout started by the root answered (or failed).
+    fn on_grpc_response(&mut self, _host: &mut dyn Host, _token: u32, _response: GrpcResponse) {}
     /// A filter for a new request.
     fn create_filter(&self, context_id: u32) -> Self::Filter;
 }

@@ -94,6 +94,23 @@ pub struct HttpCall<'a> {
     pub timeout: Duration,
 }
 
+/// A unary gRPC callout to an Envoy cluster (for example Envoy's rate limit service).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrpcCall<'a> {
+    /// Name of the Envoy cluster that receives the call (it must speak HTTP/2).
+    pub cluster: &'a str,
+    /// Fully qualified service name, such as `envoy.service.ratelimit.v3.RateLimitService`.
+    pub service: &'a str,
+    /// Method name, such as `ShouldRateLimit`.
+    pub method: &'a str,
+    /// Initial metadata (request headers of the call).
+    pub metadata: Vec<(&'a str, &'a [u8])>,
+    /// The serialized request message (protobuf).
+    pub message: &'a [u8],
+    /// Time after which the proxy gives up on the call.
+    pub timeout: Duration,
+}
+
 /// What filter logic may ask of the proxy. One implementation makes proxy-wasm hostcalls
 /// ([`crate::adapter::ProxyWasmHost`]); another keeps everything in memory for unit tests
 /// ([`crate::mem_host::MemHost`]).
@@ -124,6 +141,11 @@ pub trait Host {
 
     /// Start an HTTP callout; the answer arrives in `on_http_call_response` with the token.
     fn http_call(&mut self, call: &HttpCall<'_>) -> Result<u32, HostError>;
+
+    /// Start a unary gRPC callout; the answer arrives in `on_grpc_response` with the token.
+    fn grpc_call(&mut self, _call: &GrpcCall<'_>) -> Result<u32, HostError> {
+        Err(HostError::Failed("dispatch_grpc_call"))
+    }
 
     /// Wall-clock time as the proxy sees it.
     fn now(&self) -> SystemTime;

@@ -21,8 +21,8 @@ pub mod request;
 pub mod route;
 
 pub use config::ConfigError;
-pub use filter::{CallResponse, Decision, HttpFilter, RootFilter};
-pub use host::{Body, Host, HostError, HttpCall, MapKind, MetricKind, SharedError};
+pub use filter::{CallResponse, Decision, GrpcResponse, HttpFilter, RootFilter};
+pub use host::{Body, GrpcCall, Host, HostError, HttpCall, MapKind, MetricKind, SharedError};
 pub use problem::{LocalReply, Problem};
 pub use route::{RouteMatch, RouteParams, Rules};
 

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::{Duration, SystemTime};
 
-use crate::host::{Body, Host, HostError, HttpCall, MapKind, MetricKind, SharedError};
+use crate::host::{Body, GrpcCall, Host, HostError, HttpCall, MapKind, MetricKind, SharedError};
 
 /// Shared data as Envoy keeps it: key -> (value, cas). Clone it into several hosts to model
 /// several workers of one Envoy.
@@ -71,6 +71,25 @@ impl RecordedCall {
     }
 }
 
+/// A gRPC callout the filter made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordedGrpcCall {
+    /// Token returned to the filter.
+    pub token: u32,
+    /// Target cluster.
+    pub cluster: String,
+    /// Service name.
+    pub service: String,
+    /// Method name.
+    pub method: String,
+    /// Initial metadata.
+    pub metadata: Vec<(String, Vec<u8>)>,
+    /// The serialized request message.
+    pub message: Vec<u8>,
+    /// Timeout.
+    pub timeout: Duration,
+}
+
 #[derive(Debug, Default)]
 struct MetricStore {
     by_name: HashMap<String, u32>,
@@ -88,7 +107,9 @@ pub struct MemHost {
     pub shared: SharedStore,
     /// Callouts made so far.
     pub calls: Vec<RecordedCall>,
-    /// When set, `http_call` fails (no such cluster).
+    /// gRPC callouts made so far.
+    pub grpc_calls: Vec<RecordedGrpcCall>,
+    /// When set, `http_call` and `grpc_call` fail (no such cluster).
     pub fail_calls: bool,
     next_token: u32,
     /// Current time; move it with [`MemHost::advance`].
@@ -116,6 +137,7 @@ impl MemHost {
             properties: HashMap::new(),
             shared: SharedStore::default(),
             calls: Vec::new(),
+            grpc_calls: Vec::new(),
             fail_calls: false,
             next_token: 1,
             now: SystemTime::UNIX_EPOCH + Duration::from_secs(1_767_225_600),
@@ -290,6 +312,28 @@ impl Host for MemHost {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             body: call.body.map(<[u8]>::to_vec),
+            timeout: call.timeout,
+        });
+        Ok(token)
+    }
+
+    fn grpc_call(&mut self, call: &GrpcCall<'_>) -> Result<u32, HostError> {
+        if self.fail_calls {
+            return Err(HostError::Failed("dispatch_grpc_call"));
+        }
+        let token = self.next_token;
+        self.next_token += 1;
+        self.grpc_calls.push(RecordedGrpcCall {
+            token,
+            cluster: call.cluster.to_string(),
+            service: call.service.to_string(),
+            method: call.method.to_string(),
+            metadata: call
+                .metadata
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_vec()))
+                .collect(),
+            message: call.message.to_vec(),
             timeout: call.timeout,
         });
         Ok(token)
