@@ -92,7 +92,7 @@ def host_path(service: dict, container_path: str) -> Path | None:
 def test_compose_files_exist_images_pinned_and_health_gated():
     c = compose()
     services = c["services"]
-    assert set(services) == {"demo", "envoy"}
+    assert {"demo", "envoy", "redis", "rls"} <= set(services)
     demo, envoy = services["demo"], services["envoy"]
     # Every file the compose file refers to exists (build/ after `make build`).
     assert (ROOT / demo["build"]["context"]).is_dir()
@@ -123,6 +123,16 @@ def test_compose_files_exist_images_pinned_and_health_gated():
     # The demo's health-check command is the one its Dockerfile installs.
     assert demo["healthcheck"]["test"][1] in dockerfile.read_text()
     assert "tollgate-demo" in dockerfile.read_text() and "-p tollgate-demo" in dockerfile.read_text()
+    # The rate limit service: built from its Dockerfile, after Redis, before Envoy; pinned Redis.
+    rls, redis = services["rls"], services["redis"]
+    rls_dockerfile = ROOT / rls["build"]["context"] / rls["build"]["dockerfile"]
+    assert "-p tollgate-rls" in rls_dockerfile.read_text()
+    for line in rls_dockerfile.read_text().splitlines():
+        if line.startswith("FROM "):
+            assert re.search(r":\d", line.split()[1]), line
+    assert re.fullmatch(r"redis:\d+\.\d+\.\d+\S*", redis["image"]), redis["image"]
+    assert rls["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert envoy["depends_on"]["rls"]["condition"] == "service_healthy"
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {"target", "build", ".venv"} <= set(ignored)
 
