@@ -49,6 +49,10 @@ def demo_binary() -> Path:
     return ROOT / "target" / "release" / "tollgate-demo"
 
 
+def rls_binary() -> Path:
+    return ROOT / "target" / "release" / "tollgate-rls"
+
+
 def module_path(name: str) -> Path:
     return BUILD / f"tollgate_{name}.wasm"
 
@@ -57,6 +61,8 @@ def missing_artifacts() -> list[str]:
     missing = [str(module_path(f)) for f in MODULES if not module_path(f).exists()]
     if not demo_binary().exists():
         missing.append(str(demo_binary()))
+    if not rls_binary().exists():
+        missing.append(str(rls_binary()))
     return missing
 
 
@@ -185,6 +191,112 @@ class DemoServices:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+# ---------------------------------------------------------------------------------------------
+# Redis and the rate limit service (global rate limits)
+
+
+def _port_open(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), 0.5).close()
+        return True
+    except OSError:
+        return False
+
+
+@dataclass
+class Redis:
+    """A `redis-server` on a loopback port, in memory only (`make redis` installs it)."""
+    port: int
+    proc: subprocess.Popen | None = None
+
+    @classmethod
+    def start(cls, port: int | None = None) -> "Redis":
+        r = cls(port or free_port())
+        r.restart()
+        return r
+
+    def restart(self):
+        """Start (again, on the same port, empty) after `stop`."""
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is missing: run `make build` (it installs redis-server)")
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--loglevel", "warning"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: _port_open(self.port), 10, f"redis-server on port {self.port}")
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        wait_for(lambda: not _port_open(self.port), 10, f"redis-server on port {self.port} to stop")
+
+
+@dataclass
+class RateLimitService:
+    """`tollgate-rls` (Envoy's RLS protocol over gRPC) with counters in `redis` and `limits`
+    (Limitador's YAML format)."""
+    port: int
+    proc: subprocess.Popen
+    log_path: Path
+
+    @classmethod
+    def start(cls, limits: str, redis: Redis, timeout_ms: int = 1000) -> "RateLimitService":
+        binary = rls_binary()
+        if not binary.exists():
+            raise RuntimeError(f"{binary} is missing: run `make build` first")
+        tmp = Path(tempfile.mkdtemp(prefix="tollgate-rls-"))
+        (tmp / "limits.yaml").write_text(limits)
+        port = free_port()
+        log_path = tmp / "rls.log"
+        proc = subprocess.Popen(
+            [str(binary), "--listen", f"127.0.0.1:{port}", "--limits", str(tmp / "limits.yaml"),
+             "--redis", f"redis://127.0.0.1:{redis.port}", "--timeout-ms", str(timeout_ms)],
+            stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)
+        svc = cls(port, proc, log_path)
+
+        def ready():
+            if proc.poll() is not None:
+                raise RuntimeError(f"tollgate-rls exited: {log_path.read_text(errors='replace')}")
+            return _port_open(port)
+
+        try:
+            wait_for(ready, 20, f"tollgate-rls on port {port}")
+        except Exception:
+            svc.stop()
+            raise
+        return svc
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def grpc_cluster(name: str, port: int, timeout: str = "1s") -> dict:
+    """A static cluster speaking HTTP/2 (gRPC), such as the rate limit service's."""
+    c = static_cluster(name, port, timeout=timeout)
+    c["typed_extension_protocol_options"] = {
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {}},
+        }
+    }
+    return c
 
 
 # ---------------------------------------------------------------------------------------------
