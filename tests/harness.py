@@ -521,19 +521,21 @@ def forget_envoys():
 # The bundled configuration and the JSON Schemas
 
 
-def bundled_config(services: DemoServices) -> dict:
+def bundled_config(services: DemoServices, rls: "RateLimitService | None" = None) -> dict:
     """envoy/envoy.yaml with its ports moved to free ones, its clusters pointed at `services`
+    (and the rate limit service's at `rls`, else at a closed port: the global limit fails open)
     and its module paths made absolute: the demo exactly as shipped, startable by a test."""
     import yaml
 
     cfg = yaml.safe_load((ROOT / "envoy" / "envoy.yaml").read_text())
     cfg["admin"]["address"]["socket_address"]["port_value"] = free_port()
     cfg["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"] = free_port()
+    ports = dict(services.ports, tollgate_rls=rls.port if rls is not None else free_port())
     for cluster in cfg["static_resources"]["clusters"]:
-        if cluster["name"] in services.ports:
+        if cluster["name"] in ports:
             for ep in cluster["load_assignment"]["endpoints"]:
                 for lb in ep["lb_endpoints"]:
-                    lb["endpoint"]["address"]["socket_address"]["port_value"] = services.ports[cluster["name"]]
+                    lb["endpoint"]["address"]["socket_address"]["port_value"] = ports[cluster["name"]]
     text = json.dumps(cfg).replace('"build/', f'"{ROOT}/build/').replace('"envoy/', f'"{ROOT}/envoy/')
     return json.loads(text)
 

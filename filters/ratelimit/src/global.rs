@@ -387,6 +387,8 @@ impl RateLimitFilter {
                 Ok(v) => verdicts.extend(v),
                 Err(d) => return d,
             }
+            // The rate limit fields in the configuration's order of limits.
+            verdicts.sort_by_key(|v| v.limit);
         }
         self.admit(host, &verdicts)
     }
