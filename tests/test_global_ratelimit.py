@@ -20,14 +20,14 @@ from harness import RateLimitService, Redis, grpc_cluster
 QUOTA_EXCEEDED = "https://iana.org/assignments/http-problem-types#quota-exceeded"
 
 
-def limits_yaml(*limits: tuple[str, int]) -> str:
-    """tollgate-rls limits: one counter per route for each (name, max) in a 1 h window."""
+def limits_yaml(*limits: tuple[str, int], key: str = "route", seconds: int = 3600) -> str:
+    """tollgate-rls limits: one counter per value of `key` for each (name, max)."""
     out = []
     for name, n in limits:
         out.append(
-            f"- namespace: tollgate\n  name: {name}\n  max_value: {n}\n  seconds: 3600\n"
+            f"- namespace: tollgate\n  name: {name}\n  max_value: {n}\n  seconds: {seconds}\n"
             f"  conditions: [\"descriptors[0].limit == '{name}'\"]\n"
-            f"  variables: [\"descriptors[0].route\"]\n")
+            f"  variables: [\"descriptors[0].{key}\"]\n")
     return "".join(out)
 
 
@@ -238,3 +238,58 @@ def test_bad_global_configuration_is_refused_at_load(services, envoy_factory):
         e = envoy_factory(filters=[("ratelimit", config)], services=services, expect_failure=True)
         assert e.returncode != 0
         assert f"field `{field}`" in e.log(), e.log_tail()
+
+
+def global_docs_example() -> dict:
+    import json
+    import re
+
+    text = (harness.ROOT / "docs" / "filters" / "ratelimit.md").read_text()
+    section = text.split("## Global limits", 1)[1]
+    m = re.search(r"```json\n(.*?)```", section, re.S)
+    assert m, "docs/filters/ratelimit.md: no JSON example under Global limits"
+    return json.loads(m.group(1))
+
+
+def test_the_documented_global_example_fits_the_schema_and_loads(services, envoy_factory, stack):
+    example = global_docs_example()
+    v = harness.schema_validator("ratelimit")
+    assert not [e.message for e in v.iter_errors(example)]
+    redis = stack.redis()
+    rls = stack.rls(limits_yaml(("fleet-ip", 1000), key="client_ip", seconds=60), redis)
+    e = start_envoy(envoy_factory, services, example, rls)
+    r = e.get("/api/products/1", {"x-tollgate-consumer": "alice"})
+    # fleet-consumer has no limit in this service: OK without a limit, so no fields for it
+    assert r.status == 200, r
+    assert r.header("ratelimit-policy") == '"fleet-ip";q=1000;w=60, "local-ip";q=10;w=1', r
+
+
+@pytest.mark.parametrize("config", [
+    {"limits": [glim("g", 10, "exact")]},  # no rate_limit_service
+    filter_config({**glim("g", 10, "exact"), "burst": 3}, routes=[]),
+    filter_config({**glim("g", 10, "exact"), "algorithm": "gcra"}, routes=[]),
+    filter_config({**glim("g", 10, "exact"), "plans": {"pro": {"quota": 20}}}, routes=[]),
+    filter_config(glim("g", 10, "leased", lease_max=0), routes=[]),
+    filter_config(glim("g", 10, "sometimes"), routes=[]),
+    filter_config(glim("g", 10, "exact", failure_mode="maybe"), routes=[]),
+    {"rate_limit_service": {"domain": "x"}},
+])
+def test_schema_refuses_bad_global_configurations(config):
+    assert not harness.schema_validator("ratelimit").is_valid(config), config
+
+
+def test_the_bundled_demo_has_a_leased_global_limit(services, envoy_factory, stack):
+    """envoy/envoy.yaml as shipped, with the service `make run` starts (envoy/rls-limits.yaml)."""
+    from harness import bundled_config
+
+    redis = stack.redis()
+    rls = stack.rls((harness.ROOT / "envoy" / "rls-limits.yaml").read_text(), redis)
+    e = envoy_factory(config=bundled_config(services, rls))
+    r = e.get("/api/orders/1", {"x-api-key": "demo-key-pro"})
+    assert r.status == 200, r
+    assert r.header("ratelimit-policy").endswith('"fleet-ip";q=1000;w=60'), r
+    assert '"fleet-ip";r=999;' in r.header("ratelimit"), r
+    harness.wait_for(lambda: e.stat("tollgate.ratelimit.limit.fleet-ip.lease_refills") >= 1, 10, "a lease")
+    calls = e.stat("tollgate.ratelimit.rls_calls")
+    assert [e.get("/api/orders/1", {"x-api-key": "demo-key-pro"}).status for _ in range(5)] == [200] * 5
+    assert e.stat("tollgate.ratelimit.rls_calls") == calls, "served from the lease"

@@ -23,7 +23,6 @@ use crate::client::{self, Client};
 use crate::config::{
     AppliesTo, Compiled, Consistency, FailureMode, HeaderMode, Limit, LimitMetric,
 };
-use crate::rls;
 use crate::table::{hash_parts, push_u64, StoreError};
 
 /// Problem type of 429 answers (draft-ietf-httpapi-ratelimit-headers-10).
@@ -231,8 +230,9 @@ struct Check {
     /// Which parameters (see [`Limit::plan_index`]).
     plan: usize,
     params: Params,
-    /// A global limit's descriptor entries (key, value), in the order of its key sources.
-    entries: Option<Vec<(String, String)>>,
+    /// A global limit's key values, in the order of its key sources (the descriptor's entries
+    /// are built from them only when the service is called).
+    entries: Option<Vec<String>>,
 }
 
 /// What the key of a limit is built from, to rebuild it with its label for a warning.
@@ -622,13 +622,7 @@ impl HttpFilter for RateLimitFilter {
                         &route.name,
                     )?;
                     let key = hash_parts(&limit.name, values.iter().map(|(_, v, _)| v.as_bytes()));
-                    let entries = limit
-                        .key
-                        .iter()
-                        .zip(values)
-                        .map(|(s, (_, v, _))| (rls::entry_key(s), rls::entry_value(s, v)))
-                        .collect();
-                    (key, Some(entries))
+                    (key, Some(values.into_iter().map(|(_, v, _)| v).collect()))
                 } else {
                     let key = client::hash(
                         host,

@@ -35,7 +35,8 @@ pub const FAILURE_LOG_INTERVAL_US: u64 = 10_000_000;
 pub struct Refill {
     limit: usize,
     slot: Slot,
-    entries: Vec<(String, String)>,
+    /// The key's values (see [`Check`]).
+    values: Vec<String>,
     size: u64,
 }
 
@@ -140,12 +141,13 @@ impl Worker {
         );
     }
 
-    /// Start a `ShouldRateLimit` call of `hits` units for `limit`'s descriptor.
+    /// Start a `ShouldRateLimit` call of `hits` units for `limit`'s descriptor with the key's
+    /// `values`.
     fn call(
         &self,
         host: &mut dyn Host,
         limit: usize,
-        entries: &[(String, String)],
+        values: &[String],
         hits: u64,
     ) -> Result<u32, Failure> {
         let (Some(l), Some(g)) = (
@@ -154,7 +156,13 @@ impl Worker {
         ) else {
             return Err(Failure::Dispatch);
         };
-        let message = rls::request(&self.config.service.domain, &l.name, entries, hits);
+        let entries: Vec<(String, String)> = l
+            .key
+            .iter()
+            .zip(values)
+            .map(|(source, v)| (rls::entry_key(source), rls::entry_value(source, v.clone())))
+            .collect();
+        let message = rls::request(&self.config.service.domain, &l.name, &entries, hits);
         self.ids.count(host, Total::RlsCalls);
         self.ids.count_limit(host, limit, LimitMetric::RlsCalls);
         host.grpc_call(&GrpcCall {
@@ -263,7 +271,7 @@ impl RateLimitFilter {
             self.shared.refills.borrow_mut().push(Refill {
                 limit: check.limit,
                 slot,
-                entries: check.entries.clone().unwrap_or_default(),
+                values: check.entries.clone().unwrap_or_default(),
                 size,
             });
         }
@@ -404,7 +412,7 @@ impl RateLimitRoot {
         let now = now_us(host);
         let shared = self.shared.clone();
         for refill in refills {
-            match shared.call(host, refill.limit, &refill.entries, refill.size) {
+            match shared.call(host, refill.limit, &refill.values, refill.size) {
                 Ok(token) => {
                     self.inflight.insert(token, Inflight { refill, sent: now });
                 }
