@@ -178,8 +178,12 @@ impl RootFilter for RateLimitRoot {
             config.limits.len(),
             config.routes.0.len()
         );
+        // Refills in flight belong to the previous configuration (its limits' indexes).
+        self.inflight.clear();
         if config.has_leases {
             host.set_tick_period(global::REFILL_TICK);
+        } else if self.shared.config.has_leases {
+            host.set_tick_period(std::time::Duration::ZERO);
         }
         self.shared = Rc::new(Worker {
             config,

@@ -814,3 +814,26 @@ fn leased_limits_admit_from_the_lease_without_calls() {
         "the fake service's window never ends"
     );
 }
+
+#[test]
+fn a_lease_that_cannot_be_updated_applies_the_limits_failure_mode() {
+    for (failure, want) in [("allow", 200), ("deny", 503)] {
+        let mut gw = Gw::new(&global_config("leased", failure, false));
+        let mut rls = FakeRls::new(5);
+        gw.host.shared.force_conflicts(10_000);
+        let (a, calls) = gw.send_rls("/api/x", &mut rls);
+        assert_eq!((a.status, calls), (want, 0), "{failure}");
+        assert_eq!(gw.metric("limit.fleet.cas_exhausted"), Some(1));
+        assert_eq!(gw.metric("rls_failures"), Some(0));
+    }
+}
+
+#[test]
+fn a_configuration_without_leases_stops_the_ticks() {
+    let mut gw = Gw::new(&global_config("leased", "allow", false));
+    assert_eq!(gw.host.tick_period, Some(Duration::from_millis(20)));
+    gw.root
+        .configure(&mut gw.host, global_config("exact", "allow", false).as_bytes())
+        .unwrap();
+    assert_eq!(gw.host.tick_period, Some(Duration::ZERO));
+}

@@ -219,7 +219,23 @@ impl RateLimitFilter {
             match self.take_lease(host, limit, &check, now, cost) {
                 Ok(Some(v)) => paused.verdicts.push(v),
                 Ok(None) => calls.push(check),
-                Err(e) => self.failed(host, &mut paused, check.limit, &e.to_string(), now),
+                Err(e) => {
+                    // Shared data, not the service: counted as the local limits' failures.
+                    let ids = &shared.ids;
+                    ids.count(host, Total::Failures);
+                    if e == StoreError::CasExhausted {
+                        ids.count(host, Total::CasExhausted);
+                        ids.count_limit(host, check.limit, LimitMetric::CasExhausted);
+                    }
+                    log::warn!(
+                        "[{}] limit `{}`: lease not updated: {e}",
+                        self.context_id,
+                        limit.name
+                    );
+                    paused.deny |= limit
+                        .global
+                        .is_some_and(|g| g.failure_mode == FailureMode::Deny);
+                }
             }
         }
         if !paused.deny && !self.refused(&paused.verdicts) {
