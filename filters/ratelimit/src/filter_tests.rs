@@ -837,3 +837,30 @@ fn a_configuration_without_leases_stops_the_ticks() {
         .unwrap();
     assert_eq!(gw.host.tick_period, Some(Duration::ZERO));
 }
+
+#[test]
+fn a_request_served_from_a_lease_makes_no_more_host_calls_than_a_local_limit() {
+    let limit = |global: &str| {
+        format!(
+            r#"{{"rate_limit_service": {{"cluster": "rls"}},
+              "limits": [{{"name":"l","quota":1000,"window":"1m","key":["client_ip","route"]{global}}}],
+              "routes": [{{"name":"api","match":{{"prefix":"/api/"}},"limits":["l"]}}]}}"#
+        )
+    };
+    let local = limit(r#","algorithm":"fixed_window""#);
+    let leased = limit(r#","global":{"mode":"leased","lease_max":100}"#);
+    let (s, local_calls) = host_calls(&mut Gw::new(&local), "/api/x", &[]);
+    assert_eq!(s, 200);
+    let mut gw = Gw::new(&leased);
+    let mut rls = FakeRls::new(1000);
+    let (a, calls) = gw.send_rls("/api/x", &mut rls);
+    assert_eq!((a.status, calls), (200, 1));
+    assert_eq!(gw.tick(&mut rls), 1, "a lease of 25");
+    let (s, leased_calls) = host_calls(&mut gw, "/api/x", &[]);
+    assert_eq!(s, 200);
+    assert_eq!(rls.calls.len(), 2, "served from the lease");
+    assert!(
+        leased_calls.len() <= local_calls.len(),
+        "leased {leased_calls:?} local {local_calls:?}"
+    );
+}
