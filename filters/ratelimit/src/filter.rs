@@ -654,12 +654,23 @@ impl HttpFilter for RateLimitFilter {
             return Decision::Continue;
         }
         if route.has_global {
-            let (globals, local) = checks.into_iter().partition(|c| c.entries.is_some());
+            let (globals, local): (Vec<Check>, Vec<Check>) =
+                if checks.iter().all(|c| c.entries.is_some()) {
+                    (checks, Vec::new())
+                } else {
+                    checks.into_iter().partition(|c| c.entries.is_some())
+                };
+            // The route's name is needed later only by local limits (for a warning's label).
+            let route_name = if local.is_empty() {
+                String::new()
+            } else {
+                route.name.clone()
+            };
             let waiting = global::Request {
                 local,
                 client,
                 req,
-                route_name: route.name.clone(),
+                route_name,
                 cost: route.cost,
             };
             return self.start_global(host, waiting, globals);

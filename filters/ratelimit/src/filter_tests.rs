@@ -833,7 +833,10 @@ fn a_configuration_without_leases_stops_the_ticks() {
     let mut gw = Gw::new(&global_config("leased", "allow", false));
     assert_eq!(gw.host.tick_period, Some(Duration::from_millis(20)));
     gw.root
-        .configure(&mut gw.host, global_config("exact", "allow", false).as_bytes())
+        .configure(
+            &mut gw.host,
+            global_config("exact", "allow", false).as_bytes(),
+        )
         .unwrap();
     assert_eq!(gw.host.tick_period, Some(Duration::ZERO));
 }

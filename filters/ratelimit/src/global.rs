@@ -56,7 +56,7 @@ pub struct Request {
     pub client: Client,
     /// Method, host, path, query.
     pub req: RequestInfo,
-    /// The route's name.
+    /// The route's name (empty when it has no local limits).
     pub route_name: String,
     /// Units it costs.
     pub cost: u64,
