@@ -214,7 +214,18 @@ def eg_policy(name: str, entries: list[dict], version: str, comment: str) -> str
     return GENERATED + comment + dump(doc)
 
 
-def envoy_snippet(f: str, config: dict, all_clusters: dict[str, dict]) -> str:
+# Keys of the bundled HTTP connection manager that are not the edge settings: the snippets have
+# their own. Every other key (use_remote_address, xff_num_trusted_hops, header and path
+# sanitizing, ...) is copied, so a snippet trusts clients exactly as envoy/envoy.yaml does.
+HCM_OWN_KEYS = {"@type", "stat_prefix", "codec_type", "route_config", "rds", "http_filters"}
+
+
+def edge_settings(cfg: dict) -> dict:
+    """The bundled HTTP connection manager's settings other than its routes and filters."""
+    return {k: v for k, v in hcm_of(cfg).items() if k not in HCM_OWN_KEYS}
+
+
+def envoy_snippet(f: str, config: dict, all_clusters: dict[str, dict], edge: dict | None = None) -> str:
     used = referenced_clusters(config, set(all_clusters))
     cl = [{
         "name": "backend",
@@ -235,6 +246,7 @@ def envoy_snippet(f: str, config: dict, all_clusters: dict[str, dict]) -> str:
                         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
                                  ".HttpConnectionManager",
                         "stat_prefix": "gateway",
+                        **(edge or {}),
                         "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [
                             {"match": {"prefix": "/"}, "route": {"cluster": "backend"}}]}]},
                         "http_filters": [
@@ -273,7 +285,9 @@ def envoy_snippet(f: str, config: dict, all_clusters: dict[str, dict]) -> str:
             + f"# Minimal plain-Envoy configuration with tollgate.{f} alone in front of one backend\n"
             + "# (127.0.0.1:8080). Put the module at /etc/envoy/ and run:\n"
             + f"#   envoy -c tollgate-{f}.yaml\n"
-            + "# Other clusters are the ones the filter's configuration calls out to.\n")
+            + "# Other clusters are the ones the filter's configuration calls out to. The connection manager's\n"
+            + "# edge settings are envoy/envoy.yaml's (the client address is the TCP peer; see\n"
+            + "# docs/filters/ratelimit.md#deployment-shapes behind a load balancer).\n")
     return head + dump(doc)
 
 
@@ -301,7 +315,8 @@ def generate(version: str | None = None, build: Path = ROOT / "build") -> dict[P
         f"# Envoy Gateway: the four filters on the Gateway `{EG_GATEWAY}`, in this order\n"
         "# (auth -> ratelimit -> cache -> aggregate); the wasm list is the filter order.\n")
     for f in FILTERS:
-        out[Path("deploy/envoy") / f"tollgate-{f}.yaml"] = envoy_snippet(f, configs.get(f, {}), all_clusters)
+        out[Path("deploy/envoy") / f"tollgate-{f}.yaml"] = envoy_snippet(f, configs.get(f, {}), all_clusters,
+                                                                        edge_settings(cfg))
     # The Kubernetes demo is written by hand; only its image names follow the registry.
     demo = Path("deploy/kubernetes/demo.yaml")
     out[demo] = (ROOT / demo).read_text().replace(f"{oci.DEFAULT_REGISTRY}/", f"{oci.REGISTRY}/")

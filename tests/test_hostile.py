@@ -1,0 +1,136 @@
+"""The black-box catalogue: a hostile client against the bundled configuration (envoy/envoy.yaml as
+shipped, through tests/harness.bundled_config), one test per attack. Each case was a finding of
+issue #15 and failed on the configuration of its day; it must keep failing for the attacker.
+
+The client is always 127.0.0.1 here, so every test starts its own gateway (the anonymous limit,
+10 a minute per client IP, would otherwise be shared between tests).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import harness
+from harness import Envoy, bundled_config
+
+# The bundled anonymous limit: 10 a minute per client IP (GCRA, a burst of 10).
+ANON_BURST = 10
+
+
+@pytest.fixture
+def gateway(services, envoy_factory) -> Envoy:
+    """The bundled configuration, as shipped, in front of the demo services."""
+    return envoy_factory(config=bundled_config(services))
+
+
+def hcm(config: dict) -> dict:
+    return config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding 1: the client address comes from the TCP connection, not from a header
+
+
+def test_rotating_x_forwarded_for_does_not_reset_the_anonymous_limit(gateway):
+    statuses = [gateway.get("/api/products/2", {"x-forwarded-for": f"203.0.113.{i}"}).status for i in range(15)]
+    assert statuses[:ANON_BURST] == [200] * ANON_BURST, statuses
+    assert statuses[ANON_BURST:] == [429] * (15 - ANON_BURST), statuses
+    assert gateway.stat("tollgate.ratelimit.limit.anonymous-ip.limited") == 15 - ANON_BURST
+
+
+def test_client_x_envoy_headers_do_not_reach_the_services(gateway):
+    forged = {
+        "x-envoy-external-address": "203.0.113.9",  # the address Envoy says the client has
+        "x-envoy-internal": "true",                  # "this request comes from inside"
+        "x-envoy-decorator-operation": "forged",
+        "x-envoy-downstream-service-cluster": "forged",
+        "x-envoy-upstream-alt-stat-name": "forged",
+        "x-envoy-retry-on": "5xx",
+        "x-envoy-max-retries": "50",
+        "x-envoy-hedge-on-per-try-timeout": "true",
+        "x-envoy-peer-metadata-id": "forged",        # a name Envoy itself gives no meaning
+    }
+    r = gateway.get("/api/products/echo/headers", forged)
+    assert r.status == 200, r
+    seen = r.json()["headers"]
+    envoy_headers = {k: v for k, v in seen.items() if k.startswith("x-envoy-")}
+    # What is left is Envoy's own: the client address it saw, the route's timeout and original path.
+    assert envoy_headers.get("x-envoy-external-address") == "127.0.0.1", envoy_headers
+    assert set(envoy_headers) <= {"x-envoy-external-address", "x-envoy-expected-rq-timeout-ms",
+                                  "x-envoy-original-path"}, envoy_headers
+    assert "forged" not in str(envoy_headers) and "203.0.113.9" not in str(envoy_headers)
+
+
+def test_identity_headers_spelled_with_underscores_are_refused(gateway):
+    """Backends that treat `_` and `-` alike (CGI, WSGI: HTTP_X_TOLLGATE_CONSUMER) would take
+    `x_tollgate_consumer` for the identity the auth filter sets: Envoy refuses such requests."""
+    for name in ("x_tollgate_consumer", "X_Tollgate_Plan"):
+        r = gateway.get("/api/products/echo/underscore", {name: "acme"})
+        assert r.status == 400, (name, r)
+
+
+@pytest.mark.parametrize("path", ["/api/products/../users/1", "/api/products/%2e%2e/users/1",
+                                  "/api/products/./../users/1"])
+def test_dot_segments_cannot_step_around_an_auth_rule(gateway, path):
+    """The filters match the path Envoy routes: normalized first, so `/api/products/../users/1`
+    is `/api/users/1` for the auth filter too (which then wants a credential)."""
+    r = gateway.get(path)
+    assert r.status == 401, r
+    assert r.header("content-type") == "application/problem+json"
+
+
+def test_escaped_slashes_are_refused(gateway):
+    r = gateway.get("/api/products%2F..%2Fusers/1")
+    assert r.status == 400, r
+
+
+# --- the deployment shapes of docs/filters/ratelimit.md: Envoy's view of the client is the limit's
+
+def shaped_gateway(envoy_factory, services, shape: str, trusted_hops: int = 0) -> Envoy:
+    """The bundled configuration with the HCM settings of a deployment shape and a ratelimit
+    limit of 2 per client IP on /api/products (`trusted_hops` as given)."""
+    cfg = bundled_config(services)
+    m = hcm(cfg)
+    if shape == "edge":
+        pass  # as shipped
+    elif shape == "behind-one-proxy":
+        m["xff_num_trusted_hops"] = 1
+    else:
+        raise ValueError(shape)
+    limits = {"trusted_hops": trusted_hops,
+              "limits": [{"name": "per-ip", "quota": 2, "window": "1m", "key": ["client_ip"]}],
+              "routes": [{"match": {"prefix": "/api/products"}, "limits": ["per-ip"]}]}
+    for f in m["http_filters"]:
+        if f["name"] == "tollgate.ratelimit":
+            import json
+            f["typed_config"]["config"]["configuration"]["value"] = json.dumps(limits)
+    return envoy_factory(config=cfg)
+
+
+def statuses(envoy: Envoy, xff_values: list[str | None]) -> list[int]:
+    return [envoy.get("/api/products/3", {"x-forwarded-for": x} if x else {}).status for x in xff_values]
+
+
+def test_edge_shape_counts_the_tcp_peer_whatever_the_header_says(services, envoy_factory):
+    envoy = shaped_gateway(envoy_factory, services, "edge")
+    assert statuses(envoy, [None, "198.51.100.1", "198.51.100.2", "198.51.100.3, 198.51.100.4"]) == \
+        [200, 200, 429, 429]
+
+
+def test_behind_one_proxy_counts_the_address_the_proxy_saw(services, envoy_factory):
+    """Envoy behind one proxy that appends to x-forwarded-for (`xff_num_trusted_hops: 1`): the
+    client is the entry that proxy added; what the client put before it does not count. The
+    filter's `trusted_hops: 0` reads Envoy's view (`source.address`), so both agree."""
+    envoy = shaped_gateway(envoy_factory, services, "behind-one-proxy")
+    # The proxy's entry is the last; a client's own x-forwarded-for comes before it.
+    assert statuses(envoy, ["198.51.100.1", "198.51.100.1", "198.51.100.1"]) == [200, 200, 429]
+    assert statuses(envoy, ["203.0.113.5, 198.51.100.1", "203.0.113.6, 198.51.100.1"]) == [429, 429]
+    assert statuses(envoy, ["198.51.100.2", "203.0.113.5, 198.51.100.2"]) == [200, 200]
+
+
+def test_trusted_hops_must_not_count_envoys_own_entry_twice(services, envoy_factory):
+    """The pitfall the docs warn about: with Envoy's `use_remote_address`, Envoy appends the
+    peer to x-forwarded-for before the filters run, so `trusted_hops: 1` in the filter reads that
+    peer (the proxy itself), and every client behind the proxy shares one counter."""
+    envoy = shaped_gateway(envoy_factory, services, "behind-one-proxy", trusted_hops=1)
+    assert statuses(envoy, ["198.51.100.1", "198.51.100.2", "198.51.100.3"]) == [200, 200, 429]
