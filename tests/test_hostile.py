@@ -134,3 +134,51 @@ def test_trusted_hops_must_not_count_envoys_own_entry_twice(services, envoy_fact
     peer (the proxy itself), and every client behind the proxy shares one counter."""
     envoy = shaped_gateway(envoy_factory, services, "behind-one-proxy", trusted_hops=1)
     assert statuses(envoy, ["198.51.100.1", "198.51.100.2", "198.51.100.3"]) == [200, 200, 429]
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding 3: reads of products are public, writes need the products:write scope
+
+@pytest.fixture(scope="module")
+def token():
+    """token(sub=..., scopes=...): a JWT of the bundled demo provider (DEMO-ONLY keys)."""
+    from auth_helpers import build_mint, mint
+    build_mint()
+    return mint
+
+
+def keys_fetched(envoy: Envoy) -> Envoy:
+    harness.wait_for(lambda: envoy.stat("tollgate.auth.jwks_fetches") >= 1, 15, "the demo provider's keys")
+    return envoy
+
+
+def bearer(t: str) -> dict:
+    return {"authorization": f"Bearer {t}"}
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "PATCH", "DELETE", "OPTIONS", "PURGE"])
+def test_anonymous_writes_to_products_are_refused_and_keep_the_cache(gateway, method):
+    stored = gateway.get("/api/products/1")
+    assert stored.status == 200 and "stored" in stored.header("cache-status"), stored
+    r = gateway.request(method, "/api/products/1", body="{}")
+    assert r.status == 401, r
+    assert r.header("content-type") == "application/problem+json"
+    after = gateway.get("/api/products/1")
+    assert after.status == 200 and after.header("cache-status").startswith("tollgate; hit"), after
+
+
+def test_product_writes_need_the_products_write_scope(gateway, token):
+    keys_fetched(gateway)
+    assert gateway.get("/api/products/1").status == 200
+    reader = bearer(token(sub="alice", scopes="orders:read"))
+    r = gateway.request("PUT", "/api/products/1", headers=reader, body="{}")
+    assert r.status == 403 and r.json()["reason"] == "insufficient_scope", r
+    # An API key carries no scopes: writes take a JWT.
+    r = gateway.request("DELETE", "/api/products/1", headers={"x-api-key": "demo-key-pro"})
+    assert r.status in (401, 403), r
+    assert gateway.get("/api/products/1").header("cache-status").startswith("tollgate; hit")
+    writer = bearer(token(sub="ops", scopes="products:write"))
+    r = gateway.request("PUT", "/api/products/1", headers=writer, body="{}")
+    assert r.status == 200 and r.json()["accepted"] is True, r
+    # A successful write evicts the stored answer (RFC 9111 4.4).
+    assert "fwd=" in gateway.get("/api/products/1").header("cache-status")
