@@ -475,6 +475,62 @@ def test_refused_configuration_names_the_field(services, envoy_factory):
         assert f"field `{field}`" in lines[0] and reason in lines[0], lines[0]
 
 
+# --- the caller's identity ---------------------------------------------------------------------
+
+ME = {"name": "me", "match": {"exact": "/api/me", "methods": ["GET"]}, "errors": True, "calls": [
+    call("user", "users", "/users/{consumer}", required=True),
+    call("seen", "orders", "/echo/{consumer}", pointer="/headers"),
+    call("blind", "products", "/echo/blind", pointer="/headers", forward_identity=False),
+]}
+
+
+def test_calls_carry_the_callers_identity_and_paths_use_it(services, envoy_factory):
+    """What the auth filter set (here sent directly: no auth filter in this Envoy) reaches the
+    backends, and `{consumer}` chooses the record, not a path segment the client wrote."""
+    envoy = start(envoy_factory, services, [ME])
+    r = envoy.get("/api/me", {"x-tollgate-consumer": "alice", "x-tollgate-plan": "pro", "x-other": "1"})
+    assert r.status == 200 and r.header("x-aggregate-complete") == "true", r
+    body = r.json()
+    assert body["user"]["id"] == "alice" and body["user"]["name"] == "alice", body
+    assert body["seen"]["x-tollgate-consumer"] == "alice" and body["seen"]["x-tollgate-plan"] == "pro"
+    assert "x-other" not in body["seen"]
+    assert "x-tollgate-consumer" not in body["blind"] and "x-tollgate-plan" not in body["blind"]
+    # The reply is built from the caller's identity: no shared cache may keep it.
+    assert r.header("cache-control").startswith("private") or r.header("cache-control") == "no-store", r
+
+
+def test_a_composite_request_without_the_identity_it_needs_is_refused(services, envoy_factory):
+    envoy = start(envoy_factory, services, [ME])
+    services.reset_stats()
+    r = envoy.get("/api/me")
+    assert r.status == 401, r
+    assert r.header("content-type") == "application/problem+json"
+    assert r.json()["type"] == "https://tollgate.dev/problems/aggregate/identity-required"
+    assert services.hits("users", "/users/") == 0 and services.get("users", "/stats").json()["requests"] == 0
+    assert envoy.stat("tollgate.aggregate.ep.me.no_identity") == 1
+
+
+def test_backends_that_check_the_identity_see_it(envoy_factory):
+    """Demo services that refuse unidentified callers (as `make run` starts users and orders):
+    the calls that carry the identity pass, a call with `forward_identity: false` is refused."""
+    strict = harness.DemoServices.start(require_identity=("users", "orders"))
+    try:
+        envoy = start(envoy_factory, strict, [
+            {"name": "d", "match": {"exact": "/api/me"}, "errors": True, "calls": [
+                call("user", "users", "/users/{consumer}", required=True),
+                call("orders", "orders", "/orders?user={consumer}", pointer="/items", allow=["id"]),
+                call("orders_blind", "orders", "/orders?user={consumer}", forward_identity=False)]}])
+        r = envoy.get("/api/me", {"x-tollgate-consumer": "bob"})
+        assert r.status == 200, r
+        body = r.json()
+        assert body["user"]["id"] == "bob" and len(body["orders"]) == 5, body
+        assert body["orders_blind"] is None
+        assert body["errors"] == [{"call": "orders_blind", "backend": "orders", "error": "status", "status": 401,
+                                   "detail": "answered 401"}], body
+    finally:
+        strict.stop()
+
+
 # --- the bundled demo configuration, documentation example and schema -------------------------
 
 def test_bundled_dashboard_and_mobile_shape(services, envoy_factory):
@@ -503,8 +559,14 @@ def doc_example() -> dict:
 
 def test_documented_example_runs(services, envoy_factory):
     envoy = envoy_factory(filters=[("aggregate", doc_example())], services=services)
-    r = envoy.get("/api/dashboard/2")
+    r = envoy.get("/api/dashboard", {"x-tollgate-consumer": "2"})
     assert r.status == 200 and r.header("x-aggregate-complete") == "true", r
+    body = r.json()
+    assert body["user"]["name"] == "User 2" and body["company"] == {"id": 3, "name": "Product 3"}, body
+    assert body["orders"][0] == {"amount": 1333, "id": 1, "status": "shipped"}, body
+    m = envoy.get("/api/dashboard", {"x-tollgate-consumer": "2", "x-client": "mobile"}).json()
+    assert m["user"] == {"name": "User 2"} and m["orders"][0] == {"amount": 1333, "id": 1}, m
+    assert envoy.get("/api/dashboard").status == 401
 
 
 def test_schema_accepts_the_example_and_bundled_config_and_refuses_bad_ones():
@@ -513,6 +575,8 @@ def test_schema_accepts_the_example_and_bundled_config_and_refuses_bad_ones():
     assert not list(v.iter_errors(doc_example()))
     assert not list(v.iter_errors(bundled_filter_configs()["aggregate"]))
     ok_call = {"name": "a", "cluster": "users", "path": "/users/1"}
+    assert v.is_valid({"consumer_header": "x-who", "identity_headers": ["x-who", "x-org"], "routes": [{"calls": [
+        dict(ok_call, path="/users/{consumer}/{identity.x-org}", forward_identity=False)]}]})
     assert v.is_valid({"routes": [{"max_request_bytes": 10, "calls": [
         dict(ok_call, forward_body=True, forward_headers=["content-type", "x-request-id"],
              headers={"x-te-ok": "1"})]}]})
@@ -527,6 +591,9 @@ def test_schema_accepts_the_example_and_bundled_config_and_refuses_bad_ones():
         {"routes": [{"calls": [dict(ok_call, headers={"host": "x"})]}]},
         {"routes": [{"calls": [dict(ok_call, forward_body="yes")]}]},
         {"routes": [{"max_request_bytes": 0, "calls": [ok_call]}]},
+        {"routes": [{"calls": [dict(ok_call, forward_identity="yes")]}]},
+        {"identity_headers": ["x-org", "content-length"]},
+        {"consumer_header": "bad header"},
     ]:
         assert not v.is_valid(bad), bad
 
