@@ -533,21 +533,48 @@ def test_backends_that_check_the_identity_see_it(envoy_factory):
 
 # --- the bundled demo configuration, documentation example and schema -------------------------
 
-def test_bundled_dashboard_and_mobile_shape(services, envoy_factory):
+def test_bundled_dashboard_as_the_readme_shows_it(envoy_factory):
+    """README's aggregation section on envoy/envoy.yaml as shipped, with the demo services as
+    `make run` starts them (users and orders check the identity the calls carry)."""
+    from auth_helpers import build_mint, mint
     from harness import bundled_config
-    envoy = envoy_factory(config=bundled_config(services))
-    r = envoy.get("/api/dashboard/1")
-    assert r.status == 200, r
-    assert r.header("x-aggregate-complete") == "true"
-    body = r.json()
-    assert {"user", "orders", "company", "errors"} <= set(body), body
-    m = envoy.get("/api/dashboard/1", headers={"x-client": "mobile"})
-    assert m.status == 200 and m.header("x-aggregate-profile") == "mobile", m
-    assert r.header("vary") == m.header("vary") == "x-client"
-    assert len(m.body) < len(r.body)
-    # Other paths are not the aggregate filter's: they go on to the router.
-    other = envoy.get("/api/products/1")
-    assert other.header("x-aggregate-complete") is None and other.header("x-demo-service") == "products", other
+    build_mint()
+    strict = harness.DemoServices.start(require_identity=("users", "orders"))
+    try:
+        envoy = envoy_factory(config=bundled_config(strict))
+        harness.wait_for(lambda: envoy.stat("tollgate.auth.jwks_fetches") >= 1, 15, "the demo keys")
+        alice = {"authorization": "Bearer " + mint(sub="alice")}
+        r = envoy.get("/api/dashboard", alice)
+        assert r.status == 200, r
+        assert (r.header("content-type"), r.header("cache-control"), r.header("x-aggregate-complete"),
+                r.header("vary")) == ("application/json", "no-store", "true", "x-client"), r
+        body = r.json()
+        assert body["company"] == {"id": 2, "name": "Product 2"} and body["errors"] == [], body
+        assert body["orders"][0] == {"currency": "EUR", "id": 1, "status": "shipped", "total": 1333}, body
+        assert body["user"] == {"company_id": 2, "id": "alice", "name": "alice", "plan": "free"}, body
+        assert envoy.get("/api/dashboard").status == 401
+        assert envoy.get("/api/dashboard", {"x-api-key": "demo-key-pro"}).json()["user"]["id"] == "acme"
+        assert envoy.get("/api/dashboard/2", alice).status == 403
+        ops = {"authorization": "Bearer " + mint(sub="ops", scopes="dashboard:any")}
+        other = envoy.get("/api/dashboard/2", ops).json()
+        assert other["company"] == {"id": 3, "name": "Product 3"}, other
+        assert other["user"] == {"company_id": 3, "id": 2, "name": "User 2", "plan": "pro"}, other
+        m = envoy.get("/api/dashboard", dict(alice, **{"x-client": "mobile"}))
+        assert m.header("x-aggregate-profile") == "mobile", m
+        assert m.json()["user"] == {"name": "alice"} and m.json()["orders"][:2] == [
+            {"id": 1, "total": 1333}, {"id": 2, "total": 2567}], m
+        slow = envoy.get("/api/dashboard", dict(alice, **{"x-demo-delay": "800"}))
+        assert (slow.status, slow.header("cache-control"), slow.header("x-aggregate-complete")) == \
+            (200, "no-store", "false"), slow
+        assert slow.json()["orders"] is None and slow.json()["errors"] == [
+            {"backend": "orders", "call": "orders", "detail": "no answer within 500ms", "error": "timeout"}]
+        failed = envoy.get("/api/dashboard/0", ops)
+        assert failed.status == 502 and failed.json()["backend"] == "users", failed
+        # Other paths are not the aggregate filter's: they go on to the router.
+        other = envoy.get("/api/products/1")
+        assert other.header("x-aggregate-complete") is None and other.header("x-demo-service") == "products", other
+    finally:
+        strict.stop()
 
 
 def doc_example() -> dict:

@@ -17,10 +17,19 @@ from harness import Envoy, bundled_config
 ANON_BURST = 10
 
 
+@pytest.fixture(scope="module")
+def strict_services():
+    """The demo services as `make run` starts them: users and orders answer 401 to a request
+    without the identity the gateway's auth filter sets."""
+    svc = harness.DemoServices.start(require_identity=("users", "orders"))
+    yield svc
+    svc.stop()
+
+
 @pytest.fixture
-def gateway(services, envoy_factory) -> Envoy:
+def gateway(strict_services, envoy_factory) -> Envoy:
     """The bundled configuration, as shipped, in front of the demo services."""
-    return envoy_factory(config=bundled_config(services))
+    return envoy_factory(config=bundled_config(strict_services))
 
 
 def hcm(config: dict) -> dict:
@@ -182,3 +191,46 @@ def test_product_writes_need_the_products_write_scope(gateway, token):
     assert r.status == 200 and r.json()["accepted"] is True, r
     # A successful write evicts the stored answer (RFC 9111 4.4).
     assert "fwd=" in gateway.get("/api/products/1").header("cache-status")
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding 2: a composite endpoint must not read what its parts protect
+
+def test_the_dashboard_needs_a_credential(gateway, strict_services):
+    strict_services.reset_stats()
+    for path in ("/api/dashboard/2", "/api/dashboard", "/api/dashboard/2?x=1"):
+        r = gateway.get(path)
+        assert r.status == 401, (path, r)
+        assert r.header("content-type") == "application/problem+json"
+    assert strict_services.get("users", "/stats").json()["requests"] == 0
+    assert strict_services.get("orders", "/stats").json()["requests"] == 0
+
+
+def test_a_caller_sees_its_own_dashboard_not_anothers(gateway, token):
+    keys_fetched(gateway)
+    alice = bearer(token(sub="alice"))
+    r = gateway.get("/api/dashboard/2", alice)
+    assert r.status == 403, r
+    assert "user 2" not in r.text.lower() and "user2@" not in r.text
+    r = gateway.get("/api/dashboard", alice)
+    assert r.status == 200 and r.header("x-aggregate-complete") == "true", r
+    body = r.json()
+    assert body["user"]["id"] == "alice" and "email" not in body["user"], body
+    assert all(o.get("id") for o in body["orders"]), body
+    assert r.header("cache-control") in ("no-store",) or r.header("cache-control").startswith("private"), r
+    # An API key's consumer is a caller too.
+    r = gateway.get("/api/dashboard", {"x-api-key": "demo-key-pro"})
+    assert r.status == 200 and r.json()["user"]["id"] == "acme", r
+    # A forged identity header is removed by the auth filter before the aggregate filter reads it.
+    r = gateway.get("/api/dashboard", dict(alice, **{"x-tollgate-consumer": "2"}))
+    assert r.status == 200 and r.json()["user"]["id"] == "alice", r
+
+
+def test_any_users_dashboard_takes_the_dashboard_any_scope(gateway, token):
+    keys_fetched(gateway)
+    ops = bearer(token(sub="ops", scopes="dashboard:any"))
+    r = gateway.get("/api/dashboard/2", ops)
+    assert r.status == 200 and r.json()["user"]["name"] == "User 2", r
+    # The calls carry the operator's identity: the users and orders services checked it.
+    assert r.header("x-aggregate-complete") == "true", r
+    assert gateway.get("/api/dashboard/2", {"x-api-key": "demo-key-pro"}).status in (401, 403)
