@@ -468,6 +468,12 @@ def test_refused_configuration_names_the_field(services, envoy_factory):
         ({"routes": [{"match": DASH_MATCH, "calls": [
             call("a", "users", "/a"), call("b", "users", "/b", key="a")]}]},
          "routes[0].calls[1].key", "duplicate key"),
+        # A header the client chooses must not reach a call whose breaker every client shares.
+        ({"circuit_breaker": {"failures": 5}, "routes": [{"match": DASH_MATCH, "calls": [
+            call("a", "orders", "/orders", forward_headers=["traceparent", "x-demo-delay"])]}]},
+         "routes[0].calls[0].forward_headers[1]", "every client shares"),
+        ({"routes": [{"match": DASH_MATCH, "calls": [call("a", "users", "/u/{identity.x-org}")]}]},
+         "routes[0].calls[0].path", "identity_headers"),
     ]:
         envoy = envoy_factory(filters=[("aggregate", config)], services=services, expect_failure=True)
         lines = [l for l in envoy.log().splitlines() if "tollgate-aggregate: invalid configuration" in l]

@@ -234,3 +234,34 @@ def test_any_users_dashboard_takes_the_dashboard_any_scope(gateway, token):
     # The calls carry the operator's identity: the users and orders services checked it.
     assert r.header("x-aggregate-complete") == "true", r
     assert gateway.get("/api/dashboard/2", {"x-api-key": "demo-key-pro"}).status in (401, 403)
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding 5: no client can open a circuit breaker that every client shares
+
+def test_a_client_header_cannot_open_a_breaker_for_everyone(gateway, token):
+    """The orders call forwards the demo's x-demo-delay knob: a client can slow its own call
+    down, but the breaker (5 failures) is not the orders call's, so others are not affected."""
+    keys_fetched(gateway)
+    mallory = dict(bearer(token(sub="mallory")), **{"x-demo-delay": "800"})
+    for _ in range(6):
+        r = gateway.get("/api/dashboard", mallory)
+        assert r.status == 200 and r.json()["errors"][0]["error"] == "timeout", r
+    assert gateway.stat("tollgate.aggregate.breaker.orders.opened") == 0
+    r = gateway.get("/api/dashboard", {"x-api-key": "demo-key-pro"})
+    assert r.status == 200 and r.header("x-aggregate-complete") == "true", r
+    assert r.json()["errors"] == [], r
+
+
+def test_the_bundled_breakers_see_no_client_chosen_header():
+    """The rule behind it, on the configuration itself: a call with a breaker forwards only the
+    trace headers and the identity the auth filter sets (the aggregate filter refuses anything
+    else at load unless `breaker_accepts_client_headers`)."""
+    config = harness.bundled_filter_configs()["aggregate"]
+    safe = {"traceparent", "tracestate", "x-request-id"} | set(config.get("identity_headers", []))
+    for route in config["routes"]:
+        for call in route.get("calls", []):
+            breaker = call.get("circuit_breaker", config.get("circuit_breaker"))
+            if breaker and not breaker.get("disabled"):
+                assert set(call.get("forward_headers", [])) <= safe, (route["name"], call["name"])
+                assert not call.get("breaker_accepts_client_headers"), (route["name"], call["name"])

@@ -141,6 +141,11 @@ pub struct CallConfig {
     /// request body instead of at its headers).
     #[serde(default)]
     pub forward_body: bool,
+    /// Accept that `forward_headers` other than the trace and identity headers go to a call
+    /// with a circuit breaker (a client could make the backend fail and open the breaker for
+    /// everyone); refused at load without it.
+    #[serde(default)]
+    pub breaker_accepts_client_headers: bool,
 }
 
 fn default_method() -> String {
@@ -759,6 +764,26 @@ fn compile_call(
         Some(b) => compile_breaker(b).map_err(|e| e.within("circuit_breaker"))?,
         None => default_breaker,
     };
+    if breaker.is_some() && !c.breaker_accepts_client_headers {
+        // One breaker per backend, shared by every client: a header a client chooses must not
+        // be able to make the backend fail (slow, 5xx) and so open it for everyone. The trace
+        // headers carry no such power, and the identity headers are the auth filter's.
+        let chosen = forward_headers.iter().enumerate().find(|(_, h)| {
+            !DEFAULT_FORWARD_HEADERS.contains(&h.as_str()) && !identity.headers.contains(h)
+        });
+        if let Some((i, h)) = chosen {
+            return Err(ConfigError::new(
+                format!("forward_headers[{i}]"),
+                format!(
+                    "`{h}` is the client's to choose, and this call has a circuit breaker that \
+                     every client shares: one client could make `{}` fail and open it for all; \
+                     forward it from a call without a breaker (`\"circuit_breaker\": {{\"disabled\": \
+                     true}}`), or accept that with `breaker_accepts_client_headers: true`",
+                    c.cluster
+                ),
+            ));
+        }
+    }
     Ok(Call {
         name: c.name.to_string(),
         cluster: c.cluster.clone(),
@@ -1056,6 +1081,20 @@ mod tests {
                 "consumer_header",
                 "not a header name",
             ),
+            (
+                r#"{"circuit_breaker":{},"routes":[{"calls":[{"name":"a","cluster":"orders","path":"/o",
+                    "forward_headers":["traceparent","x-tollgate-plan","x-demo-delay"]}]}]}"#
+                    .into(),
+                "routes[0].calls[0].forward_headers[2]",
+                "open it for all",
+            ),
+            (
+                r#"{"routes":[{"calls":[{"name":"a","cluster":"orders","path":"/o",
+                    "circuit_breaker":{"failures":2},"forward_headers":["accept-language"]}]}]}"#
+                    .into(),
+                "routes[0].calls[0].forward_headers[0]",
+                "breaker_accepts_client_headers",
+            ),
         ];
         for (json, field, reason) in cases {
             let e = err(&json);
@@ -1088,6 +1127,26 @@ mod tests {
             br#"{"routes":[{"match":{"template":"/d/{consumer}"},"calls":[{"name":"a","cluster":"c","path":"/u"}]}]}"#,
         )
         .unwrap();
+    }
+
+    #[test]
+    fn client_headers_go_to_a_breaker_only_when_accepted() {
+        let ok = |json: &str| Config::parse(json.as_bytes()).unwrap();
+        // No breaker: any header.
+        ok(
+            r#"{"routes":[{"calls":[{"name":"a","cluster":"c","path":"/a","forward_headers":["x-demo-delay"]}]}]}"#,
+        );
+        // The breaker turned off for that call.
+        ok(
+            r#"{"circuit_breaker":{},"routes":[{"calls":[{"name":"a","cluster":"c","path":"/a",
+              "forward_headers":["x-demo-delay"],"circuit_breaker":{"disabled":true}}]}]}"#,
+        );
+        // Trace and identity headers (also a configured one), or an explicit acceptance.
+        ok(
+            r#"{"circuit_breaker":{},"identity_headers":["x-org"],"routes":[{"calls":[
+              {"name":"a","cluster":"c","path":"/a","forward_headers":["TraceParent","x-request-id","x-org","x-tollgate-consumer"]},
+              {"name":"b","cluster":"c","path":"/b","forward_headers":["x-demo-delay"],"breaker_accepts_client_headers":true}]}]}"#,
+        );
     }
 
     #[test]
