@@ -8,6 +8,8 @@ The client is always 127.0.0.1 here, so every test starts its own gateway (the a
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 import harness
@@ -70,6 +72,13 @@ def test_client_x_envoy_headers_do_not_reach_the_services(gateway):
     assert "forged" not in str(envoy_headers) and "203.0.113.9" not in str(envoy_headers)
 
 
+def test_forged_identity_headers_do_not_reach_the_services(gateway):
+    """On a public route too: the auth filter removes every identity header it can set."""
+    forged = {"x-tollgate-consumer": "admin", "x-tollgate-plan": "pro"}
+    seen = gateway.get("/api/products/echo/forged", forged).json()["headers"]
+    assert "x-tollgate-consumer" not in seen and "x-tollgate-plan" not in seen, seen
+
+
 def test_identity_headers_spelled_with_underscores_are_refused(gateway):
     """Backends that treat `_` and `-` alike (CGI, WSGI: HTTP_X_TOLLGATE_CONSUMER) would take
     `x_tollgate_consumer` for the identity the auth filter sets: Envoy refuses such requests."""
@@ -111,7 +120,6 @@ def shaped_gateway(envoy_factory, services, shape: str, trusted_hops: int = 0) -
               "routes": [{"match": {"prefix": "/api/products"}, "limits": ["per-ip"]}]}
     for f in m["http_filters"]:
         if f["name"] == "tollgate.ratelimit":
-            import json
             f["typed_config"]["config"]["configuration"]["value"] = json.dumps(limits)
     return envoy_factory(config=cfg)
 
