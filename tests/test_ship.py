@@ -9,6 +9,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -297,8 +298,9 @@ def test_plain_envoy_validation_runs_the_filter_configuration(tmp_path):
 # OCI image layouts and release artifacts
 
 
-def read_layout(directory: Path) -> tuple[dict, dict, dict, bytes]:
-    """index, manifest, config and layer bytes of a one-image OCI layout, checking every digest."""
+def read_layout(directory: Path) -> tuple[dict, dict, dict, bytes, list[tuple[dict, bytes]]]:
+    """index, manifest, config, the module layer's bytes and the other layers (descriptor, bytes)
+    of a one-image OCI layout, checking every digest."""
     assert json.loads((directory / "oci-layout").read_text()) == {"imageLayoutVersion": "1.0.0"}
     index = json.loads((directory / "index.json").read_text())
     assert index["schemaVersion"] == 2 and len(index["manifests"]) == 1
@@ -314,35 +316,53 @@ def read_layout(directory: Path) -> tuple[dict, dict, dict, bytes]:
     assert mdesc["mediaType"] == "application/vnd.oci.image.manifest.v1+json"
     manifest = json.loads(blob(mdesc))
     config = json.loads(blob(manifest["config"]))
-    assert len(manifest["layers"]) == 1
-    layer = blob(manifest["layers"][0])
+    *docs, module_layer = manifest["layers"]
+    layer = blob(module_layer)
+    others = [(d, blob(d)) for d in docs]
     # Nothing else in the layout.
     blobs = {p.name for p in (directory / "blobs" / "sha256").iterdir()}
     assert blobs == {d["digest"].split(":")[1] for d in [mdesc, manifest["config"], *manifest["layers"]]}
-    return index, manifest, config, layer
+    return index, manifest, config, layer, others
 
 
-def test_oci_layouts_hold_each_module_as_plugin_wasm(tmp_path):
+def test_oci_layouts_hold_each_module_as_plugin_wasm_after_its_docs(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "oci.py"), "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     digests = json.loads((tmp_path / "digests.json").read_text())
     for name in FILTERS:
-        index, manifest, config, layer = read_layout(tmp_path / f"tollgate-{name}")
+        index, manifest, config, layer, docs = read_layout(tmp_path / f"tollgate-{name}")
         assert index["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"] == VERSION
         assert manifest["schemaVersion"] == 2
         assert manifest["mediaType"] == "application/vnd.oci.image.manifest.v1+json"
         assert manifest["config"]["mediaType"] == "application/vnd.oci.image.config.v1+json"
-        assert manifest["layers"][0]["mediaType"] == "application/vnd.oci.image.layer.v1.tar+gzip"
         assert manifest["annotations"]["module.wasm.image/variant"] == "compat"
-        # The layer is a gzipped tar holding exactly plugin.wasm: the module, byte for byte.
+        # Istio and Envoy Gateway take the module from the LAST layer of a compat image
+        # (imagefetcher.go: layers[len(layers)-1], media type tar+gzip, file plugin.wasm).
+        assert manifest["layers"][-1]["mediaType"] == "application/vnd.oci.image.layer.v1.tar+gzip"
         tar_bytes = gzip.decompress(layer)
-        assert config["rootfs"] == {"type": "layers", "diff_ids": [f"sha256:{sha256(tar_bytes)}"]}
         with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as tar:
             members = tar.getmembers()
             assert [m.name for m in members] == ["plugin.wasm"] and members[0].isfile()
             data = tar.extractfile(members[0]).read()
         assert data == harness.module_path(name).read_bytes()
+        # In front of it, as Higress does: the docs page and the configuration schema, one raw
+        # file per layer, named by the title annotation (what `oras pull` writes).
+        titles = {d["annotations"]["org.opencontainers.image.title"]: (d["mediaType"], body) for d, body in docs}
+        assert set(titles) == {"README.md", f"{name}.schema.json"}
+        assert titles["README.md"] == ("application/vnd.module.wasm.doc.v1+markdown",
+                                       (ROOT / "docs" / "filters" / f"{name}.md").read_bytes())
+        media, schema_bytes = titles[f"{name}.schema.json"]
+        assert media == "application/schema+json"
+        # The schema layer validates on its own (route-match embedded): the bundled configuration
+        # passes, a misspelt field does not.
+        bundled_schema = json.loads(schema_bytes)
+        v = jsonschema.Draft202012Validator(bundled_schema)
+        assert not list(v.iter_errors(harness.bundled_filter_configs()[name]))
+        assert list(v.iter_errors({"routes": [{"match": {"prefx": "/"}}]}))
+        # Every layer has its uncompressed digest in the config.
+        raw = [body for _d, body in docs] + [tar_bytes]
+        assert config["rootfs"] == {"type": "layers", "diff_ids": [f"sha256:{sha256(b)}" for b in raw]}
         assert digests[name]["manifest_sha256"] == index["manifests"][0]["digest"].split(":")[1]
         assert digests[name]["module_sha256"] == sha256(data)
     # Deterministic: the same modules give the same manifest digests.
@@ -351,6 +371,84 @@ def test_oci_layouts_hold_each_module_as_plugin_wasm(tmp_path):
                    capture_output=True, timeout=120)
     assert json.loads((again / "digests.json").read_text())["auth"]["manifest_sha256"] == \
         digests["auth"]["manifest_sha256"]
+
+
+def test_oci_gzip_does_not_depend_on_the_zlib_library():
+    """The module layer's gzip holds stored deflate blocks written by oci.py, so its bytes (and the
+    digests in deploy/) are the same with zlib, zlib-ng or any other deflate implementation."""
+    for data in (b"", b"x", bytes(range(256)) * 1000, harness.module_path("ratelimit").read_bytes()):
+        out = oci.gzip_fixed(data)
+        assert gzip.decompress(out) == data
+        assert out[:10] == b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"  # no mtime, no name
+        # Stored blocks: the input is in the stream as it is, 65535 bytes at a time.
+        for i in range(0, len(data), 0xFFFF):
+            assert data[i:i + 0xFFFF] in out
+        assert len(out) == 10 + 5 * max(1, -(-len(data) // 0xFFFF)) + len(data) + 8
+
+
+# ---------------------------------------------------------------------------------------------
+# Reproducible modules: a pinned toolchain, no machine paths, the committed digests
+
+
+def wasm_toolchain() -> str:
+    """The toolchain scripts/wasm.sh chose for build/ (rustup or debian)."""
+    choice = ROOT / "target" / ".wasm-toolchain"
+    return choice.read_text().strip() if choice.exists() else "rustup"
+
+
+def test_rust_toolchain_is_pinned_to_the_release_that_built_the_digests():
+    import tomllib
+    pin = tomllib.loads((ROOT / "rust-toolchain.toml").read_text())["toolchain"]
+    # An exact release, not a moving channel, and no `targets`: on a machine where the rustup
+    # server is out of reach, rustup would try to install them and hang; scripts/wasm.sh adds
+    # wasm32-wasip1 itself when it can.
+    assert re.fullmatch(r"\d+\.\d+\.\d+", pin["channel"]), pin
+    assert "targets" not in pin, pin
+    # The pin is the release rustup runs here (so the committed digests are this toolchain's) ...
+    r = subprocess.run(["rustc", "--version"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith(f"rustc {pin['channel']} "), r.stdout + r.stderr
+    # ... and the one the docs name, with the Debian fallback's version and its different digests.
+    docs = (ROOT / "docs" / "deploy.md").read_text()
+    assert f"Rust {pin['channel']}" in docs
+    debian = re.search(r"`rustc-web` (\d+\.\d+\.\d+)\S*", docs)
+    assert debian, "docs/deploy.md names the Debian rustc-web version"
+    assert "digests differ" in docs
+
+
+def test_modules_carry_no_machine_specific_paths():
+    """Panic locations name source files: the Cargo home and the checkout are remapped
+    (scripts/wasm.sh), so another machine's build gives the same bytes."""
+    cargo_home = os.environ.get("CARGO_HOME", str(Path.home() / ".cargo"))
+    for name in harness.MODULES:
+        data = harness.module_path(name).read_bytes()
+        for path in (cargo_home, str(ROOT), str(ROOT.resolve())):
+            assert path.encode() not in data, f"{name}: the module names {path}; rebuild with `make build`"
+
+
+def test_committed_digests_are_those_of_a_fresh_build():
+    """deploy/ carries the image digests of the modules `make build` just wrote: the filter code,
+    its docs page and its schema all go into the image, so a change to any of them needs
+    `make manifests` (then commit deploy/)."""
+    if wasm_toolchain() != "rustup":
+        pytest.skip("build/ was made by Debian's rustc-web (scripts/wasm.sh fallback): its modules differ "
+                    "from the pinned rustup toolchain's by design, so the committed digests cannot match")
+    stale = []
+    for name in FILTERS:
+        digest = oci.image_for(name, VERSION).digest
+        plugin = load_yaml(ROOT / "deploy" / "istio" / f"tollgate-{name}.yaml")
+        policy = load_yaml(ROOT / "deploy" / "envoy-gateway" / f"tollgate-{name}.yaml")
+        if plugin["spec"]["sha256"] != digest or policy["spec"]["wasm"][0]["code"]["image"]["sha256"] != digest:
+            stale.append(name)
+    assert not stale, (f"deploy/ has stale image digests for {', '.join(stale)}: the module, its docs page or "
+                       "its schema changed. Run `make manifests` and commit deploy/.")
+
+
+def test_generated_deploy_files_are_up_to_date():
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen-deploy.py"), "--check"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    if r.returncode != 0 and wasm_toolchain() != "rustup":
+        pytest.skip("modules built by Debian's rustc-web: digests differ from the committed ones by design")
+    assert r.returncode == 0, r.stdout + r.stderr
 
 
 def test_manifests_carry_the_oci_manifest_digest_of_the_modules():
