@@ -54,6 +54,20 @@ def errors(validator, doc) -> list[str]:
     return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
 
 
+def gen_deploy():
+    """scripts/gen-deploy.py as a module."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("gen_deploy", ROOT / "scripts" / "gen-deploy.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    return gen
+
+
+def yaml_blocks(path: Path) -> list[str]:
+    """The ```yaml blocks of a Markdown file."""
+    return re.findall(r"```yaml\n(.*?)```", path.read_text(), re.S)
+
+
 def bundled_envoy() -> dict:
     return load_yaml(ROOT / "envoy" / "envoy.yaml")
 
@@ -231,6 +245,229 @@ def test_istio_cluster_names_point_at_the_demo_services():
         assert service in harness.SERVICES and namespace == "tollgate-demo" and port == "80", cluster
 
 
+def test_istio_plugins_attach_to_every_listener_of_the_gateway():
+    """No `match.ports`: Istio matches ports against the gateway's listener ports, so a port list
+    leaves every other listener (HTTPS on 8443, a Helm-installed gateway on 80) without the filter,
+    FAIL_CLOSE or not. Without ports, every listener of the selected gateway gets it."""
+    layout = gen_deploy().ISTIO_LAYOUTS["istioctl"]
+    for name, doc in wasm_plugins().items():
+        spec = doc["spec"]
+        assert all("ports" not in m for m in spec.get("match", [])), name
+        assert all(m.get("mode", "CLIENT") in ("CLIENT", "CLIENT_AND_SERVER") for m in spec.get("match", [])), name
+        assert spec["selector"]["matchLabels"] == layout["labels"], name
+        assert doc["metadata"]["namespace"] == layout["namespace"], name
+
+
+def test_istio_helm_gateway_layout(tmp_path):
+    """`--istio-gateway helm`: the WasmPlugins (and the demo's Istio Gateway) for a gateway installed
+    with Istio's Helm `gateway` chart as release istio-ingress: namespace istio-ingress, pods
+    labelled istio=ingress (the chart's `istio` label is the release name without `istio-`)."""
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen-deploy.py"), "--istio-gateway", "helm",
+                        "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    for name in FILTERS:
+        doc = load_yaml(tmp_path / "deploy" / "istio" / f"tollgate-{name}.yaml")
+        assert not errors(deploy_validator("wasmplugin"), doc)
+        assert doc["metadata"]["namespace"] == "istio-ingress"
+        assert doc["spec"]["selector"]["matchLabels"] == {"istio": "ingress"}
+        assert all("ports" not in m for m in doc["spec"]["match"])
+        # Everything else is the default layout's.
+        default = wasm_plugins()[name]
+        for key in ("url", "sha256", "pluginConfig", "phase", "priority", "failStrategy", "match"):
+            assert doc["spec"][key] == default["spec"][key], key
+    gateway = next(d for d in yaml.safe_load_all((tmp_path / "deploy" / "kubernetes" / "demo-istio.yaml").read_text())
+                   if d and d["kind"] == "Gateway")
+    assert gateway["spec"]["selector"] == {"istio": "ingress"}
+    shipped = next(d for d in yaml.safe_load_all((ROOT / "deploy" / "kubernetes" / "demo-istio.yaml").read_text())
+                   if d and d["kind"] == "Gateway")
+    assert shipped["spec"]["selector"] == {"istio": "ingressgateway"}
+
+
+def test_istio_docs_cover_both_layouts_and_make_ports_an_opt_in_with_its_warning():
+    docs = (ROOT / "docs" / "deploy.md").read_text()
+    istio = docs[docs.index("## Istio"):docs.index("## Envoy Gateway")]
+    for layout in gen_deploy().ISTIO_LAYOUTS.values():
+        (key, value), = layout["labels"].items()
+        row = next((line for line in istio.splitlines() if line.startswith("|") and f"`{key}: {value}`" in line), None)
+        assert row and f"`{layout['namespace']}`" in row and f"`{layout['workload']}`" in row, layout
+    assert "--istio-gateway helm" in istio
+    # The opt-in: a match with ports, shown as YAML that fits a WasmPlugin, next to the warning.
+    snippet = next(b for b in yaml_blocks(ROOT / "docs" / "deploy.md") if "ports:" in b and "match:" in b)
+    doc = wasm_plugins()["auth"]
+    doc["spec"].update(yaml.safe_load(snippet))
+    assert not errors(deploy_validator("wasmplugin"), doc)
+    assert doc["spec"]["match"][0]["ports"]
+    assert "**Warning.**" in istio and "FAIL_CLOSE` does not help" in istio
+    assert "no Tollgate filter at all" in istio
+
+
+def mesh_sidecars_config(services) -> tuple[dict, dict[str, int]]:
+    """One Envoy listener in front of each demo service, as the service's sidecar: any valid Host
+    is routed to the service; a Host that is not a valid host name (an Istio or Envoy Gateway
+    cluster name) gets 400, as from Istio's sidecars."""
+    cfg = harness.bootstrap(harness.free_port(), harness.free_port(), [],
+                            [harness.static_cluster(n, p) for n, p in services.ports.items()])
+    template = cfg["static_resources"]["listeners"][0]
+    listeners, ports = [], {}
+    for svc in harness.SERVICES:
+        ports[svc] = harness.free_port()
+        listener = json.loads(json.dumps(template))
+        listener["name"] = f"sidecar-{svc}"
+        listener["address"]["socket_address"]["port_value"] = ports[svc]
+        hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+        hcm["stat_prefix"] = f"sidecar_{svc}"
+        hcm["route_config"]["virtual_hosts"] = [{"name": svc, "domains": ["*"], "routes": [
+            {"match": {"prefix": "/"}, "route": {"cluster": svc}}]}]
+        listeners.append(listener)
+    cfg["static_resources"]["listeners"] = listeners
+    return cfg, ports
+
+
+def generated_filter_configs(platform: str) -> dict[str, dict]:
+    if platform == "istio":
+        return {f: d["spec"]["pluginConfig"] for f, d in wasm_plugins().items()}
+    doc = load_yaml(ROOT / "deploy" / "envoy-gateway" / "tollgate-all.yaml")
+    return {w["rootID"].removeprefix("tollgate_"): w["config"] for w in doc["spec"]["wasm"]}
+
+
+@pytest.mark.parametrize("platform", ["istio", "envoy-gateway"])
+def test_generated_callouts_reach_the_services_under_the_platforms_cluster_names(platform, services, envoy_factory):
+    """The Istio and Envoy Gateway configurations, run by a real Envoy whose clusters carry the
+    platform's names (outbound|80||users.tollgate-demo.svc.cluster.local,
+    httproute/default/tollgate-demo/rule/0, ...), with an Envoy in front of the services: the JWKS
+    fetch succeeds and the aggregate answer is complete. With the cluster name as :authority (the
+    filters' default), that Envoy answers 400."""
+    gen = gen_deploy()
+    mesh_cfg, sidecar = mesh_sidecars_config(services)
+    mesh = envoy_factory(config=mesh_cfg)
+    configs = generated_filter_configs(platform)
+    # The clusters the configurations call: none is a demo cluster name; as a Host, each is refused.
+    names = {c for cfg in configs.values() for c in gen.referenced_clusters(cfg, _AnyName())}
+    assert names and not names & set(harness.SERVICES), names
+    for cluster in names:
+        assert harness.http(sidecar["users"], "GET", "/healthz", headers={"host": cluster}).status == 400, cluster
+    assert harness.http(sidecar["users"], "GET", "/healthz",
+                        headers={"host": gen.service_host("users")}).status == 200
+    assert mesh.returncode is None
+    if platform == "istio":
+        by_service = {s: gen.istio_cluster(s) for s in harness.SERVICES}
+    else:
+        routes = load_yaml_all(ROOT / "deploy" / "envoy-gateway" / "demo-routes.yaml")[0]
+        by_service = {}
+        for i, rule in enumerate(routes["spec"]["rules"]):
+            by_service.setdefault(rule["backendRefs"][0]["name"], f"httproute/default/{routes['metadata']['name']}/rule/{i}")
+    assert names <= set(by_service.values()), (names, by_service)
+    filters = []
+    for f in FILTERS:
+        entry = harness.wasm_filter(f, configs[f], fail_open=(f == "cache"))
+        cfg = entry["typed_config"]["config"]
+        if platform == "istio":  # Istio: plugin name <namespace>.<name>, no vm_id (one shared VM id)
+            cfg["name"] = f"istio-system.tollgate-{f}"
+            cfg["vm_config"]["vm_id"] = ""
+        filters.append(entry)
+    routes = [{"match": {"prefix": f"/api/{s}"},
+               "route": {"cluster": by_service[s], "prefix_rewrite": f"/{s}", "timeout": "10s"}} for s in harness.SERVICES]
+    routes.append({"match": {"prefix": "/"}, "direct_response": {"status": 404}})
+    clusters = [harness.static_cluster(c, sidecar[s]) for s, c in by_service.items()]
+    gw = envoy_factory(http_filters=filters, clusters=clusters, routes=routes)
+    harness.wait_for(lambda: gw.stat("tollgate.auth.jwks_fetches") + gw.stat("tollgate.auth.jwks_fetch_failures") >= 1,
+                     30, "the JWKS fetch")
+    assert gw.stat("tollgate.auth.jwks_fetch_failures") == 0 and gw.stat("tollgate.auth.jwks_fetches") >= 1, \
+        gw.stats("tollgate.auth")
+    r = gw.get("/api/dashboard/1")
+    assert r.status == 200 and r.header("x-aggregate-complete") == "true", r
+    body = r.json()
+    assert body["user"] and body["company"], body
+    assert gw.get("/api/products/1").status == 200
+
+
+class _AnyName(set):
+    """A `known` set for referenced_clusters that contains every name."""
+
+    def __contains__(self, item):
+        return True
+
+
+def load_yaml_all(path: Path) -> list:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+# The RBAC filters istio-agent puts in place of a Wasm plugin whose module it could not fetch
+# (pkg/wasm/convert.go: denyHTTPTypedConfig / allowHTTPTypedConfig).
+ISTIO_DENY_ALL = {"@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
+                  "rules": {}, "rules_stat_prefix": "wasm-default-deny"}
+ISTIO_ALLOW_ALL = {"@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
+                   "rules_stat_prefix": "wasm-default-allow"}
+
+
+def test_istio_unfetchable_module_answers_what_the_docs_say(services, envoy_factory):
+    """FAIL_CLOSE: istio-agent's deny-all RBAC filter answers 403 `RBAC: access denied` (not a 5xx),
+    counted in http.<listener>.rbac.denied; FAIL_OPEN: the allow-all one lets requests through."""
+    deny = envoy_factory(services=services, http_filters=[
+        {"name": "istio-system.tollgate-auth", "typed_config": ISTIO_DENY_ALL}])
+    r = deny.get("/api/products/1")
+    assert r.status == 403 and r.text == "RBAC: access denied", r
+    assert deny.stat("http.gateway.rbac.wasm-default-deny.denied") == 1
+    allow = envoy_factory(services=services, http_filters=[
+        {"name": "istio-system.tollgate-cache", "typed_config": ISTIO_ALLOW_ALL}])
+    assert allow.get("/api/products/1").status == 200
+    # Under Istio's default stats inclusion list, that counter is not kept.
+    cfg = harness.bootstrap(harness.free_port(), harness.free_port(),
+                            [{"name": "istio-system.tollgate-auth", "typed_config": ISTIO_DENY_ALL}],
+                            [harness.static_cluster(n, p) for n, p in services.ports.items()])
+    cfg["stats_config"] = {"stats_matcher": ISTIO_STATS_MATCHER}
+    istio_deny = envoy_factory(config=cfg)
+    assert istio_deny.get("/api/products/1").status == 403
+    assert not [k for k in istio_deny.stats() if "wasm-default-deny" in k]
+    docs = (ROOT / "docs" / "deploy.md").read_text()
+    assert "`403 Forbidden` with the body `RBAC: access denied`" in docs
+    assert "`http.<stat prefix>.rbac.wasm-default-deny.denied`" in docs
+    assert "applying deny RBAC filter" in docs
+
+
+# Istio's default stats inclusion list (pkg/bootstrap/config.go and the bootstrap template): the
+# stats an Istio proxy keeps unless proxyStatsMatcher adds more.
+ISTIO_STATS_MATCHER = {"inclusion_list": {"patterns": [
+    {"prefix": "reporter="}, {"prefix": "cluster_manager"}, {"prefix": "listener_manager"}, {"prefix": "server"},
+    {"prefix": "cluster.xds-grpc"}, {"prefix": "wasm"}, {"suffix": "rbac.allowed"}, {"suffix": "rbac.denied"},
+    {"suffix": "shadow_allowed"}, {"suffix": "shadow_denied"}, {"safe_regex": {"regex": "vhost\\..*\\.route\\..*"}},
+    {"prefix": "component"}, {"prefix": "istio"}]}}
+
+
+def istio_like_gateway(services, extra_patterns: list | None = None) -> dict:
+    """The bundled filters as Istio configures them (plugin names <namespace>.<name>, no vm_id,
+    Istio's stats inclusion list), with the bundled configuration's clusters."""
+    cfg = harness.bundled_config(services)
+    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    for f in hcm["http_filters"]:
+        if f["name"].startswith("tollgate."):
+            c = f["typed_config"]["config"]
+            c["name"] = f"istio-system.tollgate-{f['name'].split('.', 1)[1]}"
+            c["vm_config"]["vm_id"] = ""
+    matcher = json.loads(json.dumps(ISTIO_STATS_MATCHER))
+    matcher["inclusion_list"]["patterns"] += extra_patterns or []
+    cfg["stats_config"] = {"stats_matcher": matcher}
+    return cfg
+
+
+def test_istio_plugin_check_works_at_the_default_proxy_log_level(services, envoy_factory):
+    """docs/deploy.md's check, on an Envoy configured like an Istio gateway at Istio's default log
+    level (warning): the `VM started` line is not logged, the stats grep shows each plugin."""
+    gw = envoy_factory(config=istio_like_gateway(services), log_level="warning")
+    docs = (ROOT / "docs" / "deploy.md").read_text()
+    pattern = re.search(r'grep -E "(\^wasm\\\.\$GW_NS[^"]*)"', docs).group(1).replace("$GW_NS", "istio-system")
+    stats = harness.http(gw.admin_port, "GET", "/stats").text
+    lines = [l for l in stats.splitlines() if re.search(pattern, l)]
+    for f in FILTERS:
+        mine = [l for l in lines if l.startswith(f"wasm.istio-system.tollgate-{f}.")]
+        assert len(mine) == 4, (f, lines)
+    assert gw.get("/api/products/1").status == 200
+    stats = harness.http(gw.admin_port, "GET", "/stats").text
+    for f in FILTERS:
+        assert re.search(rf"^wasmcustom\.tollgate\.{f}\.requests: [1-9]", stats, re.M), f
+    assert "VM started" not in gw.log()
+
+
 # ---------------------------------------------------------------------------------------------
 # Envoy Gateway
 
@@ -257,6 +494,94 @@ def test_envoy_gateway_schema_refuses_a_bad_policy():
     doc = load_yaml(ROOT / "deploy" / "envoy-gateway" / "tollgate-auth.yaml")
     del doc["spec"]["targetRefs"]
     assert errors(v, doc)
+
+
+def test_envoy_gateway_demo_routes_give_the_clusters_the_configurations_call():
+    """demo-routes.yaml routes each demo service in its own rule (one Service backendRef, no
+    backendRef filters), so Envoy Gateway names its cluster httproute/<ns>/<name>/rule/<index>;
+    every cluster the Envoy Gateway configurations call is one of those, and the callouts with a
+    path carry the service's host name as :authority."""
+    route, grant = load_yaml_all(ROOT / "deploy" / "envoy-gateway" / "demo-routes.yaml")
+    assert not errors(deploy_validator("httproute"), route)
+    assert not errors(deploy_validator("referencegrant"), grant)
+    assert route["spec"]["parentRefs"] == [{"name": "eg"}] and route["metadata"]["namespace"] == "default"
+    clusters = {}
+    for i, rule in enumerate(route["spec"]["rules"]):
+        (ref,) = rule["backendRefs"]
+        assert "filters" not in ref and ref.get("kind", "Service") == "Service" and ref["port"] == 80, rule
+        assert ref["name"] in harness.SERVICES and ref["namespace"] == "tollgate-demo", ref
+        clusters.setdefault(ref["name"], f"httproute/default/{route['metadata']['name']}/rule/{i}")
+    # The routes are envoy/envoy.yaml's, with the same rewrites, plus the aggregate endpoints.
+    bundled = {(r["match"]["prefix"], r["route"]["prefix_rewrite"], r["route"]["cluster"])
+               for r in bundled_envoy()["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
+                   "typed_config"]["route_config"]["virtual_hosts"][0]["routes"] if "route" in r}
+    eg = {(rule["matches"][0]["path"]["value"], rule["filters"][0]["urlRewrite"]["path"]["replacePrefixMatch"],
+           rule["backendRefs"][0]["name"]) for rule in route["spec"]["rules"] if "filters" in rule}
+    assert eg == bundled
+    composite = [m["path"]["value"] for rule in route["spec"]["rules"] if "filters" not in rule for m in rule["matches"]]
+    for r in harness.bundled_filter_configs()["aggregate"]["routes"]:
+        path = r["match"].get("template") or r["match"].get("prefix") or r["match"]["path"]
+        assert any(path.startswith(p) for p in composite), path
+    # Cross-namespace references are granted.
+    assert grant["metadata"]["namespace"] == "tollgate-demo"
+    assert grant["spec"]["from"] == [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "namespace": "default"}]
+    assert grant["spec"]["to"] == [{"group": "", "kind": "Service"}]
+    gen = gen_deploy()
+    for name in FILTERS + ("all",):
+        doc = load_yaml(ROOT / "deploy" / "envoy-gateway" / f"tollgate-{name}.yaml")
+        for w in doc["spec"]["wasm"]:
+            used = gen.referenced_clusters(w["config"], _AnyName())
+            assert set(used) <= set(clusters.values()), (name, used)
+
+            def walk(v):
+                if isinstance(v, dict):
+                    if v.get("cluster") in clusters.values() and "path" in v:
+                        svc = next(s for s, c in clusters.items() if c == v["cluster"])
+                        assert v["authority"] == gen.service_host(svc), v
+                    for x in v.values():
+                        walk(x)
+                elif isinstance(v, list):
+                    for x in v:
+                        walk(x)
+            walk(w["config"])
+    # The docs' table says the same.
+    docs = (ROOT / "docs" / "deploy.md").read_text()
+    for svc, cluster in clusters.items():
+        assert re.search(rf"^\| {svc} \| `{re.escape(cluster)}` \| `{re.escape(gen.service_host(svc))}` \|$", docs, re.M), svc
+
+
+@pytest.mark.parametrize("name, mutation", [
+    ("httproute", lambda d: d["spec"]["rules"][0].update(backendRef=d["spec"]["rules"][0].pop("backendRefs"))),
+    ("httproute", lambda d: d["spec"]["rules"][0]["backendRefs"][0].pop("port")),
+    ("httproute", lambda d: d["spec"]["rules"][0]["matches"][0]["path"].update(type="Prefix")),
+    ("httproute", lambda d: d["spec"]["rules"][0]["filters"][0].pop("urlRewrite")),
+    ("referencegrant", lambda d: d["spec"]["from"][0].pop("namespace")),
+    ("referencegrant", lambda d: d["spec"].update(to=[])),
+])
+def test_gateway_api_schemas_refuse_what_the_crds_refuse(name, mutation):
+    docs = {d["kind"].lower(): d for d in load_yaml_all(ROOT / "deploy" / "envoy-gateway" / "demo-routes.yaml")}
+    doc = docs[name]
+    assert not errors(deploy_validator(name), doc)
+    mutation(doc)
+    assert errors(deploy_validator(name), doc)
+
+
+def test_deploy_docs_yaml_snippets_fit_their_schemas():
+    """Every complete resource in docs/deploy.md's YAML blocks (the Backend example, ...) passes the
+    schema of its kind."""
+    kinds = {"Backend": "backend", "HTTPRoute": "httproute", "ReferenceGrant": "referencegrant",
+             "WasmPlugin": "wasmplugin", "EnvoyExtensionPolicy": "envoyextensionpolicy"}
+    seen = []
+    for block in yaml_blocks(ROOT / "docs" / "deploy.md"):
+        for doc in yaml.safe_load_all(block):
+            if isinstance(doc, dict) and doc.get("kind") in kinds:
+                assert not errors(deploy_validator(kinds[doc["kind"]]), doc), doc
+                seen.append(doc["kind"])
+    assert {"Backend", "HTTPRoute"} <= set(seen), seen
+    backend = next(d for b in yaml_blocks(ROOT / "docs" / "deploy.md") for d in yaml.safe_load_all(b)
+                   if isinstance(d, dict) and d.get("kind") == "Backend")
+    backend["spec"]["tls"]["caCertificateRefs"] = [{"group": "", "kind": "ConfigMap", "name": "ca"}]
+    assert errors(deploy_validator("backend"), backend)  # not both CA sources (a CEL rule)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -451,6 +776,15 @@ def test_generated_deploy_files_are_up_to_date():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+def without_callout_targets(value):
+    """A configuration without its cluster names and authorities."""
+    if isinstance(value, dict):
+        return {k: ("*" if k == "cluster" else without_callout_targets(v)) for k, v in value.items() if k != "authority"}
+    if isinstance(value, list):
+        return [without_callout_targets(v) for v in value]
+    return value
+
+
 def test_manifests_carry_the_oci_manifest_digest_of_the_modules():
     """What gen-deploy writes as sha256 is the manifest digest of scripts/oci.py's image."""
     sys.path.insert(0, str(ROOT / "scripts"))
@@ -465,9 +799,10 @@ def test_manifests_carry_the_oci_manifest_digest_of_the_modules():
         assert plugin["spec"]["sha256"] == digest
         policy = yaml.safe_load(files[Path("deploy/envoy-gateway") / f"tollgate-{name}.yaml"])
         assert policy["spec"]["wasm"][0]["code"]["image"]["sha256"] == digest
-        # The examples carry the bundled configuration of each filter.
+        # The examples carry the bundled configuration of each filter (but for the cluster names
+        # and authorities, checked by test_envoy_gateway_demo_routes_give_the_clusters_...).
         bundled = harness.bundled_filter_configs()[name]
-        assert policy["spec"]["wasm"][0]["config"] == bundled
+        assert without_callout_targets(policy["spec"]["wasm"][0]["config"]) == without_callout_targets(bundled)
 
 
 def test_dist_writes_versioned_modules_sums_schemas_and_layouts(tmp_path):
@@ -517,8 +852,28 @@ def test_oci_dockerfile_builds_one_layer_with_plugin_wasm():
     assert (harness.BUILD / src.replace("${FILTER}", default)).is_file()
 
 
+def test_docker_path_pushes_one_manifest_and_names_the_digest_the_fetchers_compare():
+    """A BuildKit build with attestations (the default) or the containerd store pushes an index;
+    Istio and Envoy Gateway compare sha256 with the linux/amd64 image manifest's digest. The
+    documented commands push one manifest and read that digest."""
+    dockerfile = (ROOT / "deploy" / "oci" / "Dockerfile").read_text()
+    docs = (ROOT / "docs" / "deploy.md").read_text()
+    section = docs[docs.index("### With Docker"):docs.index("## Istio\n")]
+    for text in (dockerfile, section):
+        build = re.search(r"docker buildx build(?:\\\n|[^\n])*", text).group(0)
+        for flag in ("--provenance=false", "--sbom=false", "--platform linux/amd64", "push=true"):
+            assert flag in build, (flag, build)
+        assert "crane digest --platform linux/amd64" in text
+    assert not re.search(r"^\s+docker push", section, re.M), "no bare `docker push` command"
+    assert "index" in section and "manifest" in section
+
+
 def test_kubernetes_demo_matches_the_bundled_routes_and_the_istio_clusters():
-    docs = [d for d in yaml.safe_load_all((ROOT / "deploy" / "kubernetes" / "demo.yaml").read_text()) if d]
+    docs = [d for f in ("demo.yaml", "demo-istio.yaml")
+            for d in yaml.safe_load_all((ROOT / "deploy" / "kubernetes" / f).read_text()) if d]
+    # The services alone carry no Istio kinds (they are applied on Envoy Gateway clusters too).
+    assert not {d["apiVersion"].split("/")[0] for d in yaml.safe_load_all(
+        (ROOT / "deploy" / "kubernetes" / "demo.yaml").read_text()) if d} & {"networking.istio.io"}
     by_kind: dict[str, list] = {}
     for d in docs:
         by_kind.setdefault(d["kind"], []).append(d)
