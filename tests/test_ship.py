@@ -907,6 +907,138 @@ def test_kubernetes_demo_matches_the_bundled_routes_and_the_istio_clusters():
     assert (ROOT / "envoy" / "demo-keys" / "jwks.json").is_file()
 
 
+# Pod Security Standards, "restricted" (which includes "baseline"), as kubernetes/pod-security-admission
+# checks them (policy/check_*.go). Ephemeral containers and Windows-only fields are left out.
+RESTRICTED_VOLUME_SOURCES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "image",
+                             "persistentVolumeClaim", "projected", "secret"}
+BASELINE_CAPABILITIES = {"AUDIT_WRITE", "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "MKNOD",
+                         "NET_BIND_SERVICE", "SETFCAP", "SETGID", "SETPCAP", "SETUID", "SYS_CHROOT"}
+SAFE_SYSCTLS = {"kernel.shm_rmid_forced", "net.ipv4.ip_local_port_range", "net.ipv4.ip_unprivileged_port_start",
+                "net.ipv4.tcp_syncookies", "net.ipv4.ping_group_range", "net.ipv4.ip_local_reserved_ports",
+                "net.ipv4.tcp_keepalive_time", "net.ipv4.tcp_fin_timeout", "net.ipv4.tcp_keepalive_intvl",
+                "net.ipv4.tcp_keepalive_probes"}
+
+
+def restricted_violations(pod: dict) -> list[str]:
+    """What keeps a pod spec from passing Pod Security "restricted" (empty: it passes)."""
+    out = []
+    psc = pod.get("securityContext", {})
+    containers = pod.get("containers", []) + pod.get("initContainers", [])
+    for key in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod.get(key):
+            out.append(f"{key} must be false")
+    for v in pod.get("volumes", []):
+        kinds = set(v) - {"name"}
+        if not kinds <= RESTRICTED_VOLUME_SOURCES:
+            out.append(f"volume {v['name']}: {kinds - RESTRICTED_VOLUME_SOURCES} not allowed")
+    for sysctl in psc.get("sysctls", []):
+        if sysctl["name"] not in SAFE_SYSCTLS:
+            out.append(f"sysctl {sysctl['name']} not allowed")
+    if psc.get("runAsUser") == 0:
+        out.append("pod runAsUser 0")
+    if psc.get("seLinuxOptions", {}).get("type", "") not in ("", "container_t", "container_init_t", "container_kvm_t",
+                                                              "container_engine_t") or \
+            {"user", "role"} & set(psc.get("seLinuxOptions", {})):
+        out.append("pod seLinuxOptions not allowed")
+    pod_seccomp = psc.get("seccompProfile", {}).get("type")
+    if pod_seccomp not in (None, "RuntimeDefault", "Localhost"):
+        out.append(f"pod seccompProfile {pod_seccomp}")
+    if psc.get("appArmorProfile", {}).get("type", "RuntimeDefault") not in ("RuntimeDefault", "Localhost"):
+        out.append("pod appArmorProfile")
+    for c in containers:
+        name, sc = c["name"], c.get("securityContext", {})
+        if sc.get("privileged"):
+            out.append(f"{name}: privileged")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            out.append(f"{name}: allowPrivilegeEscalation must be false")
+        caps = sc.get("capabilities", {})
+        if "ALL" not in caps.get("drop", []):
+            out.append(f"{name}: capabilities.drop must include ALL")
+        if set(caps.get("add", [])) - {"NET_BIND_SERVICE"}:
+            out.append(f"{name}: capabilities.add beyond NET_BIND_SERVICE")
+        if not (sc.get("runAsNonRoot") is True or (psc.get("runAsNonRoot") is True and "runAsNonRoot" not in sc)):
+            out.append(f"{name}: runAsNonRoot must be true")
+        if sc.get("runAsUser") == 0:
+            out.append(f"{name}: runAsUser 0")
+        seccomp = sc.get("seccompProfile", {}).get("type", pod_seccomp)
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            out.append(f"{name}: seccompProfile must be RuntimeDefault or Localhost")
+        if sc.get("procMount", "Default") != "Default":
+            out.append(f"{name}: procMount")
+        if sc.get("appArmorProfile", {}).get("type", "RuntimeDefault") not in ("RuntimeDefault", "Localhost"):
+            out.append(f"{name}: appArmorProfile")
+        if sc.get("windowsOptions", {}).get("hostProcess"):
+            out.append(f"{name}: hostProcess")
+        if set(caps.get("add", [])) - BASELINE_CAPABILITIES:
+            out.append(f"{name}: capabilities.add beyond baseline")
+        for port in c.get("ports", []):
+            if port.get("hostPort"):
+                out.append(f"{name}: hostPort")
+        for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+            for handler in ("httpGet", "tcpSocket"):
+                if c.get(probe, {}).get(handler, {}).get("host"):
+                    out.append(f"{name}: {probe}.{handler}.host")
+    return out
+
+
+def demo_deployments() -> list[dict]:
+    return [d for d in load_yaml_all(ROOT / "deploy" / "kubernetes" / "demo.yaml") if d["kind"] == "Deployment"]
+
+
+def test_kubernetes_demo_passes_pod_security_restricted_with_resources():
+    deployments = demo_deployments()
+    assert len(deployments) == len(harness.SERVICES)
+    for d in deployments:
+        pod = d["spec"]["template"]["spec"]
+        assert restricted_violations(pod) == [], d["metadata"]["name"]
+        for c in pod["containers"]:
+            res = c["resources"]
+            assert {"cpu", "memory"} <= set(res["requests"]) and "memory" in res["limits"], c["name"]
+    ns = next(d for d in load_yaml_all(ROOT / "deploy" / "kubernetes" / "demo.yaml") if d["kind"] == "Namespace")
+    assert ns["metadata"]["labels"]["pod-security.kubernetes.io/warn"] == "restricted"
+
+
+@pytest.mark.parametrize("mutation", [
+    lambda p: p["containers"][0]["securityContext"].pop("allowPrivilegeEscalation"),
+    lambda p: p["containers"][0]["securityContext"]["capabilities"].update(drop=["NET_RAW"]),
+    lambda p: p["containers"][0]["securityContext"]["capabilities"].update(add=["NET_ADMIN"]),
+    lambda p: p["securityContext"].pop("runAsNonRoot"),
+    lambda p: p["containers"][0]["securityContext"].update(runAsNonRoot=False),
+    lambda p: p["containers"][0]["securityContext"].update(runAsUser=0),
+    lambda p: p["securityContext"].pop("seccompProfile"),
+    lambda p: p["containers"][0]["securityContext"].update(seccompProfile={"type": "Unconfined"}),
+    lambda p: p["containers"][0]["securityContext"].update(privileged=True),
+    lambda p: p.update(hostNetwork=True),
+    lambda p: p["volumes"].append({"name": "h", "hostPath": {"path": "/"}}),
+    lambda p: p["containers"][0]["ports"][0].update(hostPort=8080),
+    lambda p: p["containers"][0]["securityContext"].update(procMount="Unmasked"),
+    lambda p: p["containers"][0]["readinessProbe"]["httpGet"].update(host="10.0.0.1"),
+    lambda p: p["securityContext"].update(sysctls=[{"name": "kernel.msgmax", "value": "1"}]),
+])
+def test_restricted_check_catches_each_rule(mutation):
+    pod = json.loads(json.dumps(next(d for d in demo_deployments() if d["metadata"]["name"] == "users")
+                                ["spec"]["template"]["spec"]))
+    assert restricted_violations(pod) == []
+    mutation(pod)
+    assert restricted_violations(pod)
+
+
+def test_demo_image_runs_as_a_non_root_user():
+    dockerfile = (ROOT / "services" / "demo" / "Dockerfile").read_text()
+    final = dockerfile[dockerfile.rindex("\nFROM "):]
+    user = re.findall(r"^USER\s+(\S+)", final, re.M)
+    assert user, "the runtime stage sets USER"
+    uid = user[-1].split(":")[0]
+    # Numeric, so Kubernetes can check runAsNonRoot without /etc/passwd; and not root.
+    assert uid.isdigit() and int(uid) != 0, user
+    for d in demo_deployments():
+        assert d["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == int(uid)
+    # The builder is the pinned toolchain (or rustup in the image would fetch it first).
+    import tomllib
+    pin = tomllib.loads((ROOT / "rust-toolchain.toml").read_text())["toolchain"]["channel"]
+    assert re.search(rf"^FROM rust:{re.escape(pin)}-", dockerfile, re.M), pin
+
+
 def test_wasmplugin_schema_accepts_istios_own_examples():
     """Examples from Istio's WasmPlugin reference, so that the schema is not stricter than Istio."""
     examples = yaml.safe_load_all("""
