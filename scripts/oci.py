@@ -68,7 +68,7 @@ VARIANT_ANNOTATION = "module.wasm.image/variant"
 PLUGIN_FILE = "plugin.wasm"
 # Where the images are published; TOLLGATE_REGISTRY=my.registry.example/team overrides it.
 DEFAULT_REGISTRY = "ghcr.io/tollgate-gw"
-REGISTRY = os.environ.get("TOLLGATE_REGISTRY", DEFAULT_REGISTRY).rstrip("/")
+REGISTRY = (os.environ.get("TOLLGATE_REGISTRY") or DEFAULT_REGISTRY).rstrip("/")
 SOURCE = "https://github.com/tollgate-gw/tollgate"
 
 

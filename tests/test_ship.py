@@ -805,26 +805,80 @@ def test_manifests_carry_the_oci_manifest_digest_of_the_modules():
         assert without_callout_targets(policy["spec"]["wasm"][0]["config"]) == without_callout_targets(bundled)
 
 
-def test_dist_writes_versioned_modules_sums_schemas_and_layouts(tmp_path):
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "dist.py"), "--out", str(tmp_path)],
-                       capture_output=True, text=True, timeout=120)
+def test_dist_writes_a_clean_release_with_sums_over_every_file(tmp_path):
+    out = tmp_path / "dist"
+    out.mkdir()
+    (out / "SHA256SUMS").write_text("")
+    (out / "stale-from-an-old-release.wasm").write_bytes(b"old")
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "dist.py"), "--out", str(out)],
+                       capture_output=True, text=True, timeout=120,
+                       env={k: v for k, v in os.environ.items() if k != "TOLLGATE_REGISTRY"})
     assert r.returncode == 0, r.stderr
+    assert not (out / "stale-from-an-old-release.wasm").exists(), "dist/ is replaced, not added to"
     for name in FILTERS:
-        module = tmp_path / f"tollgate-{name}-{VERSION}.wasm"
+        module = out / f"tollgate-{name}-{VERSION}.wasm"
         assert module.read_bytes() == harness.module_path(name).read_bytes()
-        read_layout(tmp_path / "oci" / f"tollgate-{name}")
-        assert (tmp_path / "schemas" / f"{name}.schema.json").read_text() == \
+        read_layout(out / "oci" / f"tollgate-{name}")
+        assert (out / "schemas" / f"{name}.schema.json").read_text() == \
             (ROOT / "schemas" / f"{name}.schema.json").read_text()
-    assert (tmp_path / "schemas" / "route-match.schema.json").exists()
-    sums = (tmp_path / "SHA256SUMS").read_text().splitlines()
-    assert len(sums) == len(FILTERS) + len(list((ROOT / "schemas").glob("*.schema.json")))
-    check = subprocess.run(["sha256sum", "--strict", "-c", "SHA256SUMS"], cwd=tmp_path, capture_output=True,
+        # The release's manifests are the repository's (same registry, same digests).
+        assert (out / "deploy" / "istio" / f"tollgate-{name}.yaml").read_text() == \
+            (ROOT / "deploy" / "istio" / f"tollgate-{name}.yaml").read_text()
+    assert (out / "schemas" / "route-match.schema.json").exists()
+    # SHA256SUMS lists every file of the release but itself, OCI layouts included.
+    listed = [line.split("  ", 1)[1] for line in (out / "SHA256SUMS").read_text().splitlines()]
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and p.name != "SHA256SUMS")
+    assert listed == files
+    assert any(f.startswith("oci/tollgate-auth/blobs/sha256/") for f in listed) and "oci/tollgate-auth/index.json" in listed
+    check = subprocess.run(["sha256sum", "--strict", "-c", "SHA256SUMS"], cwd=out, capture_output=True,
                            text=True, timeout=60)
     assert check.returncode == 0, check.stdout + check.stderr
-    # A changed file is caught by the sums.
-    (tmp_path / f"tollgate-auth-{VERSION}.wasm").write_bytes(b"\0asm-tampered")
-    check = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=tmp_path, capture_output=True, timeout=60)
+    # A changed file, a layout blob included, is caught by the sums.
+    blob = next((out / "oci" / "tollgate-cache" / "blobs" / "sha256").iterdir())
+    blob.write_bytes(blob.read_bytes() + b"x")
+    check = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=out, capture_output=True, timeout=60)
     assert check.returncode != 0
+    # A folder that is not a release is not replaced.
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("mine")
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "dist.py"), "--out", str(precious)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and (precious / "notes.txt").read_text() == "mine"
+
+
+def test_make_release_checks_deploy_then_writes_a_clean_dist():
+    makefile = (ROOT / "Makefile").read_text()
+    recipe = re.search(r"^release:.*\n((?:\t.*\n)+)", makefile, re.M)
+    assert recipe, "a `release` target"
+    steps = recipe.group(1)
+    order = [steps.index(s) for s in ("gen-deploy.py --check", "rm -rf dist", "scripts/dist.py", "sha256sum")]
+    assert order == sorted(order), steps
+    assert "make manifests" in steps  # what the failure says to do
+
+
+def test_release_workflow_builds_and_pushes_every_image():
+    """.github/workflows/release.yml (for forks; not run here): on a version tag, `make release`,
+    then every OCI layout pushed to the fork's registry, the pushed digest checked."""
+    wf = load_yaml(ROOT / ".github" / "workflows" / "release.yml")
+    triggers = wf.get("on", wf.get(True))
+    assert "v*" in triggers["push"]["tags"]
+    assert wf["permissions"]["packages"] == "write" and wf["permissions"]["contents"] == "write"
+    steps = [st for job in wf["jobs"].values() for st in job["steps"]]
+    runs = "\n".join(st.get("run", "") for st in steps)
+    assert "make release" in runs
+    assert "rustup target add wasm32-wasip1" in runs
+    for st in steps:
+        if "uses" in st:
+            assert re.search(r"@v\d+$", st["uses"]), st["uses"]
+    push = next(st["run"] for st in steps if "--from-oci-layout" in st.get("run", ""))
+    loop = re.search(r"for f in ([a-z ]+); do", push).group(1).split()
+    assert loop == list(FILTERS)
+    assert "dist/oci/tollgate-$f:" in push and "manifest_sha256" in push
+    # ghcr.io wants lower-case repository names; the owner may not be.
+    assert ",," in runs or "tr '[:upper:]' '[:lower:]'" in runs
+    docs = (ROOT / "docs" / "deploy.md").read_text()
+    assert ".github/workflows/release.yml" in docs and "make release" in docs
 
 
 # ---------------------------------------------------------------------------------------------
