@@ -64,13 +64,15 @@ dist: wasm python-env ## Replace dist/ with the release artifacts (modules, sche
 	$(PYTHON) scripts/dist.py
 
 release: wasm python-env ## Release in one command: check deploy/ against the modules, then a clean dist/ (see docs/deploy.md)
-	@env -u TOLLGATE_REGISTRY $(PYTHON) scripts/gen-deploy.py --check || { echo "release: deploy/ does not match the modules just built: run \`make manifests\` and commit deploy/" >&2; exit 1; }
+	@env -u TOLLGATE_REGISTRY $(PYTHON) scripts/gen-deploy.py --check && $(PYTHON) scripts/gen-dashboard.py --check \
+	  || { echo "release: deploy/ does not match the modules just built: run \`make manifests\` and commit deploy/" >&2; exit 1; }
 	rm -rf dist
 	$(PYTHON) scripts/dist.py
 	cd dist && sha256sum --quiet --strict -c SHA256SUMS
 
 manifests: wasm python-env ## After any change to a filter, its docs or schema, or envoy/envoy.yaml: rebuild and regenerate deploy/
 	$(PYTHON) scripts/gen-deploy.py
+	$(PYTHON) scripts/gen-dashboard.py
 
 test-matrix: build python-env ## Run the integration tests on Envoy 1.36-1.40 (slow; VERSIONS="1.38.3 1.40.0" for some)
 	nice scripts/test-matrix.sh $(VERSIONS)

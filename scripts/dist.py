@@ -9,7 +9,7 @@
     deploy/                               the Istio, Envoy Gateway, plain-Envoy and Kubernetes files
                                           (scripts/gen-deploy.py) for the registry the images go to
                                           (TOLLGATE_REGISTRY, default ghcr.io/tollgate-gw)
-    grafana/tollgate-dashboard.json       the Grafana dashboard (deploy/grafana/)
+    grafana/                              the Grafana dashboard and the Istio stats patch (deploy/grafana/)
     SHA256SUMS                            every other file above, OCI layouts included:
                                           `cd dist && sha256sum -c SHA256SUMS`
 
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import oci  # noqa: E402  (scripts/oci.py)
 
 ROOT = oci.ROOT
-DASHBOARD = ROOT / "deploy" / "grafana" / "tollgate-dashboard.json"
+GRAFANA = ROOT / "deploy" / "grafana"
 
 
 def gen_deploy():
@@ -65,9 +65,8 @@ def write_release(out: Path, build: Path, version: str) -> None:
         target = out / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(text)
-    if DASHBOARD.exists():
-        (out / "grafana").mkdir()
-        shutil.copyfile(DASHBOARD, out / "grafana" / DASHBOARD.name)
+    if GRAFANA.is_dir():
+        shutil.copytree(GRAFANA, out / "grafana")
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     (out / "SHA256SUMS").write_text("".join(f"{sha256_file(out / name)}  {name}\n" for name in files))
 

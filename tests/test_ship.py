@@ -107,7 +107,8 @@ def host_path(service: dict, container_path: str) -> Path | None:
 def test_compose_files_exist_images_pinned_and_health_gated():
     c = compose()
     services = c["services"]
-    assert set(services) == {"demo", "envoy"}
+    # (Other services may join; these are the demo's and the dashboard's.)
+    assert {"demo", "envoy", "prometheus", "grafana"} <= set(services)
     demo, envoy = services["demo"], services["envoy"]
     # Every file the compose file refers to exists (build/ after `make build`).
     assert (ROOT / demo["build"]["context"]).is_dir()
@@ -825,6 +826,7 @@ def test_dist_writes_a_clean_release_with_sums_over_every_file(tmp_path):
         assert (out / "deploy" / "istio" / f"tollgate-{name}.yaml").read_text() == \
             (ROOT / "deploy" / "istio" / f"tollgate-{name}.yaml").read_text()
     assert (out / "schemas" / "route-match.schema.json").exists()
+    assert (out / "grafana" / "tollgate-dashboard.json").read_text() == DASHBOARD.read_text()
     # SHA256SUMS lists every file of the release but itself, OCI layouts included.
     listed = [line.split("  ", 1)[1] for line in (out / "SHA256SUMS").read_text().splitlines()]
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and p.name != "SHA256SUMS")
@@ -852,7 +854,8 @@ def test_make_release_checks_deploy_then_writes_a_clean_dist():
     recipe = re.search(r"^release:.*\n((?:\t.*\n)+)", makefile, re.M)
     assert recipe, "a `release` target"
     steps = recipe.group(1)
-    order = [steps.index(s) for s in ("gen-deploy.py --check", "rm -rf dist", "scripts/dist.py", "sha256sum")]
+    order = [steps.index(s) for s in ("gen-deploy.py --check", "gen-dashboard.py --check", "rm -rf dist",
+                                       "scripts/dist.py", "sha256sum")]
     assert order == sorted(order), steps
     assert "make manifests" in steps  # what the failure says to do
 
@@ -1243,3 +1246,288 @@ def test_plain_envoy_snippet_serves_traffic(name, services, envoy_factory):
     seen = {k: v for k, v in envoy.stats(f"tollgate.{name}.").items() if v}
     assert seen.get(f"wasmcustom.tollgate.{name}.requests", 0) + seen.get(f"wasmcustom.tollgate.{name}.skipped", 0) >= 1, \
         seen
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics: the Grafana dashboard (deploy/grafana/), Prometheus and Grafana in Docker Compose
+
+DASHBOARD = ROOT / "deploy" / "grafana" / "tollgate-dashboard.json"
+
+
+def parse_exposition(text: str) -> list[tuple[str, dict[str, str]]]:
+    """(name, labels) of every sample in Prometheus' text format."""
+    out = []
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = re.match(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+\S+$", line)
+        assert m, line
+        labels = dict(re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
+        out.append((m.group(1), labels))
+    return out
+
+
+def dashboard_queries(variables: dict[str, str] | None = None) -> list[str]:
+    """Every PromQL expression of the dashboard, with its variables set (defaults, then `variables`)."""
+    board = json.loads(DASHBOARD.read_text())
+    values = {v["name"]: v.get("query", "") for v in board["templating"]["list"] if v["type"] == "textbox"}
+    values.update(variables or {})
+    values["__rate_interval"] = "1m"
+    exprs = []
+    for panel in board["panels"]:
+        for t in panel.get("targets", []):
+            expr = t["expr"]
+            for name in sorted(values, key=len, reverse=True):
+                expr = expr.replace("$" + name, values[name])
+            exprs.append(expr)
+    return exprs
+
+
+def selectors(expr: str) -> list[tuple[str | None, list[tuple[str, str, str]]]]:
+    """The series selectors of a PromQL expression: (metric name or None, [(label, op, value)])."""
+    # Blank out string literals outside selectors so names inside label_replace's regexes do not count.
+    out = []
+    pos = 0
+    pattern = re.compile(r'([a-zA-Z_:][a-zA-Z0-9_:]*)?\{((?:[^{}"]|"(?:[^"\\]|\\.)*")*)\}|"(?:[^"\\]|\\.)*"|'
+                         r'\b([a-zA-Z_:][a-zA-Z0-9_:]*)\b')
+    keywords = {"sum", "by", "rate", "increase", "histogram_quantile", "label_replace", "max", "min", "avg", "without",
+                "count", "on", "ignoring", "and", "or", "unless", "offset", "le"}
+    for m in pattern.finditer(expr, pos):
+        if m.group(2) is not None:
+            matchers = re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"', m.group(2))
+            out.append((m.group(1), matchers))
+        elif m.group(3) and m.group(3) not in keywords and not re.fullmatch(r"\d.*|[smhd]", m.group(3)):
+            # A bare metric name (followed by `[` or `)`), or a label name in `by (...)`.
+            follow = expr[m.end():m.end() + 1]
+            if follow == "[" or (follow in ")" and m.group(3).startswith(("tollgate_", "envoy_"))):
+                out.append((m.group(3), []))
+    return out
+
+
+def missing_series(exprs: list[str], samples: list[tuple[str, dict]]) -> list[str]:
+    """The selectors of `exprs` that no sample matches."""
+    missing = []
+    for expr in exprs:
+        sels = selectors(expr)
+        assert sels, expr
+        for name, matchers in sels:
+            def ok(sample):
+                sname, labels = sample
+                if name is not None and sname != name:
+                    return False
+                for label, op, value in matchers:
+                    actual = sname if label == "__name__" else labels.get(label, "")
+                    hit = re.fullmatch(value, actual) is not None if op in ("=~", "!~") else actual == value
+                    if hit != (op in ("=", "=~")):
+                        return False
+                return True
+            if not any(ok(s) for s in samples):
+                missing.append(f"{name or ''}{{{', '.join(f'{l}{o}{v!r}' for l, o, v in matchers)}}} in {expr}")
+    return missing
+
+
+def client(env, method: str, path: str, headers=None, source: str = "127.0.0.1") -> harness.Response:
+    """A request from a chosen loopback address (each is its own client IP for the rate limits)."""
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", env.port, timeout=15, source_address=(source, 0))
+    try:
+        conn.request(method, path, headers=headers or {})
+        r = conn.getresponse()
+        return harness.Response(r.status, list(r.getheaders()), r.read(), 0.0)
+    finally:
+        conn.close()
+
+
+def b64url(data: bytes) -> str:
+    import base64
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def unknown_kid_token(kid: str) -> str:
+    import time as _time
+    now = int(_time.time())
+    header = {"alg": "ES256", "kid": kid, "typ": "JWT"}
+    claims = {"iss": "https://demo.tollgate.local", "aud": "tollgate-demo", "sub": "dashboard-test",
+              "iat": now, "exp": now + 600}
+    return ".".join([b64url(json.dumps(header).encode()), b64url(json.dumps(claims).encode()), b64url(b"\0" * 64)])
+
+
+PRO = {"x-api-key": "demo-key-pro"}
+
+
+def drive_demo_traffic(env, svc) -> None:
+    """Traffic through the bundled configuration that makes every filter emit the metrics the
+    dashboard shows. Ordered by observable signals (stats, the demo's request log), never by time."""
+    sources = iter(f"127.0.0.{i}" for i in range(2, 250))
+    # Cache: a miss that is stored, then hits; a stale entry revalidated (304); a stale entry served
+    # while it is refreshed; an unsafe method that invalidates. Products are anonymous: each client
+    # address has its own rate limit (10 a minute).
+    ip = next(sources)
+    assert [client(env, "GET", "/api/products/1", source=ip).status for _ in range(3)] == [200] * 3
+    ip = next(sources)
+    for _ in range(2):
+        assert client(env, "GET", "/api/products/2?cache_control=public,max-age=0", source=ip).status == 200
+    ip = next(sources)
+    for _ in range(2):
+        assert client(env, "GET", "/api/products/3?cache_control=public,max-age=0,stale-while-revalidate=60",
+                      source=ip).status == 200
+    assert client(env, "POST", "/api/products/1", source=next(sources)).status == 201
+    # Collapsed: a second request for a URL whose fetch is under way waits for it.
+    import threading
+    ip = next(sources)
+    slow = "/api/products/4?delay=3000"
+    first: list = []
+    t = threading.Thread(target=lambda: first.append(client(env, "GET", slow, source=ip)))
+    t.start()
+    harness.wait_for(lambda: svc.hits("products", "/products/4") >= 1, 15, "the first fetch to reach products")
+    assert client(env, "GET", slow, source=ip).status == 200
+    t.join(20)
+    assert first and first[0].status == 200
+    # Rate limiting: the 11th anonymous request from one address in a minute is refused.
+    ip = next(sources)
+    assert [client(env, "GET", "/api/products/1", source=ip).status for _ in range(11)][-1] == 429
+    # Authentication: refusals by reason, an API key, an anonymous request on an optional route.
+    assert client(env, "GET", "/api/orders/1").status == 401
+    assert client(env, "GET", "/api/orders/1", {"authorization": "Bearer not.a.token"}).status == 401
+    assert client(env, "GET", "/api/orders/1", {"x-api-key": "no-such-key"}).status == 401
+    assert client(env, "GET", "/api/orders/1", PRO).status == 200
+    assert client(env, "GET", "/api/dashboard/1", source=next(sources)).status == 200
+    # Aggregation: complete, partial (the optional orders call times out), failed (no such user).
+    r = client(env, "GET", "/api/dashboard/1", PRO)
+    assert r.status == 200 and r.header("x-aggregate-complete") == "true", r
+    r = client(env, "GET", "/api/dashboard/1", {**PRO, "x-demo-delay": "1500"})
+    assert r.status == 200 and r.header("x-aggregate-complete") == "false", r
+    assert client(env, "GET", "/api/dashboard/999999", PRO).status == 502
+    # The orders breaker: opens after its failures, lets a probe through after the cool-down, and
+    # closes when the probe succeeds.
+    harness.wait_for(lambda: client(env, "GET", "/api/dashboard/1", {**PRO, "x-demo-delay": "1500"}) and
+                     env.stat("tollgate.aggregate.breaker.orders.opened") >= 1, 60, "the orders breaker to open")
+    harness.wait_for(lambda: client(env, "GET", "/api/dashboard/1", PRO) and
+                     env.stat("tollgate.aggregate.breaker.orders.closed") >= 1, 60,
+                     "the orders breaker to close again", interval=0.5)
+    # Key fetches: with the key server gone, an unknown key id makes a refetch that fails.
+    svc.stop()
+    assert client(env, "GET", "/api/orders/1", {"authorization": "Bearer " + unknown_kid_token("rotated")}).status in (401, 503)
+    harness.wait_for(lambda: env.stat("tollgate.auth.jwks_fetch_failures") >= 1, 15, "the failed key refetch")
+
+
+def test_dashboard_queries_name_metrics_the_demo_emits(envoy_factory):
+    """The bundled demo (envoy/envoy.yaml on a real Envoy, the demo services), traffic through
+    every filter, then /stats/prometheus: every series the dashboard's queries select exists.
+    A metric renamed in a filter fails here: rename it in scripts/gen-dashboard.py too (then
+    `make manifests`)."""
+    svc = harness.DemoServices.start()
+    try:
+        env = envoy_factory(config=harness.bundled_config(svc))
+        drive_demo_traffic(env, svc)
+    finally:
+        svc.stop()
+    scrape = harness.http(env.admin_port, "GET", "/stats/prometheus").text
+    samples = parse_exposition(scrape)
+    missing = missing_series(dashboard_queries(), samples)
+    assert not missing, "the dashboard queries metrics the demo does not emit:\n" + "\n".join(missing)
+    # The check can fail: a misspelt metric is reported.
+    assert missing_series(["sum(rate(tollgate_cache_hitz[1m]))"], samples)
+    assert missing_series(['rate({__name__=~"tollgate_auth_denied_nope_.+"}[1m])'], samples)
+
+
+def test_dashboard_is_generated_and_well_formed():
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen-dashboard.py"), "--check"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    board = json.loads(DASHBOARD.read_text())
+    ids = [p["id"] for p in board["panels"]]
+    assert len(ids) == len(set(ids))
+    titles = " ".join(p["title"] for p in board["panels"])
+    for needed in ("Refused, by reason", "Decisions per limit", "Hit ratio", "Cache-Status outcomes",
+                   "Answers per endpoint", "Circuit breakers", "Key fetches", "Gateway latency"):
+        assert needed in titles, needed
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    for p in board["panels"]:
+        if p["type"] == "row":
+            continue
+        assert p["datasource"]["uid"] == "${datasource}", p["title"]
+        assert p["targets"] and all(t["datasource"]["uid"] == "${datasource}" for t in p["targets"]), p["title"]
+        g = p["gridPos"]
+        assert g["x"] + g["w"] <= 24, p["title"]
+
+
+def test_compose_prometheus_scrapes_the_bundled_envoy_and_grafana_shows_the_dashboard(services, envoy_factory):
+    c = compose()["services"]
+    prom, grafana = c["prometheus"], c["grafana"]
+    for svc in (prom, grafana):
+        assert svc["network_mode"] == "host"
+        assert re.fullmatch(r"[\w./-]+:v?\d+\.\d+\.\d+", svc["image"]), svc["image"]
+        assert svc["healthcheck"]["test"][0] == "CMD"
+    assert prom["depends_on"]["envoy"]["condition"] == "service_healthy"
+    assert grafana["depends_on"]["prometheus"]["condition"] == "service_healthy"
+    # Prometheus' configuration, through its mount: Envoy's admin port, /stats/prometheus.
+    flag = next(a for a in prom["command"] if a.startswith("--config.file="))
+    config = load_yaml(host_path(prom, flag.split("=", 1)[1]))
+    (job,) = config["scrape_configs"]
+    assert job["metrics_path"] == "/stats/prometheus"
+    (target,) = job["static_configs"][0]["targets"]
+    assert target == f"127.0.0.1:{bundled_ports()['admin']}"
+    listen = next(a for a in prom["command"] if a.startswith("--web.listen-address=")).split("=", 1)[1]
+    assert listen.startswith("127.0.0.1:")
+    # That scrape, on a real Envoy with the bundled configuration: Prometheus' text format with the
+    # filters' metrics.
+    env = envoy_factory(config=harness.bundled_config(services))
+    assert env.get("/api/products/1").status == 200
+    r = harness.http(env.admin_port, "GET", job["metrics_path"])
+    assert r.status == 200 and "text/plain" in (r.header("content-type") or "")
+    names = {n for n, _ in parse_exposition(r.text)}
+    assert "tollgate_cache_requests" in names
+    # Grafana: the data source is that Prometheus; the dashboard provider reads the mounted
+    # deploy/grafana/, which holds the generated dashboard; the home dashboard is it.
+    ds = load_yaml(host_path(grafana, "/etc/grafana/provisioning/datasources/prometheus.yml"))["datasources"][0]
+    assert ds["type"] == "prometheus" and ds["url"] == f"http://{listen}"
+    provider = load_yaml(host_path(grafana, "/etc/grafana/provisioning/dashboards/tollgate.yml"))["providers"][0]
+    folder = host_path(grafana, provider["options"]["path"])
+    assert folder == DASHBOARD.parent and (folder / DASHBOARD.name).is_file()
+    home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert host_path(grafana, home) == DASHBOARD
+    assert grafana["environment"]["GF_SERVER_HTTP_ADDR"] == "127.0.0.1"
+
+
+# The tag extractor Istio's bootstrap uses for HTTP connection managers (pkg/bootstrap; Istio
+# also turns Envoy's default tag extractors off), and the stat prefix it gives a gateway listener.
+ISTIO_HCM_TAG = {"tag_name": "http_conn_manager_prefix",
+                 "regex": "^http\\.(((?:[_.[:digit:]\\w]*|[_\\[\\]aAbBcCdDeEfF[:digit:]\\w\\:]*));\\.)"}
+
+
+def test_dashboard_on_an_istio_gateway_with_the_documented_settings(services, envoy_factory):
+    """Under Istio's stats settings (its inclusion list, its tag extractor, no default tags, the
+    gateway listener's stat prefix): every Tollgate metric is kept; the Gateway row's metrics exist
+    with deploy/grafana/istio-gateway-stats.yaml and the `gateway` value docs/deploy.md gives, and
+    not without that patch."""
+    patch = load_yaml(ROOT / "deploy" / "grafana" / "istio-gateway-stats.yaml")
+    proxy_config = yaml.safe_load(patch["spec"]["template"]["metadata"]["annotations"]["proxy.istio.io/config"])
+    extra = [{"safe_regex": {"regex": r}} for r in proxy_config["proxyStatsMatcher"]["inclusionRegexps"]]
+    docs = (ROOT / "docs" / "deploy.md").read_text()
+    gateway = re.search(r"set\s+the\s+dashboard's\s+`gateway`\s+variable\s+to\s+`([^`]+)`", docs).group(1)
+    assert gateway in (ROOT / "deploy" / "grafana" / "istio-gateway-stats.yaml").read_text()
+
+    def istio_gateway(patterns):
+        cfg = istio_like_gateway(services, patterns)
+        cfg["stats_config"].update(stats_tags=[ISTIO_HCM_TAG], use_all_default_tags=False)
+        hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+        hcm["stat_prefix"] = "outbound_0.0.0.0_8080;"
+        env = envoy_factory(config=cfg)
+        for path in ("/api/products/1", "/api/orders/1", "/api/dashboard/1"):
+            env.get(path, headers=PRO)
+        return env
+
+    env = istio_gateway(extra)
+    samples = parse_exposition(harness.http(env.admin_port, "GET", "/stats/prometheus").text)
+    names = {n for n, _ in samples}
+    # Every filter metric Envoy has is in the Prometheus output (Istio's `wasm` prefix keeps them).
+    custom = {k[len("wasmcustom."):].replace(".", "_").replace("-", "_") for k in env.stats() if k.startswith("wasmcustom.")}
+    assert custom and custom <= names, custom - names
+    gateway_row = [e for e in dashboard_queries({"gateway": gateway}) if "tollgate_" not in e]
+    assert gateway_row and not missing_series(gateway_row, samples), missing_series(gateway_row, samples)
+    # Without the patch, Istio drops them.
+    plain = istio_gateway([])
+    samples = parse_exposition(harness.http(plain.admin_port, "GET", "/stats/prometheus").text)
+    assert missing_series([e for e in gateway_row if "downstream_rq" in e], samples)
