@@ -770,10 +770,16 @@ def test_committed_digests_are_those_of_a_fresh_build():
 
 
 def test_generated_deploy_files_are_up_to_date():
+    if wasm_toolchain() != "rustup":
+        # Debian-built modules have other digests by design: compare everything but them.
+        def mask(text):
+            return re.sub(r"sha256: [0-9a-f]{64}", "sha256: <digest>", text)
+        stale = [str(rel) for rel, text in gen_deploy().generate().items()
+                 if mask(text) != mask((ROOT / rel).read_text() if (ROOT / rel).exists() else "")]
+        assert not stale, f"out of date (run `make manifests`): {stale}"
+        return
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen-deploy.py"), "--check"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
-    if r.returncode != 0 and wasm_toolchain() != "rustup":
-        pytest.skip("modules built by Debian's rustc-web: digests differ from the committed ones by design")
     assert r.returncode == 0, r.stdout + r.stderr
 
 
