@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::Deserialize;
-use tollgate_common::config::ConfigDuration;
+use tollgate_common::config::{ByteSize, ConfigDuration, HeaderName, Name};
 use tollgate_common::route::{RouteMatch, Routed};
 use tollgate_common::ConfigError;
 
@@ -30,7 +30,7 @@ pub const DEFAULT_FORWARD_HEADERS: &[&str] = &["traceparent", "tracestate", "x-r
 pub struct Config {
     /// Per-route rules; the first match applies.
     #[serde(default)]
-    pub routes: Vec<RouteRule>,
+    pub routes: Vec<RouteConfig>,
     /// Circuit breaker for every backend (cluster) that calls use; none: no breaker.
     #[serde(default)]
     pub circuit_breaker: Option<BreakerConfig>,
@@ -39,7 +39,7 @@ pub struct Config {
 /// A per-route rule: a composite endpoint when it has calls, else a pass-through rule.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RouteRule {
+pub struct RouteConfig {
     /// Which requests the rule applies to.
     #[serde(rename = "match", default)]
     pub route: RouteMatch,
@@ -48,7 +48,7 @@ pub struct RouteRule {
     pub disabled: bool,
     /// Name used in metrics (`tollgate.aggregate.ep.<name>.*`); default `route<index>`.
     #[serde(default)]
-    pub name: Option<String>,
+    pub name: Option<Name>,
     /// The calls of the composite endpoint; empty: requests pass through untouched.
     #[serde(default)]
     pub calls: Vec<CallConfig>,
@@ -60,7 +60,7 @@ pub struct RouteRule {
     pub errors: bool,
     /// Largest request body buffered when a call forwards it; a larger one is refused (413).
     #[serde(default)]
-    pub max_request_bytes: Option<usize>,
+    pub max_request_bytes: Option<ByteSize>,
     /// Client shapes, chosen by a request header or a path prefix; the first that fits applies.
     #[serde(default)]
     pub profiles: Vec<ProfileConfig>,
@@ -71,7 +71,7 @@ pub struct RouteRule {
 #[serde(deny_unknown_fields)]
 pub struct CallConfig {
     /// Identifier of the call: used by dependent paths (`{user.company_id}`), errors, metrics.
-    pub name: String,
+    pub name: Name,
     /// Envoy cluster that receives the call.
     pub cluster: String,
     /// HTTP method.
@@ -84,7 +84,7 @@ pub struct CallConfig {
     pub authority: Option<String>,
     /// Request headers copied to the call (case-insensitive names).
     #[serde(default)]
-    pub forward_headers: Option<Vec<String>>,
+    pub forward_headers: Option<Vec<HeaderName>>,
     /// Fixed headers added to the call.
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
@@ -114,7 +114,7 @@ pub struct CallConfig {
     pub rename: BTreeMap<String, String>,
     /// Largest answer accepted, in bytes; a larger one counts as a failure.
     #[serde(default)]
-    pub max_response_bytes: Option<usize>,
+    pub max_response_bytes: Option<ByteSize>,
     /// Send a second identical call when the first has not answered after this delay.
     #[serde(default)]
     pub hedge_after: Option<ConfigDuration>,
@@ -170,7 +170,7 @@ fn default_failures() -> u32 {
 #[serde(deny_unknown_fields)]
 pub struct ProfileConfig {
     /// Name, sent back in `x-aggregate-profile`.
-    pub name: String,
+    pub name: Name,
     /// Chosen when this request header has this value: `{"name": "x-client", "value": "mobile"}`.
     #[serde(default)]
     pub header: Option<HeaderMatch>,
@@ -193,7 +193,7 @@ pub struct ProfileConfig {
 #[serde(deny_unknown_fields)]
 pub struct HeaderMatch {
     /// Header name (case-insensitive).
-    pub name: String,
+    pub name: HeaderName,
     /// Exact value.
     pub value: String,
 }
@@ -326,18 +326,6 @@ pub struct Profile {
 
 const DEFAULT_COOL_DOWN: Duration = Duration::from_secs(10);
 
-fn valid_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-}
-
-fn valid_header_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-}
-
 /// Headers that describe the downstream connection or message framing: Envoy sets them for the
 /// call itself, and a copied value (a `content-length` that does not fit the call's body) would
 /// break it.
@@ -353,10 +341,7 @@ const CONNECTION_HEADERS: &[&str] = &[
 ];
 
 fn check_header_name(name: &str) -> Result<String, String> {
-    if !valid_header_name(name) {
-        return Err(format!("`{name}` is not a header name"));
-    }
-    let lower = name.to_ascii_lowercase();
+    let lower = HeaderName::new(name)?.into_string();
     if CONNECTION_HEADERS.contains(&lower.as_str()) {
         return Err(format!(
             "`{name}` belongs to the connection or the message framing; Envoy sets it for the call"
@@ -416,13 +401,10 @@ impl Config {
                 }
                 None
             } else {
-                let name = r.name.clone().unwrap_or_else(|| format!("route{i}"));
-                if !valid_name(&name) {
-                    return Err(ConfigError::new(
-                        format!("{at}.name"),
-                        format!("`{name}`: use letters, digits, `_` and `-`"),
-                    ));
-                }
+                let name = r
+                    .name
+                    .as_ref()
+                    .map_or_else(|| format!("route{i}"), |n| n.to_string());
                 if names.contains(&name) {
                     return Err(ConfigError::new(
                         format!("{at}.name"),
@@ -446,7 +428,7 @@ impl Config {
 
 fn compile_endpoint(
     name: String,
-    r: &RouteRule,
+    r: &RouteConfig,
     default_breaker: Option<Breaker>,
 ) -> Result<Endpoint, ConfigError> {
     let route_vars: Vec<&str> = r.route.variables();
@@ -454,7 +436,9 @@ fn compile_endpoint(
     if deadline.is_zero() {
         return Err(ConfigError::new("deadline", "must be more than 0"));
     }
-    let max_request_bytes = r.max_request_bytes.unwrap_or(DEFAULT_MAX_REQUEST_BYTES);
+    let max_request_bytes = r
+        .max_request_bytes
+        .map_or(DEFAULT_MAX_REQUEST_BYTES, ByteSize::usize);
     if max_request_bytes == 0 {
         return Err(ConfigError::new("max_request_bytes", "must be more than 0"));
     }
@@ -522,12 +506,6 @@ fn compile_call(
     call_names: &[&str],
     default_breaker: Option<Breaker>,
 ) -> Result<Call, ConfigError> {
-    if !valid_name(&c.name) {
-        return Err(ConfigError::new(
-            "name",
-            format!("`{}`: use letters, digits, `_` and `-`", c.name),
-        ));
-    }
     // `{name}` is a route variable and `{name.field}` a call's answer, so a call may share a
     // route variable's name; `query` is reserved for `{query.NAME}`.
     if c.name == "query" {
@@ -588,7 +566,7 @@ fn compile_call(
             .iter()
             .enumerate()
             .map(|(i, h)| {
-                check_header_name(h)
+                check_header_name(h.as_str())
                     .map_err(|e| ConfigError::new(format!("forward_headers[{i}]"), e))
             })
             .collect::<Result<Vec<_>, _>>()?,
@@ -614,7 +592,7 @@ fn compile_call(
             ));
         }
     }
-    let key = c.key.clone().unwrap_or_else(|| c.name.clone());
+    let key = c.key.clone().unwrap_or_else(|| c.name.to_string());
     if key.is_empty() {
         return Err(ConfigError::new("key", "must not be empty"));
     }
@@ -640,7 +618,9 @@ fn compile_call(
         }
         rename.push((from.clone(), to.clone()));
     }
-    let max_response_bytes = c.max_response_bytes.unwrap_or(DEFAULT_MAX_RESPONSE_BYTES);
+    let max_response_bytes = c
+        .max_response_bytes
+        .map_or(DEFAULT_MAX_RESPONSE_BYTES, ByteSize::usize);
     if max_response_bytes == 0 {
         return Err(ConfigError::new(
             "max_response_bytes",
@@ -661,7 +641,7 @@ fn compile_call(
         None => default_breaker,
     };
     Ok(Call {
-        name: c.name.clone(),
+        name: c.name.to_string(),
         cluster: c.cluster.clone(),
         method,
         path,
@@ -740,22 +720,8 @@ fn check_cycles(calls: &[Call]) -> Result<(), ConfigError> {
 }
 
 fn compile_profile(p: &ProfileConfig, calls: &[Call]) -> Result<Profile, ConfigError> {
-    if !valid_name(&p.name) {
-        return Err(ConfigError::new(
-            "name",
-            format!("`{}`: use letters, digits, `_` and `-`", p.name),
-        ));
-    }
     let selector = match (&p.header, &p.path_prefix) {
-        (Some(h), None) => {
-            if !valid_header_name(&h.name) {
-                return Err(ConfigError::new(
-                    "header.name",
-                    format!("`{}` is not a header name", h.name),
-                ));
-            }
-            Selector::Header(h.name.to_ascii_lowercase(), h.value.clone())
-        }
+        (Some(h), None) => Selector::Header(h.name.to_string(), h.value.clone()),
         (None, Some(prefix)) => {
             if !prefix.starts_with('/') {
                 return Err(ConfigError::new("path_prefix", "must start with `/`"));
@@ -804,7 +770,7 @@ fn compile_profile(p: &ProfileConfig, calls: &[Call]) -> Result<Profile, ConfigE
         }
     };
     Ok(Profile {
-        name: p.name.clone(),
+        name: p.name.to_string(),
         selector,
         calls: selected,
         allow: compile_fields(&p.allow, "allow")?,

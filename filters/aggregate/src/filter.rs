@@ -32,12 +32,12 @@ const TICK: Duration = Duration::from_millis(10);
 
 /// Per-VM state: the compiled configuration and metrics.
 pub struct AggregateRoot {
-    shared: Rc<Shared>,
+    shared: Rc<Worker>,
     wakes: Rc<RefCell<Vec<WakeAt>>>,
 }
 
 /// What every request of a VM shares.
-pub struct Shared {
+pub struct Worker {
     /// The compiled configuration.
     pub config: Compiled,
     /// The filter's metrics.
@@ -58,7 +58,7 @@ impl RootFilter for AggregateRoot {
 
     fn new(_context_id: u32) -> Self {
         AggregateRoot {
-            shared: Rc::new(Shared {
+            shared: Rc::new(Worker {
                 config: Compiled::default(),
                 metrics: Metrics::new("aggregate"),
             }),
@@ -76,7 +76,7 @@ impl RootFilter for AggregateRoot {
             }
         }
         host.set_tick_period(if config.hedging { TICK } else { Duration::ZERO });
-        self.shared = Rc::new(Shared {
+        self.shared = Rc::new(Worker {
             config,
             metrics: Metrics::new("aggregate"),
         });
@@ -111,7 +111,7 @@ impl RootFilter for AggregateRoot {
 /// Per-request state.
 pub struct AggregateFilter {
     context_id: u32,
-    shared: Rc<Shared>,
+    shared: Rc<Worker>,
     wakes: Rc<RefCell<Vec<WakeAt>>>,
     active: Option<Active>,
 }
@@ -216,7 +216,7 @@ impl Failure {
     }
 }
 
-fn endpoint(shared: &Shared, rule: usize) -> Option<&Endpoint> {
+fn endpoint(shared: &Worker, rule: usize) -> Option<&Endpoint> {
     shared.config.rules.get(rule)?.endpoint.as_ref()
 }
 
