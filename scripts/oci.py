@@ -218,29 +218,33 @@ def module_path(build: Path, filter_name: str) -> Path:
 
 def bundled_schema(path: Path) -> bytes:
     """A configuration schema with the schemas it refers to (by relative `$ref`, resolved against
-    its `$id`) embedded under `$defs`, so that the one file validates on its own."""
+    its `$id`; and theirs, in turn) embedded under `$defs`, so that the one file validates on its own."""
     schema = json.loads(path.read_text())
-    refs: list[str] = []
 
-    def walk(v):
+    def refs_of(v, found: list[str]):
         if isinstance(v, dict):
             ref = v.get("$ref")
             if isinstance(ref, str) and not ref.startswith("#") and "://" not in ref:
                 name = ref.split("#", 1)[0]
-                if name not in refs:
-                    refs.append(name)
+                if name not in found:
+                    found.append(name)
             for x in v.values():
-                walk(x)
+                refs_of(x, found)
         elif isinstance(v, list):
             for x in v:
-                walk(x)
+                refs_of(x, found)
+        return found
 
-    walk(schema)
-    if refs:
-        defs = dict(schema.get("$defs", {}))
-        for name in refs:
-            defs[name] = json.loads((path.parent / name).read_text())
-        schema["$defs"] = defs
+    embedded: dict[str, dict] = {}
+    todo = refs_of(schema, [])
+    while todo:
+        name = todo.pop(0)
+        if name in embedded or name == path.name:
+            continue
+        embedded[name] = json.loads((path.parent / name).read_text())
+        todo += [n for n in refs_of(embedded[name], []) if n not in embedded]
+    if embedded:
+        schema["$defs"] = {**schema.get("$defs", {}), **dict(sorted(embedded.items()))}
     return (json.dumps(schema, indent=2, sort_keys=True) + "\n").encode()
 
 
