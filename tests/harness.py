@@ -150,7 +150,9 @@ class DemoServices:
     log_path: Path
 
     @classmethod
-    def start(cls, jwks: Path | None = None) -> "DemoServices":
+    def start(cls, jwks: Path | None = None, require_identity: tuple[str, ...] = ()) -> "DemoServices":
+        """`require_identity`: services that answer 401 without an `x-tollgate-consumer` (as
+        `make run` starts users and orders)."""
         binary = demo_binary()
         if not binary.exists():
             raise RuntimeError(f"{binary} is missing: run `make build` first")
@@ -161,6 +163,8 @@ class DemoServices:
         jwks = jwks or (ROOT / "envoy" / "demo-keys" / "jwks.json")
         if jwks.exists():
             args += ["--jwks", str(jwks)]
+        if require_identity:
+            args += ["--require-identity", ",".join(require_identity)]
         log_path = Path(tempfile.mkstemp(prefix="tollgate-demo-", suffix=".log")[1])
         proc = subprocess.Popen(args, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)
         svc = cls(ports, proc, log_path)
