@@ -37,6 +37,7 @@ wasm: host-toolchain ## Build the four .wasm modules into build/
 
 demo-service: host-toolchain
 	cargo build --release -p tollgate-demo
+	cargo build --release -p tollgate-auth --example mint-token
 
 build: wasm demo-service ## Build the filters and the demo services
 
