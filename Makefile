@@ -37,6 +37,7 @@ wasm: host-toolchain ## Build the four .wasm modules into build/
 
 demo-service: host-toolchain
 	cargo build --release -p tollgate-demo
+	cargo build --release -p tollgate-auth --example mint-token
 
 rls-service: host-toolchain
 	cargo build --release -p tollgate-rls

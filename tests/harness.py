@@ -63,6 +63,9 @@ def missing_artifacts() -> list[str]:
         missing.append(str(demo_binary()))
     if not rls_binary().exists():
         missing.append(str(rls_binary()))
+    mint = ROOT / "target" / "release" / "examples" / "mint-token"
+    if not mint.exists():
+        missing.append(str(mint))
     return missing
 
 
@@ -150,13 +153,15 @@ class DemoServices:
     log_path: Path
 
     @classmethod
-    def start(cls, jwks: Path | None = None, require_identity: tuple[str, ...] = ()) -> "DemoServices":
+    def start(cls, jwks: Path | None = None, require_identity: tuple[str, ...] = (),
+              ports: dict[str, int] | None = None) -> "DemoServices":
         """`require_identity`: services that answer 401 without an `x-tollgate-consumer` (as
-        `make run` starts users and orders)."""
+        `make run` starts users and orders). `ports`: listen on these (to bring back services a
+        test stopped, at the addresses Envoy knows)."""
         binary = demo_binary()
         if not binary.exists():
             raise RuntimeError(f"{binary} is missing: run `make build` first")
-        ports = {name: free_port() for name in SERVICES}
+        ports = dict(ports) if ports else {name: free_port() for name in SERVICES}
         args = [str(binary)]
         for name, port in ports.items():
             args += ["--listen", f"{name}=127.0.0.1:{port}"]

@@ -385,7 +385,7 @@ def test_generated_callouts_reach_the_services_under_the_platforms_cluster_names
                      30, "the JWKS fetch")
     assert gw.stat("tollgate.auth.jwks_fetch_failures") == 0 and gw.stat("tollgate.auth.jwks_fetches") >= 1, \
         gw.stats("tollgate.auth")
-    r = gw.get("/api/dashboard/1")
+    r = gw.get("/api/dashboard", headers={"x-api-key": "demo-key-pro"})  # the caller's own dashboard
     assert r.status == 200 and r.header("x-aggregate-complete") == "true", r
     body = r.json()
     assert body["user"] and body["company"], body
@@ -531,7 +531,7 @@ def test_envoy_gateway_demo_routes_give_the_clusters_the_configurations_call():
     assert eg == bundled
     composite = [m["path"]["value"] for rule in route["spec"]["rules"] if "filters" not in rule for m in rule["matches"]]
     for r in harness.bundled_filter_configs()["aggregate"]["routes"]:
-        path = r["match"].get("template") or r["match"].get("prefix") or r["match"]["path"]
+        path = r["match"].get("template") or r["match"].get("prefix") or r["match"].get("exact") or r["match"]["path"]
         assert any(path.startswith(p) for p in composite), path
     # Cross-namespace references are granted.
     assert grant["metadata"]["namespace"] == "tollgate-demo"
@@ -1377,6 +1377,11 @@ def drive_demo_traffic(env, svc) -> None:
     """Traffic through the bundled configuration that makes every filter emit the metrics the
     dashboard shows. Ordered by observable signals (stats, the demo's request log), never by time."""
     sources = iter(f"127.0.0.{i}" for i in range(2, 250))
+    from auth_helpers import mint
+    # An operator: may change products and read any user's dashboard (the bundled rules need it).
+    ops = {"authorization": "Bearer " + mint(sub="ops", scopes="products:write dashboard:any orders:read",
+                                         claims={"plan": "pro"})}
+    harness.wait_for(lambda: env.stat("tollgate.auth.jwks_fetches") >= 1, 15, "the demo provider's keys")
     # Cache: a miss that is stored, then hits; a stale entry revalidated (304); a stale entry served
     # while it is refreshed; an unsafe method that invalidates. Products are anonymous: each client
     # address has its own rate limit (10 a minute).
@@ -1389,7 +1394,7 @@ def drive_demo_traffic(env, svc) -> None:
     for _ in range(2):
         assert client(env, "GET", "/api/products/3?cache_control=public,max-age=0,stale-while-revalidate=60",
                       source=ip).status == 200
-    assert client(env, "POST", "/api/products/1", source=next(sources)).status == 201
+    assert client(env, "POST", "/api/products/1", ops, source=next(sources)).status == 201
     # Collapsed: a second request for a URL whose fetch is under way waits for it.
     import threading
     ip = next(sources)
@@ -1409,23 +1414,29 @@ def drive_demo_traffic(env, svc) -> None:
     assert client(env, "GET", "/api/orders/1", {"authorization": "Bearer not.a.token"}).status == 401
     assert client(env, "GET", "/api/orders/1", {"x-api-key": "no-such-key"}).status == 401
     assert client(env, "GET", "/api/orders/1", PRO).status == 200
-    assert client(env, "GET", "/api/dashboard/1", source=next(sources)).status == 200
+    assert client(env, "GET", "/api/dashboard/1", source=next(sources)).status == 401
     # Aggregation: complete, partial (the optional orders call times out), failed (no such user).
-    r = client(env, "GET", "/api/dashboard/1", PRO)
+    r = client(env, "GET", "/api/dashboard/1", ops)
     assert r.status == 200 and r.header("x-aggregate-complete") == "true", r
-    r = client(env, "GET", "/api/dashboard/1", {**PRO, "x-demo-delay": "1500"})
+    r = client(env, "GET", "/api/dashboard/1", {**ops, "x-demo-delay": "1500"})
     assert r.status == 200 and r.header("x-aggregate-complete") == "false", r
-    assert client(env, "GET", "/api/dashboard/999999", PRO).status == 502
-    # The orders breaker: opens after its failures, lets a probe through after the cool-down, and
-    # closes when the probe succeeds.
-    harness.wait_for(lambda: client(env, "GET", "/api/dashboard/1", {**PRO, "x-demo-delay": "1500"}) and
-                     env.stat("tollgate.aggregate.breaker.orders.opened") >= 1, 60, "the orders breaker to open")
-    harness.wait_for(lambda: client(env, "GET", "/api/dashboard/1", PRO) and
-                     env.stat("tollgate.aggregate.breaker.orders.closed") >= 1, 60,
-                     "the orders breaker to close again", interval=0.5)
-    # Key fetches: with the key server gone, an unknown key id makes a refetch that fails.
+    assert client(env, "GET", "/api/dashboard/999999", ops).status == 502
+    # A backend's breaker (users: the orders call forwards a client header, so it has none): with
+    # the services down it opens after its failures; back up, a probe after the cool-down closes it.
+    ports = dict(svc.ports)
     svc.stop()
-    assert client(env, "GET", "/api/orders/1", {"authorization": "Bearer " + unknown_kid_token("rotated")}).status in (401, 503)
+    harness.wait_for(lambda: client(env, "GET", "/api/dashboard/1", ops) and
+                     env.stat("tollgate.aggregate.breaker.users.opened") >= 1, 60, "the users breaker to open")
+    svc = harness.DemoServices.start(ports=ports)
+    try:
+        harness.wait_for(lambda: client(env, "GET", "/api/dashboard/1", ops) and
+                         env.stat("tollgate.aggregate.breaker.users.closed") >= 1, 60,
+                         "the users breaker to close again", interval=0.5)
+        # Key fetches: with the key server gone, an unknown key id makes a refetch that fails.
+        svc.stop()
+        assert client(env, "GET", "/api/orders/1", {"authorization": "Bearer " + unknown_kid_token("rotated")}).status in (401, 503)
+    finally:
+        svc.stop()
     harness.wait_for(lambda: env.stat("tollgate.auth.jwks_fetch_failures") >= 1, 15, "the failed key refetch")
 
 
