@@ -123,3 +123,19 @@ def test_a_header_map_read_out_of_phase_does_not_kill_the_vm(services, envoy_fac
         assert r.status == 200, r
         assert r.header("x-probe-request-path") in ("unavailable", "/api/products/1"), r
     assert "panicked" not in envoy.log() and "unexpected status" not in envoy.log()
+
+
+def test_a_panic_is_logged_at_critical_before_the_vm_dies(services, envoy_factory):
+    """The panic hook: a panic (here the probe's, on purpose) is logged through the proxy at
+    critical level, with its message and location, before the VM aborts; Envoy then refuses the
+    request (fail closed) instead of letting it through."""
+    envoy = envoy_factory(filters=[("probe", {"panic_on_request": True})], services=services)
+    r = envoy.get("/api/products/1")
+    assert r.status == 503, r
+    line = "tollgate-probe: panicked at filters/probe/src/lib.rs:"
+    harness.wait_for(lambda: line in envoy.log(), 10, "the panic's log line")
+    [logged] = [l for l in envoy.log().splitlines() if line in l]
+    assert "[critical]" in logged, logged
+    assert "probe: a panic on purpose (panic_on_request)" in logged, logged
+    # The VM is gone: later requests are refused too, never let through.
+    assert envoy.get("/api/products/1").status == 503

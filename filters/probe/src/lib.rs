@@ -2,7 +2,8 @@
 //! else (the floor of the wasm runtime in benchmarks). With `wait_ms` it pauses each request until
 //! the root wakes it from `on_tick`, optionally makes a callout from the woken request, and
 //! passes the callout's status upstream as `x-probe-call-status` — which is how the integration
-//! tests check the adapter's wake and callout forwarding on a real Envoy.
+//! tests check the dispatcher's wake and callout forwarding on a real Envoy. With
+//! `panic_on_request` it panics on purpose, to show the panic hook's critical log line.
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -27,6 +28,10 @@ pub struct Config {
     /// `unavailable`) as `x-probe-request-path`: Envoy refuses that read, which must not crash.
     #[serde(default)]
     pub read_request_in_response: bool,
+    /// Panic in the request hook, on purpose: the tests check that the panic hook logs the
+    /// panic at critical level before the VM dies. Never set it anywhere else.
+    #[serde(default)]
+    pub panic_on_request: bool,
 }
 
 #[derive(Default)]
@@ -95,6 +100,11 @@ pub struct ProbeFilter {
 
 impl HttpFilter for ProbeFilter {
     fn on_request_headers(&mut self, host: &mut dyn Host, _end_of_stream: bool) -> Decision {
+        // Panics, on purpose, when `panic_on_request` is set.
+        assert!(
+            !self.config.panic_on_request,
+            "probe: a panic on purpose (panic_on_request)"
+        );
         if self.config.wait_ms == 0 {
             return Decision::Continue;
         }
