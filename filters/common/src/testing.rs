@@ -182,9 +182,10 @@ impl Host for MemProxy {
         }
         self.current_mut().grpc_call(call)
     }
+    /// The effective context's clock (a test may move one request's clock alone).
     fn now(&self) -> SystemTime {
         self.note("get_current_time_nanoseconds");
-        self.vm.now
+        self.current().now
     }
     fn define_metric(&mut self, kind: MetricKind, name: &str) -> Result<u32, HostError> {
         self.note("define_metric");
@@ -297,6 +298,8 @@ impl Proxy for MemProxy {
 pub struct Driver<R: RootFilter> {
     dispatcher: Dispatcher<R, MemProxy>,
     next_id: u32,
+    /// Events seen by [`Driver::take_woken`].
+    woken_seen: usize,
 }
 
 impl<R: RootFilter> Driver<R> {
@@ -327,6 +330,7 @@ impl<R: RootFilter> Driver<R> {
         Ok(Driver {
             dispatcher,
             next_id: ROOT_ID + 1,
+            woken_seen: 0,
         })
     }
 
@@ -478,12 +482,15 @@ impl<R: RootFilter> Driver<R> {
         all.len()
     }
 
-    /// The request is complete: `on_done`, then the context is deleted.
-    pub fn done(&mut self, id: u32) {
+    /// The request is complete: `on_done`, then the context is deleted. Returns its host (its
+    /// headers, bodies and callouts as they ended).
+    pub fn done(&mut self, id: u32) -> Option<MemHost> {
         self.proxy_mut().enter(id);
         self.dispatcher.on_done(id);
         self.dispatcher.on_delete(id);
-        self.proxy_mut().deleted.insert(id);
+        let proxy = self.proxy_mut();
+        proxy.deleted.insert(id);
+        proxy.streams.remove(&id)
     }
 
     /// The answer to HTTP callout `token` arrives; the decision of the request that owns it
@@ -585,7 +592,8 @@ impl<R: RootFilter> Driver<R> {
         all
     }
 
-    /// Every wake delivered so far: `(request, reason)`, in order.
+    /// Every wake delivered so far: `(request, reason)`, in order (including those already
+    /// returned by [`Driver::take_woken`]).
     pub fn woken(&self) -> Vec<(u32, u32)> {
         self.proxy()
             .events
@@ -595,6 +603,21 @@ impl<R: RootFilter> Driver<R> {
                 _ => None,
             })
             .collect()
+    }
+
+    /// The wakes delivered since the last call: `(request, reason)`, in order.
+    pub fn take_woken(&mut self) -> Vec<(u32, u32)> {
+        let events = &self.dispatcher.proxy().events;
+        let new = events
+            .iter()
+            .skip(self.woken_seen)
+            .filter_map(|(c, e, _)| match e {
+                Event::Wake(r) => Some((*c, *r)),
+                _ => None,
+            })
+            .collect();
+        self.woken_seen = events.len();
+        new
     }
 
     /// The decision of the last wake with `reason` delivered to request `id`.
