@@ -42,8 +42,12 @@ pub const ROOT_ID: u32 = 1;
 pub struct MemProxy {
     /// The roots' host: shared data, metrics, the root's callouts and tick period.
     pub vm: MemHost,
-    /// Each request's host (kept after the request ends, for inspection).
+    /// Each live request's host.
     pub streams: BTreeMap<u32, MemHost>,
+    /// Callouts made by requests that have ended.
+    pub ended_calls: Vec<RecordedCall>,
+    /// gRPC callouts made by requests that have ended.
+    pub ended_grpc_calls: Vec<RecordedGrpcCall>,
     deleted: HashSet<u32>,
     effective: u32,
     /// The plugin configuration the next `on_configure` reads.
@@ -74,6 +78,8 @@ impl MemProxy {
         MemProxy {
             vm,
             streams: BTreeMap::new(),
+            ended_calls: Vec::new(),
+            ended_grpc_calls: Vec::new(),
             deleted: HashSet::new(),
             effective: 0,
             configuration: Vec::new(),
@@ -490,7 +496,12 @@ impl<R: RootFilter> Driver<R> {
         self.dispatcher.on_delete(id);
         let proxy = self.proxy_mut();
         proxy.deleted.insert(id);
-        proxy.streams.remove(&id)
+        let host = proxy.streams.remove(&id)?;
+        proxy.ended_calls.extend(host.calls.iter().cloned());
+        proxy
+            .ended_grpc_calls
+            .extend(host.grpc_calls.iter().cloned());
+        Some(host)
     }
 
     /// The answer to HTTP callout `token` arrives; the decision of the request that owns it
@@ -566,12 +577,14 @@ impl<R: RootFilter> Driver<R> {
         self.vm().metric(name)
     }
 
-    /// Every HTTP callout made so far (by the root and by requests), in token order.
+    /// Every HTTP callout made so far (by the root and by requests, ended ones too), in token
+    /// order.
     pub fn calls(&self) -> Vec<RecordedCall> {
         let p = self.proxy();
         let mut all: Vec<RecordedCall> =
             p.vm.calls
                 .iter()
+                .chain(p.ended_calls.iter())
                 .chain(p.streams.values().flat_map(|h| h.calls.iter()))
                 .cloned()
                 .collect();
@@ -585,6 +598,7 @@ impl<R: RootFilter> Driver<R> {
         let mut all: Vec<RecordedGrpcCall> =
             p.vm.grpc_calls
                 .iter()
+                .chain(p.ended_grpc_calls.iter())
                 .chain(p.streams.values().flat_map(|h| h.grpc_calls.iter()))
                 .cloned()
                 .collect();
