@@ -55,6 +55,7 @@ use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, SystemTime};
 
 use crate::filter::{CallResponse, Decision, GrpcResponse, HttpFilter, RootFilter};
+use crate::header_cache::{Cached, HeaderCache};
 use crate::host::{Body, GrpcCall, Host, HostError, HttpCall, MapKind, MetricKind, SharedError};
 use crate::problem::{LocalReply, Problem};
 
@@ -169,6 +170,8 @@ struct StreamSlot<F> {
     filter: Option<F>,
     paused: Option<Stream>,
     replied: bool,
+    /// The request's headers, once read (taken out while its code runs).
+    cache: HeaderCache,
 }
 
 /// Bookkeeping that filter code may change while it runs (through [`Scope`]).
@@ -270,6 +273,7 @@ pub struct Dispatcher<R: RootFilter, P: Proxy> {
     roots: HashMap<u32, RootSlot<R>>,
     streams: HashMap<u32, StreamSlot<R::Filter>>,
     book: Book,
+    cache_headers: bool,
 }
 
 /// How a request's hook is run.
@@ -284,7 +288,14 @@ impl<R: RootFilter, P: Proxy> Dispatcher<R, P> {
             roots: HashMap::new(),
             streams: HashMap::new(),
             book: Book::default(),
+            cache_headers: true,
         }
+    }
+
+    /// Serve each request's header reads from one read of the whole map (the default; see
+    /// `header_cache`), or read each header from the proxy.
+    pub fn set_header_cache(&mut self, on: bool) {
+        self.cache_headers = on;
     }
 
     /// The proxy.
@@ -373,6 +384,7 @@ impl<R: RootFilter, P: Proxy> Dispatcher<R, P> {
                 filter: Some(filter),
                 paused: None,
                 replied: false,
+                cache: HeaderCache::new(),
             },
         );
     }
@@ -605,11 +617,24 @@ impl<R: RootFilter, P: Proxy> Dispatcher<R, P> {
 
     /// Run `f` on request `context_id`'s filter; `None` when it is gone or busy.
     fn run_stream(&mut self, context_id: u32, f: Run<'_, R::Filter>) -> Option<Decision> {
-        let mut filter = self.streams.get_mut(&context_id)?.filter.take()?;
+        let slot = self.streams.get_mut(&context_id)?;
+        let mut filter = slot.filter.take()?;
+        let mut cache = std::mem::take(&mut slot.cache);
         let previous = std::mem::replace(&mut self.book.current, context_id);
         let decision = {
+            let host = self.proxy.host();
+            let mut cached;
+            let host: &mut dyn Host = if self.cache_headers {
+                cached = Cached {
+                    host,
+                    cache: &mut cache,
+                };
+                &mut cached
+            } else {
+                host
+            };
             let mut scope = Scope {
-                host: self.proxy.host(),
+                host,
                 book: &mut self.book,
                 streams: &self.streams,
             };
@@ -618,6 +643,7 @@ impl<R: RootFilter, P: Proxy> Dispatcher<R, P> {
         self.book.current = previous;
         if let Some(slot) = self.streams.get_mut(&context_id) {
             slot.filter = Some(filter);
+            slot.cache = cache;
         }
         self.take_periods();
         Some(decision)

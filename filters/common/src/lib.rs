@@ -17,6 +17,7 @@ pub mod adapter;
 pub mod config;
 pub mod dispatch;
 pub mod filter;
+pub mod header_cache;
 pub mod host;
 pub mod mem_host;
 pub mod metrics;
