@@ -2,9 +2,10 @@
 """Release artifacts: `make dist` writes into dist/ (or --out DIR):
 
     tollgate-<filter>-<version>.wasm      the four modules, named with the version
+    tollgate-<version>.wasm               the combined module (the four filters in one module)
     SHA256SUMS                            `sha256sum -c SHA256SUMS` checks every file listed
     schemas/<name>.schema.json            the JSON Schemas of the filter configurations
-    oci/tollgate-<filter>/                one OCI image layout per module (scripts/oci.py)
+    oci/tollgate-<filter>/, oci/tollgate/ one OCI image layout per module (scripts/oci.py)
     oci/digests.json                      image references and manifest digests
 
 The modules come from build/ (`make build`); nothing is rebuilt here.
@@ -34,12 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     sums = []
-    for f in oci.FILTERS:
+    for f in oci.MODULES:
         src = oci.module_path(args.build, f)
         if not src.exists():
             print(f"dist: {src} is missing: run `make build` first", file=sys.stderr)
             return 1
-        name = f"tollgate-{f}-{version}.wasm"
+        name = f"{oci.image_name(f)}-{version}.wasm"
         shutil.copyfile(src, out / name)
         sums.append((hashlib.sha256((out / name).read_bytes()).hexdigest(), name))
     schemas = out / "schemas"

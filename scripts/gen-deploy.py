@@ -11,6 +11,15 @@ Each Tollgate filter's JSON configuration in envoy/envoy.yaml is the source of:
 - deploy/envoy-gateway/tollgate-<filter>.yaml an Envoy Gateway EnvoyExtensionPolicy with that filter
 - deploy/envoy-gateway/tollgate-all.yaml      one EnvoyExtensionPolicy with the four filters in order
 - deploy/envoy/tollgate-<filter>.yaml         a minimal plain-Envoy configuration loading that module
+
+and the combined module (build/tollgate.wasm: the four filters in one VM, one configuration with
+a section per filter, as in envoy/envoy.yaml) is the source of:
+
+- deploy/istio/combined/tollgate.yaml         one WasmPlugin in phase AUTHN holding the whole chain
+                                              (a folder of its own: `kubectl apply -f deploy/istio/`
+                                              must not install both variants)
+- deploy/envoy-gateway/tollgate-combined.yaml one EnvoyExtensionPolicy with the combined module
+- deploy/envoy/tollgate.yaml                  a minimal plain-Envoy configuration loading it
 - deploy/kubernetes/demo.yaml                 (hand-written; with --registry, its images are renamed)
 
 The `sha256` of the Istio and Envoy Gateway examples is the digest of the OCI image manifest that
@@ -36,6 +45,12 @@ import oci  # noqa: E402  (scripts/oci.py)
 
 ROOT = oci.ROOT
 FILTERS = oci.FILTERS
+COMBINED = oci.COMBINED
+# The combined module runs the whole chain, authentication first, so it goes where auth goes: one
+# WasmPlugin in phase AUTHN, failing closed (no module, no unauthenticated traffic).
+COMBINED_PLACEMENT = {"phase": "AUTHN", "priority": 100, "failStrategy": "FAIL_CLOSE",
+                      "why": "the whole chain, auth -> ratelimit -> cache -> aggregate, in one VM; in AUTHN "
+                             "because it authenticates first; fails closed"}
 DEMO_NAMESPACE = "tollgate-demo"
 ISTIO_NAMESPACE = "istio-system"
 # The HTTP listener port of the default istio-ingressgateway (`0.0.0.0_8080`): WasmPlugin `match`
@@ -78,12 +93,16 @@ def hcm_of(cfg: dict) -> dict:
 
 
 def filter_configs(cfg: dict) -> dict[str, dict]:
-    """filter name -> its JSON configuration (parsed), in chain order."""
+    """filter name -> its JSON configuration (parsed), in chain order: the sections of the
+    combined module's entry (`tollgate`), or the entries of single modules (`tollgate.<filter>`)."""
     out = {}
     for f in hcm_of(cfg)["http_filters"]:
         name = f.get("name", "")
-        if name.startswith("tollgate."):
-            value = f["typed_config"]["config"].get("configuration", {}).get("value", "") or "{}"
+        value = f.get("typed_config", {}).get("config", {}).get("configuration", {}).get("value", "") or "{}"
+        if name == COMBINED:
+            sections = json.loads(value)
+            out.update((k, sections[k]) for k in FILTERS if k in sections)
+        elif name.startswith("tollgate."):
             out[name.split(".", 1)[1]] = json.loads(value)
     return out
 
@@ -149,7 +168,7 @@ def dump(doc) -> str:
 
 
 def labels(f: str, version: str) -> dict:
-    return {"app.kubernetes.io/name": f"tollgate-{f}", "app.kubernetes.io/part-of": "tollgate",
+    return {"app.kubernetes.io/name": oci.image_name(f), "app.kubernetes.io/part-of": "tollgate",
             "app.kubernetes.io/version": version}
 
 
@@ -158,18 +177,19 @@ def labels(f: str, version: str) -> dict:
 
 
 def wasm_plugin(f: str, config: dict, version: str, digest: str, known: set[str]) -> str:
-    place = PLACEMENT[f]
+    place = COMBINED_PLACEMENT if f == COMBINED else PLACEMENT[f]
     mapping = {c: istio_cluster(c) for c in known}
+    name = oci.image_name(f)
     doc = {
         "apiVersion": "extensions.istio.io/v1alpha1",
         "kind": "WasmPlugin",
-        "metadata": {"name": f"tollgate-{f}", "namespace": ISTIO_NAMESPACE, "labels": labels(f, version)},
+        "metadata": {"name": name, "namespace": ISTIO_NAMESPACE, "labels": labels(f, version)},
         "spec": {
             "selector": {"matchLabels": {"istio": "ingressgateway"}},
             "url": f"oci://{oci.image_ref(f, version)}",
             "sha256": digest,
             "imagePullPolicy": "IfNotPresent",
-            "pluginName": f"tollgate_{f}",
+            "pluginName": name.replace("-", "_"),
             "phase": place["phase"],
             "priority": place["priority"],
             "failStrategy": place["failStrategy"],
@@ -178,25 +198,31 @@ def wasm_plugin(f: str, config: dict, version: str, digest: str, known: set[str]
             "pluginConfig": rename_clusters(config, mapping),
         },
     }
+    what = "the combined module tollgate" if f == COMBINED else f"tollgate.{f}"
+    folder = "deploy/istio/combined/" if f == COMBINED else "deploy/istio/"
+    instead = ("# Instead of the four plugins of deploy/istio/, not with them.\n" if f == COMBINED else "")
     head = (GENERATED
-            + f"# Istio WasmPlugin: tollgate.{f} on the ingress gateway ({place['why']}).\n"
-            + "#   kubectl apply -f deploy/istio/   (after pushing the images, see docs/deploy.md)\n"
+            + f"# Istio WasmPlugin: {what} on the ingress gateway ({place['why']}).\n"
+            + instead
+            + f"#   kubectl apply -f {folder}   (after pushing the images, see docs/deploy.md)\n"
             + "# sha256 is the digest of the OCI image manifest (what Istio verifies for oci:// URLs),\n"
             + "# as written by `make oci`; per-route rules live in pluginConfig.routes, not in Istio.\n")
     return head + dump(doc)
 
 
 def eg_wasm_entry(f: str, config: dict, version: str, digest: str) -> dict:
+    name = oci.image_name(f)
+    place = COMBINED_PLACEMENT if f == COMBINED else PLACEMENT[f]
     return {
-        "name": f"tollgate-{f}",
-        "rootID": f"tollgate_{f}",
+        "name": name,
+        "rootID": name.replace("-", "_"),
         "code": {
             "type": "Image",
             "image": {"url": oci.image_ref(f, version), "sha256": digest},
             "pullPolicy": "IfNotPresent",
         },
         "config": config,
-        "failOpen": PLACEMENT[f]["failStrategy"] == "FAIL_OPEN",
+        "failOpen": place["failStrategy"] == "FAIL_OPEN",
     }
 
 
@@ -216,6 +242,9 @@ def eg_policy(name: str, entries: list[dict], version: str, comment: str) -> str
 
 def envoy_snippet(f: str, config: dict, all_clusters: dict[str, dict]) -> str:
     used = referenced_clusters(config, set(all_clusters))
+    name = oci.image_name(f)
+    module = oci.module_path(Path("/etc/envoy"), f).name
+    place = COMBINED_PLACEMENT if f == COMBINED else PLACEMENT[f]
     cl = [{
         "name": "backend",
         "type": "STATIC",
@@ -239,23 +268,23 @@ def envoy_snippet(f: str, config: dict, all_clusters: dict[str, dict]) -> str:
                             {"match": {"prefix": "/"}, "route": {"cluster": "backend"}}]}]},
                         "http_filters": [
                             {
-                                "name": f"tollgate.{f}",
+                                "name": COMBINED if f == COMBINED else f"tollgate.{f}",
                                 "typed_config": {
                                     "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
                                     "config": {
-                                        "name": f"tollgate_{f}",
-                                        "root_id": f"tollgate_{f}",
+                                        "name": name.replace("-", "_"),
+                                        "root_id": name.replace("-", "_"),
                                         "vm_config": {
-                                            "vm_id": f"tollgate_{f}",
+                                            "vm_id": name.replace("-", "_"),
                                             "runtime": "envoy.wasm.runtime.v8",
-                                            "code": {"local": {"filename": f"/etc/envoy/tollgate_{f}.wasm"}},
+                                            "code": {"local": {"filename": f"/etc/envoy/{module}"}},
                                         },
                                         "configuration": {
                                             "@type": "type.googleapis.com/google.protobuf.StringValue",
                                             "value": json.dumps(config, indent=2) + "\n",
                                         },
                                         # fail_open is deprecated (Envoy 1.36+ warn about it).
-                                        "failure_policy": "FAIL_OPEN" if PLACEMENT[f]["failStrategy"] == "FAIL_OPEN"
+                                        "failure_policy": "FAIL_OPEN" if place["failStrategy"] == "FAIL_OPEN"
                                         else "FAIL_CLOSED",
                                     },
                                 },
@@ -269,10 +298,11 @@ def envoy_snippet(f: str, config: dict, all_clusters: dict[str, dict]) -> str:
             "clusters": cl,
         },
     }
+    what = "the combined module tollgate (the four filters)" if f == COMBINED else f"tollgate.{f} alone"
     head = (GENERATED
-            + f"# Minimal plain-Envoy configuration with tollgate.{f} alone in front of one backend\n"
-            + "# (127.0.0.1:8080). Put the module at /etc/envoy/ and run:\n"
-            + f"#   envoy -c tollgate-{f}.yaml\n"
+            + f"# Minimal plain-Envoy configuration with {what} in front of one backend\n"
+            + f"# (127.0.0.1:8080). Put {module} at /etc/envoy/ and run:\n"
+            + f"#   envoy -c {name}.yaml\n"
             + "# Other clusters are the ones the filter's configuration calls out to.\n")
     return head + dump(doc)
 
@@ -302,6 +332,16 @@ def generate(version: str | None = None, build: Path = ROOT / "build") -> dict[P
         "# (auth -> ratelimit -> cache -> aggregate); the wasm list is the filter order.\n")
     for f in FILTERS:
         out[Path("deploy/envoy") / f"tollgate-{f}.yaml"] = envoy_snippet(f, configs.get(f, {}), all_clusters)
+    # The combined module: the same configurations, one section each.
+    combined = {f: configs[f] for f in FILTERS if f in configs}
+    digest = oci.image_for(COMBINED, version, build).digest
+    out[Path("deploy/istio/combined/tollgate.yaml")] = wasm_plugin(COMBINED, combined, version, digest, known)
+    out[Path("deploy/envoy-gateway/tollgate-combined.yaml")] = eg_policy(
+        "tollgate-combined", [eg_wasm_entry(COMBINED, combined, version, digest)], version,
+        f"# Envoy Gateway: the combined module on the Gateway `{EG_GATEWAY}`: the four filters in one VM\n"
+        "# (auth -> ratelimit -> cache -> aggregate), one configuration with a section per filter.\n"
+        "# Use it instead of tollgate-all.yaml (policies attached to one target are not merged).\n")
+    out[Path("deploy/envoy/tollgate.yaml")] = envoy_snippet(COMBINED, combined, all_clusters)
     # The Kubernetes demo is written by hand; only its image names follow the registry.
     demo = Path("deploy/kubernetes/demo.yaml")
     out[demo] = (ROOT / demo).read_text().replace(f"{oci.DEFAULT_REGISTRY}/", f"{oci.REGISTRY}/")

@@ -383,8 +383,10 @@ def test_dist_writes_versioned_modules_sums_schemas_and_layouts(tmp_path):
         assert (tmp_path / "schemas" / f"{name}.schema.json").read_text() == \
             (ROOT / "schemas" / f"{name}.schema.json").read_text()
     assert (tmp_path / "schemas" / "route-match.schema.json").exists()
+    assert (tmp_path / f"tollgate-{VERSION}.wasm").read_bytes() == harness.module_path("tollgate").read_bytes()
+    read_layout(tmp_path / "oci" / "tollgate")
     sums = (tmp_path / "SHA256SUMS").read_text().splitlines()
-    assert len(sums) == len(FILTERS) + len(list((ROOT / "schemas").glob("*.schema.json")))
+    assert len(sums) == len(oci.MODULES) + len(list((ROOT / "schemas").glob("*.schema.json")))
     check = subprocess.run(["sha256sum", "--strict", "-c", "SHA256SUMS"], cwd=tmp_path, capture_output=True,
                            text=True, timeout=60)
     assert check.returncode == 0, check.stdout + check.stderr
@@ -604,3 +606,44 @@ def test_plain_envoy_snippet_serves_traffic(name, services, envoy_factory):
     seen = {k: v for k, v in envoy.stats(f"tollgate.{name}.").items() if v}
     assert seen.get(f"wasmcustom.tollgate.{name}.requests", 0) + seen.get(f"wasmcustom.tollgate.{name}.skipped", 0) >= 1, \
         seen
+
+
+# ---------------------------------------------------------------------------------------------
+# The combined module (build/tollgate.wasm): one WasmPlugin, one policy, one plain-Envoy snippet
+
+
+def test_istio_combined_wasmplugin_holds_the_chain_in_authn():
+    doc = load_yaml(ROOT / "deploy" / "istio" / "combined" / "tollgate.yaml")
+    assert not errors(deploy_validator("wasmplugin"), doc)
+    spec = doc["spec"]
+    assert spec["url"] == f"oci://ghcr.io/tollgate-gw/tollgate:{VERSION}"
+    assert spec["sha256"] == oci.image_for("tollgate", VERSION).digest
+    assert (spec["phase"], spec["failStrategy"], spec["pluginName"]) == ("AUTHN", "FAIL_CLOSE", "tollgate")
+    assert list(spec["pluginConfig"]) == list(FILTERS)
+    problems = errors(harness.schema_validator("tollgate"), spec["pluginConfig"])
+    assert not problems, problems
+    # Its clusters are the demo's Istio clusters, as in the single plugins.
+    assert "outbound|80||users.tollgate-demo.svc.cluster.local" in json.dumps(spec["pluginConfig"])
+
+
+def test_envoy_gateway_combined_policy_is_valid():
+    doc = load_yaml(ROOT / "deploy" / "envoy-gateway" / "tollgate-combined.yaml")
+    assert not errors(deploy_validator("envoyextensionpolicy"), doc)
+    [wasm] = doc["spec"]["wasm"]
+    assert wasm["rootID"] == "tollgate" and wasm["failOpen"] is False
+    assert wasm["code"]["image"]["url"] == f"ghcr.io/tollgate-gw/tollgate:{VERSION}"
+    assert wasm["config"] == harness.bundled_combined_config()
+    assert not errors(harness.schema_validator("tollgate"), wasm["config"])
+
+
+def test_plain_envoy_combined_snippet_validates_with_the_module(tmp_path):
+    doc = load_yaml(ROOT / "deploy" / "envoy" / "tollgate.yaml")
+    hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    assert [f["name"] for f in hcm["http_filters"]] == ["tollgate", "envoy.filters.http.router"]
+    wasm = hcm["http_filters"][0]["typed_config"]["config"]
+    assert wasm["vm_config"]["code"]["local"]["filename"] == "/etc/envoy/tollgate.wasm"
+    wasm["vm_config"]["code"]["local"]["filename"] = str(harness.module_path("tollgate"))
+    path = tmp_path / "tollgate.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    r = validate_envoy(path)
+    assert r.returncode == 0 and "OK" in r.stdout + r.stderr, r.stdout[-2000:] + r.stderr[-2000:]
