@@ -70,6 +70,8 @@ pub struct MemProxy {
     pub count_host_calls: bool,
     /// The calls the VM made to the proxy (each is a hostcall in Envoy), by name, in order.
     pub host_calls: RefCell<Vec<&'static str>>,
+    /// Bytes of header names and values the proxy handed to the VM (counted with the calls).
+    pub header_bytes: std::cell::Cell<usize>,
 }
 
 impl MemProxy {
@@ -93,6 +95,7 @@ impl MemProxy {
             switches: Vec::new(),
             count_host_calls: false,
             host_calls: RefCell::default(),
+            header_bytes: std::cell::Cell::new(0),
         }
     }
 
@@ -136,11 +139,21 @@ impl MemProxy {
 impl Host for MemProxy {
     fn header(&self, map: MapKind, name: &str) -> Option<String> {
         self.note("get_header_map_value");
-        self.current().header(map, name)
+        let v = self.current().header(map, name);
+        if self.count_host_calls {
+            let n = v.as_ref().map_or(0, String::len);
+            self.header_bytes.set(self.header_bytes.get() + n);
+        }
+        v
     }
     fn headers(&self, map: MapKind) -> Vec<(String, String)> {
         self.note("get_header_map_pairs");
-        self.current().headers(map)
+        let all = self.current().headers(map);
+        if self.count_host_calls {
+            let n: usize = all.iter().map(|(k, v)| k.len() + v.len()).sum();
+            self.header_bytes.set(self.header_bytes.get() + n);
+        }
+        all
     }
     fn set_header(&mut self, map: MapKind, name: &str, value: &str) {
         self.note("replace_header_map_value");
@@ -691,5 +704,11 @@ impl<R: RootFilter> Driver<R> {
     /// The calls the VM made to the proxy since the last time (each is a hostcall in Envoy).
     pub fn take_host_calls(&mut self) -> Vec<&'static str> {
         std::mem::take(&mut *self.proxy().host_calls.borrow_mut())
+    }
+
+    /// Bytes of header names and values the proxy handed to the VM since the last time (while
+    /// counting host calls).
+    pub fn take_header_bytes(&mut self) -> usize {
+        self.proxy().header_bytes.replace(0)
     }
 }
