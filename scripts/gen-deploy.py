@@ -10,17 +10,20 @@ Each Tollgate filter's JSON configuration in envoy/envoy.yaml is the source of:
 - deploy/istio/tollgate-<filter>.yaml         an Istio WasmPlugin (pluginConfig = that configuration)
 - deploy/envoy-gateway/tollgate-<filter>.yaml an Envoy Gateway EnvoyExtensionPolicy with that filter
 - deploy/envoy-gateway/tollgate-all.yaml      one EnvoyExtensionPolicy with the four filters in order
+- deploy/envoy-gateway/demo-routes.yaml       the demo's HTTPRoute and ReferenceGrant (whose clusters the
+                                              Envoy Gateway configurations call out to)
 - deploy/envoy/tollgate-<filter>.yaml         a minimal plain-Envoy configuration loading that module
+- deploy/kubernetes/demo.yaml                 (hand-written; with --registry, its images are renamed)
 
-and the combined module (build/tollgate.wasm: the four filters in one VM, one configuration with
-a section per filter, as in envoy/envoy.yaml) is the source of:
+and the same configurations, as the sections of the combined module (build/tollgate.wasm: the four
+filters in one VM; envoy/envoy.yaml loads it), are the source of:
 
 - deploy/istio/combined/tollgate.yaml         one WasmPlugin in phase AUTHN holding the whole chain
                                               (a folder of its own: `kubectl apply -f deploy/istio/`
                                               must not install both variants)
 - deploy/envoy-gateway/tollgate-combined.yaml one EnvoyExtensionPolicy with the combined module
 - deploy/envoy/tollgate.yaml                  a minimal plain-Envoy configuration loading it
-- deploy/kubernetes/demo.yaml                 (hand-written; with --registry, its images are renamed)
+- deploy/kubernetes/demo-istio.yaml           (hand-written; with --istio-gateway helm, its selector follows)
 
 The `sha256` of the Istio and Envoy Gateway examples is the digest of the OCI image manifest that
 scripts/oci.py builds from build/tollgate_<filter>.wasm (what both fetchers verify), so build the
@@ -28,7 +31,13 @@ modules first (`make build`, or `make manifests` which does both).
 
 In the Istio examples, values of configuration keys named `cluster` or `*_cluster` that name one of
 the demo's clusters (users, orders, products) become the Istio cluster of the demo's Kubernetes
-Service, `outbound|80||<name>.<namespace>.svc.cluster.local` (see deploy/kubernetes/demo.yaml).
+Service, `outbound|80||<name>.<namespace>.svc.cluster.local` (see deploy/kubernetes/demo.yaml),
+and their callouts get the service's host name as `authority`. In the Envoy Gateway examples they
+become the clusters Envoy Gateway makes for the rules of demo-routes.yaml,
+`httproute/default/tollgate-demo/rule/<index>`.
+
+`--istio-gateway helm` writes the WasmPlugins for a gateway installed with Istio's Helm `gateway`
+chart (namespace istio-ingress, pods labelled istio=ingress) instead of istioctl's default.
 """
 
 from __future__ import annotations
@@ -46,18 +55,23 @@ import oci  # noqa: E402  (scripts/oci.py)
 ROOT = oci.ROOT
 FILTERS = oci.FILTERS
 COMBINED = oci.COMBINED
-# The combined module runs the whole chain, authentication first, so it goes where auth goes: one
-# WasmPlugin in phase AUTHN, failing closed (no module, no unauthenticated traffic).
-COMBINED_PLACEMENT = {"phase": "AUTHN", "priority": 100, "failStrategy": "FAIL_CLOSE",
-                      "why": "the whole chain, auth -> ratelimit -> cache -> aggregate, in one VM; in AUTHN "
-                             "because it authenticates first; fails closed"}
 DEMO_NAMESPACE = "tollgate-demo"
-ISTIO_NAMESPACE = "istio-system"
-# The HTTP listener port of the default istio-ingressgateway (`0.0.0.0_8080`): WasmPlugin `match`
-# ports of a gateway are its listener ports.
-ISTIO_GATEWAY_PORT = 8080
+# The two ways Istio installs an ingress gateway, and the labels of its pods (what a WasmPlugin's
+# selector must name; Istio's manifests/charts/gateways/istio-ingress and manifests/charts/gateway):
+#   istioctl: `istioctl install` (default profile): Deployment istio-ingressgateway in istio-system,
+#             pods labelled istio=ingressgateway, listeners 8080 and 8443 (Service ports 80, 443).
+#   helm:     `helm install istio-ingress istio/gateway -n istio-ingress`: the chart labels pods
+#             istio=<release name without "istio-">, so istio=ingress; listeners 80 and 443.
+# The WasmPlugins set no `match.ports`: Istio then attaches them to every listener of the gateway.
+ISTIO_LAYOUTS = {
+    "istioctl": {"namespace": "istio-system", "labels": {"istio": "ingressgateway"}, "workload": "istio-ingressgateway"},
+    "helm": {"namespace": "istio-ingress", "labels": {"istio": "ingress"}, "workload": "istio-ingress"},
+}
+ISTIO_LAYOUT = "istioctl"
 EG_GATEWAY = "eg"
 EG_NAMESPACE = "default"
+# The HTTPRoute that gives the demo services their routes (and Envoy clusters) on the Gateway.
+EG_ROUTE = "tollgate-demo"
 
 # Where each filter goes in the chain, and what happens when its module cannot run.
 #   Istio runs phases in the order AUTHN, AUTHZ, STATS (then UNSPECIFIED, before the router) and,
@@ -73,6 +87,17 @@ PLACEMENT = {
                   "why": "last before the router (lower priority than cache in the same phase); fails closed: "
                          "the services have no aggregate routes of their own"},
 }
+
+# The combined module runs the whole chain, authentication first, so it goes where auth goes: one
+# WasmPlugin in phase AUTHN, failing closed (no module, no unauthenticated traffic).
+COMBINED_PLACEMENT = {"phase": "AUTHN", "priority": 100, "failStrategy": "FAIL_CLOSE",
+                      "why": "the whole chain, auth -> ratelimit -> cache -> aggregate, in one VM; in AUTHN "
+                             "because it authenticates first; fails closed"}
+
+
+def placement(f: str) -> dict:
+    return COMBINED_PLACEMENT if f == COMBINED else PLACEMENT[f]
+
 
 GENERATED = "# Generated by scripts/gen-deploy.py from envoy/envoy.yaml: edit those, then run `make manifests`.\n"
 
@@ -134,17 +159,32 @@ def referenced_clusters(value, known: set[str]) -> list[str]:
     return found
 
 
-def rename_clusters(value, mapping: dict[str, str]):
+def rename_clusters(value, mapping: dict[str, str], hosts: dict[str, str] | None = None):
+    """Rename the clusters of `mapping` in cluster keys. A callout with a fixed path (a JWKS or
+    introspection fetch, an aggregate call: an object with `cluster` and `path`) whose cluster is
+    renamed also gets `authority` = the service's host name from `hosts`, unless it has one: by
+    default the filters send the cluster name as `:authority`, and Istio's and Envoy Gateway's
+    cluster names (`outbound|80||...`, `httproute/...`) are not valid host names, which an Envoy in
+    front of the service (an Istio sidecar) refuses with 400."""
+    hosts = hosts or {}
     if isinstance(value, dict):
-        return {k: (mapping.get(v, v) if isinstance(v, str) and is_cluster_key(k) else rename_clusters(v, mapping))
-                for k, v in value.items()}
+        out = {k: (mapping.get(v, v) if isinstance(v, str) and is_cluster_key(k) else rename_clusters(v, mapping, hosts))
+               for k, v in value.items()}
+        cluster = value.get("cluster")
+        if isinstance(cluster, str) and cluster in hosts and "path" in value and "authority" not in value:
+            out["authority"] = hosts[cluster]
+        return out
     if isinstance(value, list):
-        return [rename_clusters(v, mapping) for v in value]
+        return [rename_clusters(v, mapping, hosts) for v in value]
     return value
 
 
+def service_host(service: str) -> str:
+    return f"{service}.{DEMO_NAMESPACE}.svc.cluster.local"
+
+
 def istio_cluster(service: str) -> str:
-    return f"outbound|80||{service}.{DEMO_NAMESPACE}.svc.cluster.local"
+    return f"outbound|80||{service_host(service)}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,15 +217,16 @@ def labels(f: str, version: str) -> dict:
 
 
 def wasm_plugin(f: str, config: dict, version: str, digest: str, known: set[str]) -> str:
-    place = COMBINED_PLACEMENT if f == COMBINED else PLACEMENT[f]
+    place = placement(f)
+    layout = ISTIO_LAYOUTS[ISTIO_LAYOUT]
     mapping = {c: istio_cluster(c) for c in known}
     name = oci.image_name(f)
     doc = {
         "apiVersion": "extensions.istio.io/v1alpha1",
         "kind": "WasmPlugin",
-        "metadata": {"name": name, "namespace": ISTIO_NAMESPACE, "labels": labels(f, version)},
+        "metadata": {"name": name, "namespace": layout["namespace"], "labels": labels(f, version)},
         "spec": {
-            "selector": {"matchLabels": {"istio": "ingressgateway"}},
+            "selector": {"matchLabels": dict(layout["labels"])},
             "url": f"oci://{oci.image_ref(f, version)}",
             "sha256": digest,
             "imagePullPolicy": "IfNotPresent",
@@ -194,25 +235,94 @@ def wasm_plugin(f: str, config: dict, version: str, digest: str, known: set[str]
             "priority": place["priority"],
             "failStrategy": place["failStrategy"],
             "type": "HTTP",
-            "match": [{"mode": "CLIENT", "ports": [{"number": ISTIO_GATEWAY_PORT}]}],
-            "pluginConfig": rename_clusters(config, mapping),
+            # No `ports`: every listener of the selected gateway (HTTP and HTTPS, and any port
+            # added later) gets the filter. Listing ports leaves the other listeners unfiltered.
+            "match": [{"mode": "CLIENT"}],
+            "pluginConfig": rename_clusters(config, mapping, {c: service_host(c) for c in known}),
         },
     }
     what = "the combined module tollgate" if f == COMBINED else f"tollgate.{f}"
     folder = "deploy/istio/combined/" if f == COMBINED else "deploy/istio/"
-    instead = ("# Instead of the four plugins of deploy/istio/, not with them.\n" if f == COMBINED else "")
     head = (GENERATED
-            + f"# Istio WasmPlugin: {what} on the ingress gateway ({place['why']}).\n"
-            + instead
+            + f"# Istio WasmPlugin: {what} on the ingress gateway {layout['workload']} in {layout['namespace']}\n"
+            + f"# ({place['why']}), on all of its listeners.\n"
+            + ("# Instead of the four plugins of deploy/istio/, not with them.\n" if f == COMBINED else "")
             + f"#   kubectl apply -f {folder}   (after pushing the images, see docs/deploy.md)\n"
             + "# sha256 is the digest of the OCI image manifest (what Istio verifies for oci:// URLs),\n"
             + "# as written by `make oci`; per-route rules live in pluginConfig.routes, not in Istio.\n")
     return head + dump(doc)
 
 
+def envoy_routes(cfg: dict) -> list[dict]:
+    return hcm_of(cfg)["route_config"]["virtual_hosts"][0]["routes"]
+
+
+def eg_cluster(rule: int) -> str:
+    """The Envoy cluster Envoy Gateway makes for rule `rule` of the demo's HTTPRoute (a rule with one
+    Service backendRef and no backendRef filters): internal/gatewayapi/helpers.go,
+    irRouteDestinationName = "<route kind>/<namespace>/<name>/rule/<index>"."""
+    return f"httproute/{EG_NAMESPACE}/{EG_ROUTE}/rule/{rule}"
+
+
+def eg_demo_routes(cfg: dict, configs: dict[str, dict], version: str) -> tuple[str, dict[str, str]]:
+    """The demo's HTTPRoute (the routes of envoy/envoy.yaml, plus the aggregate filter's composite
+    paths) and ReferenceGrant, and the EG cluster of each demo service."""
+    rules, mapping = [], {}
+    for r in envoy_routes(cfg):
+        action = r.get("route")
+        if not action or "prefix" not in r.get("match", {}):
+            continue  # the bundled "/" -> 404: Envoy Gateway answers 404 without a route
+        service = action["cluster"]
+        rule = {
+            "matches": [{"path": {"type": "PathPrefix", "value": r["match"]["prefix"]}}],
+            "backendRefs": [{"name": service, "namespace": DEMO_NAMESPACE, "port": 80}],
+        }
+        if "prefix_rewrite" in action:
+            rule["filters"] = [{"type": "URLRewrite", "urlRewrite": {
+                "path": {"type": "ReplacePrefixMatch", "replacePrefixMatch": action["prefix_rewrite"]}}}]
+        if "timeout" in action:
+            rule["timeouts"] = {"request": action["timeout"]}
+        mapping.setdefault(service, eg_cluster(len(rules)))
+        rules.append(rule)
+    # The aggregate filter answers its composite endpoints itself, but Envoy Gateway enables Wasm
+    # filters per route (they are disabled on the listener), so those paths need a route too.
+    prefixes = []
+    for route in configs.get("aggregate", {}).get("routes", []):
+        m = route.get("match", {})
+        prefix = m.get("prefix") or m.get("path") or (m.get("template", "").split("{", 1)[0].rstrip("/") or None)
+        if prefix and prefix not in prefixes:
+            prefixes.append(prefix)
+    if prefixes and rules:
+        rules.append({"matches": [{"path": {"type": "PathPrefix", "value": p}} for p in prefixes],
+                      "backendRefs": [dict(rules[0]["backendRefs"][0])]})
+    route = {
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
+        "metadata": {"name": EG_ROUTE, "namespace": EG_NAMESPACE,
+                     "labels": {"app.kubernetes.io/part-of": "tollgate", "app.kubernetes.io/version": version}},
+        "spec": {"parentRefs": [{"name": EG_GATEWAY}], "rules": rules},
+    }
+    grant = {
+        "apiVersion": "gateway.networking.k8s.io/v1beta1",
+        "kind": "ReferenceGrant",
+        "metadata": {"name": f"{EG_ROUTE}-from-{EG_NAMESPACE}", "namespace": DEMO_NAMESPACE,
+                     "labels": {"app.kubernetes.io/part-of": "tollgate", "app.kubernetes.io/version": version}},
+        "spec": {"from": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "namespace": EG_NAMESPACE}],
+                 "to": [{"group": "", "kind": "Service"}]},
+    }
+    names = ", ".join(f"{svc} -> {c}" for svc, c in mapping.items())
+    head = (GENERATED
+            + f"# The demo's routes on the Envoy Gateway quickstart's Gateway `{EG_GATEWAY}` (namespace {EG_NAMESPACE}),\n"
+            + f"# to the services of deploy/kubernetes/demo.yaml (namespace {DEMO_NAMESPACE}; the ReferenceGrant lets\n"
+            + "# the route in default use them). Envoy Gateway names each rule's cluster\n"
+            + "# httproute/<namespace>/<name>/rule/<index>; the filter configurations in this folder call these:\n"
+            + f"#   {names}\n"
+            + "# so keep the rule order (and one Service backendRef per rule) when you edit this file.\n")
+    return head + dump(route) + "---\n" + dump(grant), mapping
+
+
 def eg_wasm_entry(f: str, config: dict, version: str, digest: str) -> dict:
     name = oci.image_name(f)
-    place = COMBINED_PLACEMENT if f == COMBINED else PLACEMENT[f]
     return {
         "name": name,
         "rootID": name.replace("-", "_"),
@@ -222,7 +332,7 @@ def eg_wasm_entry(f: str, config: dict, version: str, digest: str) -> dict:
             "pullPolicy": "IfNotPresent",
         },
         "config": config,
-        "failOpen": place["failStrategy"] == "FAIL_OPEN",
+        "failOpen": placement(f)["failStrategy"] == "FAIL_OPEN",
     }
 
 
@@ -240,11 +350,21 @@ def eg_policy(name: str, entries: list[dict], version: str, comment: str) -> str
     return GENERATED + comment + dump(doc)
 
 
-def envoy_snippet(f: str, config: dict, all_clusters: dict[str, dict]) -> str:
+# Keys of the bundled HTTP connection manager that are not the edge settings: the snippets have
+# their own. Every other key (use_remote_address, xff_num_trusted_hops, header and path
+# sanitizing, ...) is copied, so a snippet trusts clients exactly as envoy/envoy.yaml does.
+HCM_OWN_KEYS = {"@type", "stat_prefix", "codec_type", "route_config", "rds", "http_filters"}
+
+
+def edge_settings(cfg: dict) -> dict:
+    """The bundled HTTP connection manager's settings other than its routes and filters."""
+    return {k: v for k, v in hcm_of(cfg).items() if k not in HCM_OWN_KEYS}
+
+
+def envoy_snippet(f: str, config: dict, all_clusters: dict[str, dict], edge: dict | None = None) -> str:
     used = referenced_clusters(config, set(all_clusters))
-    name = oci.image_name(f)
-    module = oci.module_path(Path("/etc/envoy"), f).name
-    place = COMBINED_PLACEMENT if f == COMBINED else PLACEMENT[f]
+    name = oci.image_name(f).replace("-", "_")
+    module = oci.module_path(Path("/etc/envoy"), f)
     cl = [{
         "name": "backend",
         "type": "STATIC",
@@ -264,6 +384,7 @@ def envoy_snippet(f: str, config: dict, all_clusters: dict[str, dict]) -> str:
                         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
                                  ".HttpConnectionManager",
                         "stat_prefix": "gateway",
+                        **(edge or {}),
                         "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [
                             {"match": {"prefix": "/"}, "route": {"cluster": "backend"}}]}]},
                         "http_filters": [
@@ -272,19 +393,19 @@ def envoy_snippet(f: str, config: dict, all_clusters: dict[str, dict]) -> str:
                                 "typed_config": {
                                     "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
                                     "config": {
-                                        "name": name.replace("-", "_"),
-                                        "root_id": name.replace("-", "_"),
+                                        "name": name,
+                                        "root_id": name,
                                         "vm_config": {
-                                            "vm_id": name.replace("-", "_"),
+                                            "vm_id": name,
                                             "runtime": "envoy.wasm.runtime.v8",
-                                            "code": {"local": {"filename": f"/etc/envoy/{module}"}},
+                                            "code": {"local": {"filename": str(module)}},
                                         },
                                         "configuration": {
                                             "@type": "type.googleapis.com/google.protobuf.StringValue",
                                             "value": json.dumps(config, indent=2) + "\n",
                                         },
                                         # fail_open is deprecated (Envoy 1.36+ warn about it).
-                                        "failure_policy": "FAIL_OPEN" if place["failStrategy"] == "FAIL_OPEN"
+                                        "failure_policy": "FAIL_OPEN" if placement(f)["failStrategy"] == "FAIL_OPEN"
                                         else "FAIL_CLOSED",
                                     },
                                 },
@@ -301,9 +422,11 @@ def envoy_snippet(f: str, config: dict, all_clusters: dict[str, dict]) -> str:
     what = "the combined module tollgate (the four filters)" if f == COMBINED else f"tollgate.{f} alone"
     head = (GENERATED
             + f"# Minimal plain-Envoy configuration with {what} in front of one backend\n"
-            + f"# (127.0.0.1:8080). Put {module} at /etc/envoy/ and run:\n"
-            + f"#   envoy -c {name}.yaml\n"
-            + "# Other clusters are the ones the filter's configuration calls out to.\n")
+            + f"# (127.0.0.1:8080). Put {module.name} at /etc/envoy/ and run:\n"
+            + f"#   envoy -c {oci.image_name(f)}.yaml\n"
+            + "# Other clusters are the ones the filter's configuration calls out to. The connection manager's\n"
+            + "# edge settings are envoy/envoy.yaml's (the client address is the TCP peer; see\n"
+            + "# docs/filters/ratelimit.md#deployment-shapes behind a load balancer).\n")
     return head + dump(doc)
 
 
@@ -316,35 +439,48 @@ def generate(version: str | None = None, build: Path = ROOT / "build") -> dict[P
     known = set(all_clusters)
     out: dict[Path, str] = {}
     entries = []
+    eg_routes_doc, eg_mapping = eg_demo_routes(cfg, configs, version)
+    out[Path("deploy/envoy-gateway/demo-routes.yaml")] = eg_routes_doc
+    eg_hosts = {c: service_host(c) for c in eg_mapping}
     for f in FILTERS:
         config = configs.get(f, {})
         digest = oci.image_for(f, version, build).digest
         out[Path("deploy/istio") / f"tollgate-{f}.yaml"] = wasm_plugin(f, config, version, digest, known)
-        entry = eg_wasm_entry(f, config, version, digest)
+        entry = eg_wasm_entry(f, rename_clusters(config, eg_mapping, eg_hosts), version, digest)
         entries.append(entry)
         out[Path("deploy/envoy-gateway") / f"tollgate-{f}.yaml"] = eg_policy(
             f"tollgate-{f}", [entry], version,
-            f"# Envoy Gateway: tollgate.{f} alone on the Gateway `{EG_GATEWAY}`. Policies attached to the same\n"
-            "# target are not merged, so to run several filters use tollgate-all.yaml instead.\n")
+            f"# Envoy Gateway: tollgate.{f} alone on the Gateway `{EG_GATEWAY}`. One EnvoyExtensionPolicy per target:\n"
+            "# a second one on the same Gateway is Conflicted, so to run several filters use tollgate-all.yaml.\n"
+            "# Callouts go to the clusters of demo-routes.yaml (apply it too).\n")
     out[Path("deploy/envoy-gateway/tollgate-all.yaml")] = eg_policy(
         "tollgate", entries, version,
         f"# Envoy Gateway: the four filters on the Gateway `{EG_GATEWAY}`, in this order\n"
-        "# (auth -> ratelimit -> cache -> aggregate); the wasm list is the filter order.\n")
+        "# (auth -> ratelimit -> cache -> aggregate); the wasm list is the filter order.\n"
+        "# Callouts go to the clusters of demo-routes.yaml (apply it too).\n")
     for f in FILTERS:
-        out[Path("deploy/envoy") / f"tollgate-{f}.yaml"] = envoy_snippet(f, configs.get(f, {}), all_clusters)
-    # The combined module: the same configurations, one section each.
+        out[Path("deploy/envoy") / f"tollgate-{f}.yaml"] = envoy_snippet(f, configs.get(f, {}), all_clusters,
+                                                                        edge_settings(cfg))
+    # The combined module: the same configurations, a section each.
     combined = {f: configs[f] for f in FILTERS if f in configs}
     digest = oci.image_for(COMBINED, version, build).digest
     out[Path("deploy/istio/combined/tollgate.yaml")] = wasm_plugin(COMBINED, combined, version, digest, known)
     out[Path("deploy/envoy-gateway/tollgate-combined.yaml")] = eg_policy(
-        "tollgate-combined", [eg_wasm_entry(COMBINED, combined, version, digest)], version,
+        "tollgate-combined", [eg_wasm_entry(COMBINED, rename_clusters(combined, eg_mapping, eg_hosts), version,
+                                            digest)], version,
         f"# Envoy Gateway: the combined module on the Gateway `{EG_GATEWAY}`: the four filters in one VM\n"
         "# (auth -> ratelimit -> cache -> aggregate), one configuration with a section per filter.\n"
-        "# Use it instead of tollgate-all.yaml (policies attached to one target are not merged).\n")
-    out[Path("deploy/envoy/tollgate.yaml")] = envoy_snippet(COMBINED, combined, all_clusters)
-    # The Kubernetes demo is written by hand; only its image names follow the registry.
+        "# Use it instead of tollgate-all.yaml (one EnvoyExtensionPolicy per target).\n"
+        "# Callouts go to the clusters of demo-routes.yaml (apply it too).\n")
+    out[Path("deploy/envoy/tollgate.yaml")] = envoy_snippet(COMBINED, combined, all_clusters, edge_settings(cfg))
+    # The Kubernetes demo is written by hand; its image names follow the registry, and its Istio
+    # Gateway's selector the gateway layout.
     demo = Path("deploy/kubernetes/demo.yaml")
     out[demo] = (ROOT / demo).read_text().replace(f"{oci.DEFAULT_REGISTRY}/", f"{oci.REGISTRY}/")
+    demo_istio = Path("deploy/kubernetes/demo-istio.yaml")
+    default_sel = "selector: {%s}" % ", ".join(f"{k}: {v}" for k, v in ISTIO_LAYOUTS["istioctl"]["labels"].items())
+    sel = "selector: {%s}" % ", ".join(f"{k}: {v}" for k, v in ISTIO_LAYOUTS[ISTIO_LAYOUT]["labels"].items())
+    out[demo_istio] = (ROOT / demo_istio).read_text().replace(default_sel, sel)
     return out
 
 
@@ -357,10 +493,14 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"image registry and path (default: {oci.REGISTRY}; or set TOLLGATE_REGISTRY)")
     p.add_argument("--out", type=Path, default=ROOT,
                    help="write <out>/deploy/... instead of the repository's deploy/ (for your own copy)")
+    p.add_argument("--istio-gateway", choices=sorted(ISTIO_LAYOUTS), default=ISTIO_LAYOUT,
+                   help="how Istio's ingress gateway was installed: istioctl (istio-ingressgateway in istio-system, "
+                        "the default) or helm (the istio/gateway chart as release istio-ingress in istio-ingress)")
     p.add_argument("--source", type=Path, default=SOURCE,
                    help="the Envoy configuration to take the filter configurations from (default: envoy/envoy.yaml)")
     args = p.parse_args(argv)
     globals()["SOURCE"] = args.source
+    globals()["ISTIO_LAYOUT"] = args.istio_gateway
     if args.registry:
         oci.REGISTRY = args.registry.rstrip("/")
     files = generate(args.version, args.build)

@@ -4,7 +4,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ENVOY=${ENVOY:-.venv/bin/envoy}
 
-args=(--listen users=127.0.0.1:8081 --listen orders=127.0.0.1:8082 --listen products=127.0.0.1:8083)
+# users and orders answer 401 to a request without the identity the gateway's auth filter sets
+args=(--listen users=127.0.0.1:8081 --listen orders=127.0.0.1:8082 --listen products=127.0.0.1:8083
+      --require-identity users,orders)
 [ -f envoy/demo-keys/jwks.json ] && args+=(--jwks envoy/demo-keys/jwks.json)
 target/release/tollgate-demo "${args[@]}" &
 services=$!

@@ -86,16 +86,22 @@ for p in "${PACKAGES[@]}"; do
 done
 ALL_ARGS=("${SINGLE_ARGS[@]}")
 [ "$COMBINED" = yes ] && ALL_ARGS+=(-p tollgate)
+# Reproducible modules: panic locations embed source paths; map the machine-specific ones (the
+# Cargo home with the registry sources, the checkout) to fixed names, so the same sources and
+# toolchain give the same bytes anywhere (the image digests in deploy/ depend on it).
+REMAP="--remap-path-prefix=${CARGO_HOME:-$HOME/.cargo}=/cargo --remap-path-prefix=$PWD=/tollgate"
 
 if [ "$TOOLCHAIN" = rustup ]; then
   OUT=target/$TARGET/release
+  # Only the wasm32 artifacts get these flags (with --target, RUSTFLAGS skip build scripts).
+  export RUSTFLAGS="${RUSTFLAGS:+$RUSTFLAGS }$REMAP"
   cargo_wasm() { cargo "$@"; }
   BUILD_STD=()
 else
   ensure_debian
   export CARGO_TARGET_DIR=target/wasm-debian
   OUT=$CARGO_TARGET_DIR/$TARGET/release
-  export RUSTC=/usr/bin/rustc RUSTC_BOOTSTRAP=1 RUSTFLAGS="-L /usr/lib/wasm32-wasi"
+  export RUSTC=/usr/bin/rustc RUSTC_BOOTSTRAP=1 RUSTFLAGS="-L /usr/lib/wasm32-wasi $REMAP"
   # Debian's cargo-clippy must come first on PATH, not rustup's proxy.
   cargo_wasm() { PATH=/usr/bin:$PATH /usr/bin/cargo "$@"; }
   BUILD_STD=(-Zbuild-std=std,panic_abort)

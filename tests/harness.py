@@ -157,7 +157,9 @@ class DemoServices:
     log_path: Path
 
     @classmethod
-    def start(cls, jwks: Path | None = None) -> "DemoServices":
+    def start(cls, jwks: Path | None = None, require_identity: tuple[str, ...] = ()) -> "DemoServices":
+        """`require_identity`: services that answer 401 without an `x-tollgate-consumer` (as
+        `make run` starts users and orders)."""
         binary = demo_binary()
         if not binary.exists():
             raise RuntimeError(f"{binary} is missing: run `make build` first")
@@ -168,6 +170,8 @@ class DemoServices:
         jwks = jwks or (ROOT / "envoy" / "demo-keys" / "jwks.json")
         if jwks.exists():
             args += ["--jwks", str(jwks)]
+        if require_identity:
+            args += ["--require-identity", ",".join(require_identity)]
         log_path = Path(tempfile.mkstemp(prefix="tollgate-demo-", suffix=".log")[1])
         proc = subprocess.Popen(args, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)
         svc = cls(ports, proc, log_path)
@@ -534,6 +538,23 @@ def bundled_config(services: DemoServices, modules: str | None = None) -> dict:
                     lb["endpoint"]["address"]["socket_address"]["port_value"] = services.ports[cluster["name"]]
     text = json.dumps(cfg).replace('"build/', f'"{ROOT}/build/').replace('"envoy/', f'"{ROOT}/envoy/')
     return json.loads(text)
+
+
+def set_filter_config(cfg: dict, name: str, configuration) -> None:
+    """Replace Tollgate filter `name`'s configuration in a bootstrap made by `bundled_config`: its
+    single module's entry, or its section of the combined module's."""
+    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    for f in hcm["http_filters"]:
+        value = f["typed_config"].get("config", {}).get("configuration", {})
+        if f["name"] == f"tollgate.{name}":
+            value["value"] = json.dumps(configuration)
+            return
+        if f["name"] == COMBINED_MODULE:
+            sections = json.loads(value["value"])
+            sections[name] = configuration
+            value["value"] = json.dumps(sections)
+            return
+    raise KeyError(f"no Tollgate filter {name} in the configuration")
 
 
 def bundled_combined_config() -> dict:

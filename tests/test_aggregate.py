@@ -468,6 +468,12 @@ def test_refused_configuration_names_the_field(services, envoy_factory):
         ({"routes": [{"match": DASH_MATCH, "calls": [
             call("a", "users", "/a"), call("b", "users", "/b", key="a")]}]},
          "routes[0].calls[1].key", "duplicate key"),
+        # A header the client chooses must not reach a call whose breaker every client shares.
+        ({"circuit_breaker": {"failures": 5}, "routes": [{"match": DASH_MATCH, "calls": [
+            call("a", "orders", "/orders", forward_headers=["traceparent", "x-demo-delay"])]}]},
+         "routes[0].calls[0].forward_headers[1]", "every client shares"),
+        ({"routes": [{"match": DASH_MATCH, "calls": [call("a", "users", "/u/{identity.x-org}")]}]},
+         "routes[0].calls[0].path", "identity_headers"),
     ]:
         envoy = envoy_factory(filters=[("aggregate", config)], services=services, expect_failure=True)
         lines = harness.config_error_lines(envoy, "aggregate")
@@ -475,23 +481,106 @@ def test_refused_configuration_names_the_field(services, envoy_factory):
         assert f"field `{harness.config_field('aggregate', field)}`" in lines[0] and reason in lines[0], lines[0]
 
 
+# --- the caller's identity ---------------------------------------------------------------------
+
+ME = {"name": "me", "match": {"exact": "/api/me", "methods": ["GET"]}, "errors": True, "calls": [
+    call("user", "users", "/users/{consumer}", required=True),
+    call("seen", "orders", "/echo/{consumer}", pointer="/headers"),
+    call("blind", "products", "/echo/blind", pointer="/headers", forward_identity=False),
+]}
+
+
+def test_calls_carry_the_callers_identity_and_paths_use_it(services, envoy_factory):
+    """What the auth filter set (here sent directly: no auth filter in this Envoy) reaches the
+    backends, and `{consumer}` chooses the record, not a path segment the client wrote."""
+    envoy = start(envoy_factory, services, [ME])
+    r = envoy.get("/api/me", {"x-tollgate-consumer": "alice", "x-tollgate-plan": "pro", "x-other": "1"})
+    assert r.status == 200 and r.header("x-aggregate-complete") == "true", r
+    body = r.json()
+    assert body["user"]["id"] == "alice" and body["user"]["name"] == "alice", body
+    assert body["seen"]["x-tollgate-consumer"] == "alice" and body["seen"]["x-tollgate-plan"] == "pro"
+    assert "x-other" not in body["seen"]
+    assert "x-tollgate-consumer" not in body["blind"] and "x-tollgate-plan" not in body["blind"]
+    # The reply is built from the caller's identity: no shared cache may keep it.
+    assert r.header("cache-control").startswith("private") or r.header("cache-control") == "no-store", r
+
+
+def test_a_composite_request_without_the_identity_it_needs_is_refused(services, envoy_factory):
+    envoy = start(envoy_factory, services, [ME])
+    services.reset_stats()
+    r = envoy.get("/api/me")
+    assert r.status == 401, r
+    assert r.header("content-type") == "application/problem+json"
+    assert r.json()["type"] == "https://tollgate.dev/problems/aggregate/identity-required"
+    assert services.hits("users", "/users/") == 0 and services.get("users", "/stats").json()["requests"] == 0
+    assert envoy.stat("tollgate.aggregate.ep.me.no_identity") == 1
+
+
+def test_backends_that_check_the_identity_see_it(envoy_factory):
+    """Demo services that refuse unidentified callers (as `make run` starts users and orders):
+    the calls that carry the identity pass, a call with `forward_identity: false` is refused."""
+    strict = harness.DemoServices.start(require_identity=("users", "orders"))
+    try:
+        envoy = start(envoy_factory, strict, [
+            {"name": "d", "match": {"exact": "/api/me"}, "errors": True, "calls": [
+                call("user", "users", "/users/{consumer}", required=True),
+                call("orders", "orders", "/orders?user={consumer}", pointer="/items", allow=["id"]),
+                call("orders_blind", "orders", "/orders?user={consumer}", forward_identity=False)]}])
+        r = envoy.get("/api/me", {"x-tollgate-consumer": "bob"})
+        assert r.status == 200, r
+        body = r.json()
+        assert body["user"]["id"] == "bob" and len(body["orders"]) == 5, body
+        assert body["orders_blind"] is None
+        assert body["errors"] == [{"call": "orders_blind", "backend": "orders", "error": "status", "status": 401,
+                                   "detail": "answered 401"}], body
+    finally:
+        strict.stop()
+
+
 # --- the bundled demo configuration, documentation example and schema -------------------------
 
-def test_bundled_dashboard_and_mobile_shape(services, envoy_factory):
+def test_bundled_dashboard_as_the_readme_shows_it(envoy_factory):
+    """README's aggregation section on envoy/envoy.yaml as shipped, with the demo services as
+    `make run` starts them (users and orders check the identity the calls carry)."""
+    from auth_helpers import build_mint, mint
     from harness import bundled_config
-    envoy = envoy_factory(config=bundled_config(services))
-    r = envoy.get("/api/dashboard/1")
-    assert r.status == 200, r
-    assert r.header("x-aggregate-complete") == "true"
-    body = r.json()
-    assert {"user", "orders", "company", "errors"} <= set(body), body
-    m = envoy.get("/api/dashboard/1", headers={"x-client": "mobile"})
-    assert m.status == 200 and m.header("x-aggregate-profile") == "mobile", m
-    assert r.header("vary") == m.header("vary") == "x-client"
-    assert len(m.body) < len(r.body)
-    # Other paths are not the aggregate filter's: they go on to the router.
-    other = envoy.get("/api/products/1")
-    assert other.header("x-aggregate-complete") is None and other.header("x-demo-service") == "products", other
+    build_mint()
+    strict = harness.DemoServices.start(require_identity=("users", "orders"))
+    try:
+        envoy = envoy_factory(config=bundled_config(strict))
+        harness.wait_for(lambda: envoy.stat("tollgate.auth.jwks_fetches") >= 1, 15, "the demo keys")
+        alice = {"authorization": "Bearer " + mint(sub="alice")}
+        r = envoy.get("/api/dashboard", alice)
+        assert r.status == 200, r
+        assert (r.header("content-type"), r.header("cache-control"), r.header("x-aggregate-complete"),
+                r.header("vary")) == ("application/json", "no-store", "true", "x-client"), r
+        body = r.json()
+        assert body["company"] == {"id": 2, "name": "Product 2"} and body["errors"] == [], body
+        assert body["orders"][0] == {"currency": "EUR", "id": 1, "status": "shipped", "total": 1333}, body
+        assert body["user"] == {"company_id": 2, "id": "alice", "name": "alice", "plan": "free"}, body
+        assert envoy.get("/api/dashboard").status == 401
+        assert envoy.get("/api/dashboard", {"x-api-key": "demo-key-pro"}).json()["user"]["id"] == "acme"
+        assert envoy.get("/api/dashboard/2", alice).status == 403
+        ops = {"authorization": "Bearer " + mint(sub="ops", scopes="dashboard:any")}
+        other = envoy.get("/api/dashboard/2", ops).json()
+        assert other["company"] == {"id": 3, "name": "Product 3"}, other
+        assert other["user"] == {"company_id": 3, "id": 2, "name": "User 2", "plan": "pro"}, other
+        m = envoy.get("/api/dashboard", dict(alice, **{"x-client": "mobile"}))
+        assert m.header("x-aggregate-profile") == "mobile", m
+        assert m.json()["user"] == {"name": "alice"} and m.json()["orders"][:2] == [
+            {"id": 1, "total": 1333}, {"id": 2, "total": 2567}], m
+        slow = envoy.get("/api/dashboard", dict(alice, **{"x-demo-delay": "800"}))
+        assert (slow.status, slow.header("cache-control"), slow.header("x-aggregate-complete")) == \
+            (200, "no-store", "false"), slow
+        assert slow.json()["orders"] is None and slow.json()["errors"] == [
+            {"backend": "orders", "call": "orders", "detail": "no answer within 500ms", "error": "timeout"}]
+        failed = envoy.get("/api/dashboard/0", ops)
+        assert failed.status == 502 and failed.json()["backend"] == "users", failed
+        # Other paths are not the aggregate filter's: they go on to the router.
+        other = envoy.get("/api/products/1")
+        assert other.header("x-aggregate-complete") is None and other.header("x-demo-service") == "products", other
+    finally:
+        strict.stop()
 
 
 def doc_example() -> dict:
@@ -503,8 +592,14 @@ def doc_example() -> dict:
 
 def test_documented_example_runs(services, envoy_factory):
     envoy = envoy_factory(filters=[("aggregate", doc_example())], services=services)
-    r = envoy.get("/api/dashboard/2")
+    r = envoy.get("/api/dashboard", {"x-tollgate-consumer": "2"})
     assert r.status == 200 and r.header("x-aggregate-complete") == "true", r
+    body = r.json()
+    assert body["user"]["name"] == "User 2" and body["company"] == {"id": 3, "name": "Product 3"}, body
+    assert body["orders"][0] == {"amount": 1333, "id": 1, "status": "shipped"}, body
+    m = envoy.get("/api/dashboard", {"x-tollgate-consumer": "2", "x-client": "mobile"}).json()
+    assert m["user"] == {"name": "User 2"} and m["orders"][0] == {"amount": 1333, "id": 1}, m
+    assert envoy.get("/api/dashboard").status == 401
 
 
 def test_schema_accepts_the_example_and_bundled_config_and_refuses_bad_ones():
@@ -513,6 +608,8 @@ def test_schema_accepts_the_example_and_bundled_config_and_refuses_bad_ones():
     assert not list(v.iter_errors(doc_example()))
     assert not list(v.iter_errors(bundled_filter_configs()["aggregate"]))
     ok_call = {"name": "a", "cluster": "users", "path": "/users/1"}
+    assert v.is_valid({"consumer_header": "x-who", "identity_headers": ["x-who", "x-org"], "routes": [{"calls": [
+        dict(ok_call, path="/users/{consumer}/{identity.x-org}", forward_identity=False)]}]})
     assert v.is_valid({"routes": [{"max_request_bytes": 10, "calls": [
         dict(ok_call, forward_body=True, forward_headers=["content-type", "x-request-id"],
              headers={"x-te-ok": "1"})]}]})
@@ -527,6 +624,9 @@ def test_schema_accepts_the_example_and_bundled_config_and_refuses_bad_ones():
         {"routes": [{"calls": [dict(ok_call, headers={"host": "x"})]}]},
         {"routes": [{"calls": [dict(ok_call, forward_body="yes")]}]},
         {"routes": [{"max_request_bytes": 0, "calls": [ok_call]}]},
+        {"routes": [{"calls": [dict(ok_call, forward_identity="yes")]}]},
+        {"identity_headers": ["x-org", "content-length"]},
+        {"consumer_header": "bad header"},
     ]:
         assert not v.is_valid(bad), bad
 

@@ -521,8 +521,9 @@ def test_bundled_demo_protects_users_and_orders(services, minted, envoy_factory)
                    status=403)
     r = envoy.request("POST", "/api/orders", headers=bearer(minted(scopes="orders:write")), body="{}")
     assert r.status == 201, r
-    # The dashboard is public, with identity when a valid token is sent.
-    assert envoy.get("/api/dashboard/1").status == 200
+    # The dashboard needs a credential (its calls read users and orders).
+    assert_refused(envoy.get("/api/dashboard/1"), "missing")
+    assert envoy.get("/api/dashboard", headers=bearer(token)).status == 200
     # The README's refusal.
     r = envoy.get("/api/orders/1", headers=bearer("not.a.token"))
     assert_refused(r, "malformed")

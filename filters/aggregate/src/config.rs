@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::Deserialize;
-use tollgate_common::config::ConfigDuration;
+use tollgate_common::config::{ByteSize, ConfigDuration, HeaderName, Name};
 use tollgate_common::route::{RouteMatch, Routed};
 use tollgate_common::ConfigError;
 
@@ -23,6 +23,10 @@ pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 1 << 20;
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 1 << 20;
 /// Request headers forwarded to every call unless the call says otherwise.
 pub const DEFAULT_FORWARD_HEADERS: &[&str] = &["traceparent", "tracestate", "x-request-id"];
+/// The auth filter's consumer header (`{consumer}`).
+pub const DEFAULT_CONSUMER_HEADER: &str = "x-tollgate-consumer";
+/// The identity headers the auth filter sets by default: consumer and plan.
+pub const DEFAULT_IDENTITY_HEADERS: &[&str] = &["x-tollgate-consumer", "x-tollgate-plan"];
 
 /// The filter's configuration (JSON in Envoy's `configuration` field).
 #[derive(Debug, Default, Deserialize)]
@@ -30,16 +34,24 @@ pub const DEFAULT_FORWARD_HEADERS: &[&str] = &["traceparent", "tracestate", "x-r
 pub struct Config {
     /// Per-route rules; the first match applies.
     #[serde(default)]
-    pub routes: Vec<RouteRule>,
+    pub routes: Vec<RouteConfig>,
     /// Circuit breaker for every backend (cluster) that calls use; none: no breaker.
     #[serde(default)]
     pub circuit_breaker: Option<BreakerConfig>,
+    /// The request header with the caller's consumer id, set by the auth filter: `{consumer}`.
+    #[serde(default)]
+    pub consumer_header: Option<HeaderName>,
+    /// The request headers that hold the caller's verified identity (the auth filter sets them
+    /// and removes client copies): forwarded by calls with `forward_identity`, and
+    /// `{identity.NAME}` in paths. The consumer header is always one of them.
+    #[serde(default)]
+    pub identity_headers: Option<Vec<HeaderName>>,
 }
 
 /// A per-route rule: a composite endpoint when it has calls, else a pass-through rule.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RouteRule {
+pub struct RouteConfig {
     /// Which requests the rule applies to.
     #[serde(rename = "match", default)]
     pub route: RouteMatch,
@@ -48,7 +60,7 @@ pub struct RouteRule {
     pub disabled: bool,
     /// Name used in metrics (`tollgate.aggregate.ep.<name>.*`); default `route<index>`.
     #[serde(default)]
-    pub name: Option<String>,
+    pub name: Option<Name>,
     /// The calls of the composite endpoint; empty: requests pass through untouched.
     #[serde(default)]
     pub calls: Vec<CallConfig>,
@@ -60,7 +72,7 @@ pub struct RouteRule {
     pub errors: bool,
     /// Largest request body buffered when a call forwards it; a larger one is refused (413).
     #[serde(default)]
-    pub max_request_bytes: Option<usize>,
+    pub max_request_bytes: Option<ByteSize>,
     /// Client shapes, chosen by a request header or a path prefix; the first that fits applies.
     #[serde(default)]
     pub profiles: Vec<ProfileConfig>,
@@ -71,7 +83,7 @@ pub struct RouteRule {
 #[serde(deny_unknown_fields)]
 pub struct CallConfig {
     /// Identifier of the call: used by dependent paths (`{user.company_id}`), errors, metrics.
-    pub name: String,
+    pub name: Name,
     /// Envoy cluster that receives the call.
     pub cluster: String,
     /// HTTP method.
@@ -84,7 +96,11 @@ pub struct CallConfig {
     pub authority: Option<String>,
     /// Request headers copied to the call (case-insensitive names).
     #[serde(default)]
-    pub forward_headers: Option<Vec<String>>,
+    pub forward_headers: Option<Vec<HeaderName>>,
+    /// Send the caller's identity headers (`identity_headers`) with the call, so the backend can
+    /// check who is asking.
+    #[serde(default = "default_true")]
+    pub forward_identity: bool,
     /// Fixed headers added to the call.
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
@@ -114,7 +130,7 @@ pub struct CallConfig {
     pub rename: BTreeMap<String, String>,
     /// Largest answer accepted, in bytes; a larger one counts as a failure.
     #[serde(default)]
-    pub max_response_bytes: Option<usize>,
+    pub max_response_bytes: Option<ByteSize>,
     /// Send a second identical call when the first has not answered after this delay.
     #[serde(default)]
     pub hedge_after: Option<ConfigDuration>,
@@ -125,10 +141,19 @@ pub struct CallConfig {
     /// request body instead of at its headers).
     #[serde(default)]
     pub forward_body: bool,
+    /// Accept that `forward_headers` other than the trace and identity headers go to a call
+    /// with a circuit breaker (a client could make the backend fail and open the breaker for
+    /// everyone); refused at load without it.
+    #[serde(default)]
+    pub breaker_accepts_client_headers: bool,
 }
 
 fn default_method() -> String {
     "GET".into()
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// How a call's answer goes into the merged reply.
@@ -170,7 +195,7 @@ fn default_failures() -> u32 {
 #[serde(deny_unknown_fields)]
 pub struct ProfileConfig {
     /// Name, sent back in `x-aggregate-profile`.
-    pub name: String,
+    pub name: Name,
     /// Chosen when this request header has this value: `{"name": "x-client", "value": "mobile"}`.
     #[serde(default)]
     pub header: Option<HeaderMatch>,
@@ -193,7 +218,7 @@ pub struct ProfileConfig {
 #[serde(deny_unknown_fields)]
 pub struct HeaderMatch {
     /// Header name (case-insensitive).
-    pub name: String,
+    pub name: HeaderName,
     /// Exact value.
     pub value: String,
 }
@@ -202,12 +227,30 @@ pub struct HeaderMatch {
 // Compiled form
 
 /// The compiled configuration.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Compiled {
     /// Rules in order.
     pub rules: Vec<Rule>,
     /// True when some call hedges (the root then ticks to wake requests).
     pub hedging: bool,
+    /// The consumer header (lower case).
+    pub consumer_header: String,
+    /// The identity headers (lower case), the consumer header first.
+    pub identity_headers: Vec<String>,
+}
+
+impl Default for Compiled {
+    fn default() -> Self {
+        Compiled {
+            rules: Vec::new(),
+            hedging: false,
+            consumer_header: DEFAULT_CONSUMER_HEADER.into(),
+            identity_headers: DEFAULT_IDENTITY_HEADERS
+                .iter()
+                .map(|h| h.to_string())
+                .collect(),
+        }
+    }
 }
 
 /// A compiled route rule.
@@ -261,6 +304,11 @@ pub struct Call {
     pub authority: String,
     /// Forwarded request headers (lower case).
     pub forward_headers: Vec<String>,
+    /// Forward the identity headers.
+    pub forward_identity: bool,
+    /// The identity headers the path uses (`{consumer}`: the consumer header;
+    /// `{identity.NAME}`: NAME), lower case.
+    pub identity_vars: Vec<String>,
     /// Fixed headers (lower-case names).
     pub headers: Vec<(String, String)>,
     /// Timeout.
@@ -326,18 +374,6 @@ pub struct Profile {
 
 const DEFAULT_COOL_DOWN: Duration = Duration::from_secs(10);
 
-fn valid_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-}
-
-fn valid_header_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-}
-
 /// Headers that describe the downstream connection or message framing: Envoy sets them for the
 /// call itself, and a copied value (a `content-length` that does not fit the call's body) would
 /// break it.
@@ -353,10 +389,7 @@ const CONNECTION_HEADERS: &[&str] = &[
 ];
 
 fn check_header_name(name: &str) -> Result<String, String> {
-    if !valid_header_name(name) {
-        return Err(format!("`{name}` is not a header name"));
-    }
-    let lower = name.to_ascii_lowercase();
+    let lower = HeaderName::new(name)?.into_string();
     if CONNECTION_HEADERS.contains(&lower.as_str()) {
         return Err(format!(
             "`{name}` belongs to the connection or the message framing; Envoy sets it for the call"
@@ -402,6 +435,34 @@ impl Config {
             Some(b) => compile_breaker(b).map_err(|e| e.within("circuit_breaker"))?,
             None => None,
         };
+        let consumer_header = match &self.consumer_header {
+            Some(h) => {
+                check_header_name(h.as_str()).map_err(|e| ConfigError::new("consumer_header", e))?
+            }
+            None => DEFAULT_CONSUMER_HEADER.to_string(),
+        };
+        let mut identity_headers = vec![consumer_header.clone()];
+        match &self.identity_headers {
+            Some(list) => {
+                for (i, h) in list.iter().enumerate() {
+                    let name = check_header_name(h.as_str())
+                        .map_err(|e| ConfigError::new(format!("identity_headers[{i}]"), e))?;
+                    if !identity_headers.contains(&name) {
+                        identity_headers.push(name);
+                    }
+                }
+            }
+            None => {
+                for h in DEFAULT_IDENTITY_HEADERS {
+                    if !identity_headers.iter().any(|x| x == h) {
+                        identity_headers.push(h.to_string());
+                    }
+                }
+            }
+        }
+        let identity = Identity {
+            headers: &identity_headers,
+        };
         let mut rules = Vec::new();
         let mut hedging = false;
         let mut names: Vec<String> = Vec::new();
@@ -416,13 +477,10 @@ impl Config {
                 }
                 None
             } else {
-                let name = r.name.clone().unwrap_or_else(|| format!("route{i}"));
-                if !valid_name(&name) {
-                    return Err(ConfigError::new(
-                        format!("{at}.name"),
-                        format!("`{name}`: use letters, digits, `_` and `-`"),
-                    ));
-                }
+                let name = r
+                    .name
+                    .as_ref()
+                    .map_or_else(|| format!("route{i}"), |n| n.to_string());
                 if names.contains(&name) {
                     return Err(ConfigError::new(
                         format!("{at}.name"),
@@ -430,7 +488,8 @@ impl Config {
                     ));
                 }
                 names.push(name.clone());
-                let ep = compile_endpoint(name, &r, default_breaker).map_err(|e| e.within(&at))?;
+                let ep = compile_endpoint(name, &r, default_breaker, &identity)
+                    .map_err(|e| e.within(&at))?;
                 hedging |= ep.calls.iter().any(|c| c.hedge_after.is_some());
                 Some(ep)
             };
@@ -440,21 +499,35 @@ impl Config {
                 endpoint,
             });
         }
-        Ok(Compiled { rules, hedging })
+        Ok(Compiled {
+            rules,
+            hedging,
+            consumer_header,
+            identity_headers,
+        })
     }
+}
+
+/// What calls may use of the caller's identity.
+struct Identity<'a> {
+    /// The identity headers (lower case), the consumer header first.
+    headers: &'a [String],
 }
 
 fn compile_endpoint(
     name: String,
-    r: &RouteRule,
+    r: &RouteConfig,
     default_breaker: Option<Breaker>,
+    identity: &Identity<'_>,
 ) -> Result<Endpoint, ConfigError> {
     let route_vars: Vec<&str> = r.route.variables();
     let deadline = r.deadline.map(|d| d.0).unwrap_or(DEFAULT_DEADLINE);
     if deadline.is_zero() {
         return Err(ConfigError::new("deadline", "must be more than 0"));
     }
-    let max_request_bytes = r.max_request_bytes.unwrap_or(DEFAULT_MAX_REQUEST_BYTES);
+    let max_request_bytes = r
+        .max_request_bytes
+        .map_or(DEFAULT_MAX_REQUEST_BYTES, ByteSize::usize);
     if max_request_bytes == 0 {
         return Err(ConfigError::new("max_request_bytes", "must be more than 0"));
     }
@@ -462,8 +535,16 @@ fn compile_endpoint(
     let mut calls: Vec<Call> = Vec::new();
     for (i, c) in r.calls.iter().enumerate() {
         let at = format!("calls[{i}]");
-        let call = compile_call(c, &route_vars, &call_names, default_breaker)
+        let call = compile_call(c, &route_vars, &call_names, default_breaker, identity)
             .map_err(|e| e.within(&at))?;
+        let uses_consumer = call.path.vars().any(|v| *v == Var::Consumer);
+        if uses_consumer && route_vars.contains(&"consumer") {
+            return Err(ConfigError::new(
+                "match.template",
+                "the route variable `{consumer}` is ambiguous: in call paths `{consumer}` is the \
+                 caller's identity; give the route variable another name",
+            ));
+        }
         if call_names.iter().take(i).any(|n| *n == c.name) {
             return Err(ConfigError::new(
                 format!("{at}.name"),
@@ -521,19 +602,18 @@ fn compile_call(
     route_vars: &[&str],
     call_names: &[&str],
     default_breaker: Option<Breaker>,
+    identity: &Identity<'_>,
 ) -> Result<Call, ConfigError> {
-    if !valid_name(&c.name) {
-        return Err(ConfigError::new(
-            "name",
-            format!("`{}`: use letters, digits, `_` and `-`", c.name),
-        ));
-    }
     // `{name}` is a route variable and `{name.field}` a call's answer, so a call may share a
-    // route variable's name; `query` is reserved for `{query.NAME}`.
-    if c.name == "query" {
+    // route variable's name; `query` and `identity` are reserved for `{query.NAME}` and
+    // `{identity.NAME}`.
+    if c.name == "query" || c.name == "identity" {
         return Err(ConfigError::new(
             "name",
-            "`query` is reserved for `{query.NAME}`; choose another name",
+            format!(
+                "`{0}` is reserved for `{{{0}.NAME}}`; choose another name",
+                c.name
+            ),
         ));
     }
     if c.cluster.trim().is_empty() {
@@ -548,8 +628,30 @@ fn compile_call(
     }
     let path = PathTemplate::parse(&c.path).map_err(|e| ConfigError::new("path", e))?;
     let mut depends_on = Vec::new();
+    let mut identity_vars: Vec<String> = Vec::new();
     for var in path.vars() {
         match var {
+            Var::Consumer => {
+                let consumer = identity.headers.first().cloned().unwrap_or_default();
+                if !identity_vars.contains(&consumer) {
+                    identity_vars.push(consumer);
+                }
+            }
+            Var::Identity(h) => {
+                if !identity.headers.contains(h) {
+                    return Err(ConfigError::new(
+                        "path",
+                        format!(
+                            "`{{identity.{h}}}`: `{h}` is not one of `identity_headers` ({}), the \
+                             headers the auth filter sets",
+                            identity.headers.join(", ")
+                        ),
+                    ));
+                }
+                if !identity_vars.contains(h) {
+                    identity_vars.push(h.clone());
+                }
+            }
             Var::Route(n) => {
                 if !route_vars.contains(&n.as_str()) {
                     let hint = if call_names.contains(&n.as_str()) {
@@ -588,7 +690,7 @@ fn compile_call(
             .iter()
             .enumerate()
             .map(|(i, h)| {
-                check_header_name(h)
+                check_header_name(h.as_str())
                     .map_err(|e| ConfigError::new(format!("forward_headers[{i}]"), e))
             })
             .collect::<Result<Vec<_>, _>>()?,
@@ -614,7 +716,7 @@ fn compile_call(
             ));
         }
     }
-    let key = c.key.clone().unwrap_or_else(|| c.name.clone());
+    let key = c.key.clone().unwrap_or_else(|| c.name.to_string());
     if key.is_empty() {
         return Err(ConfigError::new("key", "must not be empty"));
     }
@@ -640,7 +742,9 @@ fn compile_call(
         }
         rename.push((from.clone(), to.clone()));
     }
-    let max_response_bytes = c.max_response_bytes.unwrap_or(DEFAULT_MAX_RESPONSE_BYTES);
+    let max_response_bytes = c
+        .max_response_bytes
+        .map_or(DEFAULT_MAX_RESPONSE_BYTES, ByteSize::usize);
     if max_response_bytes == 0 {
         return Err(ConfigError::new(
             "max_response_bytes",
@@ -660,13 +764,35 @@ fn compile_call(
         Some(b) => compile_breaker(b).map_err(|e| e.within("circuit_breaker"))?,
         None => default_breaker,
     };
+    if breaker.is_some() && !c.breaker_accepts_client_headers {
+        // One breaker per backend, shared by every client: a header a client chooses must not
+        // be able to make the backend fail (slow, 5xx) and so open it for everyone. The trace
+        // headers carry no such power, and the identity headers are the auth filter's.
+        let chosen = forward_headers.iter().enumerate().find(|(_, h)| {
+            !DEFAULT_FORWARD_HEADERS.contains(&h.as_str()) && !identity.headers.contains(h)
+        });
+        if let Some((i, h)) = chosen {
+            return Err(ConfigError::new(
+                format!("forward_headers[{i}]"),
+                format!(
+                    "`{h}` is the client's to choose, and this call has a circuit breaker that \
+                     every client shares: one client could make `{}` fail and open it for all; \
+                     forward it from a call without a breaker (`\"circuit_breaker\": {{\"disabled\": \
+                     true}}`), or accept that with `breaker_accepts_client_headers: true`",
+                    c.cluster
+                ),
+            ));
+        }
+    }
     Ok(Call {
-        name: c.name.clone(),
+        name: c.name.to_string(),
         cluster: c.cluster.clone(),
         method,
         path,
         authority: c.authority.clone().unwrap_or_else(|| c.cluster.clone()),
         forward_headers,
+        forward_identity: c.forward_identity,
+        identity_vars,
         headers,
         timeout,
         required: c.required,
@@ -740,22 +866,8 @@ fn check_cycles(calls: &[Call]) -> Result<(), ConfigError> {
 }
 
 fn compile_profile(p: &ProfileConfig, calls: &[Call]) -> Result<Profile, ConfigError> {
-    if !valid_name(&p.name) {
-        return Err(ConfigError::new(
-            "name",
-            format!("`{}`: use letters, digits, `_` and `-`", p.name),
-        ));
-    }
     let selector = match (&p.header, &p.path_prefix) {
-        (Some(h), None) => {
-            if !valid_header_name(&h.name) {
-                return Err(ConfigError::new(
-                    "header.name",
-                    format!("`{}` is not a header name", h.name),
-                ));
-            }
-            Selector::Header(h.name.to_ascii_lowercase(), h.value.clone())
-        }
+        (Some(h), None) => Selector::Header(h.name.to_string(), h.value.clone()),
         (None, Some(prefix)) => {
             if !prefix.starts_with('/') {
                 return Err(ConfigError::new("path_prefix", "must start with `/`"));
@@ -804,7 +916,7 @@ fn compile_profile(p: &ProfileConfig, calls: &[Call]) -> Result<Profile, ConfigE
         }
     };
     Ok(Profile {
-        name: p.name.clone(),
+        name: p.name.to_string(),
         selector,
         calls: selected,
         allow: compile_fields(&p.allow, "allow")?,
@@ -944,12 +1056,97 @@ mod tests {
                 "routes[0].calls[1].path",
                 "{a.field}",
             ),
+            (
+                call(r#"{"name":"b","cluster":"c","path":"/x/{identity.x-org}"}"#),
+                "routes[0].calls[1].path",
+                "not one of `identity_headers`",
+            ),
+            (
+                call(r#"{"name":"identity","cluster":"c","path":"/x"}"#),
+                "routes[0].calls[1].name",
+                "reserved",
+            ),
+            (
+                r#"{"routes":[{"match":{"template":"/d/{consumer}"},"calls":[{"name":"a","cluster":"c","path":"/u/{consumer}"}]}]}"#.into(),
+                "routes[0].match.template",
+                "ambiguous",
+            ),
+            (
+                r#"{"identity_headers":["x-org","Content-Length"]}"#.into(),
+                "identity_headers[1]",
+                "message framing",
+            ),
+            (
+                r#"{"routes":[],"consumer_header":"bad header"}"#.into(),
+                "consumer_header",
+                "not a header name",
+            ),
+            (
+                r#"{"circuit_breaker":{},"routes":[{"calls":[{"name":"a","cluster":"orders","path":"/o",
+                    "forward_headers":["traceparent","x-tollgate-plan","x-demo-delay"]}]}]}"#
+                    .into(),
+                "routes[0].calls[0].forward_headers[2]",
+                "open it for all",
+            ),
+            (
+                r#"{"routes":[{"calls":[{"name":"a","cluster":"orders","path":"/o",
+                    "circuit_breaker":{"failures":2},"forward_headers":["accept-language"]}]}]}"#
+                    .into(),
+                "routes[0].calls[0].forward_headers[0]",
+                "breaker_accepts_client_headers",
+            ),
         ];
         for (json, field, reason) in cases {
             let e = err(&json);
             assert_eq!(e.field, field, "{json}: {e}");
             assert!(e.reason.contains(reason), "{json}: {e}");
         }
+    }
+
+    #[test]
+    fn identity_headers_and_variables() {
+        let c = Config::parse(b"{}").unwrap();
+        assert_eq!(c.consumer_header, "x-tollgate-consumer");
+        assert_eq!(
+            c.identity_headers,
+            ["x-tollgate-consumer", "x-tollgate-plan"]
+        );
+        let c = Config::parse(
+            br#"{"consumer_header":"X-Who","identity_headers":["x-org","X-WHO"],"routes":[{"calls":[
+              {"name":"a","cluster":"c","path":"/u/{consumer}?o={identity.X-Org}"},
+              {"name":"b","cluster":"c","path":"/b","forward_identity":false}]}]}"#,
+        )
+        .unwrap();
+        assert_eq!(c.identity_headers, ["x-who", "x-org"]);
+        let calls = &c.rules[0].endpoint.as_ref().unwrap().calls;
+        assert_eq!(calls[0].identity_vars, ["x-who", "x-org"]);
+        assert!(calls[0].forward_identity && !calls[1].forward_identity);
+        assert!(calls[1].identity_vars.is_empty());
+        // A route variable may be called `consumer` when no call path says `{consumer}`.
+        Config::parse(
+            br#"{"routes":[{"match":{"template":"/d/{consumer}"},"calls":[{"name":"a","cluster":"c","path":"/u"}]}]}"#,
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn client_headers_go_to_a_breaker_only_when_accepted() {
+        let ok = |json: &str| Config::parse(json.as_bytes()).unwrap();
+        // No breaker: any header.
+        ok(
+            r#"{"routes":[{"calls":[{"name":"a","cluster":"c","path":"/a","forward_headers":["x-demo-delay"]}]}]}"#,
+        );
+        // The breaker turned off for that call.
+        ok(
+            r#"{"circuit_breaker":{},"routes":[{"calls":[{"name":"a","cluster":"c","path":"/a",
+              "forward_headers":["x-demo-delay"],"circuit_breaker":{"disabled":true}}]}]}"#,
+        );
+        // Trace and identity headers (also a configured one), or an explicit acceptance.
+        ok(
+            r#"{"circuit_breaker":{},"identity_headers":["x-org"],"routes":[{"calls":[
+              {"name":"a","cluster":"c","path":"/a","forward_headers":["TraceParent","x-request-id","x-org","x-tollgate-consumer"]},
+              {"name":"b","cluster":"c","path":"/b","forward_headers":["x-demo-delay"],"breaker_accepts_client_headers":true}]}]}"#,
+        );
     }
 
     #[test]

@@ -32,12 +32,12 @@ const TICK: Duration = Duration::from_millis(10);
 
 /// Per-VM state: the compiled configuration and metrics.
 pub struct AggregateRoot {
-    shared: Rc<Shared>,
+    shared: Rc<Worker>,
     wakes: Rc<RefCell<Vec<WakeAt>>>,
 }
 
 /// What every request of a VM shares.
-pub struct Shared {
+pub struct Worker {
     /// The compiled configuration.
     pub config: Compiled,
     /// The filter's metrics.
@@ -58,7 +58,7 @@ impl RootFilter for AggregateRoot {
 
     fn new(_context_id: u32) -> Self {
         AggregateRoot {
-            shared: Rc::new(Shared {
+            shared: Rc::new(Worker {
                 config: Compiled::default(),
                 metrics: Metrics::new("aggregate"),
             }),
@@ -76,7 +76,7 @@ impl RootFilter for AggregateRoot {
             }
         }
         host.set_tick_period(if config.hedging { TICK } else { Duration::ZERO });
-        self.shared = Rc::new(Shared {
+        self.shared = Rc::new(Worker {
             config,
             metrics: Metrics::new("aggregate"),
         });
@@ -111,7 +111,7 @@ impl RootFilter for AggregateRoot {
 /// Per-request state.
 pub struct AggregateFilter {
     context_id: u32,
-    shared: Rc<Shared>,
+    shared: Rc<Worker>,
     wakes: Rc<RefCell<Vec<WakeAt>>>,
     active: Option<Active>,
 }
@@ -125,6 +125,10 @@ struct Active {
     profile: Option<usize>,
     started: SystemTime,
     request_headers: Vec<(String, String)>,
+    /// The caller's consumer id (the consumer header), when the request has one.
+    consumer: Option<String>,
+    /// The identity headers of the request (lower-case names, configuration order).
+    identity: Vec<(String, String)>,
     calls: Vec<CallState>,
     tokens: HashMap<u32, usize>,
     finished: bool,
@@ -216,7 +220,7 @@ impl Failure {
     }
 }
 
-fn endpoint(shared: &Shared, rule: usize) -> Option<&Endpoint> {
+fn endpoint(shared: &Worker, rule: usize) -> Option<&Endpoint> {
     shared.config.rules.get(rule)?.endpoint.as_ref()
 }
 
@@ -338,6 +342,41 @@ fn healthy(outcome: &Result<Part, Failure>) -> bool {
     }
 }
 
+/// The answer to a request without the identity its calls need: `401` without a consumer (no
+/// authenticated caller), `403` when the caller's identity lacks a header a path uses.
+fn identity_problem(
+    identified: bool,
+    missing: &str,
+    consumer_header: &str,
+    path: &str,
+) -> LocalReply {
+    let (status, kind, detail) = if identified {
+        (
+            403,
+            "identity-incomplete",
+            format!("this endpoint needs `{missing}` of the caller's identity, which has none"),
+        )
+    } else {
+        (
+            401,
+            "identity-required",
+            format!("this endpoint answers for the authenticated caller; the request has no `{consumer_header}`"),
+        )
+    };
+    let mut reply = Problem::new(status)
+        .typed(
+            format!("https://tollgate.dev/problems/aggregate/{kind}"),
+            tollgate_common::problem::reason_phrase(status),
+        )
+        .detail(detail)
+        .instance(path)
+        .into_reply();
+    if !identified {
+        reply = reply.with_header("www-authenticate", "Bearer");
+    }
+    reply
+}
+
 /// Select and shape a call's answer: pointer, allow, deny, rename (in that order).
 fn shape_answer(call: &Call, value: &Value) -> Value {
     let selected = match &call.pointer {
@@ -445,6 +484,8 @@ impl AggregateFilter {
             let inputs = Inputs {
                 params: &active.params,
                 query: &active.query,
+                consumer: active.consumer.as_deref(),
+                identity: &active.identity,
                 answer: &answer,
             };
             call.path.render(&inputs)
@@ -563,6 +604,14 @@ impl AggregateFilter {
         for name in &call.forward_headers {
             for (k, v) in &active.request_headers {
                 if k == name {
+                    headers.push((k.as_str(), v.as_str()));
+                }
+            }
+        }
+        if call.forward_identity {
+            // The identity headers the auth filter set (it removed any copy a client sent).
+            for (k, v) in &active.identity {
+                if !call.forward_headers.contains(k) {
                     headers.push((k.as_str(), v.as_str()));
                 }
             }
@@ -722,6 +771,10 @@ impl AggregateFilter {
         let mut cache_controls: Vec<Option<&str>> = Vec::new();
         let mut varies: Vec<Option<&str>> = Vec::new();
         let mut complete = true;
+        // A reply built from the caller's identity is that caller's: no shared cache may keep it.
+        let personal = ep.calls.iter().enumerate().any(|(i, c)| {
+            !c.identity_vars.is_empty() && !matches!(active.calls.get(i), Some(CallState::Skipped))
+        });
         for (i, call) in ep.calls.iter().enumerate() {
             let failure = match active.calls.get(i) {
                 Some(CallState::Skipped) => continue,
@@ -767,7 +820,7 @@ impl AggregateFilter {
             .with_header("content-type", "application/json")
             .with_header(
                 "cache-control",
-                shape::merged_cache_control(&cache_controls, complete),
+                shape::merged_cache_control(&cache_controls, complete, personal),
             )
             .with_header(
                 "x-aggregate-complete",
@@ -819,7 +872,7 @@ impl HttpFilter for AggregateFilter {
                 .any(|(k, v)| k.eq_ignore_ascii_case(name) && v == value),
             Selector::PathPrefix(prefix) => req.path.starts_with(prefix.as_str()),
         });
-        let calls = ep
+        let calls: Vec<CallState> = ep
             .calls
             .iter()
             .enumerate()
@@ -835,6 +888,40 @@ impl HttpFilter for AggregateFilter {
                 }
             })
             .collect();
+        let config = &shared.config;
+        let identity: Vec<(String, String)> = config
+            .identity_headers
+            .iter()
+            .filter_map(|h| {
+                request_headers
+                    .iter()
+                    .find(|(k, v)| k.eq_ignore_ascii_case(h) && !v.is_empty())
+                    .map(|(_, v)| (h.clone(), v.clone()))
+            })
+            .collect();
+        let consumer = identity
+            .iter()
+            .find(|(k, _)| *k == config.consumer_header)
+            .map(|(_, v)| v.clone());
+        // Calls whose paths use the caller's identity need one: refuse before any call.
+        let needed = ep
+            .calls
+            .iter()
+            .zip(&calls)
+            .filter(|(_, state)| !matches!(*state, CallState::Skipped))
+            .flat_map(|(c, _)| c.identity_vars.iter())
+            .find(|h| !identity.iter().any(|(k, _)| k == *h));
+        if let Some(missing) = needed {
+            let path = host.path();
+            self.metric(host, &format!("ep.{}.requests", ep.name));
+            self.metric(host, &format!("ep.{}.no_identity", ep.name));
+            return Decision::Respond(identity_problem(
+                consumer.is_some(),
+                missing,
+                &config.consumer_header,
+                &path,
+            ));
+        }
         self.active = Some(Active {
             rule: index,
             params,
@@ -843,6 +930,8 @@ impl HttpFilter for AggregateFilter {
             profile,
             started: host.now(),
             request_headers,
+            consumer,
+            identity,
             calls,
             tokens: HashMap::new(),
             finished: false,
@@ -1185,6 +1274,91 @@ mod tests {
             gw.metric("tollgate.aggregate.ep.dash.call.user.calls"),
             Some(1)
         );
+    }
+
+    const MINE: &str = r#"{"identity_headers":["x-tollgate-plan","x-org"],"routes":[{"name":"mine","match":{"exact":"/api/me"},"calls":[
+        {"name":"user","cluster":"users","path":"/users/{consumer}","required":true},
+        {"name":"org","cluster":"orgs","path":"/orgs/{identity.x-org}","forward_identity":false},
+        {"name":"news","cluster":"news","path":"/news"}],
+        "profiles":[{"name":"lite","header":{"name":"x-client","value":"lite"},"calls":["user","news"]}]}]}"#;
+
+    #[test]
+    fn calls_carry_the_callers_identity_and_paths_can_use_it() {
+        let mut gw = root(MINE);
+        let f = gw.request(
+            "GET",
+            "/api/me",
+            &[
+                ("x-tollgate-consumer", "demo/alice"),
+                ("x-tollgate-plan", "pro"),
+                ("x-org", "o1"),
+                ("x-other", "not identity"),
+            ],
+        );
+        assert_eq!(gw.request_headers(f, true), Decision::Pause);
+        let calls = gw.calls();
+        assert_eq!(calls.len(), 3);
+        let (user, org, news) = (&calls[0], &calls[1], &calls[2]);
+        assert_eq!(user.header(":path"), Some("/users/demo%2Falice"));
+        assert_eq!(org.header(":path"), Some("/orgs/o1"));
+        // By default every call carries the identity headers; `forward_identity: false` none.
+        for c in [user, news] {
+            assert_eq!(c.header("x-tollgate-consumer"), Some("demo/alice"));
+            assert_eq!(c.header("x-tollgate-plan"), Some("pro"));
+            assert_eq!(c.header("x-org"), Some("o1"));
+            assert_eq!(c.header("x-other"), None);
+        }
+        assert_eq!(org.header("x-tollgate-consumer"), None);
+        assert_eq!(org.header("x-org"), None);
+        let t: Vec<u32> = calls.iter().map(|c| c.token).collect();
+        gw.answer(t[1], ok("{}", Some("public, max-age=60")));
+        gw.answer(t[2], ok("{}", Some("public, max-age=60")));
+        let (r, _) = reply(gw.answer(t[0], ok("{}", Some("public, max-age=60"))));
+        // Built from the caller's identity: for this caller only.
+        assert_eq!(r.header("cache-control"), Some("private, max-age=60"));
+    }
+
+    #[test]
+    fn a_request_without_the_identity_its_paths_use_is_refused_before_any_call() {
+        let mut gw = root(MINE);
+        // No consumer at all: 401.
+        let h = gw.request("GET", "/api/me", &[("x-org", "o1")]);
+        let (r, v) = reply(gw.request_headers(h, true));
+        assert_eq!(r.status, 401);
+        assert_eq!(r.header("content-type"), Some("application/problem+json"));
+        assert_eq!(r.header("www-authenticate"), Some("Bearer"));
+        assert_eq!(
+            v["type"],
+            "https://tollgate.dev/problems/aggregate/identity-required"
+        );
+        assert!(gw.host(h).unwrap().calls.is_empty());
+        assert_eq!(gw.metric("tollgate.aggregate.ep.mine.no_identity"), Some(1));
+        // A consumer without the x-org a path needs: 403.
+        let h = gw.request("GET", "/api/me", &[("x-tollgate-consumer", "bob")]);
+        let (r, v) = reply(gw.request_headers(h, true));
+        assert_eq!(r.status, 403);
+        assert!(v["detail"].as_str().unwrap().contains("x-org"), "{v}");
+        assert!(gw.host(h).unwrap().calls.is_empty());
+        // ... unless the profile leaves that call out.
+        let h = gw.request(
+            "GET",
+            "/api/me",
+            &[("x-tollgate-consumer", "bob"), ("x-client", "lite")],
+        );
+        assert_eq!(gw.request_headers(h, true), Decision::Pause);
+        assert_eq!(gw.host(h).unwrap().calls.len(), 2);
+        // An empty consumer header is no consumer.
+        let h = gw.request("GET", "/api/me", &[("x-tollgate-consumer", "")]);
+        let (r, _) = reply(gw.request_headers(h, true));
+        assert_eq!(r.status, 401);
+        // The value cannot climb out of the templated path.
+        let h = gw.request(
+            "GET",
+            "/api/me",
+            &[("x-tollgate-consumer", ".."), ("x-client", "lite")],
+        );
+        let (r, v) = reply(gw.request_headers(h, true));
+        assert_eq!((r.status, v["error"].as_str()), (502, Some("bad_value")));
     }
 
     #[test]

@@ -160,12 +160,13 @@ pub fn merge_into(
 /// The most restrictive Cache-Control of the parts. A part without Cache-Control, or any
 /// incomplete answer, gives `no-store`. Shared caches get the smallest of each part's
 /// `s-maxage` (else `max-age`) as `s-maxage` when it is below the merged `max-age`; any
-/// `must-revalidate` is kept.
-pub fn merged_cache_control(parts: &[Option<&str>], complete: bool) -> String {
+/// `must-revalidate` is kept. A `personal` reply (built from the caller's identity) is at least
+/// `private`.
+pub fn merged_cache_control(parts: &[Option<&str>], complete: bool, personal: bool) -> String {
     if !complete || parts.is_empty() {
         return "no-store".into();
     }
-    let mut private = false;
+    let mut private = personal;
     let mut no_cache = false;
     let mut must_revalidate = false;
     let mut max_age: Option<u64> = None;
@@ -372,7 +373,20 @@ mod tests {
             (&[], true, "no-store"),
         ];
         for (parts, complete, want) in cases {
-            assert_eq!(merged_cache_control(parts, *complete), *want, "{parts:?}");
+            assert_eq!(
+                merged_cache_control(parts, *complete, false),
+                *want,
+                "{parts:?}"
+            );
         }
+        // A reply built from the caller's identity is never for shared caches.
+        assert_eq!(
+            merged_cache_control(&[Some("public, max-age=60, s-maxage=5")], true, true),
+            "private, max-age=60"
+        );
+        assert_eq!(
+            merged_cache_control(&[Some("no-store")], true, true),
+            "no-store"
+        );
     }
 }

@@ -1,10 +1,12 @@
 //! Call path templates: `/users/{user}?q={query.q}&company={user.company_id}`.
 //!
 //! A variable is a route variable (`{user}`, from the route's `match.template`), a query value
-//! of the client's request (`{query.q}`), or a field of an earlier call's JSON answer
-//! (`{user.company_id}`, `{orders.items.0.id}`). Values are percent-encoded; in the path part (before
-//! `?`) a value (or, for a `{*rest}` route variable, a segment of it) that is `.` or `..` is
-//! refused, so that no input (least of all a backend's answer) can climb out of the templated path.
+//! of the client's request (`{query.q}`), the caller's verified identity (`{consumer}`, or an
+//! identity header the auth filter set: `{identity.x-tollgate-plan}`), or a field of an earlier
+//! call's JSON answer (`{user.company_id}`, `{orders.items.0.id}`). Values are percent-encoded; in
+//! the path part (before `?`) a value (or, for a `{*rest}` route variable, a segment of it) that is
+//! `.` or `..` is refused, so that no input (least of all a backend's answer) can climb out of the
+//! templated path.
 
 use serde_json::Value;
 use tollgate_common::request::{percent_decode, percent_encode, query_param};
@@ -17,6 +19,10 @@ pub enum Var {
     Route(String),
     /// A query parameter of the client's request.
     Query(String),
+    /// The caller's consumer id (`{consumer}`): the auth filter's consumer header.
+    Consumer,
+    /// An identity header the auth filter set (`{identity.NAME}`), lower case.
+    Identity(String),
     /// A field of a call's answer: call name and the dotted path inside the answer.
     Field(String, Vec<String>),
 }
@@ -39,6 +45,10 @@ pub struct Inputs<'a> {
     pub params: &'a RouteParams,
     /// The client's query string (without `?`).
     pub query: &'a str,
+    /// The caller's consumer id, when the request has one.
+    pub consumer: Option<&'a str>,
+    /// The identity headers of the request (lower-case names).
+    pub identity: &'a [(String, String)],
     /// The JSON answer of a call by name, when it succeeded.
     pub answer: &'a dyn Fn(&str) -> Option<&'a Value>,
 }
@@ -116,6 +126,31 @@ impl PathTemplate {
                     }
                     out.push_str(&enc.join("/"));
                 }
+                Piece::Var(Var::Consumer) => {
+                    let v = inputs.consumer.ok_or_else(|| {
+                        RenderError::Missing("`{consumer}`: the request has no consumer".into())
+                    })?;
+                    if in_path {
+                        dots("consumer".into(), v)?;
+                    }
+                    out.push_str(&percent_encode(v));
+                }
+                Piece::Var(Var::Identity(h)) => {
+                    let v = inputs
+                        .identity
+                        .iter()
+                        .find(|(k, _)| k == h)
+                        .map(|(_, v)| v.as_str())
+                        .ok_or_else(|| {
+                            RenderError::Missing(format!(
+                                "`{{identity.{h}}}`: the request has no `{h}`"
+                            ))
+                        })?;
+                    if in_path {
+                        dots(format!("identity.{h}"), v)?;
+                    }
+                    out.push_str(&percent_encode(v));
+                }
                 Piece::Var(Var::Query(n)) => {
                     let v = query_param(inputs.query, n).unwrap_or_default();
                     if in_path {
@@ -181,9 +216,14 @@ fn parse_var(name: &str) -> Result<Var, String> {
         ));
     }
     match parts.as_slice() {
+        ["consumer"] => Ok(Var::Consumer),
         [one] => Ok(Var::Route((*one).to_string())),
         ["query", q] => Ok(Var::Query((*q).to_string())),
         ["query", ..] => Err(format!("bad variable `{{{name}}}`: use `{{query.NAME}}`")),
+        ["identity", h] => Ok(Var::Identity(h.to_ascii_lowercase())),
+        ["identity", ..] => Err(format!(
+            "bad variable `{{{name}}}`: use `{{identity.HEADER}}`"
+        )),
         [head, rest @ ..] => Ok(Var::Field(
             (*head).to_string(),
             rest.iter().map(|s| s.to_string()).collect(),
@@ -223,6 +263,8 @@ mod tests {
         let inputs = Inputs {
             params: &params,
             query: "q=h%C3%A9+llo",
+            consumer: None,
+            identity: &[],
             answer: &answer,
         };
         assert_eq!(
@@ -248,9 +290,12 @@ mod tests {
         ]);
         let user = json!({"company_id": "..", "dot": "."});
         let answer = |n: &str| (n == "user").then_some(&user);
+        let identity = vec![("x-org".to_string(), "..".to_string())];
         let inputs = Inputs {
             params: &params,
             query: "q=..",
+            consumer: Some(".."),
+            identity: &identity,
             answer: &answer,
         };
         for t in [
@@ -259,12 +304,40 @@ mod tests {
             "/c/{query.q}",
             "/c/{user.company_id}",
             "/c/{user.dot}/x",
+            "/c/{consumer}",
+            "/c/{identity.x-org}",
         ] {
             let e = PathTemplate::parse(t).unwrap().render(&inputs).unwrap_err();
             assert!(matches!(e, RenderError::Unsafe(_)), "{t}: {e:?}");
         }
         let t = PathTemplate::parse("/c/{ok}?q={query.q}&c={user.company_id}&i={id}").unwrap();
         assert_eq!(t.render(&inputs).unwrap(), "/c/a/b..c?q=..&c=..&i=..");
+    }
+
+    #[test]
+    fn the_identity_fills_consumer_and_identity_variables() {
+        let t = PathTemplate::parse("/users/{consumer}?org={identity.X-Org}").unwrap();
+        assert_eq!(
+            t.vars().cloned().collect::<Vec<_>>(),
+            vec![Var::Consumer, Var::Identity("x-org".into())]
+        );
+        let params = RouteParams(vec![("consumer".into(), "mallory".into())]);
+        let none = |_: &str| None;
+        let identity = vec![("x-org".to_string(), "o 1".to_string())];
+        let mut inputs = Inputs {
+            params: &params,
+            query: "",
+            consumer: Some("demo/alice"),
+            identity: &identity,
+            answer: &none,
+        };
+        assert_eq!(t.render(&inputs).unwrap(), "/users/demo%2Falice?org=o%201");
+        inputs.consumer = None;
+        let e = t.render(&inputs).unwrap_err();
+        assert!(matches!(e, RenderError::Missing(_)), "{e:?}");
+        inputs.consumer = Some("alice");
+        inputs.identity = &[];
+        assert!(t.render(&inputs).unwrap_err().to_string().contains("x-org"));
     }
 
     #[test]
@@ -277,6 +350,7 @@ mod tests {
             ("/a/{a..b}", "bad variable"),
             ("/a/{a b}", "bad variable"),
             ("/a/{query.a.b}", "query.NAME"),
+            ("/a/{identity.a.b}", "identity.HEADER"),
         ] {
             let e = PathTemplate::parse(t).unwrap_err();
             assert!(e.contains(why), "{t}: {e}");

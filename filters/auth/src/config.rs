@@ -6,20 +6,20 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use serde_json::Value;
-use tollgate_common::config::ConfigDuration;
+use tollgate_common::config::{ConfigDuration, HeaderName, Sha256Hex};
 use tollgate_common::route::{RouteMatch, Routed};
 use tollgate_common::ConfigError;
 
 use crate::jose::{self, Alg, Jwk};
 
 /// The filter's configuration (JSON in Envoy's `configuration` field).
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Per-route rules; the first match applies. Requests no rule matches pass untouched
     /// (apart from the removal of forged identity headers).
     #[serde(default)]
-    pub routes: Vec<RouteRule>,
+    pub routes: Vec<RouteConfig>,
     /// JWT providers, chosen by the token's `iss`.
     #[serde(default)]
     pub providers: Vec<ProviderConfig>,
@@ -34,10 +34,10 @@ pub struct Config {
     pub token_sources: Vec<SourceConfig>,
     /// Header that receives the consumer id.
     #[serde(default = "default_consumer_header")]
-    pub consumer_header: String,
+    pub consumer_header: HeaderName,
     /// Header that receives the plan (API key metadata `plan`, or a provider's `plan_claim`).
     #[serde(default = "default_plan_header")]
-    pub plan_header: String,
+    pub plan_header: HeaderName,
     /// Remove the credential (header, query parameter or cookie) before forwarding.
     #[serde(default)]
     pub remove_credential: bool,
@@ -57,17 +57,17 @@ pub struct Config {
 
 fn default_token_sources() -> Vec<SourceConfig> {
     vec![SourceConfig {
-        header: Some("authorization".into()),
+        header: Some(HeaderName::from_static("authorization")),
         prefix: Some("Bearer ".into()),
         query: None,
         cookie: None,
     }]
 }
-fn default_consumer_header() -> String {
-    "x-tollgate-consumer".into()
+fn default_consumer_header() -> HeaderName {
+    HeaderName::from_static("x-tollgate-consumer")
 }
-fn default_plan_header() -> String {
-    "x-tollgate-plan".into()
+fn default_plan_header() -> HeaderName {
+    HeaderName::from_static("x-tollgate-plan")
 }
 fn default_max_token_size() -> usize {
     8192
@@ -97,7 +97,7 @@ pub enum FailureMode {
 pub struct SourceConfig {
     /// Request header name.
     #[serde(default)]
-    pub header: Option<String>,
+    pub header: Option<HeaderName>,
     /// Prefix the header value must start with (compared case-insensitively), removed.
     #[serde(default)]
     pub prefix: Option<String>,
@@ -145,9 +145,8 @@ impl SourceConfig {
             return Err(ConfigError::new("prefix", "`prefix` goes with `header`"));
         }
         if let Some(h) = &self.header {
-            check_header_name(h).map_err(|e| ConfigError::new("header", e))?;
             return Ok(Source::Header {
-                name: h.to_ascii_lowercase(),
+                name: h.as_str().to_string(),
                 prefix: self.prefix.clone().unwrap_or_default(),
             });
         }
@@ -165,23 +164,10 @@ impl SourceConfig {
     }
 }
 
-fn check_header_name(h: &str) -> Result<(), String> {
-    if h.is_empty()
-        || h.starts_with(':')
-        || !h
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.!#$%&'*+^`|~".contains(&b))
-    {
-        return Err(format!("`{h}` is not a header name"));
-    }
-    Ok(())
-}
-
 /// Header names a client may not set: the filter removes them. Refuse configuring these
 /// as identity headers (they would break the request).
 fn check_forward_header(h: &str) -> Result<String, String> {
-    check_header_name(h)?;
-    let l = h.to_ascii_lowercase();
+    let l = HeaderName::new(h)?.into_string();
     if matches!(
         l.as_str(),
         "host" | "authorization" | "cookie" | "content-length" | "transfer-encoding" | "te"
@@ -228,7 +214,7 @@ pub struct ProviderConfig {
     pub claim_headers: Vec<ClaimHeaderConfig>,
     /// Header that receives the verified payload (base64url).
     #[serde(default)]
-    pub payload_header: Option<String>,
+    pub payload_header: Option<HeaderName>,
     /// Claim that names the consumer.
     #[serde(default = "default_consumer_claim")]
     pub consumer_claim: String,
@@ -257,7 +243,7 @@ pub struct ClaimHeaderConfig {
     /// Claim path, dot-separated for nested objects (`realm_access.roles`).
     pub claim: String,
     /// Header name.
-    pub header: String,
+    pub header: HeaderName,
 }
 
 /// Where a provider's keys come from over HTTP.
@@ -319,7 +305,7 @@ pub struct ApiKeysConfig {
 
 fn default_api_key_sources() -> Vec<SourceConfig> {
     vec![SourceConfig {
-        header: Some("x-api-key".into()),
+        header: Some(HeaderName::from_static("x-api-key")),
         ..SourceConfig::default()
     }]
 }
@@ -331,9 +317,9 @@ fn default_metadata_prefix() -> String {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiKeyConfig {
-    /// Lower-case hex SHA-256 of the key.
+    /// Hex SHA-256 of the key.
     #[serde(default)]
-    pub sha256: Option<String>,
+    pub sha256: Option<Sha256Hex>,
     /// Refused with an explanation: keys are never configured in plain text.
     #[serde(default)]
     pub key: Option<Value>,
@@ -410,7 +396,7 @@ pub enum Requirement {
 /// A per-route rule.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RouteRule {
+pub struct RouteConfig {
     /// Which requests the rule applies to.
     #[serde(rename = "match", default)]
     pub route: RouteMatch,
@@ -444,7 +430,7 @@ pub struct ClaimRequirement {
     pub any_of: Vec<String>,
 }
 
-impl Routed for RouteRule {
+impl Routed for RouteConfig {
     fn route(&self) -> &RouteMatch {
         &self.route
     }
@@ -691,17 +677,6 @@ pub fn parse_rfc3339_utc(s: &str) -> Option<f64> {
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     let days = era * 146_097 + doe - 719_468;
     Some((days * 86400 + hh * 3600 + mm * 60 + ss) as f64)
-}
-
-fn hex32(s: &str) -> Option<[u8; 32]> {
-    if s.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(out)
 }
 
 impl Config {
@@ -957,18 +932,15 @@ fn compile_api_keys(a: ApiKeysConfig, identity: &mut Vec<String>) -> Result<ApiK
                  (printf %s KEY | sha256sum)",
             ));
         }
-        let hex = k.sha256.ok_or_else(|| {
-            ConfigError::new(
-                format!("{at}.sha256"),
-                "missing: the hex SHA-256 of the key",
-            )
-        })?;
-        let digest = hex32(&hex.to_ascii_lowercase()).ok_or_else(|| {
-            ConfigError::new(
-                format!("{at}.sha256"),
-                "must be 64 hexadecimal characters (a SHA-256 digest)",
-            )
-        })?;
+        let digest = k
+            .sha256
+            .ok_or_else(|| {
+                ConfigError::new(
+                    format!("{at}.sha256"),
+                    "missing: the hex SHA-256 of the key",
+                )
+            })?
+            .0;
         if keys.iter().any(|x: &ApiKey| x.digest == digest) {
             return Err(ConfigError::new(
                 format!("{at}.sha256"),
@@ -1068,7 +1040,7 @@ fn compile_introspection(i: IntrospectionConfig) -> Result<Introspection, Config
 }
 
 fn compile_rule(
-    r: RouteRule,
+    r: RouteConfig,
     providers: &[Provider],
     has_keys: bool,
     has_introspection: bool,

@@ -21,20 +21,20 @@ use crate::config::{
     Compiled, Config, FailureMode, KeySource, Provider, Requirement, Rule, Source,
 };
 use crate::jose::{self, JwsError, StrictValue};
-use crate::keys::{self, CachedToken, Runtime, WAKE_TIMEOUT};
+use crate::keyset::{self, CachedToken, Worker, WAKE_TIMEOUT};
 
 /// Per-VM (per worker) state: the compiled configuration, runtime state and metrics.
 pub struct AuthRoot {
     context_id: u32,
     config: Rc<Compiled>,
-    runtime: Rc<RefCell<Runtime>>,
+    runtime: Rc<RefCell<Worker>>,
     metrics: Rc<Metrics>,
     /// Wakes that could not be done yet (runtime state busy): done on the next tick.
-    deferred: keys::Wakes,
+    deferred: keyset::Wakes,
 }
 
 impl AuthRoot {
-    fn wake_all(&self, host: &mut dyn Host, wakes: keys::Wakes) {
+    fn wake_all(&self, host: &mut dyn Host, wakes: keyset::Wakes) {
         for (id, reason) in wakes {
             if !host.wake(id, reason) {
                 log::debug!(
@@ -62,10 +62,10 @@ impl RootFilter for AuthRoot {
 
     fn configure(&mut self, host: &mut dyn Host, configuration: &[u8]) -> Result<(), ConfigError> {
         let compiled = Config::parse(configuration)?;
-        self.runtime = Rc::new(RefCell::new(Runtime::new(&compiled)));
+        self.runtime = Rc::new(RefCell::new(Worker::new(&compiled)));
         for p in &compiled.providers {
             if matches!(p.keys, KeySource::Remote(_)) {
-                keys::ensure_lease(host, &p.name);
+                keyset::ensure_lease(host, &p.name);
             }
         }
         if compiled.has_remote() {
@@ -79,7 +79,7 @@ impl RootFilter for AuthRoot {
     fn on_tick(&mut self, host: &mut dyn Host) {
         let mut wakes = std::mem::take(&mut self.deferred);
         match self.runtime.try_borrow_mut() {
-            Ok(mut rt) => wakes.extend(keys::tick(
+            Ok(mut rt) => wakes.extend(keyset::tick(
                 host,
                 self.context_id,
                 &self.config,
@@ -96,7 +96,7 @@ impl RootFilter for AuthRoot {
 
     fn on_call_response(&mut self, host: &mut dyn Host, token: u32, response: CallResponse) {
         if let Ok(mut rt) = self.runtime.try_borrow_mut() {
-            let wakes = keys::on_fetched(
+            let wakes = keyset::on_fetched(
                 host,
                 self.context_id,
                 &self.config,
@@ -195,7 +195,7 @@ enum Outcome {
 pub struct AuthFilter {
     context_id: u32,
     config: Rc<Compiled>,
-    runtime: Rc<RefCell<Runtime>>,
+    runtime: Rc<RefCell<Worker>>,
     metrics: Rc<Metrics>,
     rule: Option<usize>,
     pending: Pending,
@@ -584,15 +584,15 @@ impl AuthFilter {
                         Err(JwsError::UnknownKid) if !resumed => {
                             // A fetch under way (in this worker or another) may bring the key.
                             let elsewhere = matches!(
-                                keys::read_lease(host, &p.name),
-                                Some(keys::Lease::Fetching(until)) if until > now
+                                keyset::read_lease(host, &p.name),
+                                Some(keyset::Lease::Fetching(until)) if until > now
                             );
                             if fetching_here || elsewhere {
                                 return self.wait_for_keys(host, pi, r, token, false);
                             }
                             // One refetch per `refetch_interval` for all workers.
                             let interval = r.refetch_interval.as_secs_f64();
-                            if keys::claim_refetch(host, &p.name, now, interval) {
+                            if keyset::claim_refetch(host, &p.name, now, interval) {
                                 self.count(host, "jwks_refetches");
                                 return self.wait_for_keys(host, pi, r, token, true);
                             }
@@ -643,7 +643,7 @@ impl AuthFilter {
             st.wanted = true;
         }
         st.waiters
-            .push((self.context_id, now + keys::wait_limit(r).as_secs_f64()));
+            .push((self.context_id, now + keyset::wait_limit(r).as_secs_f64()));
         self.pending = Pending::Keys { token };
         Outcome::Wait
     }

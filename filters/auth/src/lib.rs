@@ -4,14 +4,14 @@
 //!
 //! Filter logic lives in [`filter`] and talks to the proxy only through
 //! [`tollgate_common::Host`]; [`jose`] parses and verifies tokens, [`claims`] checks claims,
-//! [`keys`] keeps remote key sets and the verified-token cache, [`config`] compiles the
+//! [`keyset`] keeps remote key sets and the verified-token cache, [`config`] compiles the
 //! configuration. The module entry point is exported by [`tollgate_common::export_filter!`].
 
 pub mod claims;
 pub mod config;
 pub mod filter;
 pub mod jose;
-pub mod keys;
+pub mod keyset;
 
 pub use filter::{AuthFilter, AuthRoot};
 

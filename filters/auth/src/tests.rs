@@ -11,7 +11,7 @@ use tollgate_common::{CallResponse, Decision, Host, MapKind};
 
 use crate::filter::AuthRoot;
 use crate::jose::b64url_encode;
-use crate::keys::{WAKE_FETCHED, WAKE_TIMEOUT};
+use crate::keyset::{WAKE_FETCHED, WAKE_TIMEOUT};
 
 const SECRET: [u8; 32] = [42u8; 32];
 const NOW: i64 = 1_767_225_600; // MemHost's clock

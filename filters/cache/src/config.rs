@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
-use tollgate_common::config::ConfigDuration;
+use tollgate_common::config::{ByteSize, ConfigDuration, HeaderName, Sha256Hex};
 use tollgate_common::route::{RouteMatch, Routed, Rules};
 use tollgate_common::ConfigError;
 
@@ -22,13 +22,13 @@ pub const DEFAULT_WAYS: u32 = 4;
 pub struct Config {
     /// Per-route rules; the first match applies. Requests no rule matches pass untouched.
     #[serde(default)]
-    pub routes: Vec<RouteRule>,
+    pub routes: Vec<RouteConfig>,
     /// Upper bound of the bytes stored in shared data (all entries together).
     #[serde(default)]
-    pub max_total_bytes: Option<u64>,
+    pub max_total_bytes: Option<ByteSize>,
     /// Upper bound of one entry (body, headers and metadata); larger responses stream through.
     #[serde(default)]
-    pub max_entry_bytes: Option<u64>,
+    pub max_entry_bytes: Option<ByteSize>,
     /// Entries per set of the set-associative store (1 to 16).
     #[serde(default)]
     pub ways: Option<u32>,
@@ -44,7 +44,7 @@ pub struct PurgeConfig {
     /// Path of the endpoint (exact, without query), for example `/_tollgate/cache/purge`.
     pub path: String,
     /// Hex SHA-256 of the key that callers send in `x-tollgate-purge-key`.
-    pub key_sha256: String,
+    pub key_sha256: Sha256Hex,
 }
 
 /// How `Set-Cookie` responses are treated.
@@ -61,7 +61,7 @@ pub enum SetCookie {
 /// A per-route rule.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RouteRule {
+pub struct RouteConfig {
     /// Which requests the rule applies to.
     #[serde(rename = "match", default)]
     pub route: RouteMatch,
@@ -99,7 +99,7 @@ pub struct KeyConfig {
     pub query_ignore_case: bool,
     /// Request headers whose values take part (lower-cased names).
     #[serde(default)]
-    pub headers: Vec<String>,
+    pub headers: Vec<HeaderName>,
 }
 
 /// The upstream of background refreshes: Envoy's router is not on a callout's path, so the
@@ -120,7 +120,7 @@ pub struct RefreshConfig {
     pub timeout: Option<ConfigDuration>,
 }
 
-impl Routed for RouteRule {
+impl Routed for RouteConfig {
     fn route(&self) -> &RouteMatch {
         &self.route
     }
@@ -228,26 +228,6 @@ impl Compiled {
     }
 }
 
-fn valid_header_name(name: &str) -> bool {
-    !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
-}
-
-fn hex32(text: &str) -> Option<[u8; 32]> {
-    let bytes = text.as_bytes();
-    if bytes.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, o) in out.iter_mut().enumerate() {
-        let pair = text.get(i * 2..i * 2 + 2)?;
-        *o = u8::from_str_radix(pair, 16).ok()?;
-    }
-    Some(out)
-}
-
 impl Config {
     /// Parse and validate a configuration.
     pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
@@ -256,8 +236,12 @@ impl Config {
 
     /// Validate and compile.
     pub fn compile(self) -> Result<Compiled, ConfigError> {
-        let max_entry = self.max_entry_bytes.unwrap_or(DEFAULT_MAX_ENTRY_BYTES);
-        let max_total = self.max_total_bytes.unwrap_or(DEFAULT_MAX_TOTAL_BYTES);
+        let max_entry = self
+            .max_entry_bytes
+            .map_or(DEFAULT_MAX_ENTRY_BYTES, |b| b.0);
+        let max_total = self
+            .max_total_bytes
+            .map_or(DEFAULT_MAX_TOTAL_BYTES, |b| b.0);
         let ways = self.ways.unwrap_or(DEFAULT_WAYS);
         if !(1..=16).contains(&ways) {
             return Err(ConfigError::new("ways", "must be between 1 and 16"));
@@ -291,15 +275,9 @@ impl Config {
                         "must start with `/` and have no query string",
                     ));
                 }
-                let key = hex32(&p.key_sha256).ok_or_else(|| {
-                    ConfigError::new(
-                        "purge.key_sha256",
-                        "must be 64 hex digits (the SHA-256 of the purge key)",
-                    )
-                })?;
                 Some(Purge {
                     path: p.path,
-                    key_sha256: key,
+                    key_sha256: p.key_sha256.0,
                 })
             }
         };
@@ -317,16 +295,10 @@ impl Config {
     }
 }
 
-fn compile_rule(r: RouteRule) -> Result<Rule, ConfigError> {
+fn compile_rule(r: RouteConfig) -> Result<Rule, ConfigError> {
     let mut key_headers = Vec::new();
     for (i, h) in r.key.headers.iter().enumerate() {
-        let name = h.to_ascii_lowercase();
-        if !valid_header_name(&name) || name.starts_with(':') {
-            return Err(ConfigError::new(
-                format!("key.headers[{i}]"),
-                format!("`{h}` is not a header name"),
-            ));
-        }
+        let name = h.as_str().to_string();
         if name == "authorization" || name == "cookie" {
             return Err(ConfigError::new(
                 format!("key.headers[{i}]"),
@@ -448,7 +420,7 @@ mod tests {
                 "max_total_bytes",
             ),
             (
-                r#"{"purge":{"path":"nope","key_sha256":"00"}}"#,
+                r#"{"purge":{"path":"nope","key_sha256":"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"}}"#,
                 "purge.path",
             ),
             (

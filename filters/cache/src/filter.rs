@@ -78,7 +78,7 @@ pub struct RefreshJob {
 }
 
 /// What every request of a VM shares.
-pub struct Shared {
+pub struct Worker {
     /// Compiled configuration.
     pub config: Compiled,
     /// The store's geometry.
@@ -93,9 +93,9 @@ pub struct Shared {
     pub wake_queue: RefCell<Vec<u32>>,
 }
 
-impl Shared {
-    fn new(config: Compiled) -> Shared {
-        Shared {
+impl Worker {
+    fn new(config: Compiled) -> Worker {
+        Worker {
             store: Store {
                 sets: config.sets,
                 ways: config.ways,
@@ -112,7 +112,7 @@ impl Shared {
 
 /// Per-VM state: the compiled configuration, metrics and background refreshes.
 pub struct CacheRoot {
-    shared: Rc<Shared>,
+    shared: Rc<Worker>,
     pending: HashMap<u32, RefreshJob>,
     /// Usage scan: next set, and the sums so far of this pass.
     scan: (u32, u64, u64),
@@ -124,7 +124,7 @@ impl RootFilter for CacheRoot {
 
     fn new(_context_id: u32) -> Self {
         CacheRoot {
-            shared: Rc::new(Shared::new(Compiled::default())),
+            shared: Rc::new(Worker::new(Compiled::default())),
             pending: HashMap::new(),
             scan: (0, 0, 0),
         }
@@ -135,7 +135,7 @@ impl RootFilter for CacheRoot {
         if !config.rules.0.is_empty() {
             host.set_tick_period(Duration::from_millis(TICK_MS));
         }
-        self.shared = Rc::new(Shared::new(config));
+        self.shared = Rc::new(Worker::new(config));
         Ok(())
     }
 
@@ -358,7 +358,7 @@ enum State {
 /// Per-request state.
 pub struct CacheFilter {
     context_id: u32,
-    shared: Rc<Shared>,
+    shared: Rc<Worker>,
     state: State,
     rule: Option<usize>,
     url: Option<UrlKey>,

@@ -1,10 +1,10 @@
 //! Configuration of the ratelimit filter: JSON (serde, unknown fields refused), then validated
-//! and compiled into [`Config`], immutable and shared by every request of a VM.
+//! and compiled into [`Compiled`], immutable and shared by every request of a VM.
 
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
-use tollgate_common::config::ConfigDuration;
+use tollgate_common::config::{ConfigDuration, HeaderName, Name};
 use tollgate_common::route::{RouteMatch, Routed, Rules};
 use tollgate_common::ConfigError;
 
@@ -18,14 +18,14 @@ pub const DEFAULT_SLOTS: u32 = 8192;
 /// Smallest and largest `slots`.
 pub const SLOTS_RANGE: (u32, u32) = (8, 1 << 20);
 
-fn default_consumer_header() -> String {
-    "x-tollgate-consumer".into()
+fn default_consumer_header() -> HeaderName {
+    HeaderName::from_static("x-tollgate-consumer")
 }
-fn default_plan_header() -> String {
-    "x-tollgate-plan".into()
+fn default_plan_header() -> HeaderName {
+    HeaderName::from_static("x-tollgate-plan")
 }
-fn default_api_key_header() -> String {
-    "x-api-key".into()
+fn default_api_key_header() -> HeaderName {
+    HeaderName::from_static("x-api-key")
 }
 fn default_ipv6_prefix() -> u8 {
     64
@@ -38,24 +38,24 @@ fn default_cost() -> u64 {
 }
 
 /// The configuration as written.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawConfig {
+pub struct Config {
     /// Named limits; routes refer to them by name.
     #[serde(default)]
-    pub limits: Vec<RawLimit>,
+    pub limits: Vec<LimitConfig>,
     /// Per-route rules; the first whose `match` fits the request applies.
     #[serde(default)]
-    pub routes: Vec<RawRoute>,
+    pub routes: Vec<RouteConfig>,
     /// Request header with the consumer identity (set by the auth filter).
     #[serde(default = "default_consumer_header")]
-    pub consumer_header: String,
+    pub consumer_header: HeaderName,
     /// Request header with the consumer's plan (set by the auth filter).
     #[serde(default = "default_plan_header")]
-    pub plan_header: String,
+    pub plan_header: HeaderName,
     /// Request header with the API key (for the `api_key` key source).
     #[serde(default = "default_api_key_header")]
-    pub api_key_header: String,
+    pub api_key_header: HeaderName,
     /// Proxies in front of Envoy that append to `x-forwarded-for`; 0: use the downstream
     /// address.
     #[serde(default)]
@@ -74,7 +74,7 @@ pub struct RawConfig {
 /// A limit as written.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawLimit {
+pub struct LimitConfig {
     /// Unique name: metrics, headers and shared-data keys use it.
     pub name: String,
     /// `gcra` (default) or `fixed_window`.
@@ -91,7 +91,7 @@ pub struct RawLimit {
     pub key: Vec<KeySource>,
     /// Overrides per plan name.
     #[serde(default)]
-    pub plans: BTreeMap<String, RawPlan>,
+    pub plans: BTreeMap<String, PlanConfig>,
     /// Count and report, never refuse.
     #[serde(default)]
     pub shadow: bool,
@@ -109,7 +109,7 @@ pub struct RawLimit {
 /// Plan overrides as written.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawPlan {
+pub struct PlanConfig {
     /// Units per window for this plan.
     pub quota: u64,
     /// Window for this plan (default: the limit's).
@@ -123,7 +123,7 @@ pub struct RawPlan {
 /// A route rule as written.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawRoute {
+pub struct RouteConfig {
     /// Which requests the rule applies to.
     #[serde(rename = "match", default)]
     pub route: RouteMatch,
@@ -156,7 +156,7 @@ pub enum KeySource {
     /// The name of the matched route.
     Route,
     /// A request header.
-    Header(String),
+    Header(HeaderName),
     /// A query parameter.
     Query(String),
 }
@@ -304,7 +304,7 @@ pub struct Route {
     pub name: String,
     /// Skip the filter.
     pub disabled: bool,
-    /// Indexes into [`Config::limits`].
+    /// Indexes into [`Compiled::limits`].
     pub limits: Vec<usize>,
     /// Units per request.
     pub cost: u64,
@@ -320,7 +320,7 @@ impl Routed for Route {
 
 /// The compiled configuration.
 #[derive(Debug, Default)]
-pub struct Config {
+pub struct Compiled {
     /// Limits, in configuration order.
     pub limits: Vec<Limit>,
     /// Route rules.
@@ -345,24 +345,12 @@ pub struct Config {
     pub needs_host: bool,
 }
 
-impl Config {
+impl Compiled {
     /// Parse, validate and compile a configuration.
-    pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
-        let raw: RawConfig = tollgate_common::config::parse(bytes)?;
+    pub fn parse(bytes: &[u8]) -> Result<Compiled, ConfigError> {
+        let raw: Config = tollgate_common::config::parse(bytes)?;
         compile(raw)
     }
-}
-
-fn header_name(field: &str, name: &str) -> Result<String, ConfigError> {
-    let n = name.trim().to_ascii_lowercase();
-    let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
-    if n.is_empty() || !n.bytes().all(token) {
-        return Err(ConfigError::new(
-            field,
-            format!("`{name}` is not a header name"),
-        ));
-    }
-    Ok(n)
 }
 
 fn window_us(field: &str, w: ConfigDuration) -> Result<u64, ConfigError> {
@@ -424,14 +412,9 @@ fn params(
     })
 }
 
-fn compile_limit(i: usize, raw: RawLimit) -> Result<Limit, ConfigError> {
+fn compile_limit(i: usize, raw: LimitConfig) -> Result<Limit, ConfigError> {
     let at = format!("limits[{i}]");
-    let name_ok = !raw.name.is_empty()
-        && raw.name.len() <= 64
-        && raw
-            .name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    let name_ok = Name::valid(&raw.name) && raw.name.len() <= 64;
     if !name_ok {
         return Err(ConfigError::new(
             format!("{at}.name"),
@@ -465,7 +448,6 @@ fn compile_limit(i: usize, raw: RawLimit) -> Result<Limit, ConfigError> {
     for (k, source) in raw.key.into_iter().enumerate() {
         let kat = format!("{at}.key[{k}]");
         let source = match source {
-            KeySource::Header(h) => KeySource::Header(header_name(&format!("{kat}.header"), &h)?),
             KeySource::Query(q) if q.is_empty() => {
                 return Err(ConfigError::new(
                     format!("{kat}.query"),
@@ -522,7 +504,7 @@ fn compile_limit(i: usize, raw: RawLimit) -> Result<Limit, ConfigError> {
     })
 }
 
-fn compile(raw: RawConfig) -> Result<Config, ConfigError> {
+fn compile(raw: Config) -> Result<Compiled, ConfigError> {
     let mut limits: Vec<Limit> = Vec::new();
     for (i, l) in raw.limits.into_iter().enumerate() {
         let limit = compile_limit(i, l)?;
@@ -579,14 +561,14 @@ fn compile(raw: RawConfig) -> Result<Config, ConfigError> {
             cost,
         });
     }
-    Ok(Config {
+    Ok(Compiled {
         needs_method: routes.iter().any(|r: &Route| r.route.uses_method()),
         needs_host: routes.iter().any(|r: &Route| r.route.uses_host()),
         limits,
         routes: Rules(routes),
-        consumer_header: header_name("consumer_header", &raw.consumer_header)?,
-        plan_header: header_name("plan_header", &raw.plan_header)?,
-        api_key_header: header_name("api_key_header", &raw.api_key_header)?,
+        consumer_header: raw.consumer_header.into_string(),
+        plan_header: raw.plan_header.into_string(),
+        api_key_header: raw.api_key_header.into_string(),
         trusted_hops: raw.trusted_hops,
         ipv6_prefix: if raw.ipv6_prefix <= 128 {
             raw.ipv6_prefix
@@ -603,18 +585,18 @@ mod tests {
     use super::*;
 
     fn err(json: &str) -> ConfigError {
-        Config::parse(json.as_bytes()).unwrap_err()
+        Compiled::parse(json.as_bytes()).unwrap_err()
     }
 
     const LIMIT: &str = r#"{"name":"a","quota":10,"window":"1s","key":["client_ip"]}"#;
 
     #[test]
     fn empty_and_full_configurations_compile() {
-        let c = Config::parse(b"{}").unwrap();
+        let c = Compiled::parse(b"{}").unwrap();
         assert!(c.limits.is_empty() && c.routes.0.is_empty());
         assert_eq!(c.consumer_header, "x-tollgate-consumer");
         assert_eq!(c.headers, HeaderMode::Draft);
-        let c = Config::parse(
+        let c = Compiled::parse(
             br#"{
               "limits": [
                 {"name":"per-consumer","quota":10,"window":"1m","burst":20,"key":["consumer"],
@@ -652,7 +634,10 @@ mod tests {
             "\"per-consumer\";q=5000;w=3600"
         );
         assert_eq!(l.policies[0], "\"per-consumer\";q=10;w=60");
-        assert_eq!(c.limits[1].key[1], KeySource::Header("x-tenant".into()));
+        assert_eq!(
+            c.limits[1].key[1],
+            KeySource::Header(HeaderName::from_static("x-tenant"))
+        );
         assert_eq!(c.limits[1].table.buckets(), 128);
         assert_eq!(c.limits[1].table.key(0), "tollgate.ratelimit:daily:f:128:0");
         assert_eq!(

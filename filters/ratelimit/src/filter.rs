@@ -17,8 +17,8 @@ use tollgate_common::{
 };
 
 use crate::algo::{evaluate, Outcome, Params};
-use crate::config::{AppliesTo, Config, FailureMode, HeaderMode, Limit, LimitMetric};
-use crate::keys::{self, Client};
+use crate::client::{self, Client};
+use crate::config::{AppliesTo, Compiled, FailureMode, HeaderMode, Limit, LimitMetric};
 use crate::table::{push_u64, StoreError};
 
 /// Problem type of 429 answers (draft-ietf-httpapi-ratelimit-headers-10).
@@ -32,13 +32,13 @@ pub const SHADOW_HEADER: &str = "x-tollgate-ratelimit-shadow";
 /// Per-VM state: the compiled configuration and metrics.
 pub struct RateLimitRoot {
     context_id: u32,
-    shared: Rc<Shared>,
+    shared: Rc<Worker>,
 }
 
 /// What every request of a VM shares.
-pub struct Shared {
+pub struct Worker {
     /// The compiled configuration.
-    pub config: Config,
+    pub config: Compiled,
     /// The filter's metrics (gauges set at load).
     pub metrics: Metrics,
     /// Ids of the counters, defined at load: a request increments by id (no name lookup).
@@ -66,7 +66,7 @@ enum Total {
 }
 
 impl Ids {
-    fn define(host: &mut dyn Host, metrics: &Metrics, config: &Config) -> Ids {
+    fn define(host: &mut dyn Host, metrics: &Metrics, config: &Compiled) -> Ids {
         let mut define = |name: &str| {
             host.define_metric(MetricKind::Counter, &metrics.full_name(name))
                 .ok()
@@ -115,8 +115,8 @@ impl RootFilter for RateLimitRoot {
     fn new(context_id: u32) -> Self {
         RateLimitRoot {
             context_id,
-            shared: Rc::new(Shared {
-                config: Config::default(),
+            shared: Rc::new(Worker {
+                config: Compiled::default(),
                 metrics: Metrics::new("ratelimit"),
                 ids: Ids::default(),
             }),
@@ -124,7 +124,7 @@ impl RootFilter for RateLimitRoot {
     }
 
     fn configure(&mut self, host: &mut dyn Host, configuration: &[u8]) -> Result<(), ConfigError> {
-        let config = Config::parse(configuration)?;
+        let config = Compiled::parse(configuration)?;
         let metrics = Metrics::new("ratelimit");
         let ids = Ids::define(host, &metrics, &config);
         let mut keys = 0u64;
@@ -149,7 +149,7 @@ impl RootFilter for RateLimitRoot {
             config.limits.len(),
             config.routes.0.len()
         );
-        self.shared = Rc::new(Shared {
+        self.shared = Rc::new(Worker {
             config,
             metrics,
             ids,
@@ -170,7 +170,7 @@ impl RootFilter for RateLimitRoot {
 /// Per-request state.
 pub struct RateLimitFilter {
     context_id: u32,
-    shared: Rc<Shared>,
+    shared: Rc<Worker>,
     /// Headers to add to the response of an admitted request.
     response_headers: Vec<(&'static str, String)>,
     /// This filter answered the request itself.
@@ -248,7 +248,7 @@ impl RateLimitFilter {
         if !o.admitted && o.warn && log::log_enabled!(log::Level::Warn) {
             // The label (safe to log) is built only here: once per key and period.
             let config = &self.shared.config;
-            let label = keys::build(
+            let label = client::build(
                 host,
                 config,
                 &limit.name,
@@ -551,7 +551,7 @@ impl HttpFilter for RateLimitFilter {
                 if !applies {
                     return None;
                 }
-                let key = keys::hash(
+                let key = client::hash(
                     host,
                     config,
                     &limit.name,

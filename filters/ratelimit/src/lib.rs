@@ -4,7 +4,7 @@
 //! - [`algo`]: GCRA and fixed windows, pure functions of a state, parameters and the time.
 //! - [`table`]: the counter store, a fixed table of slots per limit in shared data, updated
 //!   with compare-and-swap (bounded memory, exact across workers).
-//! - [`keys`]: client keys (consumer, plan, API key, client IP, route, header, query).
+//! - [`client`]: client keys (consumer, plan, API key, client IP, route, header, query).
 //! - [`config`]: configuration, parsed then compiled.
 //! - [`filter`]: request handling, answers and headers.
 //!
@@ -12,9 +12,9 @@
 //! point is exported by [`tollgate_common::export_filter!`].
 
 pub mod algo;
+pub mod client;
 pub mod config;
 pub mod filter;
-pub mod keys;
 pub mod table;
 
 pub use filter::{RateLimitFilter, RateLimitRoot};

@@ -12,6 +12,10 @@
 //! `cache_control`, `etag` (`none` to omit), `last_modified` (`none` to omit), `vary`, `expires`,
 //! `set_cookie`, `content_type` (a non-JSON type sends a plain text body).
 //! Conditional GETs (`If-None-Match`, `If-Modified-Since`) get 304.
+//! `--require-identity users,orders`: those services answer `401` to a request without the
+//! `x-tollgate-consumer` identity the gateway's auth filter sets (the service's own check, behind
+//! the gateway's: what a backend of a composite endpoint should do). Users are `/users/1` to
+//! `/users/1000`, and any other name: `/users/alice` is the record of the consumer `alice`.
 //! Other endpoints: `/healthz`, `/echo/...` and `/<service>/echo/...` (the request as JSON),
 //! `/stats` (request counts per
 //! path; `POST /stats/reset` clears them), `/.well-known/jwks.json`,
@@ -37,6 +41,8 @@ const LAST_MODIFIED: &str = "Thu, 01 Jan 2026 00:00:00 GMT";
 
 struct Service {
     name: String,
+    /// Answer 401 to requests without an `x-tollgate-consumer` identity.
+    require_identity: bool,
     jwks: Option<String>,
     issuer: String,
     counts: Mutex<HashMap<String, u64>>,
@@ -47,6 +53,7 @@ struct Service {
 fn main() {
     let mut listens = Vec::new();
     let mut jwks = None;
+    let mut require_identity: Vec<String> = Vec::new();
     let mut issuer = "https://demo.tollgate.local".to_string();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -54,9 +61,16 @@ fn main() {
             "--listen" => listens.push(args.next().unwrap_or_default()),
             "--jwks" => jwks = args.next(),
             "--issuer" => issuer = args.next().unwrap_or(issuer),
+            "--require-identity" => require_identity.extend(
+                args.next()
+                    .unwrap_or_default()
+                    .split(',')
+                    .map(|s| s.trim().to_string()),
+            ),
             "-h" | "--help" => {
                 println!(
-                    "usage: tollgate-demo --listen NAME=ADDR:PORT ... [--jwks FILE] [--issuer URL]"
+                    "usage: tollgate-demo --listen NAME=ADDR:PORT ... [--jwks FILE] [--issuer URL] \
+                     [--require-identity NAME,...]"
                 );
                 return;
             }
@@ -109,6 +123,7 @@ fn main() {
             eprintln!("tollgate-demo: {name} listening on http://{addr}");
             let svc = Arc::new(Service {
                 name: name.to_string(),
+                require_identity: require_identity.iter().any(|n| n == name),
                 jwks: jwks_doc.clone(),
                 issuer: issuer.clone(),
                 counts: Mutex::new(HashMap::new()),
@@ -273,6 +288,11 @@ fn decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// A path segment, percent-decoded (`+` stays `+`).
+fn decode_segment(s: &str) -> String {
+    decode(&s.replace('+', "%2B"))
+}
+
 fn next_random(svc: &Service) -> f64 {
     // xorshift; good enough for a failure rate knob.
     let mut x = svc.rng.load(Ordering::Relaxed);
@@ -284,7 +304,21 @@ fn next_random(svc: &Service) -> f64 {
 }
 
 fn item(service: &str, id: &str) -> Option<Value> {
-    let n: u64 = id.parse().ok()?;
+    let Ok(n) = id.parse::<u64>() else {
+        // A user by name (a consumer id): a stable made-up record.
+        let named = service == "users"
+            && !id.is_empty()
+            && id.len() <= 128
+            && !id.starts_with(|c: char| c.is_ascii_digit())
+            && !id.chars().any(char::is_control);
+        return named.then(|| {
+            let h = fnv(id.as_bytes());
+            json!({
+                "id": id, "name": id, "email": format!("{id}@example.com"),
+                "company_id": (h % 5) + 1, "plan": if h % 2 == 0 { "pro" } else { "free" }
+            })
+        });
+    };
     if n == 0 || n > 1000 {
         return None;
     }
@@ -413,11 +447,34 @@ fn handle(svc: &Service, req: DemoRequest) -> DemoResponse {
     let mut extra: Vec<(String, String)> = Vec::new();
     let mut validators = true;
 
-    let segments: Vec<&str> = path
+    let decoded: Vec<String> = path
         .trim_matches('/')
         .split('/')
         .filter(|s| !s.is_empty())
+        .map(decode_segment)
         .collect();
+    let segments: Vec<&str> = decoded.iter().map(String::as_str).collect();
+    // The service's own check of the identity the gateway forwards.
+    let exempt = matches!(
+        segments.as_slice(),
+        ["healthz"] | ["stats", ..] | [".well-known", ..] | ["echo", ..] | [_, "echo", ..]
+    );
+    if svc.require_identity
+        && !exempt
+        && knobs
+            .header("x-tollgate-consumer")
+            .is_none_or(|c| c.trim().is_empty())
+    {
+        let body = json!({"type": "about:blank", "title": "Unauthorized", "status": 401,
+                          "detail": format!("the {} service answers identified callers only (x-tollgate-consumer)", svc.name)});
+        return respond(
+            401,
+            vec![("cache-control".into(), "no-store".into())],
+            serde_json::to_vec(&body).unwrap_or_default(),
+            "application/problem+json",
+            &method,
+        );
+    }
     let body: Value = match (method.as_str(), segments.as_slice()) {
         (_, ["healthz"]) => json!({"ok": true, "service": svc.name}),
         (_, ["stats"]) => {

@@ -6,7 +6,7 @@ use tollgate_common::request::query_param;
 use tollgate_common::route::RequestInfo;
 use tollgate_common::{Host, MapKind};
 
-use crate::config::{Config, KeySource, MissingKey};
+use crate::config::{Compiled, KeySource, MissingKey};
 use crate::table::hash_parts;
 
 /// What a request says about its client, read once per request.
@@ -20,7 +20,7 @@ pub struct Client {
 
 impl Client {
     /// Read the consumer and plan headers.
-    pub fn read(host: &dyn Host, config: &Config) -> Client {
+    pub fn read(host: &dyn Host, config: &Compiled) -> Client {
         let get = |name: &str| {
             host.header(MapKind::RequestHeaders, name)
                 .map(|v| v.trim().to_string())
@@ -124,7 +124,7 @@ fn short_hash(v: &str) -> String {
 #[allow(clippy::too_many_arguments)]
 fn values<'a>(
     host: &dyn Host,
-    config: &Config,
+    config: &Compiled,
     sources: &'a [KeySource],
     missing: MissingKey,
     client: &Client,
@@ -169,7 +169,7 @@ fn values<'a>(
 #[allow(clippy::too_many_arguments)]
 pub fn hash(
     host: &dyn Host,
-    config: &Config,
+    config: &Compiled,
     limit_name: &str,
     sources: &[KeySource],
     missing: MissingKey,
@@ -189,7 +189,7 @@ pub fn hash(
 #[allow(clippy::too_many_arguments)]
 pub fn build(
     host: &dyn Host,
-    config: &Config,
+    config: &Compiled,
     limit_name: &str,
     sources: &[KeySource],
     missing: MissingKey,
@@ -283,7 +283,7 @@ mod tests {
         headers: &[(&str, &str)],
         path: &str,
     ) -> Option<ClientKey> {
-        let config = Config::parse(b"{}").unwrap();
+        let config = Compiled::parse(b"{}").unwrap();
         let sources: Vec<KeySource> = serde_json::from_str(sources).unwrap();
         let mut h = MemHost::request("GET", path, headers);
         h.set_property(&["source", "address"], "10.9.8.7:1234");

@@ -36,7 +36,7 @@ pub struct Fetch {
     pub started: f64,
 }
 
-/// Runtime state of one provider with remote keys.
+/// Worker state of one provider with remote keys.
 #[derive(Debug, Default)]
 pub struct RemoteState {
     /// Current keys.
@@ -134,17 +134,17 @@ impl TokenCache {
 
 /// State shared by a worker's root and its requests.
 #[derive(Debug, Default)]
-pub struct Runtime {
+pub struct Worker {
     /// One per provider (unused for inline providers).
     pub remotes: Vec<RemoteState>,
     /// Verified tokens.
     pub cache: TokenCache,
 }
 
-impl Runtime {
+impl Worker {
     /// Fresh state for a configuration.
     pub fn new(c: &Compiled) -> Self {
-        Runtime {
+        Worker {
             remotes: c
                 .providers
                 .iter()
@@ -371,7 +371,7 @@ pub fn tick(
     host: &mut dyn Host,
     ctx: u32,
     c: &Compiled,
-    rt: &mut Runtime,
+    rt: &mut Worker,
     metrics: &tollgate_common::metrics::Metrics,
 ) -> Wakes {
     let now = host.now_secs();
@@ -437,7 +437,7 @@ pub fn on_fetched(
     host: &mut dyn Host,
     ctx: u32,
     c: &Compiled,
-    rt: &mut Runtime,
+    rt: &mut Worker,
     metrics: &tollgate_common::metrics::Metrics,
     token: u32,
     resp: &CallResponse,

@@ -1,0 +1,271 @@
+"""The black-box catalogue: a hostile client against the bundled configuration (envoy/envoy.yaml as
+shipped, through tests/harness.bundled_config), one test per attack. Each case was a finding of
+issue #15 and failed on the configuration of its day; it must keep failing for the attacker.
+
+The client is always 127.0.0.1 here, so every test starts its own gateway (the anonymous limit,
+10 a minute per client IP, would otherwise be shared between tests).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import harness
+from harness import Envoy, bundled_config
+
+# The bundled anonymous limit: 10 a minute per client IP (GCRA, a burst of 10).
+ANON_BURST = 10
+
+
+@pytest.fixture(scope="module")
+def strict_services():
+    """The demo services as `make run` starts them: users and orders answer 401 to a request
+    without the identity the gateway's auth filter sets."""
+    svc = harness.DemoServices.start(require_identity=("users", "orders"))
+    yield svc
+    svc.stop()
+
+
+@pytest.fixture
+def gateway(strict_services, envoy_factory) -> Envoy:
+    """The bundled configuration, as shipped, in front of the demo services."""
+    return envoy_factory(config=bundled_config(strict_services))
+
+
+def hcm(config: dict) -> dict:
+    return config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding 1: the client address comes from the TCP connection, not from a header
+
+
+def test_rotating_x_forwarded_for_does_not_reset_the_anonymous_limit(gateway):
+    statuses = [gateway.get("/api/products/2", {"x-forwarded-for": f"203.0.113.{i}"}).status for i in range(15)]
+    assert statuses[:ANON_BURST] == [200] * ANON_BURST, statuses
+    assert statuses[ANON_BURST:] == [429] * (15 - ANON_BURST), statuses
+    assert gateway.stat("tollgate.ratelimit.limit.anonymous-ip.limited") == 15 - ANON_BURST
+
+
+def test_client_x_envoy_headers_do_not_reach_the_services(gateway):
+    forged = {
+        "x-envoy-external-address": "203.0.113.9",  # the address Envoy says the client has
+        "x-envoy-internal": "true",                  # "this request comes from inside"
+        "x-envoy-decorator-operation": "forged",
+        "x-envoy-downstream-service-cluster": "forged",
+        "x-envoy-upstream-alt-stat-name": "forged",
+        "x-envoy-retry-on": "5xx",
+        "x-envoy-max-retries": "50",
+        "x-envoy-hedge-on-per-try-timeout": "true",
+        "x-envoy-peer-metadata-id": "forged",        # a name Envoy itself gives no meaning
+    }
+    r = gateway.get("/api/products/echo/headers", forged)
+    assert r.status == 200, r
+    seen = r.json()["headers"]
+    envoy_headers = {k: v for k, v in seen.items() if k.startswith("x-envoy-")}
+    # What is left is Envoy's own: the client address it saw, the route's timeout and original path.
+    assert envoy_headers.get("x-envoy-external-address") == "127.0.0.1", envoy_headers
+    assert set(envoy_headers) <= {"x-envoy-external-address", "x-envoy-expected-rq-timeout-ms",
+                                  "x-envoy-original-path"}, envoy_headers
+    assert "forged" not in str(envoy_headers) and "203.0.113.9" not in str(envoy_headers)
+
+
+def test_forged_identity_headers_do_not_reach_the_services(gateway):
+    """On a public route too: the auth filter removes every identity header it can set."""
+    forged = {"x-tollgate-consumer": "admin", "x-tollgate-plan": "pro"}
+    seen = gateway.get("/api/products/echo/forged", forged).json()["headers"]
+    assert "x-tollgate-consumer" not in seen and "x-tollgate-plan" not in seen, seen
+
+
+def test_identity_headers_spelled_with_underscores_are_refused(gateway):
+    """Backends that treat `_` and `-` alike (CGI, WSGI: HTTP_X_TOLLGATE_CONSUMER) would take
+    `x_tollgate_consumer` for the identity the auth filter sets: Envoy refuses such requests."""
+    for name in ("x_tollgate_consumer", "X_Tollgate_Plan"):
+        r = gateway.get("/api/products/echo/underscore", {name: "acme"})
+        assert r.status == 400, (name, r)
+
+
+@pytest.mark.parametrize("path", ["/api/products/../users/1", "/api/products/%2e%2e/users/1",
+                                  "/api/products/./../users/1"])
+def test_dot_segments_cannot_step_around_an_auth_rule(gateway, path):
+    """The filters match the path Envoy routes: normalized first, so `/api/products/../users/1`
+    is `/api/users/1` for the auth filter too (which then wants a credential)."""
+    r = gateway.get(path)
+    assert r.status == 401, r
+    assert r.header("content-type") == "application/problem+json"
+
+
+def test_escaped_slashes_are_refused(gateway):
+    r = gateway.get("/api/products%2F..%2Fusers/1")
+    assert r.status == 400, r
+
+
+# --- the deployment shapes of docs/filters/ratelimit.md: Envoy's view of the client is the limit's
+
+def shaped_gateway(envoy_factory, services, shape: str, trusted_hops: int = 0) -> Envoy:
+    """The bundled configuration with the HCM settings of a deployment shape and a ratelimit
+    limit of 2 per client IP on /api/products (`trusted_hops` as given)."""
+    cfg = bundled_config(services)
+    m = hcm(cfg)
+    if shape == "edge":
+        pass  # as shipped
+    elif shape == "behind-one-proxy":
+        m["xff_num_trusted_hops"] = 1
+    else:
+        raise ValueError(shape)
+    limits = {"trusted_hops": trusted_hops,
+              "limits": [{"name": "per-ip", "quota": 2, "window": "1m", "key": ["client_ip"]}],
+              "routes": [{"match": {"prefix": "/api/products"}, "limits": ["per-ip"]}]}
+    harness.set_filter_config(cfg, "ratelimit", limits)
+    return envoy_factory(config=cfg)
+
+
+def statuses(envoy: Envoy, xff_values: list[str | None]) -> list[int]:
+    return [envoy.get("/api/products/3", {"x-forwarded-for": x} if x else {}).status for x in xff_values]
+
+
+def test_edge_shape_counts_the_tcp_peer_whatever_the_header_says(services, envoy_factory):
+    envoy = shaped_gateway(envoy_factory, services, "edge")
+    assert statuses(envoy, [None, "198.51.100.1", "198.51.100.2", "198.51.100.3, 198.51.100.4"]) == \
+        [200, 200, 429, 429]
+
+
+def test_behind_one_proxy_counts_the_address_the_proxy_saw(services, envoy_factory):
+    """Envoy behind one proxy that appends to x-forwarded-for (`xff_num_trusted_hops: 1`): the
+    client is the entry that proxy added; what the client put before it does not count. The
+    filter's `trusted_hops: 0` reads Envoy's view (`source.address`), so both agree."""
+    envoy = shaped_gateway(envoy_factory, services, "behind-one-proxy")
+    # The proxy's entry is the last; a client's own x-forwarded-for comes before it.
+    assert statuses(envoy, ["198.51.100.1", "198.51.100.1", "198.51.100.1"]) == [200, 200, 429]
+    assert statuses(envoy, ["203.0.113.5, 198.51.100.1", "203.0.113.6, 198.51.100.1"]) == [429, 429]
+    assert statuses(envoy, ["198.51.100.2", "203.0.113.5, 198.51.100.2"]) == [200, 200]
+
+
+def test_trusted_hops_must_not_count_envoys_own_entry_twice(services, envoy_factory):
+    """The pitfall the docs warn about: with Envoy's `use_remote_address`, Envoy appends the
+    peer to x-forwarded-for before the filters run, so `trusted_hops: 1` in the filter reads that
+    peer (the proxy itself), and every client behind the proxy shares one counter."""
+    envoy = shaped_gateway(envoy_factory, services, "behind-one-proxy", trusted_hops=1)
+    assert statuses(envoy, ["198.51.100.1", "198.51.100.2", "198.51.100.3"]) == [200, 200, 429]
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding 3: reads of products are public, writes need the products:write scope
+
+@pytest.fixture(scope="module")
+def token():
+    """token(sub=..., scopes=...): a JWT of the bundled demo provider (DEMO-ONLY keys)."""
+    from auth_helpers import build_mint, mint
+    build_mint()
+    return mint
+
+
+def keys_fetched(envoy: Envoy) -> Envoy:
+    harness.wait_for(lambda: envoy.stat("tollgate.auth.jwks_fetches") >= 1, 15, "the demo provider's keys")
+    return envoy
+
+
+def bearer(t: str) -> dict:
+    return {"authorization": f"Bearer {t}"}
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "PATCH", "DELETE", "OPTIONS", "PURGE"])
+def test_anonymous_writes_to_products_are_refused_and_keep_the_cache(gateway, method):
+    stored = gateway.get("/api/products/1")
+    assert stored.status == 200 and "stored" in stored.header("cache-status"), stored
+    r = gateway.request(method, "/api/products/1", body="{}")
+    assert r.status == 401, r
+    assert r.header("content-type") == "application/problem+json"
+    after = gateway.get("/api/products/1")
+    assert after.status == 200 and after.header("cache-status").startswith("tollgate; hit"), after
+
+
+def test_product_writes_need_the_products_write_scope(gateway, token):
+    keys_fetched(gateway)
+    assert gateway.get("/api/products/1").status == 200
+    reader = bearer(token(sub="alice", scopes="orders:read"))
+    r = gateway.request("PUT", "/api/products/1", headers=reader, body="{}")
+    assert r.status == 403 and r.json()["reason"] == "insufficient_scope", r
+    # An API key carries no scopes: writes take a JWT.
+    r = gateway.request("DELETE", "/api/products/1", headers={"x-api-key": "demo-key-pro"})
+    assert r.status in (401, 403), r
+    assert gateway.get("/api/products/1").header("cache-status").startswith("tollgate; hit")
+    writer = bearer(token(sub="ops", scopes="products:write"))
+    r = gateway.request("PUT", "/api/products/1", headers=writer, body="{}")
+    assert r.status == 200 and r.json()["accepted"] is True, r
+    # A successful write evicts the stored answer (RFC 9111 4.4).
+    assert "fwd=" in gateway.get("/api/products/1").header("cache-status")
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding 2: a composite endpoint must not read what its parts protect
+
+def test_the_dashboard_needs_a_credential(gateway, strict_services):
+    strict_services.reset_stats()
+    for path in ("/api/dashboard/2", "/api/dashboard", "/api/dashboard/2?x=1"):
+        r = gateway.get(path)
+        assert r.status == 401, (path, r)
+        assert r.header("content-type") == "application/problem+json"
+    assert strict_services.get("users", "/stats").json()["requests"] == 0
+    assert strict_services.get("orders", "/stats").json()["requests"] == 0
+
+
+def test_a_caller_sees_its_own_dashboard_not_anothers(gateway, token):
+    keys_fetched(gateway)
+    alice = bearer(token(sub="alice"))
+    r = gateway.get("/api/dashboard/2", alice)
+    assert r.status == 403, r
+    assert "user 2" not in r.text.lower() and "user2@" not in r.text
+    r = gateway.get("/api/dashboard", alice)
+    assert r.status == 200 and r.header("x-aggregate-complete") == "true", r
+    body = r.json()
+    assert body["user"]["id"] == "alice" and "email" not in body["user"], body
+    assert all(o.get("id") for o in body["orders"]), body
+    assert r.header("cache-control") in ("no-store",) or r.header("cache-control").startswith("private"), r
+    # An API key's consumer is a caller too.
+    r = gateway.get("/api/dashboard", {"x-api-key": "demo-key-pro"})
+    assert r.status == 200 and r.json()["user"]["id"] == "acme", r
+    # A forged identity header is removed by the auth filter before the aggregate filter reads it.
+    r = gateway.get("/api/dashboard", dict(alice, **{"x-tollgate-consumer": "2"}))
+    assert r.status == 200 and r.json()["user"]["id"] == "alice", r
+
+
+def test_any_users_dashboard_takes_the_dashboard_any_scope(gateway, token):
+    keys_fetched(gateway)
+    ops = bearer(token(sub="ops", scopes="dashboard:any"))
+    r = gateway.get("/api/dashboard/2", ops)
+    assert r.status == 200 and r.json()["user"]["name"] == "User 2", r
+    # The calls carry the operator's identity: the users and orders services checked it.
+    assert r.header("x-aggregate-complete") == "true", r
+    assert gateway.get("/api/dashboard/2", {"x-api-key": "demo-key-pro"}).status in (401, 403)
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding 5: no client can open a circuit breaker that every client shares
+
+def test_a_client_header_cannot_open_a_breaker_for_everyone(gateway, token):
+    """The orders call forwards the demo's x-demo-delay knob: a client can slow its own call
+    down, but the breaker (5 failures) is not the orders call's, so others are not affected."""
+    keys_fetched(gateway)
+    mallory = dict(bearer(token(sub="mallory")), **{"x-demo-delay": "800"})
+    for _ in range(6):
+        r = gateway.get("/api/dashboard", mallory)
+        assert r.status == 200 and r.json()["errors"][0]["error"] == "timeout", r
+    assert gateway.stat("tollgate.aggregate.breaker.orders.opened") == 0
+    r = gateway.get("/api/dashboard", {"x-api-key": "demo-key-pro"})
+    assert r.status == 200 and r.header("x-aggregate-complete") == "true", r
+    assert r.json()["errors"] == [], r
+
+
+def test_the_bundled_breakers_see_no_client_chosen_header():
+    """The rule behind it, on the configuration itself: a call with a breaker forwards only the
+    trace headers and the identity the auth filter sets (the aggregate filter refuses anything
+    else at load unless `breaker_accepts_client_headers`)."""
+    config = harness.bundled_filter_configs()["aggregate"]
+    safe = {"traceparent", "tracestate", "x-request-id"} | set(config.get("identity_headers", []))
+    for route in config["routes"]:
+        for call in route.get("calls", []):
+            breaker = call.get("circuit_breaker", config.get("circuit_breaker"))
+            if breaker and not breaker.get("disabled"):
+                assert set(call.get("forward_headers", [])) <= safe, (route["name"], call["name"])
+                assert not call.get("breaker_accepts_client_headers"), (route["name"], call["name"])
