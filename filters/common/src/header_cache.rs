@@ -4,6 +4,9 @@
 //! cached map the way Envoy updates its own (`set` replaces every value, appended at the end;
 //! `add` appends; `remove` removes every value). Other maps pass through.
 //!
+//! Once read, the copy also answers in the response hooks, where Envoy itself refuses to read
+//! the request headers (`BadArgument`): the headers as the filters last saw and wrote them.
+//!
 //! One read of the whole map costs one hostcall and a copy of every header; each single read
 //! costs one hostcall. The dispatcher keeps one cache per request (see `dispatch`), so every
 //! filter of the request — and every child of the combined module — shares it.
