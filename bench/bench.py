@@ -159,10 +159,19 @@ def parse_load(spec: dict | None) -> Load:
 
 
 def tollgate_entry(module: str, config, name: str | None = None) -> dict:
-    entry = harness.wasm_filter(module, config)
+    entry = harness.single_filter(module, config)
     if name:
         entry["name"] = name
     return entry
+
+
+def filter_config(f: dict, folder: Path):
+    """A filter's (or a section's) configuration: `config`, or `config_file` (JSON as written)."""
+    config = f.get("config")
+    if config is None and f.get("config_file"):
+        cfg_path = folder / f["config_file"]
+        config = cfg_path.read_text() if cfg_path.suffix == ".json" else load_file(cfg_path)
+    return config if config is not None else {}
 
 
 def parse_variant(sc: Scenario, base: dict, v: dict, folder: Path) -> Variant:
@@ -171,11 +180,12 @@ def parse_variant(sc: Scenario, base: dict, v: dict, folder: Path) -> Variant:
     for f in v.get("filters") or []:
         module = f["module"]
         modules.append(module)
-        config = f.get("config")
-        if config is None and f.get("config_file"):
-            cfg_path = folder / f["config_file"]
-            config = cfg_path.read_text() if cfg_path.suffix == ".json" else load_file(cfg_path)
-        chain.append(tollgate_entry(module, config if config is not None else {}))
+        if module == harness.COMBINED_MODULE:
+            # The combined module: `sections: {auth: {config_file: ...}, ratelimit: {...}, ...}`.
+            sections = [(n, filter_config(spec, folder)) for n, spec in (f.get("sections") or {}).items()]
+            chain.append(harness.combined_filter(sections))
+            continue
+        chain.append(tollgate_entry(module, filter_config(f, folder)))
     raw = v.get("http_filters")
     if raw is None and v.get("http_filters_file"):
         raw = load_file(folder / v["http_filters_file"])

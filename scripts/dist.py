@@ -2,8 +2,9 @@
 """Release artifacts: `make release` (or `make dist`) replaces dist/ (or --out DIR) with:
 
     tollgate-<filter>-<version>.wasm      the four modules, named with the version
+    tollgate-<version>.wasm               the combined module (the four filters in one module)
     schemas/<name>.schema.json            the JSON Schemas of the filter configurations
-    oci/tollgate-<filter>/                one OCI image layout per module (scripts/oci.py): the
+    oci/tollgate-<filter>/, oci/tollgate/ one OCI image layout per module (scripts/oci.py): the
                                           filter's docs and schema layers, then plugin.wasm
     oci/digests.json                      image references, manifest digests and module digests
     deploy/                               the Istio, Envoy Gateway, plain-Envoy and Kubernetes files
@@ -51,11 +52,11 @@ def sha256_file(path: Path) -> str:
 
 
 def write_release(out: Path, build: Path, version: str) -> None:
-    for f in oci.FILTERS:
+    for f in oci.MODULES:
         src = oci.module_path(build, f)
         if not src.exists():
             raise SystemExit(f"dist: {src} is missing: run `make build` first")
-        shutil.copyfile(src, out / f"tollgate-{f}-{version}.wasm")
+        shutil.copyfile(src, out / f"{oci.image_name(f)}-{version}.wasm")
     (out / "schemas").mkdir()
     for path in sorted((ROOT / "schemas").glob("*.schema.json")):
         shutil.copyfile(path, out / "schemas" / path.name)

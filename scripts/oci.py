@@ -2,6 +2,7 @@
 """Package Tollgate .wasm modules as OCI images, written as OCI image layouts, without Docker.
 
     scripts/oci.py                                  # build/tollgate_<f>.wasm -> dist/oci/tollgate-<f>/
+                                                    # (and build/tollgate.wasm -> dist/oci/tollgate/)
     scripts/oci.py --out /tmp/oci --version 1.2.3 auth ratelimit
 
 Format: the Wasm image *compat* variant (github.com/solo-io/wasm, spec-compat.md), which both
@@ -55,6 +56,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 FILTERS = ("auth", "ratelimit", "cache", "aggregate")
+# The combined module (the four filters in one module, build/tollgate.wasm), image `tollgate`.
+COMBINED = "tollgate"
+MODULES = FILTERS + (COMBINED,)
 
 MEDIA_INDEX = "application/vnd.oci.image.index.v1+json"
 MEDIA_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -83,7 +87,7 @@ def workspace_version() -> str:
 
 
 def image_name(filter_name: str) -> str:
-    return f"tollgate-{filter_name}"
+    return COMBINED if filter_name == COMBINED else f"tollgate-{filter_name}"
 
 
 def image_ref(filter_name: str, version: str) -> str:
@@ -213,6 +217,8 @@ def write_layout(image: Image, directory: Path) -> Path:
 
 
 def module_path(build: Path, filter_name: str) -> Path:
+    if filter_name == COMBINED:
+        return build / "tollgate.wasm"
     return build / f"tollgate_{filter_name}.wasm"
 
 
@@ -270,17 +276,18 @@ def image_for(filter_name: str, version: str, build: Path = ROOT / "build") -> I
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("filters", nargs="*", metavar="FILTER", help="auth, ratelimit, cache, aggregate (default: all four)")
+    p.add_argument("filters", nargs="*", metavar="FILTER",
+                   help="auth, ratelimit, cache, aggregate, tollgate (the combined module) (default: all)")
     p.add_argument("--build", type=Path, default=ROOT / "build", help="where the modules are (default: build/)")
     p.add_argument("--out", type=Path, default=ROOT / "dist" / "oci", help="output folder (default: dist/oci)")
     p.add_argument("--version", default=None, help="image tag (default: the Cargo workspace version)")
     args = p.parse_args(argv)
     version = args.version or workspace_version()
-    unknown = [f for f in args.filters if f not in FILTERS]
+    unknown = [f for f in args.filters if f not in MODULES]
     if unknown:
-        p.error(f"unknown filter(s) {', '.join(unknown)}: choose from {', '.join(FILTERS)}")
+        p.error(f"unknown filter(s) {', '.join(unknown)}: choose from {', '.join(MODULES)}")
     digests = {}
-    for f in args.filters or FILTERS:
+    for f in args.filters or MODULES:
         image = image_for(f, version, args.build)
         out = write_layout(image, args.out / image.name)
         digests[f] = {"ref": image_ref(f, version), "manifest_sha256": image.digest,

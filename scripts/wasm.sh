@@ -3,7 +3,8 @@
 #
 #   scripts/wasm.sh build [FILTER...]    # release build, modules in build/tollgate_<filter>.wasm
 #   scripts/wasm.sh clippy [FILTER...]   # clippy -D warnings for the wasm target
-# FILTER is auth, ratelimit, cache or aggregate; default: all four.
+# FILTER is auth, ratelimit, cache, aggregate, probe, or tollgate (the four filters in one module,
+# build/tollgate.wasm); default: all of them.
 #
 # Toolchain choice, made automatically:
 #   1. rustup's toolchain when `rustup target list --installed` shows wasm32-wasip1;
@@ -18,10 +19,12 @@ cd "$(dirname "$0")/.."
 MODE=${1:-build}
 shift || true
 TARGET=wasm32-wasip1
-PACKAGES=(tollgate-auth tollgate-ratelimit tollgate-cache tollgate-aggregate tollgate-probe)
+PACKAGES=(tollgate-auth tollgate-ratelimit tollgate-cache tollgate-aggregate tollgate-probe tollgate)
 if [ $# -gt 0 ]; then
   PACKAGES=()
-  for f in "$@"; do PACKAGES+=("tollgate-$f"); done
+  for f in "$@"; do
+    if [ "$f" = tollgate ]; then PACKAGES+=(tollgate); else PACKAGES+=("tollgate-$f"); fi
+  done
 fi
 DEBIAN_PKGS=(rustc-web cargo-web rust-web-src lld-22 wasi-libc)
 [ "$MODE" = clippy ] && DEBIAN_PKGS+=(rust-web-clippy)
@@ -73,40 +76,52 @@ choose() {
 }
 
 TOOLCHAIN=$(choose)
+# The combined module links the four filter crates without their own entry points (feature
+# `export` off), so it is built in a cargo invocation of its own: in one invocation with the
+# single modules, cargo would unify the features and link four entry points into it.
+SINGLE_ARGS=()
+COMBINED=no
+for p in "${PACKAGES[@]}"; do
+  if [ "$p" = tollgate ]; then COMBINED=yes; else SINGLE_ARGS+=(-p "$p"); fi
+done
+ALL_ARGS=("${SINGLE_ARGS[@]}")
+[ "$COMBINED" = yes ] && ALL_ARGS+=(-p tollgate)
 # Reproducible modules: panic locations embed source paths; map the machine-specific ones (the
 # Cargo home with the registry sources, the checkout) to fixed names, so the same sources and
 # toolchain give the same bytes anywhere (the image digests in deploy/ depend on it).
 REMAP="--remap-path-prefix=${CARGO_HOME:-$HOME/.cargo}=/cargo --remap-path-prefix=$PWD=/tollgate"
-PKG_ARGS=()
-for p in "${PACKAGES[@]}"; do PKG_ARGS+=(-p "$p"); done
 
 if [ "$TOOLCHAIN" = rustup ]; then
   OUT=target/$TARGET/release
   # Only the wasm32 artifacts get these flags (with --target, RUSTFLAGS skip build scripts).
   export RUSTFLAGS="${RUSTFLAGS:+$RUSTFLAGS }$REMAP"
-  case "$MODE" in
-    build) cargo build --release --target "$TARGET" "${PKG_ARGS[@]}" ;;
-    clippy) cargo clippy --release --target "$TARGET" "${PKG_ARGS[@]}" -- -D warnings ;;
-  esac
+  cargo_wasm() { cargo "$@"; }
+  BUILD_STD=()
 else
   ensure_debian
   export CARGO_TARGET_DIR=target/wasm-debian
   OUT=$CARGO_TARGET_DIR/$TARGET/release
   export RUSTC=/usr/bin/rustc RUSTC_BOOTSTRAP=1 RUSTFLAGS="-L /usr/lib/wasm32-wasi $REMAP"
-  case "$MODE" in
-    build)
-      /usr/bin/cargo build --release --target "$TARGET" -Zbuild-std=std,panic_abort "${PKG_ARGS[@]}" ;;
-    clippy)
-      # Debian's cargo-clippy must come first on PATH, not rustup's proxy.
-      PATH=/usr/bin:$PATH /usr/bin/cargo clippy --release --target "$TARGET" \
-        -Zbuild-std=std,panic_abort "${PKG_ARGS[@]}" -- -D warnings ;;
-  esac
+  # Debian's cargo-clippy must come first on PATH, not rustup's proxy.
+  cargo_wasm() { PATH=/usr/bin:$PATH /usr/bin/cargo "$@"; }
+  BUILD_STD=(-Zbuild-std=std,panic_abort)
 fi
+case "$MODE" in
+  build)
+    if [ ${#SINGLE_ARGS[@]} -gt 0 ]; then
+      cargo_wasm build --release --target "$TARGET" "${BUILD_STD[@]}" "${SINGLE_ARGS[@]}"
+    fi
+    if [ "$COMBINED" = yes ]; then
+      cargo_wasm build --release --target "$TARGET" "${BUILD_STD[@]}" -p tollgate
+    fi ;;
+  clippy)
+    cargo_wasm clippy --release --target "$TARGET" "${BUILD_STD[@]}" "${ALL_ARGS[@]}" -- -D warnings ;;
+esac
 
 if [ "$MODE" = build ]; then
   for p in "${PACKAGES[@]}"; do
     f=${p//-/_}.wasm
     cp "$OUT/$f" "build/$f.tmp" && mv "build/$f.tmp" "build/$f"
   done
-  log "built with the $TOOLCHAIN toolchain: $(cd build && ls -s --block-size=K tollgate_*.wasm | tr '\n' ' ')"
+  log "built with the $TOOLCHAIN toolchain: $(cd build && ls -s --block-size=K tollgate*.wasm | tr '\n' ' ')"
 fi

@@ -27,9 +27,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "build"
 FILTERS = ("auth", "ratelimit", "cache", "aggregate")
-# Every module `make build` produces: the four filters and the probe (tests and benchmarks).
-MODULES = FILTERS + ("probe",)
+# The combined module: the four filters in one module, one configuration with a section each.
+COMBINED_MODULE = "tollgate"
+# Every module `make build` produces: the four filters, the probe (tests and benchmarks) and the
+# combined module.
+MODULES = FILTERS + ("probe", COMBINED_MODULE)
 SERVICES = ("users", "orders", "products")
+
+# TOLLGATE_MODULE=combined runs the tests against the combined module: every run of Tollgate
+# filters in a chain (in chain order) becomes one entry of build/tollgate.wasm whose configuration
+# has a section per filter. Default: the single modules.
+MODULE_MODE = os.environ.get("TOLLGATE_MODULE", "single")
+if MODULE_MODE not in ("single", "combined"):
+    raise RuntimeError(f"TOLLGATE_MODULE={MODULE_MODE!r}: want single or combined")
+COMBINED = MODULE_MODE == "combined"
 
 
 def envoy_binary() -> str:
@@ -54,6 +65,8 @@ def rls_binary() -> Path:
 
 
 def module_path(name: str) -> Path:
+    if name == COMBINED_MODULE:
+        return BUILD / "tollgate.wasm"
     return BUILD / f"tollgate_{name}.wasm"
 
 
@@ -312,8 +325,24 @@ def grpc_cluster(name: str, port: int, timeout: str = "1s") -> dict:
 # Envoy
 
 
+def combined_configuration(sections: list[tuple[str, object]]) -> str:
+    """The combined module's configuration: `{"auth": ..., "ratelimit": ...}`. A section given as
+    a string is inserted as written (so that malformed ones stay malformed)."""
+    parts = [f"{json.dumps(n)}: {c if isinstance(c, str) else json.dumps(c)}" for n, c in sections]
+    return "{" + ", ".join(parts) + "}"
+
+
 def wasm_filter(name: str, configuration, vm_id: str | None = None, fail_open: bool = False) -> dict:
-    """An Envoy HTTP filter entry loading build/tollgate_<name>.wasm with a JSON configuration."""
+    """An Envoy HTTP filter entry loading build/tollgate_<name>.wasm with a JSON configuration.
+    In combined mode (TOLLGATE_MODULE=combined) a Tollgate filter is the combined module with that
+    one section."""
+    if COMBINED and name in FILTERS:
+        return combined_filter([(name, configuration)], vm_id=vm_id, fail_open=fail_open)
+    return single_filter(name, configuration, vm_id, fail_open)
+
+
+def single_filter(name: str, configuration, vm_id: str | None = None, fail_open: bool = False) -> dict:
+    """An Envoy HTTP filter entry loading build/tollgate_<name>.wasm (whatever the mode)."""
     if not isinstance(configuration, str):
         configuration = json.dumps(configuration)
     vm_id = vm_id or f"tollgate_{name}"
@@ -337,6 +366,75 @@ def wasm_filter(name: str, configuration, vm_id: str | None = None, fail_open: b
             },
         },
     }
+
+
+def combined_filter(sections: list[tuple[str, object]], vm_id: str | None = None,
+                    fail_open: bool = False, name: str = "tollgate") -> dict:
+    """An Envoy HTTP filter entry loading build/tollgate.wasm with a section per filter."""
+    vm_id = vm_id or name
+    return {
+        "name": name,
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+            "config": {
+                "name": name,
+                "root_id": name,
+                "vm_config": {
+                    "vm_id": vm_id,
+                    "runtime": "envoy.wasm.runtime.v8",
+                    "code": {"local": {"filename": str(module_path(COMBINED_MODULE))}},
+                },
+                "configuration": {
+                    "@type": "type.googleapis.com/google.protobuf.StringValue",
+                    "value": combined_configuration(sections),
+                },
+                "fail_open": fail_open,
+            },
+        },
+    }
+
+
+def chain_entries(filters: list[tuple[str, object]]) -> list[dict]:
+    """Envoy filter entries for (Tollgate filter, configuration) pairs in chain order. In
+    combined mode each run of Tollgate filters in chain order becomes one combined entry."""
+    if not COMBINED:
+        return [wasm_filter(n, c) for n, c in filters]
+    entries, group = [], []
+
+    def flush():
+        if group:
+            k = sum(1 for e in entries if e["name"].startswith(COMBINED_MODULE))
+            name = COMBINED_MODULE if k == 0 else f"{COMBINED_MODULE}_{k + 1}"
+            entries.append(combined_filter(list(group), name=name))
+            group.clear()
+
+    for n, c in filters:
+        if n not in FILTERS:
+            flush()
+            entries.append(wasm_filter(n, c))
+            continue
+        if group and FILTERS.index(n) <= FILTERS.index(group[-1][0]):
+            flush()
+        group.append((n, c))
+    flush()
+    return entries
+
+
+def config_field(name: str, path: str) -> str:
+    """The field a configuration error of filter `name` names: `path`, or in combined mode the
+    path within the filter's section (`ratelimit.routes[0].match`)."""
+    if not COMBINED:
+        return path
+    if path == "(root)":
+        return name
+    return f"{name}{path}" if path.startswith("[") else f"{name}.{path}"
+
+
+def config_error_lines(envoy: "Envoy", name: str) -> list[str]:
+    """The log lines refusing filter `name`'s configuration (the combined module's in combined
+    mode)."""
+    prefix = "tollgate" if COMBINED else f"tollgate-{name}"
+    return [l for l in envoy.log().splitlines() if f"{prefix}: invalid configuration" in l]
 
 
 def static_cluster(name: str, port: int, host: str = "127.0.0.1", timeout: str = "1s") -> dict:
@@ -414,7 +512,7 @@ class Envoy:
         tmpdir = Path(tempfile.mkdtemp(prefix="tollgate-envoy-"))
         if config is None:
             port, admin_port = free_port(), free_port()
-            chain = [wasm_filter(n, c) for n, c in (filters or [])] + (http_filters or [])
+            chain = chain_entries(filters or []) + (http_filters or [])
             cl = list(clusters or [])
             if services is not None:
                 cl += [static_cluster(n, p) for n, p in services.ports.items()]
@@ -530,13 +628,26 @@ def forget_envoys():
 # The bundled configuration and the JSON Schemas
 
 
-def bundled_config(services: DemoServices, rls: "RateLimitService | None" = None) -> dict:
+def bundled_config(services: DemoServices, rls: "RateLimitService | None" = None,
+                   modules: str | None = None) -> dict:
     """envoy/envoy.yaml with its ports moved to free ones, its clusters pointed at `services`
     (and the rate limit service's at `rls`, else at a closed port: the global limit fails open)
-    and its module paths made absolute: the demo exactly as shipped, startable by a test."""
+    and its module paths made absolute: the demo exactly as shipped (the combined module),
+    startable by a test. With `modules="single"` (by default in single mode) the combined entry
+    becomes the four single modules, each configured with its section: the same demo, four VMs."""
     import yaml
 
     cfg = yaml.safe_load((ROOT / "envoy" / "envoy.yaml").read_text())
+    if (modules or MODULE_MODE) == "single":
+        hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+        sections = bundled_combined_config()
+        chain = []
+        for f in hcm["http_filters"]:
+            if f["name"] == COMBINED_MODULE:
+                chain += [single_filter(n, sections[n]) for n in FILTERS if n in sections]
+            else:
+                chain.append(f)
+        hcm["http_filters"] = chain
     cfg["admin"]["address"]["socket_address"]["port_value"] = free_port()
     cfg["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"] = free_port()
     ports = dict(services.ports, tollgate_rls=rls.port if rls is not None else free_port())
@@ -549,17 +660,38 @@ def bundled_config(services: DemoServices, rls: "RateLimitService | None" = None
     return json.loads(text)
 
 
-def bundled_filter_configs() -> dict[str, dict]:
-    """The JSON configuration of each Tollgate filter in envoy/envoy.yaml."""
+def set_filter_config(cfg: dict, name: str, configuration) -> None:
+    """Replace Tollgate filter `name`'s configuration in a bootstrap made by `bundled_config`: its
+    single module's entry, or its section of the combined module's."""
+    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    for f in hcm["http_filters"]:
+        value = f["typed_config"].get("config", {}).get("configuration", {})
+        if f["name"] == f"tollgate.{name}":
+            value["value"] = json.dumps(configuration)
+            return
+        if f["name"] == COMBINED_MODULE:
+            sections = json.loads(value["value"])
+            sections[name] = configuration
+            value["value"] = json.dumps(sections)
+            return
+    raise KeyError(f"no Tollgate filter {name} in the configuration")
+
+
+def bundled_combined_config() -> dict:
+    """The configuration of the combined module in envoy/envoy.yaml (a section per filter)."""
     import yaml
 
     cfg = yaml.safe_load((ROOT / "envoy" / "envoy.yaml").read_text())
     hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    out = {}
-    for f in hcm["http_filters"]:
-        if f["name"].startswith("tollgate."):
-            out[f["name"].split(".", 1)[1]] = json.loads(f["typed_config"]["config"]["configuration"]["value"])
-    return out
+    [entry] = [f for f in hcm["http_filters"] if f["name"] == COMBINED_MODULE]
+    return json.loads(entry["typed_config"]["config"]["configuration"]["value"])
+
+
+def bundled_filter_configs() -> dict[str, dict]:
+    """The JSON configuration of each Tollgate filter in envoy/envoy.yaml: the sections of the
+    combined module (each exactly a single filter's configuration), in chain order."""
+    sections = bundled_combined_config()
+    return {name: sections[name] for name in FILTERS if name in sections}
 
 
 def schema_validator(name: str):

@@ -476,9 +476,9 @@ def test_refused_configuration_names_the_field(services, envoy_factory):
          "routes[0].calls[0].path", "identity_headers"),
     ]:
         envoy = envoy_factory(filters=[("aggregate", config)], services=services, expect_failure=True)
-        lines = [l for l in envoy.log().splitlines() if "tollgate-aggregate: invalid configuration" in l]
+        lines = harness.config_error_lines(envoy, "aggregate")
         assert len(lines) == 1, envoy.log_tail()
-        assert f"field `{field}`" in lines[0] and reason in lines[0], lines[0]
+        assert f"field `{harness.config_field('aggregate', field)}`" in lines[0] and reason in lines[0], lines[0]
 
 
 # --- the caller's identity ---------------------------------------------------------------------

@@ -477,8 +477,8 @@ def test_bad_configurations_are_refused_naming_the_field(services, envoy_factory
          "providers[0].algorithms[0]"),
     ]:
         envoy = envoy_factory(filters=[("auth", config)], services=services, expect_failure=True)
-        lines = [l for l in envoy.log().splitlines() if "tollgate-auth: invalid configuration" in l]
-        assert len(lines) == 1 and f"field `{field}`" in lines[0], envoy.log_tail()
+        lines = harness.config_error_lines(envoy, "auth")
+        assert len(lines) == 1 and f"field `{harness.config_field('auth', field)}`" in lines[0], envoy.log_tail()
         assert "plain-text" not in lines[0] or field.endswith(".key")
 
 

@@ -436,8 +436,8 @@ def test_empty_configuration_passes_traffic_untouched(services, envoy_factory):
 ])
 def test_bad_configuration_is_refused_with_one_line(config, field, services, envoy_factory):
     envoy = envoy_factory(filters=[("cache", config)], services=services, expect_failure=True)
-    lines = [l for l in envoy.log().splitlines() if "tollgate-cache: invalid configuration" in l]
-    assert len(lines) == 1 and f"field `{field}`" in lines[0], envoy.log_tail()
+    lines = harness.config_error_lines(envoy, "cache")
+    assert len(lines) == 1 and f"field `{harness.config_field('cache', field)}`" in lines[0], envoy.log_tail()
 
 
 # --- JSON Schema ------------------------------------------------------------------------------

@@ -27,8 +27,9 @@ def test_smoke_through_all_four_filters(services, envoy_factory):
     for name in harness.FILTERS:
         assert envoy.stat(f"tollgate.{name}.requests") >= 1, (name, envoy.stats("tollgate"))
     log = envoy.log()
-    for name in harness.FILTERS:
-        assert re.search(rf"tollgate-{name} \d+\.\d+\.\d+: VM started", log), name
+    modules = ["tollgate"] if harness.COMBINED else [f"tollgate-{n}" for n in harness.FILTERS]
+    for name in modules:
+        assert re.search(rf"{name} \d+\.\d+\.\d+: VM started", log), name
     # Unknown paths get the bundled 404, still through the chain.
     assert envoy.get("/nope").status == 404
 
@@ -38,9 +39,10 @@ def test_bad_configuration_is_refused_naming_the_field(name, services, envoy_fac
     envoy = envoy_factory(filters=[(name, {"routes": [], "no_such_field": 1})], services=services,
                           expect_failure=True)
     assert envoy.returncode not in (None, 0)
-    lines = [l for l in envoy.log().splitlines() if f"tollgate-{name}: invalid configuration" in l]
+    lines = harness.config_error_lines(envoy, name)
     assert len(lines) == 1, envoy.log_tail()
-    assert "field `no_such_field`" in lines[0] and "unknown field" in lines[0], lines[0]
+    field = harness.config_field(name, "no_such_field")
+    assert f"field `{field}`" in lines[0] and "unknown field" in lines[0], lines[0]
 
 
 @pytest.mark.parametrize("config, field", [
@@ -49,8 +51,8 @@ def test_bad_configuration_is_refused_naming_the_field(name, services, envoy_fac
 ])
 def test_malformed_configurations_are_refused(config, field, services, envoy_factory):
     envoy = envoy_factory(filters=[("ratelimit", config)], services=services, expect_failure=True)
-    lines = [l for l in envoy.log().splitlines() if "tollgate-ratelimit: invalid configuration" in l]
-    assert len(lines) == 1 and f"field `{field}`" in lines[0], envoy.log_tail()
+    lines = harness.config_error_lines(envoy, "ratelimit")
+    assert len(lines) == 1 and f"field `{harness.config_field('ratelimit', field)}`" in lines[0], envoy.log_tail()
 
 
 def test_non_utf8_header_does_not_crash_the_vm(services, envoy_factory):
@@ -123,3 +125,19 @@ def test_a_header_map_read_out_of_phase_does_not_kill_the_vm(services, envoy_fac
         assert r.status == 200, r
         assert r.header("x-probe-request-path") in ("unavailable", "/api/products/1"), r
     assert "panicked" not in envoy.log() and "unexpected status" not in envoy.log()
+
+
+def test_a_panic_is_logged_at_critical_before_the_vm_dies(services, envoy_factory):
+    """The panic hook: a panic (here the probe's, on purpose) is logged through the proxy at
+    critical level, with its message and location, before the VM aborts; Envoy then refuses the
+    request (fail closed) instead of letting it through."""
+    envoy = envoy_factory(filters=[("probe", {"panic_on_request": True})], services=services)
+    r = envoy.get("/api/products/1")
+    assert r.status == 503, r
+    line = "tollgate-probe: panicked at filters/probe/src/lib.rs:"
+    harness.wait_for(lambda: line in envoy.log(), 10, "the panic's log line")
+    [logged] = [l for l in envoy.log().splitlines() if line in l]
+    assert "[critical]" in logged, logged
+    assert "probe: a panic on purpose (panic_on_request)" in logged, logged
+    # The VM is gone: later requests are refused too, never let through.
+    assert envoy.get("/api/products/1").status == 503

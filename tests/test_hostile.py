@@ -8,8 +8,6 @@ The client is always 127.0.0.1 here, so every test starts its own gateway (the a
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 import harness
@@ -118,9 +116,7 @@ def shaped_gateway(envoy_factory, services, shape: str, trusted_hops: int = 0) -
     limits = {"trusted_hops": trusted_hops,
               "limits": [{"name": "per-ip", "quota": 2, "window": "1m", "key": ["client_ip"]}],
               "routes": [{"match": {"prefix": "/api/products"}, "limits": ["per-ip"]}]}
-    for f in m["http_filters"]:
-        if f["name"] == "tollgate.ratelimit":
-            f["typed_config"]["config"]["configuration"]["value"] = json.dumps(limits)
+    harness.set_filter_config(cfg, "ratelimit", limits)
     return envoy_factory(config=cfg)
 
 

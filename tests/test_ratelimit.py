@@ -383,9 +383,9 @@ def test_metrics_and_no_panics(envoy):
 def test_bad_configuration_is_refused_with_one_line(services, envoy_factory, config, field, reason):
     e = envoy_factory(filters=[("ratelimit", config)], services=services, expect_failure=True)
     assert e.returncode not in (None, 0)
-    lines = [l for l in e.log().splitlines() if "tollgate-ratelimit: invalid configuration" in l]
+    lines = harness.config_error_lines(e, "ratelimit")
     assert len(lines) == 1, e.log_tail()
-    assert f"field `{field}`" in lines[0] and reason in lines[0], lines[0]
+    assert f"field `{harness.config_field('ratelimit', field)}`" in lines[0] and reason in lines[0], lines[0]
 
 
 # ---------------------------------------------------------------------------------------------

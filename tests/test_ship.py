@@ -844,6 +844,11 @@ def test_dist_writes_a_clean_release_with_sums_over_every_file(tmp_path):
         assert (out / "deploy" / "istio" / f"tollgate-{name}.yaml").read_text() == \
             (ROOT / "deploy" / "istio" / f"tollgate-{name}.yaml").read_text()
     assert (out / "schemas" / "route-match.schema.json").exists()
+    # The combined module too.
+    assert (out / f"tollgate-{VERSION}.wasm").read_bytes() == harness.module_path("tollgate").read_bytes()
+    read_layout(out / "oci" / "tollgate")
+    assert (out / "deploy" / "istio" / "combined" / "tollgate.yaml").read_text() == \
+        (ROOT / "deploy" / "istio" / "combined" / "tollgate.yaml").read_text()
     assert (out / "grafana" / "tollgate-dashboard.json").read_text() == DASHBOARD.read_text()
     # SHA256SUMS lists every file of the release but itself, OCI layouts included.
     listed = [line.split("  ", 1)[1] for line in (out / "SHA256SUMS").read_text().splitlines()]
@@ -1560,3 +1565,45 @@ def test_dashboard_on_an_istio_gateway_with_the_documented_settings(services, en
     plain = istio_gateway([])
     samples = parse_exposition(harness.http(plain.admin_port, "GET", "/stats/prometheus").text)
     assert missing_series([e for e in gateway_row if "downstream_rq" in e], samples)
+
+
+# ---------------------------------------------------------------------------------------------
+# The combined module (build/tollgate.wasm): one WasmPlugin, one policy, one plain-Envoy snippet
+
+
+def test_istio_combined_wasmplugin_holds_the_chain_in_authn():
+    doc = load_yaml(ROOT / "deploy" / "istio" / "combined" / "tollgate.yaml")
+    assert not errors(deploy_validator("wasmplugin"), doc)
+    spec = doc["spec"]
+    assert spec["url"] == f"oci://ghcr.io/tollgate-gw/tollgate:{VERSION}"
+    assert spec["sha256"] == oci.image_for("tollgate", VERSION).digest
+    assert (spec["phase"], spec["failStrategy"], spec["pluginName"]) == ("AUTHN", "FAIL_CLOSE", "tollgate")
+    assert list(spec["pluginConfig"]) == list(FILTERS)
+    problems = errors(harness.schema_validator("tollgate"), spec["pluginConfig"])
+    assert not problems, problems
+    # Its callouts go to the demo's Istio clusters, as in the single plugins.
+    assert spec["pluginConfig"] == {f: wasm_plugins()[f]["spec"]["pluginConfig"] for f in FILTERS}
+
+
+def test_envoy_gateway_combined_policy_is_valid():
+    doc = load_yaml(ROOT / "deploy" / "envoy-gateway" / "tollgate-combined.yaml")
+    assert not errors(deploy_validator("envoyextensionpolicy"), doc)
+    [wasm] = doc["spec"]["wasm"]
+    assert wasm["rootID"] == "tollgate" and wasm["failOpen"] is False
+    assert wasm["code"]["image"]["url"] == f"ghcr.io/tollgate-gw/tollgate:{VERSION}"
+    assert not errors(harness.schema_validator("tollgate"), wasm["config"])
+    singles = load_yaml(ROOT / "deploy" / "envoy-gateway" / "tollgate-all.yaml")["spec"]["wasm"]
+    assert wasm["config"] == {f: w["config"] for f, w in zip(FILTERS, singles)}
+
+
+def test_plain_envoy_combined_snippet_validates_with_the_module(tmp_path):
+    doc = load_yaml(ROOT / "deploy" / "envoy" / "tollgate.yaml")
+    hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    assert [f["name"] for f in hcm["http_filters"]] == ["tollgate", "envoy.filters.http.router"]
+    wasm = hcm["http_filters"][0]["typed_config"]["config"]
+    assert wasm["vm_config"]["code"]["local"]["filename"] == "/etc/envoy/tollgate.wasm"
+    wasm["vm_config"]["code"]["local"]["filename"] = str(harness.module_path("tollgate"))
+    path = tmp_path / "tollgate.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    r = validate_envoy(path)
+    assert r.returncode == 0 and "OK" in r.stdout + r.stderr, r.stdout[-2000:] + r.stderr[-2000:]

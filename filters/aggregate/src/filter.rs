@@ -1156,12 +1156,11 @@ impl HttpFilter for AggregateFilter {
 mod tests {
     use super::*;
     use tollgate_common::mem_host::MemHost;
+    use tollgate_common::testing::Driver;
 
-    fn root(config: &str) -> (AggregateRoot, MemHost) {
-        let mut root = AggregateRoot::new(1);
-        let mut host = MemHost::new();
-        root.configure(&mut host, config.as_bytes()).unwrap();
-        (root, host)
+    /// A VM (one Envoy worker) with the filter configured, driven like Envoy drives it.
+    fn root(config: &str) -> Driver<AggregateRoot> {
+        Driver::new(config).unwrap()
     }
 
     fn ok(body: &str, cc: Option<&str>) -> CallResponse {
@@ -1203,19 +1202,13 @@ mod tests {
 
     #[test]
     fn passes_traffic_and_counts_it() {
-        let (root, host) = root(r#"{"routes":[{"match":{"prefix":"/health"},"disabled":true}]}"#);
-        let mut h = host.next_request("GET", "/api/products/1", &[]);
-        assert_eq!(
-            root.create_filter(2).on_request_headers(&mut h, true),
-            Decision::Continue
-        );
-        let mut h2 = h.next_request("GET", "/health", &[]);
-        assert_eq!(
-            root.create_filter(3).on_request_headers(&mut h2, true),
-            Decision::Continue
-        );
-        assert_eq!(h2.metric("tollgate.aggregate.requests"), Some(1));
-        assert_eq!(h2.metric("tollgate.aggregate.skipped"), Some(1));
+        let mut gw = root(r#"{"routes":[{"match":{"prefix":"/health"},"disabled":true}]}"#);
+        let h = gw.request("GET", "/api/products/1", &[]);
+        assert_eq!(gw.request_headers(h, true), Decision::Continue);
+        let h2 = gw.request("GET", "/health", &[]);
+        assert_eq!(gw.request_headers(h2, true), Decision::Continue);
+        assert_eq!(gw.metric("tollgate.aggregate.requests"), Some(1));
+        assert_eq!(gw.metric("tollgate.aggregate.skipped"), Some(1));
     }
 
     #[test]
@@ -1229,30 +1222,29 @@ mod tests {
 
     #[test]
     fn fans_out_then_calls_dependents_and_merges() {
-        let (root, host) = root(DASH);
-        let mut h = host.next_request(
+        let mut gw = root(DASH);
+        let f = gw.request(
             "GET",
             "/api/dashboard/7",
             &[("x-request-id", "abc"), ("authorization", "secret")],
         );
-        let mut f = root.create_filter(5);
-        assert_eq!(f.on_request_headers(&mut h, true), Decision::Pause);
+        assert_eq!(gw.request_headers(f, true), Decision::Pause);
         // Independent calls start at once; the dependent one waits.
-        assert_eq!(h.calls.len(), 2);
-        assert_eq!(h.calls[0].cluster, "users");
-        assert_eq!(h.calls[0].header(":path"), Some("/users/7"));
-        assert_eq!(h.calls[0].header("x-request-id"), Some("abc"));
-        assert_eq!(h.calls[0].header("authorization"), None);
-        assert_eq!(h.calls[1].header(":path"), Some("/orders?user=7"));
-        let (t_user, t_orders) = (h.calls[0].token, h.calls[1].token);
+        let calls = gw.calls();
+        assert_eq!(calls.len(), 2);
+        assert_eq!(calls[0].cluster, "users");
+        assert_eq!(calls[0].header(":path"), Some("/users/7"));
+        assert_eq!(calls[0].header("x-request-id"), Some("abc"));
+        assert_eq!(calls[0].header("authorization"), None);
+        assert_eq!(calls[1].header(":path"), Some("/orders?user=7"));
+        let (t_user, t_orders) = (calls[0].token, calls[1].token);
         let orders = r#"{"items":[{"id":1,"total":5,"x":1},{"id":2,"total":6}]}"#;
         assert_eq!(
-            f.on_call_response(&mut h, t_orders, ok(orders, Some("no-cache"))),
+            gw.answer(t_orders, ok(orders, Some("no-cache"))),
             Decision::Pause
         );
         assert_eq!(
-            f.on_call_response(
-                &mut h,
+            gw.answer(
                 t_user,
                 ok(
                     r#"{"id":7,"name":"U","company_id":3}"#,
@@ -1261,14 +1253,11 @@ mod tests {
             ),
             Decision::Pause
         );
-        assert_eq!(h.calls.len(), 3);
-        assert_eq!(h.calls[2].header(":path"), Some("/products/3"));
-        let t = h.calls[2].token;
-        let (r, v) = reply(f.on_call_response(
-            &mut h,
-            t,
-            ok(r#"{"id":3,"name":"P"}"#, Some("public, max-age=60")),
-        ));
+        let calls = gw.calls();
+        assert_eq!(calls.len(), 3);
+        assert_eq!(calls[2].header(":path"), Some("/products/3"));
+        let t = calls[2].token;
+        let (r, v) = reply(gw.answer(t, ok(r#"{"id":3,"name":"P"}"#, Some("public, max-age=60"))));
         assert_eq!(r.status, 200);
         assert_eq!(r.header("x-aggregate-complete"), Some("true"));
         assert_eq!(r.header("cache-control"), Some("private, no-cache"));
@@ -1279,10 +1268,10 @@ mod tests {
                    "company":{"id":3,"title":"P"},
                    "errors":[]})
         );
-        assert_eq!(h.metric("tollgate.aggregate.ep.dash.complete"), Some(1));
-        assert_eq!(h.metric("tollgate.aggregate.ep.dash.latency_ms"), Some(0));
+        assert_eq!(gw.metric("tollgate.aggregate.ep.dash.complete"), Some(1));
+        assert_eq!(gw.metric("tollgate.aggregate.ep.dash.latency_ms"), Some(0));
         assert_eq!(
-            h.metric("tollgate.aggregate.ep.dash.call.user.calls"),
+            gw.metric("tollgate.aggregate.ep.dash.call.user.calls"),
             Some(1)
         );
     }
@@ -1295,8 +1284,8 @@ mod tests {
 
     #[test]
     fn calls_carry_the_callers_identity_and_paths_can_use_it() {
-        let (root, host) = root(MINE);
-        let mut h = host.next_request(
+        let mut gw = root(MINE);
+        let f = gw.request(
             "GET",
             "/api/me",
             &[
@@ -1306,10 +1295,10 @@ mod tests {
                 ("x-other", "not identity"),
             ],
         );
-        let mut f = root.create_filter(5);
-        assert_eq!(f.on_request_headers(&mut h, true), Decision::Pause);
-        assert_eq!(h.calls.len(), 3);
-        let (user, org, news) = (&h.calls[0], &h.calls[1], &h.calls[2]);
+        assert_eq!(gw.request_headers(f, true), Decision::Pause);
+        let calls = gw.calls();
+        assert_eq!(calls.len(), 3);
+        let (user, org, news) = (&calls[0], &calls[1], &calls[2]);
         assert_eq!(user.header(":path"), Some("/users/demo%2Falice"));
         assert_eq!(org.header(":path"), Some("/orgs/o1"));
         // By default every call carries the identity headers; `forward_identity: false` none.
@@ -1321,20 +1310,20 @@ mod tests {
         }
         assert_eq!(org.header("x-tollgate-consumer"), None);
         assert_eq!(org.header("x-org"), None);
-        let t: Vec<u32> = h.calls.iter().map(|c| c.token).collect();
-        f.on_call_response(&mut h, t[1], ok("{}", Some("public, max-age=60")));
-        f.on_call_response(&mut h, t[2], ok("{}", Some("public, max-age=60")));
-        let (r, _) = reply(f.on_call_response(&mut h, t[0], ok("{}", Some("public, max-age=60"))));
+        let t: Vec<u32> = calls.iter().map(|c| c.token).collect();
+        gw.answer(t[1], ok("{}", Some("public, max-age=60")));
+        gw.answer(t[2], ok("{}", Some("public, max-age=60")));
+        let (r, _) = reply(gw.answer(t[0], ok("{}", Some("public, max-age=60"))));
         // Built from the caller's identity: for this caller only.
         assert_eq!(r.header("cache-control"), Some("private, max-age=60"));
     }
 
     #[test]
     fn a_request_without_the_identity_its_paths_use_is_refused_before_any_call() {
-        let (root, host) = root(MINE);
+        let mut gw = root(MINE);
         // No consumer at all: 401.
-        let mut h = host.next_request("GET", "/api/me", &[("x-org", "o1")]);
-        let (r, v) = reply(root.create_filter(5).on_request_headers(&mut h, true));
+        let h = gw.request("GET", "/api/me", &[("x-org", "o1")]);
+        let (r, v) = reply(gw.request_headers(h, true));
         assert_eq!(r.status, 401);
         assert_eq!(r.header("content-type"), Some("application/problem+json"));
         assert_eq!(r.header("www-authenticate"), Some("Bearer"));
@@ -1342,46 +1331,43 @@ mod tests {
             v["type"],
             "https://tollgate.dev/problems/aggregate/identity-required"
         );
-        assert!(h.calls.is_empty());
-        assert_eq!(h.metric("tollgate.aggregate.ep.mine.no_identity"), Some(1));
+        assert!(gw.host(h).unwrap().calls.is_empty());
+        assert_eq!(gw.metric("tollgate.aggregate.ep.mine.no_identity"), Some(1));
         // A consumer without the x-org a path needs: 403.
-        let mut h = host.next_request("GET", "/api/me", &[("x-tollgate-consumer", "bob")]);
-        let (r, v) = reply(root.create_filter(6).on_request_headers(&mut h, true));
+        let h = gw.request("GET", "/api/me", &[("x-tollgate-consumer", "bob")]);
+        let (r, v) = reply(gw.request_headers(h, true));
         assert_eq!(r.status, 403);
         assert!(v["detail"].as_str().unwrap().contains("x-org"), "{v}");
-        assert!(h.calls.is_empty());
+        assert!(gw.host(h).unwrap().calls.is_empty());
         // ... unless the profile leaves that call out.
-        let mut h = host.next_request(
+        let h = gw.request(
             "GET",
             "/api/me",
             &[("x-tollgate-consumer", "bob"), ("x-client", "lite")],
         );
-        assert_eq!(
-            root.create_filter(7).on_request_headers(&mut h, true),
-            Decision::Pause
-        );
-        assert_eq!(h.calls.len(), 2);
+        assert_eq!(gw.request_headers(h, true), Decision::Pause);
+        assert_eq!(gw.host(h).unwrap().calls.len(), 2);
         // An empty consumer header is no consumer.
-        let mut h = host.next_request("GET", "/api/me", &[("x-tollgate-consumer", "")]);
-        let (r, _) = reply(root.create_filter(8).on_request_headers(&mut h, true));
+        let h = gw.request("GET", "/api/me", &[("x-tollgate-consumer", "")]);
+        let (r, _) = reply(gw.request_headers(h, true));
         assert_eq!(r.status, 401);
         // The value cannot climb out of the templated path.
-        let mut h = host.next_request(
+        let h = gw.request(
             "GET",
             "/api/me",
             &[("x-tollgate-consumer", ".."), ("x-client", "lite")],
         );
-        let (r, v) = reply(root.create_filter(9).on_request_headers(&mut h, true));
+        let (r, v) = reply(gw.request_headers(h, true));
         assert_eq!((r.status, v["error"].as_str()), (502, Some("bad_value")));
     }
 
     #[test]
     fn optional_failures_leave_null_and_errors() {
-        let (root, host) = root(DASH);
-        let mut h = host.next_request("GET", "/api/dashboard/7", &[]);
-        let mut f = root.create_filter(5);
-        f.on_request_headers(&mut h, true);
-        let (t_user, t_orders) = (h.calls[0].token, h.calls[1].token);
+        let mut gw = root(DASH);
+        let f = gw.request("GET", "/api/dashboard/7", &[]);
+        gw.request_headers(f, true);
+        let calls = gw.calls();
+        let (t_user, t_orders) = (calls[0].token, calls[1].token);
         let garbage = CallResponse {
             headers: vec![
                 (":status".into(), "200".into()),
@@ -1389,10 +1375,10 @@ mod tests {
             ],
             body: b"<html>".to_vec(),
         };
-        f.on_call_response(&mut h, t_orders, garbage);
+        gw.answer(t_orders, garbage);
         // The user has no company_id: the dependent call fails without being made.
-        let (r, v) = reply(f.on_call_response(&mut h, t_user, ok(r#"{"id":7}"#, None)));
-        assert_eq!(h.calls.len(), 2);
+        let (r, v) = reply(gw.answer(t_user, ok(r#"{"id":7}"#, None)));
+        assert_eq!(gw.calls().len(), 2);
         assert_eq!(r.header("x-aggregate-complete"), Some("false"));
         assert_eq!(r.header("cache-control"), Some("no-store"));
         assert_eq!(v["orders"], Value::Null);
@@ -1401,7 +1387,7 @@ mod tests {
         assert_eq!(errors[0]["call"], "orders");
         assert_eq!(errors[0]["error"], "not_json");
         assert_eq!(errors[1]["error"], "missing_value");
-        assert_eq!(h.metric("tollgate.aggregate.ep.dash.partial"), Some(1));
+        assert_eq!(gw.metric("tollgate.aggregate.ep.dash.partial"), Some(1));
     }
 
     #[test]
@@ -1412,31 +1398,27 @@ mod tests {
             (CallResponse::default(), 1000, 504, "timeout"),
             (status(504), 1000, 504, "timeout"),
         ] {
-            let (root, host) = root(DASH);
-            let mut h = host.next_request("GET", "/api/dashboard/7", &[]);
-            let mut f = root.create_filter(5);
-            f.on_request_headers(&mut h, true);
-            h.advance(Duration::from_millis(took));
-            let t = h.calls[0].token;
-            let (r, v) = reply(f.on_call_response(&mut h, t, resp));
+            let mut gw = root(DASH);
+            let f = gw.request("GET", "/api/dashboard/7", &[]);
+            gw.request_headers(f, true);
+            gw.advance(Duration::from_millis(took));
+            let t = gw.calls()[0].token;
+            let (r, v) = reply(gw.answer(t, resp));
             assert_eq!(r.status, want, "{kind}");
             assert_eq!(r.header("content-type"), Some("application/problem+json"));
             assert_eq!(v["backend"], "users");
             assert_eq!(v["call"], "user");
             assert_eq!(v["error"], kind);
             // The late answer of the other call is ignored.
-            let t2 = h.calls[1].token;
-            assert_eq!(
-                f.on_call_response(&mut h, t2, ok("{}", None)),
-                Decision::Pause
-            );
+            let t2 = gw.calls()[1].token;
+            assert_eq!(gw.answer(t2, ok("{}", None)), Decision::Pause);
         }
     }
 
     #[test]
     fn envoy_local_replies_are_not_backend_statuses() {
-        let (root, _host) = root(DASH);
-        let call = &endpoint(&root.shared, 0).unwrap().calls[1];
+        let gw = root(DASH);
+        let call = &endpoint(&gw.root().unwrap().shared, 0).unwrap().calls[1];
         let local = |status: u16, body: &str| CallResponse {
             headers: vec![
                 (":status".into(), status.to_string()),
@@ -1461,14 +1443,12 @@ mod tests {
 
     #[test]
     fn profiles_choose_calls_and_fields() {
-        let (root, host) = root(DASH);
-        let mut h = host.next_request("GET", "/api/dashboard/7", &[("x-client", "mobile")]);
-        let mut f = root.create_filter(5);
-        f.on_request_headers(&mut h, true);
-        assert_eq!(h.calls.len(), 1);
-        let t = h.calls[0].token;
-        let (r, v) = reply(f.on_call_response(
-            &mut h,
+        let mut gw = root(DASH);
+        let f = gw.request("GET", "/api/dashboard/7", &[("x-client", "mobile")]);
+        gw.request_headers(f, true);
+        assert_eq!(gw.calls().len(), 1);
+        let t = gw.calls()[0].token;
+        let (r, v) = reply(gw.answer(
             t,
             ok(
                 r#"{"id":7,"name":"U","company_id":3}"#,
@@ -1485,41 +1465,48 @@ mod tests {
     fn circuit_breaker_fails_fast_and_recovers() {
         let cfg = r#"{"circuit_breaker":{"failures":2,"cool_down":"1s"},"routes":[{"name":"b","match":{"prefix":"/b"},"calls":[
             {"name":"u","cluster":"users","path":"/users/1"}]}]}"#;
-        let (root, host) = root(cfg);
-        let mut h = host.next_request("GET", "/b", &[]);
-        for n in 0..2 {
-            let mut f = root.create_filter(10 + n);
-            assert_eq!(f.on_request_headers(&mut h, true), Decision::Pause);
-            let t = h.calls.last().unwrap().token;
-            reply(f.on_call_response(&mut h, t, status(503)));
+        let mut gw = root(cfg);
+        for _ in 0..2 {
+            let f = gw.request("GET", "/b", &[]);
+            assert_eq!(gw.request_headers(f, true), Decision::Pause);
+            let t = gw.calls().last().unwrap().token;
+            reply(gw.answer(t, status(503)));
         }
-        assert_eq!(h.metric("tollgate.aggregate.breaker.users.opened"), Some(1));
-        let made = h.calls.len();
-        let (_, v) = reply(root.create_filter(20).on_request_headers(&mut h, true));
-        assert_eq!(h.calls.len(), made, "no call while open");
-        assert_eq!(v["u"], Value::Null);
-        assert_eq!(h.metric("tollgate.aggregate.ep.b.call.u.rejected"), Some(1));
-        h.advance(Duration::from_millis(1100));
-        let mut probe = root.create_filter(21);
-        assert_eq!(probe.on_request_headers(&mut h, true), Decision::Pause);
-        // While the probe is out, others still fail fast.
-        reply(root.create_filter(22).on_request_headers(&mut h, true));
-        let t = h.calls.last().unwrap().token;
-        let (r, _) = reply(probe.on_call_response(&mut h, t, ok("{}", None)));
-        assert_eq!(r.header("x-aggregate-complete"), Some("true"));
-        assert_eq!(h.metric("tollgate.aggregate.breaker.users.closed"), Some(1));
         assert_eq!(
-            root.create_filter(23).on_request_headers(&mut h, true),
-            Decision::Pause
+            gw.metric("tollgate.aggregate.breaker.users.opened"),
+            Some(1)
         );
+        let made = gw.calls().len();
+        let f = gw.request("GET", "/b", &[]);
+        let (_, v) = reply(gw.request_headers(f, true));
+        assert_eq!(gw.calls().len(), made, "no call while open");
+        assert_eq!(v["u"], Value::Null);
+        assert_eq!(
+            gw.metric("tollgate.aggregate.ep.b.call.u.rejected"),
+            Some(1)
+        );
+        gw.advance(Duration::from_millis(1100));
+        let probe = gw.request("GET", "/b", &[]);
+        assert_eq!(gw.request_headers(probe, true), Decision::Pause);
+        // While the probe is out, others still fail fast.
+        let other = gw.request("GET", "/b", &[]);
+        reply(gw.request_headers(other, true));
+        let t = gw.calls().last().unwrap().token;
+        let (r, _) = reply(gw.answer(t, ok("{}", None)));
+        assert_eq!(r.header("x-aggregate-complete"), Some("true"));
+        assert_eq!(
+            gw.metric("tollgate.aggregate.breaker.users.closed"),
+            Some(1)
+        );
+        let f = gw.request("GET", "/b", &[]);
+        assert_eq!(gw.request_headers(f, true), Decision::Pause);
     }
 
     #[test]
     fn client_errors_do_not_open_the_breaker() {
         let cfg = r#"{"circuit_breaker":{"failures":2,"cool_down":"10s"},"routes":[{"name":"b","match":{"prefix":"/b"},"calls":[
             {"name":"u","cluster":"users","path":"/users/1","timeout":"1s"}]}]}"#;
-        let (root, host) = root(cfg);
-        let mut h = host.next_request("GET", "/b", &[]);
+        let mut gw = root(cfg);
         let html = CallResponse {
             headers: vec![
                 (":status".into(), "200".into()),
@@ -1527,58 +1514,55 @@ mod tests {
             ],
             body: b"<html>".to_vec(),
         };
-        for (n, resp) in [status(404), status(400), html, status(404)]
-            .into_iter()
-            .enumerate()
-        {
-            let mut f = root.create_filter(10 + n as u32);
-            f.on_request_headers(&mut h, true);
-            let t = h.calls.last().unwrap().token;
-            reply(f.on_call_response(&mut h, t, resp));
+        for resp in [status(404), status(400), html, status(404)] {
+            let f = gw.request("GET", "/b", &[]);
+            gw.request_headers(f, true);
+            let t = gw.calls().last().unwrap().token;
+            reply(gw.answer(t, resp));
         }
-        assert_eq!(breaker::state(&h, "users"), breaker::State::Closed);
-        for n in 0..2 {
-            let mut f = root.create_filter(20 + n);
-            f.on_request_headers(&mut h, true);
-            let t = h.calls.last().unwrap().token;
-            reply(f.on_call_response(&mut h, t, status(503)));
+        assert_eq!(breaker::state(gw.vm(), "users"), breaker::State::Closed);
+        for _ in 0..2 {
+            let f = gw.request("GET", "/b", &[]);
+            gw.request_headers(f, true);
+            let t = gw.calls().last().unwrap().token;
+            reply(gw.answer(t, status(503)));
         }
-        assert_eq!(breaker::state(&h, "users"), breaker::State::Open);
+        assert_eq!(breaker::state(gw.vm(), "users"), breaker::State::Open);
     }
 
     #[test]
     fn a_probe_whose_request_goes_away_is_released() {
         let cfg = r#"{"circuit_breaker":{"failures":1,"cool_down":"10s"},"routes":[{"name":"b","match":{"prefix":"/b"},"calls":[
             {"name":"u","cluster":"users","path":"/users/1","timeout":"1s"}]}]}"#;
-        let (root, host) = root(cfg);
-        let mut h = host.next_request("GET", "/b", &[]);
-        let mut f = root.create_filter(10);
-        f.on_request_headers(&mut h, true);
-        let t = h.calls[0].token;
-        reply(f.on_call_response(&mut h, t, status(500)));
-        assert_eq!(breaker::state(&h, "users"), breaker::State::Open);
-        h.advance(Duration::from_secs(11));
+        let mut gw = root(cfg);
+        let f = gw.request("GET", "/b", &[]);
+        gw.request_headers(f, true);
+        let t = gw.calls()[0].token;
+        reply(gw.answer(t, status(500)));
+        assert_eq!(breaker::state(gw.vm(), "users"), breaker::State::Open);
+        gw.advance(Duration::from_secs(11));
         // The probe's request is reset before the probe answers.
-        let mut probe = root.create_filter(11);
-        assert_eq!(probe.on_request_headers(&mut h, true), Decision::Pause);
-        let made = h.calls.len();
-        reply(root.create_filter(12).on_request_headers(&mut h, true));
+        let probe = gw.request("GET", "/b", &[]);
+        assert_eq!(gw.request_headers(probe, true), Decision::Pause);
+        let made = gw.calls().len();
+        let other = gw.request("GET", "/b", &[]);
+        reply(gw.request_headers(other, true));
         assert_eq!(
-            h.calls.len(),
+            gw.calls().len(),
             made,
             "no second probe while the first is out"
         );
-        probe.on_done(&mut h);
+        gw.done(probe);
         // The next request probes at once, without another cool-down.
-        let mut next = root.create_filter(13);
-        assert_eq!(next.on_request_headers(&mut h, true), Decision::Pause);
-        assert_eq!(h.calls.len(), made + 1);
-        let t = h.calls[made].token;
-        let (r, _) = reply(next.on_call_response(&mut h, t, ok("{}", None)));
+        let next = gw.request("GET", "/b", &[]);
+        assert_eq!(gw.request_headers(next, true), Decision::Pause);
+        assert_eq!(gw.calls().len(), made + 1);
+        let t = gw.calls()[made].token;
+        let (r, _) = reply(gw.answer(t, ok("{}", None)));
         assert_eq!(r.header("x-aggregate-complete"), Some("true"));
-        assert_eq!(breaker::state(&h, "users"), breaker::State::Closed);
+        assert_eq!(breaker::state(gw.vm(), "users"), breaker::State::Closed);
         assert_eq!(
-            h.metric("tollgate.aggregate.breaker.users.half_opened"),
+            gw.metric("tollgate.aggregate.breaker.users.half_opened"),
             Some(2)
         );
     }
@@ -1587,46 +1571,47 @@ mod tests {
     fn hedging_sends_a_twin_and_the_first_success_wins() {
         let cfg = r#"{"routes":[{"name":"h","match":{"prefix":"/h"},"calls":[
             {"name":"u","cluster":"users","path":"/users/1","hedge_after":"50ms","timeout":"1s"}]}]}"#;
-        let (mut root, mut host) = root(cfg);
-        assert_eq!(host.tick_period, Some(TICK));
-        let mut h = host.next_request("GET", "/h", &[]);
-        let mut f = root.create_filter(9);
-        assert_eq!(f.on_request_headers(&mut h, true), Decision::Pause);
-        root.on_tick(&mut host);
-        assert!(host.woken.is_empty());
-        host.advance(Duration::from_millis(60));
-        h.advance(Duration::from_millis(60));
-        root.on_tick(&mut host);
-        assert_eq!(host.woken, vec![(9, 1)]);
-        assert_eq!(f.on_wake(&mut h, 1), Decision::Pause);
-        assert_eq!(h.calls.len(), 2);
-        assert_eq!(h.calls[1].header(":path"), Some("/users/1"));
-        assert!(h.calls[1].timeout <= Duration::from_millis(1000));
+        let mut gw = root(cfg);
+        assert_eq!(gw.tick_period(), Some(TICK));
+        let f = gw.request("GET", "/h", &[]);
+        assert_eq!(gw.request_headers(f, true), Decision::Pause);
+        gw.tick();
+        assert!(gw.woken().is_empty());
+        gw.advance(Duration::from_millis(60));
+        gw.tick();
+        assert_eq!(gw.woken(), vec![(f, 1)]);
+        assert_eq!(gw.wake_decision(f, 1), Some(Decision::Pause));
+        let calls = gw.calls();
+        assert_eq!(calls.len(), 2);
+        assert_eq!(calls[1].header(":path"), Some("/users/1"));
+        assert!(calls[1].timeout <= Duration::from_millis(1000));
         // The first attempt fails, the twin succeeds.
-        let (t1, t2) = (h.calls[0].token, h.calls[1].token);
-        assert_eq!(f.on_call_response(&mut h, t1, status(500)), Decision::Pause);
-        let (r, v) = reply(f.on_call_response(&mut h, t2, ok(r#"{"id":1}"#, None)));
+        let (t1, t2) = (calls[0].token, calls[1].token);
+        assert_eq!(gw.answer(t1, status(500)), Decision::Pause);
+        let (r, v) = reply(gw.answer(t2, ok(r#"{"id":1}"#, None)));
         assert_eq!(r.header("x-aggregate-complete"), Some("true"));
         assert_eq!(v["u"]["id"], 1);
-        assert_eq!(h.metric("tollgate.aggregate.ep.h.call.u.hedges"), Some(1));
+        assert_eq!(gw.metric("tollgate.aggregate.ep.h.call.u.hedges"), Some(1));
     }
 
     #[test]
     fn deadline_bounds_calls_and_requests_with_bodies_start_at_headers() {
         let cfg = r#"{"routes":[{"name":"p","match":{"prefix":"/p"},"deadline":"300ms","calls":[
             {"name":"a","cluster":"orders","method":"post","path":"/orders","timeout":"1s"}]}]}"#;
-        let (root, host) = root(cfg);
-        let mut h = host.next_request("POST", "/p", &[("content-type", "application/json")]);
-        let mut f = root.create_filter(3);
-        assert_eq!(f.on_request_headers(&mut h, false), Decision::Pause);
-        assert_eq!(h.calls[0].header(":method"), Some("POST"));
-        assert_eq!(h.calls[0].body, None);
-        assert_eq!(h.calls[0].timeout, Duration::from_millis(300));
-        assert_eq!(f.on_request_body(&mut h, 7, true), Decision::Pause);
-        let mut other = root.create_filter(4);
-        let mut h2 = host.next_request("POST", "/elsewhere", &[]);
-        assert_eq!(other.on_request_headers(&mut h2, false), Decision::Continue);
-        assert_eq!(other.on_request_body(&mut h2, 7, true), Decision::Continue);
+        let mut gw = root(cfg);
+        let f = gw.request("POST", "/p", &[("content-type", "application/json")]);
+        assert_eq!(gw.request_headers(f, false), Decision::Pause);
+        let calls = gw.calls();
+        assert_eq!(calls[0].header(":method"), Some("POST"));
+        assert_eq!(calls[0].body, None);
+        assert_eq!(calls[0].timeout, Duration::from_millis(300));
+        assert_eq!(gw.request_body(f, b"{\"x\":1}", true), Decision::Pause);
+        let other = gw.request("POST", "/elsewhere", &[]);
+        assert_eq!(gw.request_headers(other, false), Decision::Continue);
+        assert_eq!(
+            gw.request_body(other, b"{\"x\":1}", true),
+            Decision::Continue
+        );
     }
 
     #[test]
@@ -1634,70 +1619,67 @@ mod tests {
         let cfg = r#"{"routes":[{"name":"p","match":{"prefix":"/p"},"max_request_bytes":10,"calls":[
             {"name":"a","cluster":"orders","method":"post","path":"/orders","forward_body":true},
             {"name":"b","cluster":"users","path":"/users/1"}]}]}"#;
-        let (root, host) = root(cfg);
-        let mut h = host.next_request("POST", "/p", &[("content-type", "application/json")]);
-        let mut f = root.create_filter(3);
+        let mut gw = root(cfg);
+        let f = gw.request("POST", "/p", &[("content-type", "application/json")]);
         // The headers go on (Envoy would not hand a filter paused here the body).
-        assert_eq!(f.on_request_headers(&mut h, false), Decision::Continue);
-        assert!(h.calls.is_empty());
-        assert_eq!(f.on_request_body(&mut h, 4, false), Decision::Pause);
-        h.set_body_bytes(Body::Request, br#"{"x":1}"#);
-        assert_eq!(f.on_request_body(&mut h, 7, true), Decision::Pause);
+        assert_eq!(gw.request_headers(f, false), Decision::Continue);
+        assert!(gw.calls().is_empty());
+        assert_eq!(gw.request_body(f, b"{\"x\"", false), Decision::Pause);
+        assert_eq!(gw.request_body(f, b":1}", true), Decision::Pause);
         // An answer of the route's upstream is held back while the calls are out.
-        assert_eq!(f.on_response_headers(&mut h, false), Decision::Pause);
-        assert_eq!(f.on_response_body(&mut h, 5, true), Decision::Pause);
-        assert_eq!(h.calls.len(), 2);
-        assert_eq!(h.calls[0].body.as_deref(), Some(&br#"{"x":1}"#[..]));
-        assert_eq!(h.calls[1].body, None);
-        let (t0, t1) = (h.calls[0].token, h.calls[1].token);
-        f.on_call_response(&mut h, t1, ok("{}", None));
-        let (r, v) = reply(f.on_call_response(&mut h, t0, ok(r#"{"id":9}"#, None)));
+        assert_eq!(gw.response_headers(f, &[], false), Decision::Pause);
+        assert_eq!(gw.response_body(f, b"12345", true), Decision::Pause);
+        let calls = gw.calls();
+        assert_eq!(calls.len(), 2);
+        assert_eq!(calls[0].body.as_deref(), Some(&br#"{"x":1}"#[..]));
+        assert_eq!(calls[1].body, None);
+        let (t0, t1) = (calls[0].token, calls[1].token);
+        gw.answer(t1, ok("{}", None));
+        let (r, v) = reply(gw.answer(t0, ok(r#"{"id":9}"#, None)));
         assert_eq!(r.status, 200);
         assert_eq!(v["a"]["id"], 9);
         // Our own reply passes our response hooks.
-        assert_eq!(f.on_response_headers(&mut h, true), Decision::Continue);
+        assert_eq!(gw.response_headers(f, &[], true), Decision::Continue);
         // Without a body (end of stream at the headers) the calls start at once, bodiless.
-        let mut h2 = host.next_request("POST", "/p", &[]);
-        let mut g = root.create_filter(4);
-        assert_eq!(g.on_request_headers(&mut h2, true), Decision::Pause);
-        assert_eq!(h2.calls.len(), 2);
-        assert_eq!(h2.calls[0].body, None);
+        let g = gw.request("POST", "/p", &[]);
+        assert_eq!(gw.request_headers(g, true), Decision::Pause);
+        let calls = gw.host(g).unwrap().calls.clone();
+        assert_eq!(calls.len(), 2);
+        assert_eq!(calls[0].body, None);
         // Too large a body: 413 as problem+json, no call.
-        let mut h3 = host.next_request("POST", "/p", &[]);
-        let mut k = root.create_filter(5);
-        assert_eq!(k.on_request_headers(&mut h3, false), Decision::Continue);
-        let (r, v) = reply(k.on_request_body(&mut h3, 11, false));
+        let k = gw.request("POST", "/p", &[]);
+        assert_eq!(gw.request_headers(k, false), Decision::Continue);
+        let (r, v) = reply(gw.request_body(k, &[b'x'; 11], false));
         assert_eq!(r.status, 413);
         assert_eq!(r.header("content-type"), Some("application/problem+json"));
         assert!(v["detail"].as_str().unwrap().contains("10 bytes"));
-        assert!(h3.calls.is_empty());
+        assert!(gw.host(k).unwrap().calls.is_empty());
         // The route answered before the end of the body (no more body will come): let it go.
-        let mut h4 = host.next_request("POST", "/p", &[]);
-        let mut l = root.create_filter(6);
-        assert_eq!(l.on_request_headers(&mut h4, false), Decision::Continue);
-        assert_eq!(l.on_response_headers(&mut h4, false), Decision::Continue);
-        assert_eq!(l.on_response_body(&mut h4, 3, true), Decision::Continue);
-        assert!(h4.calls.is_empty());
-        assert_eq!(h4.metric("tollgate.aggregate.ep.p.body_lost"), Some(1));
+        let l = gw.request("POST", "/p", &[]);
+        assert_eq!(gw.request_headers(l, false), Decision::Continue);
+        assert_eq!(gw.response_headers(l, &[], false), Decision::Continue);
+        assert_eq!(gw.response_body(l, b"abc", true), Decision::Continue);
+        assert!(gw.host(l).unwrap().calls.is_empty());
+        assert_eq!(gw.metric("tollgate.aggregate.ep.p.body_lost"), Some(1));
     }
 
     #[test]
     fn a_hedge_gets_what_is_left_of_the_call_timeout() {
         let cfg = r#"{"routes":[{"name":"h","match":{"prefix":"/h"},"calls":[
             {"name":"u","cluster":"users","path":"/users/1","hedge_after":"300ms","timeout":"1s"}]}]}"#;
-        let (root, host) = root(cfg);
-        let mut h = host.next_request("GET", "/h", &[]);
-        let mut f = root.create_filter(9);
-        f.on_request_headers(&mut h, true);
-        h.advance(Duration::from_millis(300));
-        assert_eq!(f.on_wake(&mut h, 1), Decision::Pause);
-        assert_eq!(h.calls[1].timeout, Duration::from_millis(700));
+        let mut gw = root(cfg);
+        let f = gw.request("GET", "/h", &[]);
+        gw.request_headers(f, true);
+        gw.advance(Duration::from_millis(300));
+        gw.tick();
+        assert_eq!(gw.wake_decision(f, 1), Some(Decision::Pause));
+        assert_eq!(gw.calls()[1].timeout, Duration::from_millis(700));
     }
 
     #[test]
     fn hostile_answers_fail_cleanly() {
-        let (agg, _host) = root(DASH);
-        let call = &endpoint(&agg.shared, 0).unwrap().calls[1];
+        let agg = root(DASH);
+        let call = &endpoint(&agg.root().unwrap().shared, 0).unwrap().calls[1];
         let t = Duration::from_secs(1);
         let short = Duration::from_millis(5);
         // Nesting deeper than serde_json's recursion limit (128) is refused, not a stack overflow.
@@ -1709,12 +1691,12 @@ mod tests {
         let big = format!("[{}1]", "1,".repeat(600_000));
         let f = classify(call, &ok(&big, None), short, t).unwrap_err();
         assert_eq!(f.kind, FailKind::TooLarge);
-        // The adapter is told to copy no more than the limit (plus one byte) into the VM.
-        let (r2, host) = root(DASH);
-        let mut h = host.next_request("GET", "/api/dashboard/7", &[]);
-        let mut f = r2.create_filter(5);
-        f.on_request_headers(&mut h, true);
-        assert_eq!(f.call_body_limit(h.calls[1].token), Some(1 << 20));
+        // The dispatcher is told to copy no more than the limit (plus one byte) into the VM.
+        let mut gw = root(DASH);
+        let id = gw.request("GET", "/api/dashboard/7", &[]);
+        gw.request_headers(id, true);
+        let f = gw.filter(id).unwrap();
+        assert_eq!(f.call_body_limit(gw.calls()[1].token), Some(1 << 20));
         assert_eq!(f.call_body_limit(9999), None);
         // Just under the recursion limit still parses and shapes.
         let fine = format!("{}{}", "[".repeat(100), "]".repeat(100));
@@ -1729,15 +1711,14 @@ mod tests {
             {"name":"b","cluster":"c","path":"/b","merge":"deep"},
             {"name":"c","cluster":"c","path":"/c","merge":"append","key":"list"},
             {"name":"d","cluster":"c","path":"/d","merge":"append","key":"list","max_response_bytes":10}]}]}"#;
-        let (root, host) = root(cfg);
-        let mut h = host.next_request("GET", "/m", &[]);
-        let mut f = root.create_filter(3);
-        f.on_request_headers(&mut h, true);
-        let t: Vec<u32> = h.calls.iter().map(|c| c.token).collect();
-        f.on_call_response(&mut h, t[3], ok(r#"{"this is":"too large"}"#, None));
-        f.on_call_response(&mut h, t[2], ok("[1,2]", None));
-        f.on_call_response(&mut h, t[1], ok(r#"{"n":{"y":2}}"#, None));
-        let (_, v) = reply(f.on_call_response(&mut h, t[0], ok(r#"{"a":1,"n":{"x":1}}"#, None)));
+        let mut gw = root(cfg);
+        let f = gw.request("GET", "/m", &[]);
+        gw.request_headers(f, true);
+        let t: Vec<u32> = gw.calls().iter().map(|c| c.token).collect();
+        gw.answer(t[3], ok(r#"{"this is":"too large"}"#, None));
+        gw.answer(t[2], ok("[1,2]", None));
+        gw.answer(t[1], ok(r#"{"n":{"y":2}}"#, None));
+        let (_, v) = reply(gw.answer(t[0], ok(r#"{"a":1,"n":{"x":1}}"#, None)));
         assert_eq!(v["a"], 1);
         assert_eq!(v["n"], json!({"x":1,"y":2}));
         assert_eq!(v["list"], json!([1, 2]));

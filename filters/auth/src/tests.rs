@@ -6,8 +6,8 @@ use std::time::Duration;
 use hmac::{Hmac, Mac};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use tollgate_common::mem_host::MemHost;
-use tollgate_common::{CallResponse, Decision, Host, HttpFilter, MapKind, RootFilter};
+use tollgate_common::testing::Driver;
+use tollgate_common::{CallResponse, Decision, Host, MapKind};
 
 use crate::filter::AuthRoot;
 use crate::jose::b64url_encode;
@@ -98,11 +98,9 @@ fn hex<const N: usize>(b: [u8; N]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-fn root(config: &str) -> (AuthRoot, MemHost) {
-    let mut r = AuthRoot::new(1);
-    let mut h = MemHost::new();
-    r.configure(&mut h, config.as_bytes()).unwrap();
-    (r, h)
+/// A VM (one Envoy worker) with the filter configured, driven like Envoy drives it.
+fn root(config: &str) -> Driver<AuthRoot> {
+    Driver::new(config).unwrap()
 }
 
 fn status(d: &Decision) -> u16 {
@@ -125,23 +123,20 @@ fn reason(d: &Decision) -> String {
 
 #[test]
 fn empty_configuration_passes_untouched() {
-    let (r, h) = root("{}");
-    let mut req = h.next_request("GET", "/x", &[("x-tollgate-consumer", "forged")]);
+    let mut vm = root("{}");
+    let req = vm.request("GET", "/x", &[("x-tollgate-consumer", "forged")]);
+    assert_eq!(vm.request_headers(req, true), Decision::Continue);
     assert_eq!(
-        r.create_filter(2).on_request_headers(&mut req, true),
-        Decision::Continue
-    );
-    assert_eq!(
-        req.header(MapKind::RequestHeaders, "x-tollgate-consumer")
+        vm.header(req, MapKind::RequestHeaders, "x-tollgate-consumer")
             .as_deref(),
         Some("forged")
     );
-    assert_eq!(req.metric("tollgate.auth.requests"), Some(1));
+    assert_eq!(vm.metric("tollgate.auth.requests"), Some(1));
 }
 
 #[test]
 fn table_of_tokens() {
-    let (r, h) = root(&inline_config());
+    let mut vm = root(&inline_config());
     let bearer = |t: &str| format!("Bearer {t}");
     let wrong_secret = hs(json!({"alg": "HS256"}), claims(json!({})), &[1u8; 32]);
     let mut tampered = good_hs();
@@ -368,8 +363,8 @@ fn table_of_tokens() {
         } else {
             vec![("authorization", auth.as_str())]
         };
-        let mut req = h.next_request("GET", "/x", &headers);
-        let d = r.create_filter(2).on_request_headers(&mut req, true);
+        let req = vm.request("GET", "/x", &headers);
+        let d = vm.request_headers(req, true);
         assert_eq!(status(&d), want, "{name}: {d:?}");
         assert_eq!(reason(&d), why, "{name}");
         if let Decision::Respond(reply) = &d {
@@ -396,14 +391,14 @@ fn table_of_tokens() {
 
 #[test]
 fn forwards_claims_and_strips_forged_headers() {
-    let (r, h) = root(&inline_config());
+    let mut vm = root(&inline_config());
     let t = hs(
         json!({"alg": "HS256"}),
         claims(json!({"org": {"id": "o-1"}, "roles": ["admin", "dev"], "plan": "gold"})),
         &SECRET,
     );
     let auth = format!("Bearer {t}");
-    let mut req = h.next_request(
+    let req = vm.request(
         "GET",
         "/x",
         &[
@@ -413,56 +408,50 @@ fn forwards_claims_and_strips_forged_headers() {
             ("x-tollgate-tier", "x"),
         ],
     );
-    assert_eq!(
-        r.create_filter(2).on_request_headers(&mut req, true),
-        Decision::Continue
-    );
-    let hv = |n: &str| req.header(MapKind::RequestHeaders, n);
+    assert_eq!(vm.request_headers(req, true), Decision::Continue);
+    let hv = |n: &str| vm.header(req, MapKind::RequestHeaders, n);
     assert_eq!(hv("x-tollgate-consumer").as_deref(), Some("alice"));
     assert_eq!(hv("x-tollgate-plan").as_deref(), Some("gold"));
     assert_eq!(hv("x-org").as_deref(), Some("o-1"));
     assert_eq!(hv("x-roles").as_deref(), Some("admin,dev"));
     assert_eq!(hv("x-tollgate-tier"), None);
     assert_eq!(hv("x-jwt-payload").as_deref(), t.split('.').nth(1));
-    assert_eq!(req.metric("tollgate.auth.forged_headers_removed"), Some(3));
+    assert_eq!(vm.metric("tollgate.auth.forged_headers_removed"), Some(3));
     // A disabled route still has forged identity headers removed.
-    let mut req = h.next_request("GET", "/public/x", &[("x-tollgate-consumer", "mallory")]);
+    let req = vm.request("GET", "/public/x", &[("x-tollgate-consumer", "mallory")]);
+    assert_eq!(vm.request_headers(req, true), Decision::Continue);
     assert_eq!(
-        r.create_filter(3).on_request_headers(&mut req, true),
-        Decision::Continue
-    );
-    assert_eq!(
-        req.header(MapKind::RequestHeaders, "x-tollgate-consumer"),
+        vm.header(req, MapKind::RequestHeaders, "x-tollgate-consumer"),
         None
     );
 }
 
 #[test]
 fn api_keys() {
-    let (r, h) = root(&inline_config());
+    let mut vm = root(&inline_config());
     let cases: &[(&str, u16, &str)] = &[
         ("key-pro", 0, ""),
         ("key-wrong", 401, "invalid_api_key"),
         ("key-old", 401, "expired_api_key"),
     ];
     for (key, want, why) in cases {
-        let mut req = h.next_request("GET", "/x", &[("x-api-key", key)]);
-        let d = r.create_filter(2).on_request_headers(&mut req, true);
+        let req = vm.request("GET", "/x", &[("x-api-key", key)]);
+        let d = vm.request_headers(req, true);
         assert_eq!(status(&d), *want, "{key}");
         assert_eq!(reason(&d), *why, "{key}");
         if *want == 0 {
             assert_eq!(
-                req.header(MapKind::RequestHeaders, "x-tollgate-consumer")
+                vm.header(req, MapKind::RequestHeaders, "x-tollgate-consumer")
                     .as_deref(),
                 Some("acme")
             );
             assert_eq!(
-                req.header(MapKind::RequestHeaders, "x-tollgate-plan")
+                vm.header(req, MapKind::RequestHeaders, "x-tollgate-plan")
                     .as_deref(),
                 Some("pro")
             );
             assert_eq!(
-                req.header(MapKind::RequestHeaders, "x-tollgate-tier")
+                vm.header(req, MapKind::RequestHeaders, "x-tollgate-tier")
                     .as_deref(),
                 Some("gold")
             );
@@ -476,9 +465,9 @@ fn api_keys() {
     }
     // Missing key on an API-key-only route: only the ApiKey challenge.
     let cfg = json!({"api_keys": {"keys": []}, "routes": [{"match": {}}]}).to_string();
-    let (r2, h2) = root(&cfg);
-    let mut req = h2.next_request("GET", "/x", &[("authorization", "Bearer x.y.z")]);
-    let d = r2.create_filter(2).on_request_headers(&mut req, true);
+    let mut vm2 = root(&cfg);
+    let req = vm2.request("GET", "/x", &[("authorization", "Bearer x.y.z")]);
+    let d = vm2.request_headers(req, true);
     assert_eq!(reason(&d), "missing");
     if let Decision::Respond(reply) = &d {
         assert_eq!(
@@ -487,31 +476,32 @@ fn api_keys() {
         );
     }
     // The admin route accepts only the JWT provider.
-    let mut req = h.next_request("GET", "/admin", &[("x-api-key", "key-pro")]);
-    assert_eq!(
-        status(&r.create_filter(2).on_request_headers(&mut req, true)),
-        401
-    );
+    let req = vm.request("GET", "/admin", &[("x-api-key", "key-pro")]);
+    assert_eq!(status(&vm.request_headers(req, true)), 401);
 }
 
 #[test]
 fn authorization_and_requirements() {
-    let (r, h) = root(&inline_config());
-    let run = |path: &str, extra: Value| {
+    let mut vm = root(&inline_config());
+    let run = |vm: &mut Driver<AuthRoot>, path: &str, extra: Value| {
         let t = hs(json!({"alg": "HS256"}), claims(extra), &SECRET);
         let auth = format!("Bearer {t}");
-        let mut req = h.next_request("GET", path, &[("authorization", &auth)]);
-        r.create_filter(2).on_request_headers(&mut req, true)
+        let req = vm.request("GET", path, &[("authorization", &auth)]);
+        vm.request_headers(req, true)
     };
     assert_eq!(
-        status(&run("/orders/1", json!({"scope": "orders:read x"}))),
+        status(&run(
+            &mut vm,
+            "/orders/1",
+            json!({"scope": "orders:read x"})
+        )),
         0
     );
     assert_eq!(
-        status(&run("/orders/1", json!({"scp": ["orders:read"]}))),
+        status(&run(&mut vm, "/orders/1", json!({"scp": ["orders:read"]}))),
         0
     );
-    let d = run("/orders/1", json!({"scope": "users:read"}));
+    let d = run(&mut vm, "/orders/1", json!({"scope": "users:read"}));
     assert_eq!(status(&d), 403);
     if let Decision::Respond(reply) = &d {
         let www = reply.header("www-authenticate").unwrap();
@@ -521,20 +511,20 @@ fn authorization_and_requirements() {
         );
     }
     assert_eq!(
-        status(&run("/admin", json!({"roles": ["dev", "admin"]}))),
+        status(&run(&mut vm, "/admin", json!({"roles": ["dev", "admin"]}))),
         0
     );
     assert_eq!(
-        reason(&run("/admin", json!({"roles": ["dev"]}))),
+        reason(&run(&mut vm, "/admin", json!({"roles": ["dev"]}))),
         "claim_mismatch"
     );
     // allow_missing: no token passes, a bad one does not.
-    let mut req = h.next_request("GET", "/maybe", &[]);
+    let req = vm.request("GET", "/maybe", &[]);
+    assert_eq!(vm.request_headers(req, true), Decision::Continue);
     assert_eq!(
-        r.create_filter(2).on_request_headers(&mut req, true),
-        Decision::Continue
+        status(&run(&mut vm, "/maybe", json!({"exp": NOW - 1000}))),
+        401
     );
-    assert_eq!(status(&run("/maybe", json!({"exp": NOW - 1000}))), 401);
     // optional: a bad token passes without identity.
     let t = hs(
         json!({"alg": "HS256"}),
@@ -542,20 +532,17 @@ fn authorization_and_requirements() {
         &SECRET,
     );
     let auth = format!("Bearer {t}");
-    let mut req = h.next_request("GET", "/opt", &[("authorization", &auth)]);
+    let req = vm.request("GET", "/opt", &[("authorization", &auth)]);
+    assert_eq!(vm.request_headers(req, true), Decision::Continue);
     assert_eq!(
-        r.create_filter(2).on_request_headers(&mut req, true),
-        Decision::Continue
-    );
-    assert_eq!(
-        req.header(MapKind::RequestHeaders, "x-tollgate-consumer"),
+        vm.header(req, MapKind::RequestHeaders, "x-tollgate-consumer"),
         None
     );
 }
 
 #[test]
 fn verified_tokens_are_cached_until_they_expire() {
-    let (r, mut h) = root(&inline_config());
+    let mut vm = root(&inline_config());
     let t = hs(
         json!({"alg": "HS256"}),
         claims(json!({"exp": NOW + 100})),
@@ -563,19 +550,13 @@ fn verified_tokens_are_cached_until_they_expire() {
     );
     let auth = format!("Bearer {t}");
     for _ in 0..3 {
-        let mut req = h.next_request("GET", "/x", &[("authorization", &auth)]);
-        assert_eq!(
-            r.create_filter(2).on_request_headers(&mut req, true),
-            Decision::Continue
-        );
+        let req = vm.request("GET", "/x", &[("authorization", &auth)]);
+        assert_eq!(vm.request_headers(req, true), Decision::Continue);
     }
-    assert_eq!(h.metric("tollgate.auth.token_cache_hits"), Some(2));
-    h.advance(Duration::from_secs(200));
-    let mut req = h.next_request("GET", "/x", &[("authorization", &auth)]);
-    assert_eq!(
-        reason(&r.create_filter(2).on_request_headers(&mut req, true)),
-        "expired"
-    );
+    assert_eq!(vm.metric("tollgate.auth.token_cache_hits"), Some(2));
+    vm.advance(Duration::from_secs(200));
+    let req = vm.request("GET", "/x", &[("authorization", &auth)]);
+    assert_eq!(reason(&vm.request_headers(req, true)), "expired");
 }
 
 fn remote_config(extra: Value) -> String {
@@ -598,66 +579,68 @@ fn ok(body: &str) -> CallResponse {
 
 #[test]
 fn remote_keys_fetched_at_start_and_waiters_woken() {
-    let (mut r, mut h) = root(&remote_config(json!({})));
-    assert_eq!(h.tick_period, Some(Duration::from_millis(50)));
+    let mut vm = root(&remote_config(json!({})));
+    assert_eq!(vm.tick_period(), Some(Duration::from_millis(50)));
     // A request before the keys arrive waits.
     let auth = format!("Bearer {}", es("es", claims(json!({}))));
-    let mut req = h.next_request("GET", "/x", &[("authorization", &auth)]);
-    let mut f = r.create_filter(7);
-    assert_eq!(f.on_request_headers(&mut req, true), Decision::Pause);
-    r.on_tick(&mut h);
-    assert_eq!(h.calls.len(), 1);
-    assert_eq!(h.calls[0].header(":path"), Some("/jwks"));
-    r.on_tick(&mut h);
-    assert_eq!(h.calls.len(), 1, "one fetch at a time");
-    let token = h.calls[0].token;
-    r.on_call_response(&mut h, token, ok(&format!(r#"{{"keys":[{ES_PUB}]}}"#)));
-    assert_eq!(h.woken, vec![(7, WAKE_FETCHED)]);
-    assert_eq!(f.on_wake(&mut req, WAKE_FETCHED), Decision::Continue);
-    assert_eq!(h.metric("tollgate.auth.jwks_fetches"), Some(1));
-    // Stored in shared data for the other workers.
-    assert!(h.shared_get("tollgate.auth.jwks.idp").unwrap().is_some());
-    // Another worker adopts them on its first tick without fetching.
-    let mut r2 = AuthRoot::new(1);
-    let mut h2 = h.next_request("GET", "/", &[]);
-    r2.configure(&mut h2, remote_config(json!({})).as_bytes())
-        .unwrap();
-    r2.on_tick(&mut h2);
-    assert!(h2.calls.is_empty());
-    let mut req = h2.next_request("GET", "/x", &[("authorization", &auth)]);
+    let req = vm.request("GET", "/x", &[("authorization", &auth)]);
+    assert_eq!(vm.request_headers(req, true), Decision::Pause);
+    vm.tick();
+    assert_eq!(vm.calls().len(), 1);
+    assert_eq!(vm.calls()[0].header(":path"), Some("/jwks"));
+    vm.tick();
+    assert_eq!(vm.calls().len(), 1, "one fetch at a time");
+    let token = vm.calls()[0].token;
+    vm.answer(token, ok(&format!(r#"{{"keys":[{ES_PUB}]}}"#)));
+    assert_eq!(vm.woken(), vec![(req, WAKE_FETCHED)]);
     assert_eq!(
-        r2.create_filter(8).on_request_headers(&mut req, true),
+        vm.wake_decision(req, WAKE_FETCHED).unwrap(),
         Decision::Continue
     );
+    assert_eq!(vm.metric("tollgate.auth.jwks_fetches"), Some(1));
+    // Stored in shared data for the other workers.
+    assert!(vm
+        .vm()
+        .shared_get("tollgate.auth.jwks.idp")
+        .unwrap()
+        .is_some());
+    // Another worker adopts them on its first tick without fetching.
+    let mut vm2 = vm.worker(&remote_config(json!({}))).unwrap();
+    vm2.tick();
+    assert!(vm2.calls().is_empty());
+    let req = vm2.request("GET", "/x", &[("authorization", &auth)]);
+    assert_eq!(vm2.request_headers(req, true), Decision::Continue);
     // Refreshed before expiry (80% of 60 s).
-    h.advance(Duration::from_secs(50));
-    r.on_tick(&mut h);
-    assert_eq!(h.calls.len(), 2);
+    vm.advance(Duration::from_secs(50));
+    vm.tick();
+    assert_eq!(vm.calls().len(), 2);
 }
 
 #[test]
 fn unknown_kid_refetches_once_per_interval() {
-    let (mut r, mut h) = root(&remote_config(json!({})));
-    r.on_tick(&mut h);
-    let t0 = h.calls[0].token;
-    r.on_call_response(&mut h, t0, ok(r#"{"keys":[{"kty":"EC","crv":"P-256","kid":"old","x":"aa0nWgETctJpaXXZtcfSQUBtXo2Z2Cb7B_HlwJCK-Wk","y":"lfo6v6CStrhix-FIVGehxIAjwEuzWuNuoCiRo7tUowA"}]}"#));
+    let mut vm = root(&remote_config(json!({})));
+    vm.tick();
+    let t0 = vm.calls()[0].token;
+    vm.answer(t0, ok(r#"{"keys":[{"kty":"EC","crv":"P-256","kid":"old","x":"aa0nWgETctJpaXXZtcfSQUBtXo2Z2Cb7B_HlwJCK-Wk","y":"lfo6v6CStrhix-FIVGehxIAjwEuzWuNuoCiRo7tUowA"}]}"#));
     let auth = format!("Bearer {}", es("es", claims(json!({}))));
-    let mut req = h.next_request("GET", "/x", &[("authorization", &auth)]);
-    let mut f = r.create_filter(9);
-    assert_eq!(f.on_request_headers(&mut req, true), Decision::Pause);
-    r.on_tick(&mut h);
-    assert_eq!(h.calls.len(), 2, "refetch for the unknown kid");
-    let t1 = h.calls[1].token;
+    let req = vm.request("GET", "/x", &[("authorization", &auth)]);
+    assert_eq!(vm.request_headers(req, true), Decision::Pause);
+    vm.tick();
+    assert_eq!(vm.calls().len(), 2, "refetch for the unknown kid");
+    let t1 = vm.calls()[1].token;
     // Rotation: the new JWKS has the key.
-    r.on_call_response(&mut h, t1, ok(&format!(r#"{{"keys":[{ES_PUB}]}}"#)));
-    assert_eq!(f.on_wake(&mut req, WAKE_FETCHED), Decision::Continue);
+    vm.answer(t1, ok(&format!(r#"{{"keys":[{ES_PUB}]}}"#)));
+    assert_eq!(
+        vm.wake_decision(req, WAKE_FETCHED).unwrap(),
+        Decision::Continue
+    );
     // Another unknown kid within the interval: refused at once, no fetch.
     let auth2 = format!("Bearer {}", es("other", claims(json!({}))));
-    let mut req = h.next_request("GET", "/x", &[("authorization", &auth2)]);
-    let d = r.create_filter(10).on_request_headers(&mut req, true);
+    let req = vm.request("GET", "/x", &[("authorization", &auth2)]);
+    let d = vm.request_headers(req, true);
     assert_eq!(reason(&d), "unknown_kid");
-    r.on_tick(&mut h);
-    assert_eq!(h.calls.len(), 2);
+    vm.tick();
+    assert_eq!(vm.calls().len(), 2);
 }
 
 #[test]
@@ -673,55 +656,48 @@ fn fetch_failures_answer_503_and_timeouts_too() {
             },
         ),
     ] {
-        let (mut r, mut h) = root(&remote_config(json!({})));
+        let mut vm = root(&remote_config(json!({})));
         let auth = format!("Bearer {}", es("es", claims(json!({}))));
-        let mut req = h.next_request("GET", "/x", &[("authorization", &auth)]);
-        let mut f = r.create_filter(7);
-        assert_eq!(
-            f.on_request_headers(&mut req, true),
-            Decision::Pause,
-            "{name}"
-        );
-        r.on_tick(&mut h);
-        let t = h.calls[0].token;
-        r.on_call_response(&mut h, t, resp);
-        assert_eq!(h.woken, vec![(7, WAKE_FETCHED)], "{name}");
-        let d = f.on_wake(&mut req, WAKE_FETCHED);
+        let req = vm.request("GET", "/x", &[("authorization", &auth)]);
+        assert_eq!(vm.request_headers(req, true), Decision::Pause, "{name}");
+        vm.tick();
+        let t = vm.calls()[0].token;
+        vm.answer(t, resp);
+        assert_eq!(vm.woken(), vec![(req, WAKE_FETCHED)], "{name}");
+        let d = vm.wake_decision(req, WAKE_FETCHED).unwrap();
         assert_eq!(status(&d), 503, "{name}");
         assert_eq!(
-            h.metric("tollgate.auth.jwks_fetch_failures"),
+            vm.metric("tollgate.auth.jwks_fetch_failures"),
             Some(1),
             "{name}"
         );
         // Within the retry interval, new requests get 503 at once.
-        let mut req = h.next_request("GET", "/x", &[("authorization", &auth)]);
-        assert_eq!(
-            status(&r.create_filter(8).on_request_headers(&mut req, true)),
-            503
-        );
+        let req = vm.request("GET", "/x", &[("authorization", &auth)]);
+        assert_eq!(status(&vm.request_headers(req, true)), 503);
     }
     // Slow: the waiter times out.
-    let (mut r, mut h) = root(&remote_config(json!({})));
+    let mut vm = root(&remote_config(json!({})));
     let auth = format!("Bearer {}", es("es", claims(json!({}))));
-    let mut req = h.next_request("GET", "/x", &[("authorization", &auth)]);
-    let mut f = r.create_filter(7);
-    assert_eq!(f.on_request_headers(&mut req, true), Decision::Pause);
-    r.on_tick(&mut h);
-    h.advance(Duration::from_millis(1600));
-    r.on_tick(&mut h);
-    assert_eq!(h.woken, vec![(7, WAKE_TIMEOUT)]);
-    assert_eq!(status(&f.on_wake(&mut req, WAKE_TIMEOUT)), 503);
+    let req = vm.request("GET", "/x", &[("authorization", &auth)]);
+    assert_eq!(vm.request_headers(req, true), Decision::Pause);
+    vm.tick();
+    vm.advance(Duration::from_millis(1600));
+    vm.tick();
+    assert_eq!(vm.woken(), vec![(req, WAKE_TIMEOUT)]);
+    assert_eq!(status(&vm.wake_decision(req, WAKE_TIMEOUT).unwrap()), 503);
     // failure_mode allow lets it through.
     let cfg = remote_config(json!({}))
         .replace("\"providers\"", "\"failure_mode\":\"allow\",\"providers\"");
-    let (mut r, mut h) = root(&cfg);
-    let mut req = h.next_request("GET", "/x", &[("authorization", &auth)]);
-    let mut f = r.create_filter(7);
-    assert_eq!(f.on_request_headers(&mut req, true), Decision::Pause);
-    r.on_tick(&mut h);
-    let t = h.calls[0].token;
-    r.on_call_response(&mut h, t, CallResponse::default());
-    assert_eq!(f.on_wake(&mut req, WAKE_FETCHED), Decision::Continue);
+    let mut vm = root(&cfg);
+    let req = vm.request("GET", "/x", &[("authorization", &auth)]);
+    assert_eq!(vm.request_headers(req, true), Decision::Pause);
+    vm.tick();
+    let t = vm.calls()[0].token;
+    vm.answer(t, CallResponse::default());
+    assert_eq!(
+        vm.wake_decision(req, WAKE_FETCHED).unwrap(),
+        Decision::Continue
+    );
 }
 
 #[test]
@@ -730,28 +706,24 @@ fn oidc_discovery_then_jwks() {
         r#""path":"/jwks""#,
         r#""discovery_path":"/.well-known/openid-configuration""#,
     );
-    let (mut r, mut h) = root(&cfg);
-    r.on_tick(&mut h);
+    let mut vm = root(&cfg);
+    vm.tick();
     assert_eq!(
-        h.calls[0].header(":path"),
+        vm.calls()[0].header(":path"),
         Some("/.well-known/openid-configuration")
     );
-    let t = h.calls[0].token;
-    r.on_call_response(
-        &mut h,
+    let t = vm.calls()[0].token;
+    vm.answer(
         t,
         ok(r#"{"issuer":"https://idp","jwks_uri":"http://keys.local:8081/k/jwks.json"}"#),
     );
-    assert_eq!(h.calls[1].header(":path"), Some("/k/jwks.json"));
-    assert_eq!(h.calls[1].header(":authority"), Some("keys.local:8081"));
-    let t = h.calls[1].token;
-    r.on_call_response(&mut h, t, ok(&format!(r#"{{"keys":[{ES_PUB}]}}"#)));
+    assert_eq!(vm.calls()[1].header(":path"), Some("/k/jwks.json"));
+    assert_eq!(vm.calls()[1].header(":authority"), Some("keys.local:8081"));
+    let t = vm.calls()[1].token;
+    vm.answer(t, ok(&format!(r#"{{"keys":[{ES_PUB}]}}"#)));
     let auth = format!("Bearer {}", es("es", claims(json!({}))));
-    let mut req = h.next_request("GET", "/x", &[("authorization", &auth)]);
-    assert_eq!(
-        r.create_filter(7).on_request_headers(&mut req, true),
-        Decision::Continue
-    );
+    let req = vm.request("GET", "/x", &[("authorization", &auth)]);
+    assert_eq!(vm.request_headers(req, true), Decision::Continue);
 }
 
 #[test]
@@ -761,11 +733,10 @@ fn introspection_active_inactive_down_and_cached() {
         "routes": [{"match": {"prefix": "/orders"}, "scopes": ["orders:read"]}, {"match": {}}]
     })
     .to_string();
-    let (r, h) = root(&cfg);
-    let mut req = h.next_request("GET", "/x", &[("authorization", "Bearer active-1")]);
-    let mut f = r.create_filter(2);
-    assert_eq!(f.on_request_headers(&mut req, true), Decision::Pause);
-    let call = req.calls[0].clone();
+    let mut vm = root(&cfg);
+    let req = vm.request("GET", "/x", &[("authorization", "Bearer active-1")]);
+    assert_eq!(vm.request_headers(req, true), Decision::Pause);
+    let call = vm.host(req).unwrap().calls[0].clone();
     assert_eq!(call.header(":method"), Some("POST"));
     assert!(call.header("authorization").unwrap().starts_with("Basic "));
     assert_eq!(
@@ -776,49 +747,35 @@ fn introspection_active_inactive_down_and_cached() {
         r#"{{"active":true,"sub":"bob","scope":"orders:read","plan":"pro","exp":{}}}"#,
         NOW + 100
     ));
+    assert_eq!(vm.answer(call.token, answer), Decision::Continue);
     assert_eq!(
-        f.on_call_response(&mut req, call.token, answer),
-        Decision::Continue
-    );
-    assert_eq!(
-        req.header(MapKind::RequestHeaders, "x-tollgate-consumer")
+        vm.header(req, MapKind::RequestHeaders, "x-tollgate-consumer")
             .as_deref(),
         Some("bob")
     );
     assert_eq!(
-        req.header(MapKind::RequestHeaders, "x-tollgate-plan")
+        vm.header(req, MapKind::RequestHeaders, "x-tollgate-plan")
             .as_deref(),
         Some("pro")
     );
     // Cached: the next request needs no call.
-    let mut req2 = req.next_request("GET", "/orders/1", &[("authorization", "Bearer active-1")]);
-    assert_eq!(
-        r.create_filter(3).on_request_headers(&mut req2, true),
-        Decision::Continue
-    );
-    assert!(req2.calls.is_empty());
-    assert_eq!(
-        req2.metric("tollgate.auth.introspection_cache_hits"),
-        Some(1)
-    );
+    let req2 = vm.request("GET", "/orders/1", &[("authorization", "Bearer active-1")]);
+    assert_eq!(vm.request_headers(req2, true), Decision::Continue);
+    assert!(vm.host(req2).unwrap().calls.is_empty());
+    assert_eq!(vm.metric("tollgate.auth.introspection_cache_hits"), Some(1));
     // Inactive.
-    let mut req3 = req.next_request("GET", "/x", &[("authorization", "Bearer nope")]);
-    let mut f3 = r.create_filter(4);
-    assert_eq!(f3.on_request_headers(&mut req3, true), Decision::Pause);
-    let t3 = req3.calls[0].token;
+    let req3 = vm.request("GET", "/x", &[("authorization", "Bearer nope")]);
+    assert_eq!(vm.request_headers(req3, true), Decision::Pause);
+    let t3 = vm.host(req3).unwrap().calls[0].token;
     assert_eq!(
-        reason(&f3.on_call_response(&mut req3, t3, ok(r#"{"active":false}"#))),
+        reason(&vm.answer(t3, ok(r#"{"active":false}"#))),
         "inactive_token"
     );
     // Down.
-    let mut req4 = req.next_request("GET", "/x", &[("authorization", "Bearer other")]);
-    let mut f4 = r.create_filter(5);
-    assert_eq!(f4.on_request_headers(&mut req4, true), Decision::Pause);
-    let t4 = req4.calls[0].token;
-    assert_eq!(
-        status(&f4.on_call_response(&mut req4, t4, CallResponse::default())),
-        503
-    );
+    let req4 = vm.request("GET", "/x", &[("authorization", "Bearer other")]);
+    assert_eq!(vm.request_headers(req4, true), Decision::Pause);
+    let t4 = vm.host(req4).unwrap().calls[0].token;
+    assert_eq!(status(&vm.answer(t4, CallResponse::default())), 503);
 }
 
 #[test]
@@ -830,125 +787,115 @@ fn remove_credential_from_header_query_and_cookie() {
         "routes": [{"match": {}}]
     })
     .to_string();
-    let (r, h) = root(&cfg);
-    let mut req = h.next_request("GET", "/x?a=1&api_key=key-pro&b=2", &[]);
+    let mut vm = root(&cfg);
+    let req = vm.request("GET", "/x?a=1&api_key=key-pro&b=2", &[]);
+    assert_eq!(vm.request_headers(req, true), Decision::Continue);
+    assert_eq!(vm.host(req).unwrap().path(), "/x?a=1&b=2");
+    let req = vm.request("GET", "/x", &[("cookie", "z=1; k=key-pro; y=2")]);
+    assert_eq!(vm.request_headers(req, true), Decision::Continue);
     assert_eq!(
-        r.create_filter(2).on_request_headers(&mut req, true),
-        Decision::Continue
-    );
-    assert_eq!(req.path(), "/x?a=1&b=2");
-    let mut req = h.next_request("GET", "/x", &[("cookie", "z=1; k=key-pro; y=2")]);
-    assert_eq!(
-        r.create_filter(2).on_request_headers(&mut req, true),
-        Decision::Continue
-    );
-    assert_eq!(
-        req.header(MapKind::RequestHeaders, "cookie").as_deref(),
+        vm.header(req, MapKind::RequestHeaders, "cookie").as_deref(),
         Some("z=1; y=2")
     );
-    let mut req = h.next_request("GET", "/x", &[("x-api-key", "key-pro")]);
-    assert_eq!(
-        r.create_filter(2).on_request_headers(&mut req, true),
-        Decision::Continue
-    );
-    assert_eq!(req.header(MapKind::RequestHeaders, "x-api-key"), None);
+    let req = vm.request("GET", "/x", &[("x-api-key", "key-pro")]);
+    assert_eq!(vm.request_headers(req, true), Decision::Continue);
+    assert_eq!(vm.header(req, MapKind::RequestHeaders, "x-api-key"), None);
 }
 
 #[test]
 fn workers_share_one_fetch_and_its_failure() {
     // Two workers of one Envoy: two roots over one shared-data store.
     let cfg = remote_config(json!({}));
-    let (mut r1, mut h1) = root(&cfg);
-    let mut r2 = AuthRoot::new(1);
-    let mut h2 = h1.next_request("GET", "/", &[]);
-    r2.configure(&mut h2, cfg.as_bytes()).unwrap();
+    let mut vm1 = root(&cfg);
+    let mut vm2 = vm1.worker(&cfg).unwrap();
     let auth = format!("Bearer {}", es("es", claims(json!({}))));
-    let mut req2 = h2.next_request("GET", "/x", &[("authorization", &auth)]);
-    let mut f2 = r2.create_filter(21);
-    assert_eq!(f2.on_request_headers(&mut req2, true), Decision::Pause);
-    r1.on_tick(&mut h1);
-    r2.on_tick(&mut h2);
-    assert_eq!(h1.calls.len(), 1, "worker 1 holds the lease and fetches");
-    assert!(h2.calls.is_empty(), "worker 2 waits for worker 1's fetch");
-    let t = h1.calls[0].token;
-    r1.on_call_response(&mut h1, t, ok(&format!(r#"{{"keys":[{ES_PUB}]}}"#)));
-    h2.advance(Duration::from_millis(50));
-    r2.on_tick(&mut h2);
+    let req2 = vm2.request("GET", "/x", &[("authorization", &auth)]);
+    assert_eq!(vm2.request_headers(req2, true), Decision::Pause);
+    vm1.tick();
+    vm2.tick();
+    assert_eq!(vm1.calls().len(), 1, "worker 1 holds the lease and fetches");
+    assert!(
+        vm2.calls().is_empty(),
+        "worker 2 waits for worker 1's fetch"
+    );
+    let t = vm1.calls()[0].token;
+    vm1.answer(t, ok(&format!(r#"{{"keys":[{ES_PUB}]}}"#)));
+    vm2.advance(Duration::from_millis(50));
+    vm2.tick();
     assert_eq!(
-        h2.woken,
-        vec![(21, WAKE_FETCHED)],
+        vm2.woken(),
+        vec![(req2, WAKE_FETCHED)],
         "adopted from shared data"
     );
-    assert_eq!(f2.on_wake(&mut req2, WAKE_FETCHED), Decision::Continue);
-    assert!(h2.calls.is_empty());
+    assert_eq!(
+        vm2.wake_decision(req2, WAKE_FETCHED).unwrap(),
+        Decision::Continue
+    );
+    assert!(vm2.calls().is_empty());
 
     // A failure of the lease holder reaches the other worker's waiters at once.
     let cfg = remote_config(json!({}));
-    let (mut r1, mut h1) = root(&cfg);
-    let mut r2 = AuthRoot::new(1);
-    let mut h2 = h1.next_request("GET", "/", &[]);
-    r2.configure(&mut h2, cfg.as_bytes()).unwrap();
-    let mut req2 = h2.next_request("GET", "/x", &[("authorization", &auth)]);
-    let mut f2 = r2.create_filter(22);
-    assert_eq!(f2.on_request_headers(&mut req2, true), Decision::Pause);
-    r1.on_tick(&mut h1);
-    r2.on_tick(&mut h2);
-    let t = h1.calls[0].token;
-    h1.advance(Duration::from_millis(10));
-    r1.on_call_response(&mut h1, t, CallResponse::default());
-    h2.advance(Duration::from_millis(50));
-    r2.on_tick(&mut h2);
-    assert_eq!(h2.woken, vec![(22, WAKE_FETCHED)]);
-    assert_eq!(status(&f2.on_wake(&mut req2, WAKE_FETCHED)), 503);
+    let mut vm1 = root(&cfg);
+    let mut vm2 = vm1.worker(&cfg).unwrap();
+    let req2 = vm2.request("GET", "/x", &[("authorization", &auth)]);
+    assert_eq!(vm2.request_headers(req2, true), Decision::Pause);
+    vm1.tick();
+    vm2.tick();
+    let t = vm1.calls()[0].token;
+    vm1.advance(Duration::from_millis(10));
+    vm1.answer(t, CallResponse::default());
+    vm2.advance(Duration::from_millis(50));
+    vm2.tick();
+    assert_eq!(vm2.woken(), vec![(req2, WAKE_FETCHED)]);
+    assert_eq!(status(&vm2.wake_decision(req2, WAKE_FETCHED).unwrap()), 503);
     // Neither worker retries before the retry interval (1 s) has passed since the failure.
     for _ in 0..5 {
-        h1.advance(Duration::from_millis(100));
-        h2.advance(Duration::from_millis(100));
-        r1.on_tick(&mut h1);
-        r2.on_tick(&mut h2);
+        vm1.advance(Duration::from_millis(100));
+        vm2.advance(Duration::from_millis(100));
+        vm1.tick();
+        vm2.tick();
     }
-    assert_eq!(h1.calls.len() + h2.calls.len(), 1);
-    h1.advance(Duration::from_millis(600));
-    h2.advance(Duration::from_millis(600));
-    r1.on_tick(&mut h1);
-    r2.on_tick(&mut h2);
-    assert_eq!(h1.calls.len() + h2.calls.len(), 2, "then one retry");
+    assert_eq!(vm1.calls().len() + vm2.calls().len(), 1);
+    vm1.advance(Duration::from_millis(600));
+    vm2.advance(Duration::from_millis(600));
+    vm1.tick();
+    vm2.tick();
+    assert_eq!(vm1.calls().len() + vm2.calls().len(), 2, "then one retry");
 }
 
 #[test]
 fn unknown_kid_refetch_is_limited_for_all_workers() {
     let cfg = remote_config(json!({}));
-    let (mut r1, mut h1) = root(&cfg);
-    r1.on_tick(&mut h1);
-    let t = h1.calls[0].token;
-    r1.on_call_response(&mut h1, t, ok(&format!(r#"{{"keys":[{ES_PUB}]}}"#)));
-    let mut r2 = AuthRoot::new(1);
-    let mut h2 = h1.next_request("GET", "/", &[]);
-    r2.configure(&mut h2, cfg.as_bytes()).unwrap();
-    r2.on_tick(&mut h2);
+    let mut vm1 = root(&cfg);
+    vm1.tick();
+    let t = vm1.calls()[0].token;
+    vm1.answer(t, ok(&format!(r#"{{"keys":[{ES_PUB}]}}"#)));
+    let mut vm2 = vm1.worker(&cfg).unwrap();
+    vm2.tick();
     let stranger = format!("Bearer {}", es("nobody", claims(json!({}))));
     // Worker 1 refetches for the unknown kid.
-    let mut req = h1.next_request("GET", "/x", &[("authorization", &stranger)]);
-    let mut f1 = r1.create_filter(31);
-    assert_eq!(f1.on_request_headers(&mut req, true), Decision::Pause);
-    r1.on_tick(&mut h1);
-    assert_eq!(h1.calls.len(), 2);
+    let req = vm1.request("GET", "/x", &[("authorization", &stranger)]);
+    assert_eq!(vm1.request_headers(req, true), Decision::Pause);
+    vm1.tick();
+    assert_eq!(vm1.calls().len(), 2);
     // Worker 2, meanwhile: a fetch is under way, so it waits for it without a refetch of its own.
-    let mut req2 = h2.next_request("GET", "/x", &[("authorization", &stranger)]);
-    let mut f2 = r2.create_filter(32);
-    assert_eq!(f2.on_request_headers(&mut req2, true), Decision::Pause);
-    let t = h1.calls[1].token;
-    h1.advance(Duration::from_millis(10));
-    r1.on_call_response(&mut h1, t, ok(&format!(r#"{{"keys":[{ES_PUB}]}}"#)));
-    assert_eq!(reason(&f1.on_wake(&mut req, WAKE_FETCHED)), "unknown_kid");
-    h2.advance(Duration::from_millis(50));
-    r2.on_tick(&mut h2);
-    assert!(h2.calls.is_empty());
-    assert_eq!(reason(&f2.on_wake(&mut req2, WAKE_FETCHED)), "unknown_kid");
-    // Within the interval, worker 2 refuses at once.
-    let mut req3 = h2.next_request("GET", "/x", &[("authorization", &stranger)]);
+    let req2 = vm2.request("GET", "/x", &[("authorization", &stranger)]);
+    assert_eq!(vm2.request_headers(req2, true), Decision::Pause);
+    let t = vm1.calls()[1].token;
+    vm1.advance(Duration::from_millis(10));
+    vm1.answer(t, ok(&format!(r#"{{"keys":[{ES_PUB}]}}"#)));
     assert_eq!(
-        reason(&r2.create_filter(33).on_request_headers(&mut req3, true)),
+        reason(&vm1.wake_decision(req, WAKE_FETCHED).unwrap()),
         "unknown_kid"
     );
+    vm2.advance(Duration::from_millis(50));
+    vm2.tick();
+    assert!(vm2.calls().is_empty());
+    assert_eq!(
+        reason(&vm2.wake_decision(req2, WAKE_FETCHED).unwrap()),
+        "unknown_kid"
+    );
+    // Within the interval, worker 2 refuses at once.
+    let req3 = vm2.request("GET", "/x", &[("authorization", &stranger)]);
+    assert_eq!(reason(&vm2.request_headers(req3, true)), "unknown_kid");
 }

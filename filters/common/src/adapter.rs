@@ -1,47 +1,52 @@
-//! The only code that calls proxy-wasm: [`ProxyWasmHost`] implements [`Host`] with hostcalls,
-//! and [`RootAdapter`] / [`HttpAdapter`] drive a [`RootFilter`] and its [`HttpFilter`]s from
-//! the proxy-wasm context traits. [`crate::export_filter!`] wires them up in a filter crate.
+//! The proxy-wasm adapter: the only code that talks to the proxy. [`ProxyWasm`] implements
+//! [`Host`] and the dispatcher's [`Proxy`] with the hostcalls of [`crate::abi`]; this module
+//! also exports the proxy-wasm ABI 0.2.1 entry points (`proxy_on_context_create`,
+//! `proxy_on_request_headers`, ..., `proxy_on_memory_allocate`, `proxy_abi_version_0_2_1`),
+//! which hand each call to the module's [`Dispatcher`]. No proxy-wasm SDK is involved.
+//!
+//! Nothing here panics: every hostcall status comes back as a value (an error, "absent", or a
+//! logged no-op). A panic anywhere else in the module is logged at critical level by the panic
+//! hook that [`start`] installs, before the VM aborts.
+//!
+//! [`crate::export_filter!`] in a filter crate defines `_initialize`, which calls [`start`].
 
-use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
-use std::rc::{Rc, Weak};
+use std::cell::RefCell;
+use std::sync::OnceLock;
 use std::time::{Duration, SystemTime};
 
-use proxy_wasm::hostcalls;
-use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
-
-use crate::abi;
-use crate::filter::{CallResponse, Decision, GrpcResponse, HttpFilter, RootFilter};
+use crate::abi::{self, buffer, map};
+use crate::dispatch::{Action, Dispatcher, Level, Proxy, Stream};
+use crate::filter::{CallResponse, GrpcResponse, RootFilter};
 use crate::host::{Body, GrpcCall, Host, HostError, HttpCall, MapKind, MetricKind, SharedError};
-use crate::problem::LocalReply;
+use crate::problem::{LocalReply, Problem};
 
-/// [`Host`] over proxy-wasm hostcalls. Header values are read as bytes and converted lossily,
-/// because the SDK's string getters panic on non-UTF-8 values that Envoy accepts.
+/// [`Host`] and [`Proxy`] over proxy-wasm hostcalls. Header values are read as bytes and
+/// converted lossily (Envoy accepts header values that are not UTF-8); a header map or body
+/// that is not available in this phase (status `BadArgument`) reads as absent.
 #[derive(Debug, Default, Clone, Copy)]
-pub struct ProxyWasmHost;
+pub struct ProxyWasm;
 
-fn map_type(map: MapKind) -> MapType {
+fn map_type(map: MapKind) -> u32 {
     match map {
-        MapKind::RequestHeaders => MapType::HttpRequestHeaders,
-        MapKind::RequestTrailers => MapType::HttpRequestTrailers,
-        MapKind::ResponseHeaders => MapType::HttpResponseHeaders,
-        MapKind::ResponseTrailers => MapType::HttpResponseTrailers,
-        MapKind::CallResponseHeaders => MapType::HttpCallResponseHeaders,
+        MapKind::RequestHeaders => map::REQUEST_HEADERS,
+        MapKind::RequestTrailers => map::REQUEST_TRAILERS,
+        MapKind::ResponseHeaders => map::RESPONSE_HEADERS,
+        MapKind::ResponseTrailers => map::RESPONSE_TRAILERS,
+        MapKind::CallResponseHeaders => map::CALL_RESPONSE_HEADERS,
     }
 }
 
-fn buffer_type(which: Body) -> BufferType {
+fn buffer_type(which: Body) -> u32 {
     match which {
-        Body::Request => BufferType::HttpRequestBody,
-        Body::Response => BufferType::HttpResponseBody,
-        Body::CallResponse => BufferType::HttpCallResponseBody,
+        Body::Request => buffer::REQUEST_BODY,
+        Body::Response => buffer::RESPONSE_BODY,
+        Body::CallResponse => buffer::CALL_RESPONSE_BODY,
     }
 }
 
-fn host_error(op: &'static str, status: Status) -> HostError {
+fn host_error(op: &'static str, status: u32) -> HostError {
     match status {
-        Status::BadArgument | Status::NotFound => HostError::NotAvailable(op),
+        abi::BAD_ARGUMENT | abi::NOT_FOUND => HostError::NotAvailable(op),
         _ => HostError::Failed(op),
     }
 }
@@ -50,7 +55,11 @@ fn lossy(bytes: Vec<u8>) -> String {
     String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
-impl Host for ProxyWasmHost {
+fn millis(d: Duration) -> u32 {
+    u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
+}
+
+impl Host for ProxyWasm {
     fn header(&self, map: MapKind, name: &str) -> Option<String> {
         match abi::get_header(map_type(map), name) {
             Ok(v) => v.map(lossy),
@@ -106,531 +115,525 @@ impl Host for ProxyWasmHost {
     }
 
     fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
-        hostcalls::get_property(path.to_vec()).ok().flatten()
-    }
-
-    fn shared_get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, HostError> {
-        match hostcalls::get_shared_data(key) {
-            Ok((Some(v), Some(cas))) => Ok(Some((v, cas))),
-            Ok((Some(v), None)) => Ok(Some((v, 0))),
-            Ok((None, _)) => Ok(None),
-            Err(s) => Err(host_error("get_shared_data", s)),
+        match abi::get_property(path) {
+            Ok(v) => v,
+            Err(s) => {
+                log::debug!("read property {path:?}: status {s}");
+                None
+            }
         }
     }
 
+    fn shared_get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, HostError> {
+        abi::get_shared_data(key).map_err(|s| host_error("get_shared_data", s))
+    }
+
     fn shared_set(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), SharedError> {
-        match hostcalls::set_shared_data(key, Some(value), cas) {
+        match abi::set_shared_data(key, value, cas.unwrap_or(0)) {
             Ok(()) => Ok(()),
-            Err(Status::CasMismatch) => Err(SharedError::CasMismatch),
+            Err(abi::CAS_MISMATCH) => Err(SharedError::CasMismatch),
             Err(s) => Err(SharedError::Host(host_error("set_shared_data", s))),
         }
     }
 
     fn http_call(&mut self, call: &HttpCall<'_>) -> Result<u32, HostError> {
-        hostcalls::dispatch_http_call(
-            call.cluster,
-            call.headers.clone(),
-            call.body,
-            Vec::new(),
-            call.timeout,
-        )
-        .inspect(|token| record_call_owner(*token))
-        .map_err(|s| host_error("dispatch_http_call", s))
+        abi::http_call(call.cluster, &call.headers, call.body, millis(call.timeout))
+            .map_err(|s| host_error("dispatch_http_call", s))
     }
 
     fn grpc_call(&mut self, call: &GrpcCall<'_>) -> Result<u32, HostError> {
-        hostcalls::dispatch_grpc_call(
+        abi::grpc_call(
             call.cluster,
             call.service,
             call.method,
-            call.metadata.clone(),
-            Some(call.message),
-            call.timeout,
+            &call.metadata,
+            call.message,
+            millis(call.timeout),
         )
-        .inspect(|token| record_call_owner(*token))
         .map_err(|s| host_error("dispatch_grpc_call", s))
     }
 
     fn now(&self) -> SystemTime {
-        hostcalls::get_current_time().unwrap_or(SystemTime::UNIX_EPOCH)
+        match abi::now_nanos() {
+            Ok(n) => SystemTime::UNIX_EPOCH + Duration::from_nanos(n),
+            Err(_) => SystemTime::UNIX_EPOCH,
+        }
     }
 
     fn define_metric(&mut self, kind: MetricKind, name: &str) -> Result<u32, HostError> {
         let t = match kind {
-            MetricKind::Counter => MetricType::Counter,
-            MetricKind::Gauge => MetricType::Gauge,
-            MetricKind::Histogram => MetricType::Histogram,
+            MetricKind::Counter => 0,
+            MetricKind::Gauge => 1,
+            MetricKind::Histogram => 2,
         };
-        hostcalls::define_metric(t, name).map_err(|s| host_error("define_metric", s))
+        abi::define_metric(t, name).map_err(|s| host_error("define_metric", s))
     }
 
     fn increment_metric(&mut self, id: u32, delta: i64) {
-        let _ = hostcalls::increment_metric(id, delta);
+        if let Err(s) = abi::increment_metric(id, delta) {
+            log::debug!("increment metric {id}: status {s}");
+        }
     }
 
     fn record_metric(&mut self, id: u32, value: u64) {
-        let _ = hostcalls::record_metric(id, value);
+        if let Err(s) = abi::record_metric(id, value) {
+            log::debug!("record metric {id}: status {s}");
+        }
     }
 
     fn set_tick_period(&mut self, period: Duration) {
-        let _ = hostcalls::set_tick_period(period);
-    }
-
-    fn wake(&mut self, context_id: u32, reason: u32) -> bool {
-        wake_context(context_id, reason)
+        if let Err(s) = abi::set_tick_period_ms(millis(period)) {
+            log::warn!("set tick period: status {s}");
+        }
     }
 }
 
-/// Install the logger (at `info` until the VM starts; hostcalls such as `get_log_level` are
-/// refused while the module initializes).
-pub fn init_logging() {
-    proxy_wasm::set_log_level(LogLevel::Info);
-}
+impl Proxy for ProxyWasm {
+    fn host(&mut self) -> &mut dyn Host {
+        self
+    }
 
-/// Follow the proxy's log level, so disabled levels cost no hostcall.
-fn follow_proxy_log_level() {
-    if let Ok(level) = hostcalls::get_log_level() {
-        proxy_wasm::set_log_level(level);
+    fn set_effective_context(&mut self, context_id: u32) -> Result<(), HostError> {
+        abi::set_effective_context(context_id).map_err(|s| host_error("set_effective_context", s))
+    }
+
+    fn resume(&mut self, stream: Stream) -> Result<(), HostError> {
+        let which = match stream {
+            Stream::Request => abi::stream::REQUEST,
+            Stream::Response => abi::stream::RESPONSE,
+        };
+        abi::continue_stream(which).map_err(|s| host_error("continue_stream", s))
+    }
+
+    fn send_local_reply(&mut self, reply: &LocalReply) -> Result<(), HostError> {
+        let headers: Vec<(&str, &str)> = reply
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        abi::send_local_response(u32::from(reply.status), &headers, &reply.body)
+            .map_err(|s| host_error("send_local_response", s))
+    }
+
+    fn call_response(
+        &mut self,
+        num_headers: usize,
+        body_size: usize,
+        limit: Option<usize>,
+    ) -> CallResponse {
+        let headers = if num_headers > 0 {
+            self.headers(MapKind::CallResponseHeaders)
+        } else {
+            Vec::new()
+        };
+        let take = limit.map_or(body_size, |l| body_size.min(l.saturating_add(1)));
+        let body = if take > 0 {
+            self.body(Body::CallResponse, 0, take).unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        CallResponse { headers, body }
+    }
+
+    fn grpc_response(&mut self, status: u32, size: usize) -> GrpcResponse {
+        if status == 0 {
+            let body = match abi::get_buffer(buffer::GRPC_RECEIVE, 0, size) {
+                Ok(b) => b.unwrap_or_default(),
+                Err(s) => {
+                    log::debug!("read gRPC answer: status {s}");
+                    Vec::new()
+                }
+            };
+            return GrpcResponse {
+                status,
+                message: None,
+                body,
+            };
+        }
+        // The status message is read as bytes: it need not be UTF-8.
+        let message = match abi::get_status() {
+            Ok((_, m)) if !m.is_empty() => Some(lossy(m)),
+            Ok(_) => None,
+            Err(s) => {
+                log::debug!("read gRPC status: status {s}");
+                None
+            }
+        };
+        GrpcResponse {
+            status,
+            message,
+            body: Vec::new(),
+        }
+    }
+
+    fn plugin_configuration(&mut self, size: usize) -> Vec<u8> {
+        match abi::get_buffer(buffer::PLUGIN_CONFIGURATION, 0, size) {
+            Ok(b) => b.unwrap_or_default(),
+            Err(s) => {
+                log::warn!("read plugin configuration: status {s}");
+                Vec::new()
+            }
+        }
+    }
+
+    fn log(&mut self, level: Level, message: &str) {
+        if level == Level::Critical || to_log_level(level) <= log::max_level() {
+            let _ = abi::log(level_number(level), message);
+        }
     }
 }
 
-fn send_reply(reply: &LocalReply) {
-    let headers: Vec<(&str, &str)> = reply
-        .headers
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    if let Err(s) = abi::send_local_response(u32::from(reply.status), &headers, &reply.body) {
-        log::warn!("send local reply {}: status {s}", reply.status);
+// ---- logging ----
+
+fn level_number(level: Level) -> u32 {
+    match level {
+        Level::Trace => 0,
+        Level::Debug => 1,
+        Level::Info => 2,
+        Level::Warn => 3,
+        Level::Error => 4,
+        Level::Critical => abi::level::CRITICAL,
     }
 }
 
-/// Read a callout answer. With `limit`, at most `limit + 1` bytes of the body are copied into
-/// the VM (so that the filter can tell it was too large without a huge answer filling the VM's
-/// memory).
-fn call_response(num_headers: usize, body_size: usize, limit: Option<usize>) -> CallResponse {
-    let host = ProxyWasmHost;
-    let headers = if num_headers > 0 {
-        host.headers(MapKind::CallResponseHeaders)
-    } else {
-        Vec::new()
+fn to_log_level(level: Level) -> log::LevelFilter {
+    match level {
+        Level::Trace => log::LevelFilter::Trace,
+        Level::Debug => log::LevelFilter::Debug,
+        Level::Info => log::LevelFilter::Info,
+        Level::Warn => log::LevelFilter::Warn,
+        Level::Error | Level::Critical => log::LevelFilter::Error,
+    }
+}
+
+/// The module's log name (`tollgate-auth`, `tollgate`), set by [`start`].
+static NAME: OnceLock<String> = OnceLock::new();
+
+/// Sends `log` records to the proxy, each line starting with the name of the filter crate
+/// that logged it (`tollgate-auth: ...`), or the module's name for shared code.
+struct Logger;
+
+static LOGGER: Logger = Logger;
+
+impl log::Log for Logger {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        metadata.level() <= log::max_level()
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        let level = match record.level() {
+            log::Level::Trace => 0,
+            log::Level::Debug => 1,
+            log::Level::Info => 2,
+            log::Level::Warn => 3,
+            log::Level::Error => 4,
+        };
+        let krate = record.target().split("::").next().unwrap_or_default();
+        let line = match krate.strip_prefix("tollgate_") {
+            Some(filter) if filter != "common" => format!("tollgate-{filter}: {}", record.args()),
+            _ => format!(
+                "{}: {}",
+                NAME.get().map_or("tollgate", String::as_str),
+                record.args()
+            ),
+        };
+        let _ = abi::log(level, &line);
+    }
+
+    fn flush(&self) {}
+}
+
+/// Follow the proxy's log level, so that disabled levels cost no hostcall (and no formatting).
+pub fn follow_proxy_log_level() {
+    if let Ok(level) = abi::log_level() {
+        log::set_max_level(match level {
+            0 => log::LevelFilter::Trace,
+            1 => log::LevelFilter::Debug,
+            2 => log::LevelFilter::Info,
+            3 => log::LevelFilter::Warn,
+            4 => log::LevelFilter::Error,
+            _ => log::LevelFilter::Off,
+        });
+    }
+}
+
+/// Log a panic at critical level through the proxy before the VM aborts.
+fn log_panic(info: &std::panic::PanicHookInfo<'_>) {
+    let name = NAME.get().map_or("tollgate", String::as_str);
+    let payload = info.payload();
+    let message = payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)");
+    let line = match info.location() {
+        Some(l) => format!(
+            "{name}: panicked at {}:{}:{}: {message}",
+            l.file(),
+            l.line(),
+            l.column()
+        ),
+        None => format!("{name}: panicked: {message}"),
     };
-    let take = match limit {
-        Some(l) => body_size.min(l.saturating_add(1)),
-        None => body_size,
-    };
-    let body = if take > 0 {
-        host.body(Body::CallResponse, 0, take).unwrap_or_default()
-    } else {
-        Vec::new()
-    };
-    CallResponse { headers, body }
+    let _ = abi::log(abi::level::CRITICAL, &line);
 }
 
-/// Read a gRPC callout answer (its status, status message and, on success, the message).
-fn grpc_response(status: u32, size: usize) -> GrpcResponse {
-    // The status message is not read yet: the SDK's `get_grpc_status` panics on a message
-    // that is not UTF-8.
-    let message = None;
-    let body = if status == 0 && size > 0 {
-        abi::get_buffer(BufferType::GrpcReceiveBuffer, 0, size)
-            .ok()
-            .flatten()
-            .unwrap_or_default()
-    } else {
-        Vec::new()
-    };
-    GrpcResponse {
-        status,
-        message,
-        body,
+// ---- the module's dispatcher ----
+
+/// The entries of the module's dispatcher, object-safe so that the exports need no generics.
+pub trait Vm {
+    /// `proxy_on_context_create`.
+    fn on_context_create(&mut self, context_id: u32, parent: u32);
+    /// `proxy_on_vm_start`.
+    fn on_vm_start(&mut self) -> bool;
+    /// `proxy_on_configure`.
+    fn on_configure(&mut self, root_id: u32, size: usize) -> bool;
+    /// `proxy_on_tick`.
+    fn on_tick(&mut self, root_id: u32);
+    /// `proxy_on_request_headers`.
+    fn on_request_headers(&mut self, context_id: u32, end_of_stream: bool) -> Action;
+    /// `proxy_on_request_body`.
+    fn on_request_body(&mut self, context_id: u32, size: usize, end_of_stream: bool) -> Action;
+    /// `proxy_on_response_headers`.
+    fn on_response_headers(&mut self, context_id: u32, end_of_stream: bool) -> Action;
+    /// `proxy_on_response_body`.
+    fn on_response_body(&mut self, context_id: u32, size: usize, end_of_stream: bool) -> Action;
+    /// `proxy_on_http_call_response`.
+    fn on_http_call_response(&mut self, root_id: u32, token: u32, headers: usize, body: usize);
+    /// `proxy_on_grpc_receive` / `proxy_on_grpc_close`.
+    fn on_grpc_response(&mut self, root_id: u32, token: u32, status: u32, size: usize);
+    /// `proxy_on_done`.
+    fn on_done(&mut self, context_id: u32) -> bool;
+    /// `proxy_on_delete`.
+    fn on_delete(&mut self, context_id: u32);
+}
+
+impl<R: RootFilter> Vm for Dispatcher<R, ProxyWasm> {
+    fn on_context_create(&mut self, context_id: u32, parent: u32) {
+        Dispatcher::on_context_create(self, context_id, parent)
     }
-}
-
-/// The body limit asked for by the HTTP context that will get the answer to `token`: the woken
-/// request that started the call, if it was one, else `own`.
-fn call_body_limit(token: u32, own: Option<&dyn Wakeable>) -> Option<usize> {
-    match CALL_OWNERS.with(|m| m.borrow().get(&token).copied()) {
-        Some(owner) => CONTEXTS
-            .with(|m| m.borrow().get(&owner).and_then(Weak::upgrade))
-            .and_then(|t| t.call_body_limit(token)),
-        None => own.and_then(|t| t.call_body_limit(token)),
+    fn on_vm_start(&mut self) -> bool {
+        Dispatcher::on_vm_start(self)
+    }
+    fn on_configure(&mut self, root_id: u32, size: usize) -> bool {
+        Dispatcher::on_configure(self, root_id, size)
+    }
+    fn on_tick(&mut self, root_id: u32) {
+        Dispatcher::on_tick(self, root_id)
+    }
+    fn on_request_headers(&mut self, context_id: u32, end_of_stream: bool) -> Action {
+        Dispatcher::on_request_headers(self, context_id, end_of_stream)
+    }
+    fn on_request_body(&mut self, context_id: u32, size: usize, end_of_stream: bool) -> Action {
+        Dispatcher::on_request_body(self, context_id, size, end_of_stream)
+    }
+    fn on_response_headers(&mut self, context_id: u32, end_of_stream: bool) -> Action {
+        Dispatcher::on_response_headers(self, context_id, end_of_stream)
+    }
+    fn on_response_body(&mut self, context_id: u32, size: usize, end_of_stream: bool) -> Action {
+        Dispatcher::on_response_body(self, context_id, size, end_of_stream)
+    }
+    fn on_http_call_response(&mut self, root_id: u32, token: u32, headers: usize, body: usize) {
+        Dispatcher::on_http_call_response(self, root_id, token, headers, body)
+    }
+    fn on_grpc_response(&mut self, root_id: u32, token: u32, status: u32, size: usize) {
+        Dispatcher::on_grpc_response(self, root_id, token, status, size)
+    }
+    fn on_done(&mut self, context_id: u32) -> bool {
+        Dispatcher::on_done(self, context_id)
+    }
+    fn on_delete(&mut self, context_id: u32) {
+        Dispatcher::on_delete(self, context_id)
     }
 }
 
 thread_local! {
-    /// Live HTTP contexts of this VM, so that [`Host::wake`] can reach them.
-    static CONTEXTS: RefCell<HashMap<u32, Weak<dyn Wakeable>>> = RefCell::new(HashMap::new());
-    /// The context the proxy is currently calling into (what `set_effective_context` restores).
-    static ACTIVE: Cell<u32> = const { Cell::new(0) };
-    /// While a woken request runs, its id: callouts it starts are answered to it.
-    static WAKING: Cell<Option<u32>> = const { Cell::new(None) };
-    /// Callouts started by a woken request: token -> HTTP context id. The SDK registers them
-    /// to the context that was active (the waker), whose adapter forwards the answer.
-    static CALL_OWNERS: RefCell<HashMap<u32, u32>> = RefCell::new(HashMap::new());
+    /// The module's dispatcher, installed by [`start`].
+    static VM: RefCell<Option<Box<dyn Vm>>> = const { RefCell::new(None) };
 }
 
-/// An HTTP context that can be woken or handed a forwarded callout answer.
-trait Wakeable {
-    fn wake(&self, reason: u32);
-    fn call_response(&self, token: u32, response: CallResponse);
-    fn grpc_response(&self, token: u32, response: GrpcResponse);
-    fn call_body_limit(&self, token: u32) -> Option<usize>;
+/// Run `f` on the module's dispatcher; `default` when there is none (or, which Envoy never
+/// does, when the VM is entered again while it runs).
+pub fn with_vm<T>(default: T, f: impl FnOnce(&mut dyn Vm) -> T) -> T {
+    VM.with(|vm| match vm.try_borrow_mut() {
+        Ok(mut slot) => match slot.as_mut() {
+            Some(vm) => f(vm.as_mut()),
+            None => default,
+        },
+        Err(_) => default,
+    })
 }
 
-fn record_call_owner(token: u32) {
-    if let Some(owner) = WAKING.with(Cell::get) {
-        CALL_OWNERS.with(|m| m.borrow_mut().insert(token, owner));
+/// Start the module with `R` as its filter: run the module's static constructors (WASI), then
+/// install the logger (at `info` until the VM starts: the proxy refuses `get_log_level` while
+/// the module initializes), the panic hook and the dispatcher. Called once, from the
+/// `_initialize` export that [`crate::export_filter!`] defines.
+pub fn start<R: RootFilter>(version: &'static str) {
+    #[cfg(all(target_arch = "wasm32", target_os = "wasi"))]
+    {
+        extern "C" {
+            fn __wasm_call_ctors();
+        }
+        // SAFETY: the linker's constructor function, called once before anything else runs.
+        unsafe { __wasm_call_ctors() };
     }
-}
-
-/// Run `f` on the live HTTP context `context_id` with the proxy's effective context switched
-/// to it, then switch back. False when the context is gone or busy.
-fn with_context(context_id: u32, f: impl FnOnce(&dyn Wakeable)) -> bool {
-    let Some(target) = CONTEXTS.with(|m| m.borrow().get(&context_id).and_then(Weak::upgrade))
-    else {
-        return false;
-    };
-    let previous = ACTIVE.with(Cell::get);
-    if hostcalls::set_effective_context(context_id).is_err() {
-        return false;
+    let _ = NAME.set(R::log_name());
+    if log::set_logger(&LOGGER).is_ok() {
+        log::set_max_level(log::LevelFilter::Info);
     }
-    ACTIVE.with(|a| a.set(context_id));
-    let outer = WAKING.with(|w| w.replace(Some(context_id)));
-    f(target.as_ref());
-    WAKING.with(|w| w.set(outer));
-    ACTIVE.with(|a| a.set(previous));
-    let _ = hostcalls::set_effective_context(previous);
-    true
-}
-
-fn wake_context(context_id: u32, reason: u32) -> bool {
-    with_context(context_id, |t| t.wake(reason))
-}
-
-/// Deliver a gRPC answer to the woken request that started the call, if it was one.
-fn forward_grpc_response(token: u32, response: GrpcResponse) -> Result<(), GrpcResponse> {
-    let Some(owner) = CALL_OWNERS.with(|m| m.borrow_mut().remove(&token)) else {
-        return Err(response);
-    };
-    let mut response = Some(response);
-    with_context(owner, |t| {
-        if let Some(r) = response.take() {
-            t.grpc_response(token, r);
+    std::panic::set_hook(Box::new(log_panic));
+    VM.with(|vm| {
+        if let Ok(mut slot) = vm.try_borrow_mut() {
+            *slot = Some(Box::new(Dispatcher::<R, ProxyWasm>::new(
+                ProxyWasm, version,
+            )));
         }
     });
-    Ok(())
 }
 
-/// Deliver a callout answer to the woken request that started the call, if it was one.
-fn forward_call_response(token: u32, response: CallResponse) -> Result<(), CallResponse> {
-    let Some(owner) = CALL_OWNERS.with(|m| m.borrow_mut().remove(&token)) else {
-        return Err(response);
-    };
-    let mut response = Some(response);
-    with_context(owner, |t| {
-        if let Some(r) = response.take() {
-            t.call_response(token, r);
-        }
-    });
-    Ok(())
+/// Refuse a request the module cannot handle (no dispatcher): 503, never let through.
+fn refuse() -> u32 {
+    let reply = Problem::new(503)
+        .detail("the gateway filter is not initialized")
+        .into_reply();
+    let _ = ProxyWasm.send_local_reply(&reply);
+    action(Action::Pause)
 }
 
-/// Drives a [`RootFilter`] from proxy-wasm's root context.
-pub struct RootAdapter<R: RootFilter> {
-    root: R,
-    context_id: u32,
-    version: &'static str,
-}
-
-impl<R: RootFilter> RootAdapter<R> {
-    /// A root adapter; `version` is the filter crate's version, logged at VM start.
-    pub fn new(context_id: u32, version: &'static str) -> Self {
-        RootAdapter {
-            root: R::new(context_id),
-            context_id,
-            version,
-        }
-    }
-
-    fn enter(&self) {
-        ACTIVE.with(|a| a.set(self.context_id));
+fn action(a: Action) -> u32 {
+    match a {
+        Action::Continue => 0,
+        Action::Pause => 1,
     }
 }
 
-impl<R: RootFilter> Context for RootAdapter<R> {
-    fn on_http_call_response(
-        &mut self,
-        token: u32,
-        num_headers: usize,
-        body_size: usize,
-        _: usize,
-    ) {
-        self.enter();
-        let limit = call_body_limit(token, None);
-        let response = call_response(num_headers, body_size, limit);
-        if let Err(response) = forward_call_response(token, response) {
-            self.root
-                .on_call_response(&mut ProxyWasmHost, token, response);
-        }
+/// The proxy-wasm ABI 0.2.1 exports. They are exported (`no_mangle`) only in the wasm module;
+/// on the build machine they are plain functions.
+pub mod exports {
+    use super::{action, follow_proxy_log_level, refuse, with_vm, Action};
+
+    /// Marks the module as built for proxy-wasm ABI 0.2.1.
+    #[cfg_attr(target_arch = "wasm32", no_mangle)]
+    pub extern "C" fn proxy_abi_version_0_2_1() {}
+
+    /// Memory for values the proxy hands to the module.
+    #[cfg_attr(target_arch = "wasm32", no_mangle)]
+    pub extern "C" fn proxy_on_memory_allocate(size: usize) -> *mut u8 {
+        crate::abi::allocate(size)
     }
 
-    fn on_grpc_call_response(&mut self, token: u32, status: u32, size: usize) {
-        self.enter();
-        let response = grpc_response(status, size);
-        if let Err(response) = forward_grpc_response(token, response) {
-            self.root
-                .on_grpc_response(&mut ProxyWasmHost, token, response);
-        }
+    /// A root (`parent` 0) or a request context was created.
+    #[cfg_attr(target_arch = "wasm32", no_mangle)]
+    pub extern "C" fn proxy_on_context_create(context_id: u32, parent: u32) {
+        with_vm((), |vm| vm.on_context_create(context_id, parent))
     }
-}
 
-impl<R: RootFilter> RootContext for RootAdapter<R> {
-    fn on_vm_start(&mut self, _vm_configuration_size: usize) -> bool {
-        self.enter();
+    /// The VM started.
+    #[cfg_attr(target_arch = "wasm32", no_mangle)]
+    pub extern "C" fn proxy_on_vm_start(_root_id: u32, _vm_configuration_size: u32) -> u32 {
         follow_proxy_log_level();
-        log::info!("tollgate-{} {}: VM started", R::NAME, self.version);
-        true
+        u32::from(with_vm(false, |vm| vm.on_vm_start()))
     }
 
-    fn on_configure(&mut self, size: usize) -> bool {
-        self.enter();
-        let bytes = if size > 0 {
-            hostcalls::get_buffer(BufferType::PluginConfiguration, 0, size)
-                .ok()
-                .flatten()
-                .unwrap_or_default()
-        } else {
-            Vec::new()
-        };
-        match self.root.configure(&mut ProxyWasmHost, &bytes) {
-            Ok(()) => {
-                log::info!(
-                    "tollgate-{} {}: configuration accepted",
-                    R::NAME,
-                    self.version
-                );
-                true
-            }
-            Err(e) => {
-                log::error!("tollgate-{}: {e}", R::NAME);
-                false
-            }
-        }
+    /// Apply the plugin configuration; 0 refuses it.
+    #[cfg_attr(target_arch = "wasm32", no_mangle)]
+    pub extern "C" fn proxy_on_configure(root_id: u32, size: u32) -> u32 {
+        follow_proxy_log_level();
+        u32::from(with_vm(false, |vm| vm.on_configure(root_id, size as usize)))
     }
 
-    fn on_tick(&mut self) {
-        self.enter();
-        self.root.on_tick(&mut ProxyWasmHost);
+    /// A root's tick.
+    #[cfg_attr(target_arch = "wasm32", no_mangle)]
+    pub extern "C" fn proxy_on_tick(root_id: u32) {
+        with_vm((), |vm| vm.on_tick(root_id))
     }
 
-    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
-        let inner = Rc::new(HttpInner {
-            filter: RefCell::new(self.root.create_filter(context_id)),
-            paused: Cell::new(None),
-        });
-        let weak: Weak<dyn Wakeable> = Rc::downgrade(&(inner.clone() as Rc<dyn Wakeable>));
-        CONTEXTS.with(|m| m.borrow_mut().insert(context_id, weak));
-        Some(Box::new(HttpAdapter { inner, context_id }))
+    /// Request headers; 0 continues, 1 pauses.
+    #[cfg_attr(target_arch = "wasm32", no_mangle)]
+    pub extern "C" fn proxy_on_request_headers(id: u32, _headers: u32, eos: u32) -> u32 {
+        with_vm(None, |vm| Some(vm.on_request_headers(id, eos != 0))).map_or_else(refuse, action)
     }
 
-    fn get_type(&self) -> Option<ContextType> {
-        Some(ContextType::HttpContext)
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Stream {
-    Request,
-    Response,
-}
-
-struct HttpInner<F: HttpFilter> {
-    filter: RefCell<F>,
-    paused: Cell<Option<Stream>>,
-}
-
-impl<F: HttpFilter> HttpInner<F> {
-    /// Apply a decision taken inside a hook of `stream`.
-    fn act(&self, stream: Stream, d: Decision) -> Action {
-        match d {
-            Decision::Continue => Action::Continue,
-            Decision::Pause => {
-                self.paused.set(Some(stream));
-                Action::Pause
-            }
-            Decision::Respond(reply) => {
-                self.paused.set(None);
-                send_reply(&reply);
-                Action::Pause
-            }
-        }
+    /// A request body chunk.
+    #[cfg_attr(target_arch = "wasm32", no_mangle)]
+    pub extern "C" fn proxy_on_request_body(id: u32, size: u32, eos: u32) -> u32 {
+        action(with_vm(Action::Continue, |vm| {
+            vm.on_request_body(id, size as usize, eos != 0)
+        }))
     }
 
-    /// Apply a decision taken outside a stream hook (callout answer, wake).
-    fn act_async(&self, d: Decision) {
-        match d {
-            Decision::Pause => {}
-            Decision::Continue => match self.paused.take() {
-                Some(Stream::Request) => {
-                    let _ = hostcalls::resume_http_request();
-                }
-                Some(Stream::Response) => {
-                    let _ = hostcalls::resume_http_response();
-                }
-                None => {}
-            },
-            Decision::Respond(reply) => {
-                self.paused.set(None);
-                send_reply(&reply);
-            }
-        }
+    /// Response headers.
+    #[cfg_attr(target_arch = "wasm32", no_mangle)]
+    pub extern "C" fn proxy_on_response_headers(id: u32, _headers: u32, eos: u32) -> u32 {
+        action(with_vm(Action::Continue, |vm| {
+            vm.on_response_headers(id, eos != 0)
+        }))
     }
 
-    fn hook(&self, stream: Stream, f: impl FnOnce(&mut F) -> Decision) -> Action {
-        let d = match self.filter.try_borrow_mut() {
-            Ok(mut filter) => f(&mut filter),
-            Err(_) => return Action::Continue,
-        };
-        self.act(stream, d)
-    }
-}
-
-impl<F: HttpFilter> Wakeable for HttpInner<F> {
-    fn wake(&self, reason: u32) {
-        let d = match self.filter.try_borrow_mut() {
-            Ok(mut filter) => filter.on_wake(&mut ProxyWasmHost, reason),
-            Err(_) => return,
-        };
-        self.act_async(d);
+    /// A response body chunk.
+    #[cfg_attr(target_arch = "wasm32", no_mangle)]
+    pub extern "C" fn proxy_on_response_body(id: u32, size: u32, eos: u32) -> u32 {
+        action(with_vm(Action::Continue, |vm| {
+            vm.on_response_body(id, size as usize, eos != 0)
+        }))
     }
 
-    fn call_response(&self, token: u32, response: CallResponse) {
-        let d = match self.filter.try_borrow_mut() {
-            Ok(mut filter) => filter.on_call_response(&mut ProxyWasmHost, token, response),
-            Err(_) => return,
-        };
-        self.act_async(d);
-    }
-
-    fn grpc_response(&self, token: u32, response: GrpcResponse) {
-        let d = match self.filter.try_borrow_mut() {
-            Ok(mut filter) => filter.on_grpc_response(&mut ProxyWasmHost, token, response),
-            Err(_) => return,
-        };
-        self.act_async(d);
-    }
-
-    fn call_body_limit(&self, token: u32) -> Option<usize> {
-        self.filter
-            .try_borrow()
-            .ok()
-            .and_then(|f| f.call_body_limit(token))
-    }
-}
-
-/// Drives one [`HttpFilter`] from proxy-wasm's HTTP context.
-pub struct HttpAdapter<F: HttpFilter> {
-    inner: Rc<HttpInner<F>>,
-    context_id: u32,
-}
-
-impl<F: HttpFilter> HttpAdapter<F> {
-    fn enter(&self) {
-        ACTIVE.with(|a| a.set(self.context_id));
-    }
-}
-
-impl<F: HttpFilter> Drop for HttpAdapter<F> {
-    fn drop(&mut self) {
-        CONTEXTS.with(|m| m.borrow_mut().remove(&self.context_id));
-    }
-}
-
-impl<F: HttpFilter> Context for HttpAdapter<F> {
-    fn on_http_call_response(
-        &mut self,
+    /// The answer to an HTTP callout (delivered to the root that made it).
+    #[cfg_attr(target_arch = "wasm32", no_mangle)]
+    pub extern "C" fn proxy_on_http_call_response(
+        root_id: u32,
         token: u32,
-        num_headers: usize,
-        body_size: usize,
-        _: usize,
+        headers: u32,
+        body_size: u32,
+        _trailers: u32,
     ) {
-        self.enter();
-        let limit = call_body_limit(token, Some(self.inner.as_ref() as &dyn Wakeable));
-        let response = call_response(num_headers, body_size, limit);
-        if let Err(response) = forward_call_response(token, response) {
-            self.inner.call_response(token, response);
-        }
-    }
-
-    fn on_grpc_call_response(&mut self, token: u32, status: u32, size: usize) {
-        self.enter();
-        let response = grpc_response(status, size);
-        if let Err(response) = forward_grpc_response(token, response) {
-            self.inner.grpc_response(token, response);
-        }
-    }
-
-    fn on_done(&mut self) -> bool {
-        self.enter();
-        if let Ok(mut filter) = self.inner.filter.try_borrow_mut() {
-            filter.on_done(&mut ProxyWasmHost);
-        }
-        CONTEXTS.with(|m| m.borrow_mut().remove(&self.context_id));
-        true
-    }
-}
-
-impl<F: HttpFilter> HttpContext for HttpAdapter<F> {
-    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        self.enter();
-        self.inner.hook(Stream::Request, |f| {
-            f.on_request_headers(&mut ProxyWasmHost, end_of_stream)
+        with_vm((), |vm| {
+            vm.on_http_call_response(root_id, token, headers as usize, body_size as usize)
         })
     }
 
-    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        self.enter();
-        self.inner.hook(Stream::Request, |f| {
-            f.on_request_body(&mut ProxyWasmHost, body_size, end_of_stream)
+    /// A unary gRPC callout succeeded.
+    #[cfg_attr(target_arch = "wasm32", no_mangle)]
+    pub extern "C" fn proxy_on_grpc_receive(root_id: u32, token: u32, size: u32) {
+        with_vm((), |vm| {
+            vm.on_grpc_response(root_id, token, 0, size as usize)
         })
     }
 
-    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        self.enter();
-        self.inner.hook(Stream::Response, |f| {
-            f.on_response_headers(&mut ProxyWasmHost, end_of_stream)
-        })
+    /// A gRPC callout failed with `status`.
+    #[cfg_attr(target_arch = "wasm32", no_mangle)]
+    pub extern "C" fn proxy_on_grpc_close(root_id: u32, token: u32, status: u32) {
+        with_vm((), |vm| vm.on_grpc_response(root_id, token, status, 0))
     }
 
-    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        self.enter();
-        self.inner.hook(Stream::Response, |f| {
-            f.on_response_body(&mut ProxyWasmHost, body_size, end_of_stream)
-        })
+    /// A context is complete.
+    #[cfg_attr(target_arch = "wasm32", no_mangle)]
+    pub extern "C" fn proxy_on_done(context_id: u32) -> u32 {
+        u32::from(with_vm(true, |vm| vm.on_done(context_id)))
+    }
+
+    /// A context is deleted.
+    #[cfg_attr(target_arch = "wasm32", no_mangle)]
+    pub extern "C" fn proxy_on_delete(context_id: u32) {
+        with_vm((), |vm| vm.on_delete(context_id))
     }
 }
 
 /// Export a [`RootFilter`] as a proxy-wasm module: `tollgate_common::export_filter!(AuthRoot);`
-/// in the filter crate's `lib.rs`.
+/// in the filter crate's `lib.rs`. It defines the module's `_initialize` (only when building
+/// the wasm module with the crate's `export` feature, on by default: a crate that links several
+/// filters into one module turns it off for them).
 #[macro_export]
 macro_rules! export_filter {
     ($root:ty) => {
-        // Only the wasm module exports the entry point; host builds (unit tests, clippy) link
-        // without the proxy's imports.
-        #[cfg(target_arch = "wasm32")]
-        mod __tollgate_export {
-            #[allow(unused_imports)]
-            use super::*;
-            $crate::proxy_wasm::main! {{
-                $crate::adapter::init_logging();
-                $crate::proxy_wasm::set_root_context(|context_id| {
-                    Box::new($crate::adapter::RootAdapter::<$root>::new(
-                        context_id,
-                        env!("CARGO_PKG_VERSION"),
-                    ))
-                });
-            }}
+        /// The module's initializer (WASI reactor): installs the filter.
+        #[cfg(all(target_arch = "wasm32", feature = "export"))]
+        #[no_mangle]
+        pub extern "C" fn _initialize() {
+            $crate::adapter::start::<$root>(env!("CARGO_PKG_VERSION"));
         }
     };
 }

@@ -136,4 +136,9 @@ pub trait RootFilter: Sized + 'static {
     fn on_grpc_response(&mut self, _host: &mut dyn Host, _token: u32, _response: GrpcResponse) {}
     /// A filter for a new request.
     fn create_filter(&self, context_id: u32) -> Self::Filter;
+    /// How the dispatcher's log lines for this filter start (VM start, configuration accepted or
+    /// refused): `tollgate-<NAME>`.
+    fn log_name() -> String {
+        format!("tollgate-{}", Self::NAME)
+    }
 }

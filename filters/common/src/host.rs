@@ -112,7 +112,7 @@ pub struct GrpcCall<'a> {
 }
 
 /// What filter logic may ask of the proxy. One implementation makes proxy-wasm hostcalls
-/// ([`crate::adapter::ProxyWasmHost`]); another keeps everything in memory for unit tests
+/// ([`crate::adapter::ProxyWasm`]); another keeps everything in memory for unit tests
 /// ([`crate::mem_host::MemHost`]).
 pub trait Host {
     /// One header value (the first, if repeated); names are lower case.
@@ -161,9 +161,10 @@ pub trait Host {
     fn set_tick_period(&mut self, period: Duration);
 
     /// Wake the request whose HTTP context id is `context_id`: its filter's `on_wake` runs with
-    /// `reason`. Callouts that `on_wake` starts are answered to that request. Returns false
-    /// when that request is gone (finished or reset). Typically called by a root that keeps a
-    /// list of waiting requests (their ids come from `RootFilter::create_filter`).
+    /// `reason`, after the current hook returns (never inside it; see `dispatch` for when).
+    /// Callouts that `on_wake` starts are answered to that request. Returns false when that
+    /// request is gone (finished or reset). Typically called by a root that keeps a list of
+    /// waiting requests (their ids come from `RootFilter::create_filter`).
     fn wake(&mut self, _context_id: u32, _reason: u32) -> bool {
         false
     }

@@ -1,9 +1,12 @@
 //! Shared foundation of the Tollgate filters.
 //!
 //! Filter logic never calls proxy-wasm directly. It is written against the [`Host`] trait and
-//! the [`HttpFilter`] / [`RootFilter`] traits of [`filter`]; the generic adapter in [`adapter`]
-//! is the only code that makes hostcalls. [`mem_host::MemHost`] implements [`Host`] in memory so
-//! that filter logic is unit tested on the build machine.
+//! the [`HttpFilter`] / [`RootFilter`] traits of [`filter`]. The [`dispatch::Dispatcher`] drives
+//! roots and requests over a small [`dispatch::Proxy`] trait; the adapter in [`adapter`] (with
+//! the hostcalls of `abi`) implements it for proxy-wasm and exports the ABI, and is the only
+//! code that makes hostcalls. [`mem_host::MemHost`] implements [`Host`] in memory, and
+//! [`testing::Driver`] runs the same dispatcher over an in-memory proxy, so that filter logic
+//! is unit tested on the build machine the way Envoy runs it.
 //!
 //! Also here: configuration parsing with field paths ([`config`]), the route matcher every filter
 //! uses for per-route rules ([`route`]), RFC 9457 problem replies ([`problem`]), request helpers
@@ -12,19 +15,19 @@
 mod abi;
 pub mod adapter;
 pub mod config;
+pub mod dispatch;
 pub mod filter;
+pub mod header_cache;
 pub mod host;
 pub mod mem_host;
 pub mod metrics;
 pub mod problem;
 pub mod request;
 pub mod route;
+pub mod testing;
 
 pub use config::ConfigError;
 pub use filter::{CallResponse, Decision, GrpcResponse, HttpFilter, RootFilter};
 pub use host::{Body, GrpcCall, Host, HostError, HttpCall, MapKind, MetricKind, SharedError};
 pub use problem::{LocalReply, Problem};
 pub use route::{RouteMatch, RouteParams, Rules};
-
-/// Re-exported so that [`export_filter!`] expands without each filter crate naming proxy-wasm.
-pub use proxy_wasm;

@@ -1,7 +1,7 @@
 //! An in-memory [`Host`] for unit tests of filter logic: headers, bodies, properties, shared
 //! data with Envoy's CAS rules, recorded callouts, a settable clock and metrics.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::{Duration, SystemTime};
@@ -111,7 +111,8 @@ pub struct MemHost {
     pub grpc_calls: Vec<RecordedGrpcCall>,
     /// When set, `http_call` and `grpc_call` fail (no such cluster).
     pub fail_calls: bool,
-    next_token: u32,
+    /// The next callout token, shared by the hosts of one Envoy (unique across requests).
+    tokens: Rc<Cell<u32>>,
     /// Current time; move it with [`MemHost::advance`].
     pub now: SystemTime,
     metrics: Rc<RefCell<MetricStore>>,
@@ -139,7 +140,7 @@ impl MemHost {
             calls: Vec::new(),
             grpc_calls: Vec::new(),
             fail_calls: false,
-            next_token: 1,
+            tokens: Rc::new(Cell::new(1)),
             now: SystemTime::UNIX_EPOCH + Duration::from_secs(1_767_225_600),
             metrics: Rc::default(),
             tick_period: None,
@@ -172,8 +173,25 @@ impl MemHost {
         h.shared = self.shared.clone();
         h.metrics = self.metrics.clone();
         h.now = self.now;
-        h.next_token = self.next_token + 1000;
+        h.tokens = self.tokens.clone();
         h
+    }
+
+    /// Another host without a request that shares this one's shared data, metrics, callout
+    /// tokens and clock: the root context of another worker of the same Envoy.
+    pub fn worker(&self) -> Self {
+        let mut h = MemHost::new();
+        h.shared = self.shared.clone();
+        h.metrics = self.metrics.clone();
+        h.now = self.now;
+        h.tokens = self.tokens.clone();
+        h
+    }
+
+    fn next_token(&self) -> u32 {
+        let token = self.tokens.get();
+        self.tokens.set(token.wrapping_add(1).max(1));
+        token
     }
 
     /// Replace a whole header map.
@@ -301,8 +319,7 @@ impl Host for MemHost {
         if self.fail_calls {
             return Err(HostError::Failed("dispatch_http_call"));
         }
-        let token = self.next_token;
-        self.next_token += 1;
+        let token = self.next_token();
         self.calls.push(RecordedCall {
             token,
             cluster: call.cluster.to_string(),
@@ -321,8 +338,7 @@ impl Host for MemHost {
         if self.fail_calls {
             return Err(HostError::Failed("dispatch_grpc_call"));
         }
-        let token = self.next_token;
-        self.next_token += 1;
+        let token = self.next_token();
         self.grpc_calls.push(RecordedGrpcCall {
             token,
             cluster: call.cluster.to_string(),

@@ -2,7 +2,8 @@
 //! else (the floor of the wasm runtime in benchmarks). With `wait_ms` it pauses each request until
 //! the root wakes it from `on_tick`, optionally makes a callout from the woken request, and
 //! passes the callout's status upstream as `x-probe-call-status` — which is how the integration
-//! tests check the adapter's wake and callout forwarding on a real Envoy.
+//! tests check the dispatcher's wake and callout forwarding on a real Envoy. With
+//! `panic_on_request` it panics on purpose, to show the panic hook's critical log line.
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -27,6 +28,10 @@ pub struct Config {
     /// `unavailable`) as `x-probe-request-path`: Envoy refuses that read, which must not crash.
     #[serde(default)]
     pub read_request_in_response: bool,
+    /// Panic in the request hook, on purpose: the tests check that the panic hook logs the
+    /// panic at critical level before the VM dies. Never set it anywhere else.
+    #[serde(default)]
+    pub panic_on_request: bool,
 }
 
 #[derive(Default)]
@@ -95,6 +100,11 @@ pub struct ProbeFilter {
 
 impl HttpFilter for ProbeFilter {
     fn on_request_headers(&mut self, host: &mut dyn Host, _end_of_stream: bool) -> Decision {
+        // Panics, on purpose, when `panic_on_request` is set.
+        assert!(
+            !self.config.panic_on_request,
+            "probe: a panic on purpose (panic_on_request)"
+        );
         if self.config.wait_ms == 0 {
             return Decision::Continue;
         }
@@ -166,31 +176,28 @@ tollgate_common::export_filter!(ProbeRoot);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tollgate_common::mem_host::MemHost;
+    use tollgate_common::testing::Driver;
 
     #[test]
     fn waits_until_woken_then_calls_and_continues() {
-        let mut root = ProbeRoot::new(1);
-        let mut host = MemHost::new();
-        root.configure(&mut host, br#"{"wait_ms": 50, "call_cluster": "users"}"#)
-            .unwrap();
-        let mut req = host.next_request("GET", "/x", &[]);
-        let mut f = root.create_filter(7);
-        assert_eq!(f.on_request_headers(&mut req, true), Decision::Pause);
-        root.on_tick(&mut host);
-        assert!(host.woken.is_empty(), "not due yet");
-        host.advance(Duration::from_millis(60));
-        root.on_tick(&mut host);
-        assert_eq!(host.woken, vec![(7, 1)]);
-        assert_eq!(f.on_wake(&mut req, 1), Decision::Pause);
-        let token = req.calls[0].token;
+        let mut d =
+            Driver::<ProbeRoot>::new(r#"{"wait_ms": 50, "call_cluster": "users"}"#).unwrap();
+        let id = d.request("GET", "/x", &[]);
+        assert_eq!(d.request_headers(id, true), Decision::Pause);
+        d.tick();
+        assert!(d.woken().is_empty(), "not due yet");
+        d.advance(Duration::from_millis(60));
+        d.tick();
+        assert_eq!(d.woken(), vec![(id, 1)]);
+        assert_eq!(d.wake_decision(id, 1), Some(Decision::Pause));
+        let token = d.calls()[0].token;
         let ok = CallResponse {
             headers: vec![(":status".into(), "200".into())],
             body: vec![],
         };
-        assert_eq!(f.on_call_response(&mut req, token, ok), Decision::Continue);
+        assert_eq!(d.answer(token, ok), Decision::Continue);
         assert_eq!(
-            req.header(MapKind::RequestHeaders, "x-probe-call-status")
+            d.header(id, MapKind::RequestHeaders, "x-probe-call-status")
                 .as_deref(),
             Some("200")
         );
@@ -198,15 +205,9 @@ mod tests {
 
     #[test]
     fn empty_configuration_passes_through() {
-        let mut root = ProbeRoot::new(1);
-        root.configure(&mut MemHost::new(), b"").unwrap();
-        let mut req = MemHost::request("GET", "/", &[]);
-        assert_eq!(
-            root.create_filter(2).on_request_headers(&mut req, true),
-            Decision::Continue
-        );
-        assert!(root
-            .configure(&mut MemHost::new(), br#"{"wait": 1}"#)
-            .is_err());
+        let mut d = Driver::<ProbeRoot>::new("").unwrap();
+        let id = d.request("GET", "/", &[]);
+        assert_eq!(d.request_headers(id, true), Decision::Continue);
+        assert!(Driver::<ProbeRoot>::new(r#"{"wait": 1}"#).is_err());
     }
 }

@@ -2,6 +2,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use tollgate_common::mem_host::MemHost;
+use tollgate_common::testing::Driver;
 
 use super::*;
 
@@ -22,34 +23,32 @@ impl Answer {
     }
 }
 
+/// One worker of an Envoy with the filter, driven by the test driver.
 struct Gw {
-    root: RateLimitRoot,
-    host: MemHost,
-    next_id: u32,
+    d: Driver<RateLimitRoot>,
 }
 
 impl Gw {
     fn new(config: &str) -> Gw {
-        let mut root = RateLimitRoot::new(1);
-        let mut host = MemHost::new();
-        root.configure(&mut host, config.as_bytes()).unwrap();
         Gw {
-            root,
-            host,
-            next_id: 2,
+            d: Driver::new(config).unwrap(),
         }
     }
 
     /// Another worker of the same Envoy: its own root, the same shared data and clock.
     fn worker(&self, config: &str) -> Gw {
-        let mut root = RateLimitRoot::new(1);
-        let mut host = self.host.next_request("GET", "/", &[]);
-        root.configure(&mut host, config.as_bytes()).unwrap();
         Gw {
-            root,
-            host,
-            next_id: 1000,
+            d: self.d.worker(config).unwrap(),
         }
+    }
+
+    /// The worker's host: shared data, metrics and clock.
+    fn host(&self) -> &MemHost {
+        self.d.vm()
+    }
+
+    fn root(&self) -> &RateLimitRoot {
+        self.d.root().unwrap()
     }
 
     fn send(&mut self, path: &str, headers: &[(&str, &str)]) -> Answer {
@@ -57,15 +56,21 @@ impl Gw {
     }
 
     fn send_from(&mut self, path: &str, headers: &[(&str, &str)], addr: &str) -> Answer {
-        let mut h = self.host.next_request("GET", path, headers);
-        h.set_property(&["source", "address"], addr);
-        self.next_id += 1;
-        let mut f = self.root.create_filter(self.next_id);
-        match f.on_request_headers(&mut h, true) {
+        let id = self.d.request("GET", path, headers);
+        self.d
+            .host_mut(id)
+            .unwrap()
+            .set_property(&["source", "address"], addr);
+        let answer = match self.d.request_headers(id, true) {
             Decision::Respond(r) => {
                 // Envoy runs the encoder path of a local reply through the filter too.
-                assert_eq!(f.on_response_headers(&mut h, false), Decision::Continue);
-                assert!(h.headers(MapKind::ResponseHeaders).is_empty());
+                assert_eq!(self.d.response_headers(id, &[], false), Decision::Continue);
+                assert!(self
+                    .d
+                    .host(id)
+                    .unwrap()
+                    .headers(MapKind::ResponseHeaders)
+                    .is_empty());
                 Answer {
                     status: r.status,
                     headers: r.headers,
@@ -73,16 +78,20 @@ impl Gw {
                 }
             }
             Decision::Continue => {
-                h.set_map(MapKind::ResponseHeaders, &[(":status", "200")]);
-                assert_eq!(f.on_response_headers(&mut h, false), Decision::Continue);
+                assert_eq!(
+                    self.d.response_headers(id, &[(":status", "200")], false),
+                    Decision::Continue
+                );
                 Answer {
                     status: 200,
-                    headers: h.headers(MapKind::ResponseHeaders),
+                    headers: self.d.host(id).unwrap().headers(MapKind::ResponseHeaders),
                     body: Vec::new(),
                 }
             }
             Decision::Pause => panic!("the filter never pauses"),
-        }
+        };
+        self.d.done(id);
+        answer
     }
 
     fn statuses(&mut self, n: usize, path: &str, headers: &[(&str, &str)]) -> Vec<u16> {
@@ -90,11 +99,11 @@ impl Gw {
     }
 
     fn advance(&mut self, by: Duration) {
-        self.host.advance(by);
+        self.d.advance(by);
     }
 
     fn metric(&self, name: &str) -> Option<i64> {
-        self.host.metric(&format!("tollgate.ratelimit.{name}"))
+        self.d.metric(&format!("tollgate.ratelimit.{name}"))
     }
 }
 
@@ -275,7 +284,7 @@ fn workers_sharing_the_store_are_exact() {
     for i in 0..300 {
         // a conflict now and then, as when the other worker writes between read and write
         if i % 7 == 0 {
-            w1.host.shared.force_conflicts(3);
+            w1.host().shared.force_conflicts(3);
         }
         let gw = if i % 2 == 0 { &mut w1 } else { &mut w2 };
         if gw.send("/", &[]).status == 200 {
@@ -294,17 +303,17 @@ fn failure_mode_allow_counts_and_deny_answers_503() {
         )
     };
     let mut gw = Gw::new(&cfg("allow"));
-    gw.host.shared.force_conflicts(1000);
+    gw.host().shared.force_conflicts(1000);
     assert_eq!(gw.statuses(3, "/", &[]), vec![200; 3]);
     assert_eq!(gw.metric("failures"), Some(3));
     assert_eq!(gw.metric("cas_exhausted"), Some(3));
     assert_eq!(gw.metric("limit.g.cas_exhausted"), Some(3));
     let mut gw = Gw::new(&cfg("deny"));
-    gw.host.shared.force_conflicts(1000);
+    gw.host().shared.force_conflicts(1000);
     let r = gw.send("/", &[]);
     assert_eq!(r.status, 503);
     assert_eq!(r.header("retry-after"), Some("1"));
-    gw.host.shared.force_conflicts(0);
+    gw.host().shared.force_conflicts(0);
     assert_eq!(gw.statuses(2, "/", &[]), vec![200, 429]);
 }
 
@@ -313,19 +322,19 @@ fn configuration_allocates_every_bucket_and_states_the_bound() {
     let cfg = r#"{"limits":[{"name":"a","quota":1,"window":"1h","key":["route"],"slots":64},
                             {"name":"b","quota":1,"window":"1h","key":["route"]}]}"#;
     let gw = Gw::new(cfg);
-    assert_eq!(gw.host.shared.len(), 8 + 1024 + 2);
+    assert_eq!(gw.host().shared.len(), 8 + 1024 + 2);
     // a second worker's configuration finds them and adds nothing
     let w2 = gw.worker(cfg);
-    assert_eq!(w2.host.shared.len(), 8 + 1024 + 2);
+    assert_eq!(w2.host().shared.len(), 8 + 1024 + 2);
     let bound: usize = gw
-        .root
+        .root()
         .shared
         .config
         .limits
         .iter()
         .map(|l| l.table.bytes_bound())
         .sum();
-    assert!(gw.host.shared.bytes() <= bound);
+    assert!(gw.host().shared.bytes() <= bound);
     assert_eq!(gw.metric("shared_keys"), Some(8 + 1024 + 2));
     assert_eq!(gw.metric("shared_bytes_bound"), Some(bound as i64));
 }
@@ -338,126 +347,33 @@ fn a_million_clients_keep_memory_bounded() {
                   "limits":[{"name":"ip","quota":5,"window":"1h","key":["client_ip"],"slots":1024}],
                   "routes":[{"limits":["ip"]}]}"#;
     let mut gw = Gw::new(cfg);
-    let bytes = gw.host.shared.bytes();
-    let keys = gw.host.shared.len();
+    let bytes = gw.host().shared.bytes();
+    let keys = gw.host().shared.len();
     for i in 0..100_000u32 {
         let ip = format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255);
         assert_eq!(gw.send("/", &[("x-forwarded-for", &ip)]).status, 200);
     }
-    assert_eq!(gw.host.shared.bytes(), bytes);
-    assert_eq!(gw.host.shared.len(), keys);
+    assert_eq!(gw.host().shared.bytes(), bytes);
+    assert_eq!(gw.host().shared.len(), keys);
     assert!(gw.metric("evictions").unwrap() > 90_000);
 }
 
-/// A host that counts the calls a request makes (each is a crossing of the wasm boundary in
-/// Envoy, the main cost of the filter).
-struct Counting<'a> {
-    inner: &'a mut MemHost,
-    calls: std::cell::RefCell<Vec<&'static str>>,
-}
-
-impl Counting<'_> {
-    fn note(&self, what: &'static str) {
-        self.calls.borrow_mut().push(what);
-    }
-}
-
-impl Host for Counting<'_> {
-    fn header(&self, map: MapKind, name: &str) -> Option<String> {
-        self.note("header");
-        self.inner.header(map, name)
-    }
-    fn headers(&self, map: MapKind) -> Vec<(String, String)> {
-        self.note("headers");
-        self.inner.headers(map)
-    }
-    fn set_header(&mut self, map: MapKind, name: &str, value: &str) {
-        self.note("set_header");
-        self.inner.set_header(map, name, value)
-    }
-    fn add_header(&mut self, map: MapKind, name: &str, value: &str) {
-        self.note("add_header");
-        self.inner.add_header(map, name, value)
-    }
-    fn remove_header(&mut self, map: MapKind, name: &str) {
-        self.note("remove_header");
-        self.inner.remove_header(map, name)
-    }
-    fn body(&self, which: tollgate_common::Body, start: usize, max: usize) -> Option<Vec<u8>> {
-        self.note("body");
-        self.inner.body(which, start, max)
-    }
-    fn set_body(&mut self, which: tollgate_common::Body, start: usize, size: usize, data: &[u8]) {
-        self.note("set_body");
-        self.inner.set_body(which, start, size, data)
-    }
-    fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
-        self.note("property");
-        self.inner.property(path)
-    }
-    fn shared_get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, tollgate_common::HostError> {
-        self.note("shared_get");
-        self.inner.shared_get(key)
-    }
-    fn shared_set(
-        &mut self,
-        key: &str,
-        value: &[u8],
-        cas: Option<u32>,
-    ) -> Result<(), tollgate_common::SharedError> {
-        self.note("shared_set");
-        self.inner.shared_set(key, value, cas)
-    }
-    fn http_call(
-        &mut self,
-        call: &tollgate_common::HttpCall<'_>,
-    ) -> Result<u32, tollgate_common::HostError> {
-        self.note("http_call");
-        self.inner.http_call(call)
-    }
-    fn now(&self) -> std::time::SystemTime {
-        self.note("now");
-        self.inner.now()
-    }
-    fn define_metric(
-        &mut self,
-        kind: tollgate_common::MetricKind,
-        name: &str,
-    ) -> Result<u32, tollgate_common::HostError> {
-        self.note("define_metric");
-        self.inner.define_metric(kind, name)
-    }
-    fn increment_metric(&mut self, id: u32, delta: i64) {
-        self.note("increment_metric");
-        self.inner.increment_metric(id, delta)
-    }
-    fn record_metric(&mut self, id: u32, value: u64) {
-        self.note("record_metric");
-        self.inner.record_metric(id, value)
-    }
-    fn set_tick_period(&mut self, period: Duration) {
-        self.note("set_tick_period");
-        self.inner.set_tick_period(period)
-    }
-}
-
 /// Host calls of one request through both hooks (after a warm-up request, so that metrics
-/// are defined).
+/// are defined). Each is a crossing of the wasm boundary in Envoy, the main cost of the filter.
 fn host_calls(gw: &mut Gw, path: &str, headers: &[(&str, &str)]) -> (u16, Vec<&'static str>) {
     gw.send(path, headers);
-    let mut h = gw.host.next_request("GET", path, headers);
-    h.set_property(&["source", "address"], "192.0.2.1:5000");
-    let mut f = gw.root.create_filter(99_999);
-    let mut c = Counting {
-        inner: &mut h,
-        calls: Default::default(),
-    };
-    let status = match f.on_request_headers(&mut c, true) {
+    let id = gw.d.request("GET", path, headers);
+    gw.d.host_mut(id)
+        .unwrap()
+        .set_property(&["source", "address"], "192.0.2.1:5000");
+    gw.d.count_host_calls(true);
+    let status = match gw.d.request_headers(id, true) {
         Decision::Respond(r) => r.status,
         _ => 200,
     };
-    f.on_response_headers(&mut c, false);
-    (status, c.calls.into_inner())
+    gw.d.response_headers(id, &[], false);
+    gw.d.count_host_calls(false);
+    (status, gw.d.take_host_calls())
 }
 
 #[test]
@@ -491,14 +407,16 @@ fn routes_on_methods_and_hosts_read_them() {
     }"#;
     let mut gw = Gw::new(cfg);
     let send = |gw: &mut Gw, method: &str, host: &str| {
-        let mut h = gw.host.next_request(method, "/api/x", &[]);
+        let id = gw.d.request(method, "/api/x", &[]);
+        let h = gw.d.host_mut(id).unwrap();
         h.set_header(MapKind::RequestHeaders, ":authority", host);
         h.set_property(&["source", "address"], "192.0.2.1:5000");
-        let mut f = gw.root.create_filter(7);
-        match f.on_request_headers(&mut h, true) {
+        let status = match gw.d.request_headers(id, true) {
             Decision::Respond(r) => r.status,
             _ => 200,
-        }
+        };
+        gw.d.done(id);
+        status
     };
     assert_eq!(send(&mut gw, "GET", "api.example.com"), 200);
     assert_eq!(send(&mut gw, "POST", "other.example.com"), 200);
@@ -607,14 +525,18 @@ impl Gw {
     /// A request that may wait for the service: its calls are answered by `rls`. Returns the
     /// answer and how many calls the request made.
     fn send_rls(&mut self, path: &str, rls: &mut FakeRls) -> (Answer, usize) {
-        let mut h = self.host.next_request("GET", path, &[]);
-        h.set_property(&["source", "address"], "192.0.2.1:5000");
-        self.next_id += 1;
-        let mut f = self.root.create_filter(self.next_id);
-        let mut d = f.on_request_headers(&mut h, true);
+        let id = self.d.request("GET", path, &[]);
+        self.d
+            .host_mut(id)
+            .unwrap()
+            .set_property(&["source", "address"], "192.0.2.1:5000");
+        let mut d = self.d.request_headers(id, true);
         let mut answered = 0;
         while d == Decision::Pause {
-            let call = h
+            let call = self
+                .d
+                .host(id)
+                .unwrap()
                 .grpc_calls
                 .get(answered)
                 .cloned()
@@ -623,35 +545,39 @@ impl Gw {
             assert_eq!(call.service, "envoy.service.ratelimit.v3.RateLimitService");
             answered += 1;
             let resp = rls.answer(&call.message);
-            d = f.on_grpc_response(&mut h, call.token, resp);
+            d = self.d.answer_grpc(call.token, resp);
         }
         let answer = match d {
-            Decision::Respond(r) => Answer {
-                status: r.status,
-                headers: r.headers,
-                body: r.body,
-            },
+            Decision::Respond(r) => {
+                self.d.response_headers(id, &[], false);
+                Answer {
+                    status: r.status,
+                    headers: r.headers,
+                    body: r.body,
+                }
+            }
             _ => {
-                h.set_map(MapKind::ResponseHeaders, &[(":status", "200")]);
-                f.on_response_headers(&mut h, false);
+                self.d.response_headers(id, &[(":status", "200")], false);
                 Answer {
                     status: 200,
-                    headers: h.headers(MapKind::ResponseHeaders),
+                    headers: self.d.host(id).unwrap().headers(MapKind::ResponseHeaders),
                     body: Vec::new(),
                 }
             }
         };
-        (answer, h.grpc_calls.len())
+        let calls = self.d.host(id).unwrap().grpc_calls.len();
+        self.d.done(id);
+        (answer, calls)
     }
 
     /// The root's tick: its refill calls answered by `rls`. Returns how many it sent.
     fn tick(&mut self, rls: &mut FakeRls) -> usize {
-        let before = self.host.grpc_calls.len();
-        self.root.on_tick(&mut self.host);
-        let calls: Vec<_> = self.host.grpc_calls[before..].to_vec();
+        let before = self.d.vm().grpc_calls.len();
+        self.d.tick();
+        let calls: Vec<_> = self.d.vm().grpc_calls[before..].to_vec();
         for call in &calls {
             let resp = rls.answer(&call.message);
-            self.root.on_grpc_response(&mut self.host, call.token, resp);
+            self.d.answer_grpc(call.token, resp);
         }
         calls.len()
     }
@@ -759,13 +685,13 @@ fn service_failures_apply_the_failure_mode_and_are_counted() {
     }
     // the cluster does not exist: the call cannot start
     let mut gw = Gw::new(&global_config("exact", "deny", false));
-    gw.host.fail_calls = true;
-    let mut h = gw.host.next_request("GET", "/api/x", &[]);
+    gw.d.vm_mut().fail_calls = true;
+    let id = gw.d.request("GET", "/api/x", &[]);
+    let h = gw.d.host_mut(id).unwrap();
     h.fail_calls = true;
     h.set_property(&["source", "address"], "192.0.2.1:5000");
-    let mut f = gw.root.create_filter(99);
     assert!(matches!(
-        f.on_request_headers(&mut h, true),
+        gw.d.request_headers(id, true),
         Decision::Respond(r) if r.status == 503
     ));
 }
@@ -773,7 +699,7 @@ fn service_failures_apply_the_failure_mode_and_are_counted() {
 #[test]
 fn leased_limits_admit_from_the_lease_without_calls() {
     let mut gw = Gw::new(&global_config("leased", "allow", false));
-    assert_eq!(gw.host.tick_period, Some(Duration::from_millis(20)));
+    assert_eq!(gw.d.tick_period(), Some(Duration::from_millis(20)));
     let mut rls = FakeRls::new(5);
     // cold: the request calls for itself; a refill of 1 (lease_max 4 / 4) is asked for
     let (a, calls) = gw.send_rls("/api/x", &mut rls);
@@ -820,7 +746,7 @@ fn a_lease_that_cannot_be_updated_applies_the_limits_failure_mode() {
     for (failure, want) in [("allow", 200), ("deny", 503)] {
         let mut gw = Gw::new(&global_config("leased", failure, false));
         let mut rls = FakeRls::new(5);
-        gw.host.shared.force_conflicts(10_000);
+        gw.d.vm().shared.force_conflicts(10_000);
         let (a, calls) = gw.send_rls("/api/x", &mut rls);
         assert_eq!((a.status, calls), (want, 0), "{failure}");
         assert_eq!(gw.metric("limit.fleet.cas_exhausted"), Some(1));
@@ -831,14 +757,13 @@ fn a_lease_that_cannot_be_updated_applies_the_limits_failure_mode() {
 #[test]
 fn a_configuration_without_leases_stops_the_ticks() {
     let mut gw = Gw::new(&global_config("leased", "allow", false));
-    assert_eq!(gw.host.tick_period, Some(Duration::from_millis(20)));
-    gw.root
-        .configure(
-            &mut gw.host,
-            global_config("exact", "allow", false).as_bytes(),
-        )
-        .unwrap();
-    assert_eq!(gw.host.tick_period, Some(Duration::ZERO));
+    assert_eq!(gw.d.tick_period(), Some(Duration::from_millis(20)));
+    let exact = global_config("exact", "allow", false).into_bytes();
+    let len = exact.len();
+    let dispatcher = gw.d.dispatcher_mut();
+    dispatcher.proxy_mut().configuration = exact;
+    assert!(dispatcher.on_configure(tollgate_common::testing::ROOT_ID, len));
+    assert_eq!(gw.d.tick_period(), Some(Duration::ZERO));
 }
 
 #[test]

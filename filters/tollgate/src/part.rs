@@ -1,0 +1,179 @@
+//! A child filter behind trait objects ([`Part`] for its root), and the [`ChildHost`] each child's
+//! code talks to: the real host, except that the child's callouts are recorded as its own, its
+//! wakes carry its index, and (for a root) its tick period is recorded rather than set.
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime};
+
+use tollgate_common::{
+    Body, CallResponse, ConfigError, GrpcCall, GrpcResponse, Host, HostError, HttpCall, HttpFilter,
+    MapKind, MetricKind, RootFilter, SharedError,
+};
+
+/// Where a child's index goes in a wake reason: the top bits. A child's own reasons must be
+/// below `1 << REASON_BITS` (ours are small constants and call indexes).
+pub const REASON_BITS: u32 = 28;
+
+/// Most children a chain can have (four filters today).
+pub const MAX_CHILDREN: usize = 1 << (32 - REASON_BITS);
+
+/// The reason the chain's `on_wake` gets for child `child`'s wake with `reason`; `None` when
+/// `reason` does not fit.
+pub fn pack(child: usize, reason: u32) -> Option<u32> {
+    let child = u32::try_from(child).ok()?;
+    (child < (1 << (32 - REASON_BITS)) && reason < (1 << REASON_BITS))
+        .then_some((child << REASON_BITS) | reason)
+}
+
+/// The child and its own reason, from a packed reason.
+pub fn unpack(packed: u32) -> (usize, u32) {
+    (
+        (packed >> REASON_BITS) as usize,
+        packed & ((1 << REASON_BITS) - 1),
+    )
+}
+
+/// A child filter's root, object-safe.
+pub trait Part {
+    /// Parse and compile the child's configuration section.
+    fn configure(&mut self, host: &mut dyn Host, configuration: &[u8]) -> Result<(), ConfigError>;
+    /// The child's periodic work.
+    fn on_tick(&mut self, host: &mut dyn Host);
+    /// An HTTP callout of the child's root answered.
+    fn on_call_response(&mut self, host: &mut dyn Host, token: u32, response: CallResponse);
+    /// A gRPC callout of the child's root answered.
+    fn on_grpc_response(&mut self, host: &mut dyn Host, token: u32, response: GrpcResponse);
+    /// The child's filter for a new request.
+    fn create_filter(&self, context_id: u32) -> Box<dyn HttpFilter>;
+}
+
+impl<R: RootFilter> Part for R {
+    fn configure(&mut self, host: &mut dyn Host, configuration: &[u8]) -> Result<(), ConfigError> {
+        RootFilter::configure(self, host, configuration)
+    }
+    fn on_tick(&mut self, host: &mut dyn Host) {
+        RootFilter::on_tick(self, host)
+    }
+    fn on_call_response(&mut self, host: &mut dyn Host, token: u32, response: CallResponse) {
+        RootFilter::on_call_response(self, host, token, response)
+    }
+    fn on_grpc_response(&mut self, host: &mut dyn Host, token: u32, response: GrpcResponse) {
+        RootFilter::on_grpc_response(self, host, token, response)
+    }
+    fn create_filter(&self, context_id: u32) -> Box<dyn HttpFilter> {
+        Box::new(RootFilter::create_filter(self, context_id))
+    }
+}
+
+/// Callout tokens of one context (the root, or one request) -> the child that started them.
+#[derive(Debug, Default)]
+pub struct Owners {
+    /// HTTP callouts.
+    pub http: HashMap<u32, usize>,
+    /// gRPC callouts.
+    pub grpc: HashMap<u32, usize>,
+}
+
+/// The host child `child` talks to.
+pub struct ChildHost<'a> {
+    /// The host behind (the dispatcher's, for the whole module).
+    pub host: &'a mut dyn Host,
+    /// The child's index in the chain.
+    pub child: usize,
+    /// Where the child's callouts are recorded.
+    pub owners: &'a mut Owners,
+    /// For a root: where its tick period is recorded (the chain sets the VM's period).
+    pub period: Option<&'a mut Duration>,
+}
+
+impl Host for ChildHost<'_> {
+    fn header(&self, map: MapKind, name: &str) -> Option<String> {
+        self.host.header(map, name)
+    }
+    fn headers(&self, map: MapKind) -> Vec<(String, String)> {
+        self.host.headers(map)
+    }
+    fn set_header(&mut self, map: MapKind, name: &str, value: &str) {
+        self.host.set_header(map, name, value)
+    }
+    fn add_header(&mut self, map: MapKind, name: &str, value: &str) {
+        self.host.add_header(map, name, value)
+    }
+    fn remove_header(&mut self, map: MapKind, name: &str) {
+        self.host.remove_header(map, name)
+    }
+    fn body(&self, which: Body, start: usize, max: usize) -> Option<Vec<u8>> {
+        self.host.body(which, start, max)
+    }
+    fn set_body(&mut self, which: Body, start: usize, size: usize, data: &[u8]) {
+        self.host.set_body(which, start, size, data)
+    }
+    fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
+        self.host.property(path)
+    }
+    fn shared_get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, HostError> {
+        self.host.shared_get(key)
+    }
+    fn shared_set(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), SharedError> {
+        self.host.shared_set(key, value, cas)
+    }
+    fn http_call(&mut self, call: &HttpCall<'_>) -> Result<u32, HostError> {
+        let token = self.host.http_call(call)?;
+        self.owners.http.insert(token, self.child);
+        Ok(token)
+    }
+    fn grpc_call(&mut self, call: &GrpcCall<'_>) -> Result<u32, HostError> {
+        let token = self.host.grpc_call(call)?;
+        self.owners.grpc.insert(token, self.child);
+        Ok(token)
+    }
+    fn now(&self) -> SystemTime {
+        self.host.now()
+    }
+    fn define_metric(&mut self, kind: MetricKind, name: &str) -> Result<u32, HostError> {
+        self.host.define_metric(kind, name)
+    }
+    fn increment_metric(&mut self, id: u32, delta: i64) {
+        self.host.increment_metric(id, delta)
+    }
+    fn record_metric(&mut self, id: u32, value: u64) {
+        self.host.record_metric(id, value)
+    }
+    fn set_tick_period(&mut self, period: Duration) {
+        match self.period.as_deref_mut() {
+            Some(slot) => *slot = period,
+            None => log::warn!(
+                "a request of child {} asked for a tick period: ignored (roots only)",
+                self.child
+            ),
+        }
+    }
+    fn wake(&mut self, context_id: u32, reason: u32) -> bool {
+        match pack(self.child, reason) {
+            Some(packed) => self.host.wake(context_id, packed),
+            None => {
+                log::warn!(
+                    "child {}: wake reason {reason} does not fit in {REASON_BITS} bits: not delivered",
+                    self.child
+                );
+                false
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_carry_the_child() {
+        for child in 0..MAX_CHILDREN {
+            for reason in [0, 1, 7, (1 << REASON_BITS) - 1] {
+                assert_eq!(unpack(pack(child, reason).unwrap()), (child, reason));
+            }
+        }
+        assert_eq!(pack(0, 1 << REASON_BITS), None);
+        assert_eq!(pack(MAX_CHILDREN, 1), None);
+    }
+}
