@@ -59,8 +59,30 @@ fn segments_that_climb(path: &str) -> usize {
     path.split('/').filter(|s| *s == "." || *s == "..").count()
 }
 
-/// A template parsed and rendered with values from the request and the answers.
+/// A template parsed and rendered with values from the request and the answers. The bytes
+/// are used twice: as a template (rendered with fixed, hostile values), and to build a
+/// template and its values from tokens.
 pub fn template(data: &[u8]) {
+    if let Ok(t) = std::str::from_utf8(data) {
+        if let Ok(parsed) = PathTemplate::parse(t) {
+            let params = RouteParams(vec![
+                ("user".into(), "..".into()),
+                ("id".into(), String::new()),
+                ("rest".into(), "a/./b/".into()),
+            ]);
+            let identity = vec![("x-tollgate-plan".to_string(), ".".to_string())];
+            let user = serde_json::json!({"company_id": "", "dot": ".", "items": [{"id": "x/y"}]});
+            let answer = |n: &str| (n == "user").then_some(&user);
+            let inputs = Inputs {
+                params: &params,
+                query: "q=&a=..&b=%2e",
+                consumer: Some(""),
+                identity: &identity,
+                answer: &answer,
+            };
+            check_render(t, &parsed, &inputs);
+        }
+    }
     let mut u = Unstructured::new(data);
     let _ = check_template(&mut u);
 }
@@ -78,7 +100,6 @@ fn check_template(u: &mut Unstructured<'_>) -> Result<()> {
             return Ok(());
         }
     };
-    assert!(t.starts_with('/'));
     let mut params = Vec::new();
     let mut identity = Vec::new();
     for v in parsed.vars() {
@@ -111,10 +132,17 @@ fn check_template(u: &mut Unstructured<'_>) -> Result<()> {
         identity: &identity,
         answer: &answer,
     };
-    let Ok(out) = parsed.render(&inputs) else {
-        return Ok(());
+    check_render(&t, &parsed, &inputs);
+    Ok(())
+}
+
+/// A rendering adds no structure: values add no `?`, `&`, `#` or `=`, and no `.` or `..`
+/// segment that the template does not have itself.
+fn check_render(t: &str, parsed: &PathTemplate, inputs: &Inputs<'_>) {
+    assert!(t.starts_with('/'));
+    let Ok(out) = parsed.render(inputs) else {
+        return;
     };
-    // Values are encoded: they add no `?`, `&`, `#` or `=`...
     for c in ['?', '&', '#', '='] {
         assert_eq!(
             out.matches(c).count(),
@@ -122,7 +150,6 @@ fn check_template(u: &mut Unstructured<'_>) -> Result<()> {
             "`{c}` from a value: {t:?} rendered {out:?}"
         );
     }
-    // ...and no `.` or `..` segment that the template does not have itself.
     let (out_path, t_path) = (
         out.split('?').next().unwrap_or_default(),
         t.split('?').next().unwrap_or_default(),
@@ -133,10 +160,13 @@ fn check_template(u: &mut Unstructured<'_>) -> Result<()> {
         .count();
     assert!(
         segments_that_climb(out_path) <= literal_dots,
-        "{t:?} rendered {out:?} with {params:?} {identity:?} consumer {consumer:?} query {query:?}"
+        "{t:?} rendered {out:?} with {:?} {:?} consumer {:?} query {:?}",
+        inputs.params,
+        inputs.identity,
+        inputs.consumer,
+        inputs.query
     );
     assert!(out.starts_with('/'));
-    Ok(())
 }
 
 fn subset(a: &Value, b: &Value) -> bool {
@@ -162,7 +192,21 @@ fn present(v: &Value, path: &[String]) -> bool {
 
 /// Field paths, allow and deny lists, renames, merges and JSON pointers on arbitrary JSON;
 /// the merged Cache-Control and Vary of arbitrary parts.
+/// The bytes are used twice: as a backend's Cache-Control (or, when JSON, its answer), and to
+/// build values, paths and headers.
 pub fn shape(data: &[u8]) {
+    if let Ok(text) = std::str::from_utf8(data) {
+        for (complete, personal) in [(true, false), (true, true)] {
+            check_merged(&[Some(text), Some("max-age=60")], complete, personal);
+        }
+        let _ = merged_vary([Some(text)], ["x-client"]);
+        if let Ok(v) = serde_json::from_str::<Value>(text) {
+            let _ = v.pointer("/items/0");
+            let paths = [FieldPath(vec!["items".into(), "id".into()])];
+            assert!(subset(&allow_fields(v.clone(), &paths), &v));
+            assert!(subset(&deny_fields(v.clone(), &paths), &v));
+        }
+    }
     let mut u = Unstructured::new(data);
     let _ = check_shape(&mut u);
 }
@@ -263,18 +307,10 @@ fn max_ages(cc: &str) -> Vec<u64> {
         .collect()
 }
 
-fn check_cache_control(u: &mut Unstructured<'_>) -> Result<()> {
-    let mut owned = Vec::new();
-    for _ in 0..u.int_in_range(0..=3)? {
-        owned.push(if u.ratio(1, 8)? {
-            None
-        } else {
-            Some(text(u, CC_TOKENS, 5)?)
-        });
-    }
-    let parts: Vec<Option<&str>> = owned.iter().map(Option::as_deref).collect();
-    let (complete, personal) = (u.arbitrary()?, u.arbitrary()?);
-    let cc = merged_cache_control(&parts, complete, personal);
+/// The merged Cache-Control: `no-store` when any part says so (or is missing, or the answer
+/// is incomplete), `private` for a personal answer, a max-age no larger than any part's.
+fn check_merged(parts: &[Option<&str>], complete: bool, personal: bool) {
+    let cc = merged_cache_control(parts, complete, personal);
     assert!(!cc.chars().any(char::is_control), "{cc:?}");
     let no_store = !complete
         || parts.is_empty()
@@ -301,6 +337,20 @@ fn check_cache_control(u: &mut Unstructured<'_>) -> Result<()> {
             }
         }
     }
+}
+
+fn check_cache_control(u: &mut Unstructured<'_>) -> Result<()> {
+    let mut owned = Vec::new();
+    for _ in 0..u.int_in_range(0..=3)? {
+        owned.push(if u.ratio(1, 8)? {
+            None
+        } else {
+            Some(text(u, CC_TOKENS, 5)?)
+        });
+    }
+    let parts: Vec<Option<&str>> = owned.iter().map(Option::as_deref).collect();
+    let (complete, personal) = (u.arbitrary()?, u.arbitrary()?);
+    check_merged(&parts, complete, personal);
     let vary: Vec<String> = (0..u.int_in_range(0..=3)?)
         .map(|_| text(u, &["Accept", "*", ",", " ", "X-Client", ""], 4))
         .collect::<Result<_>>()?;

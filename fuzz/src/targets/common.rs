@@ -40,16 +40,20 @@ const SCALAR_TOKENS: &[&str] = &[
     " ",
 ];
 
-/// Query strings, percent-encoding and cookies.
+/// Query strings, percent-encoding and cookies. The bytes are used twice: as a
+/// `path?query` or `Cookie` header, and to build such text from tokens.
 pub fn request(data: &[u8]) {
+    if let Ok(s) = std::str::from_utf8(data) {
+        check_text(s);
+        let _ = cookie(s, "session");
+    }
     let mut u = Unstructured::new(data);
     let _ = check_request(&mut u);
 }
 
-fn check_request(u: &mut Unstructured<'_>) -> Result<()> {
-    let s = text(u, QUERY_TOKENS, 16)?;
+fn check_text(s: &str) {
     // Encoding round-trips, and the encoded form is unreserved characters and escapes only.
-    let enc = percent_encode(&s);
+    let enc = percent_encode(s);
     assert!(
         enc.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-._~%".contains(&b)),
@@ -57,15 +61,24 @@ fn check_request(u: &mut Unstructured<'_>) -> Result<()> {
     );
     assert_eq!(percent_decode(&enc, false), s);
     assert_eq!(percent_decode(&enc, true), s);
-    let _ = percent_decode(&s, u.arbitrary()?);
+    let _ = percent_decode(s, false);
+    let _ = percent_decode(s, true);
     // Splitting: the path has no `?`, the query no `#`, both are pieces of the input.
-    let (p, q) = split_query(&s);
+    let (p, q) = split_query(s);
     assert!(
         !p.contains('?') && !q.contains('#') && s.starts_with(p),
         "{s:?}"
     );
-    let pairs = query_pairs(&s);
+    let pairs = query_pairs(s);
     assert!(pairs.len() <= s.split('&').count());
+    if let Some((k, v)) = pairs.first() {
+        assert_eq!(query_param(s, k).as_ref(), Some(v));
+    }
+}
+
+fn check_request(u: &mut Unstructured<'_>) -> Result<()> {
+    let s = text(u, QUERY_TOKENS, 16)?;
+    check_text(&s);
     let name = text(u, QUERY_TOKENS, 3)?;
     let _ = query_param(&s, &name);
     // Pairs written with percent_encode come back as written.
@@ -102,41 +115,49 @@ fn check_request(u: &mut Unstructured<'_>) -> Result<()> {
 }
 
 /// Durations, sizes, header names, names and SHA-256 digests as configurations write them.
+/// The bytes are used twice: as the text, and to build text from tokens.
 pub fn scalars(data: &[u8]) {
+    if let Ok(s) = std::str::from_utf8(data) {
+        check_scalar_text(s);
+    }
     let mut u = Unstructured::new(data);
     let _ = check_scalars(&mut u);
 }
 
 fn check_scalars(u: &mut Unstructured<'_>) -> Result<()> {
     let s = text(u, SCALAR_TOKENS, 8)?;
-    if let Ok(d) = parse_duration(&s) {
-        assert!(d.as_secs_f64() <= 1.0e9, "{s:?} gave {d:?}");
-    }
-    if let Ok(n) = parse_size(&s) {
-        let digits: String = s.trim().chars().take_while(char::is_ascii_digit).collect();
-        assert!(n >= digits.parse::<u64>().unwrap_or(0), "{s:?} gave {n}");
-    }
-    match HeaderName::new(&s) {
-        Ok(h) => {
-            assert_eq!(h.as_str(), s.to_ascii_lowercase());
-            assert!(tollgate_common::config::is_token(&s));
-        }
-        Err(e) => assert!(!e.is_empty()),
-    }
-    if Name::new(&s).is_ok() {
-        assert!(Name::valid(&s) && !s.is_empty());
-    }
-    // A digest written as hex parses back to itself, in either case; other text is refused.
+    check_scalar_text(&s);
+    // A digest written as hex parses back to itself, in either case.
     let bytes: [u8; 32] = u.arbitrary()?;
     let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     let upper = hex.to_ascii_uppercase();
     assert!(Sha256Hex::parse(&hex).is_ok_and(|d| d.0 == bytes));
     assert!(Sha256Hex::parse(&upper).is_ok_and(|d| d.0 == bytes));
-    if let Ok(d) = Sha256Hex::parse(&s) {
+    Ok(())
+}
+
+fn check_scalar_text(s: &str) {
+    if let Ok(d) = parse_duration(s) {
+        assert!(d.as_secs_f64() <= 1.0e9, "{s:?} gave {d:?}");
+    }
+    if let Ok(n) = parse_size(s) {
+        let digits: String = s.trim().chars().take_while(char::is_ascii_digit).collect();
+        assert!(n >= digits.parse::<u64>().unwrap_or(0), "{s:?} gave {n}");
+    }
+    match HeaderName::new(s) {
+        Ok(h) => {
+            assert_eq!(h.as_str(), s.to_ascii_lowercase());
+            assert!(tollgate_common::config::is_token(s));
+        }
+        Err(e) => assert!(!e.is_empty()),
+    }
+    if Name::new(s).is_ok() {
+        assert!(Name::valid(s) && !s.is_empty());
+    }
+    if let Ok(d) = Sha256Hex::parse(s) {
         let again: String = d.0.iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(again, s.to_ascii_lowercase());
     }
-    Ok(())
 }
 
 /// The proxy-wasm map format: arbitrary bytes never panic and never yield more pairs than

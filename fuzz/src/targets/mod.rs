@@ -30,3 +30,12 @@ pub const ALL: &[(&str, Target, u32)] = &[
 pub fn by_name(name: &str) -> Option<Target> {
     ALL.iter().find(|(n, _, _)| *n == name).map(|(_, t, _)| *t)
 }
+
+/// Run the target `name` on `data`; an unknown name is a broken build, so it fails loudly.
+pub fn run(name: &str, data: &[u8]) {
+    let target = by_name(name);
+    assert!(target.is_some(), "no fuzz target `{name}`");
+    if let Some(t) = target {
+        t(data);
+    }
+}

@@ -1,7 +1,10 @@
 //! The route matcher: compiling arbitrary route configurations, and matching arbitrary
 //! methods, hosts and paths against compiled routes.
 
+use std::sync::OnceLock;
+
 use arbitrary::{Result, Unstructured};
+use serde_json::Value;
 use tollgate_common::route::{RequestInfo, RouteMatchConfig, Routed};
 use tollgate_common::{RouteMatch, Rules};
 
@@ -101,9 +104,53 @@ impl Routed for Rule {
     }
 }
 
-/// Compile a random route; match random requests against it and check the result against
-/// what the configuration says.
+/// The route matches of the seed configurations, compiled.
+fn seeded_routes() -> &'static [(RouteMatchConfig, RouteMatch)] {
+    static CELL: OnceLock<Vec<(RouteMatchConfig, RouteMatch)>> = OnceLock::new();
+    CELL.get_or_init(|| {
+        fn collect(v: &Value, out: &mut Vec<Value>) {
+            match v {
+                Value::Object(m) => {
+                    if let Some(x) = m.get("match") {
+                        out.push(x.clone());
+                    }
+                    m.values().for_each(|x| collect(x, out));
+                }
+                Value::Array(a) => a.iter().for_each(|x| collect(x, out)),
+                _ => {}
+            }
+        }
+        let mut found = Vec::new();
+        for s in crate::seeds::all() {
+            if let Ok(v) = serde_json::from_str::<Value>(s) {
+                collect(&v, &mut found);
+            }
+        }
+        found
+            .into_iter()
+            .filter_map(|v| {
+                let c: RouteMatchConfig = serde_json::from_value(v).ok()?;
+                let m = RouteMatch::try_from(c.clone()).ok()?;
+                Some((c, m))
+            })
+            .collect()
+    })
+}
+
+/// Routes and requests. The bytes are used twice: as a request (`path`, or `path\nhost\nmethod`)
+/// against every route of the seed configurations, and to build a random route and requests
+/// near it.
 pub fn route(data: &[u8]) {
+    if let Ok(text) = std::str::from_utf8(data) {
+        let mut lines = text.splitn(3, '\n');
+        let path = lines.next().unwrap_or_default();
+        let host = lines.next().unwrap_or("gateway.test");
+        let method = lines.next().unwrap_or("GET");
+        let req = RequestInfo::new(method, host, path);
+        for (c, m) in seeded_routes() {
+            check_match(c, m, &req);
+        }
+    }
     let mut u = Unstructured::new(data);
     let _ = check(&mut u);
 }
@@ -128,79 +175,81 @@ fn check(u: &mut Unstructured<'_>) -> Result<()> {
     for p in c.prefix.iter().chain(&c.exact).chain(&c.template) {
         assert!(p.starts_with('/') && !p.contains('?'), "accepted {p:?}");
     }
-    let rules = Rules(vec![Rule(
-        RouteMatch::try_from(RouteMatchConfig {
-            prefix: Some("/never/".into()),
-            ..RouteMatchConfig::default()
-        })
-        .unwrap_or_default(),
-    )]);
     for _ in 0..u.int_in_range(1..=8)? {
         let req = request(u, &c)?;
-        let got = m.matches(&req);
-        let methods: Vec<String> = c
-            .methods
-            .iter()
-            .map(|m| m.trim().to_ascii_uppercase())
-            .collect();
-        let method_ok = methods.is_empty() || methods.contains(&req.method);
-        if !method_ok {
-            assert!(got.is_none(), "{req:?} matched {c:?} with another method");
-        }
-        if let Some(p) = &c.prefix {
-            let expect = method_ok && req.path.starts_with(p.as_str());
-            if !expect {
-                assert!(got.is_none(), "{req:?} matched prefix {p:?}");
-            }
-            if c.hosts.is_empty() {
-                assert_eq!(got.is_some(), expect, "{req:?} against prefix {p:?}");
-            }
-        }
-        if let Some(e) = &c.exact {
-            if got.is_some() {
-                assert_eq!(&req.path, e, "{req:?} matched exact {e:?}");
-            }
-        }
-        if let (Some(t), Some(params)) = (&c.template, &got) {
-            let names: Vec<&str> = params.0.iter().map(|(k, _)| k.as_str()).collect();
-            assert_eq!(names, m.variables(), "{req:?} against {t:?}");
-            let rebuilt = rebuild(t, params).unwrap_or_default();
-            // An empty `{*rest}` also matches the path without its last slash.
-            let ok = rebuilt == req.path
-                || (t.rsplit('/').next().is_some_and(|s| s.starts_with("{*"))
-                    && rebuilt == format!("{}/", req.path));
-            assert!(
-                ok,
-                "{t:?} with {params:?} rebuilt {rebuilt:?}, not {:?}",
-                req.path
-            );
-            for (k, v) in &params.0 {
-                let is_rest = t.contains(&format!("{{*{k}}}"));
-                if !is_rest {
-                    assert!(!v.is_empty() && !v.contains('/'), "{t:?}: {k}={v:?}");
-                }
-            }
-        }
-        if got.is_some() && !c.hosts.is_empty() {
-            let host_ok = c.hosts.iter().any(|h| {
-                let h = h.trim().to_ascii_lowercase();
-                h == "*"
-                    || h == req.host
-                    || h.strip_prefix('*')
-                        .is_some_and(|s| req.host.len() > s.len() && req.host.ends_with(s))
-            });
-            assert!(host_ok, "{req:?} matched hosts {:?}", c.hosts);
-        }
-        // Rules: the first matching rule wins.
-        let mut both = Rules(vec![Rule(m.clone())]);
-        both.0.extend(rules.0.iter().map(|r| Rule(r.0.clone())));
-        let found = both.find(&req).map(|(r, p)| (r.0.clone(), p));
-        match (&got, found) {
-            (Some(p), Some((r, q))) => assert!(r == m && *p == q),
-            (None, Some((r, _))) => assert!(r != m, "{req:?}"),
-            (Some(_), None) => unreachable!("a matching rule was not found: {req:?}"),
-            (None, None) => {}
-        }
+        check_match(&c, &m, &req);
     }
     Ok(())
+}
+
+/// What a match must agree with: the configuration it was compiled from.
+fn check_match(c: &RouteMatchConfig, m: &RouteMatch, req: &RequestInfo) {
+    let got = m.matches(req);
+    let methods: Vec<String> = c
+        .methods
+        .iter()
+        .map(|m| m.trim().to_ascii_uppercase())
+        .collect();
+    let method_ok = methods.is_empty() || methods.contains(&req.method);
+    if !method_ok {
+        assert!(got.is_none(), "{req:?} matched {c:?} with another method");
+    }
+    if let Some(p) = &c.prefix {
+        let expect = method_ok && req.path.starts_with(p.as_str());
+        if !expect {
+            assert!(got.is_none(), "{req:?} matched prefix {p:?}");
+        }
+        if c.hosts.is_empty() {
+            assert_eq!(got.is_some(), expect, "{req:?} against prefix {p:?}");
+        }
+    }
+    if let Some(e) = &c.exact {
+        if got.is_some() {
+            assert_eq!(&req.path, e, "{req:?} matched exact {e:?}");
+        }
+    }
+    if let (Some(t), Some(params)) = (&c.template, &got) {
+        let names: Vec<&str> = params.0.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(names, m.variables(), "{req:?} against {t:?}");
+        let rebuilt = rebuild(t, params).unwrap_or_default();
+        // An empty `{*rest}` also matches the path without its last slash.
+        let ok = rebuilt == req.path
+            || (t.rsplit('/').next().is_some_and(|s| s.starts_with("{*"))
+                && rebuilt == format!("{}/", req.path));
+        assert!(
+            ok,
+            "{t:?} with {params:?} rebuilt {rebuilt:?}, not {:?}",
+            req.path
+        );
+        for (k, v) in &params.0 {
+            let is_rest = t.contains(&format!("{{*{k}}}"));
+            if !is_rest {
+                assert!(!v.is_empty() && !v.contains('/'), "{t:?}: {k}={v:?}");
+            }
+        }
+    }
+    if got.is_some() && !c.hosts.is_empty() {
+        let host_ok = c.hosts.iter().any(|h| {
+            let h = h.trim().to_ascii_lowercase();
+            h == "*"
+                || h == req.host
+                || h.strip_prefix('*')
+                    .is_some_and(|s| req.host.len() > s.len() && req.host.ends_with(s))
+        });
+        assert!(host_ok, "{req:?} matched hosts {:?}", c.hosts);
+    }
+    // Rules: the first matching rule wins.
+    let never = RouteMatch::try_from(RouteMatchConfig {
+        prefix: Some("/never/".into()),
+        ..RouteMatchConfig::default()
+    })
+    .unwrap_or_default();
+    let rules = Rules(vec![Rule(m.clone()), Rule(never)]);
+    let found = rules.find(req).map(|(r, p)| (r.0.clone(), p));
+    match (&got, found) {
+        (Some(p), Some((r, q))) => assert!(r == *m && *p == q),
+        (None, Some((r, _))) => assert!(r != *m, "{req:?}"),
+        (Some(_), None) => unreachable!("a matching rule was not found: {req:?}"),
+        (None, None) => {}
+    }
 }
