@@ -50,4 +50,5 @@ targets!(
     auth_request,
     template,
     shape,
+    aggregate_request,
 );

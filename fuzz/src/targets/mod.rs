@@ -1,6 +1,7 @@
 //! The targets, by name. Each takes arbitrary bytes and panics when an invariant breaks.
 
 pub mod aggregate;
+pub mod aggregate_request;
 pub mod auth;
 pub mod common;
 pub mod config;
@@ -24,6 +25,7 @@ pub const ALL: &[(&str, Target, u32)] = &[
     ("auth_request", auth::request, 1000),
     ("template", aggregate::template, 4000),
     ("shape", aggregate::shape, 3000),
+    ("aggregate_request", aggregate_request::request, 600),
 ];
 
 /// A target by name.
