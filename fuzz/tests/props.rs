@@ -48,7 +48,9 @@ targets!(
     b64_json,
     jwk,
     auth_request,
+    auth_remote,
     template,
     shape,
     aggregate_request,
+    ratelimit_request,
 );

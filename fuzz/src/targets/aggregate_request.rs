@@ -102,7 +102,9 @@ fn check(u: &mut Unstructured<'_>) -> Result<()> {
     };
     let mut root = AggregateRoot::new(1);
     let mut vm = MemHost::new();
-    assert!(root.configure(&mut vm, cfg.as_bytes()).is_ok());
+    if let Err(e) = root.configure(&mut vm, cfg.as_bytes()) {
+        unreachable!("the target's configuration is refused: {e}");
+    }
     let personal = u.arbitrary::<bool>()?;
     let path = if personal {
         "/api/dashboard".to_string()

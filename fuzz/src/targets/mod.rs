@@ -3,9 +3,11 @@
 pub mod aggregate;
 pub mod aggregate_request;
 pub mod auth;
+pub mod auth_remote;
 pub mod common;
 pub mod config;
 pub mod jose;
+pub mod ratelimit;
 pub mod route;
 
 use crate::Target;
@@ -23,9 +25,11 @@ pub const ALL: &[(&str, Target, u32)] = &[
     ("b64_json", jose::b64_and_json, 4000),
     ("jwk", jose::jwk, 300),
     ("auth_request", auth::request, 1000),
+    ("auth_remote", auth_remote::remote, 600),
     ("template", aggregate::template, 4000),
     ("shape", aggregate::shape, 3000),
     ("aggregate_request", aggregate_request::request, 600),
+    ("ratelimit_request", ratelimit::request, 600),
 ];
 
 /// A target by name.
