@@ -11,7 +11,7 @@ ENVOY_BIN      = $(if $(ENVOY),$(ENVOY),$(VENV)/bin/envoy)
 PYTEST_ARGS   ?=
 
 .PHONY: help build wasm demo-service run test unit-test integration-test validate lint fmt clean \
-        host-toolchain python-env oci dist manifests test-matrix
+        host-toolchain python-env oci dist release manifests test-matrix
 
 help: ## Show this help
 	@echo "Tollgate: API gateway filters for Envoy (proxy-wasm, Rust)"
@@ -60,11 +60,19 @@ test: build python-env ## Run every test: unit tests, configuration validation, 
 oci: wasm python-env ## Package each module as an OCI image layout in dist/oci/ (no Docker needed)
 	$(PYTHON) scripts/oci.py
 
-dist: build python-env ## Release artifacts in dist/: versioned modules, SHA256SUMS, JSON Schemas, OCI layouts
+dist: wasm python-env ## Replace dist/ with the release artifacts (modules, schemas, OCI layouts, deploy/, SHA256SUMS)
 	$(PYTHON) scripts/dist.py
 
-manifests: wasm python-env ## Regenerate deploy/ (Istio, Envoy Gateway, plain Envoy) from envoy/envoy.yaml
+release: wasm python-env ## Release in one command: check deploy/ against the modules, then a clean dist/ (see docs/deploy.md)
+	@env -u TOLLGATE_REGISTRY $(PYTHON) scripts/gen-deploy.py --check && $(PYTHON) scripts/gen-dashboard.py --check \
+	  || { echo "release: deploy/ does not match the modules just built: run \`make manifests\` and commit deploy/" >&2; exit 1; }
+	rm -rf dist
+	$(PYTHON) scripts/dist.py
+	cd dist && sha256sum --quiet --strict -c SHA256SUMS
+
+manifests: wasm python-env ## After any change to a filter, its docs or schema, or envoy/envoy.yaml: rebuild and regenerate deploy/
 	$(PYTHON) scripts/gen-deploy.py
+	$(PYTHON) scripts/gen-dashboard.py
 
 test-matrix: build python-env ## Run the integration tests on Envoy 1.36-1.40 (slow; VERSIONS="1.38.3 1.40.0" for some)
 	nice scripts/test-matrix.sh $(VERSIONS)

@@ -10,8 +10,11 @@ Each Tollgate filter's JSON configuration in envoy/envoy.yaml is the source of:
 - deploy/istio/tollgate-<filter>.yaml         an Istio WasmPlugin (pluginConfig = that configuration)
 - deploy/envoy-gateway/tollgate-<filter>.yaml an Envoy Gateway EnvoyExtensionPolicy with that filter
 - deploy/envoy-gateway/tollgate-all.yaml      one EnvoyExtensionPolicy with the four filters in order
+- deploy/envoy-gateway/demo-routes.yaml       the demo's HTTPRoute and ReferenceGrant (whose clusters the
+                                              Envoy Gateway configurations call out to)
 - deploy/envoy/tollgate-<filter>.yaml         a minimal plain-Envoy configuration loading that module
 - deploy/kubernetes/demo.yaml                 (hand-written; with --registry, its images are renamed)
+- deploy/kubernetes/demo-istio.yaml           (hand-written; with --istio-gateway helm, its selector follows)
 
 The `sha256` of the Istio and Envoy Gateway examples is the digest of the OCI image manifest that
 scripts/oci.py builds from build/tollgate_<filter>.wasm (what both fetchers verify), so build the
@@ -19,7 +22,13 @@ modules first (`make build`, or `make manifests` which does both).
 
 In the Istio examples, values of configuration keys named `cluster` or `*_cluster` that name one of
 the demo's clusters (users, orders, products) become the Istio cluster of the demo's Kubernetes
-Service, `outbound|80||<name>.<namespace>.svc.cluster.local` (see deploy/kubernetes/demo.yaml).
+Service, `outbound|80||<name>.<namespace>.svc.cluster.local` (see deploy/kubernetes/demo.yaml),
+and their callouts get the service's host name as `authority`. In the Envoy Gateway examples they
+become the clusters Envoy Gateway makes for the rules of demo-routes.yaml,
+`httproute/default/tollgate-demo/rule/<index>`.
+
+`--istio-gateway helm` writes the WasmPlugins for a gateway installed with Istio's Helm `gateway`
+chart (namespace istio-ingress, pods labelled istio=ingress) instead of istioctl's default.
 """
 
 from __future__ import annotations
@@ -37,12 +46,22 @@ import oci  # noqa: E402  (scripts/oci.py)
 ROOT = oci.ROOT
 FILTERS = oci.FILTERS
 DEMO_NAMESPACE = "tollgate-demo"
-ISTIO_NAMESPACE = "istio-system"
-# The HTTP listener port of the default istio-ingressgateway (`0.0.0.0_8080`): WasmPlugin `match`
-# ports of a gateway are its listener ports.
-ISTIO_GATEWAY_PORT = 8080
+# The two ways Istio installs an ingress gateway, and the labels of its pods (what a WasmPlugin's
+# selector must name; Istio's manifests/charts/gateways/istio-ingress and manifests/charts/gateway):
+#   istioctl: `istioctl install` (default profile): Deployment istio-ingressgateway in istio-system,
+#             pods labelled istio=ingressgateway, listeners 8080 and 8443 (Service ports 80, 443).
+#   helm:     `helm install istio-ingress istio/gateway -n istio-ingress`: the chart labels pods
+#             istio=<release name without "istio-">, so istio=ingress; listeners 80 and 443.
+# The WasmPlugins set no `match.ports`: Istio then attaches them to every listener of the gateway.
+ISTIO_LAYOUTS = {
+    "istioctl": {"namespace": "istio-system", "labels": {"istio": "ingressgateway"}, "workload": "istio-ingressgateway"},
+    "helm": {"namespace": "istio-ingress", "labels": {"istio": "ingress"}, "workload": "istio-ingress"},
+}
+ISTIO_LAYOUT = "istioctl"
 EG_GATEWAY = "eg"
 EG_NAMESPACE = "default"
+# The HTTPRoute that gives the demo services their routes (and Envoy clusters) on the Gateway.
+EG_ROUTE = "tollgate-demo"
 
 # Where each filter goes in the chain, and what happens when its module cannot run.
 #   Istio runs phases in the order AUTHN, AUTHZ, STATS (then UNSPECIFIED, before the router) and,
@@ -115,17 +134,32 @@ def referenced_clusters(value, known: set[str]) -> list[str]:
     return found
 
 
-def rename_clusters(value, mapping: dict[str, str]):
+def rename_clusters(value, mapping: dict[str, str], hosts: dict[str, str] | None = None):
+    """Rename the clusters of `mapping` in cluster keys. A callout with a fixed path (a JWKS or
+    introspection fetch, an aggregate call: an object with `cluster` and `path`) whose cluster is
+    renamed also gets `authority` = the service's host name from `hosts`, unless it has one: by
+    default the filters send the cluster name as `:authority`, and Istio's and Envoy Gateway's
+    cluster names (`outbound|80||...`, `httproute/...`) are not valid host names, which an Envoy in
+    front of the service (an Istio sidecar) refuses with 400."""
+    hosts = hosts or {}
     if isinstance(value, dict):
-        return {k: (mapping.get(v, v) if isinstance(v, str) and is_cluster_key(k) else rename_clusters(v, mapping))
-                for k, v in value.items()}
+        out = {k: (mapping.get(v, v) if isinstance(v, str) and is_cluster_key(k) else rename_clusters(v, mapping, hosts))
+               for k, v in value.items()}
+        cluster = value.get("cluster")
+        if isinstance(cluster, str) and cluster in hosts and "path" in value and "authority" not in value:
+            out["authority"] = hosts[cluster]
+        return out
     if isinstance(value, list):
-        return [rename_clusters(v, mapping) for v in value]
+        return [rename_clusters(v, mapping, hosts) for v in value]
     return value
 
 
+def service_host(service: str) -> str:
+    return f"{service}.{DEMO_NAMESPACE}.svc.cluster.local"
+
+
 def istio_cluster(service: str) -> str:
-    return f"outbound|80||{service}.{DEMO_NAMESPACE}.svc.cluster.local"
+    return f"outbound|80||{service_host(service)}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,13 +193,14 @@ def labels(f: str, version: str) -> dict:
 
 def wasm_plugin(f: str, config: dict, version: str, digest: str, known: set[str]) -> str:
     place = PLACEMENT[f]
+    layout = ISTIO_LAYOUTS[ISTIO_LAYOUT]
     mapping = {c: istio_cluster(c) for c in known}
     doc = {
         "apiVersion": "extensions.istio.io/v1alpha1",
         "kind": "WasmPlugin",
-        "metadata": {"name": f"tollgate-{f}", "namespace": ISTIO_NAMESPACE, "labels": labels(f, version)},
+        "metadata": {"name": f"tollgate-{f}", "namespace": layout["namespace"], "labels": labels(f, version)},
         "spec": {
-            "selector": {"matchLabels": {"istio": "ingressgateway"}},
+            "selector": {"matchLabels": dict(layout["labels"])},
             "url": f"oci://{oci.image_ref(f, version)}",
             "sha256": digest,
             "imagePullPolicy": "IfNotPresent",
@@ -174,16 +209,87 @@ def wasm_plugin(f: str, config: dict, version: str, digest: str, known: set[str]
             "priority": place["priority"],
             "failStrategy": place["failStrategy"],
             "type": "HTTP",
-            "match": [{"mode": "CLIENT", "ports": [{"number": ISTIO_GATEWAY_PORT}]}],
-            "pluginConfig": rename_clusters(config, mapping),
+            # No `ports`: every listener of the selected gateway (HTTP and HTTPS, and any port
+            # added later) gets the filter. Listing ports leaves the other listeners unfiltered.
+            "match": [{"mode": "CLIENT"}],
+            "pluginConfig": rename_clusters(config, mapping, {c: service_host(c) for c in known}),
         },
     }
     head = (GENERATED
-            + f"# Istio WasmPlugin: tollgate.{f} on the ingress gateway ({place['why']}).\n"
+            + f"# Istio WasmPlugin: tollgate.{f} on the ingress gateway {layout['workload']} in {layout['namespace']}\n"
+            + f"# ({place['why']}), on all of its listeners.\n"
             + "#   kubectl apply -f deploy/istio/   (after pushing the images, see docs/deploy.md)\n"
             + "# sha256 is the digest of the OCI image manifest (what Istio verifies for oci:// URLs),\n"
             + "# as written by `make oci`; per-route rules live in pluginConfig.routes, not in Istio.\n")
     return head + dump(doc)
+
+
+def envoy_routes(cfg: dict) -> list[dict]:
+    return hcm_of(cfg)["route_config"]["virtual_hosts"][0]["routes"]
+
+
+def eg_cluster(rule: int) -> str:
+    """The Envoy cluster Envoy Gateway makes for rule `rule` of the demo's HTTPRoute (a rule with one
+    Service backendRef and no backendRef filters): internal/gatewayapi/helpers.go,
+    irRouteDestinationName = "<route kind>/<namespace>/<name>/rule/<index>"."""
+    return f"httproute/{EG_NAMESPACE}/{EG_ROUTE}/rule/{rule}"
+
+
+def eg_demo_routes(cfg: dict, configs: dict[str, dict], version: str) -> tuple[str, dict[str, str]]:
+    """The demo's HTTPRoute (the routes of envoy/envoy.yaml, plus the aggregate filter's composite
+    paths) and ReferenceGrant, and the EG cluster of each demo service."""
+    rules, mapping = [], {}
+    for r in envoy_routes(cfg):
+        action = r.get("route")
+        if not action or "prefix" not in r.get("match", {}):
+            continue  # the bundled "/" -> 404: Envoy Gateway answers 404 without a route
+        service = action["cluster"]
+        rule = {
+            "matches": [{"path": {"type": "PathPrefix", "value": r["match"]["prefix"]}}],
+            "backendRefs": [{"name": service, "namespace": DEMO_NAMESPACE, "port": 80}],
+        }
+        if "prefix_rewrite" in action:
+            rule["filters"] = [{"type": "URLRewrite", "urlRewrite": {
+                "path": {"type": "ReplacePrefixMatch", "replacePrefixMatch": action["prefix_rewrite"]}}}]
+        if "timeout" in action:
+            rule["timeouts"] = {"request": action["timeout"]}
+        mapping.setdefault(service, eg_cluster(len(rules)))
+        rules.append(rule)
+    # The aggregate filter answers its composite endpoints itself, but Envoy Gateway enables Wasm
+    # filters per route (they are disabled on the listener), so those paths need a route too.
+    prefixes = []
+    for route in configs.get("aggregate", {}).get("routes", []):
+        m = route.get("match", {})
+        prefix = m.get("prefix") or m.get("path") or (m.get("template", "").split("{", 1)[0].rstrip("/") or None)
+        if prefix and prefix not in prefixes:
+            prefixes.append(prefix)
+    if prefixes and rules:
+        rules.append({"matches": [{"path": {"type": "PathPrefix", "value": p}} for p in prefixes],
+                      "backendRefs": [dict(rules[0]["backendRefs"][0])]})
+    route = {
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
+        "metadata": {"name": EG_ROUTE, "namespace": EG_NAMESPACE,
+                     "labels": {"app.kubernetes.io/part-of": "tollgate", "app.kubernetes.io/version": version}},
+        "spec": {"parentRefs": [{"name": EG_GATEWAY}], "rules": rules},
+    }
+    grant = {
+        "apiVersion": "gateway.networking.k8s.io/v1beta1",
+        "kind": "ReferenceGrant",
+        "metadata": {"name": f"{EG_ROUTE}-from-{EG_NAMESPACE}", "namespace": DEMO_NAMESPACE,
+                     "labels": {"app.kubernetes.io/part-of": "tollgate", "app.kubernetes.io/version": version}},
+        "spec": {"from": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "namespace": EG_NAMESPACE}],
+                 "to": [{"group": "", "kind": "Service"}]},
+    }
+    names = ", ".join(f"{svc} -> {c}" for svc, c in mapping.items())
+    head = (GENERATED
+            + f"# The demo's routes on the Envoy Gateway quickstart's Gateway `{EG_GATEWAY}` (namespace {EG_NAMESPACE}),\n"
+            + f"# to the services of deploy/kubernetes/demo.yaml (namespace {DEMO_NAMESPACE}; the ReferenceGrant lets\n"
+            + "# the route in default use them). Envoy Gateway names each rule's cluster\n"
+            + "# httproute/<namespace>/<name>/rule/<index>; the filter configurations in this folder call these:\n"
+            + f"#   {names}\n"
+            + "# so keep the rule order (and one Service backendRef per rule) when you edit this file.\n")
+    return head + dump(route) + "---\n" + dump(grant), mapping
 
 
 def eg_wasm_entry(f: str, config: dict, version: str, digest: str) -> dict:
@@ -300,26 +406,36 @@ def generate(version: str | None = None, build: Path = ROOT / "build") -> dict[P
     known = set(all_clusters)
     out: dict[Path, str] = {}
     entries = []
+    eg_routes_doc, eg_mapping = eg_demo_routes(cfg, configs, version)
+    out[Path("deploy/envoy-gateway/demo-routes.yaml")] = eg_routes_doc
+    eg_hosts = {c: service_host(c) for c in eg_mapping}
     for f in FILTERS:
         config = configs.get(f, {})
         digest = oci.image_for(f, version, build).digest
         out[Path("deploy/istio") / f"tollgate-{f}.yaml"] = wasm_plugin(f, config, version, digest, known)
-        entry = eg_wasm_entry(f, config, version, digest)
+        entry = eg_wasm_entry(f, rename_clusters(config, eg_mapping, eg_hosts), version, digest)
         entries.append(entry)
         out[Path("deploy/envoy-gateway") / f"tollgate-{f}.yaml"] = eg_policy(
             f"tollgate-{f}", [entry], version,
-            f"# Envoy Gateway: tollgate.{f} alone on the Gateway `{EG_GATEWAY}`. Policies attached to the same\n"
-            "# target are not merged, so to run several filters use tollgate-all.yaml instead.\n")
+            f"# Envoy Gateway: tollgate.{f} alone on the Gateway `{EG_GATEWAY}`. One EnvoyExtensionPolicy per target:\n"
+            "# a second one on the same Gateway is Conflicted, so to run several filters use tollgate-all.yaml.\n"
+            "# Callouts go to the clusters of demo-routes.yaml (apply it too).\n")
     out[Path("deploy/envoy-gateway/tollgate-all.yaml")] = eg_policy(
         "tollgate", entries, version,
         f"# Envoy Gateway: the four filters on the Gateway `{EG_GATEWAY}`, in this order\n"
-        "# (auth -> ratelimit -> cache -> aggregate); the wasm list is the filter order.\n")
+        "# (auth -> ratelimit -> cache -> aggregate); the wasm list is the filter order.\n"
+        "# Callouts go to the clusters of demo-routes.yaml (apply it too).\n")
     for f in FILTERS:
         out[Path("deploy/envoy") / f"tollgate-{f}.yaml"] = envoy_snippet(f, configs.get(f, {}), all_clusters,
                                                                         edge_settings(cfg))
-    # The Kubernetes demo is written by hand; only its image names follow the registry.
+    # The Kubernetes demo is written by hand; its image names follow the registry, and its Istio
+    # Gateway's selector the gateway layout.
     demo = Path("deploy/kubernetes/demo.yaml")
     out[demo] = (ROOT / demo).read_text().replace(f"{oci.DEFAULT_REGISTRY}/", f"{oci.REGISTRY}/")
+    demo_istio = Path("deploy/kubernetes/demo-istio.yaml")
+    default_sel = "selector: {%s}" % ", ".join(f"{k}: {v}" for k, v in ISTIO_LAYOUTS["istioctl"]["labels"].items())
+    sel = "selector: {%s}" % ", ".join(f"{k}: {v}" for k, v in ISTIO_LAYOUTS[ISTIO_LAYOUT]["labels"].items())
+    out[demo_istio] = (ROOT / demo_istio).read_text().replace(default_sel, sel)
     return out
 
 
@@ -332,10 +448,14 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"image registry and path (default: {oci.REGISTRY}; or set TOLLGATE_REGISTRY)")
     p.add_argument("--out", type=Path, default=ROOT,
                    help="write <out>/deploy/... instead of the repository's deploy/ (for your own copy)")
+    p.add_argument("--istio-gateway", choices=sorted(ISTIO_LAYOUTS), default=ISTIO_LAYOUT,
+                   help="how Istio's ingress gateway was installed: istioctl (istio-ingressgateway in istio-system, "
+                        "the default) or helm (the istio/gateway chart as release istio-ingress in istio-ingress)")
     p.add_argument("--source", type=Path, default=SOURCE,
                    help="the Envoy configuration to take the filter configurations from (default: envoy/envoy.yaml)")
     args = p.parse_args(argv)
     globals()["SOURCE"] = args.source
+    globals()["ISTIO_LAYOUT"] = args.istio_gateway
     if args.registry:
         oci.REGISTRY = args.registry.rstrip("/")
     files = generate(args.version, args.build)

@@ -73,11 +73,17 @@ choose() {
 }
 
 TOOLCHAIN=$(choose)
+# Reproducible modules: panic locations embed source paths; map the machine-specific ones (the
+# Cargo home with the registry sources, the checkout) to fixed names, so the same sources and
+# toolchain give the same bytes anywhere (the image digests in deploy/ depend on it).
+REMAP="--remap-path-prefix=${CARGO_HOME:-$HOME/.cargo}=/cargo --remap-path-prefix=$PWD=/tollgate"
 PKG_ARGS=()
 for p in "${PACKAGES[@]}"; do PKG_ARGS+=(-p "$p"); done
 
 if [ "$TOOLCHAIN" = rustup ]; then
   OUT=target/$TARGET/release
+  # Only the wasm32 artifacts get these flags (with --target, RUSTFLAGS skip build scripts).
+  export RUSTFLAGS="${RUSTFLAGS:+$RUSTFLAGS }$REMAP"
   case "$MODE" in
     build) cargo build --release --target "$TARGET" "${PKG_ARGS[@]}" ;;
     clippy) cargo clippy --release --target "$TARGET" "${PKG_ARGS[@]}" -- -D warnings ;;
@@ -86,7 +92,7 @@ else
   ensure_debian
   export CARGO_TARGET_DIR=target/wasm-debian
   OUT=$CARGO_TARGET_DIR/$TARGET/release
-  export RUSTC=/usr/bin/rustc RUSTC_BOOTSTRAP=1 RUSTFLAGS="-L /usr/lib/wasm32-wasi"
+  export RUSTC=/usr/bin/rustc RUSTC_BOOTSTRAP=1 RUSTFLAGS="-L /usr/lib/wasm32-wasi $REMAP"
   case "$MODE" in
     build)
       /usr/bin/cargo build --release --target "$TARGET" -Zbuild-std=std,panic_abort "${PKG_ARGS[@]}" ;;
