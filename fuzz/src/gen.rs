@@ -216,11 +216,7 @@ pub fn keys_of(v: &Value, out: &mut Vec<String>) {
 /// The string values in a value (a dictionary for mutations).
 pub fn strings_of(v: &Value, out: &mut Vec<String>) {
     match v {
-        Value::String(s) => {
-            if !out.contains(s) {
-                out.push(s.clone());
-            }
-        }
+        Value::String(s) if !out.contains(s) => out.push(s.clone()),
         Value::Object(m) => m.values().for_each(|x| strings_of(x, out)),
         Value::Array(items) => items.iter().for_each(|x| strings_of(x, out)),
         _ => {}

@@ -3,7 +3,7 @@
 //! leaves its input in `target/fuzz-failures/<target>/`.
 
 use tollgate_fuzz::targets::ALL;
-use tollgate_fuzz::{replay_corpus, run_seeded};
+use tollgate_fuzz::{replay_corpus, run_seeded, Target};
 
 /// The seed of the seeded runs; change it to look elsewhere (`FUZZ_SEED=n cargo test`).
 fn seed() -> u64 {
@@ -13,19 +13,23 @@ fn seed() -> u64 {
         .unwrap_or(20_261_202)
 }
 
-fn run(name: &str) {
-    let (_, target, cases) = ALL
-        .iter()
-        .find(|(n, _, _)| *n == name)
-        .copied()
-        .expect("a known target");
+fn run(name: &str, target: Target, cases: u32) {
     replay_corpus(name, target);
     run_seeded(name, target, cases, seed());
 }
 
 macro_rules! targets {
     ($($name:ident),* $(,)?) => {
-        $(#[test] fn $name() { run(stringify!($name)); })*
+        $(#[test]
+        fn $name() {
+            let name = stringify!($name);
+            let (_, target, cases) = ALL
+                .iter()
+                .find(|(n, _, _)| *n == name)
+                .copied()
+                .expect("a known target");
+            run(name, target, cases);
+        })*
 
         #[test]
         fn every_target_has_a_test() {

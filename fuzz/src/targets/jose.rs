@@ -270,7 +270,7 @@ fn expected(token: &str) -> (bool, bool) {
 
 fn check_token(token: &str) {
     let (untouched, plain_hs256) = expected(token);
-    let parsed = parse_compact(&token);
+    let parsed = parse_compact(token);
     let jws = match parsed {
         Ok(j) => j,
         Err(e) => {
