@@ -51,6 +51,7 @@ targets!(
     jws,
     b64_json,
     jwk,
+    signature,
     auth_request,
     auth_remote,
     template,

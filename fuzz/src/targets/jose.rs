@@ -452,3 +452,110 @@ fn check_jwk(u: &mut Unstructured<'_>) -> Result<()> {
     }
     Ok(())
 }
+
+/// The order of P-256's group (FIPS 186-4 D.1.2.3), for ECDSA values at the edge.
+const P256_N: &str = "ffffffff00000000ffffffffffffffffbce6faada7179e84f3b9cac2fc632551";
+
+fn hex_bytes(h: &str) -> Vec<u8> {
+    (0..h.len() / 2)
+        .filter_map(|i| u8::from_str_radix(h.get(2 * i..2 * i + 2)?, 16).ok())
+        .collect()
+}
+
+/// Signature verification: a demo token with its signature or signing input changed never
+/// verifies; signatures at the edges (zero, the group order, all ones, wrong lengths) never
+/// verify; every key and algorithm pair answers without panicking.
+pub fn signature(data: &[u8]) {
+    let mut u = Unstructured::new(data);
+    let _ = check_signature(&mut u);
+}
+
+fn check_signature(u: &mut Unstructured<'_>) -> Result<()> {
+    let token = u.choose(&DEMO_TOKENS)?.trim();
+    let Ok(mut jws) = parse_compact(token) else {
+        return Ok(());
+    };
+    static CHECKED: OnceLock<()> = OnceLock::new();
+    CHECKED.get_or_init(|| {
+        for t in DEMO_TOKENS {
+            let ok =
+                parse_compact(t.trim()).is_ok_and(|j| verify_jws(&j, keys(), &ALL_ALGS).is_ok());
+            assert!(ok, "a demo token does not verify: {t}");
+        }
+    });
+    let original = (jws.signature.clone(), jws.signing_input.to_string());
+    let n = jws.signature.len();
+    match u.int_in_range(0..=7u8)? {
+        0 => {
+            let i = u.choose_index(n.max(1))?;
+            let bit = u.int_in_range(0..=7u8)?;
+            if let Some(b) = jws.signature.get_mut(i) {
+                *b ^= 1 << bit;
+            }
+        }
+        1 => jws.signature.truncate(u.choose_index(n.max(1))?),
+        2 => jws.signature.extend(u.arbitrary::<Vec<u8>>()?),
+        3 => jws.signature = vec![*u.choose(&[0u8, 0xff, 1])?; n],
+        4 => {
+            // ECDSA: r and s set to 0, the order, or 1.
+            let half = n / 2;
+            let order = hex_bytes(P256_N);
+            let edge = |k: u8| -> Vec<u8> {
+                match k {
+                    0 => vec![0; half],
+                    1 if order.len() == half => order.clone(),
+                    _ => {
+                        let mut one = vec![0; half];
+                        if let Some(l) = one.last_mut() {
+                            *l = 1;
+                        }
+                        one
+                    }
+                }
+            };
+            let (r, s) = (u.int_in_range(0..=2u8)?, u.int_in_range(0..=2u8)?);
+            if u.arbitrary()? {
+                jws.signature.splice(..half, edge(r));
+            } else {
+                jws.signature.splice(half.., edge(s));
+            }
+        }
+        5 => jws.signature = u.arbitrary::<Vec<u8>>()?,
+        _ => {
+            // Another signing input with the same signature.
+            let mut input = jws.signing_input.as_bytes().to_vec();
+            let i = u.choose_index(input.len().max(1))?;
+            if let Some(b) = input.get_mut(i) {
+                *b = b.wrapping_add(u.int_in_range(1..=255u8)?);
+            }
+            let alg = jws.header.alg;
+            let changed = String::from_utf8_lossy(&input).into_owned();
+            let verified = keys().iter().any(|k| {
+                k.accepts(alg)
+                    && tollgate_auth::jose::verify_signature(
+                        alg,
+                        &k.material,
+                        &input,
+                        &jws.signature,
+                    )
+            });
+            assert!(
+                !verified || changed == original.1,
+                "another input verified: {changed}"
+            );
+        }
+    }
+    if jws.signature != original.0 {
+        assert!(
+            verify_jws(&jws, keys(), &ALL_ALGS).is_err(),
+            "a changed signature verified: {token} with {:?}",
+            jws.signature
+        );
+    }
+    // Any key with any algorithm and arbitrary bytes: an answer, never a panic.
+    let key = u.choose(keys())?;
+    let alg = *u.choose(&ALL_ALGS)?;
+    let sig: Vec<u8> = u.arbitrary()?;
+    let _ = tollgate_auth::jose::verify_signature(alg, &key.material, token.as_bytes(), &sig);
+    Ok(())
+}

@@ -24,6 +24,7 @@ pub const ALL: &[(&str, Target, u32)] = &[
     ("jws", jose::jws, 1500),
     ("b64_json", jose::b64_and_json, 4000),
     ("jwk", jose::jwk, 300),
+    ("signature", jose::signature, 100),
     ("auth_request", auth::request, 1000),
     ("auth_remote", auth_remote::remote, 600),
     ("template", aggregate::template, 4000),
