@@ -223,6 +223,9 @@ pub fn strings_of(v: &Value, out: &mut Vec<String>) {
     }
 }
 
+/// Mutations stop once a document is this large.
+pub const MAX_DOC_BYTES: usize = 64 << 10;
+
 /// Apply up to `max` mutations to `doc`: a value replaced by a random one or by a copy of
 /// another part of the document, a member or element removed, a member added (often with a
 /// known key), an element duplicated. Keys and strings for new values come from the
@@ -236,6 +239,10 @@ pub fn mutate(
 ) -> Result<()> {
     let n = u.int_in_range(1..=max.max(1))?;
     for _ in 0..n {
+        // Copies of subtrees into themselves grow a document exponentially: keep it small.
+        if doc.to_string().len() > MAX_DOC_BYTES {
+            break;
+        }
         let mut all = Vec::new();
         paths(doc, &mut Vec::new(), &mut all);
         let path = u.choose(&all)?.clone();
@@ -302,7 +309,7 @@ pub fn mutate(
                     let base = s.clone();
                     *s = match u.int_in_range(0..=2u8)? {
                         0 => String::new(),
-                        1 => base.repeat(u.int_in_range(2..=64)?),
+                        1 => base.repeat(u.int_in_range(2..=64)?.min(4096 / base.len().max(1))),
                         _ => near(u, &base, strings)?,
                     };
                 }
