@@ -10,7 +10,7 @@ ENVOY         ?=
 ENVOY_BIN      = $(if $(ENVOY),$(ENVOY),$(VENV)/bin/envoy)
 PYTEST_ARGS   ?=
 
-.PHONY: help build wasm demo-service run test unit-test integration-test validate lint fmt clean \
+.PHONY: help build wasm demo-service rls-service redis run test unit-test integration-test validate lint fmt clean \
         host-toolchain python-env oci dist release manifests test-matrix
 
 help: ## Show this help
@@ -37,16 +37,27 @@ wasm: host-toolchain ## Build the four .wasm modules into build/
 
 demo-service: host-toolchain
 	cargo build --release -p tollgate-demo
+	cargo build --release -p tollgate-auth --example mint-token
 
-build: wasm demo-service ## Build the filters and the demo services
+rls-service: host-toolchain
+	cargo build --release -p tollgate-rls
 
-run: build python-env ## Start the demo: three services and Envoy on 127.0.0.1:10000 (admin :9901)
+# The global rate limits' counters live in Redis: the demo, the tests and the benchmarks start a
+# redis-server of their own on a local port (Debian's package, installed here when missing).
+redis:
+	@command -v redis-server >/dev/null || { echo "installing redis-server (apt-get)"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -q redis-server; \
+	  else sudo apt-get update -qq && sudo apt-get install -y -q redis-server; fi; }
+
+build: wasm demo-service rls-service redis ## Build the filters, the demo services and the rate limit service
+
+run: build python-env ## Start the demo: three services, Redis, the rate limit service and Envoy on 127.0.0.1:10000 (admin :9901)
 	ENVOY=$(ENVOY_BIN) scripts/run-demo.sh
 
 validate: build python-env ## Check envoy/envoy.yaml with the built modules (envoy --mode validate)
 	$(ENVOY_BIN) --mode validate -c envoy/envoy.yaml -l warn
 
-unit-test: host-toolchain
+unit-test: host-toolchain redis
 	cargo test --workspace
 
 integration-test: build python-env

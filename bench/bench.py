@@ -113,6 +113,7 @@ class Variant:
     modules: list[str]
     skip: str | None = None
     compare_to: str | None = None
+    rls_limits: Path | None = None  # a rate limit service (Redis + tollgate-rls) with these limits
     gateway: "Gateway | None" = None
     samples: dict[str, list[float]] = field(default_factory=dict)
     failure: str | None = None
@@ -195,6 +196,7 @@ def parse_variant(sc: Scenario, base: dict, v: dict, folder: Path) -> Variant:
         modules=sorted(set(modules)),
         skip=v.get("skip"),
         compare_to=v.get("compare_to"),
+        rls_limits=folder / base["rls_limits"] if base.get("rls_limits") else None,
     )
 
 
@@ -495,6 +497,8 @@ class Bench:
         self.workdir = Path(tempfile.mkdtemp(prefix="tollgate-bench-"))
         self.upstream: EnvoyProc | None = None
         self.services: harness.DemoServices | None = None
+        self.redis: harness.Redis | None = None
+        self.rls: dict[Path, harness.RateLimitService] = {}
         self.op_counter = 10_000_000  # {n} keeps increasing over the whole run: keys stay distinct
         self.memory: dict = {}
         self.started = dt.datetime.now(dt.timezone.utc)
@@ -518,6 +522,26 @@ class Bench:
         else:
             self.problems.append(f"{harness.demo_binary()} is missing: scenarios using /api/* will fail "
                                  "(cargo build --release -p tollgate-demo)")
+        self.start_rate_limit_services()
+
+    def start_rate_limit_services(self):
+        """Scenarios with `rls_limits`: one redis-server, and a tollgate-rls per limits file (cluster
+        `tollgate_rls`, HTTP/2), on the load generator's cores like the demo services."""
+        files = sorted({v.rls_limits for v in self.variants if v.rls_limits and not v.skip})
+        if not files:
+            return
+        try:
+            self.redis = harness.Redis.start()
+            for f in files:
+                self.rls[f] = harness.RateLimitService.start(f.read_text(), self.redis, timeout_ms=2000)
+        except Exception as exc:  # noqa: BLE001 - those scenarios fail, the others run
+            for v in self.variants:
+                if v.rls_limits:
+                    v.skip = f"n/a: rate limit service: {exc}"
+            return
+        if self.cores.pinned:
+            for pid in [self.redis.proc.pid] + [r.proc.pid for r in self.rls.values()]:
+                subprocess.run(["taskset", "-a", "-p", "-c", self.cores.others, str(pid)], capture_output=True)
 
     def launch(self, name: str, make_config, gateway: bool = True) -> tuple[EnvoyProc, str | None]:
         """Start one Envoy and wait for it; retried on a port taken meanwhile. (proc, error or None)"""
@@ -541,8 +565,11 @@ class Bench:
         return out + extra
 
     def gateway_config(self, v: Variant) -> dict:
+        extra = list(v.clusters)
+        if v.rls_limits in self.rls:
+            extra.append(harness.grpc_cluster("tollgate_rls", self.rls[v.rls_limits].port))
         return bootstrap(harness.free_port(), harness.free_port(), gateway_routes(v.routes), v.http_filters,
-                         self.clusters(v.clusters))
+                         self.clusters(extra))
 
     def start_gateways(self, variants: list[Variant]):
         pending = []
@@ -573,6 +600,10 @@ class Bench:
             self.upstream.stop()
         if self.services:
             self.services.stop()
+        for r in self.rls.values():
+            r.stop()
+        if self.redis:
+            self.redis.stop()
 
     def next_start(self, n: int) -> int:
         s = self.op_counter

@@ -107,6 +107,20 @@ def filter_configs(cfg: dict) -> dict[str, dict]:
     return out
 
 
+def platform_config(f: str, config: dict) -> dict:
+    """A filter's configuration for the platform examples. The ratelimit filter's global limits
+    are left out: they need a rate limit service (tollgate-rls and Redis, which `make run` and
+    Docker Compose start), and the Kubernetes demo has none yet; the local limits stay."""
+    if f != "ratelimit" or "rate_limit_service" not in config:
+        return config
+    out = {k: v for k, v in config.items() if k != "rate_limit_service"}
+    dropped = {l["name"] for l in config.get("limits", []) if "global" in l}
+    out["limits"] = [l for l in config.get("limits", []) if l["name"] not in dropped]
+    out["routes"] = [dict(r, limits=[n for n in r["limits"] if n not in dropped]) if "limits" in r else r
+                     for r in config.get("routes", [])]
+    return out
+
+
 def clusters(cfg: dict) -> dict[str, dict]:
     return {c["name"]: c for c in cfg["static_resources"].get("clusters", [])}
 
@@ -401,7 +415,7 @@ def generate(version: str | None = None, build: Path = ROOT / "build") -> dict[P
     """Every generated file (path relative to the repository root) and its contents."""
     version = version or oci.workspace_version()
     cfg = bundled()
-    configs = filter_configs(cfg)
+    configs = {f: platform_config(f, c) for f, c in filter_configs(cfg).items()}
     all_clusters = clusters(cfg)
     known = set(all_clusters)
     out: dict[Path, str] = {}

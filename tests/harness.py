@@ -49,6 +49,10 @@ def demo_binary() -> Path:
     return ROOT / "target" / "release" / "tollgate-demo"
 
 
+def rls_binary() -> Path:
+    return ROOT / "target" / "release" / "tollgate-rls"
+
+
 def module_path(name: str) -> Path:
     return BUILD / f"tollgate_{name}.wasm"
 
@@ -57,6 +61,11 @@ def missing_artifacts() -> list[str]:
     missing = [str(module_path(f)) for f in MODULES if not module_path(f).exists()]
     if not demo_binary().exists():
         missing.append(str(demo_binary()))
+    if not rls_binary().exists():
+        missing.append(str(rls_binary()))
+    mint = ROOT / "target" / "release" / "examples" / "mint-token"
+    if not mint.exists():
+        missing.append(str(mint))
     return missing
 
 
@@ -144,13 +153,15 @@ class DemoServices:
     log_path: Path
 
     @classmethod
-    def start(cls, jwks: Path | None = None, require_identity: tuple[str, ...] = ()) -> "DemoServices":
+    def start(cls, jwks: Path | None = None, require_identity: tuple[str, ...] = (),
+              ports: dict[str, int] | None = None) -> "DemoServices":
         """`require_identity`: services that answer 401 without an `x-tollgate-consumer` (as
-        `make run` starts users and orders)."""
+        `make run` starts users and orders). `ports`: listen on these (to bring back services a
+        test stopped, at the addresses Envoy knows)."""
         binary = demo_binary()
         if not binary.exists():
             raise RuntimeError(f"{binary} is missing: run `make build` first")
-        ports = {name: free_port() for name in SERVICES}
+        ports = dict(ports) if ports else {name: free_port() for name in SERVICES}
         args = [str(binary)]
         for name, port in ports.items():
             args += ["--listen", f"{name}=127.0.0.1:{port}"]
@@ -189,6 +200,112 @@ class DemoServices:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+# ---------------------------------------------------------------------------------------------
+# Redis and the rate limit service (global rate limits)
+
+
+def _port_open(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), 0.5).close()
+        return True
+    except OSError:
+        return False
+
+
+@dataclass
+class Redis:
+    """A `redis-server` on a loopback port, in memory only (`make redis` installs it)."""
+    port: int
+    proc: subprocess.Popen | None = None
+
+    @classmethod
+    def start(cls, port: int | None = None) -> "Redis":
+        r = cls(port or free_port())
+        r.restart()
+        return r
+
+    def restart(self):
+        """Start (again, on the same port, empty) after `stop`."""
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is missing: run `make build` (it installs redis-server)")
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--loglevel", "warning"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: _port_open(self.port), 10, f"redis-server on port {self.port}")
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        wait_for(lambda: not _port_open(self.port), 10, f"redis-server on port {self.port} to stop")
+
+
+@dataclass
+class RateLimitService:
+    """`tollgate-rls` (Envoy's RLS protocol over gRPC) with counters in `redis` and `limits`
+    (Limitador's YAML format)."""
+    port: int
+    proc: subprocess.Popen
+    log_path: Path
+
+    @classmethod
+    def start(cls, limits: str, redis: Redis, timeout_ms: int = 1000) -> "RateLimitService":
+        binary = rls_binary()
+        if not binary.exists():
+            raise RuntimeError(f"{binary} is missing: run `make build` first")
+        tmp = Path(tempfile.mkdtemp(prefix="tollgate-rls-"))
+        (tmp / "limits.yaml").write_text(limits)
+        port = free_port()
+        log_path = tmp / "rls.log"
+        proc = subprocess.Popen(
+            [str(binary), "--listen", f"127.0.0.1:{port}", "--limits", str(tmp / "limits.yaml"),
+             "--redis", f"redis://127.0.0.1:{redis.port}", "--timeout-ms", str(timeout_ms)],
+            stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)
+        svc = cls(port, proc, log_path)
+
+        def ready():
+            if proc.poll() is not None:
+                raise RuntimeError(f"tollgate-rls exited: {log_path.read_text(errors='replace')}")
+            return _port_open(port)
+
+        try:
+            wait_for(ready, 20, f"tollgate-rls on port {port}")
+        except Exception:
+            svc.stop()
+            raise
+        return svc
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def grpc_cluster(name: str, port: int, timeout: str = "1s") -> dict:
+    """A static cluster speaking HTTP/2 (gRPC), such as the rate limit service's."""
+    c = static_cluster(name, port, timeout=timeout)
+    c["typed_extension_protocol_options"] = {
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {}},
+        }
+    }
+    return c
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,19 +530,21 @@ def forget_envoys():
 # The bundled configuration and the JSON Schemas
 
 
-def bundled_config(services: DemoServices) -> dict:
+def bundled_config(services: DemoServices, rls: "RateLimitService | None" = None) -> dict:
     """envoy/envoy.yaml with its ports moved to free ones, its clusters pointed at `services`
+    (and the rate limit service's at `rls`, else at a closed port: the global limit fails open)
     and its module paths made absolute: the demo exactly as shipped, startable by a test."""
     import yaml
 
     cfg = yaml.safe_load((ROOT / "envoy" / "envoy.yaml").read_text())
     cfg["admin"]["address"]["socket_address"]["port_value"] = free_port()
     cfg["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"] = free_port()
+    ports = dict(services.ports, tollgate_rls=rls.port if rls is not None else free_port())
     for cluster in cfg["static_resources"]["clusters"]:
-        if cluster["name"] in services.ports:
+        if cluster["name"] in ports:
             for ep in cluster["load_assignment"]["endpoints"]:
                 for lb in ep["lb_endpoints"]:
-                    lb["endpoint"]["address"]["socket_address"]["port_value"] = services.ports[cluster["name"]]
+                    lb["endpoint"]["address"]["socket_address"]["port_value"] = ports[cluster["name"]]
     text = json.dumps(cfg).replace('"build/', f'"{ROOT}/build/').replace('"envoy/', f'"{ROOT}/envoy/')
     return json.loads(text)
 

@@ -107,8 +107,8 @@ def host_path(service: dict, container_path: str) -> Path | None:
 def test_compose_files_exist_images_pinned_and_health_gated():
     c = compose()
     services = c["services"]
-    # (Other services may join; these are the demo's and the dashboard's.)
-    assert {"demo", "envoy", "prometheus", "grafana"} <= set(services)
+    # (Other services may join; these are the demo's, the rate limit service's and the dashboard's.)
+    assert {"demo", "envoy", "redis", "rls", "prometheus", "grafana"} <= set(services)
     demo, envoy = services["demo"], services["envoy"]
     # Every file the compose file refers to exists (build/ after `make build`).
     assert (ROOT / demo["build"]["context"]).is_dir()
@@ -139,6 +139,16 @@ def test_compose_files_exist_images_pinned_and_health_gated():
     # The demo's health-check command is the one its Dockerfile installs.
     assert demo["healthcheck"]["test"][1] in dockerfile.read_text()
     assert "tollgate-demo" in dockerfile.read_text() and "-p tollgate-demo" in dockerfile.read_text()
+    # The rate limit service: built from its Dockerfile, after Redis, before Envoy; pinned Redis.
+    rls, redis = services["rls"], services["redis"]
+    rls_dockerfile = ROOT / rls["build"]["context"] / rls["build"]["dockerfile"]
+    assert "-p tollgate-rls" in rls_dockerfile.read_text()
+    for line in rls_dockerfile.read_text().splitlines():
+        if line.startswith("FROM "):
+            assert re.search(r":\d", line.split()[1]), line
+    assert re.fullmatch(r"redis:\d+\.\d+\.\d+\S*", redis["image"]), redis["image"]
+    assert rls["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert envoy["depends_on"]["rls"]["condition"] == "service_healthy"
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {"target", "build", ".venv"} <= set(ignored)
 
@@ -375,7 +385,7 @@ def test_generated_callouts_reach_the_services_under_the_platforms_cluster_names
                      30, "the JWKS fetch")
     assert gw.stat("tollgate.auth.jwks_fetch_failures") == 0 and gw.stat("tollgate.auth.jwks_fetches") >= 1, \
         gw.stats("tollgate.auth")
-    r = gw.get("/api/dashboard/1")
+    r = gw.get("/api/dashboard", headers={"x-api-key": "demo-key-pro"})  # the caller's own dashboard
     assert r.status == 200 and r.header("x-aggregate-complete") == "true", r
     body = r.json()
     assert body["user"] and body["company"], body
@@ -521,7 +531,7 @@ def test_envoy_gateway_demo_routes_give_the_clusters_the_configurations_call():
     assert eg == bundled
     composite = [m["path"]["value"] for rule in route["spec"]["rules"] if "filters" not in rule for m in rule["matches"]]
     for r in harness.bundled_filter_configs()["aggregate"]["routes"]:
-        path = r["match"].get("template") or r["match"].get("prefix") or r["match"]["path"]
+        path = r["match"].get("template") or r["match"].get("prefix") or r["match"].get("exact") or r["match"]["path"]
         assert any(path.startswith(p) for p in composite), path
     # Cross-namespace references are granted.
     assert grant["metadata"]["namespace"] == "tollgate-demo"
@@ -808,7 +818,9 @@ def test_manifests_carry_the_oci_manifest_digest_of_the_modules():
         assert policy["spec"]["wasm"][0]["code"]["image"]["sha256"] == digest
         # The examples carry the bundled configuration of each filter (but for the cluster names
         # and authorities, checked by test_envoy_gateway_demo_routes_give_the_clusters_...).
-        bundled = harness.bundled_filter_configs()[name]
+        # (The ratelimit filter's global limits need a rate limit service the platform demos do
+        # not have: gen-deploy leaves them out.)
+        bundled = gen.platform_config(name, harness.bundled_filter_configs()[name])
         assert without_callout_targets(policy["spec"]["wasm"][0]["config"]) == without_callout_targets(bundled)
 
 
@@ -1365,6 +1377,11 @@ def drive_demo_traffic(env, svc) -> None:
     """Traffic through the bundled configuration that makes every filter emit the metrics the
     dashboard shows. Ordered by observable signals (stats, the demo's request log), never by time."""
     sources = iter(f"127.0.0.{i}" for i in range(2, 250))
+    from auth_helpers import mint
+    # An operator: may change products and read any user's dashboard (the bundled rules need it).
+    ops = {"authorization": "Bearer " + mint(sub="ops", scopes="products:write dashboard:any orders:read",
+                                         claims={"plan": "pro"})}
+    harness.wait_for(lambda: env.stat("tollgate.auth.jwks_fetches") >= 1, 15, "the demo provider's keys")
     # Cache: a miss that is stored, then hits; a stale entry revalidated (304); a stale entry served
     # while it is refreshed; an unsafe method that invalidates. Products are anonymous: each client
     # address has its own rate limit (10 a minute).
@@ -1377,7 +1394,7 @@ def drive_demo_traffic(env, svc) -> None:
     for _ in range(2):
         assert client(env, "GET", "/api/products/3?cache_control=public,max-age=0,stale-while-revalidate=60",
                       source=ip).status == 200
-    assert client(env, "POST", "/api/products/1", source=next(sources)).status == 201
+    assert client(env, "POST", "/api/products/1", ops, source=next(sources)).status == 201
     # Collapsed: a second request for a URL whose fetch is under way waits for it.
     import threading
     ip = next(sources)
@@ -1397,23 +1414,29 @@ def drive_demo_traffic(env, svc) -> None:
     assert client(env, "GET", "/api/orders/1", {"authorization": "Bearer not.a.token"}).status == 401
     assert client(env, "GET", "/api/orders/1", {"x-api-key": "no-such-key"}).status == 401
     assert client(env, "GET", "/api/orders/1", PRO).status == 200
-    assert client(env, "GET", "/api/dashboard/1", source=next(sources)).status == 200
+    assert client(env, "GET", "/api/dashboard/1", source=next(sources)).status == 401
     # Aggregation: complete, partial (the optional orders call times out), failed (no such user).
-    r = client(env, "GET", "/api/dashboard/1", PRO)
+    r = client(env, "GET", "/api/dashboard/1", ops)
     assert r.status == 200 and r.header("x-aggregate-complete") == "true", r
-    r = client(env, "GET", "/api/dashboard/1", {**PRO, "x-demo-delay": "1500"})
+    r = client(env, "GET", "/api/dashboard/1", {**ops, "x-demo-delay": "1500"})
     assert r.status == 200 and r.header("x-aggregate-complete") == "false", r
-    assert client(env, "GET", "/api/dashboard/999999", PRO).status == 502
-    # The orders breaker: opens after its failures, lets a probe through after the cool-down, and
-    # closes when the probe succeeds.
-    harness.wait_for(lambda: client(env, "GET", "/api/dashboard/1", {**PRO, "x-demo-delay": "1500"}) and
-                     env.stat("tollgate.aggregate.breaker.orders.opened") >= 1, 60, "the orders breaker to open")
-    harness.wait_for(lambda: client(env, "GET", "/api/dashboard/1", PRO) and
-                     env.stat("tollgate.aggregate.breaker.orders.closed") >= 1, 60,
-                     "the orders breaker to close again", interval=0.5)
-    # Key fetches: with the key server gone, an unknown key id makes a refetch that fails.
+    assert client(env, "GET", "/api/dashboard/999999", ops).status == 502
+    # A backend's breaker (users: the orders call forwards a client header, so it has none): with
+    # the services down it opens after its failures; back up, a probe after the cool-down closes it.
+    ports = dict(svc.ports)
     svc.stop()
-    assert client(env, "GET", "/api/orders/1", {"authorization": "Bearer " + unknown_kid_token("rotated")}).status in (401, 503)
+    harness.wait_for(lambda: client(env, "GET", "/api/dashboard/1", ops) and
+                     env.stat("tollgate.aggregate.breaker.users.opened") >= 1, 60, "the users breaker to open")
+    svc = harness.DemoServices.start(ports=ports)
+    try:
+        harness.wait_for(lambda: client(env, "GET", "/api/dashboard/1", ops) and
+                         env.stat("tollgate.aggregate.breaker.users.closed") >= 1, 60,
+                         "the users breaker to close again", interval=0.5)
+        # Key fetches: with the key server gone, an unknown key id makes a refetch that fails.
+        svc.stop()
+        assert client(env, "GET", "/api/orders/1", {"authorization": "Bearer " + unknown_kid_token("rotated")}).status in (401, 503)
+    finally:
+        svc.stop()
     harness.wait_for(lambda: env.stat("tollgate.auth.jwks_fetch_failures") >= 1, 15, "the failed key refetch")
 
 

@@ -122,7 +122,7 @@ fn short_hash(v: &str) -> String {
 /// The value of each key source of a limit (name, value, secret); `None` when a source is
 /// missing and the limit skips such requests.
 #[allow(clippy::too_many_arguments)]
-fn values<'a>(
+pub(crate) fn values<'a>(
     host: &dyn Host,
     config: &Compiled,
     sources: &'a [KeySource],

@@ -2,6 +2,7 @@
 //! and compiled into [`Compiled`], immutable and shared by every request of a VM.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use serde::Deserialize;
 use tollgate_common::config::{ConfigDuration, HeaderName, Name};
@@ -36,6 +37,15 @@ fn default_slots() -> u32 {
 fn default_cost() -> u64 {
     1
 }
+fn default_domain() -> String {
+    "tollgate".to_string()
+}
+fn default_global_timeout() -> ConfigDuration {
+    ConfigDuration(Duration::from_millis(100))
+}
+
+/// Largest `lease_max`.
+pub const MAX_LEASE: u64 = 1_000_000;
 
 /// The configuration as written.
 #[derive(Debug, Deserialize)]
@@ -69,6 +79,49 @@ pub struct Config {
     /// What happens when the counters cannot be updated.
     #[serde(default)]
     pub failure_mode: FailureMode,
+    /// The rate limit service (Envoy's RLS protocol) that decides `global` limits.
+    #[serde(default)]
+    pub rate_limit_service: Option<ServiceConfig>,
+}
+
+/// The rate limit service as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// Envoy cluster of the service (HTTP/2).
+    pub cluster: String,
+    /// The RLS `domain` of every call.
+    #[serde(default = "default_domain")]
+    pub domain: String,
+}
+
+/// How a global limit is decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Consistency {
+    /// One call per request; the request waits for the answer.
+    #[default]
+    Exact,
+    /// Units are taken from the service in batches ahead of need and admitted locally.
+    Leased,
+}
+
+/// A limit's `global` object as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GlobalConfig {
+    /// `exact` (default) or `leased`.
+    #[serde(default)]
+    pub mode: Consistency,
+    /// How long a request waits for the service.
+    #[serde(default = "default_global_timeout")]
+    pub timeout: ConfigDuration,
+    /// When the service fails: let requests through or answer 503.
+    #[serde(default)]
+    pub failure_mode: FailureMode,
+    /// `leased`: the most units one lease takes (default: 5% of the quota, at least 1).
+    #[serde(default)]
+    pub lease_max: Option<u64>,
 }
 
 /// A limit as written.
@@ -77,9 +130,9 @@ pub struct Config {
 pub struct LimitConfig {
     /// Unique name: metrics, headers and shared-data keys use it.
     pub name: String,
-    /// `gcra` (default) or `fixed_window`.
+    /// `gcra` (default) or `fixed_window` (global limits: the service's window).
     #[serde(default)]
-    pub algorithm: Algorithm,
+    pub algorithm: Option<Algorithm>,
     /// Units per window.
     pub quota: u64,
     /// Window: a whole number of seconds (`"1s"`, `"1h"`, `"1d"`, or milliseconds).
@@ -104,6 +157,9 @@ pub struct LimitConfig {
     /// Client keys tracked at once (the table size).
     #[serde(default = "default_slots")]
     pub slots: u32,
+    /// Decided by the rate limit service for the whole fleet instead of in this Envoy.
+    #[serde(default)]
+    pub global: Option<GlobalConfig>,
 }
 
 /// Plan overrides as written.
@@ -241,9 +297,8 @@ pub struct Limit {
     pub missing_key: MissingKey,
     /// Its table in shared data.
     pub table: Table,
-    /// Its metric names: `limit.<name>.` + allowed, limited, shadow_limited, cas_exhausted,
-    /// evicted (see [`LimitMetric`]).
-    pub metric_names: [String; 5],
+    /// Its metric names: `limit.<name>.` + [`LIMIT_METRICS`] (see [`LimitMetric`]).
+    pub metric_names: [String; 10],
     /// It reads the consumer or plan header (key, plans or `applies_to`).
     pub uses_client: bool,
     /// Its `RateLimit-Policy` items, `"<name>";q=<quota>;w=<window>`, written at load: index 0
@@ -251,6 +306,30 @@ pub struct Limit {
     pub policies: Vec<String>,
     /// The start of its `RateLimit` item: `"<name>";r=`.
     pub state_prefix: String,
+    /// Decided by the rate limit service (`None`: in this Envoy).
+    pub global: Option<Global>,
+}
+
+/// A compiled `global` object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Global {
+    /// Exact or leased.
+    pub mode: Consistency,
+    /// Call timeout.
+    pub timeout: Duration,
+    /// When the service fails.
+    pub failure_mode: FailureMode,
+    /// Largest lease, in units.
+    pub lease_max: u64,
+}
+
+/// The compiled `rate_limit_service`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Service {
+    /// Envoy cluster.
+    pub cluster: String,
+    /// RLS domain.
+    pub domain: String,
 }
 
 /// A per-limit metric.
@@ -266,7 +345,32 @@ pub enum LimitMetric {
     CasExhausted = 3,
     /// Live states evicted.
     Evicted = 4,
+    /// Calls to the rate limit service (requests and lease refills).
+    RlsCalls = 5,
+    /// Calls that failed (error, timeout, unusable answer): the failure mode applied.
+    RlsFailures = 6,
+    /// Leases granted.
+    LeaseRefills = 7,
+    /// Units of leases that ended unused (taken from the fleet's quota, never admitted).
+    LeaseUnused = 8,
+    /// Units granted in leases whose window end the service did not say: each may be admitted
+    /// after the service's window ended (the worst-case over-admission so far).
+    OverAdmissionBound = 9,
 }
+
+/// Per-limit metric names after `limit.<name>.`, indexed by [`LimitMetric`].
+pub const LIMIT_METRICS: [&str; 10] = [
+    "allowed",
+    "limited",
+    "shadow_limited",
+    "cas_exhausted",
+    "evicted",
+    "rls_calls",
+    "rls_failures",
+    "lease_refills",
+    "lease_unused_units",
+    "over_admission_bound",
+];
 
 impl Limit {
     /// The full name of one of its metrics (without the filter prefix).
@@ -310,6 +414,8 @@ pub struct Route {
     pub cost: u64,
     /// One of its limits reads the consumer or plan header.
     pub uses_client: bool,
+    /// One of its limits is global.
+    pub has_global: bool,
 }
 
 impl Routed for Route {
@@ -343,6 +449,10 @@ pub struct Compiled {
     pub needs_method: bool,
     /// Some route matches on the host: `:authority` must be read.
     pub needs_host: bool,
+    /// The rate limit service (when a limit is global).
+    pub service: Service,
+    /// Some limit is `leased` (the root refills leases on a tick).
+    pub has_leases: bool,
 }
 
 impl Compiled {
@@ -412,8 +522,59 @@ fn params(
     })
 }
 
+/// A global limit is a window counted by the service: no GCRA, burst or plans.
+fn compile_global(at: &str, raw: &LimitConfig) -> Result<Option<Global>, ConfigError> {
+    let Some(g) = &raw.global else {
+        return Ok(None);
+    };
+    let refuse = |field: &str, why: &str| Err(ConfigError::new(format!("{at}.{field}"), why));
+    if raw.algorithm == Some(Algorithm::Gcra) {
+        return refuse(
+            "algorithm",
+            "a global limit is a window counted by the rate limit service: use `fixed_window` or leave it out",
+        );
+    }
+    if raw.burst.is_some() {
+        return refuse(
+            "burst",
+            "a global limit has no burst (the service counts windows)",
+        );
+    }
+    if !raw.plans.is_empty() {
+        return refuse(
+            "plans",
+            "a global limit's quota is the service's: add the `plan` key source and give each plan its limit in the service",
+        );
+    }
+    if g.timeout.0.is_zero() {
+        return refuse("global.timeout", "must be more than 0");
+    }
+    let lease_max = match g.lease_max {
+        Some(0) => return refuse("global.lease_max", "must be at least 1"),
+        Some(n) if n > MAX_LEASE.min(raw.quota) => {
+            return refuse(
+                "global.lease_max",
+                &format!("must be at most the quota and at most {MAX_LEASE}"),
+            )
+        }
+        Some(n) => n,
+        None => raw.quota.div_ceil(20).clamp(1, MAX_LEASE),
+    };
+    Ok(Some(Global {
+        mode: g.mode,
+        timeout: g.timeout.0,
+        failure_mode: g.failure_mode,
+        lease_max,
+    }))
+}
+
 fn compile_limit(i: usize, raw: LimitConfig) -> Result<Limit, ConfigError> {
     let at = format!("limits[{i}]");
+    let global = compile_global(&at, &raw)?;
+    let algorithm = match (&global, raw.algorithm) {
+        (Some(_), _) => Algorithm::FixedWindow,
+        (None, a) => a.unwrap_or_default(),
+    };
     let name_ok = Name::valid(&raw.name) && raw.name.len() <= 64;
     if !name_ok {
         return Err(ConfigError::new(
@@ -425,7 +586,7 @@ fn compile_limit(i: usize, raw: LimitConfig) -> Result<Limit, ConfigError> {
         ));
     }
     let window = window_us(&format!("{at}.window"), raw.window)?;
-    let base = params(&at, raw.algorithm, raw.quota, window, raw.burst)?;
+    let base = params(&at, algorithm, raw.quota, window, raw.burst)?;
     let mut plans = Vec::new();
     for (plan, p) in raw.plans {
         let pat = format!("{at}.plans.{plan}");
@@ -436,7 +597,7 @@ fn compile_limit(i: usize, raw: LimitConfig) -> Result<Limit, ConfigError> {
             Some(w) => window_us(&format!("{pat}.window"), w)?,
             None => window,
         };
-        plans.push((plan, params(&pat, raw.algorithm, p.quota, w, p.burst)?));
+        plans.push((plan, params(&pat, algorithm, p.quota, w, p.burst)?));
     }
     if raw.key.is_empty() {
         return Err(ConfigError::new(
@@ -467,9 +628,11 @@ fn compile_limit(i: usize, raw: LimitConfig) -> Result<Limit, ConfigError> {
             format!("must be from {} to {}", SLOTS_RANGE.0, SLOTS_RANGE.1),
         ));
     }
-    let kind = match raw.algorithm {
-        Algorithm::Gcra => 'g',
-        Algorithm::FixedWindow => 'f',
+    // `l`: a leased global limit's table holds leases.
+    let kind = match (&global, algorithm) {
+        (Some(_), _) => 'l',
+        (None, Algorithm::Gcra) => 'g',
+        (None, Algorithm::FixedWindow) => 'f',
     };
     let uses_client = !plans.is_empty()
         || raw.applies_to != AppliesTo::All
@@ -485,14 +648,8 @@ fn compile_limit(i: usize, raw: LimitConfig) -> Result<Limit, ConfigError> {
         policies,
         state_prefix: format!("\"{}\";r=", raw.name),
         table: Table::new(&raw.name, kind, raw.slots),
-        metric_names: [
-            "allowed",
-            "limited",
-            "shadow_limited",
-            "cas_exhausted",
-            "evicted",
-        ]
-        .map(|m| format!("limit.{}.{m}", raw.name)),
+        metric_names: LIMIT_METRICS.map(|m| format!("limit.{}.{m}", raw.name)),
+        global,
         uses_client,
         name: raw.name,
         key,
@@ -553,6 +710,9 @@ fn compile(raw: Config) -> Result<Compiled, ConfigError> {
             .iter()
             .any(|&id| limits.get(id).is_some_and(|l| l.uses_client));
         routes.push(Route {
+            has_global: ids
+                .iter()
+                .any(|&id| limits.get(id).is_some_and(|l| l.global.is_some())),
             uses_client,
             route: r.route,
             name: r.name.unwrap_or_else(|| at.clone()),
@@ -561,7 +721,40 @@ fn compile(raw: Config) -> Result<Compiled, ConfigError> {
             cost,
         });
     }
+    let service = match raw.rate_limit_service {
+        Some(s) => {
+            if s.cluster.is_empty() {
+                return Err(ConfigError::new(
+                    "rate_limit_service.cluster",
+                    "must name an Envoy cluster",
+                ));
+            }
+            if s.domain.is_empty() {
+                return Err(ConfigError::new(
+                    "rate_limit_service.domain",
+                    "must not be empty",
+                ));
+            }
+            Service {
+                cluster: s.cluster,
+                domain: s.domain,
+            }
+        }
+        None => {
+            if let Some(i) = limits.iter().position(|l| l.global.is_some()) {
+                return Err(ConfigError::new(
+                    format!("limits[{i}].global"),
+                    "a global limit needs `rate_limit_service` (the Envoy cluster of the service)",
+                ));
+            }
+            Service::default()
+        }
+    };
     Ok(Compiled {
+        has_leases: limits
+            .iter()
+            .any(|l| l.global.is_some_and(|g| g.mode == Consistency::Leased)),
+        service,
         needs_method: routes.iter().any(|r: &Route| r.route.uses_method()),
         needs_host: routes.iter().any(|r: &Route| r.route.uses_host()),
         limits,

@@ -6,6 +6,8 @@
 //! (each take is itself a read-decide-CAS on shared data, so it is exact across workers). A
 //! refused request takes nothing. With one limit the take is the only phase.
 
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::rc::Rc;
 use std::time::UNIX_EPOCH;
@@ -13,13 +15,15 @@ use std::time::UNIX_EPOCH;
 use tollgate_common::metrics::Metrics;
 use tollgate_common::route::RequestInfo;
 use tollgate_common::{
-    ConfigError, Decision, Host, HttpFilter, MapKind, MetricKind, Problem, RootFilter,
+    ConfigError, Decision, GrpcResponse, Host, HttpFilter, MapKind, MetricKind, Problem, RootFilter,
 };
 
 use crate::algo::{evaluate, Outcome, Params};
 use crate::client::{self, Client};
-use crate::config::{AppliesTo, Compiled, FailureMode, HeaderMode, Limit, LimitMetric};
-use crate::table::{push_u64, StoreError};
+use crate::config::{
+    AppliesTo, Compiled, Consistency, FailureMode, HeaderMode, Limit, LimitMetric,
+};
+use crate::table::{hash_parts, push_u64, StoreError};
 
 /// Problem type of 429 answers (draft-ietf-httpapi-ratelimit-headers-10).
 pub const QUOTA_EXCEEDED: &str = "https://iana.org/assignments/http-problem-types#quota-exceeded";
@@ -29,10 +33,12 @@ pub const QUOTA_EXCEEDED_TITLE: &str =
 /// Response header naming the shadow limits that would have refused the request.
 pub const SHADOW_HEADER: &str = "x-tollgate-ratelimit-shadow";
 
-/// Per-VM state: the compiled configuration and metrics.
+/// Per-VM state: the compiled configuration and metrics, and the lease refills in flight.
 pub struct RateLimitRoot {
     context_id: u32,
     shared: Rc<Worker>,
+    /// Lease refills this root sent, by token.
+    inflight: HashMap<u32, global::Inflight>,
 }
 
 /// What every request of a VM shares.
@@ -43,13 +49,18 @@ pub struct Worker {
     pub metrics: Metrics,
     /// Ids of the counters, defined at load: a request increments by id (no name lookup).
     ids: Ids,
+    /// Lease refills asked for by requests, sent by the root on its next tick.
+    refills: RefCell<Vec<global::Refill>>,
+    /// Failures of the rate limit service: when one was last logged (µs), and how many were
+    /// not logged since.
+    failure_log: Cell<(u64, u64)>,
 }
 
 /// Counter ids: the totals (indexed by [`Total`]) and each limit's (by [`LimitMetric`]).
 #[derive(Debug, Default)]
 struct Ids {
-    totals: [Option<u32>; 8],
-    limits: Vec<[Option<u32>; 5]>,
+    totals: [Option<u32>; 10],
+    limits: Vec<[Option<u32>; 10]>,
 }
 
 /// A total counter (index into [`TOTALS`]).
@@ -63,6 +74,8 @@ enum Total {
     Failures = 5,
     CasExhausted = 6,
     Evictions = 7,
+    RlsCalls = 8,
+    RlsFailures = 9,
 }
 
 impl Ids {
@@ -78,7 +91,7 @@ impl Ids {
                 .iter()
                 .map(|l| {
                     let n = &l.metric_names;
-                    [&n[0], &n[1], &n[2], &n[3], &n[4]].map(|m| define(m))
+                    std::array::from_fn(|i| n.get(i).and_then(|m| define(m)))
                 })
                 .collect(),
         }
@@ -91,13 +104,20 @@ impl Ids {
     }
 
     fn count_limit(&self, host: &mut dyn Host, limit: usize, m: LimitMetric) {
+        self.add_limit(host, limit, m, 1);
+    }
+
+    fn add_limit(&self, host: &mut dyn Host, limit: usize, m: LimitMetric, n: u64) {
+        if n == 0 {
+            return;
+        }
         if let Some(Some(id)) = self.limits.get(limit).and_then(|ids| ids.get(m as usize)) {
-            host.increment_metric(*id, 1);
+            host.increment_metric(*id, i64::try_from(n).unwrap_or(i64::MAX));
         }
     }
 }
 
-const TOTALS: [&str; 8] = [
+const TOTALS: [&str; 10] = [
     "requests",
     "skipped",
     "allowed",
@@ -106,6 +126,8 @@ const TOTALS: [&str; 8] = [
     "failures",
     "cas_exhausted",
     "evictions",
+    "rls_calls",
+    "rls_failures",
 ];
 
 impl RootFilter for RateLimitRoot {
@@ -119,7 +141,10 @@ impl RootFilter for RateLimitRoot {
                 config: Compiled::default(),
                 metrics: Metrics::new("ratelimit"),
                 ids: Ids::default(),
+                refills: RefCell::new(Vec::new()),
+                failure_log: Cell::new((0, 0)),
             }),
+            inflight: HashMap::new(),
         }
     }
 
@@ -130,6 +155,10 @@ impl RootFilter for RateLimitRoot {
         let mut keys = 0u64;
         let mut bound = 0usize;
         for limit in &config.limits {
+            if limit.global.is_some_and(|g| g.mode == Consistency::Exact) {
+                // Decided by the service for each request: no table.
+                continue;
+            }
             // Every bucket exists before traffic, so that every update is guarded by a CAS.
             if let Err(e) = limit.table.allocate(host) {
                 log::warn!(
@@ -149,12 +178,29 @@ impl RootFilter for RateLimitRoot {
             config.limits.len(),
             config.routes.0.len()
         );
+        // Refills in flight belong to the previous configuration (its limits' indexes).
+        self.inflight.clear();
+        if config.has_leases {
+            host.set_tick_period(global::REFILL_TICK);
+        } else if self.shared.config.has_leases {
+            host.set_tick_period(std::time::Duration::ZERO);
+        }
         self.shared = Rc::new(Worker {
             config,
             metrics,
             ids,
+            refills: RefCell::new(Vec::new()),
+            failure_log: Cell::new((0, 0)),
         });
         Ok(())
+    }
+
+    fn on_tick(&mut self, host: &mut dyn Host) {
+        self.send_refills(host);
+    }
+
+    fn on_grpc_response(&mut self, host: &mut dyn Host, token: u32, response: GrpcResponse) {
+        self.refilled(host, token, &response);
     }
 
     fn create_filter(&self, context_id: u32) -> RateLimitFilter {
@@ -163,6 +209,7 @@ impl RootFilter for RateLimitRoot {
             shared: self.shared.clone(),
             response_headers: Vec::new(),
             replied: false,
+            paused: None,
         }
     }
 }
@@ -175,6 +222,8 @@ pub struct RateLimitFilter {
     response_headers: Vec<(&'static str, String)>,
     /// This filter answered the request itself.
     replied: bool,
+    /// Waiting for the rate limit service.
+    paused: Option<global::Paused>,
 }
 
 /// One limit to check for this request.
@@ -185,6 +234,9 @@ struct Check {
     /// Which parameters (see [`Limit::plan_index`]).
     plan: usize,
     params: Params,
+    /// A global limit's key values, in the order of its key sources (the descriptor's entries
+    /// are built from them only when the service is called).
+    entries: Option<Vec<String>>,
 }
 
 /// What the key of a limit is built from, to rebuild it with its label for a warning.
@@ -200,6 +252,9 @@ struct Verdict {
     plan: usize,
     params: Params,
     outcome: Outcome,
+    /// Its remaining units and reset are known (a global limit whose service did not say them
+    /// is left out of the rate limit fields of admitted requests).
+    reported: bool,
 }
 
 fn now_us(host: &dyn Host) -> u64 {
@@ -330,6 +385,7 @@ impl RateLimitFilter {
                     plan: check.plan,
                     params: check.params,
                     outcome,
+                    reported: true,
                 }),
                 Err(e) => {
                     if let Some(d) = self.failure(host, check, &e) {
@@ -355,6 +411,13 @@ impl RateLimitFilter {
     fn rate_headers(&self, verdicts: &[&Verdict]) -> Vec<(&'static str, String)> {
         let mode: HeaderMode = self.shared.config.headers;
         let mut out = Vec::new();
+        let reported: Vec<&Verdict>;
+        let verdicts = if verdicts.iter().all(|v| v.reported) {
+            verdicts
+        } else {
+            reported = verdicts.iter().copied().filter(|v| v.reported).collect();
+            &reported
+        };
         if verdicts.is_empty() {
             return out;
         }
@@ -551,27 +614,66 @@ impl HttpFilter for RateLimitFilter {
                 if !applies {
                     return None;
                 }
-                let key = client::hash(
-                    host,
-                    config,
-                    &limit.name,
-                    &limit.key,
-                    limit.missing_key,
-                    &client,
-                    &req,
-                    &route.name,
-                )?;
+                let (key, entries) = if limit.global.is_some() {
+                    // The key's values once: hashed for the lease, and the descriptor entries.
+                    let values = client::values(
+                        host,
+                        config,
+                        &limit.key,
+                        limit.missing_key,
+                        &client,
+                        &req,
+                        &route.name,
+                    )?;
+                    let key = hash_parts(&limit.name, values.iter().map(|(_, v, _)| v.as_bytes()));
+                    (key, Some(values.into_iter().map(|(_, v, _)| v).collect()))
+                } else {
+                    let key = client::hash(
+                        host,
+                        config,
+                        &limit.name,
+                        &limit.key,
+                        limit.missing_key,
+                        &client,
+                        &req,
+                        &route.name,
+                    )?;
+                    (key, None)
+                };
                 let plan = limit.plan_index(client.plan.as_deref());
                 Some(Check {
                     limit: id,
                     key,
                     plan,
                     params: *limit.params_at(plan),
+                    entries,
                 })
             })
             .collect();
         if checks.is_empty() {
             return Decision::Continue;
+        }
+        if route.has_global {
+            let (globals, local): (Vec<Check>, Vec<Check>) =
+                if checks.iter().all(|c| c.entries.is_some()) {
+                    (checks, Vec::new())
+                } else {
+                    checks.into_iter().partition(|c| c.entries.is_some())
+                };
+            // The route's name is needed later only by local limits (for a warning's label).
+            let route_name = if local.is_empty() {
+                String::new()
+            } else {
+                route.name.clone()
+            };
+            let waiting = global::Request {
+                local,
+                client,
+                req,
+                route_name,
+                cost: route.cost,
+            };
+            return self.start_global(host, waiting, globals);
         }
         let ctx = KeyCtx {
             client: &client,
@@ -595,6 +697,15 @@ impl HttpFilter for RateLimitFilter {
         self.admit(host, &verdicts)
     }
 
+    fn on_grpc_response(
+        &mut self,
+        host: &mut dyn Host,
+        token: u32,
+        response: GrpcResponse,
+    ) -> Decision {
+        self.answered(host, token, &response)
+    }
+
     fn on_response_headers(&mut self, host: &mut dyn Host, _end_of_stream: bool) -> Decision {
         if !self.replied {
             for (k, v) in std::mem::take(&mut self.response_headers) {
@@ -604,6 +715,9 @@ impl HttpFilter for RateLimitFilter {
         Decision::Continue
     }
 }
+
+#[path = "global.rs"]
+mod global;
 
 #[cfg(test)]
 #[path = "filter_tests.rs"]

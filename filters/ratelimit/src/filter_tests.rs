@@ -527,3 +527,343 @@ fn numbers_are_written_like_display() {
         assert_eq!(s, format!("x{v}"));
     }
 }
+
+/// A rate limit service in the test: counts units per descriptor in one window.
+struct FakeRls {
+    quota: u64,
+    used: std::collections::HashMap<Vec<(String, String)>, u64>,
+    /// gRPC status to answer with instead (14: unavailable), or 0.
+    status: u32,
+    garbage: bool,
+    calls: Vec<tollgate_rls_proto::RateLimitRequest>,
+}
+
+impl FakeRls {
+    fn new(quota: u64) -> FakeRls {
+        FakeRls {
+            quota,
+            used: Default::default(),
+            status: 0,
+            garbage: false,
+            calls: Vec::new(),
+        }
+    }
+
+    fn answer(&mut self, message: &[u8]) -> GrpcResponse {
+        use prost::Message;
+        use tollgate_rls_proto::*;
+        let req = RateLimitRequest::decode(message).unwrap();
+        self.calls.push(req.clone());
+        if self.status != 0 {
+            return GrpcResponse {
+                status: self.status,
+                message: None,
+                body: Vec::new(),
+            };
+        }
+        if self.garbage {
+            return GrpcResponse {
+                status: 0,
+                message: None,
+                body: b"\xff\xff not protobuf".to_vec(),
+            };
+        }
+        let key: Vec<(String, String)> = req.descriptors[0]
+            .entries
+            .iter()
+            .map(|e| (e.key.clone(), e.value.clone()))
+            .collect();
+        let used = self.used.entry(key).or_default();
+        let hits = u64::from(req.hits_addend.max(1));
+        let ok = *used + hits <= self.quota;
+        if ok {
+            *used += hits;
+        }
+        let code = if ok { Code::Ok } else { Code::OverLimit } as i32;
+        let resp = RateLimitResponse {
+            overall_code: code,
+            statuses: vec![DescriptorStatus {
+                code,
+                current_limit: Some(RateLimit {
+                    requests_per_unit: self.quota as u32,
+                    unit: Unit::Minute as i32,
+                    name: String::new(),
+                }),
+                limit_remaining: (self.quota - *used) as u32,
+                duration_until_reset: Some(tollgate_rls_proto::Duration::from_millis(30_000)),
+            }],
+            response_headers_to_add: vec![],
+            request_headers_to_add: vec![],
+        };
+        GrpcResponse {
+            status: 0,
+            message: None,
+            body: resp.encode_to_vec(),
+        }
+    }
+}
+
+impl Gw {
+    /// A request that may wait for the service: its calls are answered by `rls`. Returns the
+    /// answer and how many calls the request made.
+    fn send_rls(&mut self, path: &str, rls: &mut FakeRls) -> (Answer, usize) {
+        let mut h = self.host.next_request("GET", path, &[]);
+        h.set_property(&["source", "address"], "192.0.2.1:5000");
+        self.next_id += 1;
+        let mut f = self.root.create_filter(self.next_id);
+        let mut d = f.on_request_headers(&mut h, true);
+        let mut answered = 0;
+        while d == Decision::Pause {
+            let call = h
+                .grpc_calls
+                .get(answered)
+                .cloned()
+                .expect("paused without a call");
+            assert_eq!(call.cluster, "rls");
+            assert_eq!(call.service, "envoy.service.ratelimit.v3.RateLimitService");
+            answered += 1;
+            let resp = rls.answer(&call.message);
+            d = f.on_grpc_response(&mut h, call.token, resp);
+        }
+        let answer = match d {
+            Decision::Respond(r) => Answer {
+                status: r.status,
+                headers: r.headers,
+                body: r.body,
+            },
+            _ => {
+                h.set_map(MapKind::ResponseHeaders, &[(":status", "200")]);
+                f.on_response_headers(&mut h, false);
+                Answer {
+                    status: 200,
+                    headers: h.headers(MapKind::ResponseHeaders),
+                    body: Vec::new(),
+                }
+            }
+        };
+        (answer, h.grpc_calls.len())
+    }
+
+    /// The root's tick: its refill calls answered by `rls`. Returns how many it sent.
+    fn tick(&mut self, rls: &mut FakeRls) -> usize {
+        let before = self.host.grpc_calls.len();
+        self.root.on_tick(&mut self.host);
+        let calls: Vec<_> = self.host.grpc_calls[before..].to_vec();
+        for call in &calls {
+            let resp = rls.answer(&call.message);
+            self.root.on_grpc_response(&mut self.host, call.token, resp);
+        }
+        calls.len()
+    }
+}
+
+fn global_config(mode: &str, failure: &str, local: bool) -> String {
+    format!(
+        r#"{{
+      "rate_limit_service": {{"cluster": "rls", "domain": "test"}},
+      "limits": [
+        {{"name":"fleet","quota":5,"window":"1m","key":["client_ip","route"],
+          "global":{{"mode":"{mode}","failure_mode":"{failure}","lease_max":4}}}},
+        {{"name":"local","quota":2,"window":"1h","key":["client_ip"]}}
+      ],
+      "routes": [{{"name":"api","match":{{"prefix":"/api/"}},"limits":[{}"fleet"]}}]
+    }}"#,
+        if local { r#""local","# } else { "" }
+    )
+}
+
+#[test]
+fn exact_global_limits_call_per_request_and_map_answers() {
+    let mut gw = Gw::new(&global_config("exact", "allow", false));
+    let mut rls = FakeRls::new(5);
+    let (a, calls) = gw.send_rls("/api/x", &mut rls);
+    assert_eq!((a.status, calls), (200, 1));
+    assert_eq!(a.header("ratelimit-policy"), Some("\"fleet\";q=5;w=60"));
+    assert_eq!(a.header("ratelimit"), Some("\"fleet\";r=4;t=30"));
+    let req = &rls.calls[0];
+    assert_eq!(req.domain, "test");
+    assert_eq!(req.hits_addend, 1);
+    let entries: Vec<(&str, &str)> = req.descriptors[0]
+        .entries
+        .iter()
+        .map(|e| (e.key.as_str(), e.value.as_str()))
+        .collect();
+    assert_eq!(
+        entries,
+        vec![
+            ("limit", "fleet"),
+            ("client_ip", "192.0.2.1"),
+            ("route", "api")
+        ]
+    );
+    for _ in 0..4 {
+        assert_eq!(gw.send_rls("/api/x", &mut rls).0.status, 200);
+    }
+    let (r, _) = gw.send_rls("/api/x", &mut rls);
+    assert_eq!(r.status, 429);
+    assert_eq!(r.header("retry-after"), Some("30"));
+    assert_eq!(r.header("ratelimit"), Some("\"fleet\";r=0;t=30"));
+    assert_eq!(gw.metric("limit.fleet.rls_calls"), Some(6));
+    assert_eq!(gw.metric("limit.fleet.allowed"), Some(5));
+    assert_eq!(gw.metric("limit.fleet.limited"), Some(1));
+}
+
+#[test]
+fn local_limits_go_first_and_a_locally_refused_request_costs_no_call() {
+    let mut gw = Gw::new(&global_config("exact", "allow", true));
+    let mut rls = FakeRls::new(5);
+    assert_eq!(gw.send_rls("/api/x", &mut rls).0.status, 200);
+    let (a, calls) = gw.send_rls("/api/x", &mut rls);
+    assert_eq!((a.status, calls), (200, 1));
+    assert_eq!(
+        a.header("ratelimit-policy"),
+        Some("\"fleet\";q=5;w=60, \"local\";q=2;w=3600")
+    );
+    let (r, calls) = gw.send_rls("/api/x", &mut rls);
+    assert_eq!((r.status, calls), (429, 0));
+    assert_eq!(rls.calls.len(), 2);
+    // refused by the service: the local limit keeps its units
+    let mut gw = Gw::new(&global_config("exact", "allow", true));
+    let mut rls = FakeRls::new(0);
+    assert_eq!(gw.send_rls("/api/x", &mut rls).0.status, 429);
+    assert_eq!(gw.metric("limit.local.allowed"), Some(0));
+    rls.quota = 5;
+    assert_eq!(gw.statuses_rls(2, &mut rls), vec![200, 200]);
+}
+
+impl Gw {
+    fn statuses_rls(&mut self, n: usize, rls: &mut FakeRls) -> Vec<u16> {
+        (0..n)
+            .map(|_| self.send_rls("/api/x", rls).0.status)
+            .collect()
+    }
+}
+
+#[test]
+fn service_failures_apply_the_failure_mode_and_are_counted() {
+    for (failure, want) in [("allow", 200), ("deny", 503)] {
+        let mut gw = Gw::new(&global_config("exact", failure, false));
+        let mut rls = FakeRls::new(5);
+        rls.status = 14;
+        let (a, _) = gw.send_rls("/api/x", &mut rls);
+        assert_eq!(a.status, want, "{failure}");
+        assert!(a.header("ratelimit").is_none());
+        rls.status = 0;
+        rls.garbage = true;
+        assert_eq!(gw.send_rls("/api/x", &mut rls).0.status, want);
+        assert_eq!(gw.metric("limit.fleet.rls_failures"), Some(2));
+        assert_eq!(gw.metric("rls_failures"), Some(2));
+        // the service is back
+        rls.garbage = false;
+        assert_eq!(gw.send_rls("/api/x", &mut rls).0.status, 200);
+    }
+    // the cluster does not exist: the call cannot start
+    let mut gw = Gw::new(&global_config("exact", "deny", false));
+    gw.host.fail_calls = true;
+    let mut h = gw.host.next_request("GET", "/api/x", &[]);
+    h.fail_calls = true;
+    h.set_property(&["source", "address"], "192.0.2.1:5000");
+    let mut f = gw.root.create_filter(99);
+    assert!(matches!(
+        f.on_request_headers(&mut h, true),
+        Decision::Respond(r) if r.status == 503
+    ));
+}
+
+#[test]
+fn leased_limits_admit_from_the_lease_without_calls() {
+    let mut gw = Gw::new(&global_config("leased", "allow", false));
+    assert_eq!(gw.host.tick_period, Some(Duration::from_millis(20)));
+    let mut rls = FakeRls::new(5);
+    // cold: the request calls for itself; a refill of 1 (lease_max 4 / 4) is asked for
+    let (a, calls) = gw.send_rls("/api/x", &mut rls);
+    assert_eq!((a.status, calls), (200, 1));
+    assert_eq!(gw.tick(&mut rls), 1);
+    assert_eq!(rls.calls[1].hits_addend, 1);
+    // from the lease: no call; running low asks for a (larger) refill
+    let (a, calls) = gw.send_rls("/api/x", &mut rls);
+    assert_eq!((a.status, calls), (200, 0));
+    assert_eq!(a.header("ratelimit"), Some("\"fleet\";r=0;t=30"));
+    assert_eq!(gw.tick(&mut rls), 1);
+    assert_eq!(
+        rls.calls[2].hits_addend, 2,
+        "the lease went fast: twice as large"
+    );
+    assert_eq!(gw.statuses_rls(2, &mut rls), vec![200, 200]);
+    // 1 + 1 + 2 used; 1 left at the service: the refill of 4 is refused, 1 is asked instead
+    assert_eq!(gw.tick(&mut rls), 1);
+    assert_eq!(gw.tick(&mut rls), 1);
+    assert_eq!(rls.calls.last().map(|c| c.hits_addend), Some(1));
+    let (a, calls) = gw.send_rls("/api/x", &mut rls);
+    assert_eq!((a.status, calls), (200, 0));
+    // the service's window is used up: the refill is refused, then requests are refused
+    // locally until the window ends, without calls
+    assert_eq!(gw.tick(&mut rls), 1);
+    let (r, calls) = gw.send_rls("/api/x", &mut rls);
+    assert_eq!((r.status, calls), (429, 0));
+    assert_eq!(r.header("retry-after"), Some("30"));
+    assert_eq!(gw.tick(&mut rls), 0);
+    assert_eq!(gw.metric("limit.fleet.allowed"), Some(5));
+    assert_eq!(gw.metric("limit.fleet.lease_refills"), Some(3));
+    // a new window: the lease ended, a request calls again
+    gw.advance(Duration::from_secs(31));
+    let (a, calls) = gw.send_rls("/api/x", &mut rls);
+    assert_eq!(
+        (a.status, calls),
+        (429, 1),
+        "the fake service's window never ends"
+    );
+}
+
+#[test]
+fn a_lease_that_cannot_be_updated_applies_the_limits_failure_mode() {
+    for (failure, want) in [("allow", 200), ("deny", 503)] {
+        let mut gw = Gw::new(&global_config("leased", failure, false));
+        let mut rls = FakeRls::new(5);
+        gw.host.shared.force_conflicts(10_000);
+        let (a, calls) = gw.send_rls("/api/x", &mut rls);
+        assert_eq!((a.status, calls), (want, 0), "{failure}");
+        assert_eq!(gw.metric("limit.fleet.cas_exhausted"), Some(1));
+        assert_eq!(gw.metric("rls_failures"), Some(0));
+    }
+}
+
+#[test]
+fn a_configuration_without_leases_stops_the_ticks() {
+    let mut gw = Gw::new(&global_config("leased", "allow", false));
+    assert_eq!(gw.host.tick_period, Some(Duration::from_millis(20)));
+    gw.root
+        .configure(
+            &mut gw.host,
+            global_config("exact", "allow", false).as_bytes(),
+        )
+        .unwrap();
+    assert_eq!(gw.host.tick_period, Some(Duration::ZERO));
+}
+
+#[test]
+fn a_request_served_from_a_lease_makes_no_more_host_calls_than_a_local_limit() {
+    let limit = |global: &str| {
+        format!(
+            r#"{{"rate_limit_service": {{"cluster": "rls"}},
+              "limits": [{{"name":"l","quota":1000,"window":"1m","key":["client_ip","route"]{global}}}],
+              "routes": [{{"name":"api","match":{{"prefix":"/api/"}},"limits":["l"]}}]}}"#
+        )
+    };
+    let local = limit(r#","algorithm":"fixed_window""#);
+    let leased = limit(r#","global":{"mode":"leased","lease_max":100}"#);
+    let (s, local_calls) = host_calls(&mut Gw::new(&local), "/api/x", &[]);
+    assert_eq!(s, 200);
+    let mut gw = Gw::new(&leased);
+    let mut rls = FakeRls::new(1000);
+    let (a, calls) = gw.send_rls("/api/x", &mut rls);
+    assert_eq!((a.status, calls), (200, 1));
+    assert_eq!(gw.tick(&mut rls), 1, "a lease of 25");
+    let (s, leased_calls) = host_calls(&mut gw, "/api/x", &[]);
+    assert_eq!(s, 200);
+    assert_eq!(rls.calls.len(), 2, "served from the lease");
+    assert!(
+        leased_calls.len() <= local_calls.len(),
+        "leased {leased_calls:?} local {local_calls:?}"
+    );
+}

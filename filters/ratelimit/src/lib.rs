@@ -15,6 +15,8 @@ pub mod algo;
 pub mod client;
 pub mod config;
 pub mod filter;
+pub mod lease;
+pub mod rls;
 pub mod table;
 
 pub use filter::{RateLimitFilter, RateLimitRoot};

@@ -1,0 +1,293 @@
+//! `ShouldRateLimit`: the request's descriptors become Limitador's `descriptors` (a list of maps
+//! of their entries), its `domain` the namespace, `hits_addend` the units. The limits of the
+//! namespace whose conditions hold apply; each gives one counter (per value of its variables), and
+//! the call takes `hits_addend` from all of them or, if one has no room, from none
+//! ([`Store::check_and_increment`], atomic).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use limitador::counter::Counter;
+use limitador::limit::Context;
+use tollgate_rls_proto::{
+    Code, DescriptorStatus, RateLimit, RateLimitRequest, RateLimitResponse, Unit,
+};
+
+use crate::limits::LimitDef;
+use crate::store::{CounterRef, CounterState, Store};
+
+/// Why a call could not be decided (answered with gRPC `UNAVAILABLE`).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// The storage failed (Redis down, a script error, ...).
+    Storage(String),
+    /// The storage did not answer within the timeout.
+    Timeout,
+}
+
+/// The rate limit service: limits by namespace, and the counters.
+pub struct RateLimitService {
+    store: Store,
+    limits: HashMap<String, Vec<LimitDef>>,
+    timeout: Duration,
+    failures: FailureLog,
+}
+
+impl RateLimitService {
+    /// A service deciding `limits` with counters in `store`; a storage call longer than
+    /// `timeout` fails.
+    pub fn new(store: Store, limits: Vec<LimitDef>, timeout: Duration) -> Self {
+        let mut by_ns: HashMap<String, Vec<LimitDef>> = HashMap::new();
+        for l in limits {
+            by_ns
+                .entry(l.limit.namespace().as_ref().to_string())
+                .or_default()
+                .push(l);
+        }
+        RateLimitService {
+            store,
+            limits: by_ns,
+            timeout,
+            failures: FailureLog::new(Duration::from_secs(10)),
+        }
+    }
+
+    /// Decide one request.
+    pub async fn should_rate_limit(
+        &self,
+        req: &RateLimitRequest,
+    ) -> Result<RateLimitResponse, Failure> {
+        let values: Vec<HashMap<String, String>> = req
+            .descriptors
+            .iter()
+            .map(|d| {
+                d.entries
+                    .iter()
+                    .map(|e| (e.key.clone(), e.value.clone()))
+                    .collect()
+            })
+            .collect();
+        let mut ctx = Context::default();
+        ctx.list_binding("descriptors".to_string(), values);
+        let counters = self.counters(&req.domain, &ctx);
+        if counters.is_empty() {
+            return Ok(answer(req, true, &[]));
+        }
+        let refs: Vec<CounterRef> = counters.iter().map(|(r, _)| r.clone()).collect();
+        let delta = u64::from(req.hits_addend.max(1));
+        let decided =
+            tokio::time::timeout(self.timeout, self.store.check_and_increment(&refs, delta)).await;
+        let outcome = match decided {
+            Ok(Ok(o)) => o,
+            Ok(Err(e)) => {
+                self.failures.record(&e);
+                return Err(Failure::Storage(e));
+            }
+            Err(_) => {
+                self.failures.record("storage timed out");
+                return Err(Failure::Timeout);
+            }
+        };
+        let seen: Vec<Seen> = counters
+            .iter()
+            .zip(&outcome.states)
+            .map(|((r, name), st)| Seen {
+                max: r.max,
+                window: r.window,
+                name: name.clone(),
+                state: *st,
+            })
+            .collect();
+        Ok(answer(req, outcome.admitted, &seen))
+    }
+
+    /// The counters of the limits of `namespace` that apply: their conditions hold and their
+    /// variables are in the descriptors. A condition that cannot be evaluated does not hold.
+    fn counters(&self, namespace: &str, ctx: &Context) -> Vec<(CounterRef, String)> {
+        let Some(limits) = self.limits.get(namespace) else {
+            return Vec::new();
+        };
+        limits
+            .iter()
+            .filter(|l| l.predicates.iter().all(|p| p.test(ctx).unwrap_or(false)))
+            .filter_map(|l| {
+                let counter = Counter::new(l.limit.clone(), ctx).ok().flatten()?;
+                let vars = serde_json::to_string(counter.set_variables()).ok()?;
+                Some((
+                    CounterRef {
+                        key: format!("tollgate-rls:{}:{vars}", l.id),
+                        max: l.limit.max_value(),
+                        window: Duration::from_secs(l.limit.seconds()),
+                    },
+                    l.limit.name().unwrap_or_default().to_string(),
+                ))
+            })
+            .collect()
+    }
+}
+
+/// A counter as the call left it.
+struct Seen {
+    max: u64,
+    window: Duration,
+    name: String,
+    state: CounterState,
+}
+
+/// The answer: the overall code, and for each descriptor the most restrictive counter of the
+/// call (fewest units left): its limit, the units left, the time until its window ends. No
+/// counter (no limit applies): OK, with no `current_limit`.
+fn answer(req: &RateLimitRequest, admitted: bool, counters: &[Seen]) -> RateLimitResponse {
+    let code = if admitted { Code::Ok } else { Code::OverLimit } as i32;
+    let left = |c: &Seen| c.max.saturating_sub(c.state.used);
+    let status = match counters.iter().min_by_key(|c| left(c)) {
+        Some(c) => DescriptorStatus {
+            code,
+            current_limit: Some(RateLimit {
+                requests_per_unit: u32::try_from(c.max).unwrap_or(u32::MAX),
+                unit: unit_of(c.window) as i32,
+                name: c.name.clone(),
+            }),
+            limit_remaining: u32::try_from(left(c)).unwrap_or(u32::MAX),
+            duration_until_reset: Some(tollgate_rls_proto::Duration::from_millis(
+                u64::try_from(c.state.resets_in.as_millis()).unwrap_or(u64::MAX),
+            )),
+        },
+        None => DescriptorStatus {
+            code,
+            current_limit: None,
+            limit_remaining: 0,
+            duration_until_reset: None,
+        },
+    };
+    RateLimitResponse {
+        overall_code: code,
+        statuses: vec![status; req.descriptors.len()],
+        response_headers_to_add: Vec::new(),
+        request_headers_to_add: Vec::new(),
+    }
+}
+
+fn unit_of(window: Duration) -> Unit {
+    match window.as_secs() {
+        1 => Unit::Second,
+        60 => Unit::Minute,
+        3600 => Unit::Hour,
+        86_400 => Unit::Day,
+        _ => Unit::Unknown,
+    }
+}
+
+/// Storage failures are logged once per interval with a count, never once per call.
+struct FailureLog {
+    interval: Duration,
+    last: Mutex<Option<Instant>>,
+    since: AtomicU64,
+}
+
+impl FailureLog {
+    fn new(interval: Duration) -> Self {
+        FailureLog {
+            interval,
+            last: Mutex::new(None),
+            since: AtomicU64::new(0),
+        }
+    }
+
+    fn record(&self, what: &str) {
+        let n = self.since.fetch_add(1, Ordering::Relaxed) + 1;
+        let Ok(mut last) = self.last.lock() else {
+            return;
+        };
+        let now = Instant::now();
+        if last.is_some_and(|t| now.duration_since(t) < self.interval) {
+            return;
+        }
+        *last = Some(now);
+        self.since.store(0, Ordering::Relaxed);
+        eprintln!(
+            "tollgate-rls: storage failure ({n} since the last report): {what}; answering UNAVAILABLE"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tollgate_rls_proto::{Entry, RateLimitDescriptor};
+
+    fn service(yaml: &str) -> RateLimitService {
+        let limits = crate::limits::parse(yaml).unwrap();
+        RateLimitService::new(Store::memory(), limits, Duration::from_secs(1))
+    }
+
+    fn request(limit: &str, consumer: &str, hits: u32) -> RateLimitRequest {
+        RateLimitRequest {
+            domain: "tollgate".into(),
+            descriptors: vec![RateLimitDescriptor {
+                entries: vec![
+                    Entry {
+                        key: "limit".into(),
+                        value: limit.into(),
+                    },
+                    Entry {
+                        key: "consumer".into(),
+                        value: consumer.into(),
+                    },
+                ],
+            }],
+            hits_addend: hits,
+        }
+    }
+
+    const LIMITS: &str = "- namespace: tollgate\n  name: a\n  max_value: 5\n  seconds: 60\n  \
+        conditions: [\"descriptors[0].limit == 'a'\"]\n  variables: [\"descriptors[0].consumer\"]\n";
+
+    #[tokio::test]
+    async fn counts_per_variable_and_reports_the_tightest_counter() {
+        let s = service(LIMITS);
+        let r = s
+            .should_rate_limit(&request("a", "alice", 3))
+            .await
+            .unwrap();
+        assert_eq!(r.overall_code, Code::Ok as i32);
+        let st = &r.statuses[0];
+        assert_eq!(st.limit_remaining, 2);
+        assert_eq!(
+            st.current_limit.as_ref().map(|l| l.unit),
+            Some(Unit::Minute as i32)
+        );
+        assert!(st.duration_until_reset.is_some());
+        // 3 more do not fit in the 2 left: refused, nothing taken
+        let r = s
+            .should_rate_limit(&request("a", "alice", 3))
+            .await
+            .unwrap();
+        assert_eq!(r.overall_code, Code::OverLimit as i32);
+        let r = s
+            .should_rate_limit(&request("a", "alice", 2))
+            .await
+            .unwrap();
+        assert_eq!(r.overall_code, Code::Ok as i32);
+        assert_eq!(r.statuses[0].limit_remaining, 0);
+        // another consumer has its own counter
+        let r = s.should_rate_limit(&request("a", "bob", 0)).await.unwrap();
+        assert_eq!(r.overall_code, Code::Ok as i32);
+        assert_eq!(r.statuses[0].limit_remaining, 4);
+    }
+
+    #[tokio::test]
+    async fn no_matching_limit_is_ok_without_a_current_limit() {
+        let s = service(LIMITS);
+        for domain in ["tollgate", "other"] {
+            let mut req = request("b", "alice", 1);
+            req.domain = domain.into();
+            let r = s.should_rate_limit(&req).await.unwrap();
+            assert_eq!(r.overall_code, Code::Ok as i32);
+            assert_eq!(r.statuses.len(), 1);
+            assert!(r.statuses[0].current_limit.is_none());
+        }
+    }
+}
