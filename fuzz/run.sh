@@ -13,6 +13,7 @@
 # fuzz/corpus/<target>/ (that is how regressions are kept), or run the binary on it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+ROOT=$PWD
 
 SECONDS_PER_TARGET=${FUZZ_SECONDS:-60}
 SANITIZER=${FUZZ_SANITIZER:-none}
@@ -46,9 +47,13 @@ for t in $TARGETS; do
   mkdir -p "$corpus" "$artifacts" "fuzz/corpus/$t"
   log "$t: ${SECONDS_PER_TARGET}s"
   out=$(mktemp)
-  if "$BIN/$t" "$corpus" "fuzz/corpus/$t" -max_total_time="$SECONDS_PER_TARGET" \
-      -timeout=10 -rss_limit_mb=2048 -max_len=8192 -jobs="$JOBS" -workers="$JOBS" \
-      -artifact_prefix="$artifacts/" -print_final_stats=1 >"$out" 2>&1; then
+  parallel=()
+  # With -jobs, libFuzzer writes fuzz-N.log into the working directory: keep them in target/.
+  if [ "$JOBS" -gt 1 ]; then parallel=(-jobs="$JOBS" -workers="$JOBS"); fi
+  if (mkdir -p target/fuzz-logs && cd target/fuzz-logs &&
+      "$ROOT/$BIN/$t" "$ROOT/$corpus" "$ROOT/fuzz/corpus/$t" -max_total_time="$SECONDS_PER_TARGET" \
+        -timeout=10 -rss_limit_mb=2048 -max_len=8192 "${parallel[@]}" \
+        -artifact_prefix="$ROOT/$artifacts/" -print_final_stats=1) >"$out" 2>&1; then
     runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$out" | tail -1)
     cov=$(grep -o 'cov: [0-9]*' "$out" | tail -1)
     log "$t: ok, ${runs:-?} runs, ${cov:-cov: ?}, corpus $(find "$corpus" -type f | wc -l) inputs"
