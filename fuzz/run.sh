@@ -19,6 +19,7 @@ SECONDS_PER_TARGET=${FUZZ_SECONDS:-60}
 SANITIZER=${FUZZ_SANITIZER:-none}
 JOBS=${FUZZ_JOBS:-1}
 TARGET_DIR=target/fuzz
+if [ "$SANITIZER" != none ]; then TARGET_DIR=target/fuzz-$SANITIZER; fi
 
 log() { echo "fuzz: $*" >&2; }
 
@@ -36,9 +37,10 @@ export CARGO_PROFILE_RELEASE_LTO=false CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16
 
 TARGETS=${FUZZ_TARGETS:-$(cargo fuzz list)}
 log "building ${TARGETS//$'\n'/ } (sanitizer: $SANITIZER)"
-# shellcheck disable=SC2086
-cargo fuzz build --sanitizer "$SANITIZER" --features libfuzzer --target-dir "$TARGET_DIR" $TARGETS \
-  || cargo fuzz build --sanitizer "$SANITIZER" --features libfuzzer --target-dir "$TARGET_DIR"
+# cargo fuzz builds one target, or all of them.
+one=()
+if [ "$(wc -w <<<"$TARGETS")" -eq 1 ]; then one=("$TARGETS"); fi
+cargo fuzz build --sanitizer "$SANITIZER" --features libfuzzer --target-dir "$TARGET_DIR" "${one[@]}"
 BIN=$TARGET_DIR/$(rustc -vV | sed -n 's/^host: //p')/release
 
 failed=()
