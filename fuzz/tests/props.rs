@@ -59,3 +59,18 @@ targets!(
     aggregate_request,
     ratelimit_request,
 );
+
+#[test]
+fn every_target_has_a_libfuzzer_entry_point() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let manifest = std::fs::read_to_string(root.join("Cargo.toml")).expect("fuzz/Cargo.toml");
+    for (name, _, _) in ALL {
+        let file = format!("fuzz_targets/{name}.rs");
+        assert!(
+            manifest.contains(&format!("name = \"{name}\"\npath = \"{file}\"")),
+            "no [[bin]] `{name}` in fuzz/Cargo.toml"
+        );
+        let text = std::fs::read_to_string(root.join(&file)).expect("the entry point");
+        assert!(text.contains(&format!("run(\"{name}\", data)")), "{file}");
+    }
+}
