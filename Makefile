@@ -118,6 +118,11 @@ bench: build python-env bench-tools ## Benchmarks vs native Envoy filters and no
 bench-quick: build python-env bench-tools ## Every benchmark scenario briefly (checks that they run; no timing claims)
 	ENVOY=$(ENVOY_BIN) $(PYTHON) bench/bench.py --quick $(BENCH_ARGS)
 
+.PHONY: fuzz
+FUZZ_SECONDS ?= 60
+fuzz: host-toolchain ## Coverage-guided fuzzing of the parsers (cargo fuzz, libFuzzer): FUZZ_SECONDS=60 per target, FUZZ_TARGETS="jws route"
+	FUZZ_SECONDS=$(FUZZ_SECONDS) nice fuzz/run.sh
+
 .PHONY: token
 SUB    ?= alice
 SCOPES ?=

@@ -176,8 +176,9 @@ pub fn merged_cache_control(parts: &[Option<&str>], complete: bool, personal: bo
         let Some(cc) = part else {
             return "no-store".into();
         };
-        let mut this_max_age = None;
-        let mut this_s_maxage = None;
+        let mut this_max_age: Option<u64> = None;
+        let mut this_s_maxage: Option<Option<u64>> = None;
+        let mut seen_max_age = false;
         for d in cc.split(',') {
             let d = d.trim().to_ascii_lowercase();
             let (name, value) = match d.split_once('=') {
@@ -191,9 +192,25 @@ pub fn merged_cache_control(parts: &[Option<&str>], complete: bool, personal: bo
                 "no-store" => return "no-store".into(),
                 "no-cache" => no_cache = true,
                 "private" => private = true,
-                "max-age" => this_max_age = value.and_then(|v| v.parse::<u64>().ok()),
+                // Repeated (RFC 9111 4.2.1: the first, or stale): the smallest; any
+                // unreadable one: none.
+                "max-age" => {
+                    let v = value.and_then(|v| v.parse::<u64>().ok());
+                    this_max_age = if seen_max_age {
+                        this_max_age.zip(v).map(|(a, b)| a.min(b))
+                    } else {
+                        v
+                    };
+                    seen_max_age = true;
+                }
                 // An unreadable s-maxage: shared caches must not keep the part.
-                "s-maxage" => this_s_maxage = Some(value.and_then(|v| v.parse::<u64>().ok())),
+                "s-maxage" => {
+                    let v = value.and_then(|v| v.parse::<u64>().ok());
+                    this_s_maxage = Some(match this_s_maxage {
+                        Some(prev) => prev.zip(v).map(|(a, b)| a.min(b)),
+                        None => v,
+                    });
+                }
                 "must-revalidate" | "proxy-revalidate" => must_revalidate = true,
                 _ => {}
             }
@@ -387,6 +404,26 @@ mod tests {
         assert_eq!(
             merged_cache_control(&[Some("no-store")], true, true),
             "no-store"
+        );
+    }
+
+    #[test]
+    fn a_repeated_directive_counts_at_its_smallest() {
+        // Found by the `shape` fuzz target: the last max-age used to win.
+        let parts = [Some("max-age=5, max-age=70"), Some("max-age=60")];
+        assert_eq!(
+            merged_cache_control(&parts, true, false),
+            "public, max-age=5"
+        );
+        let parts = [Some("max-age=60, s-maxage=30, s-maxage=10")];
+        assert_eq!(
+            merged_cache_control(&parts, true, false),
+            "public, max-age=60, s-maxage=10"
+        );
+        let parts = [Some("max-age=60, max-age=x")];
+        assert_eq!(
+            merged_cache_control(&parts, true, false),
+            "public, no-cache"
         );
     }
 }

@@ -180,8 +180,32 @@ impl PathTemplate {
                 }
             }
         }
+        // A value next to a literal can still make a dot segment: an empty `{query.a}` in
+        // `/x/{query.a}..` gives `/x/..`. Refuse any the template's own literals do not have.
+        let path = out.split('?').next().unwrap_or("");
+        if dot_segments(path) > self.literal_dot_segments() {
+            return Err(RenderError::Unsafe(format!(
+                "the values make a `.` or `..` segment in `{path}`, which is not allowed"
+            )));
+        }
         Ok(out)
     }
+
+    /// The `.` and `..` segments the template's path part has as whole literal segments.
+    fn literal_dot_segments(&self) -> usize {
+        let mut text = String::new();
+        for p in &self.pieces {
+            match p {
+                Piece::Lit(s) => text.push_str(s),
+                Piece::Var(_) => text.push_str("{}"),
+            }
+        }
+        dot_segments(text.split('?').next().unwrap_or(""))
+    }
+}
+
+fn dot_segments(path: &str) -> usize {
+    path.split('/').filter(|s| *s == "." || *s == "..").count()
 }
 
 /// Why a template could not be rendered.
@@ -312,6 +336,39 @@ mod tests {
         }
         let t = PathTemplate::parse("/c/{ok}?q={query.q}&c={user.company_id}&i={id}").unwrap();
         assert_eq!(t.render(&inputs).unwrap(), "/c/a/b..c?q=..&c=..&i=..");
+    }
+
+    #[test]
+    fn values_next_to_dots_cannot_make_a_dot_segment() {
+        // Found by the `template` fuzz target: an empty value beside a literal dot.
+        let params = RouteParams(vec![("rest".into(), "x/".into())]);
+        let none = |_: &str| None;
+        let inputs = Inputs {
+            params: &params,
+            query: "a=&b=",
+            consumer: None,
+            identity: &[],
+            answer: &none,
+        };
+        for t in [
+            "/{query.a}.",
+            "/x/{query.a}.{query.b}.",
+            "/a{rest}.",
+            "/{query.a}..?x=1",
+        ] {
+            let e = PathTemplate::parse(t).unwrap().render(&inputs).unwrap_err();
+            assert!(matches!(e, RenderError::Unsafe(_)), "{t}: {e:?}");
+        }
+        // Dot segments the template writes itself, and dots inside a segment, stay allowed.
+        for (t, want) in [
+            ("/a/../{query.a}b", "/a/../b"),
+            ("/{query.a}.json", "/.json"),
+        ] {
+            assert_eq!(
+                PathTemplate::parse(t).unwrap().render(&inputs).unwrap(),
+                want
+            );
+        }
     }
 
     #[test]

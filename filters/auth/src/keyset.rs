@@ -291,6 +291,11 @@ pub fn claim_refetch(host: &mut dyn Host, provider: &str, now: f64, interval: f6
 
 /// The path and authority of a `jwks_uri` (`https://host/path?q` gives `/path?q`, `host`).
 pub fn split_uri(uri: &str) -> Option<(String, String)> {
+    // A URI is printable ASCII (RFC 3986). Anything else from a remote document (a CR LF, a
+    // space) would go into the callout's `:authority` or `:path`.
+    if !uri.bytes().all(|b| b.is_ascii_graphic()) {
+        return None;
+    }
     let rest = uri.split_once("://").map(|(_, r)| r)?;
     let (authority, path) = match rest.find('/') {
         Some(i) => (rest.get(..i)?, rest.get(i..)?),
@@ -514,6 +519,16 @@ mod tests {
         );
         assert_eq!(split_uri("https://idp"), Some(("/".into(), "idp".into())));
         assert_eq!(split_uri("/relative"), None);
+        // Found by the `auth_remote` fuzz target: a `jwks_uri` that would put a header line
+        // into the key fetch.
+        for bad in [
+            "http://a\r\nx-injected: 1/p",
+            "http://a b/c",
+            "http://h/\u{0}",
+            "http://é/k",
+        ] {
+            assert_eq!(split_uri(bad), None, "{bad:?}");
+        }
         let v = encode_shared(12.5, b"{\"keys\":[]}");
         assert_eq!(decode_shared(&v), Some((12.5, &b"{\"keys\":[]}"[..])));
         assert_eq!(decode_shared(b"garbage"), None);

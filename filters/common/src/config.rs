@@ -224,7 +224,8 @@ impl Sha256Hex {
     pub fn parse(text: &str) -> Result<Self, String> {
         let bytes = text.as_bytes();
         let mut out = [0u8; 32];
-        if bytes.len() != 64 {
+        // `from_str_radix` alone would take a sign (`+5`) as part of a number.
+        if bytes.len() != 64 || !bytes.iter().all(u8::is_ascii_hexdigit) {
             return Err(Self::REASON.to_string());
         }
         for (o, pair) in out.iter_mut().zip(bytes.chunks_exact(2)) {
@@ -529,7 +530,13 @@ mod tests {
         let hex = "9F86D081884C7D659A2FEAA0C55AD015A3BF4F1B2B0B822CD15D6C15B0F00A08";
         let c: Typed = parse(format!(r#"{{"digest":"{hex}"}}"#).as_bytes()).unwrap();
         assert_eq!(c.digest.unwrap().0[0], 0x9f);
-        for bad in ["abc", &hex[1..], &format!("{}g", &hex[1..])] {
+        // `+5...` was accepted as hex (found by the `scalars` fuzz target).
+        for bad in [
+            "abc",
+            &hex[1..],
+            &format!("{}g", &hex[1..]),
+            &format!("+5{}", &hex[2..]),
+        ] {
             let e = parse::<Typed>(format!(r#"{{"digest":"{bad}"}}"#).as_bytes()).unwrap_err();
             assert_eq!(e.field, "digest");
             assert!(e.reason.contains("64 hexadecimal"), "{}", e.reason);

@@ -26,6 +26,9 @@ pub mod request;
 pub mod route;
 pub mod testing;
 
+/// The proxy-wasm map format (header maps, local-reply headers), public so that the fuzz
+/// targets can feed it arbitrary bytes.
+pub use abi::{deserialize_map, serialize_map};
 pub use config::ConfigError;
 pub use filter::{CallResponse, Decision, GrpcResponse, HttpFilter, RootFilter};
 pub use host::{Body, GrpcCall, Host, HostError, HttpCall, MapKind, MetricKind, SharedError};
