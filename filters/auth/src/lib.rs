@@ -9,6 +9,7 @@
 
 pub mod claims;
 pub mod config;
+pub mod crypto;
 pub mod filter;
 pub mod jose;
 pub mod keyset;
