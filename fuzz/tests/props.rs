@@ -52,6 +52,7 @@ targets!(
     b64_json,
     jwk,
     signature,
+    verifiers,
     auth_request,
     auth_remote,
     template,

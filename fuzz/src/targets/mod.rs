@@ -9,6 +9,7 @@ pub mod config;
 pub mod jose;
 pub mod ratelimit;
 pub mod route;
+pub mod verifiers;
 
 use crate::Target;
 
@@ -25,6 +26,7 @@ pub const ALL: &[(&str, Target, u32)] = &[
     ("b64_json", jose::b64_and_json, 4000),
     ("jwk", jose::jwk, 300),
     ("signature", jose::signature, 100),
+    ("verifiers", verifiers::verifiers, 300),
     ("auth_request", auth::request, 1000),
     ("auth_remote", auth_remote::remote, 600),
     ("template", aggregate::template, 4000),
