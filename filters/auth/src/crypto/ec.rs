@@ -2,8 +2,9 @@
 //! coordinates over the Montgomery field of [`super::field`].
 //!
 //! `u1·G + u2·Q` is a sum of table entries: a fixed-base table holds `d·2^(w·k)·P` for every
-//! window `k` and digit `d` in `1..2^w`, so a scalar multiplication is one mixed addition per
-//! non-zero window and no doubling. The generator's table is built once per VM on first use;
+//! window `k` and digit `d` in `1..=2^(w-1)` (signed digits: a negative one adds the entry with
+//! `y` negated), so a scalar multiplication is one mixed addition per non-zero window and no
+//! doubling. The generator's table is built once per VM on first use;
 //! a public key's table is built on its first verification ([`EcKey`]), counted against a
 //! total ([`TABLE_BYTES_CAP`]) and freed with the key. A key over the cap verifies without a
 //! table (windowed double-and-add). The result is compared with `r` without an inversion:
@@ -88,7 +89,7 @@ pub fn table_bytes() -> usize {
     TABLE_BYTES.load(Ordering::Relaxed)
 }
 
-/// A fixed-base table: `pts[k·(2^w-1) + d-1] = d·2^(w·k)·P`.
+/// A fixed-base table: `pts[k·2^(w-1) + d-1] = d·2^(w·k)·P` for `d` in `1..=2^(w-1)`.
 #[derive(Debug)]
 pub struct Table<const N: usize> {
     w: usize,
@@ -100,6 +101,12 @@ impl<const N: usize> Table<N> {
     pub fn bytes(&self) -> usize {
         self.pts.len() * std::mem::size_of::<Affine<N>>()
     }
+}
+
+/// Windows and entries per window of a table with `w`-bit signed windows over `N` limbs:
+/// `ceil((32N + 1) / w)` windows (the last digit never carries out), `2^(w-1)` entries each.
+fn table_shape<const N: usize>(w: usize) -> (usize, usize) {
+    ((32 * N + 1).div_ceil(w), 1usize << (w - 1))
 }
 
 /// Bits `[k·w, k·w + w)` of `u`.
@@ -294,11 +301,10 @@ impl<const N: usize> Curve<N> {
         Some(out)
     }
 
-    /// The fixed-base table of `p` with `w`-bit windows (`None` if an entry is at infinity,
-    /// which a point of prime order never gives).
+    /// The fixed-base table of `p` with `w`-bit signed windows (`None` if an entry is at
+    /// infinity, which a point of prime order never gives).
     pub fn table(&self, p: &Affine<N>, w: usize) -> Option<Table<N>> {
-        let windows = (32 * N).div_ceil(w);
-        let per = (1usize << w) - 1;
+        let (windows, per) = table_shape::<N>(w);
         let mut jac = Vec::with_capacity(windows * per);
         let mut base = Jac {
             x: p.x,
@@ -322,14 +328,32 @@ impl<const N: usize> Curve<N> {
         })
     }
 
+    /// `acc + u·P` with `P`'s table: signed digits in `[-2^(w-1), 2^(w-1)]`, one mixed addition
+    /// per non-zero digit (a negative digit adds the entry with `y` negated).
     fn add_table(&self, mut acc: Jac<N>, t: &Table<N>, u: &Limbs<N>) -> Jac<N> {
-        let per = (1usize << t.w) - 1;
-        let windows = (32 * N).div_ceil(t.w);
+        let (windows, per) = table_shape::<N>(t.w);
+        let full = 1usize << t.w;
+        let mut carry = 0;
         for k in 0..windows {
-            let d = window(u, k, t.w);
+            let v = window(u, k, t.w) + carry;
+            let (d, neg) = if v > per {
+                carry = 1;
+                (full - v, true)
+            } else {
+                carry = 0;
+                (v, false)
+            };
             if d != 0 {
                 if let Some(pt) = t.pts.get(k * per + d - 1) {
-                    acc = self.add_mixed(&acc, pt);
+                    acc = if neg {
+                        let q = Affine {
+                            x: pt.x,
+                            y: self.fp.neg(&pt.y),
+                        };
+                        self.add_mixed(&acc, &q)
+                    } else {
+                        self.add_mixed(&acc, pt)
+                    };
                 }
             }
         }
@@ -389,7 +413,7 @@ impl<const N: usize> Curve<N> {
             super::field::sub_assign(&mut e, n);
         }
         let fq = &self.fq;
-        let w = fq.invert(&fq.to_mont(&s));
+        let w = fq.to_mont(&fq.invert_plain(&s));
         // Plain × Montgomery = plain.
         let u1 = fq.mul(&e, &w);
         let u2 = fq.mul(&r, &w);
@@ -436,8 +460,8 @@ impl<const N: usize> EcKey<N> {
     fn table(&self, c: &Curve<N>) -> Option<&Table<N>> {
         self.table
             .get_or_init(|| {
-                let windows = (32 * N).div_ceil(c.q_window);
-                let bytes = windows * ((1 << c.q_window) - 1) * std::mem::size_of::<Affine<N>>();
+                let (windows, per) = table_shape::<N>(c.q_window);
+                let bytes = windows * per * std::mem::size_of::<Affine<N>>();
                 if table_bytes() + bytes > TABLE_BYTES_CAP {
                     return None;
                 }
@@ -497,13 +521,13 @@ pub fn p256() -> &'static Curve<8> {
 }
 
 /// Window of P-256's generator table (bits).
-pub const P256_G_WINDOW: usize = 6;
+pub const P256_G_WINDOW: usize = 8;
 /// Window of a P-256 public key's table (bits).
-pub const P256_Q_WINDOW: usize = 4;
+pub const P256_Q_WINDOW: usize = 6;
 /// Window of P-384's generator table (bits).
-pub const P384_G_WINDOW: usize = 6;
+pub const P384_G_WINDOW: usize = 7;
 /// Window of a P-384 public key's table (bits).
-pub const P384_Q_WINDOW: usize = 4;
+pub const P384_Q_WINDOW: usize = 5;
 
 /// P-384.
 pub fn p384() -> &'static Curve<12> {

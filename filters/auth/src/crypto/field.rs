@@ -238,9 +238,69 @@ impl<const N: usize> Field<N> {
         r
     }
 
+    /// `a^-1` of a plain integer `0 < a < p` as a plain integer (binary extended Euclid,
+    /// variable time: several times faster than [`Field::invert`]); zero maps to zero.
+    pub fn invert_plain(&self, a: &Limbs<N>) -> Limbs<N> {
+        let (mut u, mut v) = (*a, self.p);
+        let (mut x1, mut x2) = ([0u32; N], [0u32; N]);
+        x1[0] = 1;
+        let mut one = [0u32; N];
+        one[0] = 1;
+        if is_zero(&u) {
+            return u;
+        }
+        // Invariants: x1·a ≡ u, x2·a ≡ v (mod p); u, v > 0 while neither is 1.
+        while u != one && v != one {
+            while u[0] & 1 == 0 {
+                shr1(&mut u, 0);
+                self.half(&mut x1);
+            }
+            while v[0] & 1 == 0 {
+                shr1(&mut v, 0);
+                self.half(&mut x2);
+            }
+            if geq(&u, &v) {
+                sub_assign(&mut u, &v);
+                x1 = self.sub(&x1, &x2);
+            } else {
+                sub_assign(&mut v, &u);
+                x2 = self.sub(&x2, &x1);
+            }
+            if is_zero(&u) || is_zero(&v) {
+                // gcd(a, p) > 1: p is not prime or a ≡ 0; no inverse.
+                return [0; N];
+            }
+        }
+        if u == one {
+            x1
+        } else {
+            x2
+        }
+    }
+
+    /// `x = x / 2 mod p`.
+    #[inline]
+    fn half(&self, x: &mut Limbs<N>) {
+        if x[0] & 1 == 0 {
+            shr1(x, 0);
+        } else {
+            let carry = add_assign(x, &self.p);
+            shr1(x, carry);
+        }
+    }
+
     /// `a^-1` (Montgomery form; zero maps to zero), by Fermat's little theorem.
     pub fn invert(&self, a: &Limbs<N>) -> Limbs<N> {
         self.pow(a, &self.pm2)
+    }
+}
+
+/// `x = (x + top·2^(32N)) >> 1`.
+#[inline]
+fn shr1<const N: usize>(x: &mut Limbs<N>, top: u32) {
+    for i in 0..N {
+        let next = if i + 1 < N { x[i + 1] } else { top };
+        x[i] = (x[i] >> 1) | (next << 31);
     }
 }
 

@@ -351,3 +351,31 @@ fn p256_tables_are_counted_and_freed() {
     // Other tests build tables concurrently: only check the drop does not underflow.
     assert!(ec::table_bytes() < ec::TABLE_BYTES_CAP || before >= ec::TABLE_BYTES_CAP);
 }
+
+#[test]
+fn binary_inversion_agrees_with_fermat() {
+    use crate::crypto::ec;
+    let mut rng = Rng(99);
+    for _ in 0..200 {
+        let f = &ec::p256().fq;
+        let mut a = [0u32; 8];
+        a.iter_mut().for_each(|l| *l = rng.next() as u32);
+        if crate::crypto::field::geq(&a, &f.p) {
+            a[7] &= 0x7fff_ffff;
+        }
+        let inv = f.invert_plain(&a);
+        assert_eq!(f.to_mont(&inv), f.invert(&f.to_mont(&a)), "{a:?}");
+        let f = &ec::p384().fp;
+        let mut b = [0u32; 12];
+        b.iter_mut().for_each(|l| *l = rng.next() as u32);
+        b[11] &= 0x7fff_ffff;
+        b[0] = (b[0] & 0xff) * (rng.below(2) as u32);
+        let inv = f.invert_plain(&b);
+        assert_eq!(f.to_mont(&inv), f.invert(&f.to_mont(&b)), "{b:?}");
+    }
+    let f = &ec::p256().fq;
+    assert_eq!(f.invert_plain(&[0; 8]), [0; 8]);
+    let mut one = [0u32; 8];
+    one[0] = 1;
+    assert_eq!(f.invert_plain(&one), one);
+}
