@@ -379,3 +379,31 @@ fn binary_inversion_agrees_with_fermat() {
     one[0] = 1;
     assert_eq!(f.invert_plain(&one), one);
 }
+
+#[test]
+fn rsa_public_operation_for_any_exponent() {
+    use crate::crypto::rsa::RsaKey;
+    let mut rng = Rng(3);
+    for bits in [2048usize, 2056, 3072, 4096] {
+        let mut n = rng.bytes(bits / 8);
+        n[0] |= 0x80;
+        *n.last_mut().unwrap() |= 1;
+        let big_n = rsa::BigUint::from_bytes_be(&n);
+        for e in [3u64, 17, 65537, (1 << 33) - 1] {
+            let k = RsaKey::new(&n, &e.to_be_bytes(), 8192).unwrap();
+            for _ in 0..3 {
+                let mut s = rng.bytes(n.len());
+                s[0] &= 0x7f;
+                let got = k.public_op(&s).unwrap();
+                let want = rsa::BigUint::from_bytes_be(&s).modpow(&rsa::BigUint::from(e), &big_n);
+                assert_eq!(rsa::BigUint::from_bytes_be(&got), want, "{bits} {e}");
+            }
+            // n - 1 = -1: odd powers give n - 1 back.
+            let mut m1 = n.clone();
+            *m1.last_mut().unwrap() -= 1;
+            assert_eq!(k.public_op(&m1).unwrap(), m1);
+            assert_eq!(k.public_op(&n), None);
+            assert_eq!(k.public_op(&n[1..]), None);
+        }
+    }
+}
