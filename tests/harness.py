@@ -188,7 +188,7 @@ class DemoServices:
         svc = cls(ports, proc, log_path)
         try:
             for port in ports.values():
-                wait_for(lambda p=port: http(p, "GET", "/healthz", timeout=1).status == 200, 10,
+                wait_for(lambda p=port: http(p, "GET", "/healthz", timeout=1).status == 200, 60,
                          f"demo service on port {port}")
         except Exception:
             svc.stop()
@@ -204,6 +204,23 @@ class DemoServices:
     def reset_stats(self):
         for name in self.ports:
             http(self.ports[name], "POST", "/stats/reset")
+
+    # The `hold` knob (`?hold=NAME` or `x-demo-hold: NAME`): a request waits at the service until
+    # the name is released. Tests order events with it instead of delays: "the call is out" is
+    # `wait_held(name)`, "the call answers now" is `release(name)`. Holds are shared by the three
+    # services; use a name per test.
+
+    def hold_state(self, name: str) -> dict:
+        """`{"waiting": n, "arrived": n, "released": bool}` for the hold `name`."""
+        return self.get("users", f"/hold/{name}").json()
+
+    def wait_held(self, name: str, n: int = 1, timeout: float = 30.0) -> None:
+        """Wait until `n` requests are held under `name` at once."""
+        wait_for(lambda: self.hold_state(name)["waiting"] >= n, timeout, f"{n} request(s) held as {name!r}")
+
+    def release(self, name: str | None = None) -> None:
+        """Let the requests held under `name` (every name when None) and all later ones go."""
+        http(self.ports["users"], "POST", f"/hold/{name}/release" if name else "/hold/release")
 
     def stop(self):
         if self.proc.poll() is None:
@@ -505,8 +522,8 @@ class Envoy:
     def start(cls, filters: list[tuple[str, object]] | None = None, services: DemoServices | None = None,
               concurrency: int = 1, http_filters: list[dict] | None = None, clusters: list[dict] | None = None,
               routes: list[dict] | None = None, config: dict | None = None, expect_failure: bool = False,
-              timeout: float = 30.0, log_level: str = "info") -> "Envoy":
-        """Start Envoy. `filters` is a list of (tollgate filter name, configuration) in chain order;
+              timeout: float = 30.0, log_level: str = "info", component_log_level: str = "") -> "Envoy":
+        """Start Envoy (`component_log_level`, e.g. `wasm:debug`: Envoy's option of that name). `filters` is a list of (tollgate filter name, configuration) in chain order;
         `http_filters` adds raw Envoy filter entries after them. With `config` the whole bootstrap
         is given (its ports must already be free ones)."""
         tmpdir = Path(tempfile.mkdtemp(prefix="tollgate-envoy-"))
@@ -525,6 +542,8 @@ class Envoy:
         log_path = tmpdir / "envoy.log"
         args = [envoy_binary(), "-c", str(config_path), "--use-dynamic-base-id", "--concurrency", str(concurrency),
                 "-l", log_level, "--disable-hot-restart"]
+        if component_log_level:
+            args += ["--component-log-level", component_log_level]
         # stderr (unbuffered) rather than --log-path, whose file is flushed only now and then.
         log_file = open(log_path, "wb")
         proc = subprocess.Popen(args, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT)
@@ -590,6 +609,15 @@ class Envoy:
             if candidate in stats:
                 return stats[candidate]
         return 0
+
+    def wait_stat(self, name: str, at_least: int = 1, timeout: float = 30.0) -> int:
+        """Wait until the metric `name` reaches `at_least`; its value."""
+        wait_for(lambda: self.stat(name) >= at_least, timeout, f"{name} >= {at_least}")
+        return self.stat(name)
+
+    def wait_log(self, text: str, count: int = 1, timeout: float = 30.0) -> None:
+        """Wait until Envoy's log holds `text` `count` times."""
+        wait_for(lambda: self.log().count(text) >= count, timeout, f"{text!r} in the Envoy log")
 
     @property
     def returncode(self):
