@@ -585,7 +585,7 @@ def test_bundled_dashboard_as_the_readme_shows_it(envoy_factory):
     strict = harness.DemoServices.start(require_identity=("users", "orders"))
     try:
         envoy = envoy_factory(config=bundled_config(strict))
-        harness.wait_for(lambda: envoy.stat("tollgate.auth.jwks_fetches") >= 1, 15, "the demo keys")
+        harness.wait_for(lambda: envoy.stat("tollgate.auth.jwks_fetches") >= 1, 60, "the demo keys")
         alice = {"authorization": "Bearer " + mint(sub="alice")}
         r = envoy.get("/api/dashboard", alice)
         assert r.status == 200, r
