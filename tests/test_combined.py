@@ -119,7 +119,7 @@ def test_a_paused_filter_holds_the_later_ones_until_it_continues(services, envoy
         t = threading.Thread(target=send)
         t.start()
         # The request has reached auth, which waits for the keys it is fetching ...
-        harness.wait_for(lambda: counted(envoy, "auth") == 1 and keys.count() >= 1, 20,
+        harness.wait_for(lambda: counted(envoy, "auth") == 1 and keys.count() >= 1, 60,
                          "auth to wait for the held key fetch")
         # ... and the later filters have not seen it.
         assert [counted(envoy, n) for n in ("ratelimit", "cache", "aggregate")] == [0, 0, 0]

@@ -193,16 +193,25 @@ def test_gcra_burst_then_refill(envoy):
     check_refused(envoy.get(path("gcra"), ip), "gcra")
 
 
+def next_window_start(window: int) -> float:
+    """Wait on the wall clock (Envoy's too) for the start of the next epoch-aligned window."""
+    start = (time.time() // window + 1) * window
+    while time.time() < start:
+        time.sleep(min(0.05, max(0.0, start - time.time())))
+    return start
+
+
 def test_fixed_window(envoy):
-    """3 per window of 3s aligned on the epoch: a full window, refusals, then a new window."""
-    while time.time() % 3 > 0.8:  # start early in a window, so that 4 requests fit in it
-        time.sleep(0.05)
+    """3 per window of 3s aligned on the epoch: a full window, refusals, then a new window. Each
+    part starts when a window does (the clock is the signal), so 4 requests fit in it."""
+    next_window_start(3)
     ip = {"x-forwarded-for": "198.51.100.20"}
     assert [check_allowed(envoy.get(path("window"), ip), "window")["r"] for _ in range(3)] == [2, 1, 0]
     r = envoy.get(path("window"), ip)
     retry = check_refused(r, "window")
     assert 1 <= retry <= 3
-    time.sleep(retry + 0.1)
+    # Retry-After points at (or after) the next window.
+    assert time.time() + retry >= next_window_start(3) - 0.001
     assert [envoy.get(path("window"), ip).status for _ in range(4)] == [200, 200, 200, 429]
 
 

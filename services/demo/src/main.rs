@@ -8,7 +8,9 @@
 //!
 //! Every knob is a request header `x-demo-<knob>` or a query parameter `<knob>`:
 //! `delay` (ms), `delay_first` (ms, only the first request to a path since the last stats
-//! reset waits: hedging tests), `status`, `fail_rate` (0..1, answers 500), `size` (pad the body to bytes),
+//! reset waits: hedging tests), `hold` (a name: the request waits until `POST /hold/<name>/release`
+//! or 60 s; tests order events with it instead of delays), `hold_first` (a name: only the first
+//! request to a path since the last stats reset is held), `status`, `fail_rate` (0..1, answers 500), `size` (pad the body to bytes),
 //! `cache_control`, `etag` (`none` to omit), `last_modified` (`none` to omit), `vary`, `expires`,
 //! `set_cookie`, `content_type` (a non-JSON type sends a plain text body).
 //! Conditional GETs (`If-None-Match`, `If-Modified-Since`) get 304.
@@ -18,12 +20,15 @@
 //! `/users/1000`, and any other name: `/users/alice` is the record of the consumer `alice`.
 //! Other endpoints: `/healthz`, `/echo/...` and `/<service>/echo/...` (the request as JSON),
 //! `/stats` (request counts per
-//! path; `POST /stats/reset` clears them), `/.well-known/jwks.json`,
+//! path; `POST /stats/reset` clears them), `/hold/<name>` (how many requests are held under that
+//! name now, how many arrived, whether it is released; holds are shared by every service of the
+//! process), `POST /hold/<name>/release` (lets them and every later one go), `POST /hold/release`
+//! (releases every name), `/.well-known/jwks.json`,
 //! `/.well-known/openid-configuration`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -36,6 +41,8 @@ use tokio::net::TcpListener;
 
 /// Largest request body read (bigger bodies are cut).
 const MAX_BODY: usize = 1 << 20;
+/// The longest a `hold` keeps a request.
+const MAX_HOLD: Duration = Duration::from_secs(60);
 /// A fixed Last-Modified for demo data: 2026-01-01T00:00:00Z.
 const LAST_MODIFIED: &str = "Thu, 01 Jan 2026 00:00:00 GMT";
 
@@ -48,6 +55,77 @@ struct Service {
     counts: Mutex<HashMap<String, u64>>,
     total: AtomicU64,
     rng: AtomicU64,
+    /// The `hold` knob's gates, shared by every service of the process.
+    holds: Arc<Holds>,
+}
+
+/// Named gates: a request with `hold=<name>` waits until the name is released (or `MAX_HOLD`).
+#[derive(Default)]
+struct Holds {
+    gates: Mutex<HashMap<String, Gate>>,
+    changed: Condvar,
+}
+
+#[derive(Default, Clone, Copy)]
+struct Gate {
+    /// Requests waiting now.
+    waiting: u64,
+    /// Requests that arrived with this name since it was first used.
+    arrived: u64,
+    /// Released: waiting requests go, later ones pass at once.
+    released: bool,
+}
+
+impl Holds {
+    /// Wait until `name` is released or `MAX_HOLD` has passed.
+    fn wait(&self, name: &str) {
+        let Ok(mut gates) = self.gates.lock() else {
+            return;
+        };
+        let gate = gates.entry(name.to_string()).or_default();
+        gate.arrived += 1;
+        if gate.released {
+            return;
+        }
+        gate.waiting += 1;
+        self.changed.notify_all();
+        let deadline = std::time::Instant::now() + MAX_HOLD;
+        loop {
+            if gates.get(name).is_none_or(|g| g.released) {
+                break;
+            }
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                break;
+            }
+            match self.changed.wait_timeout(gates, deadline - now) {
+                Ok((g, _)) => gates = g,
+                Err(_) => return,
+            }
+        }
+        if let Some(g) = gates.get_mut(name) {
+            g.waiting = g.waiting.saturating_sub(1);
+        }
+    }
+
+    /// Release `name` (every name when `None`).
+    fn release(&self, name: Option<&str>) {
+        if let Ok(mut gates) = self.gates.lock() {
+            match name {
+                Some(n) => gates.entry(n.to_string()).or_default().released = true,
+                None => gates.values_mut().for_each(|g| g.released = true),
+            }
+        }
+        self.changed.notify_all();
+    }
+
+    fn state(&self, name: &str) -> Gate {
+        self.gates
+            .lock()
+            .ok()
+            .and_then(|g| g.get(name).copied())
+            .unwrap_or_default()
+    }
 }
 
 fn main() {
@@ -106,6 +184,7 @@ fn main() {
             std::process::exit(1);
         }
     };
+    let holds = Arc::new(Holds::default());
     runtime.block_on(async move {
         let mut servers = Vec::new();
         for l in listens {
@@ -129,6 +208,7 @@ fn main() {
                 counts: Mutex::new(HashMap::new()),
                 total: AtomicU64::new(0),
                 rng: AtomicU64::new(0x9E37_79B9_7F4A_7C15 ^ addr.len() as u64),
+                holds: holds.clone(),
             });
             servers.push(tokio::spawn(serve(listener, svc)));
         }
@@ -419,12 +499,24 @@ fn handle(svc: &Service, req: DemoRequest) -> DemoResponse {
     let body_in = req.body;
 
     let mut nth_for_path = 0;
-    if path != "/stats" && path != "/stats/reset" && path != "/healthz" {
+    if path != "/stats"
+        && path != "/stats/reset"
+        && path != "/healthz"
+        && !path.starts_with("/hold/")
+    {
         svc.total.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut c) = svc.counts.lock() {
             let n = c.entry(path.clone()).or_insert(0);
             *n += 1;
             nth_for_path = *n;
+        }
+    }
+    if let Some(name) = knobs.get("hold").filter(|n| !n.is_empty()) {
+        svc.holds.wait(&name);
+    }
+    if let Some(name) = knobs.get("hold_first").filter(|n| !n.is_empty()) {
+        if nth_for_path == 1 {
+            svc.holds.wait(&name);
         }
     }
     if let Some(ms) = knobs.get("delay").and_then(|d| d.parse::<u64>().ok()) {
@@ -457,7 +549,12 @@ fn handle(svc: &Service, req: DemoRequest) -> DemoResponse {
     // The service's own check of the identity the gateway forwards.
     let exempt = matches!(
         segments.as_slice(),
-        ["healthz"] | ["stats", ..] | [".well-known", ..] | ["echo", ..] | [_, "echo", ..]
+        ["healthz"]
+            | ["stats", ..]
+            | ["hold", ..]
+            | [".well-known", ..]
+            | ["echo", ..]
+            | [_, "echo", ..]
     );
     if svc.require_identity
         && !exempt
@@ -490,6 +587,24 @@ fn handle(svc: &Service, req: DemoRequest) -> DemoResponse {
             svc.total.store(0, Ordering::Relaxed);
             validators = false;
             json!({"reset": true})
+        }
+        ("POST", ["hold", "release"]) => {
+            svc.holds.release(None);
+            validators = false;
+            cache_control = "no-store".into();
+            json!({"released": true})
+        }
+        ("POST", ["hold", name, "release"]) => {
+            svc.holds.release(Some(name));
+            validators = false;
+            cache_control = "no-store".into();
+            json!({"name": name, "released": true})
+        }
+        (_, ["hold", name]) => {
+            let g = svc.holds.state(name);
+            validators = false;
+            cache_control = "no-store".into();
+            json!({"name": name, "waiting": g.waiting, "arrived": g.arrived, "released": g.released})
         }
         (_, [".well-known", "jwks.json"]) => match &svc.jwks {
             Some(doc) => {
