@@ -10,7 +10,11 @@
 //! `delay` (ms), `delay_first` (ms, only the first request to a path since the last stats
 //! reset waits: hedging tests), `status`, `fail_rate` (0..1, answers 500), `size` (pad the body to bytes),
 //! `cache_control`, `etag` (`none` to omit), `last_modified` (`none` to omit), `vary`, `expires`,
-//! `set_cookie`, `content_type` (a non-JSON type sends a plain text body).
+//! `set_cookie`, `content_type` (a non-JSON type sends a plain text body), `age`, `date` (sent
+//! verbatim as `Age` / `Date`), `header` (`name: value`, one extra response header).
+//! Holds (tests order events with them, never with sleeps): `POST /hold?path=/products/5` makes
+//! every later request to that path wait (after it is counted in `/stats`) until
+//! `POST /release?path=/products/5`; `GET /hold?path=...` says how many requests wait there.
 //! Conditional GETs (`If-None-Match`, `If-Modified-Since`) get 304.
 //! `--require-identity users,orders`: those services answer `401` to a request without the
 //! `x-tollgate-consumer` identity the gateway's auth filter sets (the service's own check, behind
@@ -23,7 +27,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -46,6 +50,9 @@ struct Service {
     jwks: Option<String>,
     issuer: String,
     counts: Mutex<HashMap<String, u64>>,
+    /// Held paths -> how many requests wait there now.
+    holds: Mutex<HashMap<String, u64>>,
+    released: Condvar,
     total: AtomicU64,
     rng: AtomicU64,
 }
@@ -127,6 +134,8 @@ fn main() {
                 jwks: jwks_doc.clone(),
                 issuer: issuer.clone(),
                 counts: Mutex::new(HashMap::new()),
+                holds: Mutex::new(HashMap::new()),
+                released: Condvar::new(),
                 total: AtomicU64::new(0),
                 rng: AtomicU64::new(0x9E37_79B9_7F4A_7C15 ^ addr.len() as u64),
             });
@@ -418,6 +427,9 @@ fn handle(svc: &Service, req: DemoRequest) -> DemoResponse {
     let method = req.method.clone();
     let body_in = req.body;
 
+    if path == "/hold" || path == "/release" {
+        return hold_endpoint(svc, &method, &path, &knobs);
+    }
     let mut nth_for_path = 0;
     if path != "/stats" && path != "/stats/reset" && path != "/healthz" {
         svc.total.fetch_add(1, Ordering::Relaxed);
@@ -427,6 +439,7 @@ fn handle(svc: &Service, req: DemoRequest) -> DemoResponse {
             nth_for_path = *n;
         }
     }
+    wait_while_held(svc, &path);
     if let Some(ms) = knobs.get("delay").and_then(|d| d.parse::<u64>().ok()) {
         std::thread::sleep(Duration::from_millis(ms.min(60_000)));
     }
@@ -635,6 +648,14 @@ fn handle(svc: &Service, req: DemoRequest) -> DemoResponse {
     if let Some(c) = knobs.get("set_cookie") {
         extra.push(("set-cookie".into(), c));
     }
+    for (knob, name) in [("age", "age"), ("date", "date")] {
+        if let Some(v) = knobs.get(knob) {
+            extra.push((name.into(), v));
+        }
+    }
+    if let Some((k, v)) = knobs.get("header").as_deref().and_then(|h| h.split_once(':')) {
+        extra.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+    }
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis())
@@ -642,6 +663,62 @@ fn handle(svc: &Service, req: DemoRequest) -> DemoResponse {
     extra.push(("x-demo-service".into(), svc.name.clone()));
     extra.push(("x-demo-served-at-ms".into(), now.to_string()));
     respond(status, extra, bytes, &content_type, &method)
+}
+
+/// Longest a held request waits (a test that forgets to release does not hang the service).
+const MAX_HOLD: Duration = Duration::from_secs(60);
+
+/// `POST /hold?path=P` (hold later requests to P), `POST /release?path=P`, `GET /hold?path=P`
+/// (how many wait at P now).
+fn hold_endpoint(svc: &Service, method: &str, path: &str, knobs: &Knobs) -> DemoResponse {
+    let target = knobs.get("path").unwrap_or_default();
+    let Ok(mut holds) = svc.holds.lock() else {
+        return DemoResponse::error();
+    };
+    match (method, path) {
+        ("POST", "/hold") => {
+            holds.entry(target.clone()).or_insert(0);
+        }
+        ("POST", "/release") => {
+            holds.remove(&target);
+            svc.released.notify_all();
+        }
+        _ => {}
+    }
+    let waiting = holds.get(&target).copied();
+    let body = json!({"path": target, "held": waiting.is_some(), "waiting": waiting.unwrap_or(0)});
+    respond(
+        200,
+        vec![("cache-control".into(), "no-store".into())],
+        serde_json::to_vec(&body).unwrap_or_default(),
+        "application/json",
+        method,
+    )
+}
+
+/// Wait while `path` is held (at most [`MAX_HOLD`]).
+fn wait_while_held(svc: &Service, path: &str) {
+    let Ok(mut holds) = svc.holds.lock() else {
+        return;
+    };
+    let Some(n) = holds.get_mut(path) else {
+        return;
+    };
+    *n += 1;
+    let deadline = std::time::Instant::now() + MAX_HOLD;
+    while holds.contains_key(path) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        holds = match svc.released.wait_timeout(holds, left) {
+            Ok((g, _)) => g,
+            Err(_) => return,
+        };
+    }
+    if let Some(n) = holds.get_mut(path) {
+        *n = n.saturating_sub(1);
+    }
 }
 
 fn respond(
