@@ -165,7 +165,7 @@ def http_date(offset: float) -> str:
     ("max-age=0", None, "revalidated"),
     ("no-cache, max-age=60", None, "revalidated"),
     ("must-revalidate, max-age=0", None, "revalidated"),
-    ("proxy-revalidate, max-age=60", None, "revalidated"),  # the crate revalidates every use
+    ("proxy-revalidate, max-age=60", None, "hit"),    # revalidated once stale only (RFC 9111 5.2.2.8)
     ("no-store, max-age=60", None, "not-stored"),
     ("private, max-age=60", None, "not-stored"),
 ])
@@ -478,6 +478,118 @@ def test_bad_configuration_is_refused_with_one_line(config, field, services, env
     envoy = envoy_factory(filters=[("cache", config)], services=services, expect_failure=True)
     lines = harness.config_error_lines(envoy, "cache")
     assert len(lines) == 1 and f"field `{harness.config_field('cache', field)}`" in lines[0], envoy.log_tail()
+
+
+# --- RFC 9111 to the letter (#14 items 1-7) -------------------------------------------------
+
+
+def rfc850_date(offset: float) -> str:
+    return time.strftime("%A, %d-%b-%y %H:%M:%S GMT", time.gmtime(time.time() + offset))
+
+
+def asctime_date(offset: float) -> str:
+    t = time.gmtime(time.time() + offset)
+    return time.strftime("%a %b ", t) + f"{t.tm_mday:2d}" + time.strftime(" %H:%M:%S %Y", t)
+
+
+@pytest.mark.parametrize("cache_control, route", [
+    ("public, max-age=1, must-revalidate, stale-if-error=60", "products"),
+    ("public, max-age=1, proxy-revalidate, stale-if-error=60", "products"),
+    ("public, no-cache, stale-if-error=60", "products"),
+    ("public, s-maxage=1, stale-if-error=60", "products"),
+    ("public, max-age=1, Must-Revalidate", "orders"),   # the rule's stale_if_error 1h neither
+])
+def test_stale_if_error_never_where_the_response_forbids_stale(cache_control, route, envoy, services):
+    i = fresh_id()
+    path = f"/api/{route}/{i}"
+    r = envoy.get(path, headers={"x-demo-cache-control": cache_control, **STALE})
+    assert "stored" in cs(r), r
+    e = envoy.get(path, headers={"x-demo-status": "503"})
+    assert e.status == 503 and "stale-if-error" not in cs(e), e
+
+
+@pytest.mark.parametrize("knobs, request_cc, outcome", [
+    ({"x-demo-cache-control": "MaX-AgE=60"}, None, "hit"),                     # #14.2
+    ({"x-demo-cache-control": "No-CaChE, MaX-AgE=60"}, None, "revalidated"),
+    ({"x-demo-cache-control": "Private, max-age=60"}, None, "not-stored"),
+    ({"x-demo-cache-control": "NO-STORE, max-age=60"}, None, "not-stored"),
+    ({}, "No-Cache", "request"),
+    ({"x-demo-cache-control": "max-age=3600", "x-demo-age": "7200, 0"}, None, "revalidated"),   # #14.3
+    ({"x-demo-cache-control": "max-age=3600", "x-demo-age": "0", "x-demo-header": "age: 7200"}, None, "hit"),
+    ({"x-demo-cache-control": "max-age=3600", "x-demo-age": "abc"}, None, "revalidated"),
+    ({"x-demo-cache-control": "max-age=3600", "x-demo-age": "-7200"}, None, "revalidated"),
+    ({"x-demo-cache-control": "x-no-directive", "x-demo-expires": "rfc850"}, None, "hit"),   # #14.4
+    ({"x-demo-cache-control": "x-no-directive", "x-demo-expires": "asctime"}, None, "hit"),
+    ({"x-demo-cache-control": "x-no-directive", "x-demo-expires": "doubled"}, None, "revalidated"),
+    ({"x-demo-cache-control": "max-age=60", "x-demo-date": "rfc850-past"}, None, "revalidated"),
+    ({"x-demo-cache-control": "x-no-directive", "x-demo-last-modified": "asctime-past"}, None, "hit"),
+])
+def test_directive_age_and_date_parsing(knobs, request_cc, outcome, envoy, services):
+    dates = {"rfc850": rfc850_date(600), "asctime": asctime_date(600),
+             "doubled": http_date(600).replace(" GMT", "  GMT"),
+             "rfc850-past": rfc850_date(-3600), "asctime-past": asctime_date(-30 * 86400)}
+    knobs = {k: dates.get(v, v) for k, v in knobs.items()}
+    i = fresh_id()
+    first = envoy.get(f"/api/products/{i}", headers=knobs)
+    assert first.status == 200, first
+    second = envoy.get(f"/api/products/{i}", headers={"cache-control": request_cc} if request_cc else {})
+    if outcome == "hit":
+        assert "stored" in cs(first) and cs(second).startswith("tollgate; hit; ttl="), (first, second)
+    elif outcome == "revalidated":
+        assert "stored" in cs(first) and cs(second) == "tollgate; fwd=stale; fwd-status=304", (first, second)
+    elif outcome == "request":
+        assert cs(second).startswith("tollgate; fwd=request"), second
+    else:
+        assert "detail=not-storable" in cs(first) and "hit" not in cs(second), (first, second)
+
+
+def test_304_and_head_freshen_the_stored_headers(envoy, services):
+    i = fresh_id()
+    r = envoy.get(f"/api/products/{i}", headers={"x-demo-cache-control": "public, max-age=1", **STALE})
+    assert "stored" in cs(r), r
+    # #14.5: a 304 replaces every stored field it carries (not only the freshness ones)
+    v = envoy.get(f"/api/products/{i}", headers={"x-demo-header": "x-version: 2",
+                                                 "x-demo-cache-control": "public, max-age=1", **STALE})
+    assert cs(v) == "tollgate; fwd=stale; fwd-status=304" and v.header("x-version") == "2", v
+    h = envoy.get(f"/api/products/{i}")
+    assert h.header("x-version") == "2" and "fwd-status=304" in cs(h), h
+    # a HEAD 200 with the same validators freshens the stored GET response (RFC 9111 4.3.5)
+    head = envoy.request("HEAD", f"/api/products/{i}", headers={
+        "cache-control": "no-cache", "x-demo-conditional": "ignore", "x-demo-cache-control": "public, max-age=300"})
+    assert head.status == 200 and "detail=head-freshened" in cs(head), head
+    g = envoy.get(f"/api/products/{i}")
+    assert cs(g).startswith("tollgate; hit; ttl=") and g.header("cache-control") == "public, max-age=300", g
+    assert g.body == r.body
+    assert hits(services, f"/products/{i}") == 4
+
+
+def test_if_modified_since_uses_date_without_last_modified(envoy, services):
+    i = fresh_id()
+    r = envoy.get(f"/api/products/{i}", headers={"x-demo-last-modified": "none"})
+    assert "stored" in cs(r) and r.header("last-modified") is None and r.header("date"), r
+    later = envoy.get(f"/api/products/{i}", headers={"if-modified-since": rfc850_date(60)})
+    assert later.status == 304 and "hit" in cs(later), later
+    earlier = envoy.get(f"/api/products/{i}", headers={"if-modified-since": asctime_date(-3600)})
+    assert earlier.status == 200 and earlier.body == r.body, earlier
+
+
+def test_per_hop_and_proxy_added_headers_are_not_replayed(envoy, services):
+    i = fresh_id()
+    r = envoy.get(f"/api/products/{i}", headers={"x-demo-header": "proxy-connection: keep-alive"})
+    assert r.header("x-envoy-upstream-service-time") is not None, r
+    h = envoy.get(f"/api/products/{i}")
+    assert "hit" in cs(h), h
+    assert h.header("x-envoy-upstream-service-time") is None and h.header("proxy-connection") is None, h
+
+
+def test_responses_that_can_never_be_reused_are_not_stored(envoy, services):
+    i = fresh_id()
+    knobs = {"x-demo-cache-control": "public, max-age=0", "x-demo-etag": "none", "x-demo-last-modified": "none"}
+    r = envoy.get(f"/api/products/{i}", headers=knobs)
+    assert r.status == 200 and "detail=not-reusable" in cs(r), r
+    assert envoy.get(f"/api/products/{i}", headers=knobs).status == 200
+    assert hits(services, f"/products/{i}") == 2
+    assert "detail=not-reusable" in cs(envoy.get(f"/api/products/{i}", headers={"x-demo-expires": "0", **knobs}))
 
 
 # --- JSON Schema ------------------------------------------------------------------------------

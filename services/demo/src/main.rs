@@ -11,7 +11,8 @@
 //! reset waits: hedging tests), `status`, `fail_rate` (0..1, answers 500), `size` (pad the body to bytes),
 //! `cache_control`, `etag` (`none` to omit), `last_modified` (`none` to omit), `vary`, `expires`,
 //! `set_cookie`, `content_type` (a non-JSON type sends a plain text body), `age`, `date` (sent
-//! verbatim as `Age` / `Date`), `header` (`name: value`, one extra response header).
+//! verbatim as `Age` / `Date`), `header` (`name: value`, one extra response header),
+//! `conditional` (`ignore`: a matching conditional request still gets 200).
 //! Holds (tests order events with them, never with sleeps): `POST /hold?path=/products/5` makes
 //! every later request to that path wait (after it is counted in `/stats`) until
 //! `POST /release?path=/products/5`; `GET /hold?path=...` says how many requests wait there.
@@ -615,15 +616,17 @@ fn handle(svc: &Service, req: DemoRequest) -> DemoResponse {
             .get("last_modified")
             .unwrap_or_else(|| LAST_MODIFIED.into());
         let mut not_modified = false;
+        // `conditional: ignore`: answer 200 even to a matching conditional request.
+        let honour = knobs.get("conditional").as_deref() != Some("ignore");
         if etag != "none" {
-            if let Some(inm) = knobs.header("if-none-match") {
+            if let Some(inm) = knobs.header("if-none-match").filter(|_| honour) {
                 let weak = |t: &str| t.trim().trim_start_matches("W/").to_string();
                 not_modified = inm.trim() == "*" || inm.split(',').any(|t| weak(t) == weak(&etag));
             }
             extra.push(("etag".into(), etag));
         }
         if last_modified != "none" {
-            if knobs.header("if-none-match").is_none() {
+            if honour && knobs.header("if-none-match").is_none() {
                 if let (Some(ims), Some(lm)) = (
                     knobs.header("if-modified-since").and_then(http_date_secs),
                     http_date_secs(&last_modified),
@@ -653,7 +656,11 @@ fn handle(svc: &Service, req: DemoRequest) -> DemoResponse {
             extra.push((name.into(), v));
         }
     }
-    if let Some((k, v)) = knobs.get("header").as_deref().and_then(|h| h.split_once(':')) {
+    if let Some((k, v)) = knobs
+        .get("header")
+        .as_deref()
+        .and_then(|h| h.split_once(':'))
+    {
         extra.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
     }
     let now = SystemTime::now()
