@@ -3,6 +3,9 @@ serving, Authorization / Set-Cookie safety, the memory bound, purge and cross-wo
 
 Most tests share one Envoy (two workers) and use their own URLs; the demo services' `/stats`
 tell how often the origin was asked. Knobs go in `x-demo-*` headers, which are not in the key.
+Nothing here waits for time to pass or asserts how long something took: a stale entry is made
+stale by the origin's `Age` (the `age` knob), and events are ordered with the demo's holds (a
+request to a held path waits at the origin until the test releases it) and Envoy's stats.
 """
 
 import hashlib
@@ -35,7 +38,7 @@ CONFIG = {
         {"match": {"prefix": "/api/products"},
          "key": {"query_exclude": ["utm_source"], "headers": ["x-tenant"]},
          "refresh": {"cluster": "products", "strip_prefix": "/api/products", "add_prefix": "/products",
-                     "timeout": "3s"}},
+                     "timeout": "30s"}},
         {"match": {"prefix": "/api/orders"}, "set_cookie": "strip", "stale_if_error": "1h"},
     ],
     "max_total_bytes": 4 << 20,
@@ -59,6 +62,32 @@ def hits(services, path, service="products"):
 
 def cs(r):
     return r.header("cache-status") or ""
+
+
+class Held:
+    """`with Held(services, "/products/5") as hold:` requests to that path of a demo service wait
+    at the origin (counted in `/stats` first) until the block ends; `hold.waiting()` says how
+    many wait there now."""
+
+    def __init__(self, services, path, service="products"):
+        self.port, self.path = services.ports[service], path
+
+    def _call(self, method, what):
+        return harness.http(self.port, method, f"/{what}?path={self.path}").json()
+
+    def waiting(self) -> int:
+        return self._call("GET", "hold")["waiting"]
+
+    def __enter__(self):
+        self._call("POST", "hold")
+        return self
+
+    def __exit__(self, *exc):
+        self._call("POST", "release")
+
+
+# The origin's `Age` over the `max-age`: the entry is stale from the start, no waiting needed.
+STALE = {"x-demo-age": "2"}
 
 
 _n = [0]
@@ -85,11 +114,16 @@ def test_miss_then_hit_with_age_and_cache_status(envoy, services):
     r = envoy.get(f"/api/products/{i}")
     assert r.status == 200 and r.json()["id"] == i, r
     assert cs(r) == "tollgate; fwd=uri-miss; stored", r
-    time.sleep(1.2)
+    aged = fresh_id()
+    a = envoy.get(f"/api/products/{aged}", headers={"x-demo-age": "7"})
+    assert cs(a) == "tollgate; fwd=uri-miss; stored", a
     r2 = envoy.get(f"/api/products/{i}")
     assert r2.status == 200 and r2.body == r.body, r2
     assert cs(r2).startswith("tollgate; hit; ttl="), r2
-    assert int(r2.header("age")) >= 1, r2
+    assert int(r2.header("age")) >= 0, r2
+    # the age the origin gave plus the time the entry was held
+    a2 = envoy.get(f"/api/products/{aged}")
+    assert "hit" in cs(a2) and int(a2.header("age")) >= 7 and int(cs(a2).split("ttl=")[1]) <= 53, a2
     assert r2.header("etag") == r.header("etag")
     assert r2.header("content-type") == "application/json"
     assert hits(services, f"/products/{i}") == 1
@@ -131,7 +165,7 @@ def http_date(offset: float) -> str:
     ("max-age=0", None, "revalidated"),
     ("no-cache, max-age=60", None, "revalidated"),
     ("must-revalidate, max-age=0", None, "revalidated"),
-    ("proxy-revalidate, max-age=60", None, "revalidated"),  # the crate revalidates every use
+    ("proxy-revalidate, max-age=60", None, "hit"),    # revalidated once stale only (RFC 9111 5.2.2.8)
     ("no-store, max-age=60", None, "not-stored"),
     ("private, max-age=60", None, "not-stored"),
 ])
@@ -167,8 +201,15 @@ def test_no_heuristic_freshness_without_last_modified(envoy, services):
 def test_concurrent_misses_are_collapsed_per_worker(envoy, services):
     from concurrent.futures import ThreadPoolExecutor
     i = fresh_id()
+    active = "http.gateway.downstream_rq_active"
     with ThreadPoolExecutor(8) as pool:
-        rs = list(pool.map(lambda _: envoy.get(f"/api/products/{i}", headers={"x-demo-delay": "700"}), range(8)))
+        with Held(services, f"/products/{i}") as hold:
+            base = envoy.stat(active)
+            futures = [pool.submit(envoy.get, f"/api/products/{i}") for _ in range(8)]
+            # all eight are in Envoy, the leaders (one per worker at most) wait at the origin
+            harness.wait_for(lambda: envoy.stat(active) >= base + 8 and hold.waiting() >= 1, 10,
+                             "eight requests in flight")
+        rs = [f.result() for f in futures]
     assert all(r.status == 200 and r.body == rs[0].body for r in rs), rs
     # one fetch per worker at most (two workers); the others waited and were answered from it
     assert hits(services, f"/products/{i}") <= 2, [cs(r) for r in rs]
@@ -229,10 +270,9 @@ def test_vary_keeps_variants_apart(envoy, services):
 
 def test_stale_entry_is_revalidated_and_refreshed_by_304(envoy, services):
     i = fresh_id()
-    knobs = {"x-demo-cache-control": "public, max-age=1"}
+    knobs = {"x-demo-cache-control": "public, max-age=1", **STALE}
     r = envoy.get(f"/api/products/{i}", headers=knobs)
     assert "stored" in cs(r)
-    time.sleep(1.5)
     r2 = envoy.get(f"/api/products/{i}", headers={"x-demo-cache-control": "public, max-age=30"})
     assert r2.status == 200 and r2.body == r.body, r2
     assert cs(r2) == "tollgate; fwd=stale; fwd-status=304", r2
@@ -245,18 +285,20 @@ def test_stale_entry_is_revalidated_and_refreshed_by_304(envoy, services):
 
 def test_stale_while_revalidate_serves_stale_and_refreshes_once_in_background(envoy, services):
     i = fresh_id()
-    r = envoy.get(f"/api/products/{i}", headers={"x-demo-cache-control": "public, max-age=1, stale-while-revalidate=30"})
+    r = envoy.get(f"/api/products/{i}",
+                  headers={"x-demo-cache-control": "public, max-age=1, stale-while-revalidate=30", **STALE})
     assert "stored" in cs(r)
-    time.sleep(1.5)
-    for _ in range(5):
-        # the knob would make the origin take 5 s (the route times out at 2 s): a stale answer
-        # that comes back at all did not go there
-        s = envoy.get(f"/api/products/{i}", headers={"x-demo-delay": "5000"})
-        assert s.status == 200 and s.body == r.body
-        assert "detail=stale-while-revalidate" in cs(s), s
-        assert s.elapsed < 1.9, s.elapsed
-    harness.wait_for(lambda: hits(services, f"/products/{i}") == 2, 10, "the background refresh")
-    time.sleep(0.5)
+    refreshes = envoy.stat("tollgate.cache.refreshes")
+    with Held(services, f"/products/{i}") as hold:
+        # the origin holds every request to this path (the route times out at 2 s): a stale 200
+        # did not go there, and the refresh stays in flight until the block ends
+        for _ in range(5):
+            s = envoy.get(f"/api/products/{i}")
+            assert s.status == 200 and s.body == r.body, s
+            assert "detail=stale-while-revalidate" in cs(s), s
+        harness.wait_for(lambda: hold.waiting() == 1, 10, "the background refresh at the origin")
+        assert hits(services, f"/products/{i}") == 2, "exactly one refresh"
+    harness.wait_for(lambda: envoy.stat("tollgate.cache.refreshes") > refreshes, 10, "the refresh stored")
     assert hits(services, f"/products/{i}") == 2, "exactly one refresh"
     # the refresh (a 304 carrying the origin's default `max-age=60`) made the entry fresh
     f = envoy.get(f"/api/products/{i}")
@@ -266,12 +308,13 @@ def test_stale_while_revalidate_serves_stale_and_refreshes_once_in_background(en
 
 def test_stale_if_error_serves_stale_on_5xx_and_timeout(envoy, services):
     i = fresh_id()
-    r = envoy.get(f"/api/products/{i}", headers={"x-demo-cache-control": "public, max-age=1, stale-if-error=60"})
-    time.sleep(1.5)
+    r = envoy.get(f"/api/products/{i}", headers={"x-demo-cache-control": "public, max-age=1, stale-if-error=60",
+                                                 **STALE})
     e = envoy.get(f"/api/products/{i}", headers={"x-demo-status": "503"})
     assert e.status == 200 and e.body == r.body, e
     assert cs(e) == "tollgate; fwd=stale; fwd-status=503; detail=stale-if-error", e
-    t = envoy.get(f"/api/products/{i}", headers={"x-demo-delay": "3000"})  # route timeout 2s
+    with Held(services, f"/products/{i}"):  # the origin never answers within the route's 2 s
+        t = envoy.get(f"/api/products/{i}")
     assert t.status == 200 and t.body == r.body, t
     assert "fwd-status=504" in cs(t), t
     d = envoy.get(f"/api/products/{i}", headers={"x-dead": "1"})  # connection refused
@@ -279,14 +322,12 @@ def test_stale_if_error_serves_stale_on_5xx_and_timeout(envoy, services):
     assert "fwd-status=503" in cs(d) and "stale-if-error" in cs(d), d
     # without stale-if-error the origin's error passes
     j = fresh_id()
-    envoy.get(f"/api/products/{j}", headers={"x-demo-cache-control": "public, max-age=1"})
-    time.sleep(1.5)
+    envoy.get(f"/api/products/{j}", headers={"x-demo-cache-control": "public, max-age=1", **STALE})
     e = envoy.get(f"/api/products/{j}", headers={"x-demo-status": "503"})
     assert e.status == 503, e
     # the route's default window (orders rule: stale_if_error 1h) when the response has none
-    o = envoy.get("/api/orders/7", headers={"x-demo-cache-control": "public, max-age=1"})
+    o = envoy.get("/api/orders/7", headers={"x-demo-cache-control": "public, max-age=1", **STALE})
     assert o.status == 200 and "stored" in cs(o), o
-    time.sleep(1.5)
     e = envoy.get("/api/orders/7", headers={"x-demo-status": "500"})
     assert e.status == 200 and e.body == o.body and "stale-if-error" in cs(e), e
 
@@ -329,12 +370,11 @@ def test_request_directives(envoy, services):
     i = fresh_id()
     r = envoy.get(f"/api/products/{i}", headers={"cache-control": "only-if-cached"})
     assert r.status == 504 and "only-if-cached" in cs(r), r
-    envoy.get(f"/api/products/{i}")
-    r = envoy.get(f"/api/products/{i}", headers={"cache-control": "no-cache"})
-    assert cs(r).startswith("tollgate; fwd=request"), r
-    time.sleep(1.1)
+    envoy.get(f"/api/products/{i}", headers={"x-demo-age": "5"})
     r = envoy.get(f"/api/products/{i}", headers={"cache-control": "max-age=0"})
     assert "fwd=" in cs(r) and "hit" not in cs(r), r
+    r = envoy.get(f"/api/products/{i}", headers={"cache-control": "no-cache"})
+    assert cs(r).startswith("tollgate; fwd=request"), r
     r = envoy.get(f"/api/products/{i}", headers={"cache-control": "min-fresh=3600"})
     assert "hit" not in cs(r), r
     r = envoy.get(f"/api/products/{i}", headers={"cache-control": "only-if-cached"})
@@ -398,8 +438,8 @@ def test_memory_stays_under_the_bound_with_a_stream_of_distinct_urls(services, e
         r = envoy.get(f"/api/products/5?n={n}&size=3000")
         assert r.status == 200 and abs(len(r.body) - 3000) < 50, r
         assert "stored" in cs(r), r
-    harness.wait_for(lambda: envoy.stat("tollgate.cache.entries") > 0, 5, "the usage gauges")
-    time.sleep(1.0)
+    # every pass of the usage scan reports bounded numbers (each set is bounded at every moment)
+    harness.wait_for(lambda: envoy.stat("tollgate.cache.entries") > 0, 10, "the usage gauges")
     held, entries = envoy.stat("tollgate.cache.bytes"), envoy.stat("tollgate.cache.entries")
     assert 0 < held <= bound, held
     assert 0 < entries <= 8, entries
@@ -438,6 +478,118 @@ def test_bad_configuration_is_refused_with_one_line(config, field, services, env
     envoy = envoy_factory(filters=[("cache", config)], services=services, expect_failure=True)
     lines = harness.config_error_lines(envoy, "cache")
     assert len(lines) == 1 and f"field `{harness.config_field('cache', field)}`" in lines[0], envoy.log_tail()
+
+
+# --- RFC 9111 to the letter (#14 items 1-7) -------------------------------------------------
+
+
+def rfc850_date(offset: float) -> str:
+    return time.strftime("%A, %d-%b-%y %H:%M:%S GMT", time.gmtime(time.time() + offset))
+
+
+def asctime_date(offset: float) -> str:
+    t = time.gmtime(time.time() + offset)
+    return time.strftime("%a %b ", t) + f"{t.tm_mday:2d}" + time.strftime(" %H:%M:%S %Y", t)
+
+
+@pytest.mark.parametrize("cache_control, route", [
+    ("public, max-age=1, must-revalidate, stale-if-error=60", "products"),
+    ("public, max-age=1, proxy-revalidate, stale-if-error=60", "products"),
+    ("public, no-cache, stale-if-error=60", "products"),
+    ("public, s-maxage=1, stale-if-error=60", "products"),
+    ("public, max-age=1, Must-Revalidate", "orders"),   # the rule's stale_if_error 1h neither
+])
+def test_stale_if_error_never_where_the_response_forbids_stale(cache_control, route, envoy, services):
+    i = fresh_id()
+    path = f"/api/{route}/{i}"
+    r = envoy.get(path, headers={"x-demo-cache-control": cache_control, **STALE})
+    assert "stored" in cs(r), r
+    e = envoy.get(path, headers={"x-demo-status": "503"})
+    assert e.status == 503 and "stale-if-error" not in cs(e), e
+
+
+@pytest.mark.parametrize("knobs, request_cc, outcome", [
+    ({"x-demo-cache-control": "MaX-AgE=60"}, None, "hit"),                     # #14.2
+    ({"x-demo-cache-control": "No-CaChE, MaX-AgE=60"}, None, "revalidated"),
+    ({"x-demo-cache-control": "Private, max-age=60"}, None, "not-stored"),
+    ({"x-demo-cache-control": "NO-STORE, max-age=60"}, None, "not-stored"),
+    ({}, "No-Cache", "request"),
+    ({"x-demo-cache-control": "max-age=3600", "x-demo-age": "7200, 0"}, None, "revalidated"),   # #14.3
+    ({"x-demo-cache-control": "max-age=3600", "x-demo-age": "0", "x-demo-header": "age: 7200"}, None, "hit"),
+    ({"x-demo-cache-control": "max-age=3600", "x-demo-age": "abc"}, None, "revalidated"),
+    ({"x-demo-cache-control": "max-age=3600", "x-demo-age": "-7200"}, None, "revalidated"),
+    ({"x-demo-cache-control": "x-no-directive", "x-demo-expires": "rfc850"}, None, "hit"),   # #14.4
+    ({"x-demo-cache-control": "x-no-directive", "x-demo-expires": "asctime"}, None, "hit"),
+    ({"x-demo-cache-control": "x-no-directive", "x-demo-expires": "doubled"}, None, "revalidated"),
+    ({"x-demo-cache-control": "max-age=60", "x-demo-date": "rfc850-past"}, None, "revalidated"),
+    ({"x-demo-cache-control": "x-no-directive", "x-demo-last-modified": "asctime-past"}, None, "hit"),
+])
+def test_directive_age_and_date_parsing(knobs, request_cc, outcome, envoy, services):
+    dates = {"rfc850": rfc850_date(600), "asctime": asctime_date(600),
+             "doubled": http_date(600).replace(" GMT", "  GMT"),
+             "rfc850-past": rfc850_date(-3600), "asctime-past": asctime_date(-30 * 86400)}
+    knobs = {k: dates.get(v, v) for k, v in knobs.items()}
+    i = fresh_id()
+    first = envoy.get(f"/api/products/{i}", headers=knobs)
+    assert first.status == 200, first
+    second = envoy.get(f"/api/products/{i}", headers={"cache-control": request_cc} if request_cc else {})
+    if outcome == "hit":
+        assert "stored" in cs(first) and cs(second).startswith("tollgate; hit; ttl="), (first, second)
+    elif outcome == "revalidated":
+        assert "stored" in cs(first) and cs(second) == "tollgate; fwd=stale; fwd-status=304", (first, second)
+    elif outcome == "request":
+        assert cs(second).startswith("tollgate; fwd=request"), second
+    else:
+        assert "detail=not-storable" in cs(first) and "hit" not in cs(second), (first, second)
+
+
+def test_304_and_head_freshen_the_stored_headers(envoy, services):
+    i = fresh_id()
+    r = envoy.get(f"/api/products/{i}", headers={"x-demo-cache-control": "public, max-age=1", **STALE})
+    assert "stored" in cs(r), r
+    # #14.5: a 304 replaces every stored field it carries (not only the freshness ones)
+    v = envoy.get(f"/api/products/{i}", headers={"x-demo-header": "x-version: 2",
+                                                 "x-demo-cache-control": "public, max-age=1", **STALE})
+    assert cs(v) == "tollgate; fwd=stale; fwd-status=304" and v.header("x-version") == "2", v
+    h = envoy.get(f"/api/products/{i}")
+    assert h.header("x-version") == "2" and "fwd-status=304" in cs(h), h
+    # a HEAD 200 with the same validators freshens the stored GET response (RFC 9111 4.3.5)
+    head = envoy.request("HEAD", f"/api/products/{i}", headers={
+        "cache-control": "no-cache", "x-demo-conditional": "ignore", "x-demo-cache-control": "public, max-age=300"})
+    assert head.status == 200 and "detail=head-freshened" in cs(head), head
+    g = envoy.get(f"/api/products/{i}")
+    assert cs(g).startswith("tollgate; hit; ttl=") and g.header("cache-control") == "public, max-age=300", g
+    assert g.body == r.body
+    assert hits(services, f"/products/{i}") == 4
+
+
+def test_if_modified_since_uses_date_without_last_modified(envoy, services):
+    i = fresh_id()
+    r = envoy.get(f"/api/products/{i}", headers={"x-demo-last-modified": "none"})
+    assert "stored" in cs(r) and r.header("last-modified") is None and r.header("date"), r
+    later = envoy.get(f"/api/products/{i}", headers={"if-modified-since": rfc850_date(60)})
+    assert later.status == 304 and "hit" in cs(later), later
+    earlier = envoy.get(f"/api/products/{i}", headers={"if-modified-since": asctime_date(-3600)})
+    assert earlier.status == 200 and earlier.body == r.body, earlier
+
+
+def test_per_hop_and_proxy_added_headers_are_not_replayed(envoy, services):
+    i = fresh_id()
+    r = envoy.get(f"/api/products/{i}", headers={"x-demo-header": "proxy-connection: keep-alive"})
+    assert r.header("x-envoy-upstream-service-time") is not None, r
+    h = envoy.get(f"/api/products/{i}")
+    assert "hit" in cs(h), h
+    assert h.header("x-envoy-upstream-service-time") is None and h.header("proxy-connection") is None, h
+
+
+def test_responses_that_can_never_be_reused_are_not_stored(envoy, services):
+    i = fresh_id()
+    knobs = {"x-demo-cache-control": "public, max-age=0", "x-demo-etag": "none", "x-demo-last-modified": "none"}
+    r = envoy.get(f"/api/products/{i}", headers=knobs)
+    assert r.status == 200 and "detail=not-reusable" in cs(r), r
+    assert envoy.get(f"/api/products/{i}", headers=knobs).status == 200
+    assert hits(services, f"/products/{i}") == 2
+    assert "detail=not-reusable" in cs(envoy.get(f"/api/products/{i}", headers={"x-demo-expires": "0", **knobs}))
 
 
 # --- JSON Schema ------------------------------------------------------------------------------

@@ -4,7 +4,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use tollgate_common::metrics::Metrics;
 use tollgate_common::request::{query_param, split_query};
@@ -15,8 +15,11 @@ use tollgate_common::{
 };
 
 use crate::config::{Compiled, Config, Refresh, Rule, SetCookie};
+use crate::freshness::{
+    facts, freshness, stale_if_error, Facts, RequestDirectives, StoringRequest, Verdict,
+};
 use crate::key::{request_url_key, vary_names, UrlKey};
-use crate::policy::{directive, directive_secs, policy_request_headers, Policy};
+use crate::parse::{http_date, list_members, CacheControl};
 use crate::store::{millis, Entry, Found, Lookup, Meta, PurgeRule, PutError, Store};
 
 /// Name of this cache in `Cache-Status`.
@@ -39,6 +42,9 @@ const HOP_BY_HOP: &[&str] = &[
     "upgrade",
     "content-length",
     "cache-status",
+    "proxy-connection",
+    // added by Envoy for this response only
+    "x-envoy-upstream-service-time",
 ];
 
 /// Headers a 304 carries (RFC 9110 15.4.5).
@@ -69,8 +75,8 @@ pub struct RefreshJob {
     pub vary_headers: Vec<(String, String)>,
     /// Configured key headers (to store the answer under the same variant).
     pub key_headers: Vec<String>,
-    /// Request headers the policy needs.
-    pub policy_req: Vec<(String, String)>,
+    /// The storing request carried `Authorization`.
+    pub auth: bool,
     /// Set-Cookie handling.
     pub set_cookie: SetCookie,
     /// Purge sequence number when the refresh was started.
@@ -281,12 +287,14 @@ impl CacheRoot {
             shared.store.invalidate_url(host, job.url_hash);
             return;
         };
-        let policy = Policy::new(&old.meta.url, &job.policy_req, status, &headers, now);
-        if !policy.is_storable() {
+        let storing = StoringRequest {
+            authorization: job.auth,
+        };
+        let Ok(f) = facts(status, &headers, storing, millis(now)) else {
             // The origin no longer allows storing it: drop the stale entry.
             shared.store.invalidate_url(host, job.url_hash);
             return;
-        }
+        };
         let v = crate::key::variant_hash(&job.vary_headers, &job.key_headers, &vary);
         let entry = Entry {
             meta: Meta {
@@ -297,8 +305,8 @@ impl CacheRoot {
                 v,
                 status,
                 headers,
-                req: job.policy_req.clone(),
-                at: millis(now),
+                auth: job.auth,
+                f,
             },
             body,
         };
@@ -328,9 +336,9 @@ struct Capture {
     status: u16,
     headers: Vec<(String, String)>,
     vary: Vec<String>,
-    policy_req: Vec<(String, String)>,
+    auth: bool,
+    facts: Facts,
     body: Vec<u8>,
-    at: SystemTime,
 }
 
 /// Where a request stands.
@@ -388,35 +396,49 @@ fn all<'a>(headers: &'a [(String, String)], name: &str) -> Vec<&'a str> {
         .collect()
 }
 
-/// Response headers as stored: no pseudo-headers, no hop-by-hop headers, no `Set-Cookie` when
-/// stripping.
-fn stored_headers(headers: &[(String, String)], set_cookie: SetCookie) -> Vec<(String, String)> {
-    headers
-        .iter()
-        .filter(|(k, _)| !k.starts_with(':'))
-        .filter(|(k, _)| !HOP_BY_HOP.contains(&k.to_ascii_lowercase().as_str()))
-        .filter(|(k, _)| set_cookie == SetCookie::Bypass || !k.eq_ignore_ascii_case("set-cookie"))
-        .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+/// Is a response header per-hop, i.e. never stored (RFC 9111 3.1): the hop-by-hop fields,
+/// the ones Envoy adds for one response, and the names `Connection` lists.
+fn per_hop(name: &str, connection: &[String]) -> bool {
+    name.starts_with(':')
+        || HOP_BY_HOP.contains(&name)
+        || connection.iter().any(|c| c.as_str() == name)
+}
+
+/// The field names a response's `Connection` lists (lower case).
+fn connection_names(headers: &[(String, String)]) -> Vec<String> {
+    all(headers, "connection")
+        .into_iter()
+        .flat_map(list_members)
+        .map(|n| n.trim().to_ascii_lowercase())
+        .filter(|n| !n.is_empty())
         .collect()
 }
 
-/// Stored headers updated with those of a 304 (RFC 9111 4.3.4).
+/// Response headers as stored: no pseudo-headers, no per-hop headers, no `Set-Cookie` when
+/// stripping.
+fn stored_headers(headers: &[(String, String)], set_cookie: SetCookie) -> Vec<(String, String)> {
+    let connection = connection_names(headers);
+    headers
+        .iter()
+        .map(|(k, v)| (k.to_ascii_lowercase(), v))
+        .filter(|(k, _)| !per_hop(k, &connection))
+        .filter(|(k, _)| set_cookie == SetCookie::Bypass || k != "set-cookie")
+        .map(|(k, v)| (k, v.clone()))
+        .collect()
+}
+
+/// Stored headers updated with those of a 304 or of a `HEAD` 200 (RFC 9111 3.2, 4.3.4,
+/// 4.3.5): every field of the new response replaces the stored one, except the per-hop ones,
+/// `Content-Length` (the stored body is kept) and `Set-Cookie` (never stored from an update).
 fn merge_not_modified(
     stored: &[(String, String)],
     fresh: &[(String, String)],
 ) -> Vec<(String, String)> {
-    const KEEP: &[&str] = &[
-        "content-length",
-        "content-encoding",
-        "content-range",
-        "content-type",
-    ];
+    let connection = connection_names(fresh);
     let update: Vec<(String, String)> = fresh
         .iter()
-        .filter(|(k, _)| !k.starts_with(':'))
         .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
-        .filter(|(k, _)| !HOP_BY_HOP.contains(&k.as_str()) && !KEEP.contains(&k.as_str()))
-        .filter(|(k, _)| k != "set-cookie")
+        .filter(|(k, _)| !per_hop(k, &connection) && k != "content-length" && k != "set-cookie")
         .collect();
     let mut out: Vec<(String, String)> = stored
         .iter()
@@ -425,47 +447,6 @@ fn merge_not_modified(
         .collect();
     out.extend(update);
     out
-}
-
-/// Parse an IMF-fixdate (`Thu, 01 Jan 2026 00:00:00 GMT`) to seconds since the epoch.
-pub fn http_date(s: &str) -> Option<u64> {
-    let parts: Vec<&str> = s.split_whitespace().collect();
-    if parts.len() != 6 || *parts.get(5)? != "GMT" {
-        return None;
-    }
-    let day: u64 = parts.get(1)?.parse().ok()?;
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    let mon = *parts.get(2)?;
-    let month = MONTHS.iter().position(|m| *m == mon)? as u64 + 1;
-    let year: u64 = parts.get(3)?.parse().ok()?;
-    let hms: Vec<u64> = parts
-        .get(4)?
-        .split(':')
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    let (h, m, sec) = (*hms.first()?, *hms.get(1)?, *hms.get(2)?);
-    if hms.len() != 3
-        || !(1970..=9999).contains(&year)
-        || !(1..=31).contains(&day)
-        || h > 23
-        || m > 59
-        || sec > 60
-    {
-        return None;
-    }
-    let (y, mm) = if month <= 2 {
-        (year - 1, month + 9)
-    } else {
-        (year, month - 3)
-    };
-    let era = y / 400;
-    let yoe = y - era * 400;
-    let doy = (153 * mm + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = (era * 146_097 + doe).checked_sub(719_468)?;
-    Some(days * 86400 + h * 3600 + m * 60 + sec)
 }
 
 /// Does a client's conditional request match the entry (so that 304 is the answer)?
@@ -479,25 +460,38 @@ fn client_not_modified(request: &[(String, String)], entry: &[(String, String)])
             None => false,
         };
     }
+    // Without `Last-Modified`, the entry's `Date` (RFC 9110 13.1.3).
+    let modified = header(entry, "last-modified").or_else(|| header(entry, "date"));
     match (
         header(request, "if-modified-since").and_then(|v| http_date(&v)),
-        header(entry, "last-modified").and_then(|v| http_date(&v)),
+        modified.and_then(|v| http_date(&v)),
     ) {
         (Some(ims), Some(lm)) => lm <= ims,
         _ => false,
     }
 }
 
+/// May a `HEAD` answer freshen this entry (RFC 9111 4.3.5)? Its validators must not
+/// contradict the stored ones.
+fn same_validators(entry: &Entry, head: &[(String, String)]) -> bool {
+    ["etag", "last-modified"].iter().all(|name| {
+        match (header(&entry.meta.headers, name), header(head, name)) {
+            (Some(a), Some(b)) => a == b,
+            _ => true,
+        }
+    })
+}
+
+/// The `504` of `only-if-cached` (RFC 9111 5.2.1.7).
+fn only_if_cached_reply(detail: &str, status_params: &str) -> LocalReply {
+    Problem::new(504)
+        .detail(detail)
+        .into_reply()
+        .with_header("cache-status", cache_status(status_params))
+}
+
 fn cache_status(params: &str) -> String {
     format!("{CACHE_NAME}; {params}")
-}
-
-fn secs(d: Duration) -> u64 {
-    d.as_secs()
-}
-
-fn signed(d: Duration) -> i64 {
-    i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
 }
 
 impl CacheFilter {
@@ -507,7 +501,7 @@ impl CacheFilter {
 
     /// The answer from an entry: 304 when the client's validators match, else the stored
     /// response (HEAD: Envoy sends no body).
-    fn answer(&self, entry: &Entry, age: Duration, status_params: &str) -> LocalReply {
+    fn answer(&self, entry: &Entry, age: u64, status_params: &str) -> LocalReply {
         let not_modified = client_not_modified(&self.request, &entry.meta.headers);
         let mut reply = LocalReply::new(if not_modified { 304 } else { entry.meta.status });
         for (k, v) in &entry.meta.headers {
@@ -517,7 +511,7 @@ impl CacheFilter {
             reply = reply.with_header(k.clone(), v.clone());
         }
         reply = reply
-            .with_header("age", secs(age).to_string())
+            .with_header("age", age.to_string())
             .with_header("cache-status", cache_status(status_params));
         if !not_modified {
             reply = reply.with_body(entry.body.clone());
@@ -617,159 +611,166 @@ impl CacheFilter {
         )
     }
 
+    /// Look the request up and decide: a hit, a stale answer with a background refresh, a
+    /// revalidation, a miss (possibly waiting for another request's fetch), or `504` for
+    /// `only-if-cached`.
     fn lookup(&mut self, host: &mut dyn Host) -> Decision {
-        let Some(rule) = self.rule() else {
-            return Decision::Continue;
-        };
-        let key_headers = rule.key_headers.clone();
-        let refresh = rule.refresh.clone();
-        let set_cookie = rule.set_cookie;
         let Some(url) = self.url.clone() else {
             return Decision::Continue;
         };
-        let m = &self.shared.metrics;
-        let only_if_cached = directive(&self.request, "only-if-cached").is_some();
-        let request_no_cache = directive(&self.request, "no-cache").is_some()
-            || header(&self.request, "pragma").is_some_and(|p| p.contains("no-cache"))
-                && header(&self.request, "cache-control").is_none();
+        let req = RequestDirectives::of(&self.request);
+        let found = match self.find(host, &url) {
+            Ok(found) => found,
+            Err(fwd) => return self.on_miss(host, &url, fwd, req.cc.only_if_cached),
+        };
+        let background = self.rule().is_some_and(|r| r.refresh.is_some());
+        let now = millis(host.now());
+        match freshness(&found.entry.meta.f, &req, now, background) {
+            Verdict::Fresh { age, ttl } => {
+                self.shared.metrics.count(host, "hits", 1);
+                let collapsed = if self.collapsed { "; collapsed" } else { "" };
+                let reply = self.answer(&found.entry, age, &format!("hit; ttl={ttl}{collapsed}"));
+                self.state = State::Done;
+                Decision::Respond(reply)
+            }
+            Verdict::StaleWhileRevalidate { age, stale_by } => {
+                self.serve_stale_and_refresh(host, found, age, stale_by)
+            }
+            Verdict::Revalidate if req.cc.only_if_cached => {
+                self.shared.metrics.count(host, "misses", 1);
+                self.state = State::Done;
+                Decision::Respond(only_if_cached_reply(
+                    "only-if-cached: the cached response is stale",
+                    "fwd=stale; detail=only-if-cached",
+                ))
+            }
+            Verdict::Revalidate => self.revalidate(host, found, req.no_cache),
+        }
+    }
+
+    /// The entry for this request, or the `fwd` reason of a miss.
+    fn find(&mut self, host: &mut dyn Host, url: &UrlKey) -> Result<Box<Found>, &'static str> {
+        let key_headers = self
+            .rule()
+            .map(|r| r.key_headers.clone())
+            .unwrap_or_default();
         let purges = self.shared.store.purges(host);
         self.purge_seq = purges.seq;
-        let lookup =
-            match self
-                .shared
-                .store
-                .lookup(host, url.hash, &self.request, &key_headers, &purges)
-            {
-                // A 64-bit hash collision of two URLs reads as a miss.
-                Lookup::Hit(found) if found.entry.meta.url != url.url => Lookup::UriMiss,
-                other => other,
-            };
-        let found = match lookup {
-            Lookup::Hit(found) => found,
-            miss => {
-                let fwd = if matches!(miss, Lookup::VaryMiss) {
-                    "vary-miss"
-                } else {
-                    "uri-miss"
-                };
-                if !only_if_cached {
-                    // Collapse concurrent misses of one URL on this worker: the first fetches,
-                    // the others wait for it (once) and look again.
-                    let mut inflight = self.shared.inflight.borrow_mut();
-                    match inflight.get_mut(&url.hash) {
-                        Some(waiters) if !self.collapsed && waiters.len() < MAX_WAITERS => {
-                            waiters.push(self.context_id);
-                            self.state = State::Waiting;
-                            return Decision::Pause;
-                        }
-                        Some(_) => {}
-                        None if !self.is_head && !self.no_store => {
-                            inflight.insert(url.hash, Vec::new());
-                            self.leading = Some(url.hash);
-                        }
-                        None => {}
-                    }
-                }
-                m.count(host, "misses", 1);
-                if only_if_cached {
-                    self.state = State::Done;
-                    return Decision::Respond(
-                        Problem::new(504)
-                            .detail("only-if-cached: not in the cache")
-                            .into_reply()
-                            .with_header(
-                                "cache-status",
-                                cache_status(&format!("fwd={fwd}; detail=only-if-cached")),
-                            ),
-                    );
-                }
-                self.state = State::Miss(fwd);
-                return Decision::Continue;
-            }
-        };
-        let now = host.now();
-        let entry = &found.entry;
-        let at = SystemTime::UNIX_EPOCH + Duration::from_millis(entry.meta.at);
-        let policy = Policy::new(
-            &entry.meta.url,
-            &entry.meta.req,
-            entry.meta.status,
-            &entry.meta.headers,
-            at,
-        );
-        let age = policy.age(now);
-        if policy.satisfies(&self.request, now) {
-            m.count(host, "hits", 1);
-            let ttl = signed(policy.lifetime()) - signed(age);
-            let collapsed = if self.collapsed { "; collapsed" } else { "" };
-            let reply = self.answer(entry, age, &format!("hit; ttl={ttl}{collapsed}"));
+        match self
+            .shared
+            .store
+            .lookup(host, url.hash, &self.request, &key_headers, &purges)
+        {
+            // A 64-bit hash collision of two URLs reads as a miss.
+            Lookup::Hit(found) if found.entry.meta.url == url.url => Ok(found),
+            Lookup::VaryMiss => Err("vary-miss"),
+            _ => Err("uri-miss"),
+        }
+    }
+
+    /// Nothing usable stored: wait for another request's fetch of the URL (once), fetch it
+    /// ourselves, or answer `only-if-cached` with 504.
+    fn on_miss(
+        &mut self,
+        host: &mut dyn Host,
+        url: &UrlKey,
+        fwd: &'static str,
+        only_if_cached: bool,
+    ) -> Decision {
+        if only_if_cached {
+            self.shared.metrics.count(host, "misses", 1);
             self.state = State::Done;
+            return Decision::Respond(only_if_cached_reply(
+                "only-if-cached: not in the cache",
+                &format!("fwd={fwd}; detail=only-if-cached"),
+            ));
+        }
+        // Collapse concurrent misses of one URL on this worker: the first fetches, the others
+        // wait for it (once) and look again.
+        let mut inflight = self.shared.inflight.borrow_mut();
+        match inflight.get_mut(&url.hash) {
+            Some(waiters) if !self.collapsed && waiters.len() < MAX_WAITERS => {
+                waiters.push(self.context_id);
+                self.state = State::Waiting;
+                return Decision::Pause;
+            }
+            Some(_) => {}
+            None if !self.is_head && !self.no_store => {
+                inflight.insert(url.hash, Vec::new());
+                self.leading = Some(url.hash);
+            }
+            None => {}
+        }
+        drop(inflight);
+        self.shared.metrics.count(host, "misses", 1);
+        self.state = State::Miss(fwd);
+        Decision::Continue
+    }
+
+    /// Serve a stale entry inside its `stale-while-revalidate` window and queue one
+    /// background refresh (the way's refresh lock makes it one across workers).
+    fn serve_stale_and_refresh(
+        &mut self,
+        host: &mut dyn Host,
+        found: Box<Found>,
+        age: u64,
+        stale_by: u64,
+    ) -> Decision {
+        let m = &self.shared.metrics;
+        m.count(host, "hits", 1);
+        m.count(host, "stale_served", 1);
+        let ttl = -i64::try_from(stale_by).unwrap_or(i64::MAX);
+        let reply = self.answer(
+            &found.entry,
+            age,
+            &format!("hit; ttl={ttl}; detail=stale-while-revalidate"),
+        );
+        self.state = State::Done;
+        let Some(rule) = self.rule() else {
+            return Decision::Respond(reply);
+        };
+        let (Some(refresh), Some(url)) = (rule.refresh.clone(), self.url.as_ref()) else {
+            return Decision::Respond(reply);
+        };
+        let lock_for = refresh.timeout + Duration::from_secs(1);
+        let now = host.now();
+        if !self.shared.store.lock_refresh(host, &found, now, lock_for) {
             return Decision::Respond(reply);
         }
-        let lifetime = policy.lifetime();
-        let stale_by = age.saturating_sub(lifetime);
-        let must_revalidate = directive(&entry.meta.headers, "must-revalidate").is_some()
-            || directive(&entry.meta.headers, "proxy-revalidate").is_some()
-            || directive(&entry.meta.headers, "no-cache").is_some();
-        let swr = directive_secs(&entry.meta.headers, "stale-while-revalidate");
-        if let (false, false, Some(w), Some(refresh)) =
-            (request_no_cache, must_revalidate, swr, refresh)
-        {
-            if stale_by < Duration::from_secs(w) && age > lifetime {
-                m.count(host, "hits", 1);
-                m.count(host, "stale_served", 1);
-                let ttl = -signed(stale_by);
-                let reply = self.answer(
-                    entry,
-                    age,
-                    &format!("hit; ttl={ttl}; detail=stale-while-revalidate"),
-                );
-                if self.shared.store.lock_refresh(
-                    host,
-                    &found,
-                    now,
-                    refresh.timeout + Duration::from_secs(1),
-                ) {
-                    let vary = vary_names(&all(&entry.meta.headers, "vary")).unwrap_or_default();
-                    let vary_headers: Vec<(String, String)> = self
-                        .request
-                        .iter()
-                        .filter(|(k, _)| vary.contains(k) || key_headers.contains(k))
-                        .cloned()
-                        .collect();
-                    self.shared.jobs.borrow_mut().push(RefreshJob {
-                        found: (*found).clone(),
-                        url_hash: url.hash,
-                        refresh,
-                        path: host.path(),
-                        authority: host.authority(),
-                        policy_req: entry.meta.req.clone(),
-                        vary_headers,
-                        key_headers,
-                        set_cookie,
-                        purge_seq: 0,
-                    });
-                }
-                self.state = State::Done;
-                return Decision::Respond(reply);
-            }
-        }
-        if only_if_cached {
-            m.count(host, "misses", 1);
-            self.state = State::Done;
-            return Decision::Respond(
-                Problem::new(504)
-                    .detail("only-if-cached: the cached response is stale")
-                    .into_reply()
-                    .with_header(
-                        "cache-status",
-                        cache_status("fwd=stale; detail=only-if-cached"),
-                    ),
-            );
-        }
-        // Revalidate upstream with the entry's validators; the client's own conditional
-        // headers are kept aside and answered by us.
-        m.count(host, "revalidations", 1);
+        let meta = &found.entry.meta;
+        let vary = vary_names(&all(&meta.headers, "vary")).unwrap_or_default();
+        let key_headers = rule.key_headers.clone();
+        let vary_headers: Vec<(String, String)> = self
+            .request
+            .iter()
+            .filter(|(k, _)| vary.contains(k) || key_headers.contains(k))
+            .cloned()
+            .collect();
+        let job = RefreshJob {
+            url_hash: url.hash,
+            refresh,
+            path: host.path(),
+            authority: host.authority(),
+            auth: meta.auth,
+            vary_headers,
+            key_headers,
+            set_cookie: rule.set_cookie,
+            purge_seq: 0,
+            found: *found,
+        };
+        self.shared.jobs.borrow_mut().push(job);
+        Decision::Respond(reply)
+    }
+
+    /// Revalidate upstream with the entry's validators; the client's own conditional headers
+    /// are kept aside and answered by us.
+    fn revalidate(
+        &mut self,
+        host: &mut dyn Host,
+        found: Box<Found>,
+        request_no_cache: bool,
+    ) -> Decision {
+        self.shared.metrics.count(host, "revalidations", 1);
         let mut client_conditional = Vec::new();
         for name in ["if-none-match", "if-modified-since"] {
             if let Some(v) = host.header(MapKind::RequestHeaders, name) {
@@ -777,10 +778,10 @@ impl CacheFilter {
                 host.remove_header(MapKind::RequestHeaders, name);
             }
         }
-        if let Some(e) = header(&entry.meta.headers, "etag") {
+        if let Some(e) = header(&found.entry.meta.headers, "etag") {
             host.set_header(MapKind::RequestHeaders, "if-none-match", &e);
         }
-        if let Some(lm) = header(&entry.meta.headers, "last-modified") {
+        if let Some(lm) = header(&found.entry.meta.headers, "last-modified") {
             host.set_header(MapKind::RequestHeaders, "if-modified-since", &lm);
         }
         self.state = State::Revalidate {
@@ -789,6 +790,99 @@ impl CacheFilter {
             client_conditional,
         };
         Decision::Continue
+    }
+
+    /// The origin's answer to a revalidation: a `304` (or a `HEAD` 200 with the same
+    /// validators) freshens the entry; an error may be answered with the stale entry
+    /// (`stale-if-error`). `Ok`: the reply to send; `Err`: the `Cache-Status` params of a
+    /// forwarded answer.
+    fn on_revalidated(
+        &mut self,
+        host: &mut dyn Host,
+        found: Box<Found>,
+        fwd: &'static str,
+        client_conditional: Vec<(String, String)>,
+        status: u16,
+        headers: &[(String, String)],
+    ) -> Result<LocalReply, String> {
+        let now = host.now();
+        let entry = &found.entry;
+        if status == 304 || (self.is_head && status == 200 && same_validators(entry, headers)) {
+            let fresh = self.freshen(host, entry, headers);
+            if status != 304 {
+                // HEAD: the origin's own answer goes to the client.
+                return Err(format!("fwd={fwd}; fwd-status=200; detail=head-freshened"));
+            }
+            self.restore_client_conditional(client_conditional);
+            let reply = match fresh.as_ref() {
+                Some(f) => self.answer(
+                    f,
+                    f.meta.f.age_at(millis(now)),
+                    &format!("fwd={fwd}; fwd-status=304"),
+                ),
+                None => self.answer(entry, 0, &format!("fwd={fwd}; fwd-status=304")),
+            };
+            return Ok(reply);
+        }
+        if status >= 500 || status == 0 {
+            let window = self
+                .rule()
+                .and_then(|r| r.stale_if_error)
+                .map(|d| d.as_secs());
+            if let Some(age) = stale_if_error(&entry.meta.f, millis(now), window) {
+                self.shared.metrics.count(host, "stale_served", 1);
+                self.restore_client_conditional(client_conditional);
+                let params = format!("fwd={fwd}; fwd-status={status}; detail=stale-if-error");
+                return Ok(self.answer(entry, age, &params));
+            }
+        }
+        if self.is_head && status == 200 {
+            // A HEAD whose validators differ: the stored representation is outdated.
+            if let Some(url) = self.url.as_ref() {
+                self.shared.store.invalidate_url(host, url.hash);
+            }
+        }
+        Err(self.start_capture(host, fwd, status, headers))
+    }
+
+    /// Update a stored entry with the header fields of a `304` or `HEAD` answer and store it
+    /// again; returns the updated entry (`None` when it may no longer be stored: then it is
+    /// dropped).
+    fn freshen(
+        &mut self,
+        host: &mut dyn Host,
+        entry: &Entry,
+        headers: &[(String, String)],
+    ) -> Option<Entry> {
+        let now = host.now();
+        let url_hash = self.url.as_ref()?.hash;
+        let mut fresh = entry.clone();
+        fresh.meta.headers = merge_not_modified(&entry.meta.headers, headers);
+        let storing = StoringRequest {
+            authorization: entry.meta.auth,
+        };
+        let Ok(f) = facts(fresh.meta.status, &fresh.meta.headers, storing, millis(now)) else {
+            self.shared.store.invalidate_url(host, url_hash);
+            return None;
+        };
+        fresh.meta.f = f;
+        let vary = vary_names(&all(&fresh.meta.headers, "vary")).unwrap_or_default();
+        if self
+            .shared
+            .store
+            .put(host, url_hash, &vary, fresh.clone(), now, self.purge_seq)
+            .is_ok()
+        {
+            self.shared.metrics.count(host, "refreshes", 1);
+        }
+        Some(fresh)
+    }
+
+    /// Put back the client's conditional headers (the revalidation replaced them).
+    fn restore_client_conditional(&mut self, client_conditional: Vec<(String, String)>) {
+        self.request
+            .retain(|(k, _)| k != "if-none-match" && k != "if-modified-since");
+        self.request.extend(client_conditional);
     }
 
     /// Decide whether to capture a forwarded response; returns the `Cache-Status` params.
@@ -807,9 +901,9 @@ impl CacheFilter {
             return params;
         };
         let set_cookie = rule.set_cookie;
-        let Some(url) = self.url.as_ref() else {
+        if self.url.is_none() {
             return params;
-        };
+        }
         let detail = (|| {
             if self.is_head {
                 return Some("head");
@@ -842,19 +936,21 @@ impl CacheFilter {
             return format!("{params}; detail=vary-too-long");
         }
         let stored = stored_headers(headers, set_cookie);
-        let policy_req = policy_request_headers(&self.request, &vary);
-        let now = host.now();
-        let policy = Policy::new(&url.url, &policy_req, status, &stored, now);
-        if !policy.is_storable() {
-            return format!("{params}; detail=not-storable");
-        }
+        let auth = header(&self.request, "authorization").is_some();
+        let storing = StoringRequest {
+            authorization: auth,
+        };
+        let facts = match facts(status, &stored, storing, millis(host.now())) {
+            Ok(f) => f,
+            Err(why) => return format!("{params}; detail={why}"),
+        };
         self.capture = Some(Capture {
             status,
             headers: stored,
             vary,
-            policy_req,
+            auth,
+            facts,
             body: Vec::new(),
-            at: now,
         });
         // `stored` is promised only when the size is known to fit.
         if header(headers, "content-length").is_some() {
@@ -937,8 +1033,8 @@ impl CacheFilter {
                 v,
                 status: c.status,
                 headers: c.headers,
-                req: c.policy_req,
-                at: millis(c.at),
+                auth: c.auth,
+                f: c.facts,
             },
             body: c.body,
         };
@@ -1010,7 +1106,7 @@ impl HttpFilter for CacheFilter {
             .into_iter()
             .map(|(k, v)| (k.to_ascii_lowercase(), v))
             .collect();
-        self.no_store = directive(&self.request, "no-store").is_some();
+        self.no_store = CacheControl::of(&self.request).no_store;
         match req.method.as_str() {
             "GET" => self.lookup(host),
             "HEAD" => {
@@ -1054,64 +1150,10 @@ impl HttpFilter for CacheFilter {
                 client_conditional,
             } => {
                 let headers = host.headers(MapKind::ResponseHeaders);
-                let now = host.now();
-                let entry = &found.entry;
-                if status == 304 {
-                    // Refresh the entry's headers and serve it.
-                    let merged = merge_not_modified(&entry.meta.headers, &headers);
-                    let mut fresh = entry.clone();
-                    fresh.meta.headers = merged;
-                    fresh.meta.at = millis(now);
-                    let vary = vary_names(&all(&fresh.meta.headers, "vary")).unwrap_or_default();
-                    if let Some(url) = self.url.as_ref() {
-                        if self
-                            .shared
-                            .store
-                            .put(host, url.hash, &vary, fresh.clone(), now, self.purge_seq)
-                            .is_ok()
-                        {
-                            self.shared.metrics.count(host, "refreshes", 1);
-                        }
-                    }
-                    self.request
-                        .retain(|(k, _)| k != "if-none-match" && k != "if-modified-since");
-                    self.request.extend(client_conditional);
-                    let reply = self.answer(
-                        &fresh,
-                        Duration::ZERO,
-                        &format!("fwd={fwd}; fwd-status=304"),
-                    );
-                    return Decision::Respond(reply);
+                match self.on_revalidated(host, found, fwd, client_conditional, status, &headers) {
+                    Ok(reply) => return Decision::Respond(reply),
+                    Err(params) => params,
                 }
-                let at = SystemTime::UNIX_EPOCH + Duration::from_millis(entry.meta.at);
-                let policy = Policy::new(
-                    &entry.meta.url,
-                    &entry.meta.req,
-                    entry.meta.status,
-                    &entry.meta.headers,
-                    at,
-                );
-                let failed = status >= 500 || status == 0;
-                if failed {
-                    let age = policy.age(now);
-                    let stale_by = age.saturating_sub(policy.lifetime());
-                    let window = directive_secs(&entry.meta.headers, "stale-if-error")
-                        .map(Duration::from_secs)
-                        .or(self.rule().and_then(|r| r.stale_if_error));
-                    if window.is_some_and(|w| stale_by <= w) {
-                        self.shared.metrics.count(host, "stale_served", 1);
-                        self.request
-                            .retain(|(k, _)| k != "if-none-match" && k != "if-modified-since");
-                        self.request.extend(client_conditional);
-                        let reply = self.answer(
-                            entry,
-                            age,
-                            &format!("fwd={fwd}; fwd-status={status}; detail=stale-if-error"),
-                        );
-                        return Decision::Respond(reply);
-                    }
-                }
-                self.start_capture(host, fwd, status, &headers)
             }
         };
         // RFC 9211: caches append their member; the one nearest the client comes last.

@@ -22,6 +22,8 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 use tollgate_common::{Host, SharedError};
 
+use crate::freshness::Facts;
+
 /// How many purge rules are kept before the oldest is folded into a flush.
 pub const MAX_PURGE_RULES: usize = 64;
 const CAS_RETRIES: usize = 4;
@@ -156,10 +158,10 @@ pub struct Meta {
     pub status: u16,
     /// Response headers as stored.
     pub headers: Vec<(String, String)>,
-    /// Request headers the policy needs (host, varying headers, redacted authorization).
-    pub req: Vec<(String, String)>,
-    /// Response time (ms since epoch).
-    pub at: u64,
+    /// The storing request carried `Authorization` (a refresh answer is judged as such).
+    pub auth: bool,
+    /// What reuse depends on (response time, age, lifetime, ...), computed when stored.
+    pub f: Facts,
 }
 
 /// An entry read from a slot.
@@ -608,8 +610,8 @@ mod tests {
                 v,
                 status: 200,
                 headers: vec![("etag".into(), "\"1\"".into())],
-                req: vec![],
-                at: 0,
+                auth: false,
+                f: Default::default(),
             },
             body: body.to_vec(),
         }

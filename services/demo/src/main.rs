@@ -12,7 +12,12 @@
 //! or 60 s; tests order events with it instead of delays), `hold_first` (a name: only the first
 //! request to a path since the last stats reset is held), `status`, `fail_rate` (0..1, answers 500), `size` (pad the body to bytes),
 //! `cache_control`, `etag` (`none` to omit), `last_modified` (`none` to omit), `vary`, `expires`,
-//! `set_cookie`, `content_type` (a non-JSON type sends a plain text body).
+//! `set_cookie`, `content_type` (a non-JSON type sends a plain text body), `age`, `date` (sent
+//! verbatim as `Age` / `Date`), `header` (`name: value`, one extra response header),
+//! `conditional` (`ignore`: a matching conditional request still gets 200).
+//! Holds (tests order events with them, never with sleeps): `POST /hold?path=/products/5` makes
+//! every later request to that path wait (after it is counted in `/stats`) until
+//! `POST /release?path=/products/5`; `GET /hold?path=...` says how many requests wait there.
 //! Conditional GETs (`If-None-Match`, `If-Modified-Since`) get 304.
 //! `--require-identity users,orders`: those services answer `401` to a request without the
 //! `x-tollgate-consumer` identity the gateway's auth filter sets (the service's own check, behind
@@ -117,6 +122,21 @@ impl Holds {
             }
         }
         self.changed.notify_all();
+    }
+
+    /// Hold `name` (again): later requests that wait on it wait until it is released.
+    fn arm(&self, name: &str) {
+        if let Ok(mut gates) = self.gates.lock() {
+            gates.entry(name.to_string()).or_default().released = false;
+        }
+    }
+
+    /// Whether `name` is held now (armed and not released).
+    fn armed(&self, name: &str) -> bool {
+        self.gates
+            .lock()
+            .ok()
+            .is_some_and(|g| g.get(name).is_some_and(|g| !g.released))
     }
 
     fn state(&self, name: &str) -> Gate {
@@ -498,6 +518,9 @@ fn handle(svc: &Service, req: DemoRequest) -> DemoResponse {
     let method = req.method.clone();
     let body_in = req.body;
 
+    if path == "/hold" || path == "/release" {
+        return hold_endpoint(svc, &method, &path, &knobs);
+    }
     let mut nth_for_path = 0;
     if path != "/stats"
         && path != "/stats/reset"
@@ -519,6 +542,7 @@ fn handle(svc: &Service, req: DemoRequest) -> DemoResponse {
             svc.holds.wait(&name);
         }
     }
+    wait_while_held(svc, &path);
     if let Some(ms) = knobs.get("delay").and_then(|d| d.parse::<u64>().ok()) {
         std::thread::sleep(Duration::from_millis(ms.min(60_000)));
     }
@@ -717,15 +741,17 @@ fn handle(svc: &Service, req: DemoRequest) -> DemoResponse {
             .get("last_modified")
             .unwrap_or_else(|| LAST_MODIFIED.into());
         let mut not_modified = false;
+        // `conditional: ignore`: answer 200 even to a matching conditional request.
+        let honour = knobs.get("conditional").as_deref() != Some("ignore");
         if etag != "none" {
-            if let Some(inm) = knobs.header("if-none-match") {
+            if let Some(inm) = knobs.header("if-none-match").filter(|_| honour) {
                 let weak = |t: &str| t.trim().trim_start_matches("W/").to_string();
                 not_modified = inm.trim() == "*" || inm.split(',').any(|t| weak(t) == weak(&etag));
             }
             extra.push(("etag".into(), etag));
         }
         if last_modified != "none" {
-            if knobs.header("if-none-match").is_none() {
+            if honour && knobs.header("if-none-match").is_none() {
                 if let (Some(ims), Some(lm)) = (
                     knobs.header("if-modified-since").and_then(http_date_secs),
                     http_date_secs(&last_modified),
@@ -750,6 +776,18 @@ fn handle(svc: &Service, req: DemoRequest) -> DemoResponse {
     if let Some(c) = knobs.get("set_cookie") {
         extra.push(("set-cookie".into(), c));
     }
+    for (knob, name) in [("age", "age"), ("date", "date")] {
+        if let Some(v) = knobs.get(knob) {
+            extra.push((name.into(), v));
+        }
+    }
+    if let Some((k, v)) = knobs
+        .get("header")
+        .as_deref()
+        .and_then(|h| h.split_once(':'))
+    {
+        extra.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+    }
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis())
@@ -757,6 +795,41 @@ fn handle(svc: &Service, req: DemoRequest) -> DemoResponse {
     extra.push(("x-demo-service".into(), svc.name.clone()));
     extra.push(("x-demo-served-at-ms".into(), now.to_string()));
     respond(status, extra, bytes, &content_type, &method)
+}
+
+/// `POST /hold?path=P` (hold later requests to P), `POST /release?path=P`, `GET /hold?path=P`
+/// (how many wait at P now).
+fn hold_endpoint(svc: &Service, method: &str, path: &str, knobs: &Knobs) -> DemoResponse {
+    let target = knobs.get("path").unwrap_or_default();
+    let gate = path_gate(&target);
+    match (method, path) {
+        ("POST", "/hold") => svc.holds.arm(&gate),
+        ("POST", "/release") => svc.holds.release(Some(&gate)),
+        _ => {}
+    }
+    let g = svc.holds.state(&gate);
+    let held = svc.holds.armed(&gate);
+    let body = json!({"path": target, "held": held, "waiting": g.waiting});
+    respond(
+        200,
+        vec![("cache-control".into(), "no-store".into())],
+        serde_json::to_vec(&body).unwrap_or_default(),
+        "application/json",
+        method,
+    )
+}
+
+/// The gate of a held path (`POST /hold?path=...`): one kind of hold, named after the path.
+fn path_gate(path: &str) -> String {
+    format!("path:{path}")
+}
+
+/// Wait while `path` is held (at most [`MAX_HOLD`]).
+fn wait_while_held(svc: &Service, path: &str) {
+    let gate = path_gate(path);
+    if svc.holds.armed(&gate) {
+        svc.holds.wait(&gate);
+    }
 }
 
 fn respond(

@@ -1,0 +1,521 @@
+//! Pure parsers of the header fields the cache decides on: `Cache-Control` (RFC 9111 5.2),
+//! `Age` (5.1) and HTTP dates (RFC 9110 5.6.7). No host calls, no allocation per directive;
+//! each has a table test and a property target in `fuzz/`.
+
+/// The largest delta-seconds kept: RFC 9111 1.2.2 says a value too large to hold is 2^31.
+pub const DELTA_MAX: u64 = 2_147_483_648;
+
+/// A directive's delta-seconds argument.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delta {
+    /// A valid number of seconds (at most [`DELTA_MAX`]).
+    Secs(u64),
+    /// Present without a value, with a value that is not a non-negative integer, or given twice
+    /// with different values (RFC 9111 4.2.1: invalid freshness information).
+    Invalid,
+}
+
+impl Delta {
+    /// The seconds, `None` when invalid.
+    pub fn secs(self) -> Option<u64> {
+        match self {
+            Delta::Secs(s) => Some(s),
+            Delta::Invalid => None,
+        }
+    }
+}
+
+/// The directives of one message's `Cache-Control` fields (every line), names compared without
+/// regard to case (RFC 9111 5.2). A field-list argument (`no-cache="set-cookie"`,
+/// `private="x"`) is read as the unqualified directive: the conservative reading a cache may
+/// take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CacheControl {
+    /// At least one `Cache-Control` field line was present.
+    pub present: bool,
+    /// `no-store`.
+    pub no_store: bool,
+    /// `no-cache`.
+    pub no_cache: bool,
+    /// `private`.
+    pub private: bool,
+    /// `public`.
+    pub public: bool,
+    /// `must-revalidate`.
+    pub must_revalidate: bool,
+    /// `proxy-revalidate`.
+    pub proxy_revalidate: bool,
+    /// `immutable` (RFC 8246).
+    pub immutable: bool,
+    /// `only-if-cached` (request).
+    pub only_if_cached: bool,
+    /// `max-age`.
+    pub max_age: Option<Delta>,
+    /// `s-maxage`.
+    pub s_maxage: Option<Delta>,
+    /// `stale-while-revalidate` (RFC 5861).
+    pub stale_while_revalidate: Option<Delta>,
+    /// `stale-if-error` (RFC 5861).
+    pub stale_if_error: Option<Delta>,
+    /// `min-fresh` (request).
+    pub min_fresh: Option<Delta>,
+    /// `max-stale` (request): `Invalid` also stands for "without a value" (any staleness).
+    pub max_stale: Option<Delta>,
+}
+
+/// Split a field value on the commas that are not inside a quoted string.
+pub fn list_members(value: &str) -> impl Iterator<Item = &str> {
+    let mut rest = Some(value);
+    std::iter::from_fn(move || {
+        let s = rest?;
+        let mut quoted = false;
+        let mut escaped = false;
+        for (i, c) in s.char_indices() {
+            match c {
+                _ if escaped => escaped = false,
+                '\\' if quoted => escaped = true,
+                '"' => quoted = !quoted,
+                ',' if !quoted => {
+                    rest = s.get(i + 1..);
+                    return s.get(..i);
+                }
+                _ => {}
+            }
+        }
+        rest = None;
+        Some(s)
+    })
+}
+
+/// Parse delta-seconds (`1*DIGIT`, optionally quoted), saturating at [`DELTA_MAX`].
+pub fn delta_seconds(value: &str) -> Delta {
+    let v = value.trim();
+    let v = v
+        .strip_prefix('"')
+        .and_then(|x| x.strip_suffix('"'))
+        .unwrap_or(v);
+    if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return Delta::Invalid;
+    }
+    let mut n: u64 = 0;
+    for b in v.bytes() {
+        n = n.saturating_mul(10).saturating_add(u64::from(b - b'0'));
+        if n >= DELTA_MAX {
+            return Delta::Secs(DELTA_MAX);
+        }
+    }
+    Delta::Secs(n)
+}
+
+fn set_delta(slot: &mut Option<Delta>, value: Option<&str>) {
+    let d = value.map_or(Delta::Invalid, delta_seconds);
+    *slot = match *slot {
+        Some(prev) if prev != d => Some(Delta::Invalid),
+        _ => Some(d),
+    };
+}
+
+impl CacheControl {
+    /// Parse the values of every `Cache-Control` line of a message.
+    pub fn parse<'a>(lines: impl IntoIterator<Item = &'a str>) -> CacheControl {
+        let mut cc = CacheControl::default();
+        for line in lines {
+            cc.present = true;
+            for member in list_members(line) {
+                let (name, value) = match member.split_once('=') {
+                    Some((n, v)) => (n.trim(), Some(v)),
+                    None => (member.trim(), None),
+                };
+                cc.apply(name, value);
+            }
+        }
+        cc
+    }
+
+    /// Parse the `Cache-Control` lines found in a header list.
+    pub fn of(headers: &[(String, String)]) -> CacheControl {
+        CacheControl::parse(
+            headers
+                .iter()
+                .filter(|(k, _)| k.eq_ignore_ascii_case("cache-control"))
+                .map(|(_, v)| v.as_str()),
+        )
+    }
+
+    fn apply(&mut self, name: &str, value: Option<&str>) {
+        let is = |n: &str| name.eq_ignore_ascii_case(n);
+        let flag = if is("no-store") {
+            Some(&mut self.no_store)
+        } else if is("no-cache") {
+            Some(&mut self.no_cache)
+        } else if is("private") {
+            Some(&mut self.private)
+        } else if is("public") {
+            Some(&mut self.public)
+        } else if is("must-revalidate") {
+            Some(&mut self.must_revalidate)
+        } else if is("proxy-revalidate") {
+            Some(&mut self.proxy_revalidate)
+        } else if is("immutable") {
+            Some(&mut self.immutable)
+        } else if is("only-if-cached") {
+            Some(&mut self.only_if_cached)
+        } else {
+            None
+        };
+        if let Some(f) = flag {
+            *f = true;
+            return;
+        }
+        let slot = if is("max-age") {
+            &mut self.max_age
+        } else if is("s-maxage") {
+            &mut self.s_maxage
+        } else if is("stale-while-revalidate") {
+            &mut self.stale_while_revalidate
+        } else if is("stale-if-error") {
+            &mut self.stale_if_error
+        } else if is("min-fresh") {
+            &mut self.min_fresh
+        } else if is("max-stale") {
+            &mut self.max_stale
+        } else {
+            return;
+        };
+        set_delta(slot, value);
+    }
+
+    /// The response forbids serving it stale to a shared cache (RFC 9111 4.2.4, 5.2.2):
+    /// `no-cache`, `must-revalidate`, `proxy-revalidate` or `s-maxage`.
+    pub fn forbids_stale(&self) -> bool {
+        self.no_cache || self.must_revalidate || self.proxy_revalidate || self.s_maxage.is_some()
+    }
+}
+
+/// The `Age` of a response (RFC 9111 5.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgeValue {
+    /// No `Age` field.
+    Absent,
+    /// Seconds (at most [`DELTA_MAX`]).
+    Secs(u64),
+    /// Not a non-negative integer: the response is to be considered stale.
+    Invalid,
+}
+
+/// Parse the `Age` lines of a response: a list or a repeated field uses its first member.
+pub fn age<'a>(lines: impl IntoIterator<Item = &'a str>) -> AgeValue {
+    let Some(first) = lines.into_iter().next() else {
+        return AgeValue::Absent;
+    };
+    let member = first.split(',').next().unwrap_or("").trim();
+    match delta_seconds(member) {
+        // Quotes are not allowed in `Age`.
+        Delta::Secs(s) if !member.starts_with('"') => AgeValue::Secs(s),
+        _ => AgeValue::Invalid,
+    }
+}
+
+const DAYS: [&str; 7] = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"];
+const LONG_DAYS: [&str; 7] = [
+    "Monday",
+    "Tuesday",
+    "Wednesday",
+    "Thursday",
+    "Friday",
+    "Saturday",
+    "Sunday",
+];
+const MONTHS: [&str; 12] = [
+    "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+];
+
+fn digits(s: &str, n: usize) -> Option<u64> {
+    if s.len() != n || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+fn month(s: &str) -> Option<u64> {
+    MONTHS.iter().position(|m| *m == s).map(|i| i as u64 + 1)
+}
+
+/// `HH:MM:SS` to seconds of the day.
+fn time_of_day(s: &str) -> Option<u64> {
+    let mut it = s.split(':');
+    let h = digits(it.next()?, 2)?;
+    let m = digits(it.next()?, 2)?;
+    let sec = digits(it.next()?, 2)?;
+    if it.next().is_some() || h > 23 || m > 59 || sec > 60 {
+        return None;
+    }
+    Some(h * 3600 + m * 60 + sec)
+}
+
+/// Seconds since the epoch of a civil date (proleptic Gregorian, 1970..=9999).
+fn epoch_secs(year: u64, month: u64, day: u64, secs_of_day: u64) -> Option<u64> {
+    const DAYS_IN: [u64; 12] = [31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
+    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+    let max_day = match month {
+        2 if !leap => 28,
+        m => *DAYS_IN.get(usize::try_from(m.checked_sub(1)?).ok()?)?,
+    };
+    if !(1970..=9999).contains(&year) || day == 0 || day > max_day {
+        return None;
+    }
+    let (y, mm) = if month <= 2 {
+        (year - 1, month + 9)
+    } else {
+        (year, month - 3)
+    };
+    let era = y / 400;
+    let yoe = y - era * 400;
+    let doy = (153 * mm + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = (era * 146_097 + doe).checked_sub(719_468)?;
+    Some(days * 86400 + secs_of_day)
+}
+
+/// Parse an HTTP date in any of the three formats of RFC 9110 5.6.7 (IMF-fixdate
+/// `Sun, 06 Nov 1994 08:49:37 GMT`, RFC 850 `Sunday, 06-Nov-94 08:49:37 GMT`, asctime
+/// `Sun Nov  6 08:49:37 1994`) to seconds since the epoch. Anything else (doubled spaces, a
+/// zone other than GMT, `0`) is `None`: an invalid `Expires` means already expired.
+/// RFC 850's two-digit years: 70-99 are 19xx, 00-69 20xx.
+pub fn http_date(s: &str) -> Option<u64> {
+    imf_fixdate(s)
+        .or_else(|| rfc850_date(s))
+        .or_else(|| asctime_date(s))
+}
+
+fn imf_fixdate(s: &str) -> Option<u64> {
+    // `Sun, 06 Nov 1994 08:49:37 GMT`
+    let (day_name, rest) = s.split_once(", ")?;
+    if !DAYS.contains(&day_name) {
+        return None;
+    }
+    let p: Vec<&str> = rest.split(' ').collect();
+    let [day, mon, year, time, zone] = p.as_slice() else {
+        return None;
+    };
+    if *zone != "GMT" {
+        return None;
+    }
+    epoch_secs(
+        digits(year, 4)?,
+        month(mon)?,
+        digits(day, 2)?,
+        time_of_day(time)?,
+    )
+}
+
+fn rfc850_date(s: &str) -> Option<u64> {
+    // `Sunday, 06-Nov-94 08:49:37 GMT`
+    let (day_name, rest) = s.split_once(", ")?;
+    if !LONG_DAYS.contains(&day_name) {
+        return None;
+    }
+    let p: Vec<&str> = rest.split(' ').collect();
+    let [date, time, zone] = p.as_slice() else {
+        return None;
+    };
+    if *zone != "GMT" {
+        return None;
+    }
+    let d: Vec<&str> = date.split('-').collect();
+    let [day, mon, yy] = d.as_slice() else {
+        return None;
+    };
+    let yy = digits(yy, 2)?;
+    let year = if yy >= 70 { 1900 + yy } else { 2000 + yy };
+    epoch_secs(year, month(mon)?, digits(day, 2)?, time_of_day(time)?)
+}
+
+fn asctime_date(s: &str) -> Option<u64> {
+    // `Sun Nov  6 08:49:37 1994` (the day is two digits or a space and a digit)
+    let day_name = s.get(..3)?;
+    let mon = s.get(4..7)?;
+    if !DAYS.contains(&day_name) || s.get(3..4)? != " " || s.get(7..8)? != " " {
+        return None;
+    }
+    let day_part = s.get(8..10)?;
+    let day = match day_part.strip_prefix(' ') {
+        Some(d) => digits(d, 1)?,
+        None => digits(day_part, 2)?,
+    };
+    if s.get(10..11)? != " " || s.get(19..20)? != " " || s.len() != 24 {
+        return None;
+    }
+    epoch_secs(
+        digits(s.get(20..24)?, 4)?,
+        month(mon)?,
+        day,
+        time_of_day(s.get(11..19)?)?,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_control_table() {
+        let s = |v| Some(Delta::Secs(v));
+        let cases: &[(&[&str], CacheControl)] = &[
+            (&[], CacheControl::default()),
+            (
+                &["No-CaChE, MaX-AgE=60"],
+                CacheControl {
+                    present: true,
+                    no_cache: true,
+                    max_age: s(60),
+                    ..Default::default()
+                },
+            ),
+            (
+                &[
+                    "max-age=1, stale-while-revalidate=30",
+                    "stale-if-error=\"60\"",
+                ],
+                CacheControl {
+                    present: true,
+                    max_age: s(1),
+                    stale_while_revalidate: s(30),
+                    stale_if_error: s(60),
+                    ..Default::default()
+                },
+            ),
+            (
+                &["private=\"set-cookie, x-a\", S-MAXAGE=99999999999999999999"],
+                CacheControl {
+                    present: true,
+                    private: true,
+                    s_maxage: s(DELTA_MAX),
+                    ..Default::default()
+                },
+            ),
+            (
+                &["max-age=60", "max-age=30"],
+                CacheControl {
+                    present: true,
+                    max_age: Some(Delta::Invalid),
+                    ..Default::default()
+                },
+            ),
+            (
+                &["max-age=60, max-age=60, max-age=-1x"],
+                CacheControl {
+                    present: true,
+                    max_age: Some(Delta::Invalid),
+                    ..Default::default()
+                },
+            ),
+            (
+                &["max-stale, min-fresh=5, only-if-cached, no-store"],
+                CacheControl {
+                    present: true,
+                    max_stale: Some(Delta::Invalid),
+                    min_fresh: s(5),
+                    only_if_cached: true,
+                    no_store: true,
+                    ..Default::default()
+                },
+            ),
+            (
+                &["PUBLIC,Must-Revalidate ,proxy-revalidate, immutable,,=, x=\"a,b\""],
+                CacheControl {
+                    present: true,
+                    public: true,
+                    must_revalidate: true,
+                    proxy_revalidate: true,
+                    immutable: true,
+                    ..Default::default()
+                },
+            ),
+        ];
+        for (lines, want) in cases {
+            assert_eq!(
+                CacheControl::parse(lines.iter().copied()),
+                *want,
+                "{lines:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn forbids_stale_table() {
+        for (v, want) in [
+            ("max-age=1", false),
+            ("max-age=1, must-revalidate", true),
+            ("max-age=1, Proxy-Revalidate", true),
+            ("no-cache", true),
+            ("s-maxage=5", true),
+            ("max-age=1, stale-if-error=60", false),
+        ] {
+            assert_eq!(CacheControl::parse([v]).forbids_stale(), want, "{v}");
+        }
+    }
+
+    #[test]
+    fn age_table() {
+        let cases: &[(&[&str], AgeValue)] = &[
+            (&[], AgeValue::Absent),
+            (&["0"], AgeValue::Secs(0)),
+            (&[" 7200 "], AgeValue::Secs(7200)),
+            (&["7200, 0"], AgeValue::Secs(7200)),
+            (&["7200,0"], AgeValue::Secs(7200)),
+            (&["0,7200"], AgeValue::Secs(0)),
+            (&["7200", "0"], AgeValue::Secs(7200)),
+            (&["0", "7200"], AgeValue::Secs(0)),
+            (&["18446744073709551616"], AgeValue::Secs(DELTA_MAX)),
+            (&["abc"], AgeValue::Invalid),
+            (&["-7200"], AgeValue::Invalid),
+            (&["7200.0"], AgeValue::Invalid),
+            (&["\"5\""], AgeValue::Invalid),
+            (&[""], AgeValue::Invalid),
+        ];
+        for (lines, want) in cases {
+            assert_eq!(age(lines.iter().copied()), *want, "{lines:?}");
+        }
+    }
+
+    #[test]
+    fn http_date_table() {
+        const T: Option<u64> = Some(784_111_777); // 1994-11-06T08:49:37Z
+        let cases = [
+            ("Sun, 06 Nov 1994 08:49:37 GMT", T),
+            ("Sunday, 06-Nov-94 08:49:37 GMT", T),
+            ("Sun Nov  6 08:49:37 1994", T),
+            ("Thu, 01 Jan 2026 00:00:00 GMT", Some(1_767_225_600)),
+            ("Thursday, 01-Jan-26 00:00:00 GMT", Some(1_767_225_600)),
+            ("Thu Jan  1 00:00:00 2026", Some(1_767_225_600)),
+            ("Sat, 29 Feb 2028 12:00:00 GMT", Some(1_835_438_400)),
+            ("Sun, 06 Nov 1994  08:49:37 GMT", None),
+            ("Sun,  06 Nov 1994 08:49:37 GMT", None),
+            ("Sun, 06 Nov 1994 08:49:37 UTC", None),
+            ("Sun, 6 Nov 1994 08:49:37 GMT", None),
+            ("Sun, 06 Nov 94 08:49:37 GMT", None),
+            ("Sun, 31 Feb 1994 08:49:37 GMT", None),
+            ("Sun, 29 Feb 2027 08:49:37 GMT", None),
+            ("Sun, 06 Nov 1994 24:00:00 GMT", None),
+            ("Sun, 06 Nov 1969 08:49:37 GMT", None),
+            ("Xyz, 06 Nov 1994 08:49:37 GMT", None),
+            ("Sun Nov 06 08:49:37 1994", T),
+            ("Sun Nov 6 08:49:37 1994", None),
+            ("Sun Nov  6 08:49:37 1994 ", None),
+            ("0", None),
+            ("", None),
+            ("garbage", None),
+        ];
+        for (s, want) in cases {
+            assert_eq!(http_date(s), want, "{s:?}");
+        }
+    }
+
+    #[test]
+    fn list_members_respect_quotes() {
+        let got: Vec<&str> = list_members(r#"a, b="x,\"y", c"#).collect();
+        assert_eq!(got, vec!["a", r#" b="x,\"y""#, " c"]);
+        assert_eq!(list_members("").collect::<Vec<_>>(), vec![""]);
+    }
+}
