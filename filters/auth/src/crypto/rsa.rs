@@ -144,11 +144,7 @@ impl RsaKey {
             let (Some(row), Some(rest)) = (t.get_mut(2 * i + 1..i + l), a.get(i + 1..)) else {
                 continue;
             };
-            for (ti, aj) in row.iter_mut().zip(rest) {
-                let s = u64::from(*ti) + ai * u64::from(*aj) + c;
-                *ti = s as u32;
-                c = s >> 32;
-            }
+            c = mul_add_row(row, rest, ai, c);
             t[i + l] = c as u32;
         }
         // Doubled, plus the squares a[i]^2.
@@ -175,11 +171,7 @@ impl RsaKey {
             let m = u64::from(t[i].wrapping_mul(self.inv));
             let mut c = 0u64;
             if let Some(row) = t.get_mut(i..i + l) {
-                for (ti, nj) in row.iter_mut().zip(n) {
-                    let s = u64::from(*ti) + m * u64::from(*nj) + c;
-                    *ti = s as u32;
-                    c = s >> 32;
-                }
+                c = mul_add_row(row, n, m, c);
             }
             let s = u64::from(t[i + l]) + c + pending;
             t[i + l] = s as u32;
@@ -302,6 +294,33 @@ impl RsaKey {
         d.update(salt);
         Some(d.finalize()[..] == *h)
     }
+}
+
+/// `row += src·m + carry` (equal lengths); returns the carry out. Unrolled by four
+/// (V8 does not unroll loops; this is where RSA spends its time).
+#[inline(always)]
+fn mul_add_row(row: &mut [u32], src: &[u32], m: u64, mut c: u64) -> u64 {
+    let mut rows = row.chunks_exact_mut(4);
+    let mut srcs = src.chunks_exact(4);
+    for (r, x) in (&mut rows).zip(&mut srcs) {
+        if let ([r0, r1, r2, r3], [x0, x1, x2, x3]) = (r, x) {
+            let s = u64::from(*r0) + m * u64::from(*x0) + c;
+            *r0 = s as u32;
+            let s = u64::from(*r1) + m * u64::from(*x1) + (s >> 32);
+            *r1 = s as u32;
+            let s = u64::from(*r2) + m * u64::from(*x2) + (s >> 32);
+            *r2 = s as u32;
+            let s = u64::from(*r3) + m * u64::from(*x3) + (s >> 32);
+            *r3 = s as u32;
+            c = s >> 32;
+        }
+    }
+    for (r, x) in rows.into_remainder().iter_mut().zip(srcs.remainder()) {
+        let s = u64::from(*r) + m * u64::from(*x) + c;
+        *r = s as u32;
+        c = s >> 32;
+    }
+    c
 }
 
 /// The DER DigestInfo prefix of SHA-256/384/512, by hash length.
