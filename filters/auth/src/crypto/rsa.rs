@@ -165,9 +165,40 @@ impl RsaKey {
             c = s >> 32;
         }
         t[2 * l] = t[2 * l].wrapping_add(c as u32);
-        // Montgomery reduction, one limb at a time; `pending` is the carry into limb i + l.
+        // Montgomery reduction, two limbs at a time (one pass over `t` for both), then one at a
+        // time for an odd last limb; `pending` is the carry into limb i + l.
         let mut pending = 0u64;
-        for i in 0..l {
+        let (Some(&n0), Some(&n1)) = (n.first(), n.get(1)) else {
+            return;
+        };
+        let mut i = 0;
+        while i + 1 < l {
+            let m0 = u64::from(t[i].wrapping_mul(self.inv));
+            let s = u64::from(t[i]) + m0 * u64::from(n0);
+            let mut c1 = s >> 32;
+            let t1 = u64::from(t[i + 1]) + m0 * u64::from(n1) + c1;
+            let m1 = u64::from((t1 as u32).wrapping_mul(self.inv));
+            let mut c2 = 0u64;
+            if let (Some(row), Some(hi), Some(lo)) =
+                (t.get_mut(i + 1..i + l), n.get(1..), n.get(..l - 1))
+            {
+                for ((r, x), y) in row.iter_mut().zip(hi).zip(lo) {
+                    let s = u64::from(*r) + m0 * u64::from(*x) + c1;
+                    c1 = s >> 32;
+                    let s2 = u64::from(s as u32) + m1 * u64::from(*y) + c2;
+                    c2 = s2 >> 32;
+                    *r = s2 as u32;
+                }
+            }
+            let s = u64::from(t[i + l]) + c1 + pending;
+            let s2 = u64::from(s as u32) + m1 * u64::from(n[l - 1]) + c2;
+            t[i + l] = s2 as u32;
+            let s3 = u64::from(t[i + l + 1]) + (s >> 32) + (s2 >> 32);
+            t[i + l + 1] = s3 as u32;
+            pending = s3 >> 32;
+            i += 2;
+        }
+        if i < l {
             let m = u64::from(t[i].wrapping_mul(self.inv));
             let mut c = 0u64;
             if let Some(row) = t.get_mut(i..i + l) {
