@@ -472,6 +472,14 @@ impl<const N: usize> EcKey<N> {
             .as_ref()
     }
 
+    /// The key `q` that never gets a table (the path of keys above the cap), for tests.
+    #[cfg(test)]
+    pub fn without_table(q: Affine<N>) -> Self {
+        let table = OnceLock::new();
+        let _ = table.set(None);
+        EcKey { q, table }
+    }
+
     /// Has the table been built?
     pub fn has_table(&self) -> bool {
         matches!(self.table.get(), Some(Some(_)))

@@ -144,11 +144,7 @@ impl RsaKey {
             let (Some(row), Some(rest)) = (t.get_mut(2 * i + 1..i + l), a.get(i + 1..)) else {
                 continue;
             };
-            for (ti, aj) in row.iter_mut().zip(rest) {
-                let s = u64::from(*ti) + ai * u64::from(*aj) + c;
-                *ti = s as u32;
-                c = s >> 32;
-            }
+            c = mul_add_row(row, rest, ai, c);
             t[i + l] = c as u32;
         }
         // Doubled, plus the squares a[i]^2.
@@ -169,17 +165,44 @@ impl RsaKey {
             c = s >> 32;
         }
         t[2 * l] = t[2 * l].wrapping_add(c as u32);
-        // Montgomery reduction, one limb at a time; `pending` is the carry into limb i + l.
+        // Montgomery reduction, two limbs at a time (one pass over `t` for both), then one at a
+        // time for an odd last limb; `pending` is the carry into limb i + l.
         let mut pending = 0u64;
-        for i in 0..l {
+        let (Some(&n0), Some(&n1)) = (n.first(), n.get(1)) else {
+            return;
+        };
+        let mut i = 0;
+        while i + 1 < l {
+            let m0 = u64::from(t[i].wrapping_mul(self.inv));
+            let s = u64::from(t[i]) + m0 * u64::from(n0);
+            let mut c1 = s >> 32;
+            let t1 = u64::from(t[i + 1]) + m0 * u64::from(n1) + c1;
+            let m1 = u64::from((t1 as u32).wrapping_mul(self.inv));
+            let mut c2 = 0u64;
+            if let (Some(row), Some(hi), Some(lo)) =
+                (t.get_mut(i + 1..i + l), n.get(1..), n.get(..l - 1))
+            {
+                for ((r, x), y) in row.iter_mut().zip(hi).zip(lo) {
+                    let s = u64::from(*r) + m0 * u64::from(*x) + c1;
+                    c1 = s >> 32;
+                    let s2 = u64::from(s as u32) + m1 * u64::from(*y) + c2;
+                    c2 = s2 >> 32;
+                    *r = s2 as u32;
+                }
+            }
+            let s = u64::from(t[i + l]) + c1 + pending;
+            let s2 = u64::from(s as u32) + m1 * u64::from(n[l - 1]) + c2;
+            t[i + l] = s2 as u32;
+            let s3 = u64::from(t[i + l + 1]) + (s >> 32) + (s2 >> 32);
+            t[i + l + 1] = s3 as u32;
+            pending = s3 >> 32;
+            i += 2;
+        }
+        if i < l {
             let m = u64::from(t[i].wrapping_mul(self.inv));
             let mut c = 0u64;
             if let Some(row) = t.get_mut(i..i + l) {
-                for (ti, nj) in row.iter_mut().zip(n) {
-                    let s = u64::from(*ti) + m * u64::from(*nj) + c;
-                    *ti = s as u32;
-                    c = s >> 32;
-                }
+                c = mul_add_row(row, n, m, c);
             }
             let s = u64::from(t[i + l]) + c + pending;
             t[i + l] = s as u32;
@@ -302,6 +325,33 @@ impl RsaKey {
         d.update(salt);
         Some(d.finalize()[..] == *h)
     }
+}
+
+/// `row += src·m + carry` (equal lengths); returns the carry out. Unrolled by four
+/// (V8 does not unroll loops; this is where RSA spends its time).
+#[inline(always)]
+fn mul_add_row(row: &mut [u32], src: &[u32], m: u64, mut c: u64) -> u64 {
+    let mut rows = row.chunks_exact_mut(4);
+    let mut srcs = src.chunks_exact(4);
+    for (r, x) in (&mut rows).zip(&mut srcs) {
+        if let ([r0, r1, r2, r3], [x0, x1, x2, x3]) = (r, x) {
+            let s = u64::from(*r0) + m * u64::from(*x0) + c;
+            *r0 = s as u32;
+            let s = u64::from(*r1) + m * u64::from(*x1) + (s >> 32);
+            *r1 = s as u32;
+            let s = u64::from(*r2) + m * u64::from(*x2) + (s >> 32);
+            *r2 = s as u32;
+            let s = u64::from(*r3) + m * u64::from(*x3) + (s >> 32);
+            *r3 = s as u32;
+            c = s >> 32;
+        }
+    }
+    for (r, x) in rows.into_remainder().iter_mut().zip(srcs.remainder()) {
+        let s = u64::from(*r) + m * u64::from(*x) + c;
+        *r = s as u32;
+        c = s >> 32;
+    }
+    c
 }
 
 /// The DER DigestInfo prefix of SHA-256/384/512, by hash length.

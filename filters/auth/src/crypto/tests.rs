@@ -407,3 +407,40 @@ fn rsa_public_operation_for_any_exponent() {
         }
     }
 }
+
+#[test]
+fn keys_without_a_table_give_the_same_verdicts() {
+    use crate::crypto::ec::{self, EcKey};
+    use p256::ecdsa::signature::Signer;
+    use sha2::{Digest, Sha256, Sha384};
+    let mut rng = Rng(7);
+    let n256 = hex("ffffffff00000000ffffffffffffffffbce6faada7179e84f3b9cac2fc632551");
+    for _ in 0..6 {
+        let sk = p256::ecdsa::SigningKey::from_slice(&rng.bytes(32)).unwrap();
+        let pt = sk.verifying_key().to_encoded_point(false);
+        let q = ec::p256().point(pt.x().unwrap(), pt.y().unwrap()).unwrap();
+        let (with, without) = (EcKey::new(q), EcKey::without_table(q));
+        let m = rng.bytes(40);
+        let sig: p256::ecdsa::Signature = sk.sign(&m);
+        let sig = sig.to_bytes().to_vec();
+        let h = Sha256::digest(&m);
+        assert!(ec::p256().verify(&without, &h, &sig));
+        assert!(!without.has_table());
+        for bad in corruptions(&mut rng, &sig, &n256, true) {
+            assert_eq!(
+                ec::p256().verify(&without, &h, &bad),
+                ec::p256().verify(&with, &h, &bad)
+            );
+        }
+    }
+    let sk = p384::ecdsa::SigningKey::from_slice(&rng.bytes(48)).unwrap();
+    let pt = sk.verifying_key().to_encoded_point(false);
+    let q = ec::p384().point(pt.x().unwrap(), pt.y().unwrap()).unwrap();
+    let m = b"p384";
+    let sig: p384::ecdsa::Signature = p384::ecdsa::signature::Signer::sign(&sk, m);
+    let h = Sha384::digest(m);
+    assert!(ec::p384().verify(&EcKey::without_table(q), &h, &sig.to_bytes()));
+    let mut bad = sig.to_bytes().to_vec();
+    bad[5] ^= 1;
+    assert!(!ec::p384().verify(&EcKey::without_table(q), &h, &bad));
+}
