@@ -143,7 +143,7 @@ class Response:
 
 
 def http(port: int, method: str, path: str, headers: dict | list | None = None, body: bytes | str | None = None,
-         timeout: float = 10.0, host: str = "127.0.0.1") -> Response:
+         timeout: float = 30.0, host: str = "127.0.0.1") -> Response:
     conn = httpclient.HTTPConnection(host, port, timeout=timeout)
     if isinstance(body, str):
         body = body.encode()
@@ -222,7 +222,7 @@ class DemoServices:
         """`{"waiting": n, "arrived": n, "released": bool}` for the hold `name`."""
         return self.get("users", f"/hold/{name}").json()
 
-    def wait_held(self, name: str, n: int = 1, timeout: float = 30.0) -> None:
+    def wait_held(self, name: str, n: int = 1, timeout: float = 60.0) -> None:
         """Wait until `n` requests are held under `name` at once."""
         wait_for(lambda: self.hold_state(name)["waiting"] >= n, timeout, f"{n} request(s) held as {name!r}")
 
@@ -536,7 +536,7 @@ class Envoy:
     def start(cls, filters: list[tuple[str, object]] | None = None, services: DemoServices | None = None,
               concurrency: int = 1, http_filters: list[dict] | None = None, clusters: list[dict] | None = None,
               routes: list[dict] | None = None, config: dict | None = None, expect_failure: bool = False,
-              timeout: float = 30.0, log_level: str = "info", component_log_level: str = "") -> "Envoy":
+              timeout: float = 120.0, log_level: str = "info", component_log_level: str = "") -> "Envoy":
         """Start Envoy (`component_log_level`, e.g. `wasm:debug`: Envoy's option of that name). `filters` is a list of (tollgate filter name, configuration) in chain order;
         `http_filters` adds raw Envoy filter entries after them. With `config` the whole bootstrap
         is given (its ports must already be free ones)."""
@@ -588,7 +588,7 @@ class Envoy:
             _started.append(envoy)
         return envoy
 
-    def wait_ready(self, timeout: float = 30.0) -> None:
+    def wait_ready(self, timeout: float = 120.0) -> None:
         """Wait until the admin endpoint says ready and the listener accepts; stop Envoy and raise
         RuntimeError (it exited: the log tail) or TimeoutError otherwise."""
         def ready():
@@ -608,10 +608,10 @@ class Envoy:
             raise
 
     # -- requests ---------------------------------------------------------------------------
-    def request(self, method: str, path: str, headers=None, body=None, timeout: float = 10.0) -> Response:
+    def request(self, method: str, path: str, headers=None, body=None, timeout: float = 30.0) -> Response:
         return http(self.port, method, path, headers, body, timeout)
 
-    def get(self, path: str, headers=None, timeout: float = 10.0) -> Response:
+    def get(self, path: str, headers=None, timeout: float = 30.0) -> Response:
         return self.request("GET", path, headers, None, timeout)
 
     # -- inspection -------------------------------------------------------------------------
@@ -644,12 +644,12 @@ class Envoy:
                 return stats[candidate]
         return 0
 
-    def wait_stat(self, name: str, at_least: int = 1, timeout: float = 30.0) -> int:
+    def wait_stat(self, name: str, at_least: int = 1, timeout: float = 60.0) -> int:
         """Wait until the metric `name` reaches `at_least`; its value."""
         wait_for(lambda: self.stat(name) >= at_least, timeout, f"{name} >= {at_least}")
         return self.stat(name)
 
-    def wait_log(self, text: str, count: int = 1, timeout: float = 30.0) -> None:
+    def wait_log(self, text: str, count: int = 1, timeout: float = 60.0) -> None:
         """Wait until Envoy's log holds `text` `count` times."""
         wait_for(lambda: self.log().count(text) >= count, timeout, f"{text!r} in the Envoy log")
 
