@@ -518,6 +518,15 @@ def bootstrap(listen_port: int, admin_port: int, http_filters: list[dict], clust
     }
 
 
+def with_new_ports(config: dict) -> dict:
+    """A copy of a bootstrap with other free ports for the admin endpoint and every listener."""
+    config = json.loads(json.dumps(config))
+    config["admin"]["address"]["socket_address"]["port_value"] = free_port()
+    for listener in config["static_resources"]["listeners"]:
+        listener["address"]["socket_address"]["port_value"] = free_port()
+    return config
+
+
 _started: list["Envoy"] = []
 _lock = threading.Lock()
 
@@ -547,17 +556,27 @@ class Envoy:
             if services is not None:
                 cl += [static_cluster(n, p) for n, p in services.ports.items()]
             config = bootstrap(port, admin_port, chain, cl, routes)
-        envoy = cls.launch(config, concurrency=concurrency, log_level=log_level,
-                           component_log_level=component_log_level)
-        if expect_failure:
+        for attempt in range(4):
+            envoy = cls.launch(config, concurrency=concurrency, log_level=log_level,
+                               component_log_level=component_log_level)
+            if expect_failure:
+                try:
+                    envoy.proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    envoy.stop()
+                    raise AssertionError("Envoy was expected to refuse its configuration but kept running")
+                return envoy
             try:
-                envoy.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                envoy.stop()
-                raise AssertionError("Envoy was expected to refuse its configuration but kept running")
-            return envoy
-        envoy.wait_ready(timeout)
+                envoy.wait_ready(timeout)
+                return envoy
+            except RuntimeError as exc:
+                # A free port found by bind-and-close can be taken by another process (several
+                # test runs share the machine) before Envoy binds it: move to other free ports.
+                if "Address already in use" not in str(exc) or attempt == 3:
+                    raise
+                config = with_new_ports(config)
         return envoy
+
 
     @classmethod
     def launch(cls, config: dict, concurrency: int = 1, log_level: str = "info", component_log_level: str = "",
