@@ -424,52 +424,48 @@ impl RateLimitFilter {
             return out;
         }
         if mode.draft() {
-            // Written without `format!`: the items of the policy were written at load, and the
-            // numbers of the state are appended digit by digit.
-            let mut policy = String::with_capacity(40 * verdicts.len());
-            let mut state = String::with_capacity(40 * verdicts.len());
-            for (i, v) in verdicts.iter().enumerate() {
-                let Some(limit) = self.limit(v.limit) else {
-                    continue;
-                };
-                if i > 0 {
-                    policy.push_str(", ");
-                    state.push_str(", ");
-                }
-                match limit.policies.get(v.plan) {
-                    Some(item) => policy.push_str(item),
-                    None => {
-                        let _ = write!(
-                            policy,
-                            "\"{}\";q={};w={}",
-                            limit.name,
-                            v.params.quota,
-                            v.params.window_secs()
-                        );
-                    }
-                }
-                state.push_str(&limit.state_prefix);
-                push_u64(&mut state, v.outcome.remaining);
-                state.push_str(";t=");
-                push_u64(&mut state, v.outcome.reset_secs());
-            }
+            let (policy, state) = self.draft_fields(verdicts);
             out.push(("ratelimit-policy", policy));
             out.push(("ratelimit", state));
         }
         if mode.legacy() {
-            // The most restrictive limit: least remaining, then the latest reset.
-            if let Some(v) = verdicts.iter().min_by_key(|v| {
-                (
-                    v.outcome.remaining,
-                    std::cmp::Reverse(v.outcome.reset_secs()),
-                )
-            }) {
-                out.push(("x-ratelimit-limit", v.params.quota.to_string()));
-                out.push(("x-ratelimit-remaining", v.outcome.remaining.to_string()));
-                out.push(("x-ratelimit-reset", v.outcome.reset_secs().to_string()));
-            }
+            out.extend(legacy_fields(verdicts));
         }
         out
+    }
+
+    /// `RateLimit-Policy` and `RateLimit` (draft-ietf-httpapi-ratelimit-headers), written
+    /// without `format!`: the items of the policy were written at load, and the numbers of the
+    /// state are appended digit by digit.
+    fn draft_fields(&self, verdicts: &[&Verdict]) -> (String, String) {
+        let mut policy = String::with_capacity(40 * verdicts.len());
+        let mut state = String::with_capacity(40 * verdicts.len());
+        for (i, v) in verdicts.iter().enumerate() {
+            let Some(limit) = self.limit(v.limit) else {
+                continue;
+            };
+            if i > 0 {
+                policy.push_str(", ");
+                state.push_str(", ");
+            }
+            match limit.policies.get(v.plan) {
+                Some(item) => policy.push_str(item),
+                None => {
+                    let _ = write!(
+                        policy,
+                        "\"{}\";q={};w={}",
+                        limit.name,
+                        v.params.quota,
+                        v.params.window_secs()
+                    );
+                }
+            }
+            state.push_str(&limit.state_prefix);
+            push_u64(&mut state, v.outcome.remaining);
+            state.push_str(";t=");
+            push_u64(&mut state, v.outcome.reset_secs());
+        }
+        (policy, state)
     }
 
     fn shadow_header(&self, verdicts: &[Verdict]) -> Option<(&'static str, String)> {
@@ -566,6 +562,23 @@ impl RateLimitFilter {
         self.response_headers = headers;
         Decision::Continue
     }
+}
+
+/// `X-RateLimit-*` of the most restrictive limit: least remaining, then the latest reset.
+fn legacy_fields(verdicts: &[&Verdict]) -> Vec<(&'static str, String)> {
+    let Some(v) = verdicts.iter().min_by_key(|v| {
+        (
+            v.outcome.remaining,
+            std::cmp::Reverse(v.outcome.reset_secs()),
+        )
+    }) else {
+        return Vec::new();
+    };
+    vec![
+        ("x-ratelimit-limit", v.params.quota.to_string()),
+        ("x-ratelimit-remaining", v.outcome.remaining.to_string()),
+        ("x-ratelimit-reset", v.outcome.reset_secs().to_string()),
+    ]
 }
 
 /// The route rule of this request, counting the request (`requests`, or `skipped` for a
