@@ -143,7 +143,7 @@ class Response:
 
 
 def http(port: int, method: str, path: str, headers: dict | list | None = None, body: bytes | str | None = None,
-         timeout: float = 10.0, host: str = "127.0.0.1") -> Response:
+         timeout: float = 30.0, host: str = "127.0.0.1") -> Response:
     conn = httpclient.HTTPConnection(host, port, timeout=timeout)
     if isinstance(body, str):
         body = body.encode()
@@ -222,7 +222,7 @@ class DemoServices:
         """`{"waiting": n, "arrived": n, "released": bool}` for the hold `name`."""
         return self.get("users", f"/hold/{name}").json()
 
-    def wait_held(self, name: str, n: int = 1, timeout: float = 30.0) -> None:
+    def wait_held(self, name: str, n: int = 1, timeout: float = 60.0) -> None:
         """Wait until `n` requests are held under `name` at once."""
         wait_for(lambda: self.hold_state(name)["waiting"] >= n, timeout, f"{n} request(s) held as {name!r}")
 
@@ -518,6 +518,15 @@ def bootstrap(listen_port: int, admin_port: int, http_filters: list[dict], clust
     }
 
 
+def with_new_ports(config: dict) -> dict:
+    """A copy of a bootstrap with other free ports for the admin endpoint and every listener."""
+    config = json.loads(json.dumps(config))
+    config["admin"]["address"]["socket_address"]["port_value"] = free_port()
+    for listener in config["static_resources"]["listeners"]:
+        listener["address"]["socket_address"]["port_value"] = free_port()
+    return config
+
+
 _started: list["Envoy"] = []
 _lock = threading.Lock()
 
@@ -536,7 +545,7 @@ class Envoy:
     def start(cls, filters: list[tuple[str, object]] | None = None, services: DemoServices | None = None,
               concurrency: int = 1, http_filters: list[dict] | None = None, clusters: list[dict] | None = None,
               routes: list[dict] | None = None, config: dict | None = None, expect_failure: bool = False,
-              timeout: float = 30.0, log_level: str = "info", component_log_level: str = "") -> "Envoy":
+              timeout: float = 120.0, log_level: str = "info", component_log_level: str = "") -> "Envoy":
         """Start Envoy (`component_log_level`, e.g. `wasm:debug`: Envoy's option of that name). `filters` is a list of (tollgate filter name, configuration) in chain order;
         `http_filters` adds raw Envoy filter entries after them. With `config` the whole bootstrap
         is given (its ports must already be free ones)."""
@@ -547,17 +556,27 @@ class Envoy:
             if services is not None:
                 cl += [static_cluster(n, p) for n, p in services.ports.items()]
             config = bootstrap(port, admin_port, chain, cl, routes)
-        envoy = cls.launch(config, concurrency=concurrency, log_level=log_level,
-                           component_log_level=component_log_level)
-        if expect_failure:
+        for attempt in range(4):
+            envoy = cls.launch(config, concurrency=concurrency, log_level=log_level,
+                               component_log_level=component_log_level)
+            if expect_failure:
+                try:
+                    envoy.proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    envoy.stop()
+                    raise AssertionError("Envoy was expected to refuse its configuration but kept running")
+                return envoy
             try:
-                envoy.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                envoy.stop()
-                raise AssertionError("Envoy was expected to refuse its configuration but kept running")
-            return envoy
-        envoy.wait_ready(timeout)
+                envoy.wait_ready(timeout)
+                return envoy
+            except RuntimeError as exc:
+                # A free port found by bind-and-close can be taken by another process (several
+                # test runs share the machine) before Envoy binds it: move to other free ports.
+                if "Address already in use" not in str(exc) or attempt == 3:
+                    raise
+                config = with_new_ports(config)
         return envoy
+
 
     @classmethod
     def launch(cls, config: dict, concurrency: int = 1, log_level: str = "info", component_log_level: str = "",
@@ -588,7 +607,7 @@ class Envoy:
             _started.append(envoy)
         return envoy
 
-    def wait_ready(self, timeout: float = 30.0) -> None:
+    def wait_ready(self, timeout: float = 120.0) -> None:
         """Wait until the admin endpoint says ready and the listener accepts; stop Envoy and raise
         RuntimeError (it exited: the log tail) or TimeoutError otherwise."""
         def ready():
@@ -608,10 +627,10 @@ class Envoy:
             raise
 
     # -- requests ---------------------------------------------------------------------------
-    def request(self, method: str, path: str, headers=None, body=None, timeout: float = 10.0) -> Response:
+    def request(self, method: str, path: str, headers=None, body=None, timeout: float = 30.0) -> Response:
         return http(self.port, method, path, headers, body, timeout)
 
-    def get(self, path: str, headers=None, timeout: float = 10.0) -> Response:
+    def get(self, path: str, headers=None, timeout: float = 30.0) -> Response:
         return self.request("GET", path, headers, None, timeout)
 
     # -- inspection -------------------------------------------------------------------------
@@ -644,12 +663,12 @@ class Envoy:
                 return stats[candidate]
         return 0
 
-    def wait_stat(self, name: str, at_least: int = 1, timeout: float = 30.0) -> int:
+    def wait_stat(self, name: str, at_least: int = 1, timeout: float = 60.0) -> int:
         """Wait until the metric `name` reaches `at_least`; its value."""
         wait_for(lambda: self.stat(name) >= at_least, timeout, f"{name} >= {at_least}")
         return self.stat(name)
 
-    def wait_log(self, text: str, count: int = 1, timeout: float = 30.0) -> None:
+    def wait_log(self, text: str, count: int = 1, timeout: float = 60.0) -> None:
         """Wait until Envoy's log holds `text` `count` times."""
         wait_for(lambda: self.log().count(text) >= count, timeout, f"{text!r} in the Envoy log")
 

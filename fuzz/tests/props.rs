@@ -48,6 +48,7 @@ targets!(
     abi_map,
     config_json,
     config_values,
+    combined_config,
     jws,
     b64_json,
     jwk,

@@ -4,6 +4,7 @@ pub mod aggregate;
 pub mod aggregate_request;
 pub mod auth;
 pub mod auth_remote;
+pub mod combined;
 pub mod common;
 pub mod config;
 pub mod jose;
@@ -22,6 +23,7 @@ pub const ALL: &[(&str, Target, u32)] = &[
     ("abi_map", common::abi_map, 4000),
     ("config_json", config::config_json, 2000),
     ("config_values", config::config_values, 1500),
+    ("combined_config", combined::combined_config, 1000),
     ("jws", jose::jws, 1500),
     ("b64_json", jose::b64_and_json, 4000),
     ("jwk", jose::jwk, 300),
