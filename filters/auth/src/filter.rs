@@ -8,9 +8,12 @@ use std::rc::Rc;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+use tollgate_common::log_limit::LogLimit;
 use tollgate_common::metrics::Metrics;
 use tollgate_common::request::{cookie, percent_encode, query_param, split_query};
-use tollgate_common::route::RequestInfo;
+use tollgate_common::route::{RequestInfo, RouteParams};
+use tollgate_common::throttle::{client_address, FailureLimit};
+use tollgate_common::warn_limited;
 use tollgate_common::{
     CallResponse, ConfigError, Decision, Host, HttpCall, HttpFilter, LocalReply, MapKind, Problem,
     RootFilter,
@@ -23,12 +26,18 @@ use crate::config::{
 use crate::jose::{self, JwsError, StrictValue};
 use crate::keyset::{self, CachedToken, Worker, WAKE_TIMEOUT};
 
+/// While an identity provider is down, its warning is logged once per this interval (per
+/// worker), with the number of requests refused since.
+pub const OUTAGE_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Per-VM (per worker) state: the compiled configuration, runtime state and metrics.
 pub struct AuthRoot {
     context_id: u32,
     config: Rc<Compiled>,
     runtime: Rc<RefCell<Worker>>,
     metrics: Rc<Metrics>,
+    /// The warnings of an identity provider's outage (once per interval).
+    outage_log: Rc<LogLimit>,
     /// Wakes that could not be done yet (runtime state busy): done on the next tick.
     deferred: keyset::Wakes,
 }
@@ -57,6 +66,7 @@ impl RootFilter for AuthRoot {
             config: Rc::default(),
             runtime: Rc::default(),
             metrics: Rc::new(Metrics::new("auth")),
+            outage_log: Rc::new(LogLimit::new(OUTAGE_LOG_INTERVAL)),
         }
     }
 
@@ -116,9 +126,12 @@ impl RootFilter for AuthRoot {
             config: self.config.clone(),
             runtime: self.runtime.clone(),
             metrics: self.metrics.clone(),
+            outage_log: self.outage_log.clone(),
             rule: None,
             pending: Pending::Nothing,
             credential: None,
+            client: None,
+            params: RouteParams::default(),
         }
     }
 }
@@ -130,6 +143,8 @@ enum Pending {
     /// Keys of a remote provider.
     Keys {
         token: String,
+        /// What the request waits for.
+        then: Attempt,
     },
     /// An introspection answer.
     Introspection {
@@ -139,10 +154,24 @@ enum Pending {
     },
 }
 
+/// How far a JWT's check has gone: a request waits at most once for a provider's first keys
+/// and once for a refetch its unknown `kid` asked for (or one under way).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Attempt {
+    /// Not waited yet.
+    First,
+    /// After waiting for the provider's keys (there were none).
+    AfterKeys,
+    /// After waiting for a fetch that may bring an unknown `kid`.
+    AfterRefetch,
+}
+
 /// An authenticated caller.
 #[derive(Debug, Clone)]
 struct Identity {
     method: &'static str,
+    /// `jwt:<provider>`, `api_key` or `introspection`.
+    source: String,
     consumer: Option<String>,
     plan: Option<String>,
     claims: Rc<Map<String, Value>>,
@@ -197,9 +226,14 @@ pub struct AuthFilter {
     config: Rc<Compiled>,
     runtime: Rc<RefCell<Worker>>,
     metrics: Rc<Metrics>,
+    outage_log: Rc<LogLimit>,
     rule: Option<usize>,
     pending: Pending,
     credential: Option<Source>,
+    /// The client's address, read when failed-credential throttling is on.
+    client: Option<String>,
+    /// The matched rule's template variables.
+    params: RouteParams,
 }
 
 fn sha256(b: &[u8]) -> [u8; 32] {
@@ -308,12 +342,17 @@ impl AuthFilter {
             self.metrics.count(host, "forged_headers_removed", forged);
         }
         let req = RequestInfo::from_host(host);
-        self.rule = self
-            .config
+        let config = Rc::clone(&self.config);
+        if let Some((i, params)) = config
             .rules
             .0
             .iter()
-            .position(|r| r.route.matches(&req).is_some());
+            .enumerate()
+            .find_map(|(i, r)| r.route.matches(&req).map(|p| (i, p)))
+        {
+            self.rule = Some(i);
+            self.params = params;
+        }
         let Some(rule) = self.rule() else {
             return Decision::Continue;
         };
@@ -331,6 +370,9 @@ impl AuthFilter {
                     .find_map(|s| read_source(host, s).map(|v| (s.clone(), v)));
                 if let Some((src, key)) = found {
                     self.credential = Some(src);
+                    if let Some(d) = self.throttled(host) {
+                        return d;
+                    }
                     let outcome = self.check_api_key(host, &key);
                     return self.finish(host, outcome);
                 }
@@ -348,6 +390,9 @@ impl AuthFilter {
             return self.missing(host);
         };
         self.credential = Some(src);
+        if let Some(d) = self.throttled(host) {
+            return d;
+        }
         if token.len() > self.config.max_token_size {
             let outcome = Outcome::Refused(Refusal::token(
                 "token_too_large",
@@ -363,7 +408,7 @@ impl AuthFilter {
         let looks_like_jwt =
             token.starts_with('{') || token.bytes().filter(|b| *b == b'.').count() == 2;
         let outcome = if looks_like_jwt && !allow.providers.is_empty() {
-            self.check_jwt(host, token, false)
+            self.check_jwt(host, token, Attempt::First)
         } else if allow.introspection {
             self.introspect(host, token)
         } else {
@@ -373,6 +418,28 @@ impl AuthFilter {
             ))
         };
         self.finish(host, outcome)
+    }
+
+    /// A client past its failed-credential limit gets 429, before any hash or signature work.
+    fn throttled(&mut self, host: &mut dyn Host) -> Option<Decision> {
+        let limit = self.config.failure_limit.as_ref()?;
+        self.client = client_address(host);
+        let retry_after = limit.refused(host, self.client.as_deref()?, host.now_secs())?;
+        self.count(host, "denied");
+        self.count(host, "denied.too_many_failures");
+        Some(Decision::Respond(FailureLimit::reply(
+            "https://tollgate.dev/problems/auth/too_many_failures",
+            &self.instance(host),
+            retry_after,
+        )))
+    }
+
+    /// Count a refused credential against the client (failed-credential throttling).
+    fn record_failure(&self, host: &mut dyn Host) {
+        if let (Some(limit), Some(client)) = (&self.config.failure_limit, &self.client) {
+            let now = host.now_secs();
+            limit.record(host, client, now);
+        }
     }
 
     fn missing(&mut self, host: &mut dyn Host) -> Decision {
@@ -451,6 +518,7 @@ impl AuthFilter {
         }
         Outcome::Allowed(Identity {
             method: "api_key",
+            source: crate::config::SOURCE_API_KEY.to_string(),
             consumer: Some(k.consumer.clone()),
             plan: k.plan.clone(),
             claims: Rc::new(claims),
@@ -475,6 +543,7 @@ impl AuthFilter {
         }
         Identity {
             method: "jwt",
+            source: p.source.clone(),
             consumer: claims::string_claim(&claims, &p.consumer_claim),
             plan: p
                 .plan_claim
@@ -485,8 +554,8 @@ impl AuthFilter {
         }
     }
 
-    /// Verify a JWT. `resumed`: after a wait, never wait again.
-    fn check_jwt(&mut self, host: &mut dyn Host, token: String, resumed: bool) -> Outcome {
+    /// Verify a JWT; `attempt`: which waits are behind (never the same one twice).
+    fn check_jwt(&mut self, host: &mut dyn Host, token: String, attempt: Attempt) -> Outcome {
         let now = host.now_secs();
         let config = Rc::clone(&self.config);
         let allowed = self
@@ -561,7 +630,7 @@ impl AuthFilter {
         let verified = match &p.keys {
             KeySource::Inline(keys) => jose::verify_jws(&jws, keys, &p.algorithms),
             KeySource::Remote(r) => {
-                let (keys, fetching_here, failed_recently) = {
+                let (keys, fetching_here, failed_recently, down) = {
                     let Ok(rt) = self.runtime.try_borrow() else {
                         return Outcome::Unavailable("busy".into());
                     };
@@ -570,31 +639,69 @@ impl AuthFilter {
                     };
                     let failed_recently =
                         st.failed_at > 0.0 && st.fetching.is_none() && now < st.next_attempt;
-                    (st.current(now), st.fetching.is_some(), failed_recently)
+                    // The last fetch (this worker's or another's) failed.
+                    let down = st.failed_at > 0.0 && st.fetching.is_none();
+                    (
+                        st.current(now),
+                        st.fetching.is_some(),
+                        failed_recently,
+                        down,
+                    )
                 };
                 match keys {
-                    None if resumed || failed_recently => {
+                    None if attempt != Attempt::First || failed_recently => {
                         return Outcome::Unavailable(format!(
                             "the keys of provider `{}` could not be fetched",
                             p.name
                         ))
                     }
-                    None => return self.wait_for_keys(host, pi, r, token, true),
+                    None => {
+                        return self.wait_for_keys(host, pi, r, token, true, Attempt::AfterKeys)
+                    }
                     Some(keys) => match jose::verify_jws(&jws, &keys, &p.algorithms) {
-                        Err(JwsError::UnknownKid) if !resumed => {
+                        // The key server is down: the token's key may simply be new, so the
+                        // provider's failure mode decides, as for any token of that provider.
+                        // A fetch is asked for (after the retry interval) without waiting.
+                        Err(JwsError::UnknownKid) if down => {
+                            if let Ok(mut rt) = self.runtime.try_borrow_mut() {
+                                if let Some(st) = rt.remotes.get_mut(pi) {
+                                    st.wanted = true;
+                                }
+                            }
+                            return Outcome::Unavailable(format!(
+                                "the keys of provider `{}` could not be fetched, and the \
+                                 token's key is not among the last ones fetched",
+                                p.name
+                            ));
+                        }
+                        Err(JwsError::UnknownKid) if attempt != Attempt::AfterRefetch => {
                             // A fetch under way (in this worker or another) may bring the key.
                             let elsewhere = matches!(
                                 keyset::read_lease(host, &p.name),
                                 Some(keyset::Lease::Fetching(until)) if until > now
                             );
                             if fetching_here || elsewhere {
-                                return self.wait_for_keys(host, pi, r, token, false);
+                                return self.wait_for_keys(
+                                    host,
+                                    pi,
+                                    r,
+                                    token,
+                                    false,
+                                    Attempt::AfterRefetch,
+                                );
                             }
                             // One refetch per `refetch_interval` for all workers.
                             let interval = r.refetch_interval.as_secs_f64();
                             if keyset::claim_refetch(host, &p.name, now, interval) {
                                 self.count(host, "jwks_refetches");
-                                return self.wait_for_keys(host, pi, r, token, true);
+                                return self.wait_for_keys(
+                                    host,
+                                    pi,
+                                    r,
+                                    token,
+                                    true,
+                                    Attempt::AfterRefetch,
+                                );
                             }
                             Err(JwsError::UnknownKid)
                         }
@@ -631,6 +738,7 @@ impl AuthFilter {
         r: &crate::config::Remote,
         token: String,
         fetch: bool,
+        then: Attempt,
     ) -> Outcome {
         let now = host.now_secs();
         let Ok(mut rt) = self.runtime.try_borrow_mut() else {
@@ -644,7 +752,7 @@ impl AuthFilter {
         }
         st.waiters
             .push((self.context_id, now + keyset::wait_limit(r).as_secs_f64()));
-        self.pending = Pending::Keys { token };
+        self.pending = Pending::Keys { token, then };
         Outcome::Wait
     }
 
@@ -691,7 +799,12 @@ impl AuthFilter {
                 Outcome::Wait
             }
             Err(e) => {
-                log::warn!("[{}] introspection call failed: {e}", self.context_id);
+                warn_limited!(
+                    self.outage_log,
+                    now,
+                    "[{}] introspection call failed: {e}",
+                    self.context_id
+                );
                 self.count(host, "introspection_failures");
                 Outcome::Unavailable("the introspection endpoint cannot be called".into())
             }
@@ -751,6 +864,7 @@ impl AuthFilter {
             .and_then(|c| claims::string_claim(&claims, c));
         Outcome::Allowed(Identity {
             method: "introspection",
+            source: crate::config::SOURCE_INTROSPECTION.to_string(),
             consumer,
             plan,
             claims: Rc::new(claims),
@@ -775,7 +889,9 @@ impl AuthFilter {
             _ => None,
         };
         let Some(Value::Object(answer)) = answer else {
-            log::warn!(
+            warn_limited!(
+                self.outage_log,
+                now,
                 "[{}] introspection failed: {}",
                 self.context_id,
                 resp.status().map_or("no answer".to_string(), |s| format!(
@@ -823,7 +939,9 @@ impl AuthFilter {
             Outcome::Wait => Decision::Pause,
             Outcome::Allowed(id) => {
                 let authz = match self.rule() {
-                    Some(rule) => claims::authorize(rule, &id.claims, id.consumer.as_deref()),
+                    Some(rule) => {
+                        claims::authorize(rule, &id.claims, id.consumer.as_deref(), &self.params)
+                    }
                     None => Ok(()),
                 };
                 if let Err(e) = authz {
@@ -844,6 +962,11 @@ impl AuthFilter {
                     let p = claims::header_value(&Value::String(p.clone())).unwrap_or_default();
                     host.set_header(MapKind::RequestHeaders, &self.config.plan_header, &p);
                 }
+                if let Some(h) = &self.config.source_header {
+                    let s =
+                        claims::header_value(&Value::String(id.source.clone())).unwrap_or_default();
+                    host.set_header(MapKind::RequestHeaders, h, &s);
+                }
                 if self.config.remove_credential {
                     if let Some(src) = self.credential.clone() {
                         remove_source(host, &src);
@@ -854,6 +977,7 @@ impl AuthFilter {
                 Decision::Continue
             }
             Outcome::Refused(r) => {
+                self.record_failure(host);
                 if requirement == Requirement::Optional {
                     self.count(host, "anonymous");
                     return Decision::Continue;
@@ -889,7 +1013,12 @@ impl AuthFilter {
                 Decision::Respond(reply)
             }
             Outcome::Unavailable(why) => {
-                log::warn!("[{}] identity provider unavailable: {why}", self.context_id);
+                warn_limited!(
+                    self.outage_log,
+                    host.now_secs(),
+                    "[{}] identity provider unavailable: {why}",
+                    self.context_id
+                );
                 if self.config.failure_mode == FailureMode::Allow {
                     self.count(host, "failure_mode_allowed");
                     return Decision::Continue;
@@ -919,8 +1048,14 @@ impl AuthFilter {
             "Bearer realm=\"{realm}\", error=\"insufficient_scope\", error_description=\"{}\"",
             quote(&e.to_string())
         );
-        if let AuthzError::InsufficientScope(s) = e {
-            challenge.push_str(&format!(", scope=\"{}\"", quote(&s.join(" "))));
+        match e {
+            AuthzError::InsufficientScope(s) => {
+                challenge.push_str(&format!(", scope=\"{}\"", quote(&s.join(" "))));
+            }
+            AuthzError::IdentityMismatch(_, s) if !s.is_empty() => {
+                challenge.push_str(&format!(", scope=\"{}\"", quote(&s.join(" "))));
+            }
+            _ => {}
         }
         let reply: LocalReply = Problem::new(403)
             .typed(
@@ -958,13 +1093,14 @@ impl HttpFilter for AuthFilter {
     }
 
     fn on_wake(&mut self, host: &mut dyn Host, reason: u32) -> Decision {
-        let Pending::Keys { token } = std::mem::replace(&mut self.pending, Pending::Nothing) else {
+        let Pending::Keys { token, then } = std::mem::replace(&mut self.pending, Pending::Nothing)
+        else {
             return Decision::Pause;
         };
         let outcome = if reason == WAKE_TIMEOUT {
             Outcome::Unavailable("timed out waiting for the provider's keys".into())
         } else {
-            self.check_jwt(host, token, true)
+            self.check_jwt(host, token, then)
         };
         self.finish(host, outcome)
     }

@@ -402,8 +402,13 @@ pub fn tick(
         // Another worker's fetch failed: our waiters need not wait for a fetch of their own.
         let lease = read_lease(host, &p.name);
         if let Some(Lease::Failed(t)) = lease {
-            if t > st.failed_at && st.fetching.is_none() && !st.waiters.is_empty() {
-                fail(st, r, t, &mut wakes);
+            if t > st.failed_at && t > st.fetched_at && st.fetching.is_none() {
+                if st.waiters.is_empty() {
+                    // Known here too: an unknown `kid` meets the provider's failure mode.
+                    st.failed_at = t;
+                } else {
+                    fail(st, r, t, &mut wakes);
+                }
             }
             // Nobody retries before `retry_interval` after anyone's failure.
             st.next_attempt = st.next_attempt.max(t + r.retry_interval.as_secs_f64());
