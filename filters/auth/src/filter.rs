@@ -19,12 +19,13 @@ use tollgate_common::{
     RootFilter,
 };
 
-use crate::claims::{self, AuthzError, ClaimError};
+use crate::claims::{self, AuthzError};
 use crate::config::{
-    Compiled, Config, FailureMode, KeySource, Provider, Requirement, Rule, Source,
+    Allow, Compiled, Config, FailureMode, KeySource, Provider, Requirement, Rule, Source,
 };
-use crate::jose::{self, JwsError, StrictValue};
+use crate::jose::{self, JwsError};
 use crate::keyset::{self, CachedToken, Worker, WAKE_TIMEOUT};
+use crate::verdict::{self, Attempt, KeyStep, KeyView, KidStep, Refusal};
 
 /// While an identity provider is down, its warning is logged once per this interval (per
 /// worker), with the number of requests refused since.
@@ -154,18 +155,6 @@ enum Pending {
     },
 }
 
-/// How far a JWT's check has gone: a request waits at most once for a provider's first keys
-/// and once for a refetch its unknown `kid` asked for (or one under way).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Attempt {
-    /// Not waited yet.
-    First,
-    /// After waiting for the provider's keys (there were none).
-    AfterKeys,
-    /// After waiting for a fetch that may bring an unknown `kid`.
-    AfterRefetch,
-}
-
 /// An authenticated caller.
 #[derive(Debug, Clone)]
 struct Identity {
@@ -178,37 +167,6 @@ struct Identity {
     headers: Vec<(String, String)>,
 }
 
-/// A refused credential.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Refusal {
-    reason: &'static str,
-    detail: String,
-    /// Scheme of `WWW-Authenticate` (`Bearer` or `ApiKey`).
-    scheme: &'static str,
-}
-
-impl Refusal {
-    fn token(reason: &'static str, detail: impl Into<String>) -> Self {
-        Refusal {
-            reason,
-            detail: detail.into(),
-            scheme: "Bearer",
-        }
-    }
-}
-
-impl From<JwsError> for Refusal {
-    fn from(e: JwsError) -> Self {
-        Refusal::token(e.reason(), e.to_string())
-    }
-}
-
-impl From<ClaimError> for Refusal {
-    fn from(e: ClaimError) -> Self {
-        Refusal::token(e.reason(), e.to_string())
-    }
-}
-
 /// The result of checking a credential.
 #[derive(Debug)]
 enum Outcome {
@@ -218,6 +176,44 @@ enum Outcome {
     Unavailable(String),
     /// Wait (the filter's `pending` says for what).
     Wait,
+}
+
+/// A credential found in the request.
+#[derive(Debug)]
+enum Credential {
+    /// An API key.
+    ApiKey(String),
+    /// A bearer token (JWT or opaque).
+    Token(String),
+}
+
+/// What a bearer token is, for the route that got it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TokenKind {
+    /// Longer than `max_token_size`.
+    TooLarge,
+    /// A JWS (or a JSON-serialized one, which the JWT check refuses), on a route that accepts
+    /// a provider.
+    Jwt,
+    /// Anything else, on a route that accepts introspection.
+    Opaque,
+    /// Neither.
+    Malformed,
+}
+
+/// Classify a bearer token (pure).
+fn token_kind(token: &str, allow: &Allow, config: &Compiled) -> TokenKind {
+    let looks_like_jwt =
+        token.starts_with('{') || token.bytes().filter(|b| *b == b'.').count() == 2;
+    if token.len() > config.max_token_size {
+        TokenKind::TooLarge
+    } else if looks_like_jwt && !allow.providers.is_empty() {
+        TokenKind::Jwt
+    } else if allow.introspection {
+        TokenKind::Opaque
+    } else {
+        TokenKind::Malformed
+    }
 }
 
 /// Per-request state.
@@ -331,6 +327,46 @@ impl AuthFilter {
     /// Start: strip forged identity headers, choose the rule, find a credential.
     fn start(&mut self, host: &mut dyn Host) -> Decision {
         self.count(host, "requests");
+        self.strip_forged(host);
+        self.choose_rule(host);
+        let Some(rule) = self.rule() else {
+            return Decision::Continue;
+        };
+        if rule.disabled {
+            self.count(host, "skipped");
+            return Decision::Continue;
+        }
+        let allow = rule.allow.clone();
+        let Some((src, credential)) = self.find_credential(host, &allow) else {
+            return self.missing(host);
+        };
+        self.credential = Some(src);
+        if let Some(d) = self.throttled(host) {
+            return d;
+        }
+        let outcome = match credential {
+            Credential::ApiKey(key) => self.check_api_key(host, &key),
+            Credential::Token(token) => match token_kind(&token, &allow, &self.config) {
+                TokenKind::TooLarge => Outcome::Refused(Refusal::token(
+                    "token_too_large",
+                    format!(
+                        "the credential is longer than {} bytes",
+                        self.config.max_token_size
+                    ),
+                )),
+                TokenKind::Jwt => self.check_jwt(host, token, Attempt::First),
+                TokenKind::Opaque => self.introspect(host, token),
+                TokenKind::Malformed => Outcome::Refused(Refusal::token(
+                    "malformed",
+                    "the token is malformed: a JWS has three dot-separated parts",
+                )),
+            },
+        };
+        self.finish(host, outcome)
+    }
+
+    /// Remove every identity header the filter can set from the request.
+    fn strip_forged(&self, host: &mut dyn Host) {
         let mut forged = 0;
         for h in &self.config.identity_headers {
             if host.header(MapKind::RequestHeaders, h).is_some() {
@@ -341,6 +377,10 @@ impl AuthFilter {
         if forged > 0 {
             self.metrics.count(host, "forged_headers_removed", forged);
         }
+    }
+
+    /// The first rule whose match fits, with the template's variables.
+    fn choose_rule(&mut self, host: &dyn Host) {
         let req = RequestInfo::from_host(host);
         let config = Rc::clone(&self.config);
         if let Some((i, params)) = config
@@ -353,71 +393,25 @@ impl AuthFilter {
             self.rule = Some(i);
             self.params = params;
         }
-        let Some(rule) = self.rule() else {
-            return Decision::Continue;
-        };
-        if rule.disabled {
-            self.count(host, "skipped");
-            return Decision::Continue;
-        }
-        let allow = rule.allow.clone();
-        // An API key, when the route accepts them and one was sent.
-        if allow.api_key {
-            if let Some(keys) = &self.config.api_keys {
-                let found = keys
-                    .from
-                    .iter()
-                    .find_map(|s| read_source(host, s).map(|v| (s.clone(), v)));
-                if let Some((src, key)) = found {
-                    self.credential = Some(src);
-                    if let Some(d) = self.throttled(host) {
-                        return d;
-                    }
-                    let outcome = self.check_api_key(host, &key);
-                    return self.finish(host, outcome);
-                }
-            }
-        }
-        let found = if allow.providers.is_empty() && !allow.introspection {
-            None
-        } else {
-            self.config
-                .token_sources
+    }
+
+    /// The credential to check: an API key when the route accepts them and one was sent, else
+    /// the first bearer token of `token_sources` when the route accepts bearer tokens.
+    fn find_credential(&self, host: &dyn Host, allow: &Allow) -> Option<(Source, Credential)> {
+        let first = |sources: &[Source]| {
+            sources
                 .iter()
                 .find_map(|s| read_source(host, s).map(|v| (s.clone(), v)))
         };
-        let Some((src, token)) = found else {
-            return self.missing(host);
-        };
-        self.credential = Some(src);
-        if let Some(d) = self.throttled(host) {
-            return d;
+        let api_keys = self.config.api_keys.as_ref().filter(|_| allow.api_key);
+        if let Some((src, key)) = api_keys.and_then(|k| first(&k.from)) {
+            return Some((src, Credential::ApiKey(key)));
         }
-        if token.len() > self.config.max_token_size {
-            let outcome = Outcome::Refused(Refusal::token(
-                "token_too_large",
-                format!(
-                    "the credential is longer than {} bytes",
-                    self.config.max_token_size
-                ),
-            ));
-            return self.finish(host, outcome);
+        if allow.providers.is_empty() && !allow.introspection {
+            return None;
         }
-        // A JWS (or a JSON-serialized one, which `parse_compact` refuses); anything else is an
-        // opaque token.
-        let looks_like_jwt =
-            token.starts_with('{') || token.bytes().filter(|b| *b == b'.').count() == 2;
-        let outcome = if looks_like_jwt && !allow.providers.is_empty() {
-            self.check_jwt(host, token, Attempt::First)
-        } else if allow.introspection {
-            self.introspect(host, token)
-        } else {
-            Outcome::Refused(Refusal::token(
-                "malformed",
-                "the token is malformed: a JWS has three dot-separated parts",
-            ))
-        };
-        self.finish(host, outcome)
+        let (src, token) = first(&self.config.token_sources)?;
+        Some((src, Credential::Token(token)))
     }
 
     /// A client past its failed-credential limit gets 429, before any hash or signature work.
@@ -558,176 +552,144 @@ impl AuthFilter {
     fn check_jwt(&mut self, host: &mut dyn Host, token: String, attempt: Attempt) -> Outcome {
         let now = host.now_secs();
         let config = Rc::clone(&self.config);
-        let allowed = self
-            .rule()
-            .map(|r| r.allow.providers.clone())
-            .unwrap_or_default();
+        let allowed: &[usize] = self
+            .rule
+            .and_then(|i| config.rules.0.get(i))
+            .map_or(&[], |r| &r.allow.providers);
         let digest = sha256(token.as_bytes());
-        // The verified-token cache.
-        let hit = self
-            .runtime
-            .try_borrow()
-            .ok()
-            .and_then(|rt| rt.cache.get(&digest).cloned());
-        if let Some(hit) = hit {
-            if let Some(p) = config.providers.get(hit.provider) {
-                if allowed.contains(&hit.provider) {
-                    self.count(host, "token_cache_hits");
-                    return match claims::check_times(p, &hit.claims, now) {
-                        Ok(()) => {
-                            Outcome::Allowed(self.jwt_identity(p, hit.claims, &hit.payload_b64))
-                        }
-                        Err(e) => {
-                            if let Ok(mut rt) = self.runtime.try_borrow_mut() {
-                                rt.cache.remove(&digest);
-                            }
-                            Outcome::Refused(e.into())
-                        }
-                    };
-                }
-            }
+        if let Some(outcome) = self.cached_jwt(host, &digest, now) {
+            return outcome;
         }
-        let jws = match jose::parse_compact(&token) {
-            Ok(j) => j,
-            Err(e) => return Outcome::Refused(e.into()),
+        let read = match verdict::read_token(&token, &config.providers, allowed) {
+            Ok(r) => r,
+            Err(r) => return Outcome::Refused(r),
         };
-        let claims = match serde_json::from_slice::<StrictValue>(&jws.payload) {
-            Ok(StrictValue(Value::Object(m))) => m,
-            _ => {
-                return Outcome::Refused(Refusal::token(
-                    "malformed",
-                    "the token's payload is not a JSON object without duplicate members",
-                ))
-            }
+        let Some(p) = config.providers.get(read.provider) else {
+            return Outcome::Refused(Refusal::token("unknown_issuer", "no such provider"));
         };
-        let Some(iss) = claims.get("iss").and_then(Value::as_str) else {
-            return Outcome::Refused(Refusal::token(
-                "unknown_issuer",
-                "the token has no issuer (`iss`)",
-            ));
-        };
-        let Some(pi) = config.providers.iter().position(|p| p.issuer == iss) else {
-            return Outcome::Refused(Refusal::token(
-                "unknown_issuer",
-                "the token's issuer is not known",
-            ));
-        };
-        if !allowed.contains(&pi) {
-            return Outcome::Refused(Refusal::token(
-                "issuer_not_allowed",
-                "the token's issuer is not accepted on this route",
-            ));
-        }
-        let Some(p) = config.providers.get(pi) else {
-            return Outcome::Refused(Refusal::token(
-                "unknown_issuer",
-                "the token's issuer is not known",
-            ));
-        };
-        if !p.algorithms.contains(&jws.header.alg) {
-            return Outcome::Refused(JwsError::AlgNotAllowed(jws.header.alg.name().into()).into());
-        }
         let verified = match &p.keys {
-            KeySource::Inline(keys) => jose::verify_jws(&jws, keys, &p.algorithms),
-            KeySource::Remote(r) => {
-                let (keys, fetching_here, failed_recently, down) = {
-                    let Ok(rt) = self.runtime.try_borrow() else {
-                        return Outcome::Unavailable("busy".into());
-                    };
-                    let Some(st) = rt.remotes.get(pi) else {
-                        return Outcome::Unavailable("no key state".into());
-                    };
-                    let failed_recently =
-                        st.failed_at > 0.0 && st.fetching.is_none() && now < st.next_attempt;
-                    // The last fetch (this worker's or another's) failed.
-                    let down = st.failed_at > 0.0 && st.fetching.is_none();
-                    (
-                        st.current(now),
-                        st.fetching.is_some(),
-                        failed_recently,
-                        down,
-                    )
-                };
-                match keys {
-                    None if attempt != Attempt::First || failed_recently => {
-                        return Outcome::Unavailable(format!(
-                            "the keys of provider `{}` could not be fetched",
-                            p.name
-                        ))
-                    }
-                    None => {
-                        return self.wait_for_keys(host, pi, r, token, true, Attempt::AfterKeys)
-                    }
-                    Some(keys) => match jose::verify_jws(&jws, &keys, &p.algorithms) {
-                        // The key server is down: the token's key may simply be new, so the
-                        // provider's failure mode decides, as for any token of that provider.
-                        // A fetch is asked for (after the retry interval) without waiting.
-                        Err(JwsError::UnknownKid) if down => {
-                            if let Ok(mut rt) = self.runtime.try_borrow_mut() {
-                                if let Some(st) = rt.remotes.get_mut(pi) {
-                                    st.wanted = true;
-                                }
-                            }
-                            return Outcome::Unavailable(format!(
-                                "the keys of provider `{}` could not be fetched, and the \
-                                 token's key is not among the last ones fetched",
-                                p.name
-                            ));
-                        }
-                        Err(JwsError::UnknownKid) if attempt != Attempt::AfterRefetch => {
-                            // A fetch under way (in this worker or another) may bring the key.
-                            let elsewhere = matches!(
-                                keyset::read_lease(host, &p.name),
-                                Some(keyset::Lease::Fetching(until)) if until > now
-                            );
-                            if fetching_here || elsewhere {
-                                return self.wait_for_keys(
-                                    host,
-                                    pi,
-                                    r,
-                                    token,
-                                    false,
-                                    Attempt::AfterRefetch,
-                                );
-                            }
-                            // One refetch per `refetch_interval` for all workers.
-                            let interval = r.refetch_interval.as_secs_f64();
-                            if keyset::claim_refetch(host, &p.name, now, interval) {
-                                self.count(host, "jwks_refetches");
-                                return self.wait_for_keys(
-                                    host,
-                                    pi,
-                                    r,
-                                    token,
-                                    true,
-                                    Attempt::AfterRefetch,
-                                );
-                            }
-                            Err(JwsError::UnknownKid)
-                        }
-                        other => other,
-                    },
+            KeySource::Inline(keys) => jose::verify_jws(&read.jws, keys, &p.algorithms),
+            KeySource::Remote(_) => {
+                match self.verify_remote(host, &read, p, &token, attempt, now) {
+                    Ok(v) => v,
+                    Err(outcome) => return outcome,
                 }
             }
         };
         if let Err(e) = verified {
             return Outcome::Refused(e.into());
         }
-        if let Err(e) = claims::check_claims(p, jws.header.typ.as_deref(), &claims, now) {
+        if let Err(e) = claims::check_claims(p, read.jws.header.typ.as_deref(), &read.claims, now) {
             return Outcome::Refused(e.into());
         }
-        let claims = Rc::new(claims);
+        let claims = Rc::new(read.claims);
         if let Ok(mut rt) = self.runtime.try_borrow_mut() {
             rt.cache.insert(
                 digest,
                 CachedToken {
-                    provider: pi,
+                    provider: read.provider,
                     claims: claims.clone(),
-                    payload_b64: jws.payload_b64.to_string(),
+                    payload_b64: read.jws.payload_b64.to_string(),
                 },
             );
         }
-        Outcome::Allowed(self.jwt_identity(p, claims, jws.payload_b64))
+        Outcome::Allowed(self.jwt_identity(p, claims, read.jws.payload_b64))
+    }
+
+    /// A token in the verified-token cache, for a provider the route accepts: allowed (its
+    /// times checked again) or refused (and dropped from the cache). `None`: not cached.
+    fn cached_jwt(&mut self, host: &mut dyn Host, digest: &[u8; 32], now: f64) -> Option<Outcome> {
+        let hit = self.runtime.try_borrow().ok()?.cache.get(digest).cloned()?;
+        let config = Rc::clone(&self.config);
+        let p = config.providers.get(hit.provider)?;
+        if !self.rule()?.allow.providers.contains(&hit.provider) {
+            return None;
+        }
+        self.count(host, "token_cache_hits");
+        Some(match claims::check_times(p, &hit.claims, now) {
+            Ok(()) => Outcome::Allowed(self.jwt_identity(p, hit.claims, &hit.payload_b64)),
+            Err(e) => {
+                if let Ok(mut rt) = self.runtime.try_borrow_mut() {
+                    rt.cache.remove(digest);
+                }
+                Outcome::Refused(e.into())
+            }
+        })
+    }
+
+    /// Verify with a remote provider's keys, or say why not yet (`Err`: wait, or the failure
+    /// mode). The decisions are [`verdict::key_step`] and [`verdict::unknown_kid_step`].
+    fn verify_remote(
+        &mut self,
+        host: &mut dyn Host,
+        read: &verdict::Read<'_>,
+        p: &Provider,
+        token: &str,
+        attempt: Attempt,
+        now: f64,
+    ) -> Result<Result<(), JwsError>, Outcome> {
+        let KeySource::Remote(r) = &p.keys else {
+            return Ok(Err(JwsError::UnknownKid));
+        };
+        let view = {
+            let Ok(rt) = self.runtime.try_borrow() else {
+                return Err(Outcome::Unavailable("busy".into()));
+            };
+            let Some(st) = rt.remotes.get(read.provider) else {
+                return Err(Outcome::Unavailable("no key state".into()));
+            };
+            KeyView::of(st, now)
+        };
+        let fetch_failed = || format!("the keys of provider `{}` could not be fetched", p.name);
+        let keys = match (verdict::key_step(&view, attempt), &view.keys) {
+            (KeyStep::Verify, Some(keys)) => keys.clone(),
+            (KeyStep::Wait { fetch, then }, _) => {
+                let (pi, token) = (read.provider, token.to_string());
+                return Err(self.wait_for_keys(host, pi, r, token, fetch, then));
+            }
+            _ => return Err(Outcome::Unavailable(fetch_failed())),
+        };
+        match jose::verify_jws(&read.jws, &keys, &p.algorithms) {
+            Err(JwsError::UnknownKid) => {}
+            other => return Ok(other),
+        }
+        let elsewhere = || {
+            matches!(
+                keyset::read_lease(host, &p.name),
+                Some(keyset::Lease::Fetching(until)) if until > now
+            )
+        };
+        let (pi, then) = (read.provider, Attempt::AfterRefetch);
+        match verdict::unknown_kid_step(&view, attempt, elsewhere) {
+            KidStep::Unavailable => {
+                self.want_fetch(pi);
+                Err(Outcome::Unavailable(format!(
+                    "{}, and the token's key is not among the last ones fetched",
+                    fetch_failed()
+                )))
+            }
+            KidStep::WaitForFetch => {
+                Err(self.wait_for_keys(host, pi, r, token.to_string(), false, then))
+            }
+            KidStep::TryRefetch => {
+                let interval = r.refetch_interval.as_secs_f64();
+                if !keyset::claim_refetch(host, &p.name, now, interval) {
+                    return Ok(Err(JwsError::UnknownKid));
+                }
+                self.count(host, "jwks_refetches");
+                Err(self.wait_for_keys(host, pi, r, token.to_string(), true, then))
+            }
+            KidStep::Refuse => Ok(Err(JwsError::UnknownKid)),
+        }
+    }
+
+    /// Ask the root for a fetch of provider `pi`'s keys (done after its retry interval).
+    fn want_fetch(&self, pi: usize) {
+        if let Ok(mut rt) = self.runtime.try_borrow_mut() {
+            if let Some(st) = rt.remotes.get_mut(pi) {
+                st.wanted = true;
+            }
+        }
     }
 
     /// Pause until the provider's keys change or a fetch ends; `fetch`: ask the root for one.
@@ -934,110 +896,119 @@ impl AuthFilter {
 
     /// Turn an outcome into the request's fate.
     fn finish(&mut self, host: &mut dyn Host, outcome: Outcome) -> Decision {
-        let requirement = self.requirement();
         match outcome {
             Outcome::Wait => Decision::Pause,
-            Outcome::Allowed(id) => {
-                let authz = match self.rule() {
-                    Some(rule) => {
-                        claims::authorize(rule, &id.claims, id.consumer.as_deref(), &self.params)
-                    }
-                    None => Ok(()),
-                };
-                if let Err(e) = authz {
-                    if requirement == Requirement::Optional {
-                        self.count(host, "anonymous");
-                        return Decision::Continue;
-                    }
-                    return self.forbidden(host, &e);
-                }
-                for (h, v) in &id.headers {
-                    host.set_header(MapKind::RequestHeaders, h, v);
-                }
-                if let Some(c) = &id.consumer {
-                    let c = claims::header_value(&Value::String(c.clone())).unwrap_or_default();
-                    host.set_header(MapKind::RequestHeaders, &self.config.consumer_header, &c);
-                }
-                if let Some(p) = &id.plan {
-                    let p = claims::header_value(&Value::String(p.clone())).unwrap_or_default();
-                    host.set_header(MapKind::RequestHeaders, &self.config.plan_header, &p);
-                }
-                if let Some(h) = &self.config.source_header {
-                    let s =
-                        claims::header_value(&Value::String(id.source.clone())).unwrap_or_default();
-                    host.set_header(MapKind::RequestHeaders, h, &s);
-                }
-                if self.config.remove_credential {
-                    if let Some(src) = self.credential.clone() {
-                        remove_source(host, &src);
-                    }
-                }
-                self.count(host, "allowed");
-                self.count(host, &format!("allowed.{}", id.method));
-                Decision::Continue
+            Outcome::Allowed(id) => self.allow(host, &id),
+            Outcome::Refused(r) => self.refuse(host, &r),
+            Outcome::Unavailable(why) => self.unavailable(host, &why),
+        }
+    }
+
+    /// An authenticated caller: authorize, then forward the identity.
+    fn allow(&mut self, host: &mut dyn Host, id: &Identity) -> Decision {
+        let authz = match self.rule() {
+            Some(rule) => claims::authorize(rule, &id.claims, id.consumer.as_deref(), &self.params),
+            None => Ok(()),
+        };
+        if let Err(e) = authz {
+            if self.requirement() == Requirement::Optional {
+                self.count(host, "anonymous");
+                return Decision::Continue;
             }
-            Outcome::Refused(r) => {
-                self.record_failure(host);
-                if requirement == Requirement::Optional {
-                    self.count(host, "anonymous");
-                    return Decision::Continue;
-                }
-                log::debug!("[{}] refused: {}", self.context_id, r.reason);
-                self.count(host, "denied");
-                self.count(host, &format!("denied.{}", r.reason));
-                let realm = quote(&self.config.realm);
-                let (error, desc) = (
-                    if r.scheme == "ApiKey" {
-                        "invalid_key"
-                    } else {
-                        "invalid_token"
-                    },
-                    quote(&r.detail),
-                );
-                let reply = Problem::new(401)
-                    .typed(
-                        format!("https://tollgate.dev/problems/auth/{}", r.reason),
-                        "Unauthorized",
-                    )
-                    .detail(r.detail.clone())
-                    .instance(self.instance(host))
-                    .extension("reason", r.reason)
-                    .into_reply()
-                    .with_header(
-                        "www-authenticate",
-                        format!(
-                            "{} realm=\"{realm}\", error=\"{error}\", error_description=\"{desc}\"",
-                            r.scheme
-                        ),
-                    );
-                Decision::Respond(reply)
-            }
-            Outcome::Unavailable(why) => {
-                warn_limited!(
-                    self.outage_log,
-                    host.now_secs(),
-                    "[{}] identity provider unavailable: {why}",
-                    self.context_id
-                );
-                if self.config.failure_mode == FailureMode::Allow {
-                    self.count(host, "failure_mode_allowed");
-                    return Decision::Continue;
-                }
-                self.count(host, "denied");
-                self.count(host, "denied.unavailable");
-                let reply = Problem::new(503)
-                    .typed(
-                        "https://tollgate.dev/problems/auth/unavailable",
-                        "Service Unavailable",
-                    )
-                    .detail(format!("the credential cannot be checked now: {why}"))
-                    .instance(self.instance(host))
-                    .extension("reason", "unavailable")
-                    .into_reply()
-                    .with_header("retry-after", "1");
-                Decision::Respond(reply)
+            return self.forbidden(host, &e);
+        }
+        self.forward_identity(host, id);
+        if self.config.remove_credential {
+            if let Some(src) = self.credential.clone() {
+                remove_source(host, &src);
             }
         }
+        self.count(host, "allowed");
+        self.count(host, &format!("allowed.{}", id.method));
+        Decision::Continue
+    }
+
+    /// Set the identity headers.
+    fn forward_identity(&self, host: &mut dyn Host, id: &Identity) {
+        for (h, v) in &id.headers {
+            host.set_header(MapKind::RequestHeaders, h, v);
+        }
+        let mut set = |name: &str, value: &str| {
+            let v = claims::header_value(&Value::String(value.to_string())).unwrap_or_default();
+            host.set_header(MapKind::RequestHeaders, name, &v);
+        };
+        if let Some(c) = &id.consumer {
+            set(&self.config.consumer_header, c);
+        }
+        if let Some(p) = &id.plan {
+            set(&self.config.plan_header, p);
+        }
+        if let Some(h) = &self.config.source_header {
+            set(h, &id.source);
+        }
+    }
+
+    /// A refused credential: 401 (or through without identity on an `optional` route).
+    fn refuse(&mut self, host: &mut dyn Host, r: &Refusal) -> Decision {
+        self.record_failure(host);
+        if self.requirement() == Requirement::Optional {
+            self.count(host, "anonymous");
+            return Decision::Continue;
+        }
+        log::debug!("[{}] refused: {}", self.context_id, r.reason);
+        self.count(host, "denied");
+        self.count(host, &format!("denied.{}", r.reason));
+        let realm = quote(&self.config.realm);
+        let error = if r.scheme == "ApiKey" {
+            "invalid_key"
+        } else {
+            "invalid_token"
+        };
+        let desc = quote(&r.detail);
+        let reply = Problem::new(401)
+            .typed(
+                format!("https://tollgate.dev/problems/auth/{}", r.reason),
+                "Unauthorized",
+            )
+            .detail(r.detail.clone())
+            .instance(self.instance(host))
+            .extension("reason", r.reason)
+            .into_reply()
+            .with_header(
+                "www-authenticate",
+                format!(
+                    "{} realm=\"{realm}\", error=\"{error}\", error_description=\"{desc}\"",
+                    r.scheme
+                ),
+            );
+        Decision::Respond(reply)
+    }
+
+    /// The identity provider cannot answer: the failure mode.
+    fn unavailable(&mut self, host: &mut dyn Host, why: &str) -> Decision {
+        warn_limited!(
+            self.outage_log,
+            host.now_secs(),
+            "[{}] identity provider unavailable: {why}",
+            self.context_id
+        );
+        if self.config.failure_mode == FailureMode::Allow {
+            self.count(host, "failure_mode_allowed");
+            return Decision::Continue;
+        }
+        self.count(host, "denied");
+        self.count(host, "denied.unavailable");
+        let reply = Problem::new(503)
+            .typed(
+                "https://tollgate.dev/problems/auth/unavailable",
+                "Service Unavailable",
+            )
+            .detail(format!("the credential cannot be checked now: {why}"))
+            .instance(self.instance(host))
+            .extension("reason", "unavailable")
+            .into_reply()
+            .with_header("retry-after", "1");
+        Decision::Respond(reply)
     }
 
     fn forbidden(&self, host: &mut dyn Host, e: &AuthzError) -> Decision {

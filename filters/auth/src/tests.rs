@@ -1206,3 +1206,27 @@ fn a_path_variable_bound_to_the_identity() {
         assert_eq!(e.field, field);
     }
 }
+
+/// Host calls of one request on a hot path (the verified-token cache warm).
+fn hot_path_calls(headers: &[(&str, &str)]) -> Vec<&'static str> {
+    let mut vm = root(&inline_config());
+    // Warm up: metrics defined, the token in the cache.
+    for _ in 0..2 {
+        let req = vm.request("GET", "/x", headers);
+        assert_eq!(vm.request_headers(req, true), Decision::Continue);
+        vm.done(req);
+    }
+    let req = vm.request("GET", "/x", headers);
+    vm.count_host_calls(true);
+    assert_eq!(vm.request_headers(req, true), Decision::Continue);
+    vm.take_host_calls()
+}
+
+#[test]
+fn host_calls_on_the_hot_paths() {
+    let auth = format!("Bearer {}", good_hs());
+    let jwt = hot_path_calls(&[("authorization", &auth)]);
+    let key = hot_path_calls(&[("x-api-key", "key-pro")]);
+    eprintln!("jwt (token cache hit): {} {jwt:?}", jwt.len());
+    eprintln!("api key: {} {key:?}", key.len());
+}
