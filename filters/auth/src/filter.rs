@@ -158,7 +158,8 @@ enum Pending {
 /// An authenticated caller.
 #[derive(Debug, Clone)]
 struct Identity {
-    method: &'static str,
+    /// The outcome counter of a request it makes (`allowed.jwt`, ...).
+    metric: &'static str,
     /// `jwt:<provider>`, `api_key` or `introspection`.
     source: String,
     consumer: Option<String>,
@@ -419,7 +420,6 @@ impl AuthFilter {
         let limit = self.config.failure_limit.as_ref()?;
         self.client = client_address(host);
         let retry_after = limit.refused(host, self.client.as_deref()?, host.now_secs())?;
-        self.count(host, "denied");
         self.count(host, "denied.too_many_failures");
         Some(Decision::Respond(FailureLimit::reply(
             "https://tollgate.dev/problems/auth/too_many_failures",
@@ -441,7 +441,6 @@ impl AuthFilter {
             self.count(host, "anonymous");
             return Decision::Continue;
         }
-        self.count(host, "denied");
         self.count(host, "denied.missing");
         let realm = quote(&self.config.realm);
         let (bearer, api_key) = self.rule().map_or((true, false), |r| {
@@ -511,7 +510,7 @@ impl AuthFilter {
             claims.insert(h.clone(), Value::String(v.clone()));
         }
         Outcome::Allowed(Identity {
-            method: "api_key",
+            metric: "allowed.api_key",
             source: crate::config::SOURCE_API_KEY.to_string(),
             consumer: Some(k.consumer.clone()),
             plan: k.plan.clone(),
@@ -536,7 +535,7 @@ impl AuthFilter {
             headers.push((h.clone(), payload_b64.to_string()));
         }
         Identity {
-            method: "jwt",
+            metric: "allowed.jwt",
             source: p.source.clone(),
             consumer: claims::string_claim(&claims, &p.consumer_claim),
             plan: p
@@ -557,7 +556,7 @@ impl AuthFilter {
             .and_then(|i| config.rules.0.get(i))
             .map_or(&[], |r| &r.allow.providers);
         let digest = sha256(token.as_bytes());
-        if let Some(outcome) = self.cached_jwt(host, &digest, now) {
+        if let Some(outcome) = self.cached_jwt(&digest, now) {
             return outcome;
         }
         let read = match verdict::read_token(&token, &config.providers, allowed) {
@@ -598,16 +597,18 @@ impl AuthFilter {
 
     /// A token in the verified-token cache, for a provider the route accepts: allowed (its
     /// times checked again) or refused (and dropped from the cache). `None`: not cached.
-    fn cached_jwt(&mut self, host: &mut dyn Host, digest: &[u8; 32], now: f64) -> Option<Outcome> {
+    fn cached_jwt(&mut self, digest: &[u8; 32], now: f64) -> Option<Outcome> {
         let hit = self.runtime.try_borrow().ok()?.cache.get(digest).cloned()?;
         let config = Rc::clone(&self.config);
         let p = config.providers.get(hit.provider)?;
         if !self.rule()?.allow.providers.contains(&hit.provider) {
             return None;
         }
-        self.count(host, "token_cache_hits");
         Some(match claims::check_times(p, &hit.claims, now) {
-            Ok(()) => Outcome::Allowed(self.jwt_identity(p, hit.claims, &hit.payload_b64)),
+            Ok(()) => Outcome::Allowed(Identity {
+                metric: "allowed.jwt_cached",
+                ..self.jwt_identity(p, hit.claims, &hit.payload_b64)
+            }),
             Err(e) => {
                 if let Ok(mut rt) = self.runtime.try_borrow_mut() {
                     rt.cache.remove(digest);
@@ -825,7 +826,7 @@ impl AuthFilter {
             .as_ref()
             .and_then(|c| claims::string_claim(&claims, c));
         Outcome::Allowed(Identity {
-            method: "introspection",
+            metric: "allowed.introspection",
             source: crate::config::SOURCE_INTROSPECTION.to_string(),
             consumer,
             plan,
@@ -923,8 +924,7 @@ impl AuthFilter {
                 remove_source(host, &src);
             }
         }
-        self.count(host, "allowed");
-        self.count(host, &format!("allowed.{}", id.method));
+        self.count(host, id.metric);
         Decision::Continue
     }
 
@@ -956,8 +956,7 @@ impl AuthFilter {
             return Decision::Continue;
         }
         log::debug!("[{}] refused: {}", self.context_id, r.reason);
-        self.count(host, "denied");
-        self.count(host, &format!("denied.{}", r.reason));
+        self.metrics.count_in(host, "denied.", r.reason);
         let realm = quote(&self.config.realm);
         let error = if r.scheme == "ApiKey" {
             "invalid_key"
@@ -996,7 +995,6 @@ impl AuthFilter {
             self.count(host, "failure_mode_allowed");
             return Decision::Continue;
         }
-        self.count(host, "denied");
         self.count(host, "denied.unavailable");
         let reply = Problem::new(503)
             .typed(
@@ -1012,8 +1010,7 @@ impl AuthFilter {
     }
 
     fn forbidden(&self, host: &mut dyn Host, e: &AuthzError) -> Decision {
-        self.count(host, "denied");
-        self.count(host, &format!("denied.{}", e.reason()));
+        self.metrics.count_in(host, "denied.", e.reason());
         let realm = quote(&self.config.realm);
         let mut challenge = format!(
             "Bearer realm=\"{realm}\", error=\"insufficient_scope\", error_description=\"{}\"",
