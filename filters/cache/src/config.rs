@@ -45,6 +45,10 @@ pub struct PurgeConfig {
     pub path: String,
     /// Hex SHA-256 of the key that callers send in `x-tollgate-purge-key`.
     pub key_sha256: Sha256Hex,
+    /// Failed purge attempts (missing or wrong key) counted per client IP (all workers); past
+    /// `max_failures` within `window`, 429 before the key is hashed. Absent: off.
+    #[serde(default)]
+    pub failure_limit: Option<tollgate_common::throttle::FailureLimitConfig>,
 }
 
 /// How `Set-Cookie` responses are treated.
@@ -175,6 +179,8 @@ pub struct Purge {
     pub path: String,
     /// SHA-256 of the key.
     pub key_sha256: [u8; 32],
+    /// Failed-attempt throttling.
+    pub failure_limit: Option<tollgate_common::throttle::FailureLimit>,
 }
 
 impl Purge {
@@ -275,9 +281,20 @@ impl Config {
                         "must start with `/` and have no query string",
                     ));
                 }
+                let failure_limit = match &p.failure_limit {
+                    Some(f) => Some(
+                        tollgate_common::throttle::FailureLimit::compile(
+                            "tollgate.cache.purge_failures.",
+                            f,
+                        )
+                        .map_err(|e| e.within("purge.failure_limit"))?,
+                    ),
+                    None => None,
+                };
                 Some(Purge {
                     path: p.path,
                     key_sha256: p.key_sha256.0,
+                    failure_limit,
                 })
             }
         };

@@ -535,7 +535,29 @@ impl CacheFilter {
                     .with_header("allow", "POST, PURGE"),
             );
         }
+        // Failed attempts are counted per client; past the limit, 429 before any hashing.
+        let client = purge
+            .failure_limit
+            .as_ref()
+            .and_then(|_| tollgate_common::throttle::client_address(host));
+        if let (Some(limit), Some(c)) = (&purge.failure_limit, &client) {
+            if let Some(retry_after) = limit.refused(host, c, host.now_secs()) {
+                self.shared.metrics.count(host, "purge_throttled", 1);
+                return Decision::Respond(tollgate_common::throttle::FailureLimit::reply(
+                    "https://tollgate.dev/problems/cache/too_many_failures",
+                    split_query(&path).0,
+                    retry_after,
+                ));
+            }
+        }
+        let failed = |host: &mut dyn Host| {
+            if let (Some(limit), Some(c)) = (&purge.failure_limit, &client) {
+                let now = host.now_secs();
+                limit.record(host, c, now);
+            }
+        };
         let Some(key) = host.header(MapKind::RequestHeaders, PURGE_KEY_HEADER) else {
+            failed(host);
             return Decision::Respond(
                 Problem::new(401)
                     .detail(format!(
@@ -545,6 +567,7 @@ impl CacheFilter {
             );
         };
         if !purge.key_matches(&key) {
+            failed(host);
             log::warn!("[{}] cache: purge refused: wrong key", self.context_id);
             return Decision::Respond(Problem::new(403).detail("wrong purge key").into_reply());
         }

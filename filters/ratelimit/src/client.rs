@@ -12,7 +12,8 @@ use crate::table::hash_parts;
 /// What a request says about its client, read once per request.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Client {
-    /// Consumer identity (non-empty), from the consumer header.
+    /// Consumer identity (non-empty), from the consumer header; `<source>:<id>` when the
+    /// identity source header is configured and present.
     pub consumer: Option<String>,
     /// Plan (non-empty), from the plan header.
     pub plan: Option<String>,
@@ -26,8 +27,13 @@ impl Client {
                 .map(|v| v.trim().to_string())
                 .filter(|v| !v.is_empty())
         };
+        let source = config.source_header.as_deref().and_then(get);
+        let consumer = get(&config.consumer_header).map(|c| match source {
+            Some(s) => format!("{s}:{c}"),
+            None => c,
+        });
         Client {
-            consumer: get(&config.consumer_header),
+            consumer,
             plan: get(&config.plan_header),
         }
     }
@@ -423,5 +429,37 @@ mod tests {
         )
         .unwrap();
         assert_eq!(a.hash, b.hash);
+    }
+
+    #[test]
+    fn a_consumer_counts_with_its_identity_source() {
+        // #15 finding 4: a JWT `sub` equal to an API key's consumer has counters of its own.
+        let key = |headers: &[(&str, &str)]| {
+            key_of(r#"["consumer"]"#, MissingKey::Skip, headers, "/").unwrap()
+        };
+        let api = key(&[
+            ("x-tollgate-consumer", "acme"),
+            ("x-tollgate-identity-source", "api_key"),
+        ]);
+        let jwt = key(&[
+            ("x-tollgate-consumer", "acme"),
+            ("x-tollgate-identity-source", "jwt:demo"),
+        ]);
+        assert_ne!(api.hash, jwt.hash);
+        assert_eq!(api.label, "consumer=api_key:acme");
+        assert_eq!(
+            key(&[("x-tollgate-consumer", "acme")]).label,
+            "consumer=acme"
+        );
+        let off = Compiled::parse(br#"{"identity_source_header":null}"#).unwrap();
+        let h = MemHost::request(
+            "GET",
+            "/",
+            &[
+                ("x-tollgate-consumer", "acme"),
+                ("x-tollgate-identity-source", "api_key"),
+            ],
+        );
+        assert_eq!(Client::read(&h, &off).consumer.as_deref(), Some("acme"));
     }
 }
