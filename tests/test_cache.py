@@ -44,6 +44,8 @@ CONFIG = {
     "max_total_bytes": 4 << 20,
     "max_entry_bytes": 64 << 10,
     "purge": {"path": "/_tollgate/cache/purge", "key_sha256": PURGE_SHA},
+    "targeted_fields": ["tollgate-cache-control", "cdn-cache-control"],
+    "strip_targeted_fields": True,
 }
 
 
@@ -592,6 +594,57 @@ def test_responses_that_can_never_be_reused_are_not_stored(envoy, services):
     assert "detail=not-reusable" in cs(envoy.get(f"/api/products/{i}", headers={"x-demo-expires": "0", **knobs}))
 
 
+# --- Features (#14 items 8-13) ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status, knobs, stored", [
+    ("404", {}, True),                                                  # the demo's public, max-age=60
+    ("410", {"x-demo-cache-control": "max-age=30"}, True),
+    ("503", {"x-demo-cache-control": "max-age=30"}, True),              # negative caching
+    ("500", {"x-demo-cache-control": "x-no-directive"}, False),         # no explicit freshness
+    ("404", {"x-demo-cache-control": "x-no-directive",                  # heuristic, 404 allows it
+             "x-demo-header": "last-modified: Thu, 01 Jan 2026 00:00:00 GMT"}, True),
+])
+def test_status_codes_and_negative_caching(status, knobs, stored, envoy, services):
+    i = fresh_id()
+    first = envoy.get(f"/api/products/{i}", headers={"x-demo-status": status, **knobs})
+    assert first.status == int(status), first
+    second = envoy.get(f"/api/products/{i}")
+    if stored:
+        assert "stored" in cs(first), first
+        # served from the cache with the origin's status
+        assert second.status == int(status) and cs(second).startswith("tollgate; hit; ttl="), second
+        assert second.body == first.body
+        assert hits(services, f"/products/{i}") == 1
+    else:
+        assert "stored" not in cs(first) and "hit" not in cs(second), (first, second)
+
+
+@pytest.mark.parametrize("cache_control, targeted, outcome", [
+    ("public, max-age=0", "cdn-cache-control: max-age=600", "hit"),
+    ("private", "cdn-cache-control: public, max-age=600", "hit"),       # Cache-Control ignored
+    ("public, max-age=600", "tollgate-cache-control: no-store", "not-stored"),
+    ("public, max-age=0", "cdn-cache-control: Max-Age=600", "revalidated"),  # invalid: ignored
+])
+def test_targeted_cache_control_takes_precedence_and_is_stripped(cache_control, targeted, outcome, envoy,
+                                                                 services):
+    i = fresh_id()
+    knobs = {"x-demo-cache-control": cache_control, "x-demo-header": targeted}
+    first = envoy.get(f"/api/products/{i}", headers=knobs)
+    second = envoy.get(f"/api/products/{i}", headers=knobs)
+    for r in (first, second):
+        assert r.status == 200 and r.header("cache-control") == cache_control, r
+        name = targeted.split(":")[0]
+        assert r.header(name) is None, r  # strip_targeted_fields
+    if outcome == "hit":
+        assert "stored" in cs(first) and cs(second).startswith("tollgate; hit; ttl="), (first, second)
+        assert int(cs(second).split("ttl=")[1]) > 500, second
+    elif outcome == "revalidated":
+        assert "stored" in cs(first) and cs(second) == "tollgate; fwd=stale; fwd-status=304", (first, second)
+    else:
+        assert "detail=not-storable" in cs(first) and "hit" not in cs(second), (first, second)
+
+
 # --- JSON Schema ------------------------------------------------------------------------------
 
 
@@ -631,6 +684,8 @@ def test_schema_accepts_the_documented_example_and_the_bundled_config():
     {"routes": [{"refresh": {"cluster": ""}}]},
     {"routes": [{"refresh": {"cluster": "c", "strip_prefix": "x"}}]},
     {"routes": [{"key": {"nope": 1}}]},
+    {"targeted_fields": ["Cache-Control"]},
+    {"targeted_fields": ["bad header"]},
 ])
 def test_schema_refuses_what_the_filter_refuses(config):
     assert not schema().is_valid(config), config

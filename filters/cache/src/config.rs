@@ -35,7 +35,17 @@ pub struct Config {
     /// The purge endpoint; absent: no purge endpoint.
     #[serde(default)]
     pub purge: Option<PurgeConfig>,
+    /// Targeted cache-control fields this cache obeys, first valid one wins over
+    /// `Cache-Control` and `Expires` (RFC 9213). Default `["cdn-cache-control"]`; `[]`: none.
+    #[serde(default)]
+    pub targeted_fields: Option<Vec<HeaderName>>,
+    /// Remove the targeted fields from responses before the client (they are for this cache).
+    #[serde(default)]
+    pub strip_targeted_fields: bool,
 }
+
+/// The targeted field of RFC 9213 that every CDN cache obeys.
+pub const CDN_CACHE_CONTROL: &str = "cdn-cache-control";
 
 /// The purge endpoint.
 #[derive(Debug, Deserialize)]
@@ -203,6 +213,10 @@ pub struct Compiled {
     pub ways: u32,
     /// Purge endpoint.
     pub purge: Option<Purge>,
+    /// Targeted cache-control fields, in precedence order (lower case).
+    pub targeted: Vec<String>,
+    /// Strip them before the client.
+    pub strip_targeted: bool,
 }
 
 impl Default for Compiled {
@@ -213,6 +227,8 @@ impl Default for Compiled {
             sets: 1,
             ways: 1,
             purge: None,
+            targeted: vec![CDN_CACHE_CONTROL.to_string()],
+            strip_targeted: false,
         }
     }
 }
@@ -281,6 +297,18 @@ impl Config {
                 })
             }
         };
+        let targeted: Vec<String> = match self.targeted_fields {
+            None => vec![CDN_CACHE_CONTROL.to_string()],
+            Some(list) => list.iter().map(|h| h.as_str().to_string()).collect(),
+        };
+        for (i, t) in targeted.iter().enumerate() {
+            if t == "cache-control" || t == "expires" {
+                return Err(ConfigError::new(
+                    format!("targeted_fields[{i}]"),
+                    "a targeted field must not be `cache-control` or `expires`",
+                ));
+            }
+        }
         let mut rules = Vec::new();
         for (i, r) in self.routes.into_iter().enumerate() {
             rules.push(compile_rule(r).map_err(|e| e.within(&format!("routes[{i}]")))?);
@@ -291,6 +319,8 @@ impl Config {
             sets,
             ways,
             purge,
+            targeted,
+            strip_targeted: self.strip_targeted_fields,
         })
     }
 }

@@ -16,7 +16,8 @@ use tollgate_common::{
 
 use crate::config::{Compiled, Config, Refresh, Rule, SetCookie};
 use crate::freshness::{
-    facts, freshness, stale_if_error, Facts, RequestDirectives, StoringRequest, Verdict,
+    facts, freshness, stale_if_error, targeted_view, Facts, RequestDirectives, StoringRequest,
+    Verdict,
 };
 use crate::key::{request_url_key, vary_names, UrlKey};
 use crate::parse::{http_date, list_members, CacheControl};
@@ -290,7 +291,8 @@ impl CacheRoot {
         let storing = StoringRequest {
             authorization: job.auth,
         };
-        let Ok(f) = facts(status, &headers, storing, millis(now)) else {
+        let view = targeted_view(&headers, &shared.config.targeted);
+        let Ok(f) = facts(status, &view, storing, millis(now)) else {
             // The origin no longer allows storing it: drop the stale entry.
             shared.store.invalidate_url(host, job.url_hash);
             return;
@@ -504,8 +506,12 @@ impl CacheFilter {
     fn answer(&self, entry: &Entry, age: u64, status_params: &str) -> LocalReply {
         let not_modified = client_not_modified(&self.request, &entry.meta.headers);
         let mut reply = LocalReply::new(if not_modified { 304 } else { entry.meta.status });
+        let config = &self.shared.config;
         for (k, v) in &entry.meta.headers {
             if k == "age" || (not_modified && !NOT_MODIFIED_HEADERS.contains(&k.as_str())) {
+                continue;
+            }
+            if config.strip_targeted && config.targeted.contains(k) {
                 continue;
             }
             reply = reply.with_header(k.clone(), v.clone());
@@ -861,7 +867,8 @@ impl CacheFilter {
         let storing = StoringRequest {
             authorization: entry.meta.auth,
         };
-        let Ok(f) = facts(fresh.meta.status, &fresh.meta.headers, storing, millis(now)) else {
+        let view = targeted_view(&fresh.meta.headers, &self.shared.config.targeted);
+        let Ok(f) = facts(fresh.meta.status, &view, storing, millis(now)) else {
             self.shared.store.invalidate_url(host, url_hash);
             return None;
         };
@@ -940,7 +947,8 @@ impl CacheFilter {
         let storing = StoringRequest {
             authorization: auth,
         };
-        let facts = match facts(status, &stored, storing, millis(host.now())) {
+        let view = targeted_view(&stored, &self.shared.config.targeted);
+        let facts = match facts(status, &view, storing, millis(host.now())) {
             Ok(f) => f,
             Err(why) => return format!("{params}; detail={why}"),
         };
@@ -1164,6 +1172,11 @@ impl HttpFilter for CacheFilter {
             _ => cache_status(&params),
         };
         host.set_header(MapKind::ResponseHeaders, "cache-status", &value);
+        if self.shared.config.strip_targeted {
+            for name in &self.shared.config.targeted {
+                host.remove_header(MapKind::ResponseHeaders, name);
+            }
+        }
         if end_of_stream || self.capture.is_none() {
             self.finish_capture(host);
         }
