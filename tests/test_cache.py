@@ -37,6 +37,7 @@ CONFIG = {
     "routes": [
         {"match": {"prefix": "/api/products"},
          "key": {"query_exclude": ["utm_source"], "headers": ["x-tenant"]},
+         "vary_normalise": ["accept-language", "accept-encoding"],
          "refresh": {"cluster": "products", "strip_prefix": "/api/products", "add_prefix": "/products",
                      "timeout": "30s"}},
         {"match": {"prefix": "/api/orders"}, "set_cookie": "strip", "stale_if_error": "1h"},
@@ -645,6 +646,47 @@ def test_targeted_cache_control_takes_precedence_and_is_stripped(cache_control, 
         assert "detail=not-storable" in cs(first) and "hit" not in cs(second), (first, second)
 
 
+def test_single_range_from_a_stored_complete_response(envoy, services):
+    i = fresh_id()
+    full = envoy.get(f"/api/products/{i}")
+    assert "stored" in cs(full), full
+    n, etag, lm = len(full.body), full.header("etag"), full.header("last-modified")
+
+    def ask(**headers):
+        return envoy.get(f"/api/products/{i}", headers={k.replace("_", "-"): v for k, v in headers.items()})
+
+    r = ask(range="bytes=0-4")
+    assert r.status == 206 and r.body == full.body[:5] and r.header("content-range") == f"bytes 0-4/{n}", r
+    assert "hit" in cs(r), r
+    r = ask(range="bytes=-3")
+    assert r.status == 206 and r.body == full.body[-3:] and r.header("content-range") == f"bytes {n - 3}-{n - 1}/{n}", r
+    r = ask(range=f"bytes={n}-")
+    assert r.status == 416 and r.header("content-range") == f"bytes */{n}" and r.body == b"", r
+    assert ask(range="bytes=0-1, 3-4").status == 200                              # several: whole
+    assert ask(range="bytes=1-2", if_range=etag).status == 206
+    assert ask(range="bytes=1-2", if_range=lm).status == 206
+    r = ask(range="bytes=1-2", if_range='"other"')
+    assert r.status == 200 and r.body == full.body, r
+    assert hits(services, f"/products/{i}") == 1
+
+
+def test_vary_values_are_normalised_where_configured(envoy, services):
+    knobs = {"x-demo-cache-control": "public, max-age=60", "x-demo-vary": "Accept-Language"}
+    # the products rule normalises Accept-Language: case, spaces, order, q=0
+    path = f"/api/products/echo/norm-{fresh_id()}"
+    r = envoy.get(path, headers={**knobs, "accept-language": "en-US, fr;q=0.5"})
+    assert "stored" in cs(r), r
+    for same in ("FR;q=0.5 ,  en-us", "en-us,fr;q=0.5,de;q=0", "en-US, fr;q=0.50"):
+        h = envoy.get(path, headers={**knobs, "accept-language": same})
+        assert "hit" in cs(h), (same, h)
+    assert "fwd=vary-miss" in cs(envoy.get(path, headers={**knobs, "accept-language": "fr, en-us;q=0.5"}))
+    # the orders rule does not: another spelling is another variant
+    other = f"/api/orders/echo/norm-{fresh_id()}"
+    r = envoy.get(other, headers={**knobs, "accept-language": "en-US, fr;q=0.5"})
+    assert "stored" in cs(r), r
+    assert "fwd=vary-miss" in cs(envoy.get(other, headers={**knobs, "accept-language": "FR;q=0.5 ,  en-us"}))
+
+
 # --- JSON Schema ------------------------------------------------------------------------------
 
 
@@ -685,6 +727,7 @@ def test_schema_accepts_the_documented_example_and_the_bundled_config():
     {"routes": [{"refresh": {"cluster": "c", "strip_prefix": "x"}}]},
     {"routes": [{"key": {"nope": 1}}]},
     {"targeted_fields": ["Cache-Control"]},
+    {"routes": [{"vary_normalise": ["x-tenant"]}]},
     {"targeted_fields": ["bad header"]},
 ])
 def test_schema_refuses_what_the_filter_refuses(config):

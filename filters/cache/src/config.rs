@@ -88,6 +88,11 @@ pub struct RouteConfig {
     /// response had no `stale-if-error` directive (a directive, when present, wins).
     #[serde(default)]
     pub stale_if_error: Option<ConfigDuration>,
+    /// Request fields whose values are normalised before they select a `Vary` variant (case,
+    /// whitespace, order of equal preference, `q=0` members dropped): `accept`,
+    /// `accept-encoding`, `accept-language`.
+    #[serde(default)]
+    pub vary_normalise: Vec<HeaderName>,
     /// Where background refreshes (`stale-while-revalidate`) are sent. Absent: a stale entry
     /// inside its `stale-while-revalidate` window is revalidated synchronously instead.
     #[serde(default)]
@@ -157,7 +162,12 @@ pub struct Rule {
     pub stale_if_error: Option<Duration>,
     /// Background refresh upstream.
     pub refresh: Option<Refresh>,
+    /// Request fields normalised for `Vary` matching (lower case).
+    pub vary_normalise: Vec<String>,
 }
+
+/// The fields whose values [`crate::key::normalise_accept`] may normalise.
+pub const NORMALISABLE: &[&str] = &["accept", "accept-encoding", "accept-language"];
 
 /// A compiled refresh upstream.
 #[derive(Debug, Clone)]
@@ -388,7 +398,20 @@ fn compile_rule(r: RouteConfig) -> Result<Rule, ConfigError> {
             })
         }
     };
+    let mut vary_normalise = Vec::new();
+    for (i, h) in r.vary_normalise.iter().enumerate() {
+        if !NORMALISABLE.contains(&h.as_str()) {
+            return Err(ConfigError::new(
+                format!("vary_normalise[{i}]"),
+                format!(
+                    "`{h}` cannot be normalised: one of accept, accept-encoding, accept-language"
+                ),
+            ));
+        }
+        vary_normalise.push(h.as_str().to_string());
+    }
     Ok(Rule {
+        vary_normalise,
         query_include: lower(&r.key.query_include),
         query_exclude: lower(&r.key.query_exclude),
         route: r.route,
