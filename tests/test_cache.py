@@ -37,6 +37,7 @@ CONFIG = {
     "routes": [
         {"match": {"prefix": "/api/products"},
          "key": {"query_exclude": ["utm_source"], "headers": ["x-tenant"]},
+         "vary_normalise": ["accept-language", "accept-encoding"],
          "refresh": {"cluster": "products", "strip_prefix": "/api/products", "add_prefix": "/products",
                      "timeout": "30s"}},
         {"match": {"prefix": "/api/orders"}, "set_cookie": "strip", "stale_if_error": "1h"},
@@ -44,6 +45,8 @@ CONFIG = {
     "max_total_bytes": 4 << 20,
     "max_entry_bytes": 64 << 10,
     "purge": {"path": "/_tollgate/cache/purge", "key_sha256": PURGE_SHA},
+    "targeted_fields": ["tollgate-cache-control", "cdn-cache-control"],
+    "strip_targeted_fields": True,
 }
 
 
@@ -592,6 +595,98 @@ def test_responses_that_can_never_be_reused_are_not_stored(envoy, services):
     assert "detail=not-reusable" in cs(envoy.get(f"/api/products/{i}", headers={"x-demo-expires": "0", **knobs}))
 
 
+# --- Features (#14 items 8-13) ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status, knobs, stored", [
+    ("404", {}, True),                                                  # the demo's public, max-age=60
+    ("410", {"x-demo-cache-control": "max-age=30"}, True),
+    ("503", {"x-demo-cache-control": "max-age=30"}, True),              # negative caching
+    ("500", {"x-demo-cache-control": "x-no-directive"}, False),         # no explicit freshness
+    ("404", {"x-demo-cache-control": "x-no-directive",                  # heuristic, 404 allows it
+             "x-demo-header": "last-modified: Thu, 01 Jan 2026 00:00:00 GMT"}, True),
+])
+def test_status_codes_and_negative_caching(status, knobs, stored, envoy, services):
+    i = fresh_id()
+    first = envoy.get(f"/api/products/{i}", headers={"x-demo-status": status, **knobs})
+    assert first.status == int(status), first
+    second = envoy.get(f"/api/products/{i}")
+    if stored:
+        assert "stored" in cs(first), first
+        # served from the cache with the origin's status
+        assert second.status == int(status) and cs(second).startswith("tollgate; hit; ttl="), second
+        assert second.body == first.body
+        assert hits(services, f"/products/{i}") == 1
+    else:
+        assert "stored" not in cs(first) and "hit" not in cs(second), (first, second)
+
+
+@pytest.mark.parametrize("cache_control, targeted, outcome", [
+    ("public, max-age=0", "cdn-cache-control: max-age=600", "hit"),
+    ("private", "cdn-cache-control: public, max-age=600", "hit"),       # Cache-Control ignored
+    ("public, max-age=600", "tollgate-cache-control: no-store", "not-stored"),
+    ("public, max-age=0", "cdn-cache-control: Max-Age=600", "revalidated"),  # invalid: ignored
+])
+def test_targeted_cache_control_takes_precedence_and_is_stripped(cache_control, targeted, outcome, envoy,
+                                                                 services):
+    i = fresh_id()
+    knobs = {"x-demo-cache-control": cache_control, "x-demo-header": targeted}
+    first = envoy.get(f"/api/products/{i}", headers=knobs)
+    second = envoy.get(f"/api/products/{i}", headers=knobs)
+    for r in (first, second):
+        assert r.status == 200 and r.header("cache-control") == cache_control, r
+        name = targeted.split(":")[0]
+        assert r.header(name) is None, r  # strip_targeted_fields
+    if outcome == "hit":
+        assert "stored" in cs(first) and cs(second).startswith("tollgate; hit; ttl="), (first, second)
+        assert int(cs(second).split("ttl=")[1]) > 500, second
+    elif outcome == "revalidated":
+        assert "stored" in cs(first) and cs(second) == "tollgate; fwd=stale; fwd-status=304", (first, second)
+    else:
+        assert "detail=not-storable" in cs(first) and "hit" not in cs(second), (first, second)
+
+
+def test_single_range_from_a_stored_complete_response(envoy, services):
+    i = fresh_id()
+    full = envoy.get(f"/api/products/{i}")
+    assert "stored" in cs(full), full
+    n, etag, lm = len(full.body), full.header("etag"), full.header("last-modified")
+
+    def ask(**headers):
+        return envoy.get(f"/api/products/{i}", headers={k.replace("_", "-"): v for k, v in headers.items()})
+
+    r = ask(range="bytes=0-4")
+    assert r.status == 206 and r.body == full.body[:5] and r.header("content-range") == f"bytes 0-4/{n}", r
+    assert "hit" in cs(r), r
+    r = ask(range="bytes=-3")
+    assert r.status == 206 and r.body == full.body[-3:] and r.header("content-range") == f"bytes {n - 3}-{n - 1}/{n}", r
+    r = ask(range=f"bytes={n}-")
+    assert r.status == 416 and r.header("content-range") == f"bytes */{n}" and r.body == b"", r
+    assert ask(range="bytes=0-1, 3-4").status == 200                              # several: whole
+    assert ask(range="bytes=1-2", if_range=etag).status == 206
+    assert ask(range="bytes=1-2", if_range=lm).status == 206
+    r = ask(range="bytes=1-2", if_range='"other"')
+    assert r.status == 200 and r.body == full.body, r
+    assert hits(services, f"/products/{i}") == 1
+
+
+def test_vary_values_are_normalised_where_configured(envoy, services):
+    knobs = {"x-demo-cache-control": "public, max-age=60", "x-demo-vary": "Accept-Language"}
+    # the products rule normalises Accept-Language: case, spaces, order, q=0
+    path = f"/api/products/echo/norm-{fresh_id()}"
+    r = envoy.get(path, headers={**knobs, "accept-language": "en-US, fr;q=0.5"})
+    assert "stored" in cs(r), r
+    for same in ("FR;q=0.5 ,  en-us", "en-us,fr;q=0.5,de;q=0", "en-US, fr;q=0.50"):
+        h = envoy.get(path, headers={**knobs, "accept-language": same})
+        assert "hit" in cs(h), (same, h)
+    assert "fwd=vary-miss" in cs(envoy.get(path, headers={**knobs, "accept-language": "fr, en-us;q=0.5"}))
+    # the orders rule does not: another spelling is another variant
+    other = f"/api/orders/echo/norm-{fresh_id()}"
+    r = envoy.get(other, headers={**knobs, "accept-language": "en-US, fr;q=0.5"})
+    assert "stored" in cs(r), r
+    assert "fwd=vary-miss" in cs(envoy.get(other, headers={**knobs, "accept-language": "FR;q=0.5 ,  en-us"}))
+
+
 # --- JSON Schema ------------------------------------------------------------------------------
 
 
@@ -631,6 +726,9 @@ def test_schema_accepts_the_documented_example_and_the_bundled_config():
     {"routes": [{"refresh": {"cluster": ""}}]},
     {"routes": [{"refresh": {"cluster": "c", "strip_prefix": "x"}}]},
     {"routes": [{"key": {"nope": 1}}]},
+    {"targeted_fields": ["Cache-Control"]},
+    {"routes": [{"vary_normalise": ["x-tenant"]}]},
+    {"targeted_fields": ["bad header"]},
 ])
 def test_schema_refuses_what_the_filter_refuses(config):
     assert not schema().is_valid(config), config

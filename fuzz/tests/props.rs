@@ -60,6 +60,7 @@ targets!(
     shape,
     aggregate_request,
     ratelimit_request,
+    cache_headers,
 );
 
 #[test]

@@ -35,7 +35,17 @@ pub struct Config {
     /// The purge endpoint; absent: no purge endpoint.
     #[serde(default)]
     pub purge: Option<PurgeConfig>,
+    /// Targeted cache-control fields this cache obeys, first valid one wins over
+    /// `Cache-Control` and `Expires` (RFC 9213). Default `["cdn-cache-control"]`; `[]`: none.
+    #[serde(default)]
+    pub targeted_fields: Option<Vec<HeaderName>>,
+    /// Remove the targeted fields from responses before the client (they are for this cache).
+    #[serde(default)]
+    pub strip_targeted_fields: bool,
 }
+
+/// The targeted field of RFC 9213 that every CDN cache obeys.
+pub const CDN_CACHE_CONTROL: &str = "cdn-cache-control";
 
 /// The purge endpoint.
 #[derive(Debug, Deserialize)]
@@ -82,6 +92,11 @@ pub struct RouteConfig {
     /// response had no `stale-if-error` directive (a directive, when present, wins).
     #[serde(default)]
     pub stale_if_error: Option<ConfigDuration>,
+    /// Request fields whose values are normalised before they select a `Vary` variant (case,
+    /// whitespace, order of equal preference, `q=0` members dropped): `accept`,
+    /// `accept-encoding`, `accept-language`.
+    #[serde(default)]
+    pub vary_normalise: Vec<HeaderName>,
     /// Where background refreshes (`stale-while-revalidate`) are sent. Absent: a stale entry
     /// inside its `stale-while-revalidate` window is revalidated synchronously instead.
     #[serde(default)]
@@ -151,7 +166,12 @@ pub struct Rule {
     pub stale_if_error: Option<Duration>,
     /// Background refresh upstream.
     pub refresh: Option<Refresh>,
+    /// Request fields normalised for `Vary` matching (lower case).
+    pub vary_normalise: Vec<String>,
 }
+
+/// The fields whose values [`crate::key::normalise_accept`] may normalise.
+pub const NORMALISABLE: &[&str] = &["accept", "accept-encoding", "accept-language"];
 
 /// A compiled refresh upstream.
 #[derive(Debug, Clone)]
@@ -209,6 +229,10 @@ pub struct Compiled {
     pub ways: u32,
     /// Purge endpoint.
     pub purge: Option<Purge>,
+    /// Targeted cache-control fields, in precedence order (lower case).
+    pub targeted: Vec<String>,
+    /// Strip them before the client.
+    pub strip_targeted: bool,
 }
 
 impl Default for Compiled {
@@ -219,6 +243,8 @@ impl Default for Compiled {
             sets: 1,
             ways: 1,
             purge: None,
+            targeted: vec![CDN_CACHE_CONTROL.to_string()],
+            strip_targeted: false,
         }
     }
 }
@@ -298,6 +324,18 @@ impl Config {
                 })
             }
         };
+        let targeted: Vec<String> = match self.targeted_fields {
+            None => vec![CDN_CACHE_CONTROL.to_string()],
+            Some(list) => list.iter().map(|h| h.as_str().to_string()).collect(),
+        };
+        for (i, t) in targeted.iter().enumerate() {
+            if t == "cache-control" || t == "expires" {
+                return Err(ConfigError::new(
+                    format!("targeted_fields[{i}]"),
+                    "a targeted field must not be `cache-control` or `expires`",
+                ));
+            }
+        }
         let mut rules = Vec::new();
         for (i, r) in self.routes.into_iter().enumerate() {
             rules.push(compile_rule(r).map_err(|e| e.within(&format!("routes[{i}]")))?);
@@ -308,6 +346,8 @@ impl Config {
             sets,
             ways,
             purge,
+            targeted,
+            strip_targeted: self.strip_targeted_fields,
         })
     }
 }
@@ -375,7 +415,20 @@ fn compile_rule(r: RouteConfig) -> Result<Rule, ConfigError> {
             })
         }
     };
+    let mut vary_normalise = Vec::new();
+    for (i, h) in r.vary_normalise.iter().enumerate() {
+        if !NORMALISABLE.contains(&h.as_str()) {
+            return Err(ConfigError::new(
+                format!("vary_normalise[{i}]"),
+                format!(
+                    "`{h}` cannot be normalised: one of accept, accept-encoding, accept-language"
+                ),
+            ));
+        }
+        vary_normalise.push(h.as_str().to_string());
+    }
     Ok(Rule {
+        vary_normalise,
         query_include: lower(&r.key.query_include),
         query_exclude: lower(&r.key.query_exclude),
         route: r.route,

@@ -16,10 +16,11 @@ use tollgate_common::{
 
 use crate::config::{Compiled, Config, Refresh, Rule, SetCookie};
 use crate::freshness::{
-    facts, freshness, stale_if_error, Facts, RequestDirectives, StoringRequest, Verdict,
+    facts, freshness, stale_if_error, targeted_view, Facts, RequestDirectives, StoringRequest,
+    Verdict,
 };
 use crate::key::{request_url_key, vary_names, UrlKey};
-use crate::parse::{http_date, list_members, CacheControl};
+use crate::parse::{byte_range, http_date, list_members, ByteRange, CacheControl};
 use crate::store::{millis, Entry, Found, Lookup, Meta, PurgeRule, PutError, Store};
 
 /// Name of this cache in `Cache-Status`.
@@ -290,7 +291,8 @@ impl CacheRoot {
         let storing = StoringRequest {
             authorization: job.auth,
         };
-        let Ok(f) = facts(status, &headers, storing, millis(now)) else {
+        let view = targeted_view(&headers, &shared.config.targeted);
+        let Ok(f) = facts(status, &view, storing, millis(now)) else {
             // The origin no longer allows storing it: drop the stale entry.
             shared.store.invalidate_url(host, job.url_hash);
             return;
@@ -482,6 +484,23 @@ fn same_validators(entry: &Entry, head: &[(String, String)]) -> bool {
     })
 }
 
+/// Does an `If-Range` validator match the stored response (RFC 9110 13.1.5)? An entity tag by
+/// strong comparison, or a date equal to the `Last-Modified`.
+fn if_range_matches(cond: &str, stored: &[(String, String)]) -> bool {
+    let cond = cond.trim();
+    if cond.starts_with('"') || cond.starts_with("W/") {
+        return !cond.starts_with("W/")
+            && header(stored, "etag").is_some_and(|e| !e.starts_with("W/") && e.trim() == cond);
+    }
+    match (
+        http_date(cond),
+        header(stored, "last-modified").and_then(|l| http_date(&l)),
+    ) {
+        (Some(a), Some(b)) => a == b,
+        _ => false,
+    }
+}
+
 /// The `504` of `only-if-cached` (RFC 9111 5.2.1.7).
 fn only_if_cached_reply(detail: &str, status_params: &str) -> LocalReply {
     Problem::new(504)
@@ -499,13 +518,29 @@ impl CacheFilter {
         self.rule.and_then(|i| self.shared.config.rules.0.get(i))
     }
 
-    /// The answer from an entry: 304 when the client's validators match, else the stored
-    /// response (HEAD: Envoy sends no body).
+    /// The answer from an entry: 304 when the client's validators match; 206 / 416 for a
+    /// single `Range` of a stored complete 200; else the stored response (HEAD: Envoy sends no
+    /// body).
     fn answer(&self, entry: &Entry, age: u64, status_params: &str) -> LocalReply {
         let not_modified = client_not_modified(&self.request, &entry.meta.headers);
-        let mut reply = LocalReply::new(if not_modified { 304 } else { entry.meta.status });
+        let range = if not_modified {
+            ByteRange::Ignore
+        } else {
+            self.requested_range(entry)
+        };
+        let status = match range {
+            _ if not_modified => 304,
+            ByteRange::Range { .. } => 206,
+            ByteRange::Unsatisfiable => 416,
+            ByteRange::Ignore => entry.meta.status,
+        };
+        let mut reply = LocalReply::new(status);
+        let config = &self.shared.config;
         for (k, v) in &entry.meta.headers {
             if k == "age" || (not_modified && !NOT_MODIFIED_HEADERS.contains(&k.as_str())) {
+                continue;
+            }
+            if config.strip_targeted && config.targeted.contains(k) {
                 continue;
             }
             reply = reply.with_header(k.clone(), v.clone());
@@ -513,10 +548,41 @@ impl CacheFilter {
         reply = reply
             .with_header("age", age.to_string())
             .with_header("cache-status", cache_status(status_params));
-        if !not_modified {
-            reply = reply.with_body(entry.body.clone());
+        let len = entry.body.len();
+        match range {
+            _ if not_modified => reply,
+            ByteRange::Range { first, last } => {
+                let (a, b) = (
+                    usize::try_from(first).unwrap_or(len),
+                    usize::try_from(last).unwrap_or(len),
+                );
+                let part = entry.body.get(a..=b).unwrap_or_default().to_vec();
+                reply
+                    .with_header("content-range", format!("bytes {first}-{last}/{len}"))
+                    .with_body(part)
+            }
+            ByteRange::Unsatisfiable => {
+                reply.with_header("content-range", format!("bytes */{len}"))
+            }
+            ByteRange::Ignore => reply.with_body(entry.body.clone()),
         }
-        reply
+    }
+
+    /// The single byte range a `GET` asks of a stored complete `200` (RFC 9110 14.2), with
+    /// `If-Range` (14.3) honoured; anything else is answered whole.
+    fn requested_range(&self, entry: &Entry) -> ByteRange {
+        if self.is_head || entry.meta.status != 200 {
+            return ByteRange::Ignore;
+        }
+        let Some(range) = header(&self.request, "range") else {
+            return ByteRange::Ignore;
+        };
+        if let Some(cond) = header(&self.request, "if-range") {
+            if !if_range_matches(&cond, &entry.meta.headers) {
+                return ByteRange::Ignore;
+            }
+        }
+        byte_range(&range, u64::try_from(entry.body.len()).unwrap_or(u64::MAX))
     }
 
     fn purge(&mut self, host: &mut dyn Host) -> Decision {
@@ -884,7 +950,8 @@ impl CacheFilter {
         let storing = StoringRequest {
             authorization: entry.meta.auth,
         };
-        let Ok(f) = facts(fresh.meta.status, &fresh.meta.headers, storing, millis(now)) else {
+        let view = targeted_view(&fresh.meta.headers, &self.shared.config.targeted);
+        let Ok(f) = facts(fresh.meta.status, &view, storing, millis(now)) else {
             self.shared.store.invalidate_url(host, url_hash);
             return None;
         };
@@ -963,7 +1030,8 @@ impl CacheFilter {
         let storing = StoringRequest {
             authorization: auth,
         };
-        let facts = match facts(status, &stored, storing, millis(host.now())) {
+        let view = targeted_view(&stored, &self.shared.config.targeted);
+        let facts = match facts(status, &view, storing, millis(host.now())) {
             Ok(f) => f,
             Err(why) => return format!("{params}; detail={why}"),
         };
@@ -1129,6 +1197,9 @@ impl HttpFilter for CacheFilter {
             .into_iter()
             .map(|(k, v)| (k.to_ascii_lowercase(), v))
             .collect();
+        if !rule.vary_normalise.is_empty() {
+            crate::key::normalise_request(&mut self.request, &rule.vary_normalise);
+        }
         self.no_store = CacheControl::of(&self.request).no_store;
         match req.method.as_str() {
             "GET" => self.lookup(host),
@@ -1187,6 +1258,11 @@ impl HttpFilter for CacheFilter {
             _ => cache_status(&params),
         };
         host.set_header(MapKind::ResponseHeaders, "cache-status", &value);
+        if self.shared.config.strip_targeted {
+            for name in &self.shared.config.targeted {
+                host.remove_header(MapKind::ResponseHeaders, name);
+            }
+        }
         if end_of_stream || self.capture.is_none() {
             self.finish_capture(host);
         }

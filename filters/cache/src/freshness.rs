@@ -3,14 +3,15 @@
 //! [`stale_if_error`]). The facts are computed once, when a response is stored, and kept with
 //! the entry: a hit parses nothing but the request's own `Cache-Control`.
 
-use serde::{Deserialize, Serialize};
-
 use crate::parse::{age, http_date, AgeValue, CacheControl, Delta};
 
-/// Statuses this cache stores (RFC 9110 15: the ones whose semantics it understands).
-pub const UNDERSTOOD_STATUSES: &[u16] = &[
-    200, 203, 204, 300, 301, 302, 303, 307, 308, 404, 405, 410, 414, 501,
-];
+/// May a response with this status be stored at all? Any final status (negative caching of
+/// 4xx and 5xx included, #14.8) but `206` (partial content is not combined) and `304` (it
+/// only updates a stored response), given explicit freshness, `public`, or a heuristically
+/// cacheable status (RFC 9111 3).
+pub fn storable_status(status: u16) -> bool {
+    (200..600).contains(&status) && status != 206 && status != 304
+}
 /// Statuses heuristically cacheable (RFC 9110 15.1).
 pub const HEURISTIC_STATUSES: &[u16] =
     &[200, 203, 204, 206, 300, 301, 308, 404, 405, 410, 414, 501];
@@ -26,7 +27,7 @@ pub const NO_STALE: u8 = 1;
 pub const NO_CACHE: u8 = 2;
 
 /// What a stored response's reuse depends on, computed when it is stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Facts {
     /// Response time (ms since the epoch).
     pub at: u64,
@@ -62,7 +63,7 @@ pub fn facts(
 ) -> Result<Facts, &'static str> {
     let cc = CacheControl::of(response);
     let has = |name: &str| response.iter().any(|(k, _)| k.eq_ignore_ascii_case(name));
-    if !UNDERSTOOD_STATUSES.contains(&status) || cc.no_store || cc.private {
+    if !storable_status(status) || cc.no_store || cc.private {
         return Err("not-storable");
     }
     if request.authorization && !(cc.public || cc.must_revalidate || cc.s_maxage.is_some()) {
@@ -141,6 +142,71 @@ fn lifetime(status: u16, cc: &CacheControl, response: &[(String, String)], date:
         .and_then(http_date)
         .map_or(0, |lm| date.saturating_sub(lm) / HEURISTIC_FRACTION);
     floor.max(heuristic)
+}
+
+/// Is a targeted field's value valid, i.e. a Structured Fields dictionary (RFC 9213 2.1,
+/// RFC 8941 3.2): lower-case keys, values that are integers, tokens or quoted strings?
+pub fn valid_targeted(value: &str) -> bool {
+    let mut any = false;
+    for member in crate::parse::list_members(value) {
+        let member = member.trim_matches(|c| c == ' ' || c == '\t');
+        let (key, val) = match member.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (member, None),
+        };
+        let mut chars = key.chars();
+        let first_ok = chars
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c == '*');
+        let rest_ok =
+            chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "_-.*".contains(c));
+        if !first_ok || !rest_ok || !val.is_none_or(sf_bare_item) {
+            return false;
+        }
+        any = true;
+    }
+    any
+}
+
+fn sf_bare_item(v: &str) -> bool {
+    if let Some(inner) = v.strip_prefix('"').and_then(|x| x.strip_suffix('"')) {
+        return inner.chars().all(|c| (' '..='~').contains(&c));
+    }
+    let digits = v.strip_prefix('-').unwrap_or(v);
+    if !digits.is_empty() && digits.len() <= 15 && digits.bytes().all(|b| b.is_ascii_digit()) {
+        return true;
+    }
+    let mut chars = v.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '*' || c == '?')
+        && chars.all(|c| c.is_ascii_graphic() && !"\"(),;<=>@[]{}\\".contains(c))
+}
+
+/// The header fields the freshness decision reads (RFC 9213 2.2): with a valid targeted field
+/// (the first of `targeted`, in order, that is present and valid), that field's value stands
+/// in for `Cache-Control`, and `Expires` is ignored; otherwise the headers as they are.
+pub fn targeted_view<'a>(
+    headers: &'a [(String, String)],
+    targeted: &[String],
+) -> std::borrow::Cow<'a, [(String, String)]> {
+    let chosen = targeted.iter().find_map(|t| {
+        let lines: Vec<&str> = all(headers, t).collect();
+        let joined = lines.join(", ");
+        (!lines.is_empty() && valid_targeted(&joined)).then_some(joined)
+    });
+    let Some(value) = chosen else {
+        return std::borrow::Cow::Borrowed(headers);
+    };
+    let mut out: Vec<(String, String)> = headers
+        .iter()
+        .filter(|(k, _)| {
+            !k.eq_ignore_ascii_case("cache-control") && !k.eq_ignore_ascii_case("expires")
+        })
+        .cloned()
+        .collect();
+    out.push(("cache-control".to_string(), value));
+    std::borrow::Cow::Owned(out)
 }
 
 fn all<'a>(headers: &'a [(String, String)], name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
@@ -341,7 +407,35 @@ mod tests {
                 &[("cache-control", "must-revalidate, max-age=60")],
                 true,
             ),
-            (ANON, 500, &[("cache-control", "max-age=60")], false),
+            // #14.8: any final status with explicit freshness; heuristics only where allowed
+            (ANON, 500, &[("cache-control", "max-age=60")], true),
+            (
+                ANON,
+                503,
+                &[("expires", "Thu, 01 Jan 2026 00:10:00 GMT")],
+                true,
+            ),
+            (
+                ANON,
+                404,
+                &[("last-modified", "Wed, 31 Dec 2025 00:00:00 GMT")],
+                true,
+            ),
+            (
+                ANON,
+                500,
+                &[("last-modified", "Wed, 31 Dec 2025 00:00:00 GMT")],
+                false,
+            ),
+            (
+                ANON,
+                302,
+                &[("cache-control", "public"), ("etag", "\"a\"")],
+                true,
+            ),
+            (ANON, 206, &[("cache-control", "max-age=60")], false),
+            (ANON, 304, &[("cache-control", "max-age=60")], false),
+            (ANON, 101, &[("cache-control", "max-age=60")], false),
             (
                 ANON,
                 200,
@@ -563,6 +657,67 @@ mod tests {
             freshness(&facts, &RequestDirectives::of(&pragma), at(1), true),
             Revalidate
         );
+    }
+
+    #[test]
+    fn targeted_fields_take_precedence() {
+        let t = vec![
+            "tollgate-cache-control".to_string(),
+            "cdn-cache-control".to_string(),
+        ];
+        let life = |res: &[(&str, &str)]| {
+            let hs = h(res);
+            f(
+                200,
+                &targeted_view(&hs, &t)
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect::<Vec<_>>(),
+            )
+            .map(|x| x.life)
+        };
+        let cc = ("cache-control", "max-age=60");
+        assert_eq!(life(&[cc, ("cdn-cache-control", "max-age=600")]), Ok(600));
+        assert_eq!(
+            life(&[
+                cc,
+                ("cdn-cache-control", "max-age=600"),
+                ("tollgate-cache-control", "max-age=6")
+            ]),
+            Ok(6)
+        );
+        // an invalid targeted field is ignored (upper case keys are not a dictionary)
+        assert_eq!(life(&[cc, ("cdn-cache-control", "Max-Age=600")]), Ok(60));
+        assert_eq!(life(&[cc, ("cdn-cache-control", "max-age=6x0")]), Ok(60));
+        // a valid one replaces Cache-Control and Expires entirely
+        assert_eq!(
+            life(&[
+                ("cache-control", "private"),
+                ("cdn-cache-control", "max-age=60")
+            ]),
+            Ok(60)
+        );
+        assert_eq!(
+            life(&[
+                ("cache-control", "max-age=60"),
+                ("cdn-cache-control", "no-store")
+            ]),
+            Err("not-storable")
+        );
+        for (v, ok) in [
+            ("max-age=60", true),
+            (
+                "max-age=60, stale-while-revalidate=30, must-revalidate",
+                true,
+            ),
+            ("no-cache=\"set-cookie\"", true),
+            ("", false),
+            ("MAX-AGE=1", false),
+            ("max-age=1.5x", false),
+            ("a=(b)", false),
+        ] {
+            assert_eq!(valid_targeted(v), ok, "{v}");
+        }
     }
 
     #[test]

@@ -98,6 +98,85 @@ pub fn header_values(headers: &[(String, String)], name: &str) -> String {
         .join(", ")
 }
 
+/// Normalise an `Accept`-like value for variant selection: members lower-cased and without
+/// whitespace, `q=0` members dropped, ordered by preference (`q`, highest first) then name,
+/// duplicates removed; `q` kept when below 1 (`fr;q=0.5`).
+pub fn normalise_accept(value: &str) -> String {
+    let mut items: Vec<(u16, String)> = Vec::new();
+    for member in value.split(',') {
+        let mut parts = member.split(';');
+        let token: String = parts
+            .next()
+            .unwrap_or("")
+            .chars()
+            .filter(|c| !c.is_whitespace())
+            .collect::<String>()
+            .to_ascii_lowercase();
+        if token.is_empty() {
+            continue;
+        }
+        let mut q = 1000;
+        let mut params = Vec::new();
+        for p in parts {
+            let p: String = p
+                .chars()
+                .filter(|c| !c.is_whitespace())
+                .collect::<String>()
+                .to_ascii_lowercase();
+            match p.strip_prefix("q=").map(qvalue) {
+                Some(Some(v)) => q = v,
+                _ if p.is_empty() => {}
+                _ => params.push(p),
+            }
+        }
+        if q == 0 {
+            continue;
+        }
+        let item = if params.is_empty() {
+            token
+        } else {
+            format!("{token};{}", params.join(";"))
+        };
+        items.push((q, item));
+    }
+    items.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+    items.dedup_by(|a, b| a.1 == b.1);
+    items
+        .iter()
+        .map(|(q, t)| match *q {
+            1000 => t.clone(),
+            q => format!("{t};q=0.{}", format!("{q:03}").trim_end_matches('0')),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// A qvalue (RFC 9110 12.4.2) in thousandths; `None` when invalid.
+fn qvalue(v: &str) -> Option<u16> {
+    let (int, frac) = v.split_once('.').unwrap_or((v, ""));
+    if frac.len() > 3 || !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let thousandths: u16 = format!("{frac:0<3}").parse().ok()?;
+    match int {
+        "0" => Some(thousandths),
+        "1" if thousandths == 0 => Some(1000),
+        _ => None,
+    }
+}
+
+/// Request headers with the values of the `normalise` fields normalised (several lines of a
+/// field joined first), for variant selection.
+pub fn normalise_request(request: &mut Vec<(String, String)>, normalise: &[String]) {
+    for name in normalise {
+        let joined = header_values(request, name);
+        if request.iter().any(|(k, _)| k == name) {
+            request.retain(|(k, _)| k != name);
+            request.push((name.clone(), normalise_accept(&joined)));
+        }
+    }
+}
+
 /// The header names a `Vary` value lists, lower case, sorted, deduplicated; `None` for `*`.
 pub fn vary_names(vary: &[&str]) -> Option<Vec<String>> {
     let mut names = Vec::new();
@@ -182,6 +261,39 @@ mod tests {
             a.hash,
             url_key("http", "gateway.test", "/q?a=2&b=1", &r).hash
         );
+    }
+
+    #[test]
+    fn accept_normalisation_table() {
+        let cases = [
+            ("en-US, fr;q=0.5", "en-us,fr;q=0.5"),
+            ("FR;Q=0.5 ,  en-us", "en-us,fr;q=0.5"),
+            ("gzip, br", "br,gzip"),
+            ("br , GZIP", "br,gzip"),
+            ("gzip;q=0, br", "br"),
+            ("de;q=0.25, en;q=0.250, fr;q=1.0", "fr,de;q=0.25,en;q=0.25"),
+            (
+                "text/html;level=1, */*;q=0.1",
+                "text/html;level=1,*/*;q=0.1",
+            ),
+            ("a, a, b;q=x", "a,b;q=x"),
+            ("", ""),
+            (" , ;q=1", ""),
+        ];
+        for (v, want) in cases {
+            assert_eq!(normalise_accept(v), want, "{v:?}");
+        }
+        let mut req = vec![
+            ("accept-language".to_string(), "FR;q=0.5".to_string()),
+            ("x".to_string(), "1".to_string()),
+            ("accept-language".to_string(), "en-US".to_string()),
+        ];
+        normalise_request(
+            &mut req,
+            &["accept-language".to_string(), "accept".to_string()],
+        );
+        assert_eq!(header_values(&req, "accept-language"), "en-us,fr;q=0.5");
+        assert_eq!(req.len(), 2);
     }
 
     #[test]

@@ -354,6 +354,82 @@ fn asctime_date(s: &str) -> Option<u64> {
     )
 }
 
+/// A `Range` request header read against a stored representation of `len` bytes
+/// (RFC 9110 14.1.2, 14.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ByteRange {
+    /// One satisfiable range: bytes `first..=last` (`last < len`).
+    Range {
+        /// First byte.
+        first: u64,
+        /// Last byte (inclusive).
+        last: u64,
+    },
+    /// Valid, but no byte of it exists: `416` with `Content-Range: bytes */len`.
+    Unsatisfiable,
+    /// Not a single valid byte range (another unit, several ranges, bad syntax): the whole
+    /// representation is sent, as a server may ignore `Range`.
+    Ignore,
+}
+
+/// Read a `Range` header value for a representation of `len` bytes. Only one range is served
+/// from the cache; several ranges are ignored (a `200` with everything).
+pub fn byte_range(value: &str, len: u64) -> ByteRange {
+    let Some((unit, set)) = value.trim().split_once('=') else {
+        return ByteRange::Ignore;
+    };
+    if !unit.trim().eq_ignore_ascii_case("bytes") || set.contains(',') {
+        return ByteRange::Ignore;
+    }
+    let Some((a, b)) = set.trim().split_once('-') else {
+        return ByteRange::Ignore;
+    };
+    let num = |s: &str| delta_seconds_exact(s).ok_or(());
+    match (a.is_empty(), b.is_empty()) {
+        // `bytes=-N`: the last N bytes
+        (true, false) => match num(b) {
+            Err(()) => ByteRange::Ignore,
+            Ok(0) => ByteRange::Unsatisfiable,
+            Ok(_) if len == 0 => ByteRange::Unsatisfiable,
+            Ok(n) => ByteRange::Range {
+                first: len.saturating_sub(n),
+                last: len - 1,
+            },
+        },
+        // `bytes=F-`: from F to the end
+        (false, true) => match num(a) {
+            Err(()) => ByteRange::Ignore,
+            Ok(f) if f >= len => ByteRange::Unsatisfiable,
+            Ok(f) => ByteRange::Range {
+                first: f,
+                last: len - 1,
+            },
+        },
+        (false, false) => match (num(a), num(b)) {
+            (Ok(f), Ok(l)) if f <= l => {
+                if f >= len {
+                    ByteRange::Unsatisfiable
+                } else {
+                    ByteRange::Range {
+                        first: f,
+                        last: l.min(len - 1),
+                    }
+                }
+            }
+            _ => ByteRange::Ignore,
+        },
+        (true, true) => ByteRange::Ignore,
+    }
+}
+
+/// `1*DIGIT` as a number; `None` for anything else or an overflow.
+fn delta_seconds_exact(s: &str) -> Option<u64> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -509,6 +585,38 @@ mod tests {
         ];
         for (s, want) in cases {
             assert_eq!(http_date(s), want, "{s:?}");
+        }
+    }
+
+    #[test]
+    fn byte_range_table() {
+        use ByteRange::*;
+        let r = |first, last| Range { first, last };
+        let cases = [
+            ("bytes=0-4", 10, r(0, 4)),
+            ("bytes=5-", 10, r(5, 9)),
+            ("bytes=-3", 10, r(7, 9)),
+            ("bytes=-30", 10, r(0, 9)),
+            ("bytes=8-100", 10, r(8, 9)),
+            ("Bytes = 0-0", 10, r(0, 0)),
+            ("bytes=10-", 10, Unsatisfiable),
+            ("bytes=10-20", 10, Unsatisfiable),
+            ("bytes=-0", 10, Unsatisfiable),
+            ("bytes=-5", 0, Unsatisfiable),
+            ("bytes=0-", 0, Unsatisfiable),
+            ("bytes=5-4", 10, Ignore),
+            ("bytes=0-1,3-4", 10, Ignore),
+            ("items=0-1", 10, Ignore),
+            ("bytes=-", 10, Ignore),
+            ("bytes=a-1", 10, Ignore),
+            ("bytes=1-a", 10, Ignore),
+            ("bytes=+1-2", 10, Ignore),
+            ("bytes=99999999999999999999999-", 10, Ignore),
+            ("bytes", 10, Ignore),
+            ("", 10, Ignore),
+        ];
+        for (v, len, want) in cases {
+            assert_eq!(byte_range(v, len), want, "{v:?} of {len}");
         }
     }
 

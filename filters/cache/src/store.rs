@@ -6,7 +6,8 @@
 //! * `tc.set.<s>` for `s` in `0..sets`: the set record, a compact binary list of `ways` way records
 //!   (URL hash, variant hash, Vary names, generation, stored-at, size, refresh lock). Updated
 //!   with CAS.
-//! * `tc.slot.<s>.<w>`: one entry (metadata JSON + body), at most `max_entry_bytes`. A slot is
+//! * `tc.slot.<s>.<w>`: one entry (compact binary metadata + body, [`Entry::encode`]), at most
+//!   `max_entry_bytes`. A slot is
 //!   written before its way record; a reader checks that the slot's generation and key are the
 //!   ones the way record names, so a torn or raced write reads as a miss, never as another URL's
 //!   or another variant's entry.
@@ -142,7 +143,7 @@ impl SetRecord {
 }
 
 /// What is stored about a response besides its body.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Meta {
     /// Generation (matches the way's).
     pub g: u64,
@@ -173,25 +174,142 @@ pub struct Entry {
     pub body: Vec<u8>,
 }
 
-impl Entry {
-    /// Encode: 4-byte little-endian metadata length, metadata JSON, body.
-    pub fn encode(&self) -> Vec<u8> {
-        let meta = serde_json::to_vec(&self.meta).unwrap_or_default();
-        let len = u32::try_from(meta.len()).unwrap_or(u32::MAX);
-        let mut out = Vec::with_capacity(4 + meta.len() + self.body.len());
-        out.extend_from_slice(&len.to_le_bytes());
-        out.extend_from_slice(&meta);
-        out.extend_from_slice(&self.body);
-        out
+/// Slot format: the first byte of every slot value.
+const ENTRY_FORMAT: u8 = 2;
+
+/// Little-endian writer of the slot format.
+struct Writer(Vec<u8>);
+
+impl Writer {
+    fn u8(&mut self, v: u8) {
+        self.0.push(v);
     }
-    /// Decode; `None` for anything malformed (an empty slot included).
+    fn u16(&mut self, v: u16) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    /// `None` as 0, `Some(n)` as n + 1 (saturating: windows and dates are far below).
+    fn opt(&mut self, v: Option<u64>) {
+        self.u64(v.map_or(0, |n| n.saturating_add(1)));
+    }
+    fn str(&mut self, s: &str) {
+        let len = u32::try_from(s.len()).unwrap_or(u32::MAX);
+        self.0.extend_from_slice(&len.to_le_bytes());
+        self.0
+            .extend_from_slice(s.as_bytes().get(..len as usize).unwrap_or_default());
+    }
+}
+
+/// Reader of the slot format; every read is bounds-checked (`None` ends the decode).
+struct Reader<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let out = self.bytes.get(self.pos..self.pos.checked_add(n)?)?;
+        self.pos += n;
+        Some(out)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        self.take(1)?.first().copied()
+    }
+    fn u16(&mut self) -> Option<u16> {
+        Some(u16::from_le_bytes(self.take(2)?.try_into().ok()?))
+    }
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+    fn opt(&mut self) -> Option<Option<u64>> {
+        Some(self.u64()?.checked_sub(1))
+    }
+    fn str(&mut self) -> Option<String> {
+        let len = u32::from_le_bytes(self.take(4)?.try_into().ok()?);
+        let bytes = self.take(usize::try_from(len).ok()?)?;
+        String::from_utf8(bytes.to_vec()).ok()
+    }
+    fn rest(&self) -> &'a [u8] {
+        self.bytes.get(self.pos..).unwrap_or_default()
+    }
+}
+
+impl Entry {
+    /// Encode in the compact slot format (read on every hit, so neither JSON nor anything to
+    /// compute): a format byte; `g`, `v` (u64), status (u16), auth (u8); the facts (`at`,
+    /// `age`, `life` u64, `flags` u8, `swr`, `sie`, `modified` as u64 + 1, 0 for none); `url`,
+    /// `host`, `path` (u32 length + bytes); the header count (u16) and each name and value
+    /// (u32 length + bytes); then the body.
+    pub fn encode(&self) -> Vec<u8> {
+        let m = &self.meta;
+        let head: usize = m.headers.iter().map(|(k, v)| k.len() + v.len() + 8).sum();
+        let mut w = Writer(Vec::with_capacity(
+            80 + m.url.len() + m.host.len() + m.path.len() + head + self.body.len(),
+        ));
+        w.u8(ENTRY_FORMAT);
+        w.u64(m.g);
+        w.u64(m.v);
+        w.u16(m.status);
+        w.u8(u8::from(m.auth));
+        w.u64(m.f.at);
+        w.u64(m.f.age);
+        w.u64(m.f.life);
+        w.u8(m.f.flags);
+        w.opt(m.f.swr);
+        w.opt(m.f.sie);
+        w.opt(m.f.modified);
+        w.str(&m.url);
+        w.str(&m.host);
+        w.str(&m.path);
+        let count = u16::try_from(m.headers.len()).unwrap_or(u16::MAX);
+        w.u16(count);
+        for (k, v) in m.headers.iter().take(usize::from(count)) {
+            w.str(k);
+            w.str(v);
+        }
+        w.0.extend_from_slice(&self.body);
+        w.0
+    }
+
+    /// Decode; `None` for anything malformed (an empty slot, an older format included).
     pub fn decode(bytes: &[u8]) -> Option<Entry> {
-        let len_bytes: [u8; 4] = bytes.get(..4)?.try_into().ok()?;
-        let len = usize::try_from(u32::from_le_bytes(len_bytes)).ok()?;
-        let meta_bytes = bytes.get(4..4usize.checked_add(len)?)?;
-        let meta: Meta = serde_json::from_slice(meta_bytes).ok()?;
-        let body = bytes.get(4 + len..)?.to_vec();
-        Some(Entry { meta, body })
+        let mut r = Reader { bytes, pos: 0 };
+        if r.u8()? != ENTRY_FORMAT {
+            return None;
+        }
+        let (g, v, status, auth) = (r.u64()?, r.u64()?, r.u16()?, r.u8()? != 0);
+        let f = Facts {
+            at: r.u64()?,
+            age: r.u64()?,
+            life: r.u64()?,
+            flags: r.u8()?,
+            swr: r.opt()?,
+            sie: r.opt()?,
+            modified: r.opt()?,
+        };
+        let (url, host, path) = (r.str()?, r.str()?, r.str()?);
+        let count = r.u16()?;
+        let mut headers = Vec::with_capacity(usize::from(count));
+        for _ in 0..count {
+            headers.push((r.str()?, r.str()?));
+        }
+        let meta = Meta {
+            g,
+            url,
+            host,
+            path,
+            v,
+            status,
+            headers,
+            auth,
+            f,
+        };
+        Some(Entry {
+            meta,
+            body: r.rest().to_vec(),
+        })
     }
 }
 
@@ -611,7 +729,15 @@ mod tests {
                 status: 200,
                 headers: vec![("etag".into(), "\"1\"".into())],
                 auth: false,
-                f: Default::default(),
+                f: Facts {
+                    at: 5,
+                    age: 1,
+                    life: 60,
+                    flags: 1,
+                    swr: Some(0),
+                    sie: Some(30),
+                    modified: None,
+                },
             },
             body: body.to_vec(),
         }
@@ -672,9 +798,13 @@ mod tests {
     #[test]
     fn entries_round_trip_and_garbage_is_a_miss() {
         let e = entry("/a", 7, b"hello");
-        assert_eq!(Entry::decode(&e.encode()), Some(e));
+        assert_eq!(Entry::decode(&e.encode()), Some(e.clone()));
         assert_eq!(Entry::decode(b""), None);
         assert_eq!(Entry::decode(b"\xff\xff\xff\xff{}"), None);
+        let bytes = e.encode();
+        for cut in 0..bytes.len() - e.body.len() {
+            assert_eq!(Entry::decode(&bytes[..cut]), None, "cut at {cut}");
+        }
     }
 
     #[test]

@@ -5,6 +5,7 @@ pub mod aggregate_request;
 pub mod auth;
 pub mod auth_remote;
 pub mod combined;
+pub mod cache;
 pub mod common;
 pub mod config;
 pub mod jose;
@@ -35,6 +36,7 @@ pub const ALL: &[(&str, Target, u32)] = &[
     ("shape", aggregate::shape, 3000),
     ("aggregate_request", aggregate_request::request, 600),
     ("ratelimit_request", ratelimit::request, 600),
+    ("cache_headers", cache::parsers, 3000),
 ];
 
 /// A target by name.

@@ -867,3 +867,43 @@ fn failed_purge_attempts_are_throttled_per_client() {
     assert_eq!(send(&mut d, "10.0.0.2", "secret").status, 200);
     assert_eq!(d.metric("tollgate.cache.purge_throttled"), Some(1));
 }
+
+#[test]
+fn single_ranges_are_served_from_a_stored_complete_response() {
+    let mut d = driver();
+    let origin: &[(&str, &str)] = &[
+        (":status", "200"),
+        ("cache-control", "public, max-age=60"),
+        ("etag", "\"v1\""),
+        ("last-modified", "Thu, 01 Jan 2026 00:00:00 GMT"),
+    ];
+    let h = d.request("GET", "/api/range", &[]);
+    run(&mut d, h, origin, b"0123456789");
+    let ask = |d: &mut Driver<CacheRoot>, headers: &[(&str, &str)]| {
+        let h = d.request("GET", "/api/range", headers);
+        run(d, h, &[], b"").reply.unwrap()
+    };
+    let r = ask(&mut d, &[("range", "bytes=2-4")]);
+    assert_eq!((r.status, r.body.as_slice()), (206, &b"234"[..]));
+    assert_eq!(r.header("content-range"), Some("bytes 2-4/10"));
+    let r = ask(&mut d, &[("range", "bytes=-3")]);
+    assert_eq!((r.status, r.body.as_slice()), (206, &b"789"[..]));
+    let r = ask(&mut d, &[("range", "bytes=10-")]);
+    assert_eq!(
+        (r.status, r.header("content-range")),
+        (416, Some("bytes */10"))
+    );
+    assert!(r.body.is_empty());
+    let r = ask(&mut d, &[("range", "bytes=0-1,4-5")]);
+    assert_eq!((r.status, r.body.len()), (200, 10));
+    for (cond, status) in [
+        ("\"v1\"", 206),
+        ("W/\"v1\"", 200),
+        ("\"v2\"", 200),
+        ("Thu, 01 Jan 2026 00:00:00 GMT", 206),
+        ("Fri, 02 Jan 2026 00:00:00 GMT", 200),
+    ] {
+        let r = ask(&mut d, &[("range", "bytes=0-0"), ("if-range", cond)]);
+        assert_eq!(r.status, status, "If-Range: {cond}");
+    }
+}
