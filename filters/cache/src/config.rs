@@ -55,6 +55,10 @@ pub struct PurgeConfig {
     pub path: String,
     /// Hex SHA-256 of the key that callers send in `x-tollgate-purge-key`.
     pub key_sha256: Sha256Hex,
+    /// Response header whose tags (separated by spaces or commas) a purge `?tag=` matches,
+    /// e.g. `surrogate-key` or `cache-tag`; absent: no tag purge.
+    #[serde(default)]
+    pub tag_header: Option<HeaderName>,
 }
 
 /// How `Set-Cookie` responses are treated.
@@ -195,6 +199,8 @@ pub struct Purge {
     pub path: String,
     /// SHA-256 of the key.
     pub key_sha256: [u8; 32],
+    /// Response header carrying the tags a tag purge matches (lower case).
+    pub tag_header: Option<String>,
 }
 
 impl Purge {
@@ -304,6 +310,7 @@ impl Config {
                 Some(Purge {
                     path: p.path,
                     key_sha256: p.key_sha256.0,
+                    tag_header: p.tag_header.map(|h| h.as_str().to_string()),
                 })
             }
         };

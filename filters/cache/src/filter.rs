@@ -21,7 +21,7 @@ use crate::freshness::{
 };
 use crate::key::{request_url_key, vary_names, UrlKey};
 use crate::parse::{byte_range, http_date, list_members, ByteRange, CacheControl};
-use crate::store::{millis, Entry, Found, Lookup, Meta, PurgeRule, PutError, Store};
+use crate::store::{millis, Entry, Found, Lookup, Meta, PurgeRule, Purges, PutError, Store};
 
 /// Name of this cache in `Cache-Status`.
 pub const CACHE_NAME: &str = "tollgate";
@@ -615,17 +615,31 @@ impl CacheFilter {
             return Decision::Respond(Problem::new(403).detail("wrong purge key").into_reply());
         }
         let (_, query) = split_query(&path);
-        let (target, prefix) = match (query_param(query, "url"), query_param(query, "prefix")) {
-            (Some(u), None) => (split_query(&u).0.to_string(), false),
-            (None, Some(p)) => (p, true),
-            _ => {
+        let tag = query_param(query, "tag");
+        if let Some(tag) = tag {
+            if query_param(query, "url").is_some() || query_param(query, "prefix").is_some() {
                 return Decision::Respond(
                     Problem::new(400)
-                        .detail("give exactly one of the query parameters `url` and `prefix`")
+                        .detail(
+                            "give exactly one of the query parameters `url`, `prefix` and `tag`",
+                        )
                         .into_reply(),
-                )
+                );
             }
-        };
+            return self.purge_tag(host, purge.tag_header.is_some(), tag);
+        }
+        let (target, prefix) =
+            match (query_param(query, "url"), query_param(query, "prefix")) {
+                (Some(u), None) => (split_query(&u).0.to_string(), false),
+                (None, Some(p)) => (p, true),
+                _ => return Decision::Respond(
+                    Problem::new(400)
+                        .detail(
+                            "give exactly one of the query parameters `url`, `prefix` and `tag`",
+                        )
+                        .into_reply(),
+                ),
+            };
         if !target.starts_with('/') {
             return Decision::Respond(
                 Problem::new(400)
@@ -650,6 +664,7 @@ impl CacheFilter {
             prefix,
             at: millis(host.now()),
             seq: 0,
+            tag: None,
         };
         if !self.shared.store.add_purge(host, rule) {
             return Decision::Respond(
@@ -669,6 +684,52 @@ impl CacheFilter {
             "kind": if prefix { "prefix" } else { "path" },
             "host": host_filter,
         });
+        Decision::Respond(
+            LocalReply::new(200)
+                .with_header("content-type", "application/json")
+                .with_header("cache-control", "no-store")
+                .with_body(serde_json::to_vec(&body).unwrap_or_default()),
+        )
+    }
+
+    /// `?tag=T`: every entry whose tag header names `T` is gone (on every worker: the rule is
+    /// in the shared purge record that each lookup reads).
+    fn purge_tag(&mut self, host: &mut dyn Host, enabled: bool, tag: String) -> Decision {
+        if !enabled {
+            return Decision::Respond(
+                Problem::new(400)
+                    .detail("tag purge is off: configure `purge.tag_header`")
+                    .into_reply(),
+            );
+        }
+        if tag.is_empty()
+            || tag.len() > 255
+            || tag.contains(|c: char| c == ',' || c.is_whitespace())
+        {
+            return Decision::Respond(
+                Problem::new(400)
+                    .detail("a tag is 1 to 255 bytes without spaces or commas")
+                    .into_reply(),
+            );
+        }
+        let rule = PurgeRule {
+            host: None,
+            path: String::new(),
+            prefix: false,
+            at: millis(host.now()),
+            seq: 0,
+            tag: Some(tag.clone()),
+        };
+        if !self.shared.store.add_purge(host, rule) {
+            return Decision::Respond(
+                Problem::new(503)
+                    .detail("the purge could not be recorded; retry")
+                    .into_reply(),
+            );
+        }
+        self.shared.metrics.count(host, "purges", 1);
+        log::info!("[{}] cache: purged tag {tag}", self.context_id);
+        let body = serde_json::json!({"purged": tag, "kind": "tag"});
         Decision::Respond(
             LocalReply::new(200)
                 .with_header("content-type", "application/json")
@@ -728,10 +789,38 @@ impl CacheFilter {
             .lookup(host, url.hash, &self.request, &key_headers, &purges)
         {
             // A 64-bit hash collision of two URLs reads as a miss.
-            Lookup::Hit(found) if found.entry.meta.url == url.url => Ok(found),
+            Lookup::Hit(found) if found.entry.meta.url == url.url => {
+                if self.purged_by_tag(&found, &purges) {
+                    let store = self.shared.store;
+                    store.invalidate_way(host, found.set, found.way, found.record.g);
+                    return Err("uri-miss");
+                }
+                Ok(found)
+            }
             Lookup::VaryMiss => Err("vary-miss"),
             _ => Err("uri-miss"),
         }
+    }
+
+    /// Was this entry purged by tag (its tag header names a tag purged after it was fetched)?
+    fn purged_by_tag(&self, found: &Found, purges: &Purges) -> bool {
+        let Some(name) = self
+            .shared
+            .config
+            .purge
+            .as_ref()
+            .and_then(|p| p.tag_header.as_deref())
+        else {
+            return false;
+        };
+        if purges.rules.iter().all(|r| r.tag.is_none()) {
+            return false;
+        }
+        let tags = all(&found.entry.meta.headers, name)
+            .into_iter()
+            .flat_map(|v| v.split(|c: char| c == ',' || c.is_whitespace()))
+            .filter(|t| !t.is_empty());
+        purges.purged_by_tag(tags, found.record.p)
     }
 
     /// Nothing usable stored: wait for another request's fetch of the URL (once), fetch it
