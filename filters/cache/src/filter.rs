@@ -585,24 +585,20 @@ impl CacheFilter {
         byte_range(&range, u64::try_from(entry.body.len()).unwrap_or(u64::MAX))
     }
 
-    fn purge(&mut self, host: &mut dyn Host) -> Decision {
-        let Some(purge) = self.shared.config.purge.as_ref() else {
-            return Decision::Continue;
-        };
-        self.state = State::Done;
-        let path = host.path();
+    /// The refusal of a purge request that may not purge (method, key), if any.
+    fn purge_refusal(&self, host: &dyn Host, path: &str) -> Option<LocalReply> {
         let method = host.method();
         if method != "POST" && method != "PURGE" {
-            return Decision::Respond(
+            return Some(
                 Problem::new(405)
                     .detail("use POST (or PURGE) with ?url=/path or ?prefix=/path/")
-                    .instance(split_query(&path).0)
+                    .instance(split_query(path).0)
                     .into_reply()
                     .with_header("allow", "POST, PURGE"),
             );
         }
         let Some(key) = host.header(MapKind::RequestHeaders, PURGE_KEY_HEADER) else {
-            return Decision::Respond(
+            return Some(
                 Problem::new(401)
                     .detail(format!(
                         "the purge endpoint needs the `{PURGE_KEY_HEADER}` header"
@@ -610,9 +606,28 @@ impl CacheFilter {
                     .into_reply(),
             );
         };
-        if !purge.key_matches(&key) {
+        let matches = self
+            .shared
+            .config
+            .purge
+            .as_ref()
+            .is_some_and(|p| p.key_matches(&key));
+        if !matches {
             log::warn!("[{}] cache: purge refused: wrong key", self.context_id);
-            return Decision::Respond(Problem::new(403).detail("wrong purge key").into_reply());
+            return Some(Problem::new(403).detail("wrong purge key").into_reply());
+        }
+        None
+    }
+
+    fn purge(&mut self, host: &mut dyn Host) -> Decision {
+        let Some(purge) = self.shared.config.purge.as_ref() else {
+            return Decision::Continue;
+        };
+        let tag_enabled = purge.tag_header.is_some();
+        self.state = State::Done;
+        let path = host.path();
+        if let Some(refusal) = self.purge_refusal(host, &path) {
+            return Decision::Respond(refusal);
         }
         let (_, query) = split_query(&path);
         let tag = query_param(query, "tag");
@@ -626,7 +641,7 @@ impl CacheFilter {
                         .into_reply(),
                 );
             }
-            return self.purge_tag(host, purge.tag_header.is_some(), tag);
+            return self.purge_tag(host, tag_enabled, tag);
         }
         let (target, prefix) =
             match (query_param(query, "url"), query_param(query, "prefix")) {
@@ -666,6 +681,21 @@ impl CacheFilter {
             seq: 0,
             tag: None,
         };
+        let body = serde_json::json!({
+            "purged": target,
+            "kind": if prefix { "prefix" } else { "path" },
+            "host": host_filter,
+        });
+        self.record_purge(host, rule, &body)
+    }
+
+    /// Add a purge rule to the shared record and answer with `body` (or `503`).
+    fn record_purge(
+        &mut self,
+        host: &mut dyn Host,
+        rule: PurgeRule,
+        body: &serde_json::Value,
+    ) -> Decision {
         if !self.shared.store.add_purge(host, rule) {
             return Decision::Respond(
                 Problem::new(503)
@@ -674,21 +704,12 @@ impl CacheFilter {
             );
         }
         self.shared.metrics.count(host, "purges", 1);
-        log::info!(
-            "[{}] cache: purged {} {target}",
-            self.context_id,
-            if prefix { "prefix" } else { "path" }
-        );
-        let body = serde_json::json!({
-            "purged": target,
-            "kind": if prefix { "prefix" } else { "path" },
-            "host": host_filter,
-        });
+        log::info!("[{}] cache: purged {body}", self.context_id);
         Decision::Respond(
             LocalReply::new(200)
                 .with_header("content-type", "application/json")
                 .with_header("cache-control", "no-store")
-                .with_body(serde_json::to_vec(&body).unwrap_or_default()),
+                .with_body(serde_json::to_vec(body).unwrap_or_default()),
         )
     }
 
@@ -720,22 +741,8 @@ impl CacheFilter {
             seq: 0,
             tag: Some(tag.clone()),
         };
-        if !self.shared.store.add_purge(host, rule) {
-            return Decision::Respond(
-                Problem::new(503)
-                    .detail("the purge could not be recorded; retry")
-                    .into_reply(),
-            );
-        }
-        self.shared.metrics.count(host, "purges", 1);
-        log::info!("[{}] cache: purged tag {tag}", self.context_id);
         let body = serde_json::json!({"purged": tag, "kind": "tag"});
-        Decision::Respond(
-            LocalReply::new(200)
-                .with_header("content-type", "application/json")
-                .with_header("cache-control", "no-store")
-                .with_body(serde_json::to_vec(&body).unwrap_or_default()),
-        )
+        self.record_purge(host, rule, &body)
     }
 
     /// Look the request up and decide: a hit, a stale answer with a background refresh, a
