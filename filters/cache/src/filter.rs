@@ -98,6 +98,9 @@ pub struct Worker {
     pub inflight: RefCell<HashMap<u64, Vec<u32>>>,
     /// Waiting requests to wake on the next tick (their fetch finished).
     pub wake_queue: RefCell<Vec<u32>>,
+    /// Misses being fetched by another worker: URL hash -> requests of this worker waiting for
+    /// that fetch (checked on every tick through the shared lead record).
+    pub remote: RefCell<HashMap<u64, Vec<u32>>>,
 }
 
 impl Worker {
@@ -113,6 +116,7 @@ impl Worker {
             jobs: RefCell::new(Vec::new()),
             inflight: RefCell::new(HashMap::new()),
             wake_queue: RefCell::new(Vec::new()),
+            remote: RefCell::new(HashMap::new()),
         }
     }
 }
@@ -151,6 +155,7 @@ impl RootFilter for CacheRoot {
         for job in jobs {
             self.start_refresh(host, job);
         }
+        self.check_remote_fetches(host);
         let woken: Vec<u32> = self.shared.wake_queue.borrow_mut().drain(..).collect();
         for id in woken {
             if !host.wake(id, WAKE_FETCHED) {
@@ -202,8 +207,56 @@ const WAKE_FETCHED: u32 = 1;
 /// Most requests that wait for one fetch; more go upstream themselves.
 const MAX_WAITERS: usize = 1024;
 const SCAN_SETS_PER_TICK: u32 = 128;
+/// Lead records (`tc.lead.<n>`): which URL a worker is fetching, so that the other workers'
+/// misses of it wait (#14.13).
+const LEAD_BUCKETS: u64 = 1024;
+/// A lead record older than this is ignored (its fetch is taken to have failed).
+const LEAD_MS: u64 = 30_000;
+
+fn lead_key(url_hash: u64) -> String {
+    format!("tc.lead.{}", url_hash % LEAD_BUCKETS)
+}
+
+/// The lead record of a URL's bucket: (URL hash, until ms), and its CAS.
+fn read_lead(host: &dyn Host, url_hash: u64) -> (Option<(u64, u64)>, Option<u32>) {
+    match host.shared_get(&lead_key(url_hash)) {
+        Ok(Some((bytes, cas))) => {
+            let rec = bytes
+                .get(..16)
+                .and_then(|b| Some((b.get(..8)?.try_into().ok()?, b.get(8..)?.try_into().ok()?)))
+                .map(|(a, b): ([u8; 8], [u8; 8])| (u64::from_le_bytes(a), u64::from_le_bytes(b)));
+            (rec, Some(cas))
+        }
+        _ => (None, None),
+    }
+}
+
+/// Is another fetch of this URL under way (a live lead record names it)?
+fn lead_active(host: &dyn Host, url_hash: u64, now_ms: u64) -> bool {
+    matches!(read_lead(host, url_hash).0, Some((h, until)) if h == url_hash && until > now_ms)
+}
 
 impl CacheRoot {
+    /// Wake the requests that wait for another worker's fetch once that fetch is over (its
+    /// lead record is gone, taken by another URL, or expired).
+    fn check_remote_fetches(&mut self, host: &mut dyn Host) {
+        if self.shared.remote.borrow().is_empty() {
+            return;
+        }
+        let now = millis(host.now());
+        let mut remote = self.shared.remote.borrow_mut();
+        let done: Vec<u64> = remote
+            .keys()
+            .copied()
+            .filter(|h| !lead_active(host, *h, now))
+            .collect();
+        for h in done {
+            if let Some(ids) = remote.remove(&h) {
+                self.shared.wake_queue.borrow_mut().extend(ids);
+            }
+        }
+    }
+
     fn start_refresh(&mut self, host: &mut dyn Host, mut job: RefreshJob) {
         job.purge_seq = self.shared.store.purges(host).seq;
         let (path, query) = split_query(&job.path);
@@ -830,6 +883,37 @@ impl CacheFilter {
         purges.purged_by_tag(tags, found.record.p)
     }
 
+    /// Another worker fetches this URL: wait for it (on this worker's tick), within the same
+    /// bounds as a local wait. Only when this worker is not fetching it itself.
+    fn wait_for_remote_fetch(&mut self, host: &mut dyn Host, url: &UrlKey) -> bool {
+        if self.shared.inflight.borrow().contains_key(&url.hash) {
+            return false;
+        }
+        if !lead_active(host, url.hash, millis(host.now())) {
+            return false;
+        }
+        let mut remote = self.shared.remote.borrow_mut();
+        let waiters = remote.entry(url.hash).or_default();
+        if waiters.len() >= MAX_WAITERS {
+            return false;
+        }
+        waiters.push(self.context_id);
+        true
+    }
+
+    /// Record in shared data that this worker fetches the URL (best effort: a lost race only
+    /// means that both fetch).
+    fn take_lead(&self, host: &mut dyn Host, url_hash: u64) {
+        let now = millis(host.now());
+        let (rec, cas) = read_lead(host, url_hash);
+        if matches!(rec, Some((h, until)) if until > now && h != url_hash) {
+            return;
+        }
+        let mut value = url_hash.to_le_bytes().to_vec();
+        value.extend_from_slice(&now.saturating_add(LEAD_MS).to_le_bytes());
+        let _ = host.shared_set(&lead_key(url_hash), &value, cas);
+    }
+
     /// Nothing usable stored: wait for another request's fetch of the URL (once), fetch it
     /// ourselves, or answer `only-if-cached` with 504.
     fn on_miss(
@@ -846,6 +930,10 @@ impl CacheFilter {
                 "only-if-cached: not in the cache",
                 &format!("fwd={fwd}; detail=only-if-cached"),
             ));
+        }
+        if !self.collapsed && self.wait_for_remote_fetch(host, url) {
+            self.state = State::Waiting;
+            return Decision::Pause;
         }
         // Collapse concurrent misses of one URL on this worker: the first fetches, the others
         // wait for it (once) and look again.
@@ -864,6 +952,9 @@ impl CacheFilter {
             None => {}
         }
         drop(inflight);
+        if self.leading.is_some() {
+            self.take_lead(host, url.hash);
+        }
         self.shared.metrics.count(host, "misses", 1);
         self.state = State::Miss(fwd);
         Decision::Continue
@@ -1165,10 +1256,15 @@ impl CacheFilter {
     }
 
     /// The fetch this request led is over (stored or not): wake the requests waiting for it.
-    fn release(&mut self) {
+    fn release(&mut self, host: &mut dyn Host) {
         let Some(hash) = self.leading.take() else {
             return;
         };
+        if let (Some((h, _)), cas) = read_lead(host, hash) {
+            if h == hash {
+                let _ = host.shared_set(&lead_key(hash), b"", cas);
+            }
+        }
         let waiters = self.shared.inflight.borrow_mut().remove(&hash);
         if let Some(w) = waiters {
             self.shared.wake_queue.borrow_mut().extend(w);
@@ -1177,7 +1273,7 @@ impl CacheFilter {
 
     fn finish_capture(&mut self, host: &mut dyn Host) {
         self.store_capture(host);
-        self.release();
+        self.release(host);
     }
 
     fn store_capture(&mut self, host: &mut dyn Host) {
@@ -1234,8 +1330,8 @@ impl HttpFilter for CacheFilter {
         self.lookup(host)
     }
 
-    fn on_done(&mut self, _host: &mut dyn Host) {
-        self.release();
+    fn on_done(&mut self, host: &mut dyn Host) {
+        self.release(host);
     }
 
     fn on_request_headers(&mut self, host: &mut dyn Host, _end_of_stream: bool) -> Decision {
@@ -1358,7 +1454,7 @@ impl HttpFilter for CacheFilter {
                     _ => {
                         // Too large (or unreadable): stop capturing, let it stream through.
                         self.capture = None;
-                        self.release();
+                        self.release(host);
                         self.shared.metrics.count(host, "too_large", 1);
                     }
                 }
