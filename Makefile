@@ -13,8 +13,8 @@ PYTEST_ARGS   ?=
 COMBINED_TESTS := tests/test_foundation.py tests/test_auth.py tests/test_ratelimit.py tests/test_cache.py tests/test_aggregate.py \
                   tests/test_hostile.py
 
-.PHONY: help build wasm demo-service rls-service redis run test unit-test integration-test validate lint fmt clean \
-        host-toolchain python-env oci dist release manifests test-matrix
+.PHONY: help build wasm demo-service rls-service loadgen redis run test unit-test integration-test validate lint fmt clean \
+        host-toolchain python-env oci dist release manifests test-matrix test-stress
 
 help: ## Show this help
 	@echo "Tollgate: API gateway filters for Envoy (proxy-wasm, Rust)"
@@ -45,6 +45,11 @@ demo-service: host-toolchain
 rls-service: host-toolchain
 	cargo build --release -p tollgate-rls
 
+# The benchmarks' load generator (its own workspace): tests/test_bench.py runs it, so make build
+# builds it (never pytest).
+loadgen: host-toolchain
+	cargo build --release -q --manifest-path bench/loadgen/Cargo.toml
+
 # The global rate limits' counters live in Redis: the demo, the tests and the benchmarks start a
 # redis-server of their own on a local port (Debian's package, installed here when missing).
 redis:
@@ -52,7 +57,7 @@ redis:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -q redis-server; \
 	  else sudo apt-get update -qq && sudo apt-get install -y -q redis-server; fi; }
 
-build: wasm demo-service rls-service redis ## Build the filters, the demo services and the rate limit service
+build: wasm demo-service rls-service redis loadgen ## Build the filters, the demo services, the rate limit service and every test helper (mint-token, the load generator)
 
 run: build python-env ## Start the demo: three services, Redis, the rate limit service and Envoy on 127.0.0.1:10000 (admin :9901)
 	ENVOY=$(ENVOY_BIN) scripts/run-demo.sh
@@ -72,6 +77,11 @@ test: build python-env ## Run every test: unit tests, configuration validation, 
 	$(ENVOY_BIN) --mode validate -c envoy/envoy.yaml -l warn
 	ENVOY=$(ENVOY_BIN) $(PYTHON) -m pytest tests $(PYTEST_ARGS)
 	TOLLGATE_MODULE=combined ENVOY=$(ENVOY_BIN) $(PYTHON) -m pytest $(COMBINED_TESTS) $(PYTEST_ARGS)
+
+RUNS    ?= 3
+LOADERS ?= 2
+test-stress: build python-env ## The whole `make test` three times in a row while two busy loops load both cores (long; RUNS=3 LOADERS=2)
+	RUNS=$(RUNS) LOADERS=$(LOADERS) MAKE="$(MAKE)" ENVOY="$(ENVOY)" PYTEST_ARGS="$(PYTEST_ARGS)" scripts/test-stress.sh
 
 oci: wasm python-env ## Package each module as an OCI image layout in dist/oci/ (no Docker needed)
 	$(PYTHON) scripts/oci.py
@@ -108,8 +118,7 @@ clean: ## Remove build output (keeps .venv)
 .PHONY: bench bench-quick bench-tools
 BENCH_ARGS ?=
 
-bench-tools: host-toolchain
-	cargo build --release -q --manifest-path bench/loadgen/Cargo.toml
+bench-tools: loadgen
 	@command -v taskset >/dev/null || { echo "installing taskset (util-linux)"; apt-get install -y -q util-linux; }
 
 bench: build python-env bench-tools ## Benchmarks vs native Envoy filters and no filter (about 20 min) -> bench/results/latest.md

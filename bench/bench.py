@@ -300,10 +300,11 @@ class Cores:
         self.gateway = ids[-1] if self.pinned else None
         self.others = ",".join(str(i) for i in ids[:-1]) if self.pinned else None
 
-    def wrap(self, argv: list[str], gateway: bool) -> list[str]:
+    def prefix(self, gateway: bool) -> list[str]:
+        """The command that pins a process to its cores (none when not pinned)."""
         if not self.pinned:
-            return argv
-        return ["taskset", "-c", str(self.gateway if gateway else self.others)] + argv
+            return []
+        return ["taskset", "-c", str(self.gateway if gateway else self.others)]
 
 
 def circuit_breakers() -> dict:
@@ -318,38 +319,10 @@ def cluster(name: str, port: int) -> dict:
     return c
 
 
-def hcm(stat_prefix: str, routes: list[dict], http_filters: list[dict]) -> dict:
-    return {
-        "name": "envoy.filters.network.http_connection_manager",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-            "stat_prefix": stat_prefix,
-            "codec_type": "AUTO",
-            "generate_request_id": False,
-            "route_config": {"name": stat_prefix, "virtual_hosts": [
-                {"name": "all", "domains": ["*"], "routes": routes}]},
-            "http_filters": http_filters + [{
-                "name": "envoy.filters.http.router",
-                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
-                                 "dynamic_stats": False},
-            }],
-        },
-    }
-
-
 def bootstrap(port: int, admin_port: int, routes: list[dict], http_filters: list[dict],
               clusters: list[dict]) -> dict:
-    return {
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
-        "static_resources": {
-            "listeners": [{
-                "name": "bench",
-                "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
-                "filter_chains": [{"filters": [hcm("bench", routes, http_filters)]}],
-            }],
-            "clusters": clusters,
-        },
-    }
+    """The harness's bootstrap (tests/harness.py), lean: no request ids, no dynamic router stats."""
+    return harness.bootstrap(port, admin_port, http_filters, clusters, routes, name="bench", lean=True)
 
 
 UPSTREAM_BODY = json.dumps({"id": 1, "name": "bench", "items": [1, 2, 3], "ok": True})
@@ -378,48 +351,37 @@ def gateway_routes(extra: list[dict] | None) -> list[dict]:
 
 
 class EnvoyProc:
+    """The harness's Envoy (tests/harness.py: process, bootstrap, readiness, stats), pinned to its
+    cores, with the benchmark's measurements of its process."""
+
     def __init__(self, name: str, config: dict, cores: Cores, gateway: bool, workdir: Path):
         self.name = name
-        self.port = config["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"]
-        self.admin_port = config["admin"]["address"]["socket_address"]["port_value"]
-        self.dir = workdir / name.replace("/", "_").replace(" ", "_")
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.config_path = self.dir / "envoy.json"
-        self.config_path.write_text(json.dumps(config, indent=1))
-        self.log_path = self.dir / "envoy.log"
-        argv = [harness.envoy_binary(), "-c", str(self.config_path), "--use-dynamic-base-id",
-                "--concurrency", "1", "-l", "warning", "--disable-hot-restart"]
-        self.argv = cores.wrap(argv, gateway)
-        log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(self.argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        log.close()
+        self.envoy = harness.Envoy.launch(
+            config, concurrency=1, log_level="warning", argv_prefix=cores.prefix(gateway),
+            workdir=workdir / name.replace("/", "_").replace(" ", "_"))
+        self.port = self.envoy.port
+        self.admin_port = self.envoy.admin_port
+        self.log_path = self.envoy.log_path
 
     def wait_ready(self, timeout: float = 60.0) -> str | None:
-        """None when ready, else why not."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                return f"Envoy exited with {self.proc.returncode}: {self.log_excerpt()}"
-            try:
-                if harness.http(self.admin_port, "GET", "/ready", timeout=1).status == 200:
-                    return None
-            except OSError:
-                pass
-            time.sleep(0.05)
-        return "Envoy did not become ready in time"
+        """None when ready, else why not (Envoy is stopped then)."""
+        try:
+            self.envoy.wait_ready(timeout)
+            return None
+        except TimeoutError:
+            return "Envoy did not become ready in time"
+        except RuntimeError:
+            return f"Envoy exited with {self.envoy.returncode}: {self.log_excerpt()}"
 
     def log_excerpt(self) -> str:
-        try:
-            lines = self.log_path.read_text(errors="replace").splitlines()
-        except FileNotFoundError:
-            return ""
+        lines = self.envoy.log().splitlines()
         interesting = [ln for ln in lines if "error" in ln.lower() or "critical" in ln.lower()
                        or "invalid" in ln.lower()]
         return " | ".join((interesting or lines)[-3:])[:400]
 
     @property
     def pid(self) -> int:
-        return self.proc.pid
+        return self.envoy.proc.pid
 
     def cpu_ns(self) -> int:
         total = 0
@@ -433,15 +395,10 @@ class EnvoyProc:
     def tollgate_stats(self) -> dict[str, int]:
         """The gateway's Tollgate metrics (`wasmcustom.tollgate.*`): evidence the filters did their work."""
         try:
-            r = harness.http(self.admin_port, "GET", "/stats?filter=wasmcustom.tollgate", timeout=5)
+            stats = self.envoy.stats("wasmcustom.tollgate")
         except OSError:
             return {}
-        out = {}
-        for line in r.text.splitlines():
-            name, _, value = line.partition(": ")
-            if value.strip().isdigit():
-                out[name.removeprefix("wasmcustom.")] = int(value)
-        return out
+        return {name.removeprefix("wasmcustom."): v for name, v in stats.items()}
 
     def rss_kib(self) -> int:
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
@@ -450,13 +407,7 @@ class EnvoyProc:
         return 0
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        self.envoy.stop()
 
 
 class Gateway(EnvoyProc):
@@ -472,7 +423,7 @@ def loadgen(port: int, load: Load, cores: Cores, *, ops: int | None = None, rate
         argv += ["--rate", str(rate)]
     if duration is not None:
         argv += ["--duration", str(duration)]
-    out = subprocess.run(cores.wrap(argv, gateway=False), capture_output=True, text=True,
+    out = subprocess.run(cores.prefix(gateway=False) + argv, capture_output=True, text=True,
                          timeout=timeout + (duration or 0) + (ops or 0) / 200)
     if out.returncode != 0:
         raise RuntimeError(f"loadgen failed ({out.returncode}): {out.stderr.strip()}")

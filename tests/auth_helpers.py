@@ -84,12 +84,20 @@ class Idp:
     routes: path -> (status, content_type, body bytes, delay seconds); change them at any time.
     `/introspect` answers RFC 7662: tokens starting with `active-` are active (sub = the rest,
     scope `orders:read`, plan `pro`), others are inactive. `hits` counts requests per path.
+
+    Holds order events without timing: a route set with `hold=True` (and `/introspect` while
+    `introspect_hold` is set) answers only after `release()` (or when the Idp stops); `held(path)`
+    says how many requests wait there now. `delay` stays for callers that still sleep.
     """
 
     def __init__(self):
         self.routes: dict[str, tuple[int, str, bytes, float]] = {}
         self.hits: dict[str, int] = {}
         self.introspect_delay = 0.0
+        self.introspect_hold = False
+        self.holding: set[str] = set()
+        self.waiting: dict[str, int] = {}
+        self.released = threading.Event()
         self.lock = threading.Lock()
         idp = self
 
@@ -114,6 +122,8 @@ class Idp:
                 if route is None:
                     return self._send(404, "text/plain", b"no such path")
                 status, ctype, body, delay = route
+                if path in idp.holding:
+                    idp._wait(path)
                 if delay:
                     time.sleep(delay)
                 self._send(status, ctype, body)
@@ -126,6 +136,8 @@ class Idp:
                     idp.hits[path] = idp.hits.get(path, 0) + 1
                 if path != "/introspect":
                     return self._send(404, "text/plain", b"no such path")
+                if idp.introspect_hold:
+                    idp._wait(path)
                 if idp.introspect_delay:
                     time.sleep(idp.introspect_delay)
                 token = (form.get("token") or [""])[0]
@@ -144,14 +156,41 @@ class Idp:
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
-    def set(self, path: str, body: bytes, status: int = 200, ctype: str = "application/json", delay: float = 0.0):
+    def set(self, path: str, body: bytes, status: int = 200, ctype: str = "application/json", delay: float = 0.0,
+            hold: bool = False):
         with self.lock:
             self.routes[path] = (status, ctype, body, delay)
+            if hold:
+                self.holding.add(path)
+            else:
+                self.holding.discard(path)
+
+    def _wait(self, path: str):
+        with self.lock:
+            self.waiting[path] = self.waiting.get(path, 0) + 1
+        try:
+            self.released.wait(60)
+        finally:
+            with self.lock:
+                self.waiting[path] -= 1
+
+    def held(self, path: str) -> int:
+        """Requests waiting at `path` now (a hold)."""
+        with self.lock:
+            return self.waiting.get(path, 0)
+
+    def release(self):
+        """Let every held request answer, and later ones pass (until `hold_again`)."""
+        self.released.set()
+
+    def hold_again(self):
+        self.released.clear()
 
     def count(self, path: str) -> int:
         with self.lock:
             return self.hits.get(path, 0)
 
     def stop(self):
+        self.release()
         self.server.shutdown()
         self.server.server_close()

@@ -88,13 +88,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class GaveUp(RuntimeError):
+    """Raised by a `wait_for` predicate when waiting longer cannot help (the process exited)."""
+
+
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
+    """Wait for a signal: `predicate()` true within `timeout` seconds (give it a generous one).
+    Exceptions count as "not yet", except `GaveUp`, which ends the wait at once."""
     deadline = time.monotonic() + timeout
     last_exc = None
     while time.monotonic() < deadline:
         try:
             if predicate():
                 return
+        except GaveUp:
+            raise
         except Exception as exc:  # noqa: BLE001 - we retry until the deadline
             last_exc = exc
         time.sleep(interval)
@@ -135,7 +143,7 @@ class Response:
 
 
 def http(port: int, method: str, path: str, headers: dict | list | None = None, body: bytes | str | None = None,
-         timeout: float = 10.0, host: str = "127.0.0.1") -> Response:
+         timeout: float = 30.0, host: str = "127.0.0.1") -> Response:
     conn = httpclient.HTTPConnection(host, port, timeout=timeout)
     if isinstance(body, str):
         body = body.encode()
@@ -188,7 +196,7 @@ class DemoServices:
         svc = cls(ports, proc, log_path)
         try:
             for port in ports.values():
-                wait_for(lambda p=port: http(p, "GET", "/healthz", timeout=1).status == 200, 10,
+                wait_for(lambda p=port: http(p, "GET", "/healthz", timeout=1).status == 200, 60,
                          f"demo service on port {port}")
         except Exception:
             svc.stop()
@@ -204,6 +212,23 @@ class DemoServices:
     def reset_stats(self):
         for name in self.ports:
             http(self.ports[name], "POST", "/stats/reset")
+
+    # The `hold` knob (`?hold=NAME` or `x-demo-hold: NAME`): a request waits at the service until
+    # the name is released. Tests order events with it instead of delays: "the call is out" is
+    # `wait_held(name)`, "the call answers now" is `release(name)`. Holds are shared by the three
+    # services; use a name per test.
+
+    def hold_state(self, name: str) -> dict:
+        """`{"waiting": n, "arrived": n, "released": bool}` for the hold `name`."""
+        return self.get("users", f"/hold/{name}").json()
+
+    def wait_held(self, name: str, n: int = 1, timeout: float = 60.0) -> None:
+        """Wait until `n` requests are held under `name` at once."""
+        wait_for(lambda: self.hold_state(name)["waiting"] >= n, timeout, f"{n} request(s) held as {name!r}")
+
+    def release(self, name: str | None = None) -> None:
+        """Let the requests held under `name` (every name when None) and all later ones go."""
+        http(self.ports["users"], "POST", f"/hold/{name}/release" if name else "/hold/release")
 
     def stop(self):
         if self.proc.poll() is None:
@@ -247,7 +272,7 @@ class Redis:
         self.proc = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
              "--loglevel", "warning"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(lambda: _port_open(self.port), 10, f"redis-server on port {self.port}")
+        wait_for(lambda: _port_open(self.port), 60, f"redis-server on port {self.port}")
 
     def stop(self):
         if self.proc is not None and self.proc.poll() is None:
@@ -258,7 +283,7 @@ class Redis:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
-        wait_for(lambda: not _port_open(self.port), 10, f"redis-server on port {self.port} to stop")
+        wait_for(lambda: not _port_open(self.port), 60, f"redis-server on port {self.port} to stop")
 
 
 @dataclass
@@ -290,7 +315,7 @@ class RateLimitService:
             return _port_open(port)
 
         try:
-            wait_for(ready, 20, f"tollgate-rls on port {port}")
+            wait_for(ready, 60, f"tollgate-rls on port {port}")
         except Exception:
             svc.stop()
             raise
@@ -460,31 +485,46 @@ def default_routes() -> list[dict]:
 
 
 def bootstrap(listen_port: int, admin_port: int, http_filters: list[dict], clusters: list[dict],
-              routes: list[dict] | None = None) -> dict:
+              routes: list[dict] | None = None, name: str = "gateway", lean: bool = False) -> dict:
+    """One listener (`name`: its name, stat prefix and route configuration), the filters, then the
+    router. `lean` (the benchmarks): no request id generated, no per-cluster dynamic stats."""
+    hcm = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": name,
+        "codec_type": "AUTO",
+        "route_config": {"name": name, "virtual_hosts": [
+            {"name": "api", "domains": ["*"], "routes": routes or default_routes()}]},
+        "http_filters": http_filters + [{
+            "name": "envoy.filters.http.router",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
+                             **({"dynamic_stats": False} if lean else {})},
+        }],
+    }
+    if lean:
+        hcm["generate_request_id"] = False
     return {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
         "static_resources": {
             "listeners": [{
-                "name": "gateway",
+                "name": name,
                 "address": {"socket_address": {"address": "127.0.0.1", "port_value": listen_port}},
                 "filter_chains": [{"filters": [{
                     "name": "envoy.filters.network.http_connection_manager",
-                    "typed_config": {
-                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                        "stat_prefix": "gateway",
-                        "codec_type": "AUTO",
-                        "route_config": {"name": "gateway", "virtual_hosts": [
-                            {"name": "api", "domains": ["*"], "routes": routes or default_routes()}]},
-                        "http_filters": http_filters + [{
-                            "name": "envoy.filters.http.router",
-                            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
-                        }],
-                    },
+                    "typed_config": hcm,
                 }]}],
             }],
             "clusters": clusters,
         },
     }
+
+
+def with_new_ports(config: dict) -> dict:
+    """A copy of a bootstrap with other free ports for the admin endpoint and every listener."""
+    config = json.loads(json.dumps(config))
+    config["admin"]["address"]["socket_address"]["port_value"] = free_port()
+    for listener in config["static_resources"]["listeners"]:
+        listener["address"]["socket_address"]["port_value"] = free_port()
+    return config
 
 
 _started: list["Envoy"] = []
@@ -505,11 +545,10 @@ class Envoy:
     def start(cls, filters: list[tuple[str, object]] | None = None, services: DemoServices | None = None,
               concurrency: int = 1, http_filters: list[dict] | None = None, clusters: list[dict] | None = None,
               routes: list[dict] | None = None, config: dict | None = None, expect_failure: bool = False,
-              timeout: float = 30.0, log_level: str = "info") -> "Envoy":
-        """Start Envoy. `filters` is a list of (tollgate filter name, configuration) in chain order;
+              timeout: float = 120.0, log_level: str = "info", component_log_level: str = "") -> "Envoy":
+        """Start Envoy (`component_log_level`, e.g. `wasm:debug`: Envoy's option of that name). `filters` is a list of (tollgate filter name, configuration) in chain order;
         `http_filters` adds raw Envoy filter entries after them. With `config` the whole bootstrap
         is given (its ports must already be free ones)."""
-        tmpdir = Path(tempfile.mkdtemp(prefix="tollgate-envoy-"))
         if config is None:
             port, admin_port = free_port(), free_port()
             chain = chain_entries(filters or []) + (http_filters or [])
@@ -517,48 +556,81 @@ class Envoy:
             if services is not None:
                 cl += [static_cluster(n, p) for n, p in services.ports.items()]
             config = bootstrap(port, admin_port, chain, cl, routes)
+        for attempt in range(4):
+            envoy = cls.launch(config, concurrency=concurrency, log_level=log_level,
+                               component_log_level=component_log_level)
+            if expect_failure:
+                try:
+                    envoy.proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    envoy.stop()
+                    raise AssertionError("Envoy was expected to refuse its configuration but kept running")
+                return envoy
+            try:
+                envoy.wait_ready(timeout)
+                return envoy
+            except RuntimeError as exc:
+                # A free port found by bind-and-close can be taken by another process (several
+                # test runs share the machine) before Envoy binds it: move to other free ports.
+                if "Address already in use" not in str(exc) or attempt == 3:
+                    raise
+                config = with_new_ports(config)
+        return envoy
+
+
+    @classmethod
+    def launch(cls, config: dict, concurrency: int = 1, log_level: str = "info", component_log_level: str = "",
+               argv_prefix: list[str] | None = None, workdir: Path | None = None) -> "Envoy":
+        """Start Envoy on a whole bootstrap (its ports must be free ones) without waiting for it
+        (`wait_ready`). `argv_prefix`: run it under a wrapper (`taskset -c 1`); `workdir`: where
+        its configuration and log go (a new temporary directory by default)."""
+        if workdir is None:
+            tmpdir = Path(tempfile.mkdtemp(prefix="tollgate-envoy-"))
         else:
-            port = config["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"]
-            admin_port = config["admin"]["address"]["socket_address"]["port_value"]
+            tmpdir = workdir
+            tmpdir.mkdir(parents=True, exist_ok=True)
+        port = config["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"]
+        admin_port = config["admin"]["address"]["socket_address"]["port_value"]
         config_path = tmpdir / "envoy.json"
         config_path.write_text(json.dumps(config, indent=1))
         log_path = tmpdir / "envoy.log"
         args = [envoy_binary(), "-c", str(config_path), "--use-dynamic-base-id", "--concurrency", str(concurrency),
                 "-l", log_level, "--disable-hot-restart"]
+        if component_log_level:
+            args += ["--component-log-level", component_log_level]
         # stderr (unbuffered) rather than --log-path, whose file is flushed only now and then.
         log_file = open(log_path, "wb")
-        proc = subprocess.Popen(args, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(list(argv_prefix or []) + args, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT)
         log_file.close()
         envoy = cls(port, admin_port, proc, log_path, config_path, tmpdir)
         with _lock:
             _started.append(envoy)
-        if expect_failure:
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                envoy.stop()
-                raise AssertionError("Envoy was expected to refuse its configuration but kept running")
-            return envoy
+        return envoy
 
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        """Wait until the admin endpoint says ready and the listener accepts; stop Envoy and raise
+        RuntimeError (it exited: the log tail) or TimeoutError otherwise."""
         def ready():
-            if proc.poll() is not None:
-                raise RuntimeError(f"Envoy exited with {proc.returncode}:\n{envoy.log_tail()}")
-            return http(admin_port, "GET", "/ready", timeout=1).status == 200
+            if self.proc.poll() is not None:
+                raise GaveUp(f"Envoy exited with {self.proc.returncode}:\n{self.log_tail()}")
+            return http(self.admin_port, "GET", "/ready", timeout=1).status == 200
 
         try:
             wait_for(ready, timeout, "Envoy to become ready")
-            wait_for(lambda: socket.create_connection(("127.0.0.1", port), 1).close() is None, 10,
+            wait_for(lambda: socket.create_connection(("127.0.0.1", self.port), 1).close() is None, 60,
                      "the Envoy listener")
         except RuntimeError as exc:
-            envoy.stop()
+            self.stop()
             raise RuntimeError(str(exc)) from None
-        return envoy
+        except TimeoutError:
+            self.stop()
+            raise
 
     # -- requests ---------------------------------------------------------------------------
-    def request(self, method: str, path: str, headers=None, body=None, timeout: float = 10.0) -> Response:
+    def request(self, method: str, path: str, headers=None, body=None, timeout: float = 30.0) -> Response:
         return http(self.port, method, path, headers, body, timeout)
 
-    def get(self, path: str, headers=None, timeout: float = 10.0) -> Response:
+    def get(self, path: str, headers=None, timeout: float = 30.0) -> Response:
         return self.request("GET", path, headers, None, timeout)
 
     # -- inspection -------------------------------------------------------------------------
@@ -590,6 +662,15 @@ class Envoy:
             if candidate in stats:
                 return stats[candidate]
         return 0
+
+    def wait_stat(self, name: str, at_least: int = 1, timeout: float = 60.0) -> int:
+        """Wait until the metric `name` reaches `at_least`; its value."""
+        wait_for(lambda: self.stat(name) >= at_least, timeout, f"{name} >= {at_least}")
+        return self.stat(name)
+
+    def wait_log(self, text: str, count: int = 1, timeout: float = 60.0) -> None:
+        """Wait until Envoy's log holds `text` `count` times."""
+        wait_for(lambda: self.log().count(text) >= count, timeout, f"{text!r} in the Envoy log")
 
     @property
     def returncode(self):

@@ -292,11 +292,11 @@ def test_keys_are_refreshed_before_they_expire(gw, idp, minted):
 
 def test_verified_token_cache(gw, minted):
     token = minted(sub="cached")
-    hits = gw.stat("tollgate.auth.token_cache_hits")
+    hits = gw.stat("tollgate.auth.allowed.jwt_cached")
     for _ in range(6):
         assert gw.get("/api/users/echo/x", headers=bearer(token)).status == 200
     # Two workers: at most two signature checks, the rest from the cache.
-    assert gw.stat("tollgate.auth.token_cache_hits") - hits >= 4
+    assert gw.stat("tollgate.auth.allowed.jwt_cached") - hits >= 4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -463,7 +463,7 @@ def test_requests_during_the_first_fetch_wait_for_it(services, idp, minted, envo
     assert max(r.elapsed for r in results) < 6
     # One fetch for the whole Envoy (a lease in shared data), not one per request or per worker.
     assert idp.count("/lazy-jwks") - before == 1
-    assert envoy.stat("tollgate.auth.allowed") == 8
+    assert envoy.stat("tollgate.auth.allowed.jwt") + envoy.stat("tollgate.auth.allowed.jwt_cached") == 8
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,14 +17,15 @@ LOADGEN = ROOT / "bench" / "loadgen" / "target" / "release" / "tollgate-loadgen"
 
 @pytest.fixture(scope="module", autouse=True)
 def loadgen_built():
-    subprocess.run(["cargo", "build", "--release", "-q", "--manifest-path", str(ROOT / "bench" / "loadgen" / "Cargo.toml")],
-                   check=True, timeout=300)
+    """`make build` builds the load generator; a test never runs cargo."""
+    if not LOADGEN.exists():
+        pytest.fail(f"{LOADGEN} is missing: run `make build` first")
 
 
 def run_bench(tmp_path: Path, *args: str) -> tuple[str, dict, str]:
     out = tmp_path / "results.md"
     p = subprocess.run([sys.executable, str(BENCH), "--quick", "--no-memory", "--output", str(out), *args],
-                       capture_output=True, text=True, timeout=180, cwd=ROOT)
+                       capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert p.returncode == 0, p.stderr[-3000:]
     return out.read_text(), json.loads(out.with_suffix(".json").read_text()), p.stderr
 

@@ -119,7 +119,7 @@ def test_a_paused_filter_holds_the_later_ones_until_it_continues(services, envoy
         t = threading.Thread(target=send)
         t.start()
         # The request has reached auth, which waits for the keys it is fetching ...
-        harness.wait_for(lambda: counted(envoy, "auth") == 1 and keys.count() >= 1, 20,
+        harness.wait_for(lambda: counted(envoy, "auth") == 1 and keys.count() >= 1, 60,
                          "auth to wait for the held key fetch")
         # ... and the later filters have not seen it.
         assert [counted(envoy, n) for n in ("ratelimit", "cache", "aggregate")] == [0, 0, 0]
@@ -147,7 +147,7 @@ def test_callouts_of_two_filters_in_one_request_reach_the_right_filter(services,
         assert body["user"]["id"] == 1 and isinstance(body["orders"], (list, dict)), body
         assert idp.count("/introspect") == 1
         assert envoy.stat("tollgate.aggregate.ep.dash.complete") == 1
-        assert envoy.stat("tollgate.auth.introspections") >= 1 or envoy.stat("tollgate.auth.allowed") >= 1
+        assert envoy.stat("tollgate.auth.allowed.introspection") >= 1
         assert "panicked" not in envoy.log()
     finally:
         idp.stop()

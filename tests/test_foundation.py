@@ -135,7 +135,7 @@ def test_a_panic_is_logged_at_critical_before_the_vm_dies(services, envoy_factor
     r = envoy.get("/api/products/1")
     assert r.status == 503, r
     line = "tollgate-probe: panicked at filters/probe/src/lib.rs:"
-    harness.wait_for(lambda: line in envoy.log(), 10, "the panic's log line")
+    harness.wait_for(lambda: line in envoy.log(), 60, "the panic's log line")
     [logged] = [l for l in envoy.log().splitlines() if line in l]
     assert "[critical]" in logged, logged
     assert "probe: a panic on purpose (panic_on_request)" in logged, logged

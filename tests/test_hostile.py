@@ -8,6 +8,8 @@ The client is always 127.0.0.1 here, so every test starts its own gateway (the a
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 import harness
@@ -270,3 +272,113 @@ def test_the_bundled_breakers_see_no_client_chosen_header():
             if breaker and not breaker.get("disabled"):
                 assert set(call.get("forward_headers", [])) <= safe, (route["name"], call["name"])
                 assert not call.get("breaker_accepts_client_headers"), (route["name"], call["name"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding 7: a key server outage logs once per interval, and an unknown kid meets the failure mode
+
+OUTAGE_LOG_INTERVAL = 10  # seconds, filters/auth/src/filter.rs
+
+
+def test_a_key_server_outage_logs_once_per_interval_and_an_unknown_kid_gets_503(envoy_factory, token):
+    """The bundled provider's keys come from the users service. When it goes down, a token
+    signed with a key the gateway has not seen yet (its key may simply be new) gets the
+    provider's failure mode, 503 `unavailable`, as every other token would once the keys
+    expire; and the outage writes one warning per interval, not one per refused request."""
+    from auth_helpers import KEYS
+    svc = harness.DemoServices.start(require_identity=("users", "orders"))
+    try:
+        gateway = keys_fetched(envoy_factory(config=bundled_config(svc)))
+        svc.stop()
+        new_key = token(kid="demo-es256-next", keys=KEYS / "rotation.jwks.json")
+        start = time.monotonic()
+        for _ in range(30):
+            r = gateway.get("/api/orders", bearer(new_key))
+            assert r.status == 503, (_, r)
+            assert r.header("content-type") == "application/problem+json"
+            assert r.json()["reason"] == "unavailable", r
+        windows = 1 + int((time.monotonic() - start) // OUTAGE_LOG_INTERVAL) + 1
+        warnings = [l for l in gateway.log().splitlines() if "identity provider unavailable" in l]
+        assert 1 <= len(warnings) <= windows, warnings
+        assert gateway.stat("tollgate.auth.denied.unavailable") == 30
+        # A token whose key the gateway holds still passes (the orders service is down: 503 from Envoy).
+        r = gateway.get("/api/orders", bearer(token(sub="alice", scopes="orders:read")))
+        assert r.header("content-type") != "application/problem+json", r
+    finally:
+        svc.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding 4: a JWT's `sub` and an API key's consumer are two namespaces
+
+def test_a_jwt_whose_sub_is_an_api_key_consumer_has_counters_of_its_own(gateway, token):
+    """The free demo key's consumer is `hobbyist` (5 requests a minute). A token of the demo
+    provider with `sub: hobbyist` and `plan: free` spends its own quota, not the key's; the
+    backends see where each identity comes from."""
+    keys_fetched(gateway)
+    impostor = bearer(token(sub="hobbyist", claims={"plan": "free"}))
+    for _ in range(4):
+        assert gateway.get("/api/orders", impostor).status == 200
+    seen = gateway.get("/api/products/echo/source-jwt", impostor).json()["headers"]
+    assert (seen["x-tollgate-consumer"], seen["x-tollgate-identity-source"]) == ("hobbyist", "jwt:demo"), seen
+    assert gateway.get("/api/orders", impostor).status == 429  # the token's own quota is spent
+    r = gateway.get("/api/products/echo/source-key", {"x-api-key": "demo-key-free"})
+    assert r.status == 200, r
+    seen = r.json()["headers"]
+    assert (seen["x-tollgate-consumer"], seen["x-tollgate-identity-source"]) == ("hobbyist", "api_key"), seen
+    assert gateway.get("/api/orders", {"x-api-key": "demo-key-free"}).status == 200
+    # A client cannot claim a source either.
+    seen = gateway.get("/api/products/echo/source-forged", {"x-tollgate-identity-source": "api_key"}).json()["headers"]
+    assert "x-tollgate-identity-source" not in seen, seen
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding 6: failed credentials and purge attempts are throttled per client
+
+AUTH_MAX_FAILURES = 20   # envoy/envoy.yaml: auth.failure_limit
+PURGE_MAX_FAILURES = 10  # envoy/envoy.yaml: cache.purge.failure_limit
+
+
+def assert_throttled(r):
+    assert r.status == 429, r
+    assert r.header("content-type") == "application/problem+json", r
+    assert r.json()["reason"] == "too_many_failures", r
+    assert 1 <= int(r.header("retry-after")) <= 60, r
+
+
+def test_wrong_api_keys_are_throttled_per_client(gateway):
+    for i in range(AUTH_MAX_FAILURES):
+        r = gateway.get("/api/orders", {"x-api-key": f"wrong-{i}"})
+        assert r.status == 401, (i, r)
+    # Past the threshold even the right key waits for the window to end: the check comes
+    # before any hashing, so a flood of guesses costs one shared-data read each.
+    assert_throttled(gateway.get("/api/orders", {"x-api-key": "demo-key-pro"}))
+    assert_throttled(gateway.get("/api/orders", bearer("a.b.c")))
+    assert gateway.stat("tollgate.auth.denied.too_many_failures") == 2
+    # Reads that need no credential are not affected.
+    assert gateway.get("/api/products/2").status == 200
+
+
+def test_wrong_purge_keys_are_throttled_per_client(gateway):
+    purge = "/_tollgate/cache/purge?url=/api/products/1"
+    for i in range(PURGE_MAX_FAILURES):
+        r = gateway.request("POST", purge, headers={"x-tollgate-purge-key": f"guess-{i}"})
+        assert r.status == 403, (i, r)
+    assert_throttled(gateway.request("POST", purge, headers={"x-tollgate-purge-key": "demo-purge-key"}))
+    assert gateway.stat("tollgate.cache.purge_throttled") == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding 2(c): an auth rule binds a path variable to the caller's identity
+
+def test_a_users_dashboard_is_its_own_unless_dashboard_any(gateway, token):
+    keys_fetched(gateway)
+    alice = bearer(token(sub="alice"))
+    r = gateway.get("/api/dashboard/alice", alice)
+    assert r.status == 200 and r.json()["user"]["id"] == "alice", r
+    r = gateway.get("/api/dashboard/2", alice)
+    assert r.status == 403 and r.json()["reason"] == "identity_mismatch", r
+    assert 'scope="dashboard:any"' in r.header("www-authenticate"), r
+    r = gateway.get("/api/dashboard/2", bearer(token(sub="ops", scopes="dashboard:any")))
+    assert r.status == 200 and r.json()["user"]["name"] == "User 2", r

@@ -1238,7 +1238,7 @@ def test_compose_demo_command_starts_the_demo_services(tmp_path):
     proc = subprocess.Popen([str(harness.demo_binary()), *args], stdout=log, stderr=subprocess.STDOUT)
     try:
         for name, port in ports.items():
-            harness.wait_for(lambda p=port: harness.http(p, "GET", "/healthz", timeout=1).status == 200, 15,
+            harness.wait_for(lambda p=port: harness.http(p, "GET", "/healthz", timeout=1).status == 200, 60,
                              f"demo {name} on {port}")
         jwks = harness.http(ports["users"], "GET", "/.well-known/jwks.json")
         assert jwks.status == 200 and jwks.json()["keys"], jwks
@@ -1386,7 +1386,7 @@ def drive_demo_traffic(env, svc) -> None:
     # An operator: may change products and read any user's dashboard (the bundled rules need it).
     ops = {"authorization": "Bearer " + mint(sub="ops", scopes="products:write dashboard:any orders:read",
                                          claims={"plan": "pro"})}
-    harness.wait_for(lambda: env.stat("tollgate.auth.jwks_fetches") >= 1, 15, "the demo provider's keys")
+    harness.wait_for(lambda: env.stat("tollgate.auth.jwks_fetches") >= 1, 60, "the demo provider's keys")
     # Cache: a miss that is stored, then hits; a stale entry revalidated (304); a stale entry served
     # while it is refreshed; an unsafe method that invalidates. Products are anonymous: each client
     # address has its own rate limit (10 a minute).
@@ -1400,17 +1400,26 @@ def drive_demo_traffic(env, svc) -> None:
         assert client(env, "GET", "/api/products/3?cache_control=public,max-age=0,stale-while-revalidate=60",
                       source=ip).status == 200
     assert client(env, "POST", "/api/products/1", ops, source=next(sources)).status == 201
-    # Collapsed: a second request for a URL whose fetch is under way waits for it.
+    # Collapsed: a second request for a URL whose fetch is under way (held at products until
+    # released) waits for it.
     import threading
     ip = next(sources)
-    slow = "/api/products/4?delay=3000"
-    first: list = []
-    t = threading.Thread(target=lambda: first.append(client(env, "GET", slow, source=ip)))
-    t.start()
-    harness.wait_for(lambda: svc.hits("products", "/products/4") >= 1, 15, "the first fetch to reach products")
-    assert client(env, "GET", slow, source=ip).status == 200
-    t.join(20)
-    assert first and first[0].status == 200
+    held = "/api/products/4?hold=ship-collapse"
+    answers: list = []
+    threads = [threading.Thread(target=lambda: answers.append(client(env, "GET", held, source=ip)))
+               for _ in range(2)]
+    try:
+        threads[0].start()
+        svc.wait_held("ship-collapse")
+        threads[1].start()
+        harness.wait_for(lambda: env.stat("http.gateway.downstream_rq_active") >= 2, 60,
+                         "the second request to wait for the first fetch")
+    finally:
+        svc.release("ship-collapse")
+    for t in threads:
+        t.join(20)
+    assert [a.status for a in answers] == [200, 200], answers
+    assert svc.hold_state("ship-collapse")["arrived"] == 1, "the second request did not wait for the first fetch"
     # Rate limiting: the 11th anonymous request from one address in a minute is refused.
     ip = next(sources)
     assert [client(env, "GET", "/api/products/1", source=ip).status for _ in range(11)][-1] == 429
@@ -1442,7 +1451,7 @@ def drive_demo_traffic(env, svc) -> None:
         assert client(env, "GET", "/api/orders/1", {"authorization": "Bearer " + unknown_kid_token("rotated")}).status in (401, 503)
     finally:
         svc.stop()
-    harness.wait_for(lambda: env.stat("tollgate.auth.jwks_fetch_failures") >= 1, 15, "the failed key refetch")
+    harness.wait_for(lambda: env.stat("tollgate.auth.jwks_fetch_failures") >= 1, 60, "the failed key refetch")
 
 
 def test_dashboard_queries_name_metrics_the_demo_emits(envoy_factory):

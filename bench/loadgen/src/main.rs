@@ -3,7 +3,9 @@
 //! One thread per keep-alive connection. An *operation* is one request, or a sequence of requests
 //! sent one after another on the same connection (`--req` given several times: e.g. a client that
 //! makes three calls in a row). `{n}` in a path or header value is replaced by the operation's
-//! number (plus `--start`), which gives distinct URLs or keys.
+//! number (plus `--start`), which gives distinct URLs or keys. `{rand:K}` is replaced by K
+//! pseudo-random bytes in base64url without padding, different for every operation (a forged
+//! signature: a new token on every request that still decodes).
 //!
 //! Three modes:
 //! - `--ops N`: closed loop, exactly N operations (CPU per request is measured around this);
@@ -247,7 +249,51 @@ fn discard(r: &mut BufReader<TcpStream>, n: u64) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The requests of operation `n`, serialized (`{n}` substituted).
+/// `{n}` and every `{rand:K}` of `text` substituted for operation `n`.
+fn substitute(text: &str, num: &str, n: u64) -> String {
+    let text = text.replace("{n}", num);
+    if !text.contains("{rand:") {
+        return text;
+    }
+    const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    // splitmix64 seeded by the operation number.
+    let mut state = n.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x5851_f42d_4c95_7f2d;
+    let mut next = move || {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        (z ^ (z >> 31)) as u8
+    };
+    let mut out = String::with_capacity(text.len() + 64);
+    let mut rest = text.as_str();
+    while let Some(at) = rest.find("{rand:") {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + 6..];
+        let Some(end) = after.find('}') else {
+            out.push_str(&rest[at..]);
+            return out;
+        };
+        let Ok(k) = after[..end].parse::<usize>() else {
+            out.push_str(&rest[at..at + 6]);
+            rest = after;
+            continue;
+        };
+        let bytes: Vec<u8> = (0..k).map(|_| next()).collect();
+        for chunk in bytes.chunks(3) {
+            let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+            let v = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+            for i in 0..=chunk.len() {
+                out.push(B64[((v >> (18 - 6 * i)) & 63) as usize] as char);
+            }
+        }
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The requests of operation `n`, serialized (`{n}` and `{rand:K}` substituted).
 fn render(opts: &Opts, n: u64) -> Vec<Vec<u8>> {
     let num = n.to_string();
     opts.reqs
@@ -256,14 +302,14 @@ fn render(opts: &Opts, n: u64) -> Vec<Vec<u8>> {
             let mut s = String::with_capacity(256);
             s.push_str(&req.method);
             s.push(' ');
-            s.push_str(&req.path.replace("{n}", &num));
+            s.push_str(&substitute(&req.path, &num, n));
             s.push_str(" HTTP/1.1\r\nhost: ");
             s.push_str(&opts.host);
             s.push_str("\r\n");
             for (k, v) in &opts.headers {
                 s.push_str(k);
                 s.push_str(": ");
-                s.push_str(&v.replace("{n}", &num));
+                s.push_str(&substitute(v, &num, n));
                 s.push_str("\r\n");
             }
             if let Some(b) = &opts.body {
@@ -456,4 +502,30 @@ fn main() -> ExitCode {
         l.last().copied().unwrap_or(0),
     );
     ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::substitute;
+
+    #[test]
+    fn rand_placeholder_is_base64url_of_fresh_bytes() {
+        let a = substitute("x.{rand:64}.{n}", "7", 7);
+        let b = substitute("x.{rand:64}.{n}", "8", 8);
+        assert_ne!(a, b);
+        assert_eq!(a, substitute("x.{rand:64}.{n}", "7", 7));
+        assert!(a.starts_with("x.") && a.ends_with(".7"));
+        let sig = &a[2..a.len() - 2];
+        assert_eq!(sig.len(), 86);
+        // 64 bytes: the last character carries 2 bits, its 4 low bits are zero.
+        let last = sig.as_bytes()[85];
+        let idx = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+            .iter()
+            .position(|c| *c == last)
+            .unwrap();
+        assert_eq!(idx & 15, 0);
+        assert_eq!(substitute("{rand:256}", "1", 1).len(), 342);
+        assert_eq!(substitute("{rand:x}{n}", "1", 1), "{rand:x}1");
+        assert_eq!(substitute("{rand:3", "1", 1), "{rand:3");
+    }
 }

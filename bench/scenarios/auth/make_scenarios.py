@@ -70,9 +70,34 @@ def jwt_scenario(alg: str) -> dict:
     }
 
 
+def forged_scenario(alg: str, sig_bytes: int) -> dict:
+    """A flood of forged tokens: the valid header and claims of `alg`'s token with a random
+    signature of the right length, new on every request (`{rand:K}`, bench/loadgen), so that
+    no cache can answer and every request costs a full verification that fails. The scenario's
+    own request is the valid token (what tests/test_auth.py checks every scenario with); both
+    variants override it with the forged one."""
+    signed_part = tokens[alg].rsplit(".", 1)[0]
+    forged = {"request": {"path": "/bench/auth",
+                          "headers": {"authorization": f"Bearer {signed_part}.{{rand:{sig_bytes}}}"}},
+              "expect_status": [401]}
+    return {
+        "id": f"auth-jwt-{alg.lower()}-forged",
+        "title": f"Auth: JWT {alg}, a flood of forged signatures (valid header and claims, a new random signature each request)",
+        "modules": ["auth"],
+        "request": {"path": "/bench/auth", "headers": {"authorization": "Bearer " + tokens[alg]}},
+        "variants": [
+            {"name": "native jwt_authn", "kind": "native", "http_filters_file": "native-jwt-cold.json", **forged},
+            {"name": "tollgate (token cache off)", "kind": "tollgate", "compare_to": "native jwt_authn",
+             "filters": [{"module": "auth", "config_file": "tollgate-cold.json"}], **forged},
+        ],
+    }
+
+
 scenarios = {"scenarios": [
     jwt_scenario("ES256"),
     jwt_scenario("RS256"),
+    forged_scenario("ES256", 64),
+    forged_scenario("RS256", 256),
     {
         "id": "auth-apikey",
         "title": "Auth: API key in a header",

@@ -221,53 +221,57 @@ pub fn record(
     let now = now_ms(host.now());
     for _ in 0..RETRIES {
         let (r, cas) = read(host, &k)?;
-        let own_probe = r.state == State::HalfOpen && probe == Some(r.probe);
-        // The probe count survives closing, so that an old probe is never taken for a new one.
-        let closed = Record {
-            probe: r.probe,
-            ..CLOSED
-        };
-        let (next, transition) = match (success, r.state) {
-            (true, State::Closed) if r.failures == 0 => return None,
-            (true, State::Closed) => (closed, None),
-            (false, State::Closed) => {
-                let failures = r.failures.saturating_add(1);
-                if failures >= b.failures {
-                    (
-                        Record {
-                            state: State::Open,
-                            failures,
-                            since_ms: now,
-                            lease_ms: 0,
-                            probe: r.probe,
-                        },
-                        Some(Transition::Opened),
-                    )
-                } else {
-                    (Record { failures, ..closed }, None)
-                }
-            }
-            (true, State::HalfOpen) if own_probe => (closed, Some(Transition::Closed)),
-            (false, State::HalfOpen) if own_probe => (
-                Record {
-                    state: State::Open,
-                    failures: r.failures.saturating_add(1),
-                    since_ms: now,
-                    lease_ms: 0,
-                    probe: r.probe,
-                },
-                Some(Transition::Opened),
-            ),
-            // Outcomes of calls admitted before the breaker opened, or of a probe whose lease
-            // was taken over, do not move an open or half-open breaker.
-            (_, State::Open | State::HalfOpen) => return None,
-        };
+        let (next, transition) = after_outcome(b, &r, success, probe, now)?;
         match write(host, &k, next, cas)? {
             true => return transition,
             false => continue,
         }
     }
     None
+}
+
+/// What an outcome makes of the record `r` at `now` (ms): the record to write and the
+/// transition, or `None` when the record stays as it is.
+fn after_outcome(
+    b: &Breaker,
+    r: &Record,
+    success: bool,
+    probe: Option<u64>,
+    now: u64,
+) -> Option<(Record, Option<Transition>)> {
+    let own_probe = r.state == State::HalfOpen && probe == Some(r.probe);
+    // The probe count survives closing, so that an old probe is never taken for a new one.
+    let closed = Record {
+        probe: r.probe,
+        ..CLOSED
+    };
+    let opened = |failures: u32| Record {
+        state: State::Open,
+        failures,
+        since_ms: now,
+        lease_ms: 0,
+        probe: r.probe,
+    };
+    match (success, r.state) {
+        (true, State::Closed) if r.failures == 0 => None,
+        (true, State::Closed) => Some((closed, None)),
+        (false, State::Closed) => {
+            let failures = r.failures.saturating_add(1);
+            if failures >= b.failures {
+                Some((opened(failures), Some(Transition::Opened)))
+            } else {
+                Some((Record { failures, ..closed }, None))
+            }
+        }
+        (true, State::HalfOpen) if own_probe => Some((closed, Some(Transition::Closed))),
+        (false, State::HalfOpen) if own_probe => Some((
+            opened(r.failures.saturating_add(1)),
+            Some(Transition::Opened),
+        )),
+        // Outcomes of calls admitted before the breaker opened, or of a probe whose lease
+        // was taken over, do not move an open or half-open breaker.
+        (_, State::Open | State::HalfOpen) => None,
+    }
 }
 
 /// The probe `probe` ended without an outcome (its request went away): let the next call
@@ -312,6 +316,76 @@ mod tests {
         failures: 3,
         cool_down: Duration::from_secs(5),
     };
+
+    /// A record, an outcome (success, probe id), and the state, failures and transition after.
+    type Case = (
+        Record,
+        bool,
+        Option<u64>,
+        Option<(State, u32, Option<Transition>)>,
+    );
+
+    #[test]
+    fn outcomes_move_the_record_as_the_table_says() {
+        let rec = |state, failures, probe| Record {
+            state,
+            failures,
+            since_ms: 1,
+            lease_ms: 0,
+            probe,
+        };
+        let t = |r: Option<(Record, Option<Transition>)>| r.map(|(n, t)| (n.state, n.failures, t));
+        let cases: &[Case] = &[
+            (rec(State::Closed, 0, 0), true, None, None),
+            (
+                rec(State::Closed, 2, 0),
+                true,
+                None,
+                Some((State::Closed, 0, None)),
+            ),
+            (
+                rec(State::Closed, 1, 0),
+                false,
+                None,
+                Some((State::Closed, 2, None)),
+            ),
+            (
+                rec(State::Closed, 2, 0),
+                false,
+                None,
+                Some((State::Open, 3, Some(Transition::Opened))),
+            ),
+            (
+                rec(State::HalfOpen, 3, 7),
+                true,
+                Some(7),
+                Some((State::Closed, 0, Some(Transition::Closed))),
+            ),
+            (
+                rec(State::HalfOpen, 3, 7),
+                false,
+                Some(7),
+                Some((State::Open, 4, Some(Transition::Opened))),
+            ),
+            // Another call's outcome (or an old probe's) does not move a half-open breaker.
+            (rec(State::HalfOpen, 3, 7), true, Some(6), None),
+            (rec(State::HalfOpen, 3, 7), false, None, None),
+            (rec(State::Open, 3, 7), true, None, None),
+            (rec(State::Open, 3, 7), false, None, None),
+        ];
+        for (r, success, probe, want) in cases {
+            assert_eq!(
+                t(after_outcome(&B, r, *success, *probe, 99)),
+                *want,
+                "{r:?} success={success} probe={probe:?}"
+            );
+        }
+        // A probe's number survives closing; opening records when.
+        let (n, _) = after_outcome(&B, &rec(State::HalfOpen, 3, 7), true, Some(7), 99).unwrap();
+        assert_eq!(n.probe, 7);
+        let (n, _) = after_outcome(&B, &rec(State::Closed, 2, 0), false, None, 99).unwrap();
+        assert_eq!(n.since_ms, 99);
+    }
     const LEASE: Duration = Duration::from_secs(2);
 
     fn probe_id(a: (Admit, Option<Transition>)) -> u64 {

@@ -25,8 +25,13 @@ pub const DEFAULT_MAX_REQUEST_BYTES: usize = 1 << 20;
 pub const DEFAULT_FORWARD_HEADERS: &[&str] = &["traceparent", "tracestate", "x-request-id"];
 /// The auth filter's consumer header (`{consumer}`).
 pub const DEFAULT_CONSUMER_HEADER: &str = "x-tollgate-consumer";
-/// The identity headers the auth filter sets by default: consumer and plan.
-pub const DEFAULT_IDENTITY_HEADERS: &[&str] = &["x-tollgate-consumer", "x-tollgate-plan"];
+/// The identity headers the auth filter sets by default: consumer, plan and where the identity
+/// comes from (`jwt:<provider>`, `api_key`, `introspection`).
+pub const DEFAULT_IDENTITY_HEADERS: &[&str] = &[
+    "x-tollgate-consumer",
+    "x-tollgate-plan",
+    "x-tollgate-identity-source",
+];
 
 /// The filter's configuration (JSON in Envoy's `configuration` field).
 #[derive(Debug, Default, Deserialize)]
@@ -1109,7 +1114,11 @@ mod tests {
         assert_eq!(c.consumer_header, "x-tollgate-consumer");
         assert_eq!(
             c.identity_headers,
-            ["x-tollgate-consumer", "x-tollgate-plan"]
+            [
+                "x-tollgate-consumer",
+                "x-tollgate-plan",
+                "x-tollgate-identity-source"
+            ]
         );
         let c = Config::parse(
             br#"{"consumer_header":"X-Who","identity_headers":["x-org","X-WHO"],"routes":[{"calls":[

@@ -473,58 +473,14 @@ impl AggregateFilter {
         let Some(active) = self.active.as_ref() else {
             return;
         };
-        let rendered = {
-            let answer = |name: &str| -> Option<&Value> {
-                let j = ep.calls.iter().position(|c| c.name == name)?;
-                match active.calls.get(j) {
-                    Some(CallState::Done(Ok(p))) => Some(&p.value),
-                    _ => None,
-                }
-            };
-            let inputs = Inputs {
-                params: &active.params,
-                query: &active.query,
-                consumer: active.consumer.as_deref(),
-                identity: &active.identity,
-                answer: &answer,
-            };
-            call.path.render(&inputs)
-        };
-        let path = match rendered {
+        let path = match render_path(ep, active, call) {
             Ok(p) => p,
-            Err(e) => {
-                self.finish_call(
-                    host,
-                    ep,
-                    i,
-                    Err(match e {
-                        RenderError::Missing(e) => Failure::new(FailKind::MissingValue, e),
-                        RenderError::Unsafe(e) => Failure::new(FailKind::BadValue, e),
-                    }),
-                    false,
-                );
-                return;
-            }
+            Err(f) => return self.finish_call(host, ep, i, Err(f), false),
         };
-        let mut probe = None;
-        if let Some(b) = &call.breaker {
-            // A probe may take its timeout (and a hedge's delay) before its outcome is known.
-            let lease = call.timeout + call.hedge_after.unwrap_or_default() + breaker::LEASE_MARGIN;
-            let (admit, t) = breaker::admit(host, &call.cluster, b, lease);
-            self.breaker_metric(host, &call.cluster, t);
-            if let Admit::Probe(id) = admit {
-                probe = Some(id);
-            }
-            if admit == Admit::Reject {
-                self.call_metric(host, ep, call, "rejected");
-                let f = Failure::new(
-                    FailKind::CircuitOpen,
-                    format!("circuit breaker of backend `{}` is open", call.cluster),
-                );
-                self.finish_call(host, ep, i, Err(f), false);
-                return;
-            }
-        }
+        let probe = match self.admit_by_breaker(host, ep, call) {
+            Ok(probe) => probe,
+            Err(f) => return self.finish_call(host, ep, i, Err(f), false),
+        };
         match self.dispatch(host, ep, i, &path) {
             Ok(attempt) => {
                 let hedge = call.hedge_after.filter(|h| *h < attempt.timeout);
@@ -558,6 +514,34 @@ impl AggregateFilter {
         }
     }
 
+    /// Ask the call's circuit breaker (if any): `Ok(Some(id))` when the call is its probe,
+    /// `Err` when the breaker is open.
+    fn admit_by_breaker(
+        &mut self,
+        host: &mut dyn Host,
+        ep: &Endpoint,
+        call: &Call,
+    ) -> Result<Option<u64>, Failure> {
+        let Some(b) = &call.breaker else {
+            return Ok(None);
+        };
+        // A probe may take its timeout (and a hedge's delay) before its outcome is known.
+        let lease = call.timeout + call.hedge_after.unwrap_or_default() + breaker::LEASE_MARGIN;
+        let (admit, t) = breaker::admit(host, &call.cluster, b, lease);
+        self.breaker_metric(host, &call.cluster, t);
+        match admit {
+            Admit::Probe(id) => Ok(Some(id)),
+            Admit::Reject => {
+                self.call_metric(host, ep, call, "rejected");
+                Err(Failure::new(
+                    FailKind::CircuitOpen,
+                    format!("circuit breaker of backend `{}` is open", call.cluster),
+                ))
+            }
+            Admit::Allow => Ok(None),
+        }
+    }
+
     /// Dispatch one attempt of call `i`, bounded by the rest of the deadline.
     fn dispatch(
         &mut self,
@@ -570,55 +554,8 @@ impl AggregateFilter {
             return Err(Failure::new(FailKind::Unreachable, "no such call"));
         };
         let now = host.now();
-        let left = ep.deadline.saturating_sub(elapsed(now, active.started));
-        if left < Duration::from_millis(1) {
-            return Err(Failure::new(
-                FailKind::Timeout,
-                format!(
-                    "the deadline of {}ms passed before the call could start",
-                    ep.deadline.as_millis()
-                ),
-            ));
-        }
-        // A hedge gets what is left of the call's timeout, not a timeout of its own.
-        let first = match active.calls.get(i) {
-            Some(CallState::InFlight(f)) => f.attempts.first().map(|a| a.started),
-            _ => None,
-        };
-        let budget = match first {
-            Some(t) => call.timeout.saturating_sub(elapsed(now, t)),
-            None => call.timeout,
-        };
-        if budget < Duration::from_millis(1) {
-            return Err(Failure::new(
-                FailKind::Timeout,
-                format!("no answer within {}ms", call.timeout.as_millis()),
-            ));
-        }
-        let timeout = budget.min(left);
-        let mut headers: Vec<(&str, &str)> = vec![
-            (":method", call.method.as_str()),
-            (":path", path),
-            (":authority", call.authority.as_str()),
-        ];
-        for name in &call.forward_headers {
-            for (k, v) in &active.request_headers {
-                if k == name {
-                    headers.push((k.as_str(), v.as_str()));
-                }
-            }
-        }
-        if call.forward_identity {
-            // The identity headers the auth filter set (it removed any copy a client sent).
-            for (k, v) in &active.identity {
-                if !call.forward_headers.contains(k) {
-                    headers.push((k.as_str(), v.as_str()));
-                }
-            }
-        }
-        for (k, v) in &call.headers {
-            headers.push((k.as_str(), v.as_str()));
-        }
+        let timeout = attempt_timeout(ep, call, active, i, now)?;
+        let headers = call_headers(call, active, path);
         let body = match (&active.body, call.forward_body) {
             (Some(b), true) if !b.is_empty() => Some(b.as_slice()),
             _ => None,
@@ -842,6 +779,146 @@ impl AggregateFilter {
     }
 }
 
+/// The profile of the endpoint this request asks for (the first whose selector matches).
+fn profile_of(ep: &Endpoint, request_headers: &[(String, String)], path: &str) -> Option<usize> {
+    ep.profiles.iter().position(|p| match &p.selector {
+        Selector::Header(name, value) => request_headers
+            .iter()
+            .any(|(k, v)| k.eq_ignore_ascii_case(name) && v == value),
+        Selector::PathPrefix(prefix) => path.starts_with(prefix.as_str()),
+    })
+}
+
+/// Each call's state before any starts: waiting, or skipped when the profile leaves it out.
+fn initial_calls(ep: &Endpoint, profile: Option<usize>) -> Vec<CallState> {
+    let list = profile
+        .and_then(|p| ep.profiles.get(p))
+        .and_then(|p| p.calls.as_ref());
+    (0..ep.calls.len())
+        .map(|i| {
+            if list.is_none_or(|list| list.contains(&i)) {
+                CallState::Waiting
+            } else {
+                CallState::Skipped
+            }
+        })
+        .collect()
+}
+
+/// The request's identity headers (configuration order, non-empty values only).
+fn identity_of(config: &Compiled, request_headers: &[(String, String)]) -> Vec<(String, String)> {
+    config
+        .identity_headers
+        .iter()
+        .filter_map(|h| {
+            request_headers
+                .iter()
+                .find(|(k, v)| k.eq_ignore_ascii_case(h) && !v.is_empty())
+                .map(|(_, v)| (h.clone(), v.clone()))
+        })
+        .collect()
+}
+
+/// An identity header a call that will run needs in its path and the request lacks.
+fn missing_identity<'e>(
+    ep: &'e Endpoint,
+    calls: &[CallState],
+    identity: &[(String, String)],
+) -> Option<&'e String> {
+    ep.calls
+        .iter()
+        .zip(calls)
+        .filter(|(_, state)| !matches!(*state, CallState::Skipped))
+        .flat_map(|(c, _)| c.identity_vars.iter())
+        .find(|h| !identity.iter().any(|(k, _)| k == *h))
+}
+
+/// How long attempt of `call` may take: what is left of the endpoint's deadline and of the
+/// call's timeout (a hedge gets what is left of the first attempt's, not one of its own).
+fn attempt_timeout(
+    ep: &Endpoint,
+    call: &Call,
+    active: &Active,
+    i: usize,
+    now: SystemTime,
+) -> Result<Duration, Failure> {
+    let left = ep.deadline.saturating_sub(elapsed(now, active.started));
+    if left < Duration::from_millis(1) {
+        return Err(Failure::new(
+            FailKind::Timeout,
+            format!(
+                "the deadline of {}ms passed before the call could start",
+                ep.deadline.as_millis()
+            ),
+        ));
+    }
+    let first = match active.calls.get(i) {
+        Some(CallState::InFlight(f)) => f.attempts.first().map(|a| a.started),
+        _ => None,
+    };
+    let budget = match first {
+        Some(t) => call.timeout.saturating_sub(elapsed(now, t)),
+        None => call.timeout,
+    };
+    if budget < Duration::from_millis(1) {
+        return Err(Failure::new(
+            FailKind::Timeout,
+            format!("no answer within {}ms", call.timeout.as_millis()),
+        ));
+    }
+    Ok(budget.min(left))
+}
+
+/// The headers of a call: pseudo-headers, the forwarded request headers, the caller's identity
+/// (the auth filter set it and removed any copy a client sent), then the call's own.
+fn call_headers<'a>(call: &'a Call, active: &'a Active, path: &'a str) -> Vec<(&'a str, &'a str)> {
+    let mut headers: Vec<(&str, &str)> = vec![
+        (":method", call.method.as_str()),
+        (":path", path),
+        (":authority", call.authority.as_str()),
+    ];
+    for name in &call.forward_headers {
+        for (k, v) in &active.request_headers {
+            if k == name {
+                headers.push((k.as_str(), v.as_str()));
+            }
+        }
+    }
+    if call.forward_identity {
+        for (k, v) in &active.identity {
+            if !call.forward_headers.contains(k) {
+                headers.push((k.as_str(), v.as_str()));
+            }
+        }
+    }
+    for (k, v) in &call.headers {
+        headers.push((k.as_str(), v.as_str()));
+    }
+    headers
+}
+
+/// The path of call `i`, rendered from the request and the answers so far.
+fn render_path(ep: &Endpoint, active: &Active, call: &Call) -> Result<String, Failure> {
+    let answer = |name: &str| -> Option<&Value> {
+        let j = ep.calls.iter().position(|c| c.name == name)?;
+        match active.calls.get(j) {
+            Some(CallState::Done(Ok(p))) => Some(&p.value),
+            _ => None,
+        }
+    };
+    let inputs = Inputs {
+        params: &active.params,
+        query: &active.query,
+        consumer: active.consumer.as_deref(),
+        identity: &active.identity,
+        answer: &answer,
+    };
+    call.path.render(&inputs).map_err(|e| match e {
+        RenderError::Missing(e) => Failure::new(FailKind::MissingValue, e),
+        RenderError::Unsafe(e) => Failure::new(FailKind::BadValue, e),
+    })
+}
+
 impl HttpFilter for AggregateFilter {
     fn on_request_headers(&mut self, host: &mut dyn Host, end_of_stream: bool) -> Decision {
         let req = RequestInfo::from_host(host);
@@ -866,52 +943,16 @@ impl HttpFilter for AggregateFilter {
             return Decision::Continue;
         };
         let request_headers = host.headers(MapKind::RequestHeaders);
-        let profile = ep.profiles.iter().position(|p| match &p.selector {
-            Selector::Header(name, value) => request_headers
-                .iter()
-                .any(|(k, v)| k.eq_ignore_ascii_case(name) && v == value),
-            Selector::PathPrefix(prefix) => req.path.starts_with(prefix.as_str()),
-        });
-        let calls: Vec<CallState> = ep
-            .calls
-            .iter()
-            .enumerate()
-            .map(|(i, _)| {
-                let included = profile
-                    .and_then(|p| ep.profiles.get(p))
-                    .and_then(|p| p.calls.as_ref())
-                    .is_none_or(|list| list.contains(&i));
-                if included {
-                    CallState::Waiting
-                } else {
-                    CallState::Skipped
-                }
-            })
-            .collect();
+        let profile = profile_of(ep, &request_headers, &req.path);
+        let calls = initial_calls(ep, profile);
         let config = &shared.config;
-        let identity: Vec<(String, String)> = config
-            .identity_headers
-            .iter()
-            .filter_map(|h| {
-                request_headers
-                    .iter()
-                    .find(|(k, v)| k.eq_ignore_ascii_case(h) && !v.is_empty())
-                    .map(|(_, v)| (h.clone(), v.clone()))
-            })
-            .collect();
+        let identity = identity_of(config, &request_headers);
         let consumer = identity
             .iter()
             .find(|(k, _)| *k == config.consumer_header)
             .map(|(_, v)| v.clone());
         // Calls whose paths use the caller's identity need one: refuse before any call.
-        let needed = ep
-            .calls
-            .iter()
-            .zip(&calls)
-            .filter(|(_, state)| !matches!(*state, CallState::Skipped))
-            .flat_map(|(c, _)| c.identity_vars.iter())
-            .find(|h| !identity.iter().any(|(k, _)| k == *h));
-        if let Some(missing) = needed {
+        if let Some(missing) = missing_identity(ep, &calls, &identity) {
             let path = host.path();
             self.metric(host, &format!("ep.{}.requests", ep.name));
             self.metric(host, &format!("ep.{}.no_identity", ep.name));

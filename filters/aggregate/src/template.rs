@@ -100,15 +100,6 @@ impl PathTemplate {
     /// Render with values; the error names a variable without a usable value.
     pub fn render(&self, inputs: &Inputs<'_>) -> Result<String, RenderError> {
         let mut out = String::new();
-        let dots = |name: String, v: &str| -> Result<(), RenderError> {
-            if v == "." || v == ".." {
-                Err(RenderError::Unsafe(format!(
-                    "`{{{name}}}` is `{v}`, which is not allowed in a path"
-                )))
-            } else {
-                Ok(())
-            }
-        };
         for p in &self.pieces {
             let in_path = !out.contains('?');
             match p {
@@ -120,63 +111,18 @@ impl PathTemplate {
                     for seg in v.split('/') {
                         let seg = percent_decode(seg, false);
                         if in_path {
-                            dots(n.clone(), &seg)?;
+                            no_dot_segment(n, &seg)?;
                         }
                         enc.push(percent_encode(&seg));
                     }
                     out.push_str(&enc.join("/"));
                 }
-                Piece::Var(Var::Consumer) => {
-                    let v = inputs.consumer.ok_or_else(|| {
-                        RenderError::Missing("`{consumer}`: the request has no consumer".into())
-                    })?;
+                Piece::Var(var) => {
+                    let (name, v) = var_value(var, inputs)?;
                     if in_path {
-                        dots("consumer".into(), v)?;
-                    }
-                    out.push_str(&percent_encode(v));
-                }
-                Piece::Var(Var::Identity(h)) => {
-                    let v = inputs
-                        .identity
-                        .iter()
-                        .find(|(k, _)| k == h)
-                        .map(|(_, v)| v.as_str())
-                        .ok_or_else(|| {
-                            RenderError::Missing(format!(
-                                "`{{identity.{h}}}`: the request has no `{h}`"
-                            ))
-                        })?;
-                    if in_path {
-                        dots(format!("identity.{h}"), v)?;
-                    }
-                    out.push_str(&percent_encode(v));
-                }
-                Piece::Var(Var::Query(n)) => {
-                    let v = query_param(inputs.query, n).unwrap_or_default();
-                    if in_path {
-                        dots(format!("query.{n}"), &v)?;
+                        no_dot_segment(&name, &v)?;
                     }
                     out.push_str(&percent_encode(&v));
-                }
-                Piece::Var(Var::Field(call, path)) => {
-                    let missing = || {
-                        RenderError::Missing(format!(
-                            "`{{{call}.{}}}` has no value",
-                            path.join(".")
-                        ))
-                    };
-                    let answer = (inputs.answer)(call).ok_or_else(missing)?;
-                    let v = lookup(answer, path).ok_or_else(missing)?;
-                    let text = match v {
-                        Value::String(s) => s.clone(),
-                        Value::Number(n) => n.to_string(),
-                        Value::Bool(b) => b.to_string(),
-                        _ => return Err(missing()),
-                    };
-                    if in_path {
-                        dots(format!("{call}.{}", path.join(".")), &text)?;
-                    }
-                    out.push_str(&percent_encode(&text));
                 }
             }
         }
@@ -263,6 +209,57 @@ pub fn lookup<'a>(v: &'a Value, path: &[String]) -> Option<&'a Value> {
         Value::Array(a) => part.parse::<usize>().ok().and_then(|i| a.get(i)),
         _ => None,
     })
+}
+
+/// A value that would be a whole `.` or `..` path segment is refused.
+fn no_dot_segment(name: &str, v: &str) -> Result<(), RenderError> {
+    if v == "." || v == ".." {
+        Err(RenderError::Unsafe(format!(
+            "`{{{name}}}` is `{v}`, which is not allowed in a path"
+        )))
+    } else {
+        Ok(())
+    }
+}
+
+/// The value of a variable other than a route variable, and its name for errors.
+fn var_value(var: &Var, inputs: &Inputs<'_>) -> Result<(String, String), RenderError> {
+    match var {
+        Var::Route(n) => Ok((n.clone(), inputs.params.get(n).unwrap_or("").to_string())),
+        Var::Consumer => {
+            let v = inputs.consumer.ok_or_else(|| {
+                RenderError::Missing("`{consumer}`: the request has no consumer".into())
+            })?;
+            Ok(("consumer".into(), v.to_string()))
+        }
+        Var::Identity(h) => {
+            let v = inputs
+                .identity
+                .iter()
+                .find(|(k, _)| k == h)
+                .map(|(_, v)| v.clone())
+                .ok_or_else(|| {
+                    RenderError::Missing(format!("`{{identity.{h}}}`: the request has no `{h}`"))
+                })?;
+            Ok((format!("identity.{h}"), v))
+        }
+        Var::Query(n) => Ok((
+            format!("query.{n}"),
+            query_param(inputs.query, n).unwrap_or_default(),
+        )),
+        Var::Field(call, path) => {
+            let missing =
+                || RenderError::Missing(format!("`{{{call}.{}}}` has no value", path.join(".")));
+            let answer = (inputs.answer)(call).ok_or_else(missing)?;
+            let text = match lookup(answer, path).ok_or_else(missing)? {
+                Value::String(s) => s.clone(),
+                Value::Number(n) => n.to_string(),
+                Value::Bool(b) => b.to_string(),
+                _ => return Err(missing()),
+            };
+            Ok((format!("{call}.{}", path.join(".")), text))
+        }
+    }
 }
 
 #[cfg(test)]

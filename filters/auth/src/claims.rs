@@ -2,6 +2,8 @@
 
 use serde_json::{Map, Value};
 
+use tollgate_common::RouteParams;
+
 use crate::config::{Provider, Rule};
 
 /// Why verified claims are refused. `Display` is safe to send to the client.
@@ -211,6 +213,9 @@ pub enum AuthzError {
     ClaimMismatch(String),
     /// The consumer is not in the route's list.
     ConsumerNotAllowed,
+    /// A path variable bound to the identity names someone else (the variable, and the scopes
+    /// that would lift the binding).
+    IdentityMismatch(String, Vec<String>),
 }
 
 impl AuthzError {
@@ -220,6 +225,7 @@ impl AuthzError {
             AuthzError::InsufficientScope(_) => "insufficient_scope",
             AuthzError::ClaimMismatch(_) => "claim_mismatch",
             AuthzError::ConsumerNotAllowed => "consumer_not_allowed",
+            AuthzError::IdentityMismatch(..) => "identity_mismatch",
         }
     }
 }
@@ -230,15 +236,20 @@ impl std::fmt::Display for AuthzError {
             AuthzError::InsufficientScope(s) => write!(f, "missing scope: {}", s.join(" ")),
             AuthzError::ClaimMismatch(c) => write!(f, "claim `{c}` does not have a required value"),
             AuthzError::ConsumerNotAllowed => f.write_str("this consumer may not use this route"),
+            AuthzError::IdentityMismatch(p, _) => {
+                write!(f, "the path's `{p}` is not the caller's own")
+            }
         }
     }
 }
 
-/// Check a route's scopes, claims and consumers.
+/// Check a route's scopes, claims, consumers and path bindings (`params`: the route
+/// template's variables).
 pub fn authorize(
     rule: &Rule,
     claims: &Map<String, Value>,
     consumer: Option<&str>,
+    params: &RouteParams,
 ) -> Result<(), AuthzError> {
     if !rule.scopes.is_empty() {
         let granted = scopes(claims);
@@ -270,6 +281,37 @@ pub fn authorize(
         && !consumer.is_some_and(|c| rule.consumers.iter().any(|x| x == c))
     {
         return Err(AuthzError::ConsumerNotAllowed);
+    }
+    check_bindings(rule, claims, consumer, params)
+}
+
+/// Each bound path variable must equal the identity (byte for byte, as the path has it),
+/// unless one of the binding's scopes is granted.
+fn check_bindings(
+    rule: &Rule,
+    claims: &Map<String, Value>,
+    consumer: Option<&str>,
+    params: &RouteParams,
+) -> Result<(), AuthzError> {
+    if rule.bind.is_empty() {
+        return Ok(());
+    }
+    let granted = scopes(claims);
+    for b in &rule.bind {
+        if b.unless_scopes.iter().any(|s| granted.contains(s)) {
+            continue;
+        }
+        let own = match &b.claim {
+            Some(path) => string_claim(claims, path),
+            None => consumer.map(str::to_string),
+        };
+        let named = params.get(&b.param);
+        if own.is_none() || own.as_deref() != named {
+            return Err(AuthzError::IdentityMismatch(
+                b.param.clone(),
+                b.unless_scopes.clone(),
+            ));
+        }
     }
     Ok(())
 }

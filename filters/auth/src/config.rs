@@ -8,6 +8,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use tollgate_common::config::{ConfigDuration, HeaderName, Sha256Hex};
 use tollgate_common::route::{RouteMatch, Routed};
+use tollgate_common::throttle::{FailureLimit, FailureLimitConfig};
 use tollgate_common::ConfigError;
 
 use crate::jose::{self, Alg, Jwk};
@@ -38,6 +39,11 @@ pub struct Config {
     /// Header that receives the plan (API key metadata `plan`, or a provider's `plan_claim`).
     #[serde(default = "default_plan_header")]
     pub plan_header: HeaderName,
+    /// Header that receives where the identity comes from: `jwt:<provider>`, `api_key` or
+    /// `introspection` (a JWT's `sub` and an API key's consumer may be the same string; the
+    /// rate limiting filter keys consumers by both). `null`: not set.
+    #[serde(default = "default_source_header")]
+    pub identity_source_header: Option<HeaderName>,
     /// Remove the credential (header, query parameter or cookie) before forwarding.
     #[serde(default)]
     pub remove_credential: bool,
@@ -53,6 +59,10 @@ pub struct Config {
     /// `realm` of `WWW-Authenticate`.
     #[serde(default = "default_realm")]
     pub realm: String,
+    /// Failed-credential throttling: refused credentials counted per client IP (all workers);
+    /// past `max_failures` within `window`, 429 before any hash or signature work. Absent: off.
+    #[serde(default)]
+    pub failure_limit: Option<FailureLimitConfig>,
 }
 
 fn default_token_sources() -> Vec<SourceConfig> {
@@ -69,6 +79,19 @@ fn default_consumer_header() -> HeaderName {
 fn default_plan_header() -> HeaderName {
     HeaderName::from_static("x-tollgate-plan")
 }
+fn default_source_header() -> Option<HeaderName> {
+    Some(HeaderName::from_static(DEFAULT_SOURCE_HEADER))
+}
+
+/// Shared-data keys of the failed-credential counters.
+pub const FAILURES_PREFIX: &str = "tollgate.auth.failures.";
+
+/// The default `identity_source_header`.
+pub const DEFAULT_SOURCE_HEADER: &str = "x-tollgate-identity-source";
+/// The identity source of an API key.
+pub const SOURCE_API_KEY: &str = "api_key";
+/// The identity source of an introspected token.
+pub const SOURCE_INTROSPECTION: &str = "introspection";
 fn default_max_token_size() -> usize {
     8192
 }
@@ -418,6 +441,36 @@ pub struct RouteConfig {
     /// Consumers allowed (default: any).
     #[serde(default)]
     pub consumers: Vec<String>,
+    /// Path variables bound to the caller's identity: `/api/dashboard/{user}` only for the
+    /// caller whose id is `user` (unless a scope lifts it).
+    #[serde(default)]
+    pub bind: Vec<BindConfig>,
+}
+
+/// A path variable of the route's template bound to the caller's identity.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BindConfig {
+    /// The variable of the route's `match.template` (`user` in `/api/dashboard/{user}`).
+    pub param: String,
+    /// Claim path (dot-separated) the variable must equal; default: the consumer id (a JWT's
+    /// `consumer_claim`, an API key's consumer, an introspected token's consumer).
+    #[serde(default)]
+    pub claim: Option<String>,
+    /// Scopes that lift the binding: a caller granted any of them may name any value.
+    #[serde(default)]
+    pub unless_scopes: Vec<String>,
+}
+
+/// A compiled binding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Binding {
+    /// Template variable.
+    pub param: String,
+    /// Claim path; `None`: the consumer id.
+    pub claim: Option<Vec<String>>,
+    /// Scopes that lift it.
+    pub unless_scopes: Vec<String>,
 }
 
 /// A required claim value.
@@ -498,6 +551,8 @@ pub struct Provider {
     pub consumer_claim: Vec<String>,
     /// Plan claim path.
     pub plan_claim: Option<Vec<String>>,
+    /// Identity source of its tokens: `jwt:<name>`.
+    pub source: String,
 }
 
 /// A compiled API key.
@@ -577,6 +632,8 @@ pub struct Rule {
     pub claims: Vec<(Vec<String>, Vec<String>)>,
     /// Allowed consumers.
     pub consumers: Vec<String>,
+    /// Path variables bound to the identity.
+    pub bind: Vec<Binding>,
 }
 
 impl Routed for Rule {
@@ -602,6 +659,8 @@ pub struct Compiled {
     pub consumer_header: String,
     /// Plan header.
     pub plan_header: String,
+    /// Identity source header, if set.
+    pub source_header: Option<String>,
     /// Remove the credential.
     pub remove_credential: bool,
     /// Failure mode.
@@ -614,6 +673,8 @@ pub struct Compiled {
     pub realm: String,
     /// Every header the filter may set: removed from every request first.
     pub identity_headers: Vec<String>,
+    /// Failed-credential throttling.
+    pub failure_limit: Option<FailureLimit>,
 }
 
 impl Compiled {
@@ -693,6 +754,13 @@ impl Config {
             .map_err(|e| ConfigError::new("consumer_header", e))?;
         let plan_header = check_forward_header(&self.plan_header)
             .map_err(|e| ConfigError::new("plan_header", e))?;
+        let source_header = match &self.identity_source_header {
+            Some(h) => Some(
+                check_forward_header(h)
+                    .map_err(|e| ConfigError::new("identity_source_header", e))?,
+            ),
+            None => None,
+        };
         let mut providers = Vec::new();
         for (i, p) in self.providers.into_iter().enumerate() {
             let at = format!("providers[{i}]");
@@ -754,6 +822,7 @@ impl Config {
         if !providers.is_empty() || api_keys.is_some() || introspection.is_some() {
             identity.push(consumer_header.clone());
             identity.push(plan_header.clone());
+            identity.extend(source_header.clone());
         }
         identity.sort();
         identity.dedup();
@@ -765,12 +834,20 @@ impl Config {
             token_sources,
             consumer_header,
             plan_header,
+            source_header,
             remove_credential: self.remove_credential,
             failure_mode: self.failure_mode,
             max_token_size: self.max_token_size,
             token_cache_size: self.token_cache_size.min(100_000),
             realm: self.realm.replace(['"', '\\'], ""),
             identity_headers: identity,
+            failure_limit: match &self.failure_limit {
+                Some(f) => Some(
+                    FailureLimit::compile(FAILURES_PREFIX, f)
+                        .map_err(|e| e.within("failure_limit"))?,
+                ),
+                None => None,
+            },
         })
     }
 }
@@ -860,6 +937,7 @@ fn compile_provider(
         return Err(ConfigError::new("clock_skew", "must be at most 1h"));
     }
     Ok(Provider {
+        source: format!("jwt:{}", p.name),
         name: p.name,
         issuer: p.issuer,
         audiences: p.audiences,
@@ -1106,7 +1184,35 @@ fn compile_rule(
         }
         claims.push((path, c.any_of.clone()));
     }
+    let mut bind = Vec::new();
+    for (i, b) in r.bind.iter().enumerate() {
+        if !r.route.variables().contains(&b.param.as_str()) {
+            return Err(ConfigError::new(
+                format!("bind[{i}].param"),
+                format!(
+                    "`{}` is not a variable of this rule's `match.template`",
+                    b.param
+                ),
+            ));
+        }
+        if r.disabled || r.requirement == Requirement::Optional {
+            return Err(ConfigError::new(
+                format!("bind[{i}]"),
+                "a binding needs a credential: not on a `disabled` or `optional` rule",
+            ));
+        }
+        let claim = match &b.claim {
+            Some(c) => Some(claim_path(&format!("bind[{i}].claim"), c)?),
+            None => None,
+        };
+        bind.push(Binding {
+            param: b.param.clone(),
+            claim,
+            unless_scopes: b.unless_scopes.clone(),
+        });
+    }
     Ok(Rule {
+        bind,
         route: r.route,
         disabled: r.disabled,
         requirement: r.requirement,
@@ -1210,6 +1316,7 @@ mod tests {
                 "x-jwt",
                 "x-org",
                 "x-tollgate-consumer",
+                "x-tollgate-identity-source",
                 "x-tollgate-plan",
                 "x-tollgate-tier"
             ]

@@ -8,20 +8,28 @@ use std::rc::Rc;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+use tollgate_common::log_limit::LogLimit;
 use tollgate_common::metrics::Metrics;
 use tollgate_common::request::{cookie, percent_encode, query_param, split_query};
-use tollgate_common::route::RequestInfo;
+use tollgate_common::route::{RequestInfo, RouteParams};
+use tollgate_common::throttle::{client_address, FailureLimit};
+use tollgate_common::warn_limited;
 use tollgate_common::{
     CallResponse, ConfigError, Decision, Host, HttpCall, HttpFilter, LocalReply, MapKind, Problem,
     RootFilter,
 };
 
-use crate::claims::{self, AuthzError, ClaimError};
+use crate::claims::{self, AuthzError};
 use crate::config::{
-    Compiled, Config, FailureMode, KeySource, Provider, Requirement, Rule, Source,
+    Allow, Compiled, Config, FailureMode, KeySource, Provider, Requirement, Rule, Source,
 };
-use crate::jose::{self, JwsError, StrictValue};
+use crate::jose::{self, JwsError};
 use crate::keyset::{self, CachedToken, Worker, WAKE_TIMEOUT};
+use crate::verdict::{self, Attempt, KeyStep, KeyView, KidStep, Refusal};
+
+/// While an identity provider is down, its warning is logged once per this interval (per
+/// worker), with the number of requests refused since.
+pub const OUTAGE_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Per-VM (per worker) state: the compiled configuration, runtime state and metrics.
 pub struct AuthRoot {
@@ -29,6 +37,8 @@ pub struct AuthRoot {
     config: Rc<Compiled>,
     runtime: Rc<RefCell<Worker>>,
     metrics: Rc<Metrics>,
+    /// The warnings of an identity provider's outage (once per interval).
+    outage_log: Rc<LogLimit>,
     /// Wakes that could not be done yet (runtime state busy): done on the next tick.
     deferred: keyset::Wakes,
 }
@@ -57,6 +67,7 @@ impl RootFilter for AuthRoot {
             config: Rc::default(),
             runtime: Rc::default(),
             metrics: Rc::new(Metrics::new("auth")),
+            outage_log: Rc::new(LogLimit::new(OUTAGE_LOG_INTERVAL)),
         }
     }
 
@@ -116,9 +127,12 @@ impl RootFilter for AuthRoot {
             config: self.config.clone(),
             runtime: self.runtime.clone(),
             metrics: self.metrics.clone(),
+            outage_log: self.outage_log.clone(),
             rule: None,
             pending: Pending::Nothing,
             credential: None,
+            client: None,
+            params: RouteParams::default(),
         }
     }
 }
@@ -130,6 +144,8 @@ enum Pending {
     /// Keys of a remote provider.
     Keys {
         token: String,
+        /// What the request waits for.
+        then: Attempt,
     },
     /// An introspection answer.
     Introspection {
@@ -142,42 +158,14 @@ enum Pending {
 /// An authenticated caller.
 #[derive(Debug, Clone)]
 struct Identity {
-    method: &'static str,
+    /// The outcome counter of a request it makes (`allowed.jwt`, ...).
+    metric: &'static str,
+    /// `jwt:<provider>`, `api_key` or `introspection`.
+    source: String,
     consumer: Option<String>,
     plan: Option<String>,
     claims: Rc<Map<String, Value>>,
     headers: Vec<(String, String)>,
-}
-
-/// A refused credential.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Refusal {
-    reason: &'static str,
-    detail: String,
-    /// Scheme of `WWW-Authenticate` (`Bearer` or `ApiKey`).
-    scheme: &'static str,
-}
-
-impl Refusal {
-    fn token(reason: &'static str, detail: impl Into<String>) -> Self {
-        Refusal {
-            reason,
-            detail: detail.into(),
-            scheme: "Bearer",
-        }
-    }
-}
-
-impl From<JwsError> for Refusal {
-    fn from(e: JwsError) -> Self {
-        Refusal::token(e.reason(), e.to_string())
-    }
-}
-
-impl From<ClaimError> for Refusal {
-    fn from(e: ClaimError) -> Self {
-        Refusal::token(e.reason(), e.to_string())
-    }
 }
 
 /// The result of checking a credential.
@@ -191,15 +179,58 @@ enum Outcome {
     Wait,
 }
 
+/// A credential found in the request.
+#[derive(Debug)]
+enum Credential {
+    /// An API key.
+    ApiKey(String),
+    /// A bearer token (JWT or opaque).
+    Token(String),
+}
+
+/// What a bearer token is, for the route that got it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TokenKind {
+    /// Longer than `max_token_size`.
+    TooLarge,
+    /// A JWS (or a JSON-serialized one, which the JWT check refuses), on a route that accepts
+    /// a provider.
+    Jwt,
+    /// Anything else, on a route that accepts introspection.
+    Opaque,
+    /// Neither.
+    Malformed,
+}
+
+/// Classify a bearer token (pure).
+fn token_kind(token: &str, allow: &Allow, config: &Compiled) -> TokenKind {
+    let looks_like_jwt =
+        token.starts_with('{') || token.bytes().filter(|b| *b == b'.').count() == 2;
+    if token.len() > config.max_token_size {
+        TokenKind::TooLarge
+    } else if looks_like_jwt && !allow.providers.is_empty() {
+        TokenKind::Jwt
+    } else if allow.introspection {
+        TokenKind::Opaque
+    } else {
+        TokenKind::Malformed
+    }
+}
+
 /// Per-request state.
 pub struct AuthFilter {
     context_id: u32,
     config: Rc<Compiled>,
     runtime: Rc<RefCell<Worker>>,
     metrics: Rc<Metrics>,
+    outage_log: Rc<LogLimit>,
     rule: Option<usize>,
     pending: Pending,
     credential: Option<Source>,
+    /// The client's address, read when failed-credential throttling is on.
+    client: Option<String>,
+    /// The matched rule's template variables.
+    params: RouteParams,
 }
 
 fn sha256(b: &[u8]) -> [u8; 32] {
@@ -297,6 +328,46 @@ impl AuthFilter {
     /// Start: strip forged identity headers, choose the rule, find a credential.
     fn start(&mut self, host: &mut dyn Host) -> Decision {
         self.count(host, "requests");
+        self.strip_forged(host);
+        self.choose_rule(host);
+        let Some(rule) = self.rule() else {
+            return Decision::Continue;
+        };
+        if rule.disabled {
+            self.count(host, "skipped");
+            return Decision::Continue;
+        }
+        let allow = rule.allow.clone();
+        let Some((src, credential)) = self.find_credential(host, &allow) else {
+            return self.missing(host);
+        };
+        self.credential = Some(src);
+        if let Some(d) = self.throttled(host) {
+            return d;
+        }
+        let outcome = match credential {
+            Credential::ApiKey(key) => self.check_api_key(host, &key),
+            Credential::Token(token) => match token_kind(&token, &allow, &self.config) {
+                TokenKind::TooLarge => Outcome::Refused(Refusal::token(
+                    "token_too_large",
+                    format!(
+                        "the credential is longer than {} bytes",
+                        self.config.max_token_size
+                    ),
+                )),
+                TokenKind::Jwt => self.check_jwt(host, token, Attempt::First),
+                TokenKind::Opaque => self.introspect(host, token),
+                TokenKind::Malformed => Outcome::Refused(Refusal::token(
+                    "malformed",
+                    "the token is malformed: a JWS has three dot-separated parts",
+                )),
+            },
+        };
+        self.finish(host, outcome)
+    }
+
+    /// Remove every identity header the filter can set from the request.
+    fn strip_forged(&self, host: &mut dyn Host) {
         let mut forged = 0;
         for h in &self.config.identity_headers {
             if host.header(MapKind::RequestHeaders, h).is_some() {
@@ -307,72 +378,62 @@ impl AuthFilter {
         if forged > 0 {
             self.metrics.count(host, "forged_headers_removed", forged);
         }
+    }
+
+    /// The first rule whose match fits, with the template's variables.
+    fn choose_rule(&mut self, host: &dyn Host) {
         let req = RequestInfo::from_host(host);
-        self.rule = self
-            .config
+        let config = Rc::clone(&self.config);
+        if let Some((i, params)) = config
             .rules
             .0
             .iter()
-            .position(|r| r.route.matches(&req).is_some());
-        let Some(rule) = self.rule() else {
-            return Decision::Continue;
-        };
-        if rule.disabled {
-            self.count(host, "skipped");
-            return Decision::Continue;
+            .enumerate()
+            .find_map(|(i, r)| r.route.matches(&req).map(|p| (i, p)))
+        {
+            self.rule = Some(i);
+            self.params = params;
         }
-        let allow = rule.allow.clone();
-        // An API key, when the route accepts them and one was sent.
-        if allow.api_key {
-            if let Some(keys) = &self.config.api_keys {
-                let found = keys
-                    .from
-                    .iter()
-                    .find_map(|s| read_source(host, s).map(|v| (s.clone(), v)));
-                if let Some((src, key)) = found {
-                    self.credential = Some(src);
-                    let outcome = self.check_api_key(host, &key);
-                    return self.finish(host, outcome);
-                }
-            }
-        }
-        let found = if allow.providers.is_empty() && !allow.introspection {
-            None
-        } else {
-            self.config
-                .token_sources
+    }
+
+    /// The credential to check: an API key when the route accepts them and one was sent, else
+    /// the first bearer token of `token_sources` when the route accepts bearer tokens.
+    fn find_credential(&self, host: &dyn Host, allow: &Allow) -> Option<(Source, Credential)> {
+        let first = |sources: &[Source]| {
+            sources
                 .iter()
                 .find_map(|s| read_source(host, s).map(|v| (s.clone(), v)))
         };
-        let Some((src, token)) = found else {
-            return self.missing(host);
-        };
-        self.credential = Some(src);
-        if token.len() > self.config.max_token_size {
-            let outcome = Outcome::Refused(Refusal::token(
-                "token_too_large",
-                format!(
-                    "the credential is longer than {} bytes",
-                    self.config.max_token_size
-                ),
-            ));
-            return self.finish(host, outcome);
+        let api_keys = self.config.api_keys.as_ref().filter(|_| allow.api_key);
+        if let Some((src, key)) = api_keys.and_then(|k| first(&k.from)) {
+            return Some((src, Credential::ApiKey(key)));
         }
-        // A JWS (or a JSON-serialized one, which `parse_compact` refuses); anything else is an
-        // opaque token.
-        let looks_like_jwt =
-            token.starts_with('{') || token.bytes().filter(|b| *b == b'.').count() == 2;
-        let outcome = if looks_like_jwt && !allow.providers.is_empty() {
-            self.check_jwt(host, token, false)
-        } else if allow.introspection {
-            self.introspect(host, token)
-        } else {
-            Outcome::Refused(Refusal::token(
-                "malformed",
-                "the token is malformed: a JWS has three dot-separated parts",
-            ))
-        };
-        self.finish(host, outcome)
+        if allow.providers.is_empty() && !allow.introspection {
+            return None;
+        }
+        let (src, token) = first(&self.config.token_sources)?;
+        Some((src, Credential::Token(token)))
+    }
+
+    /// A client past its failed-credential limit gets 429, before any hash or signature work.
+    fn throttled(&mut self, host: &mut dyn Host) -> Option<Decision> {
+        let limit = self.config.failure_limit.as_ref()?;
+        self.client = client_address(host);
+        let retry_after = limit.refused(host, self.client.as_deref()?, host.now_secs())?;
+        self.count(host, "denied.too_many_failures");
+        Some(Decision::Respond(FailureLimit::reply(
+            "https://tollgate.dev/problems/auth/too_many_failures",
+            &self.instance(host),
+            retry_after,
+        )))
+    }
+
+    /// Count a refused credential against the client (failed-credential throttling).
+    fn record_failure(&self, host: &mut dyn Host) {
+        if let (Some(limit), Some(client)) = (&self.config.failure_limit, &self.client) {
+            let now = host.now_secs();
+            limit.record(host, client, now);
+        }
     }
 
     fn missing(&mut self, host: &mut dyn Host) -> Decision {
@@ -380,7 +441,6 @@ impl AuthFilter {
             self.count(host, "anonymous");
             return Decision::Continue;
         }
-        self.count(host, "denied");
         self.count(host, "denied.missing");
         let realm = quote(&self.config.realm);
         let (bearer, api_key) = self.rule().map_or((true, false), |r| {
@@ -450,7 +510,8 @@ impl AuthFilter {
             claims.insert(h.clone(), Value::String(v.clone()));
         }
         Outcome::Allowed(Identity {
-            method: "api_key",
+            metric: "allowed.api_key",
+            source: crate::config::SOURCE_API_KEY.to_string(),
             consumer: Some(k.consumer.clone()),
             plan: k.plan.clone(),
             claims: Rc::new(claims),
@@ -474,7 +535,8 @@ impl AuthFilter {
             headers.push((h.clone(), payload_b64.to_string()));
         }
         Identity {
-            method: "jwt",
+            metric: "allowed.jwt",
+            source: p.source.clone(),
             consumer: claims::string_claim(&claims, &p.consumer_claim),
             plan: p
                 .plan_claim
@@ -485,142 +547,150 @@ impl AuthFilter {
         }
     }
 
-    /// Verify a JWT. `resumed`: after a wait, never wait again.
-    fn check_jwt(&mut self, host: &mut dyn Host, token: String, resumed: bool) -> Outcome {
+    /// Verify a JWT; `attempt`: which waits are behind (never the same one twice).
+    fn check_jwt(&mut self, host: &mut dyn Host, token: String, attempt: Attempt) -> Outcome {
         let now = host.now_secs();
         let config = Rc::clone(&self.config);
-        let allowed = self
-            .rule()
-            .map(|r| r.allow.providers.clone())
-            .unwrap_or_default();
+        let allowed: &[usize] = self
+            .rule
+            .and_then(|i| config.rules.0.get(i))
+            .map_or(&[], |r| &r.allow.providers);
         let digest = sha256(token.as_bytes());
-        // The verified-token cache.
-        let hit = self
-            .runtime
-            .try_borrow()
-            .ok()
-            .and_then(|rt| rt.cache.get(&digest).cloned());
-        if let Some(hit) = hit {
-            if let Some(p) = config.providers.get(hit.provider) {
-                if allowed.contains(&hit.provider) {
-                    self.count(host, "token_cache_hits");
-                    return match claims::check_times(p, &hit.claims, now) {
-                        Ok(()) => {
-                            Outcome::Allowed(self.jwt_identity(p, hit.claims, &hit.payload_b64))
-                        }
-                        Err(e) => {
-                            if let Ok(mut rt) = self.runtime.try_borrow_mut() {
-                                rt.cache.remove(&digest);
-                            }
-                            Outcome::Refused(e.into())
-                        }
-                    };
-                }
-            }
+        if let Some(outcome) = self.cached_jwt(&digest, now) {
+            return outcome;
         }
-        let jws = match jose::parse_compact(&token) {
-            Ok(j) => j,
-            Err(e) => return Outcome::Refused(e.into()),
+        let read = match verdict::read_token(&token, &config.providers, allowed) {
+            Ok(r) => r,
+            Err(r) => return Outcome::Refused(r),
         };
-        let claims = match serde_json::from_slice::<StrictValue>(&jws.payload) {
-            Ok(StrictValue(Value::Object(m))) => m,
-            _ => {
-                return Outcome::Refused(Refusal::token(
-                    "malformed",
-                    "the token's payload is not a JSON object without duplicate members",
-                ))
-            }
+        let Some(p) = config.providers.get(read.provider) else {
+            return Outcome::Refused(Refusal::token("unknown_issuer", "no such provider"));
         };
-        let Some(iss) = claims.get("iss").and_then(Value::as_str) else {
-            return Outcome::Refused(Refusal::token(
-                "unknown_issuer",
-                "the token has no issuer (`iss`)",
-            ));
-        };
-        let Some(pi) = config.providers.iter().position(|p| p.issuer == iss) else {
-            return Outcome::Refused(Refusal::token(
-                "unknown_issuer",
-                "the token's issuer is not known",
-            ));
-        };
-        if !allowed.contains(&pi) {
-            return Outcome::Refused(Refusal::token(
-                "issuer_not_allowed",
-                "the token's issuer is not accepted on this route",
-            ));
-        }
-        let Some(p) = config.providers.get(pi) else {
-            return Outcome::Refused(Refusal::token(
-                "unknown_issuer",
-                "the token's issuer is not known",
-            ));
-        };
-        if !p.algorithms.contains(&jws.header.alg) {
-            return Outcome::Refused(JwsError::AlgNotAllowed(jws.header.alg.name().into()).into());
-        }
         let verified = match &p.keys {
-            KeySource::Inline(keys) => jose::verify_jws(&jws, keys, &p.algorithms),
-            KeySource::Remote(r) => {
-                let (keys, fetching_here, failed_recently) = {
-                    let Ok(rt) = self.runtime.try_borrow() else {
-                        return Outcome::Unavailable("busy".into());
-                    };
-                    let Some(st) = rt.remotes.get(pi) else {
-                        return Outcome::Unavailable("no key state".into());
-                    };
-                    let failed_recently =
-                        st.failed_at > 0.0 && st.fetching.is_none() && now < st.next_attempt;
-                    (st.current(now), st.fetching.is_some(), failed_recently)
-                };
-                match keys {
-                    None if resumed || failed_recently => {
-                        return Outcome::Unavailable(format!(
-                            "the keys of provider `{}` could not be fetched",
-                            p.name
-                        ))
-                    }
-                    None => return self.wait_for_keys(host, pi, r, token, true),
-                    Some(keys) => match jose::verify_jws(&jws, &keys, &p.algorithms) {
-                        Err(JwsError::UnknownKid) if !resumed => {
-                            // A fetch under way (in this worker or another) may bring the key.
-                            let elsewhere = matches!(
-                                keyset::read_lease(host, &p.name),
-                                Some(keyset::Lease::Fetching(until)) if until > now
-                            );
-                            if fetching_here || elsewhere {
-                                return self.wait_for_keys(host, pi, r, token, false);
-                            }
-                            // One refetch per `refetch_interval` for all workers.
-                            let interval = r.refetch_interval.as_secs_f64();
-                            if keyset::claim_refetch(host, &p.name, now, interval) {
-                                self.count(host, "jwks_refetches");
-                                return self.wait_for_keys(host, pi, r, token, true);
-                            }
-                            Err(JwsError::UnknownKid)
-                        }
-                        other => other,
-                    },
+            KeySource::Inline(keys) => jose::verify_jws(&read.jws, keys, &p.algorithms),
+            KeySource::Remote(_) => {
+                match self.verify_remote(host, &read, p, &token, attempt, now) {
+                    Ok(v) => v,
+                    Err(outcome) => return outcome,
                 }
             }
         };
         if let Err(e) = verified {
             return Outcome::Refused(e.into());
         }
-        if let Err(e) = claims::check_claims(p, jws.header.typ.as_deref(), &claims, now) {
+        if let Err(e) = claims::check_claims(p, read.jws.header.typ.as_deref(), &read.claims, now) {
             return Outcome::Refused(e.into());
         }
-        let claims = Rc::new(claims);
+        let claims = Rc::new(read.claims);
         if let Ok(mut rt) = self.runtime.try_borrow_mut() {
             rt.cache.insert(
                 digest,
                 CachedToken {
-                    provider: pi,
+                    provider: read.provider,
                     claims: claims.clone(),
-                    payload_b64: jws.payload_b64.to_string(),
+                    payload_b64: read.jws.payload_b64.to_string(),
                 },
             );
         }
-        Outcome::Allowed(self.jwt_identity(p, claims, jws.payload_b64))
+        Outcome::Allowed(self.jwt_identity(p, claims, read.jws.payload_b64))
+    }
+
+    /// A token in the verified-token cache, for a provider the route accepts: allowed (its
+    /// times checked again) or refused (and dropped from the cache). `None`: not cached.
+    fn cached_jwt(&mut self, digest: &[u8; 32], now: f64) -> Option<Outcome> {
+        let hit = self.runtime.try_borrow().ok()?.cache.get(digest).cloned()?;
+        let config = Rc::clone(&self.config);
+        let p = config.providers.get(hit.provider)?;
+        if !self.rule()?.allow.providers.contains(&hit.provider) {
+            return None;
+        }
+        Some(match claims::check_times(p, &hit.claims, now) {
+            Ok(()) => Outcome::Allowed(Identity {
+                metric: "allowed.jwt_cached",
+                ..self.jwt_identity(p, hit.claims, &hit.payload_b64)
+            }),
+            Err(e) => {
+                if let Ok(mut rt) = self.runtime.try_borrow_mut() {
+                    rt.cache.remove(digest);
+                }
+                Outcome::Refused(e.into())
+            }
+        })
+    }
+
+    /// Verify with a remote provider's keys, or say why not yet (`Err`: wait, or the failure
+    /// mode). The decisions are [`verdict::key_step`] and [`verdict::unknown_kid_step`].
+    fn verify_remote(
+        &mut self,
+        host: &mut dyn Host,
+        read: &verdict::Read<'_>,
+        p: &Provider,
+        token: &str,
+        attempt: Attempt,
+        now: f64,
+    ) -> Result<Result<(), JwsError>, Outcome> {
+        let KeySource::Remote(r) = &p.keys else {
+            return Ok(Err(JwsError::UnknownKid));
+        };
+        let view = {
+            let Ok(rt) = self.runtime.try_borrow() else {
+                return Err(Outcome::Unavailable("busy".into()));
+            };
+            let Some(st) = rt.remotes.get(read.provider) else {
+                return Err(Outcome::Unavailable("no key state".into()));
+            };
+            KeyView::of(st, now)
+        };
+        let fetch_failed = || format!("the keys of provider `{}` could not be fetched", p.name);
+        let keys = match (verdict::key_step(&view, attempt), &view.keys) {
+            (KeyStep::Verify, Some(keys)) => keys.clone(),
+            (KeyStep::Wait { fetch, then }, _) => {
+                let (pi, token) = (read.provider, token.to_string());
+                return Err(self.wait_for_keys(host, pi, r, token, fetch, then));
+            }
+            _ => return Err(Outcome::Unavailable(fetch_failed())),
+        };
+        match jose::verify_jws(&read.jws, &keys, &p.algorithms) {
+            Err(JwsError::UnknownKid) => {}
+            other => return Ok(other),
+        }
+        let elsewhere = || {
+            matches!(
+                keyset::read_lease(host, &p.name),
+                Some(keyset::Lease::Fetching(until)) if until > now
+            )
+        };
+        let (pi, then) = (read.provider, Attempt::AfterRefetch);
+        match verdict::unknown_kid_step(&view, attempt, elsewhere) {
+            KidStep::Unavailable => {
+                self.want_fetch(pi);
+                Err(Outcome::Unavailable(format!(
+                    "{}, and the token's key is not among the last ones fetched",
+                    fetch_failed()
+                )))
+            }
+            KidStep::WaitForFetch => {
+                Err(self.wait_for_keys(host, pi, r, token.to_string(), false, then))
+            }
+            KidStep::TryRefetch => {
+                let interval = r.refetch_interval.as_secs_f64();
+                if !keyset::claim_refetch(host, &p.name, now, interval) {
+                    return Ok(Err(JwsError::UnknownKid));
+                }
+                self.count(host, "jwks_refetches");
+                Err(self.wait_for_keys(host, pi, r, token.to_string(), true, then))
+            }
+            KidStep::Refuse => Ok(Err(JwsError::UnknownKid)),
+        }
+    }
+
+    /// Ask the root for a fetch of provider `pi`'s keys (done after its retry interval).
+    fn want_fetch(&self, pi: usize) {
+        if let Ok(mut rt) = self.runtime.try_borrow_mut() {
+            if let Some(st) = rt.remotes.get_mut(pi) {
+                st.wanted = true;
+            }
+        }
     }
 
     /// Pause until the provider's keys change or a fetch ends; `fetch`: ask the root for one.
@@ -631,6 +701,7 @@ impl AuthFilter {
         r: &crate::config::Remote,
         token: String,
         fetch: bool,
+        then: Attempt,
     ) -> Outcome {
         let now = host.now_secs();
         let Ok(mut rt) = self.runtime.try_borrow_mut() else {
@@ -644,7 +715,7 @@ impl AuthFilter {
         }
         st.waiters
             .push((self.context_id, now + keyset::wait_limit(r).as_secs_f64()));
-        self.pending = Pending::Keys { token };
+        self.pending = Pending::Keys { token, then };
         Outcome::Wait
     }
 
@@ -691,7 +762,12 @@ impl AuthFilter {
                 Outcome::Wait
             }
             Err(e) => {
-                log::warn!("[{}] introspection call failed: {e}", self.context_id);
+                warn_limited!(
+                    self.outage_log,
+                    now,
+                    "[{}] introspection call failed: {e}",
+                    self.context_id
+                );
                 self.count(host, "introspection_failures");
                 Outcome::Unavailable("the introspection endpoint cannot be called".into())
             }
@@ -750,7 +826,8 @@ impl AuthFilter {
             .as_ref()
             .and_then(|c| claims::string_claim(&claims, c));
         Outcome::Allowed(Identity {
-            method: "introspection",
+            metric: "allowed.introspection",
+            source: crate::config::SOURCE_INTROSPECTION.to_string(),
             consumer,
             plan,
             claims: Rc::new(claims),
@@ -775,7 +852,9 @@ impl AuthFilter {
             _ => None,
         };
         let Some(Value::Object(answer)) = answer else {
-            log::warn!(
+            warn_limited!(
+                self.outage_log,
+                now,
                 "[{}] introspection failed: {}",
                 self.context_id,
                 resp.status().map_or("no answer".to_string(), |s| format!(
@@ -818,109 +897,133 @@ impl AuthFilter {
 
     /// Turn an outcome into the request's fate.
     fn finish(&mut self, host: &mut dyn Host, outcome: Outcome) -> Decision {
-        let requirement = self.requirement();
         match outcome {
             Outcome::Wait => Decision::Pause,
-            Outcome::Allowed(id) => {
-                let authz = match self.rule() {
-                    Some(rule) => claims::authorize(rule, &id.claims, id.consumer.as_deref()),
-                    None => Ok(()),
-                };
-                if let Err(e) = authz {
-                    if requirement == Requirement::Optional {
-                        self.count(host, "anonymous");
-                        return Decision::Continue;
-                    }
-                    return self.forbidden(host, &e);
-                }
-                for (h, v) in &id.headers {
-                    host.set_header(MapKind::RequestHeaders, h, v);
-                }
-                if let Some(c) = &id.consumer {
-                    let c = claims::header_value(&Value::String(c.clone())).unwrap_or_default();
-                    host.set_header(MapKind::RequestHeaders, &self.config.consumer_header, &c);
-                }
-                if let Some(p) = &id.plan {
-                    let p = claims::header_value(&Value::String(p.clone())).unwrap_or_default();
-                    host.set_header(MapKind::RequestHeaders, &self.config.plan_header, &p);
-                }
-                if self.config.remove_credential {
-                    if let Some(src) = self.credential.clone() {
-                        remove_source(host, &src);
-                    }
-                }
-                self.count(host, "allowed");
-                self.count(host, &format!("allowed.{}", id.method));
-                Decision::Continue
-            }
-            Outcome::Refused(r) => {
-                if requirement == Requirement::Optional {
-                    self.count(host, "anonymous");
-                    return Decision::Continue;
-                }
-                log::debug!("[{}] refused: {}", self.context_id, r.reason);
-                self.count(host, "denied");
-                self.count(host, &format!("denied.{}", r.reason));
-                let realm = quote(&self.config.realm);
-                let (error, desc) = (
-                    if r.scheme == "ApiKey" {
-                        "invalid_key"
-                    } else {
-                        "invalid_token"
-                    },
-                    quote(&r.detail),
-                );
-                let reply = Problem::new(401)
-                    .typed(
-                        format!("https://tollgate.dev/problems/auth/{}", r.reason),
-                        "Unauthorized",
-                    )
-                    .detail(r.detail.clone())
-                    .instance(self.instance(host))
-                    .extension("reason", r.reason)
-                    .into_reply()
-                    .with_header(
-                        "www-authenticate",
-                        format!(
-                            "{} realm=\"{realm}\", error=\"{error}\", error_description=\"{desc}\"",
-                            r.scheme
-                        ),
-                    );
-                Decision::Respond(reply)
-            }
-            Outcome::Unavailable(why) => {
-                log::warn!("[{}] identity provider unavailable: {why}", self.context_id);
-                if self.config.failure_mode == FailureMode::Allow {
-                    self.count(host, "failure_mode_allowed");
-                    return Decision::Continue;
-                }
-                self.count(host, "denied");
-                self.count(host, "denied.unavailable");
-                let reply = Problem::new(503)
-                    .typed(
-                        "https://tollgate.dev/problems/auth/unavailable",
-                        "Service Unavailable",
-                    )
-                    .detail(format!("the credential cannot be checked now: {why}"))
-                    .instance(self.instance(host))
-                    .extension("reason", "unavailable")
-                    .into_reply()
-                    .with_header("retry-after", "1");
-                Decision::Respond(reply)
-            }
+            Outcome::Allowed(id) => self.allow(host, &id),
+            Outcome::Refused(r) => self.refuse(host, &r),
+            Outcome::Unavailable(why) => self.unavailable(host, &why),
         }
     }
 
+    /// An authenticated caller: authorize, then forward the identity.
+    fn allow(&mut self, host: &mut dyn Host, id: &Identity) -> Decision {
+        let authz = match self.rule() {
+            Some(rule) => claims::authorize(rule, &id.claims, id.consumer.as_deref(), &self.params),
+            None => Ok(()),
+        };
+        if let Err(e) = authz {
+            if self.requirement() == Requirement::Optional {
+                self.count(host, "anonymous");
+                return Decision::Continue;
+            }
+            return self.forbidden(host, &e);
+        }
+        self.forward_identity(host, id);
+        if self.config.remove_credential {
+            if let Some(src) = self.credential.clone() {
+                remove_source(host, &src);
+            }
+        }
+        self.count(host, id.metric);
+        Decision::Continue
+    }
+
+    /// Set the identity headers.
+    fn forward_identity(&self, host: &mut dyn Host, id: &Identity) {
+        for (h, v) in &id.headers {
+            host.set_header(MapKind::RequestHeaders, h, v);
+        }
+        let mut set = |name: &str, value: &str| {
+            let v = claims::header_value(&Value::String(value.to_string())).unwrap_or_default();
+            host.set_header(MapKind::RequestHeaders, name, &v);
+        };
+        if let Some(c) = &id.consumer {
+            set(&self.config.consumer_header, c);
+        }
+        if let Some(p) = &id.plan {
+            set(&self.config.plan_header, p);
+        }
+        if let Some(h) = &self.config.source_header {
+            set(h, &id.source);
+        }
+    }
+
+    /// A refused credential: 401 (or through without identity on an `optional` route).
+    fn refuse(&mut self, host: &mut dyn Host, r: &Refusal) -> Decision {
+        self.record_failure(host);
+        if self.requirement() == Requirement::Optional {
+            self.count(host, "anonymous");
+            return Decision::Continue;
+        }
+        log::debug!("[{}] refused: {}", self.context_id, r.reason);
+        self.metrics.count_in(host, "denied.", r.reason);
+        let realm = quote(&self.config.realm);
+        let error = if r.scheme == "ApiKey" {
+            "invalid_key"
+        } else {
+            "invalid_token"
+        };
+        let desc = quote(&r.detail);
+        let reply = Problem::new(401)
+            .typed(
+                format!("https://tollgate.dev/problems/auth/{}", r.reason),
+                "Unauthorized",
+            )
+            .detail(r.detail.clone())
+            .instance(self.instance(host))
+            .extension("reason", r.reason)
+            .into_reply()
+            .with_header(
+                "www-authenticate",
+                format!(
+                    "{} realm=\"{realm}\", error=\"{error}\", error_description=\"{desc}\"",
+                    r.scheme
+                ),
+            );
+        Decision::Respond(reply)
+    }
+
+    /// The identity provider cannot answer: the failure mode.
+    fn unavailable(&mut self, host: &mut dyn Host, why: &str) -> Decision {
+        warn_limited!(
+            self.outage_log,
+            host.now_secs(),
+            "[{}] identity provider unavailable: {why}",
+            self.context_id
+        );
+        if self.config.failure_mode == FailureMode::Allow {
+            self.count(host, "failure_mode_allowed");
+            return Decision::Continue;
+        }
+        self.count(host, "denied.unavailable");
+        let reply = Problem::new(503)
+            .typed(
+                "https://tollgate.dev/problems/auth/unavailable",
+                "Service Unavailable",
+            )
+            .detail(format!("the credential cannot be checked now: {why}"))
+            .instance(self.instance(host))
+            .extension("reason", "unavailable")
+            .into_reply()
+            .with_header("retry-after", "1");
+        Decision::Respond(reply)
+    }
+
     fn forbidden(&self, host: &mut dyn Host, e: &AuthzError) -> Decision {
-        self.count(host, "denied");
-        self.count(host, &format!("denied.{}", e.reason()));
+        self.metrics.count_in(host, "denied.", e.reason());
         let realm = quote(&self.config.realm);
         let mut challenge = format!(
             "Bearer realm=\"{realm}\", error=\"insufficient_scope\", error_description=\"{}\"",
             quote(&e.to_string())
         );
-        if let AuthzError::InsufficientScope(s) = e {
-            challenge.push_str(&format!(", scope=\"{}\"", quote(&s.join(" "))));
+        match e {
+            AuthzError::InsufficientScope(s) => {
+                challenge.push_str(&format!(", scope=\"{}\"", quote(&s.join(" "))));
+            }
+            AuthzError::IdentityMismatch(_, s) if !s.is_empty() => {
+                challenge.push_str(&format!(", scope=\"{}\"", quote(&s.join(" "))));
+            }
+            _ => {}
         }
         let reply: LocalReply = Problem::new(403)
             .typed(
@@ -958,13 +1061,14 @@ impl HttpFilter for AuthFilter {
     }
 
     fn on_wake(&mut self, host: &mut dyn Host, reason: u32) -> Decision {
-        let Pending::Keys { token } = std::mem::replace(&mut self.pending, Pending::Nothing) else {
+        let Pending::Keys { token, then } = std::mem::replace(&mut self.pending, Pending::Nothing)
+        else {
             return Decision::Pause;
         };
         let outcome = if reason == WAKE_TIMEOUT {
             Outcome::Unavailable("timed out waiting for the provider's keys".into())
         } else {
-            self.check_jwt(host, token, true)
+            self.check_jwt(host, token, then)
         };
         self.finish(host, outcome)
     }

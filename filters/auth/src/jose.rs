@@ -9,13 +9,17 @@
 
 use std::collections::HashSet;
 use std::fmt;
+use std::sync::Arc;
 
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
 use hmac::{Hmac, Mac};
 use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
-use sha2::{Sha256, Sha384, Sha512};
+use sha2::{Digest, Sha256, Sha384, Sha512};
+
+use crate::crypto::ec::{self, EcKey};
+use crate::crypto::rsa::RsaKey;
 
 /// A JWS signature algorithm we implement.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -105,12 +109,12 @@ impl fmt::Display for Alg {
 pub enum KeyMaterial {
     /// Symmetric (HMAC) secret.
     Oct(Vec<u8>),
-    /// RSA public key.
-    Rsa(Box<rsa::RsaPublicKey>),
-    /// P-256 public key.
-    P256(p256::ecdsa::VerifyingKey),
-    /// P-384 public key.
-    P384(p384::ecdsa::VerifyingKey),
+    /// RSA public key (with its Montgomery constants).
+    Rsa(Arc<RsaKey>),
+    /// P-256 public key (with its table, built on first use).
+    P256(Arc<EcKey<8>>),
+    /// P-384 public key (with its table, built on first use).
+    P384(Arc<EcKey<12>>),
     /// P-521 public key.
     P521(Box<p521::ecdsa::VerifyingKey>),
     /// Ed25519 public key.
@@ -248,14 +252,12 @@ pub fn parse_jwk(v: &Value) -> Result<Option<Jwk>, String> {
             KeyMaterial::Oct(k)
         }
         "RSA" => {
-            let n = rsa::BigUint::from_bytes_be(&b64_member(o, "n")?);
-            let e = rsa::BigUint::from_bytes_be(&b64_member(o, "e")?);
-            let key = rsa::RsaPublicKey::new_with_max_size(n, e, 8192)
+            let key = RsaKey::new(&b64_member(o, "n")?, &b64_member(o, "e")?, 8192)
                 .map_err(|e| format!("bad RSA key: {e}"))?;
-            if rsa::traits::PublicKeyParts::n(&key).bits() < MIN_RSA_BITS {
+            if key.bits() < MIN_RSA_BITS {
                 return Err(format!("an RSA key must have at least {MIN_RSA_BITS} bits"));
             }
-            KeyMaterial::Rsa(Box::new(key))
+            KeyMaterial::Rsa(Arc::new(key))
         }
         "EC" => {
             let crv = str_member(o, "crv")?.ok_or("`crv` is missing")?;
@@ -275,20 +277,20 @@ pub fn parse_jwk(v: &Value) -> Result<Option<Jwk>, String> {
             point.extend_from_slice(&x);
             point.extend_from_slice(&y);
             if size == 32 {
-                KeyMaterial::P256(
-                    p256::ecdsa::VerifyingKey::from_sec1_bytes(&point)
-                        .map_err(|_| "the EC point is not on P-256".to_string())?,
-                )
-            } else if size == 66 {
+                let q = ec::p256()
+                    .point(&x, &y)
+                    .ok_or("the EC point is not on P-256")?;
+                KeyMaterial::P256(Arc::new(EcKey::new(q)))
+            } else if size == 48 {
+                let q = ec::p384()
+                    .point(&x, &y)
+                    .ok_or("the EC point is not on P-384")?;
+                KeyMaterial::P384(Arc::new(EcKey::new(q)))
+            } else {
                 KeyMaterial::P521(Box::new(
                     p521::ecdsa::VerifyingKey::from_sec1_bytes(&point)
                         .map_err(|_| "the EC point is not on P-521".to_string())?,
                 ))
-            } else {
-                KeyMaterial::P384(
-                    p384::ecdsa::VerifyingKey::from_sec1_bytes(&point)
-                        .map_err(|_| "the EC point is not on P-384".to_string())?,
-                )
             }
         }
         "OKP" => {
@@ -551,23 +553,19 @@ pub fn parse_compact(token: &str) -> Result<Jws<'_>, JwsError> {
 
 /// Verify a signature with one key. The key must accept the algorithm (see [`Jwk::accepts`]).
 pub fn verify_signature(alg: Alg, key: &KeyMaterial, input: &[u8], sig: &[u8]) -> bool {
-    use p256::ecdsa::signature::Verifier;
+    use p521::ecdsa::signature::Verifier;
     match (alg, key) {
         (Alg::HS256, KeyMaterial::Oct(k)) => hmac_ok::<Hmac<Sha256>>(k, input, sig),
         (Alg::HS384, KeyMaterial::Oct(k)) => hmac_ok::<Hmac<Sha384>>(k, input, sig),
         (Alg::HS512, KeyMaterial::Oct(k)) => hmac_ok::<Hmac<Sha512>>(k, input, sig),
-        (Alg::RS256, KeyMaterial::Rsa(k)) => rsa_pkcs1::<Sha256>(k, input, sig),
-        (Alg::RS384, KeyMaterial::Rsa(k)) => rsa_pkcs1::<Sha384>(k, input, sig),
-        (Alg::RS512, KeyMaterial::Rsa(k)) => rsa_pkcs1::<Sha512>(k, input, sig),
-        (Alg::PS256, KeyMaterial::Rsa(k)) => rsa_pss::<Sha256>(k, input, sig),
-        (Alg::PS384, KeyMaterial::Rsa(k)) => rsa_pss::<Sha384>(k, input, sig),
-        (Alg::PS512, KeyMaterial::Rsa(k)) => rsa_pss::<Sha512>(k, input, sig),
-        (Alg::ES256, KeyMaterial::P256(k)) => p256::ecdsa::Signature::from_slice(sig)
-            .map(|s| k.verify(input, &s).is_ok())
-            .unwrap_or(false),
-        (Alg::ES384, KeyMaterial::P384(k)) => p384::ecdsa::Signature::from_slice(sig)
-            .map(|s| k.verify(input, &s).is_ok())
-            .unwrap_or(false),
+        (Alg::RS256, KeyMaterial::Rsa(k)) => k.verify_pkcs1::<Sha256>(input, sig),
+        (Alg::RS384, KeyMaterial::Rsa(k)) => k.verify_pkcs1::<Sha384>(input, sig),
+        (Alg::RS512, KeyMaterial::Rsa(k)) => k.verify_pkcs1::<Sha512>(input, sig),
+        (Alg::PS256, KeyMaterial::Rsa(k)) => k.verify_pss::<Sha256>(input, sig),
+        (Alg::PS384, KeyMaterial::Rsa(k)) => k.verify_pss::<Sha384>(input, sig),
+        (Alg::PS512, KeyMaterial::Rsa(k)) => k.verify_pss::<Sha512>(input, sig),
+        (Alg::ES256, KeyMaterial::P256(k)) => ec::p256().verify(k, &Sha256::digest(input), sig),
+        (Alg::ES384, KeyMaterial::P384(k)) => ec::p384().verify(k, &Sha384::digest(input), sig),
         (Alg::ES512, KeyMaterial::P521(k)) => p521::ecdsa::Signature::from_slice(sig)
             .map(|s| k.verify(input, &s).is_ok())
             .unwrap_or(false),
@@ -587,32 +585,6 @@ fn hmac_ok<M: Mac + hmac::digest::KeyInit>(key: &[u8], input: &[u8], sig: &[u8])
         }
         Err(_) => false,
     }
-}
-
-fn rsa_pkcs1<D>(key: &rsa::RsaPublicKey, input: &[u8], sig: &[u8]) -> bool
-where
-    D: sha2::Digest + rsa::pkcs8::AssociatedOid,
-{
-    use rsa::signature::Verifier;
-    let Ok(s) = rsa::pkcs1v15::Signature::try_from(sig) else {
-        return false;
-    };
-    rsa::pkcs1v15::VerifyingKey::<D>::new(key.clone())
-        .verify(input, &s)
-        .is_ok()
-}
-
-fn rsa_pss<D>(key: &rsa::RsaPublicKey, input: &[u8], sig: &[u8]) -> bool
-where
-    D: sha2::Digest + sha2::digest::FixedOutputReset,
-{
-    use rsa::signature::Verifier;
-    let Ok(s) = rsa::pss::Signature::try_from(sig) else {
-        return false;
-    };
-    rsa::pss::VerifyingKey::<D>::new(key.clone())
-        .verify(input, &s)
-        .is_ok()
 }
 
 /// Verify a parsed JWS against a key set: keys are chosen by `kid` (when the token names one)

@@ -370,6 +370,43 @@ fn install(st: &mut RemoteState, keys: Vec<Jwk>, fetched_at: f64, r: &Remote, wa
     wakes.extend(st.waiters.drain(..).map(|(id, _)| (id, WAKE_FETCHED)));
 }
 
+/// Keys stored by another worker (or an earlier fetch of ours), when newer and fresh.
+fn adopt_keys(
+    host: &dyn Host,
+    name: &str,
+    r: &Remote,
+    st: &mut RemoteState,
+    now: f64,
+    wakes: &mut Wakes,
+) {
+    let Ok(Some((v, _))) = host.shared_get(&shared_key(name)) else {
+        return;
+    };
+    let Some((t, body)) = decode_shared(&v) else {
+        return;
+    };
+    let fresh = t + r.cache_duration.as_secs_f64() > now;
+    if t > st.fetched_at && fresh {
+        if let Ok(keys) = jose::parse_jwks_bytes(body) {
+            install(st, keys, t, r, wakes);
+        }
+    }
+}
+
+/// Another worker's fetch failed at `t`: our waiters need not wait for a fetch of their own,
+/// and an unknown `kid` meets the provider's failure mode here too.
+fn adopt_failure(st: &mut RemoteState, r: &Remote, t: f64, wakes: &mut Wakes) {
+    if t > st.failed_at && t > st.fetched_at && st.fetching.is_none() {
+        if st.waiters.is_empty() {
+            st.failed_at = t;
+        } else {
+            fail(st, r, t, wakes);
+        }
+    }
+    // Nobody retries before `retry_interval` after anyone's failure.
+    st.next_attempt = st.next_attempt.max(t + r.retry_interval.as_secs_f64());
+}
+
 /// Periodic work for every remote provider: adopt keys another worker stored, time out
 /// waiting requests, and start fetches (at start, before expiry, on request).
 pub fn tick(
@@ -388,25 +425,9 @@ pub fn tick(
         let Some(st) = rt.remotes.get_mut(i) else {
             continue;
         };
-        // Keys stored by another worker (or an earlier fetch of ours).
-        if let Ok(Some((v, _))) = host.shared_get(&shared_key(&p.name)) {
-            if let Some((t, body)) = decode_shared(&v) {
-                let fresh = t + r.cache_duration.as_secs_f64() > now;
-                if t > st.fetched_at && fresh {
-                    if let Ok(keys) = jose::parse_jwks_bytes(body) {
-                        install(st, keys, t, r, &mut wakes);
-                    }
-                }
-            }
-        }
-        // Another worker's fetch failed: our waiters need not wait for a fetch of their own.
-        let lease = read_lease(host, &p.name);
-        if let Some(Lease::Failed(t)) = lease {
-            if t > st.failed_at && st.fetching.is_none() && !st.waiters.is_empty() {
-                fail(st, r, t, &mut wakes);
-            }
-            // Nobody retries before `retry_interval` after anyone's failure.
-            st.next_attempt = st.next_attempt.max(t + r.retry_interval.as_secs_f64());
+        adopt_keys(host, &p.name, r, st, now, &mut wakes);
+        if let Some(Lease::Failed(t)) = read_lease(host, &p.name) {
+            adopt_failure(st, r, t, &mut wakes);
         }
         // Waiting requests past their deadline.
         let (late, keep): (Vec<_>, Vec<_>) = st.waiters.drain(..).partition(|(_, d)| *d <= now);

@@ -4,14 +4,16 @@
 //!
 //! Filter logic lives in [`filter`] and talks to the proxy only through
 //! [`tollgate_common::Host`]; [`jose`] parses and verifies tokens, [`claims`] checks claims,
-//! [`keyset`] keeps remote key sets and the verified-token cache, [`config`] compiles the
-//! configuration. The module entry point is exported by [`tollgate_common::export_filter!`].
+//! [`keyset`] keeps remote key sets and the verified-token cache, [`verdict`] holds the JWT
+//! path's decisions as pure functions, [`config`] compiles the configuration. The module entry point is exported by [`tollgate_common::export_filter!`].
 
 pub mod claims;
 pub mod config;
+pub mod crypto;
 pub mod filter;
 pub mod jose;
 pub mod keyset;
+pub mod verdict;
 
 pub use filter::{AuthFilter, AuthRoot};
 

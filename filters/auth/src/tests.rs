@@ -553,7 +553,7 @@ fn verified_tokens_are_cached_until_they_expire() {
         let req = vm.request("GET", "/x", &[("authorization", &auth)]);
         assert_eq!(vm.request_headers(req, true), Decision::Continue);
     }
-    assert_eq!(vm.metric("tollgate.auth.token_cache_hits"), Some(2));
+    assert_eq!(vm.metric("tollgate.auth.allowed.jwt_cached"), Some(2));
     vm.advance(Duration::from_secs(200));
     let req = vm.request("GET", "/x", &[("authorization", &auth)]);
     assert_eq!(reason(&vm.request_headers(req, true)), "expired");
@@ -898,4 +898,361 @@ fn unknown_kid_refetch_is_limited_for_all_workers() {
     // Within the interval, worker 2 refuses at once.
     let req3 = vm2.request("GET", "/x", &[("authorization", &stranger)]);
     assert_eq!(reason(&vm2.request_headers(req3, true)), "unknown_kid");
+}
+
+const OLD_KEYS: &str = r#"{"keys":[{"kty":"EC","crv":"P-256","kid":"old","x":"aa0nWgETctJpaXXZtcfSQUBtXo2Z2Cb7B_HlwJCK-Wk","y":"lfo6v6CStrhix-FIVGehxIAjwEuzWuNuoCiRo7tUowA"}]}"#;
+
+#[test]
+fn unknown_kid_during_a_key_server_outage_meets_the_failure_mode() {
+    // #15 finding 7: the token's key may simply be new; 503 like any token of the provider.
+    let cfg = remote_config(json!({"refetch_interval": "1s"}));
+    let mut vm = root(&cfg);
+    vm.tick();
+    let t0 = vm.calls()[0].token;
+    vm.answer(t0, ok(OLD_KEYS));
+    let mut vm2 = vm.worker(&cfg).unwrap();
+    vm2.tick();
+    let new_key = format!("Bearer {}", es("es", claims(json!({}))));
+    // The refetch for the unknown kid fails: the waiting request gets 503, not 401.
+    let req = vm.request("GET", "/x", &[("authorization", &new_key)]);
+    assert_eq!(vm.request_headers(req, true), Decision::Pause);
+    vm.tick();
+    let t1 = vm.calls()[1].token;
+    vm.advance(Duration::from_millis(10));
+    vm.answer(t1, CallResponse::default());
+    let d = vm.wake_decision(req, WAKE_FETCHED).unwrap();
+    assert_eq!((status(&d), reason(&d).as_str()), (503, "unavailable"));
+    // While it is down, the next ones get 503 at once (no wait), in this worker and the other.
+    let req = vm.request("GET", "/x", &[("authorization", &new_key)]);
+    let d = vm.request_headers(req, true);
+    assert_eq!((status(&d), reason(&d).as_str()), (503, "unavailable"));
+    vm2.advance(Duration::from_millis(50));
+    vm2.tick();
+    let req = vm2.request("GET", "/x", &[("authorization", &new_key)]);
+    let d = vm2.request_headers(req, true);
+    assert_eq!((status(&d), reason(&d).as_str()), (503, "unavailable"));
+    // A token whose key is known still passes.
+    let known = format!("Bearer {}", es("old", claims(json!({}))));
+    let req = vm.request("GET", "/x", &[("authorization", &known)]);
+    assert_eq!(vm.request_headers(req, true), Decision::Continue);
+    // failure_mode allow lets the unknown kid through without identity, as for the others.
+    let allow = cfg.replace("\"providers\"", "\"failure_mode\":\"allow\",\"providers\"");
+    let mut vm3 = vm.worker(&allow).unwrap();
+    vm3.tick();
+    let req = vm3.request("GET", "/x", &[("authorization", &new_key)]);
+    assert_eq!(vm3.request_headers(req, true), Decision::Continue);
+    assert_eq!(
+        vm3.header(req, MapKind::RequestHeaders, "x-tollgate-consumer"),
+        None
+    );
+    // After the retry interval the asked-for fetch runs; the server is back with the new key.
+    vm.advance(Duration::from_millis(1100));
+    vm.tick();
+    let t2 = vm.calls()[2].token;
+    vm.answer(t2, ok(&format!(r#"{{"keys":[{ES_PUB}]}}"#)));
+    let req = vm.request("GET", "/x", &[("authorization", &new_key)]);
+    assert_eq!(vm.request_headers(req, true), Decision::Continue);
+}
+
+#[test]
+fn an_unknown_kid_that_waited_for_the_first_keys_still_gets_its_refetch() {
+    let mut vm = root(&remote_config(json!({})));
+    let new_key = format!("Bearer {}", es("es", claims(json!({}))));
+    let req = vm.request("GET", "/x", &[("authorization", &new_key)]);
+    assert_eq!(vm.request_headers(req, true), Decision::Pause);
+    vm.tick();
+    let t0 = vm.calls()[0].token;
+    vm.answer(t0, ok(OLD_KEYS));
+    // Woken by the first keys, which lack its kid: it waits for a refetch, not a 401.
+    assert_eq!(
+        vm.wake_decision(req, WAKE_FETCHED).unwrap(),
+        Decision::Pause
+    );
+    vm.tick();
+    assert_eq!(vm.calls().len(), 2);
+    let t1 = vm.calls()[1].token;
+    vm.advance(Duration::from_millis(10));
+    vm.answer(t1, CallResponse::default());
+    let d = vm.wake_decision(req, WAKE_FETCHED).unwrap();
+    assert_eq!((status(&d), reason(&d).as_str()), (503, "unavailable"));
+}
+
+#[test]
+fn identities_carry_their_source() {
+    // #15 finding 4: a JWT `sub` equal to an API key's consumer is told apart by its source.
+    let mut vm = root(&inline_config());
+    let jwt = hs(
+        json!({"alg": "HS256"}),
+        claims(json!({"sub": "acme"})),
+        &SECRET,
+    );
+    let auth = format!("Bearer {jwt}");
+    let forged = ("x-tollgate-identity-source", "api_key");
+    for (headers, source) in [
+        (vec![("authorization", auth.as_str()), forged], "jwt:idp"),
+        (vec![("x-api-key", "key-pro"), forged], "api_key"),
+    ] {
+        let req = vm.request("GET", "/x", &headers);
+        assert_eq!(vm.request_headers(req, true), Decision::Continue);
+        let hv = |n: &str| vm.header(req, MapKind::RequestHeaders, n);
+        assert_eq!(hv("x-tollgate-consumer").as_deref(), Some("acme"));
+        assert_eq!(hv("x-tollgate-identity-source").as_deref(), Some(source));
+    }
+    // An anonymous request keeps no forged source.
+    let req = vm.request("GET", "/maybe", &[forged]);
+    assert_eq!(vm.request_headers(req, true), Decision::Continue);
+    assert_eq!(
+        vm.header(req, MapKind::RequestHeaders, "x-tollgate-identity-source"),
+        None
+    );
+    // Configurable: another name, or none.
+    for (setting, header) in [
+        (json!("x-who-from"), Some("x-who-from")),
+        (Value::Null, None),
+    ] {
+        let mut cfg: Value = serde_json::from_str(&inline_config()).unwrap();
+        cfg["identity_source_header"] = setting;
+        let mut vm = root(&cfg.to_string());
+        let req = vm.request("GET", "/x", &[("x-api-key", "key-pro")]);
+        assert_eq!(vm.request_headers(req, true), Decision::Continue);
+        assert_eq!(
+            vm.header(req, MapKind::RequestHeaders, "x-tollgate-identity-source"),
+            None
+        );
+        if let Some(h) = header {
+            assert_eq!(
+                vm.header(req, MapKind::RequestHeaders, h).as_deref(),
+                Some("api_key")
+            );
+        }
+    }
+}
+
+#[test]
+fn failed_credentials_are_throttled_per_client_before_any_hash() {
+    // #15 finding 6.
+    let mut cfg: Value = serde_json::from_str(&inline_config()).unwrap();
+    cfg["failure_limit"] = json!({"max_failures": 3, "window": "1m"});
+    let mut vm = root(&cfg.to_string());
+    let mut vm2 = vm.worker(&cfg.to_string()).unwrap();
+    let send = |vm: &mut Driver<AuthRoot>, ip: &str, headers: &[(&str, &str)]| {
+        let req = vm.request("GET", "/x", headers);
+        vm.host_mut(req)
+            .unwrap()
+            .set_property(&["source", "address"], &format!("{ip}:4242"));
+        vm.request_headers(req, true)
+    };
+    // Three failures (wrong key, forged token), counted in shared data by both workers.
+    assert_eq!(
+        reason(&send(&mut vm, "10.0.0.1", &[("x-api-key", "nope")])),
+        "invalid_api_key"
+    );
+    assert_eq!(
+        reason(&send(&mut vm2, "10.0.0.1", &[("x-api-key", "nope")])),
+        "invalid_api_key"
+    );
+    let forged = format!(
+        "Bearer {}",
+        hs(json!({"alg": "HS256"}), claims(json!({})), &[1u8; 32])
+    );
+    assert_eq!(
+        reason(&send(&mut vm, "10.0.0.1", &[("authorization", &forged)])),
+        "bad_signature"
+    );
+    // Past the threshold: 429 for any credential from that client, in any worker.
+    for (vm, headers) in [
+        (&mut vm2, vec![("x-api-key", "key-pro")]),
+        (&mut vm, vec![("authorization", forged.as_str())]),
+    ] {
+        let d = send(vm, "10.0.0.1", &headers);
+        assert_eq!(
+            (status(&d), reason(&d).as_str()),
+            (429, "too_many_failures")
+        );
+        if let Decision::Respond(r) = &d {
+            assert_eq!(r.header("content-type"), Some("application/problem+json"));
+            assert_eq!(r.header("retry-after"), Some("60"));
+        }
+    }
+    assert_eq!(vm.metric("tollgate.auth.denied.too_many_failures"), Some(2));
+    // Before any hash: a refused request reads the counter and nothing else of the credential.
+    vm.count_host_calls(true);
+    send(&mut vm, "10.0.0.1", &[("x-api-key", "key-pro")]);
+    let calls = vm.take_host_calls();
+    assert_eq!(
+        calls.iter().filter(|c| **c == "get_shared_data").count(),
+        1,
+        "{calls:?}"
+    );
+    assert!(!calls.contains(&"set_shared_data"), "{calls:?}");
+    // Another client is not affected; a missing credential is not a failure.
+    assert_eq!(
+        send(&mut vm, "10.0.0.2", &[("x-api-key", "key-pro")]),
+        Decision::Continue
+    );
+    assert_eq!(reason(&send(&mut vm, "10.0.0.2", &[])), "missing");
+    // A new window.
+    vm.advance(Duration::from_secs(60));
+    assert_eq!(
+        send(&mut vm, "10.0.0.1", &[("x-api-key", "key-pro")]),
+        Decision::Continue
+    );
+    // Off by default.
+    let mut off = root(&inline_config());
+    for _ in 0..5 {
+        assert_eq!(
+            reason(&send(&mut off, "10.0.0.1", &[("x-api-key", "nope")])),
+            "invalid_api_key"
+        );
+    }
+}
+
+/// Path, request headers, expected status (0: continue) and reason.
+type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, u16, &'a str);
+
+#[test]
+fn a_path_variable_bound_to_the_identity() {
+    // #15 finding 2(c): `/dash/{user}` only for the caller `user`, unless `dash:any`.
+    let mut cfg: Value = serde_json::from_str(&inline_config()).unwrap();
+    cfg["routes"] = json!([
+        {"match": {"template": "/dash/{user}"}, "bind": [{"param": "user", "unless_scopes": ["dash:any"]}]},
+        {"match": {"template": "/org/{org}/x"}, "allow": ["idp"], "bind": [{"param": "org", "claim": "org.id"}]},
+        {"match": {"prefix": "/"}}
+    ]);
+    let mut vm = root(&cfg.to_string());
+    let bearer = |extra: Value| {
+        format!(
+            "Bearer {}",
+            hs(json!({"alg": "HS256"}), claims(extra), &SECRET)
+        )
+    };
+    let alice = bearer(json!({}));
+    let ops = bearer(json!({"sub": "ops", "scope": "dash:any"}));
+    let org = bearer(json!({"org": {"id": "o-1"}}));
+    let cases: Vec<Case> = vec![
+        ("/dash/alice", vec![("authorization", &alice)], 0, ""),
+        (
+            "/dash/bob",
+            vec![("authorization", &alice)],
+            403,
+            "identity_mismatch",
+        ),
+        (
+            "/dash/al%69ce",
+            vec![("authorization", &alice)],
+            403,
+            "identity_mismatch",
+        ),
+        ("/dash/bob", vec![("authorization", &ops)], 0, ""),
+        ("/dash/acme", vec![("x-api-key", "key-pro")], 0, ""),
+        (
+            "/dash/alice",
+            vec![("x-api-key", "key-pro")],
+            403,
+            "identity_mismatch",
+        ),
+        ("/dash/alice", vec![], 401, "missing"),
+        ("/org/o-1/x", vec![("authorization", &org)], 0, ""),
+        (
+            "/org/o-2/x",
+            vec![("authorization", &org)],
+            403,
+            "identity_mismatch",
+        ),
+        (
+            "/org/o-1/x",
+            vec![("authorization", &alice)],
+            403,
+            "identity_mismatch",
+        ),
+    ];
+    for (path, headers, want, why) in cases {
+        let req = vm.request("GET", path, &headers);
+        let d = vm.request_headers(req, true);
+        assert_eq!(
+            (status(&d), reason(&d).as_str()),
+            (want, why),
+            "{path} {headers:?}"
+        );
+        if let (403, Decision::Respond(r)) = (want, &d) {
+            let challenge = r.header("www-authenticate").unwrap();
+            assert!(
+                challenge.contains("error=\"insufficient_scope\""),
+                "{challenge}"
+            );
+            if path.starts_with("/dash") {
+                assert!(challenge.ends_with("scope=\"dash:any\""), "{challenge}");
+            }
+        }
+    }
+    assert_eq!(vm.metric("tollgate.auth.denied.identity_mismatch"), Some(5));
+    // Refused at load: a variable the template does not have, a binding without a credential.
+    for (routes, field) in [
+        (
+            json!([{"match": {"template": "/d/{u}"}, "bind": [{"param": "user"}]}]),
+            "routes[0].bind[0].param",
+        ),
+        (
+            json!([{"match": {"prefix": "/d"}, "bind": [{"param": "user"}]}]),
+            "routes[0].bind[0].param",
+        ),
+        (
+            json!([{"match": {"template": "/d/{u}"}, "requirement": "optional", "bind": [{"param": "u"}]}]),
+            "routes[0].bind[0]",
+        ),
+    ] {
+        cfg["routes"] = routes;
+        let e = crate::config::Config::parse(cfg.to_string().as_bytes()).unwrap_err();
+        assert_eq!(e.field, field);
+    }
+}
+
+/// Host calls of one request on a hot path (the verified-token cache warm).
+fn hot_path_calls(headers: &[(&str, &str)]) -> Vec<&'static str> {
+    let mut vm = root(&inline_config());
+    // Warm up: metrics defined, the token in the cache.
+    for _ in 0..2 {
+        let req = vm.request("GET", "/x", headers);
+        assert_eq!(vm.request_headers(req, true), Decision::Continue);
+        vm.done(req);
+    }
+    let req = vm.request("GET", "/x", headers);
+    vm.count_host_calls(true);
+    assert_eq!(vm.request_headers(req, true), Decision::Continue);
+    vm.take_host_calls()
+}
+
+#[test]
+fn host_calls_on_the_hot_paths() {
+    // #11.3: `requests` and one metric increment per outcome, headers read once, no metric
+    // defined or name formatted per request. Counted with the test driver (docs/filters/auth.md, "Cost").
+    let auth = format!("Bearer {}", good_hs());
+    let jwt = hot_path_calls(&[("authorization", &auth)]);
+    assert_eq!(
+        jwt,
+        [
+            "increment_metric",
+            "get_header_map_pairs",
+            "get_current_time_nanoseconds",
+            "replace_header_map_value",
+            "replace_header_map_value",
+            "replace_header_map_value",
+            "increment_metric"
+        ],
+        "JWT from the verified-token cache: consumer, source and payload headers"
+    );
+    let key = hot_path_calls(&[("x-api-key", "key-pro")]);
+    assert_eq!(
+        key,
+        [
+            "increment_metric",
+            "get_header_map_pairs",
+            "replace_header_map_value",
+            "replace_header_map_value",
+            "replace_header_map_value",
+            "replace_header_map_value",
+            "increment_metric"
+        ],
+        "API key: metadata, consumer, plan and source headers"
+    );
 }

@@ -59,6 +59,10 @@ pub struct PurgeConfig {
     /// e.g. `surrogate-key` or `cache-tag`; absent: no tag purge.
     #[serde(default)]
     pub tag_header: Option<HeaderName>,
+    /// Failed purge attempts (missing or wrong key) counted per client IP (all workers); past
+    /// `max_failures` within `window`, 429 before the key is hashed. Absent: off.
+    #[serde(default)]
+    pub failure_limit: Option<tollgate_common::throttle::FailureLimitConfig>,
 }
 
 /// How `Set-Cookie` responses are treated.
@@ -201,6 +205,8 @@ pub struct Purge {
     pub key_sha256: [u8; 32],
     /// Response header carrying the tags a tag purge matches (lower case).
     pub tag_header: Option<String>,
+    /// Failed-attempt throttling.
+    pub failure_limit: Option<tollgate_common::throttle::FailureLimit>,
 }
 
 impl Purge {
@@ -307,10 +313,21 @@ impl Config {
                         "must start with `/` and have no query string",
                     ));
                 }
+                let failure_limit = match &p.failure_limit {
+                    Some(f) => Some(
+                        tollgate_common::throttle::FailureLimit::compile(
+                            "tollgate.cache.purge_failures.",
+                            f,
+                        )
+                        .map_err(|e| e.within("purge.failure_limit"))?,
+                    ),
+                    None => None,
+                };
                 Some(Purge {
                     path: p.path,
                     key_sha256: p.key_sha256.0,
                     tag_header: p.tag_header.map(|h| h.as_str().to_string()),
+                    failure_limit,
                 })
             }
         };

@@ -638,8 +638,9 @@ impl CacheFilter {
         byte_range(&range, u64::try_from(entry.body.len()).unwrap_or(u64::MAX))
     }
 
-    /// The refusal of a purge request that may not purge (method, key), if any.
-    fn purge_refusal(&self, host: &dyn Host, path: &str) -> Option<LocalReply> {
+    /// The refusal of a purge request that may not purge (method, throttled client, key), if
+    /// any. Failed attempts are counted per client; past the limit, 429 before any hashing.
+    fn purge_refusal(&self, host: &mut dyn Host, path: &str) -> Option<LocalReply> {
         let method = host.method();
         if method != "POST" && method != "PURGE" {
             return Some(
@@ -650,7 +651,29 @@ impl CacheFilter {
                     .with_header("allow", "POST, PURGE"),
             );
         }
+        let purge = self.shared.config.purge.as_ref()?;
+        let client = purge
+            .failure_limit
+            .as_ref()
+            .and_then(|_| tollgate_common::throttle::client_address(host));
+        if let (Some(limit), Some(c)) = (&purge.failure_limit, &client) {
+            if let Some(retry_after) = limit.refused(host, c, host.now_secs()) {
+                self.shared.metrics.count(host, "purge_throttled", 1);
+                return Some(tollgate_common::throttle::FailureLimit::reply(
+                    "https://tollgate.dev/problems/cache/too_many_failures",
+                    split_query(path).0,
+                    retry_after,
+                ));
+            }
+        }
+        let failed = |host: &mut dyn Host| {
+            if let (Some(limit), Some(c)) = (&purge.failure_limit, &client) {
+                let now = host.now_secs();
+                limit.record(host, c, now);
+            }
+        };
         let Some(key) = host.header(MapKind::RequestHeaders, PURGE_KEY_HEADER) else {
+            failed(host);
             return Some(
                 Problem::new(401)
                     .detail(format!(
@@ -659,13 +682,8 @@ impl CacheFilter {
                     .into_reply(),
             );
         };
-        let matches = self
-            .shared
-            .config
-            .purge
-            .as_ref()
-            .is_some_and(|p| p.key_matches(&key));
-        if !matches {
+        if !purge.key_matches(&key) {
+            failed(host);
             log::warn!("[{}] cache: purge refused: wrong key", self.context_id);
             return Some(Problem::new(403).detail("wrong purge key").into_reply());
         }

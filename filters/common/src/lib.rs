@@ -10,7 +10,8 @@
 //!
 //! Also here: configuration parsing with field paths ([`config`]), the route matcher every filter
 //! uses for per-route rules ([`route`]), RFC 9457 problem replies ([`problem`]), request helpers
-//! ([`request`]) and named metrics ([`metrics`]).
+//! ([`request`]), named metrics ([`metrics`]) and log lines limited to one per interval
+//! ([`log_limit`]), and failed-credential throttling per client in shared data ([`throttle`]).
 
 mod abi;
 pub mod adapter;
@@ -19,12 +20,14 @@ pub mod dispatch;
 pub mod filter;
 pub mod header_cache;
 pub mod host;
+pub mod log_limit;
 pub mod mem_host;
 pub mod metrics;
 pub mod problem;
 pub mod request;
 pub mod route;
 pub mod testing;
+pub mod throttle;
 
 /// The proxy-wasm map format (header maps, local-reply headers), public so that the fuzz
 /// targets can feed it arbitrary bytes.

@@ -12,6 +12,8 @@ use crate::host::{Host, MetricKind};
 pub struct Metrics {
     prefix: String,
     ids: RefCell<HashMap<String, Option<u32>>>,
+    /// Ids of `family` + `member` names, so that a request's counter is never formatted.
+    pairs: RefCell<HashMap<(&'static str, &'static str), Option<u32>>>,
 }
 
 impl Metrics {
@@ -20,6 +22,7 @@ impl Metrics {
         Metrics {
             prefix: format!("tollgate.{filter}."),
             ids: RefCell::new(HashMap::new()),
+            pairs: RefCell::new(HashMap::new()),
         }
     }
 
@@ -41,6 +44,24 @@ impl Metrics {
     pub fn count(&self, host: &mut dyn Host, name: &str, delta: u64) {
         if let Some(id) = self.id(host, MetricKind::Counter, name) {
             host.increment_metric(id, i64::try_from(delta).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// Add 1 to the counter `<family><member>` (`denied.` + `expired`): the name is built once,
+    /// when the counter is first defined; later calls are one host call, no formatting.
+    pub fn count_in(&self, host: &mut dyn Host, family: &'static str, member: &'static str) {
+        let cached = self.pairs.borrow().get(&(family, member)).copied();
+        let id = match cached {
+            Some(id) => id,
+            None => {
+                let name = format!("{}{family}{member}", self.prefix);
+                let id = host.define_metric(MetricKind::Counter, &name).ok();
+                self.pairs.borrow_mut().insert((family, member), id);
+                id
+            }
+        };
+        if let Some(id) = id {
+            host.increment_metric(id, 1);
         }
     }
 
@@ -81,5 +102,9 @@ mod tests {
         assert_eq!(h.metric("tollgate.auth.allowed"), Some(3));
         assert_eq!(h.metric("tollgate.auth.keys"), Some(7));
         assert_eq!(h.metrics_defined(), 2);
+        m.count_in(&mut h, "denied.", "expired");
+        m.count_in(&mut h, "denied.", "expired");
+        assert_eq!(h.metric("tollgate.auth.denied.expired"), Some(2));
+        assert_eq!(h.metrics_defined(), 3);
     }
 }

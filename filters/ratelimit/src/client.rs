@@ -6,13 +6,14 @@ use tollgate_common::request::query_param;
 use tollgate_common::route::RequestInfo;
 use tollgate_common::{Host, MapKind};
 
-use crate::config::{Compiled, KeySource, MissingKey};
+use crate::config::{Compiled, KeySource, Limit, MissingKey};
 use crate::table::hash_parts;
 
 /// What a request says about its client, read once per request.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Client {
-    /// Consumer identity (non-empty), from the consumer header.
+    /// Consumer identity (non-empty), from the consumer header; `<source>:<id>` when the
+    /// identity source header is configured and present.
     pub consumer: Option<String>,
     /// Plan (non-empty), from the plan header.
     pub plan: Option<String>,
@@ -26,8 +27,13 @@ impl Client {
                 .map(|v| v.trim().to_string())
                 .filter(|v| !v.is_empty())
         };
+        let source = config.source_header.as_deref().and_then(get);
+        let consumer = get(&config.consumer_header).map(|c| match source {
+            Some(s) => format!("{s}:{c}"),
+            None => c,
+        });
         Client {
-            consumer: get(&config.consumer_header),
+            consumer,
             plan: get(&config.plan_header),
         }
     }
@@ -119,42 +125,72 @@ fn short_hash(v: &str) -> String {
     format!("#{:08x}", hash_parts("label", [v.as_bytes()]) >> 32)
 }
 
+/// What a request's limit keys are built from, besides the host: read once per request.
+#[derive(Debug, Clone, Copy)]
+pub struct KeyContext<'a> {
+    /// The compiled configuration (the API key header, trusted hops, IPv6 prefix).
+    pub config: &'a Compiled,
+    /// Consumer and plan.
+    pub client: &'a Client,
+    /// Method, host, path, query.
+    pub req: &'a RequestInfo,
+    /// The matched route's name (the `route` key source).
+    pub route_name: &'a str,
+}
+
+/// What one limit's key is made of.
+#[derive(Debug, Clone, Copy)]
+pub struct KeySpec<'a> {
+    /// The limit's name: the seed of the key's hash.
+    pub name: &'a str,
+    /// Its key sources, in order.
+    pub sources: &'a [KeySource],
+    /// What a missing source does.
+    pub missing: MissingKey,
+}
+
+impl<'a> From<&'a Limit> for KeySpec<'a> {
+    fn from(limit: &'a Limit) -> Self {
+        KeySpec {
+            name: &limit.name,
+            sources: &limit.key,
+            missing: limit.missing_key,
+        }
+    }
+}
+
 /// The value of each key source of a limit (name, value, secret); `None` when a source is
 /// missing and the limit skips such requests.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn values<'a>(
+pub(crate) fn values<'s>(
     host: &dyn Host,
-    config: &Compiled,
-    sources: &'a [KeySource],
-    missing: MissingKey,
-    client: &Client,
-    req: &RequestInfo,
-    route_name: &str,
-) -> Option<Vec<(&'a str, String, bool)>> {
-    let mut out = Vec::with_capacity(sources.len());
-    for source in sources {
+    ctx: &KeyContext<'_>,
+    spec: KeySpec<'s>,
+) -> Option<Vec<(&'s str, String, bool)>> {
+    let config = ctx.config;
+    let mut out = Vec::with_capacity(spec.sources.len());
+    for source in spec.sources {
         let header = |name: &str| {
             host.header(MapKind::RequestHeaders, name)
                 .filter(|v| !v.trim().is_empty())
         };
         let (name, value, secret) = match source {
-            KeySource::Consumer => ("consumer", client.consumer.clone(), false),
-            KeySource::Plan => ("plan", client.plan.clone(), false),
+            KeySource::Consumer => ("consumer", ctx.client.consumer.clone(), false),
+            KeySource::Plan => ("plan", ctx.client.plan.clone(), false),
             KeySource::ApiKey => ("api_key", header(&config.api_key_header), true),
             KeySource::ClientIp => (
                 "ip",
                 client_ip(host, config.trusted_hops, config.ipv6_prefix),
                 false,
             ),
-            KeySource::Route => ("route", Some(route_name.to_string()), false),
+            KeySource::Route => ("route", Some(ctx.route_name.to_string()), false),
             KeySource::Header(h) => (h.as_str(), header(h), true),
             KeySource::Query(q) => (
                 q.as_str(),
-                query_param(&req.query, q).filter(|v| !v.is_empty()),
+                query_param(&ctx.req.query, q).filter(|v| !v.is_empty()),
                 true,
             ),
         };
-        let value = match (value, missing) {
+        let value = match (value, spec.missing) {
             (Some(v), _) => v,
             (None, MissingKey::Shared) => String::new(),
             (None, MissingKey::Skip) => return None,
@@ -164,40 +200,22 @@ pub(crate) fn values<'a>(
     Some(out)
 }
 
+/// The hash of key values, seeded with the limit's name.
+pub(crate) fn hash_values(name: &str, values: &[(&str, String, bool)]) -> u64 {
+    hash_parts(name, values.iter().map(|(_, v, _)| v.as_bytes()))
+}
+
 /// The hash of a limit's key (what [`build`] computes, without the label): the per-request
 /// path, which needs the label only to log a warning.
-#[allow(clippy::too_many_arguments)]
-pub fn hash(
-    host: &dyn Host,
-    config: &Compiled,
-    limit_name: &str,
-    sources: &[KeySource],
-    missing: MissingKey,
-    client: &Client,
-    req: &RequestInfo,
-    route_name: &str,
-) -> Option<u64> {
-    let values = values(host, config, sources, missing, client, req, route_name)?;
-    Some(hash_parts(
-        limit_name,
-        values.iter().map(|(_, v, _)| v.as_bytes()),
-    ))
+pub fn hash(host: &dyn Host, ctx: &KeyContext<'_>, spec: KeySpec<'_>) -> Option<u64> {
+    let values = values(host, ctx, spec)?;
+    Some(hash_values(spec.name, &values))
 }
 
 /// Build the key of a limit from its sources; `None` when a source is missing and the limit
 /// skips such requests.
-#[allow(clippy::too_many_arguments)]
-pub fn build(
-    host: &dyn Host,
-    config: &Compiled,
-    limit_name: &str,
-    sources: &[KeySource],
-    missing: MissingKey,
-    client: &Client,
-    req: &RequestInfo,
-    route_name: &str,
-) -> Option<ClientKey> {
-    let values = values(host, config, sources, missing, client, req, route_name)?;
+pub fn build(host: &dyn Host, ctx: &KeyContext<'_>, spec: KeySpec<'_>) -> Option<ClientKey> {
+    let values = values(host, ctx, spec)?;
     let label: Vec<String> = values
         .iter()
         .map(|(name, value, secret)| {
@@ -209,7 +227,7 @@ pub fn build(
         })
         .collect();
     Some(ClientKey {
-        hash: hash_parts(limit_name, values.iter().map(|(_, v, _)| v.as_bytes())),
+        hash: hash_values(spec.name, &values),
         label: label.join(" "),
     })
 }
@@ -289,8 +307,19 @@ mod tests {
         h.set_property(&["source", "address"], "10.9.8.7:1234");
         let req = RequestInfo::from_host(&h);
         let client = Client::read(&h, &config);
-        let key = build(&h, &config, "lim", &sources, missing, &client, &req, "api");
-        let hashed = hash(&h, &config, "lim", &sources, missing, &client, &req, "api");
+        let ctx = KeyContext {
+            config: &config,
+            client: &client,
+            req: &req,
+            route_name: "api",
+        };
+        let spec = KeySpec {
+            name: "lim",
+            sources: &sources,
+            missing,
+        };
+        let key = build(&h, &ctx, spec);
+        let hashed = hash(&h, &ctx, spec);
         assert_eq!(
             key.as_ref().map(|k| k.hash),
             hashed,
@@ -400,5 +429,37 @@ mod tests {
         )
         .unwrap();
         assert_eq!(a.hash, b.hash);
+    }
+
+    #[test]
+    fn a_consumer_counts_with_its_identity_source() {
+        // #15 finding 4: a JWT `sub` equal to an API key's consumer has counters of its own.
+        let key = |headers: &[(&str, &str)]| {
+            key_of(r#"["consumer"]"#, MissingKey::Skip, headers, "/").unwrap()
+        };
+        let api = key(&[
+            ("x-tollgate-consumer", "acme"),
+            ("x-tollgate-identity-source", "api_key"),
+        ]);
+        let jwt = key(&[
+            ("x-tollgate-consumer", "acme"),
+            ("x-tollgate-identity-source", "jwt:demo"),
+        ]);
+        assert_ne!(api.hash, jwt.hash);
+        assert_eq!(api.label, "consumer=api_key:acme");
+        assert_eq!(
+            key(&[("x-tollgate-consumer", "acme")]).label,
+            "consumer=acme"
+        );
+        let off = Compiled::parse(br#"{"identity_source_header":null}"#).unwrap();
+        let h = MemHost::request(
+            "GET",
+            "/",
+            &[
+                ("x-tollgate-consumer", "acme"),
+                ("x-tollgate-identity-source", "api_key"),
+            ],
+        );
+        assert_eq!(Client::read(&h, &off).consumer.as_deref(), Some("acme"));
     }
 }

@@ -25,6 +25,9 @@ fn default_consumer_header() -> HeaderName {
 fn default_plan_header() -> HeaderName {
     HeaderName::from_static("x-tollgate-plan")
 }
+fn default_source_header() -> Option<HeaderName> {
+    Some(HeaderName::from_static("x-tollgate-identity-source"))
+}
 fn default_api_key_header() -> HeaderName {
     HeaderName::from_static("x-api-key")
 }
@@ -63,6 +66,12 @@ pub struct Config {
     /// Request header with the consumer's plan (set by the auth filter).
     #[serde(default = "default_plan_header")]
     pub plan_header: HeaderName,
+    /// Request header with where the consumer identity comes from (set by the auth filter:
+    /// `jwt:<provider>`, `api_key`, `introspection`): a consumer counts as `<source>:<id>`, so
+    /// a JWT `sub` equal to an API key's consumer has counters of its own. `null`: the
+    /// consumer header alone.
+    #[serde(default = "default_source_header")]
+    pub identity_source_header: Option<HeaderName>,
     /// Request header with the API key (for the `api_key` key source).
     #[serde(default = "default_api_key_header")]
     pub api_key_header: HeaderName,
@@ -435,6 +444,8 @@ pub struct Compiled {
     pub consumer_header: String,
     /// Plan header name (lower case).
     pub plan_header: String,
+    /// Identity source header name (lower case), if used.
+    pub source_header: Option<String>,
     /// API key header name (lower case).
     pub api_key_header: String,
     /// Trusted `x-forwarded-for` hops.
@@ -761,6 +772,7 @@ fn compile(raw: Config) -> Result<Compiled, ConfigError> {
         routes: Rules(routes),
         consumer_header: raw.consumer_header.into_string(),
         plan_header: raw.plan_header.into_string(),
+        source_header: raw.identity_source_header.map(HeaderName::into_string),
         api_key_header: raw.api_key_header.into_string(),
         trusted_hops: raw.trusted_hops,
         ipv6_prefix: if raw.ipv6_prefix <= 128 {

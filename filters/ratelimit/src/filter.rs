@@ -19,11 +19,11 @@ use tollgate_common::{
 };
 
 use crate::algo::{evaluate, Outcome, Params};
-use crate::client::{self, Client};
+use crate::client::{self, Client, KeyContext, KeySpec};
 use crate::config::{
-    AppliesTo, Compiled, Consistency, FailureMode, HeaderMode, Limit, LimitMetric,
+    AppliesTo, Compiled, Consistency, FailureMode, HeaderMode, Limit, LimitMetric, Route,
 };
-use crate::table::{hash_parts, push_u64, StoreError};
+use crate::table::{push_u64, StoreError};
 
 /// Problem type of 429 answers (draft-ietf-httpapi-ratelimit-headers-10).
 pub const QUOTA_EXCEEDED: &str = "https://iana.org/assignments/http-problem-types#quota-exceeded";
@@ -239,11 +239,14 @@ struct Check {
     entries: Option<Vec<String>>,
 }
 
-/// What the key of a limit is built from, to rebuild it with its label for a warning.
-struct KeyCtx<'a> {
-    client: &'a Client,
-    req: &'a RequestInfo,
-    route_name: &'a str,
+/// One decision pass over a request's limits: whose keys, when, at what cost.
+struct Pass<'a> {
+    /// What the keys are built from (to rebuild one with its label for a warning).
+    key: KeyContext<'a>,
+    /// Now, in µs since the epoch.
+    now: u64,
+    /// Units the request costs.
+    cost: u64,
 }
 
 /// What one limit said.
@@ -275,11 +278,10 @@ impl RateLimitFilter {
         &self,
         host: &mut dyn Host,
         check: &Check,
-        ctx: &KeyCtx<'_>,
-        now: u64,
-        cost: u64,
+        pass: &Pass<'_>,
         take: bool,
     ) -> Result<Outcome, StoreError> {
+        let (now, cost) = (pass.now, pass.cost);
         let Some(limit) = self.limit(check.limit) else {
             return Err(StoreError::CasExhausted);
         };
@@ -302,19 +304,9 @@ impl RateLimitFilter {
         let o = updated.value;
         if !o.admitted && o.warn && log::log_enabled!(log::Level::Warn) {
             // The label (safe to log) is built only here: once per key and period.
-            let config = &self.shared.config;
-            let label = client::build(
-                host,
-                config,
-                &limit.name,
-                &limit.key,
-                limit.missing_key,
-                ctx.client,
-                ctx.req,
-                ctx.route_name,
-            )
-            .map(|k| k.label)
-            .unwrap_or_default();
+            let label = client::build(host, &pass.key, KeySpec::from(limit))
+                .map(|k| k.label)
+                .unwrap_or_default();
             log::warn!(
                 "[{}] rate limit `{}` crossed by {}: {} per {}s{}",
                 self.context_id,
@@ -366,20 +358,16 @@ impl RateLimitFilter {
 
     /// Run every check (taking units when `take`), applying the failure mode to store errors;
     /// `Err` is the answer when a check fails closed or an enforced limit refuses.
-    #[allow(clippy::too_many_arguments)]
     fn judge(
         &mut self,
         host: &mut dyn Host,
         checks: &[Check],
-        ctx: &KeyCtx<'_>,
-        now: u64,
-        cost: u64,
+        pass: &Pass<'_>,
         take: bool,
-        path: &str,
     ) -> Result<Vec<Verdict>, Decision> {
         let mut verdicts = Vec::with_capacity(checks.len());
         for check in checks {
-            match self.run(host, check, ctx, now, cost, take) {
+            match self.run(host, check, pass, take) {
                 Ok(outcome) => verdicts.push(Verdict {
                     limit: check.limit,
                     plan: check.plan,
@@ -398,9 +386,23 @@ impl RateLimitFilter {
             .iter()
             .any(|v| !v.outcome.admitted && self.enforced(v))
         {
-            return Err(self.refuse(host, &verdicts, path));
+            return Err(self.refuse(host, &verdicts, &pass.key.req.path));
         }
         Ok(verdicts)
+    }
+
+    /// Decide local limits in two phases: with several, first whether every enforced limit
+    /// would admit (nothing taken); then take the units from each (read, decide, CAS-write).
+    fn decide(
+        &mut self,
+        host: &mut dyn Host,
+        checks: &[Check],
+        pass: &Pass<'_>,
+    ) -> Result<Vec<Verdict>, Decision> {
+        if checks.len() > 1 {
+            self.judge(host, checks, pass, false)?;
+        }
+        self.judge(host, checks, pass, true)
     }
 
     fn enforced(&self, v: &Verdict) -> bool {
@@ -422,52 +424,48 @@ impl RateLimitFilter {
             return out;
         }
         if mode.draft() {
-            // Written without `format!`: the items of the policy were written at load, and the
-            // numbers of the state are appended digit by digit.
-            let mut policy = String::with_capacity(40 * verdicts.len());
-            let mut state = String::with_capacity(40 * verdicts.len());
-            for (i, v) in verdicts.iter().enumerate() {
-                let Some(limit) = self.limit(v.limit) else {
-                    continue;
-                };
-                if i > 0 {
-                    policy.push_str(", ");
-                    state.push_str(", ");
-                }
-                match limit.policies.get(v.plan) {
-                    Some(item) => policy.push_str(item),
-                    None => {
-                        let _ = write!(
-                            policy,
-                            "\"{}\";q={};w={}",
-                            limit.name,
-                            v.params.quota,
-                            v.params.window_secs()
-                        );
-                    }
-                }
-                state.push_str(&limit.state_prefix);
-                push_u64(&mut state, v.outcome.remaining);
-                state.push_str(";t=");
-                push_u64(&mut state, v.outcome.reset_secs());
-            }
+            let (policy, state) = self.draft_fields(verdicts);
             out.push(("ratelimit-policy", policy));
             out.push(("ratelimit", state));
         }
         if mode.legacy() {
-            // The most restrictive limit: least remaining, then the latest reset.
-            if let Some(v) = verdicts.iter().min_by_key(|v| {
-                (
-                    v.outcome.remaining,
-                    std::cmp::Reverse(v.outcome.reset_secs()),
-                )
-            }) {
-                out.push(("x-ratelimit-limit", v.params.quota.to_string()));
-                out.push(("x-ratelimit-remaining", v.outcome.remaining.to_string()));
-                out.push(("x-ratelimit-reset", v.outcome.reset_secs().to_string()));
-            }
+            out.extend(legacy_fields(verdicts));
         }
         out
+    }
+
+    /// `RateLimit-Policy` and `RateLimit` (draft-ietf-httpapi-ratelimit-headers), written
+    /// without `format!`: the items of the policy were written at load, and the numbers of the
+    /// state are appended digit by digit.
+    fn draft_fields(&self, verdicts: &[&Verdict]) -> (String, String) {
+        let mut policy = String::with_capacity(40 * verdicts.len());
+        let mut state = String::with_capacity(40 * verdicts.len());
+        for (i, v) in verdicts.iter().enumerate() {
+            let Some(limit) = self.limit(v.limit) else {
+                continue;
+            };
+            if i > 0 {
+                policy.push_str(", ");
+                state.push_str(", ");
+            }
+            match limit.policies.get(v.plan) {
+                Some(item) => policy.push_str(item),
+                None => {
+                    let _ = write!(
+                        policy,
+                        "\"{}\";q={};w={}",
+                        limit.name,
+                        v.params.quota,
+                        v.params.window_secs()
+                    );
+                }
+            }
+            state.push_str(&limit.state_prefix);
+            push_u64(&mut state, v.outcome.remaining);
+            state.push_str(";t=");
+            push_u64(&mut state, v.outcome.reset_secs());
+        }
+        (policy, state)
     }
 
     fn shadow_header(&self, verdicts: &[Verdict]) -> Option<(&'static str, String)> {
@@ -566,100 +564,128 @@ impl RateLimitFilter {
     }
 }
 
+/// `X-RateLimit-*` of the most restrictive limit: least remaining, then the latest reset.
+fn legacy_fields(verdicts: &[&Verdict]) -> Vec<(&'static str, String)> {
+    let Some(v) = verdicts.iter().min_by_key(|v| {
+        (
+            v.outcome.remaining,
+            std::cmp::Reverse(v.outcome.reset_secs()),
+        )
+    }) else {
+        return Vec::new();
+    };
+    vec![
+        ("x-ratelimit-limit", v.params.quota.to_string()),
+        ("x-ratelimit-remaining", v.outcome.remaining.to_string()),
+        ("x-ratelimit-reset", v.outcome.reset_secs().to_string()),
+    ]
+}
+
+/// The route rule of this request, counting the request (`requests`, or `skipped` for a
+/// disabled route); `None`: no limit applies. Reads only what the routes match on (each read is
+/// a host call).
+fn route_of<'c>(host: &mut dyn Host, shared: &'c Worker) -> Option<(&'c Route, RequestInfo)> {
+    let config = &shared.config;
+    if config.routes.0.is_empty() {
+        shared.ids.count(host, Total::Requests);
+        return None;
+    }
+    let method = if config.needs_method {
+        host.method()
+    } else {
+        String::new()
+    };
+    let authority = if config.needs_host {
+        host.authority()
+    } else {
+        String::new()
+    };
+    let req = RequestInfo::new(&method, &authority, &host.path());
+    let route = config.routes.find(&req).map(|(route, _)| route);
+    match route {
+        Some(route) if route.disabled => {
+            shared.ids.count(host, Total::Skipped);
+            None
+        }
+        Some(route) => {
+            shared.ids.count(host, Total::Requests);
+            Some((route, req))
+        }
+        None => {
+            shared.ids.count(host, Total::Requests);
+            None
+        }
+    }
+}
+
+/// The check of limit `id` for this request: `None` when it does not apply to this client or
+/// a key source it skips on is missing.
+fn check_of(host: &dyn Host, ctx: &KeyContext<'_>, id: usize) -> Option<Check> {
+    let limit = ctx.config.limits.get(id)?;
+    let applies = match limit.applies_to {
+        AppliesTo::All => true,
+        AppliesTo::Anonymous => ctx.client.consumer.is_none(),
+        AppliesTo::Identified => ctx.client.consumer.is_some(),
+    };
+    if !applies {
+        return None;
+    }
+    let spec = KeySpec::from(limit);
+    let (key, entries) = if limit.global.is_some() {
+        // The key's values once: hashed for the lease, and the descriptor entries.
+        let values = client::values(host, ctx, spec)?;
+        let key = client::hash_values(&limit.name, &values);
+        (key, Some(values.into_iter().map(|(_, v, _)| v).collect()))
+    } else {
+        (client::hash(host, ctx, spec)?, None)
+    };
+    let plan = limit.plan_index(ctx.client.plan.as_deref());
+    Some(Check {
+        limit: id,
+        key,
+        plan,
+        params: *limit.params_at(plan),
+        entries,
+    })
+}
+
+/// A route's checks split into global ones (decided by the service) and local ones.
+fn split_global(checks: Vec<Check>) -> (Vec<Check>, Vec<Check>) {
+    if checks.iter().all(|c| c.entries.is_some()) {
+        (checks, Vec::new())
+    } else {
+        checks.into_iter().partition(|c| c.entries.is_some())
+    }
+}
+
 impl HttpFilter for RateLimitFilter {
     fn on_request_headers(&mut self, host: &mut dyn Host, _end_of_stream: bool) -> Decision {
         let shared = self.shared.clone();
         let config = &shared.config;
-        let ids = &shared.ids;
-        if config.routes.0.is_empty() {
-            ids.count(host, Total::Requests);
-            return Decision::Continue;
-        }
-        // Only what the routes match on is read (each read is a host call).
-        let method = if config.needs_method {
-            host.method()
-        } else {
-            String::new()
-        };
-        let authority = if config.needs_host {
-            host.authority()
-        } else {
-            String::new()
-        };
-        let req = RequestInfo::new(&method, &authority, &host.path());
-        let Some((route, _)) = config.routes.find(&req) else {
-            ids.count(host, Total::Requests);
+        let Some((route, req)) = route_of(host, &shared) else {
             return Decision::Continue;
         };
-        if route.disabled {
-            ids.count(host, Total::Skipped);
-            return Decision::Continue;
-        }
-        ids.count(host, Total::Requests);
         let client = if route.uses_client {
             Client::read(host, config)
         } else {
             Client::default()
         };
+        let key = KeyContext {
+            config,
+            client: &client,
+            req: &req,
+            route_name: &route.name,
+        };
         let checks: Vec<Check> = route
             .limits
             .iter()
-            .filter_map(|&id| {
-                let limit = config.limits.get(id)?;
-                let applies = match limit.applies_to {
-                    AppliesTo::All => true,
-                    AppliesTo::Anonymous => client.consumer.is_none(),
-                    AppliesTo::Identified => client.consumer.is_some(),
-                };
-                if !applies {
-                    return None;
-                }
-                let (key, entries) = if limit.global.is_some() {
-                    // The key's values once: hashed for the lease, and the descriptor entries.
-                    let values = client::values(
-                        host,
-                        config,
-                        &limit.key,
-                        limit.missing_key,
-                        &client,
-                        &req,
-                        &route.name,
-                    )?;
-                    let key = hash_parts(&limit.name, values.iter().map(|(_, v, _)| v.as_bytes()));
-                    (key, Some(values.into_iter().map(|(_, v, _)| v).collect()))
-                } else {
-                    let key = client::hash(
-                        host,
-                        config,
-                        &limit.name,
-                        &limit.key,
-                        limit.missing_key,
-                        &client,
-                        &req,
-                        &route.name,
-                    )?;
-                    (key, None)
-                };
-                let plan = limit.plan_index(client.plan.as_deref());
-                Some(Check {
-                    limit: id,
-                    key,
-                    plan,
-                    params: *limit.params_at(plan),
-                    entries,
-                })
-            })
+            .filter_map(|&id| check_of(host, &key, id))
             .collect();
         if checks.is_empty() {
             return Decision::Continue;
         }
         if route.has_global {
-            let (globals, local): (Vec<Check>, Vec<Check>) =
-                if checks.iter().all(|c| c.entries.is_some()) {
-                    (checks, Vec::new())
-                } else {
-                    checks.into_iter().partition(|c| c.entries.is_some())
-                };
+            let (globals, local) = split_global(checks);
             // The route's name is needed later only by local limits (for a warning's label).
             let route_name = if local.is_empty() {
                 String::new()
@@ -675,26 +701,15 @@ impl HttpFilter for RateLimitFilter {
             };
             return self.start_global(host, waiting, globals);
         }
-        let ctx = KeyCtx {
-            client: &client,
-            req: &req,
-            route_name: &route.name,
+        let pass = Pass {
+            key,
+            now: now_us(host),
+            cost: route.cost,
         };
-        let now = now_us(host);
-        let cost = route.cost;
-
-        // Phase 1 (several limits): would every enforced limit admit? Nothing is taken.
-        if checks.len() > 1 {
-            if let Err(d) = self.judge(host, &checks, &ctx, now, cost, false, &req.path) {
-                return d;
-            }
+        match self.decide(host, &checks, &pass) {
+            Ok(verdicts) => self.admit(host, &verdicts),
+            Err(d) => d,
         }
-        // Phase 2: take the units from each limit (exact: read, decide, CAS-write).
-        let verdicts = match self.judge(host, &checks, &ctx, now, cost, true, &req.path) {
-            Ok(v) => v,
-            Err(d) => return d,
-        };
-        self.admit(host, &verdicts)
     }
 
     fn on_grpc_response(

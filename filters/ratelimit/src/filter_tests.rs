@@ -792,3 +792,30 @@ fn a_request_served_from_a_lease_makes_no_more_host_calls_than_a_local_limit() {
         "leased {leased_calls:?} local {local_calls:?}"
     );
 }
+
+#[test]
+fn a_limit_never_reached_makes_one_call_per_need() {
+    // A request under a limit it never reaches (see "Performance" in docs/filters/ratelimit.md):
+    // the request headers once, the client address, the clock, the bucket's read and CAS write,
+    // one increment per counter of the outcome (by an id defined at load: no name is formatted
+    // per request) and the two rate limit fields.
+    let mut gw = Gw::new(PER_IP);
+    let (s, calls) = host_calls(&mut gw, "/api/x", &[]);
+    assert_eq!(s, 200);
+    assert_eq!(
+        calls,
+        [
+            "get_header_map_pairs",
+            "increment_metric", // requests
+            "get_property",     // source.address
+            "get_current_time_nanoseconds",
+            "get_shared_data",
+            "set_shared_data",
+            "increment_metric", // allowed
+            "increment_metric", // limit.per-ip.allowed
+            "replace_header_map_value",
+            "replace_header_map_value",
+        ]
+    );
+    assert!(!calls.contains(&"define_metric"), "{calls:?}");
+}

@@ -14,10 +14,9 @@ use std::time::Duration;
 use tollgate_common::{GrpcCall, GrpcResponse, Host, Problem};
 
 use super::{
-    now_us, Check, Decision, KeyCtx, Outcome, RateLimitFilter, RateLimitRoot, Total, Verdict,
-    Worker,
+    now_us, Check, Decision, Outcome, Pass, RateLimitFilter, RateLimitRoot, Total, Verdict, Worker,
 };
-use crate::client::Client;
+use crate::client::{Client, KeyContext};
 use crate::config::{Consistency, FailureMode, Limit, LimitMetric};
 use crate::lease::{self, Refilled, Sizing};
 use crate::rls::{self, Answer, Failure, RLS_METHOD, RLS_SERVICE};
@@ -187,14 +186,18 @@ impl RateLimitFilter {
     ) -> Decision {
         let now = now_us(host);
         if !request.local.is_empty() {
-            let ctx = KeyCtx {
-                client: &request.client,
-                req: &request.req,
-                route_name: &request.route_name,
+            let shared = self.shared.clone();
+            let pass = Pass {
+                key: KeyContext {
+                    config: &shared.config,
+                    client: &request.client,
+                    req: &request.req,
+                    route_name: &request.route_name,
+                },
+                now,
+                cost: request.cost,
             };
-            let path = request.req.path.clone();
-            if let Err(d) = self.judge(host, &request.local, &ctx, now, request.cost, false, &path)
-            {
+            if let Err(d) = self.judge(host, &request.local, &pass, false) {
                 return d;
             }
         }
@@ -394,20 +397,18 @@ impl RateLimitFilter {
             return self.refuse(host, &verdicts, &request.req.path);
         }
         if !request.local.is_empty() {
-            let now = now_us(host);
-            let ctx = KeyCtx {
-                client: &request.client,
-                req: &request.req,
-                route_name: &request.route_name,
+            let shared = self.shared.clone();
+            let pass = Pass {
+                key: KeyContext {
+                    config: &shared.config,
+                    client: &request.client,
+                    req: &request.req,
+                    route_name: &request.route_name,
+                },
+                now: now_us(host),
+                cost: request.cost,
             };
-            let path = &request.req.path;
-            let cost = request.cost;
-            if request.local.len() > 1 {
-                if let Err(d) = self.judge(host, &request.local, &ctx, now, cost, false, path) {
-                    return d;
-                }
-            }
-            match self.judge(host, &request.local, &ctx, now, cost, true, path) {
+            match self.decide(host, &request.local, &pass) {
                 Ok(v) => verdicts.extend(v),
                 Err(d) => return d,
             }

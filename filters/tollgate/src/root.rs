@@ -104,8 +104,10 @@ impl ChainRoot {
         let Sections(sections) = tollgate_common::config::parse(configuration)?;
         for (i, (name, _)) in sections.iter().enumerate() {
             if !self.catalog.iter().any(|k| k.name == name) {
+                // A member with an empty name is named by the document it is in.
+                let field = if name.is_empty() { "(root)" } else { name };
                 return Err(ConfigError::new(
-                    name.clone(),
+                    field,
                     format!(
                         "unknown field `{name}`, expected one of {}",
                         self.expected()

@@ -472,6 +472,9 @@ fn an_error_in_one_section_refuses_the_whole_configuration_naming_it() {
     );
     assert!(refused(json!({"d": {}}))
         .contains("field `d`: unknown field `d`, expected one of `a`, `b`, `c`"));
+    // A section without a name (found by the combined_config fuzz target: the error had no field).
+    assert!(refused(json!({"": {}}))
+        .contains("field `(root)`: unknown field ``, expected one of `a`, `b`, `c`"));
     let dup = Driver::<Scripted>::new(r#"{"a": {}, "a": {}}"#)
         .err()
         .unwrap();

@@ -50,7 +50,7 @@ fn check_error(filter: &str, doc: Option<&Value>, e: &ConfigError) {
 }
 
 /// The keys and strings of every seed: what mutations put in.
-fn dictionaries() -> &'static (Vec<&'static str>, Vec<&'static str>) {
+pub(crate) fn dictionaries() -> &'static (Vec<&'static str>, Vec<&'static str>) {
     static CELL: OnceLock<(Vec<&'static str>, Vec<&'static str>)> = OnceLock::new();
     CELL.get_or_init(|| {
         let (mut keys, mut strings) = (Vec::new(), Vec::new());

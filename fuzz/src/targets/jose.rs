@@ -346,7 +346,8 @@ fn check_claims(payload: &[u8], typ: Option<&str>) {
         }
     }
     let consumer = claims::string_claim(&c, &p.consumer_claim);
-    if claims::authorize(rule, &c, consumer.as_deref()).is_ok() {
+    let params = tollgate_common::RouteParams::default();
+    if claims::authorize(rule, &c, consumer.as_deref(), &params).is_ok() {
         assert!(claims::scopes(&c).iter().any(|s| s == "orders:read"));
         assert_eq!(consumer.as_deref(), Some("alice"));
     }

@@ -4,12 +4,14 @@ pub mod aggregate;
 pub mod aggregate_request;
 pub mod auth;
 pub mod auth_remote;
+pub mod combined;
 pub mod cache;
 pub mod common;
 pub mod config;
 pub mod jose;
 pub mod ratelimit;
 pub mod route;
+pub mod verifiers;
 
 use crate::Target;
 
@@ -22,10 +24,12 @@ pub const ALL: &[(&str, Target, u32)] = &[
     ("abi_map", common::abi_map, 4000),
     ("config_json", config::config_json, 2000),
     ("config_values", config::config_values, 1500),
+    ("combined_config", combined::combined_config, 1000),
     ("jws", jose::jws, 1500),
     ("b64_json", jose::b64_and_json, 4000),
     ("jwk", jose::jwk, 300),
     ("signature", jose::signature, 100),
+    ("verifiers", verifiers::verifiers, 300),
     ("auth_request", auth::request, 1000),
     ("auth_remote", auth_remote::remote, 600),
     ("template", aggregate::template, 4000),

@@ -8,7 +8,9 @@
 //!
 //! Every knob is a request header `x-demo-<knob>` or a query parameter `<knob>`:
 //! `delay` (ms), `delay_first` (ms, only the first request to a path since the last stats
-//! reset waits: hedging tests), `status`, `fail_rate` (0..1, answers 500), `size` (pad the body to bytes),
+//! reset waits: hedging tests), `hold` (a name: the request waits until `POST /hold/<name>/release`
+//! or 60 s; tests order events with it instead of delays), `hold_first` (a name: only the first
+//! request to a path since the last stats reset is held), `status`, `fail_rate` (0..1, answers 500), `size` (pad the body to bytes),
 //! `cache_control`, `etag` (`none` to omit), `last_modified` (`none` to omit), `vary`, `expires`,
 //! `set_cookie`, `content_type` (a non-JSON type sends a plain text body), `age`, `date` (sent
 //! verbatim as `Age` / `Date`), `header` (`name: value`, one extra response header),
@@ -23,7 +25,10 @@
 //! `/users/1000`, and any other name: `/users/alice` is the record of the consumer `alice`.
 //! Other endpoints: `/healthz`, `/echo/...` and `/<service>/echo/...` (the request as JSON),
 //! `/stats` (request counts per
-//! path; `POST /stats/reset` clears them), `/.well-known/jwks.json`,
+//! path; `POST /stats/reset` clears them), `/hold/<name>` (how many requests are held under that
+//! name now, how many arrived, whether it is released; holds are shared by every service of the
+//! process), `POST /hold/<name>/release` (lets them and every later one go), `POST /hold/release`
+//! (releases every name), `/.well-known/jwks.json`,
 //! `/.well-known/openid-configuration`.
 
 use std::collections::HashMap;
@@ -41,6 +46,8 @@ use tokio::net::TcpListener;
 
 /// Largest request body read (bigger bodies are cut).
 const MAX_BODY: usize = 1 << 20;
+/// The longest a `hold` keeps a request.
+const MAX_HOLD: Duration = Duration::from_secs(60);
 /// A fixed Last-Modified for demo data: 2026-01-01T00:00:00Z.
 const LAST_MODIFIED: &str = "Thu, 01 Jan 2026 00:00:00 GMT";
 
@@ -51,11 +58,94 @@ struct Service {
     jwks: Option<String>,
     issuer: String,
     counts: Mutex<HashMap<String, u64>>,
-    /// Held paths -> how many requests wait there now.
-    holds: Mutex<HashMap<String, u64>>,
-    released: Condvar,
     total: AtomicU64,
     rng: AtomicU64,
+    /// The `hold` knob's gates, shared by every service of the process.
+    holds: Arc<Holds>,
+}
+
+/// Named gates: a request with `hold=<name>` waits until the name is released (or `MAX_HOLD`).
+#[derive(Default)]
+struct Holds {
+    gates: Mutex<HashMap<String, Gate>>,
+    changed: Condvar,
+}
+
+#[derive(Default, Clone, Copy)]
+struct Gate {
+    /// Requests waiting now.
+    waiting: u64,
+    /// Requests that arrived with this name since it was first used.
+    arrived: u64,
+    /// Released: waiting requests go, later ones pass at once.
+    released: bool,
+}
+
+impl Holds {
+    /// Wait until `name` is released or `MAX_HOLD` has passed.
+    fn wait(&self, name: &str) {
+        let Ok(mut gates) = self.gates.lock() else {
+            return;
+        };
+        let gate = gates.entry(name.to_string()).or_default();
+        gate.arrived += 1;
+        if gate.released {
+            return;
+        }
+        gate.waiting += 1;
+        self.changed.notify_all();
+        let deadline = std::time::Instant::now() + MAX_HOLD;
+        loop {
+            if gates.get(name).is_none_or(|g| g.released) {
+                break;
+            }
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                break;
+            }
+            match self.changed.wait_timeout(gates, deadline - now) {
+                Ok((g, _)) => gates = g,
+                Err(_) => return,
+            }
+        }
+        if let Some(g) = gates.get_mut(name) {
+            g.waiting = g.waiting.saturating_sub(1);
+        }
+    }
+
+    /// Release `name` (every name when `None`).
+    fn release(&self, name: Option<&str>) {
+        if let Ok(mut gates) = self.gates.lock() {
+            match name {
+                Some(n) => gates.entry(n.to_string()).or_default().released = true,
+                None => gates.values_mut().for_each(|g| g.released = true),
+            }
+        }
+        self.changed.notify_all();
+    }
+
+    /// Hold `name` (again): later requests that wait on it wait until it is released.
+    fn arm(&self, name: &str) {
+        if let Ok(mut gates) = self.gates.lock() {
+            gates.entry(name.to_string()).or_default().released = false;
+        }
+    }
+
+    /// Whether `name` is held now (armed and not released).
+    fn armed(&self, name: &str) -> bool {
+        self.gates
+            .lock()
+            .ok()
+            .is_some_and(|g| g.get(name).is_some_and(|g| !g.released))
+    }
+
+    fn state(&self, name: &str) -> Gate {
+        self.gates
+            .lock()
+            .ok()
+            .and_then(|g| g.get(name).copied())
+            .unwrap_or_default()
+    }
 }
 
 fn main() {
@@ -114,6 +204,7 @@ fn main() {
             std::process::exit(1);
         }
     };
+    let holds = Arc::new(Holds::default());
     runtime.block_on(async move {
         let mut servers = Vec::new();
         for l in listens {
@@ -135,10 +226,9 @@ fn main() {
                 jwks: jwks_doc.clone(),
                 issuer: issuer.clone(),
                 counts: Mutex::new(HashMap::new()),
-                holds: Mutex::new(HashMap::new()),
-                released: Condvar::new(),
                 total: AtomicU64::new(0),
                 rng: AtomicU64::new(0x9E37_79B9_7F4A_7C15 ^ addr.len() as u64),
+                holds: holds.clone(),
             });
             servers.push(tokio::spawn(serve(listener, svc)));
         }
@@ -432,12 +522,24 @@ fn handle(svc: &Service, req: DemoRequest) -> DemoResponse {
         return hold_endpoint(svc, &method, &path, &knobs);
     }
     let mut nth_for_path = 0;
-    if path != "/stats" && path != "/stats/reset" && path != "/healthz" {
+    if path != "/stats"
+        && path != "/stats/reset"
+        && path != "/healthz"
+        && !path.starts_with("/hold/")
+    {
         svc.total.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut c) = svc.counts.lock() {
             let n = c.entry(path.clone()).or_insert(0);
             *n += 1;
             nth_for_path = *n;
+        }
+    }
+    if let Some(name) = knobs.get("hold").filter(|n| !n.is_empty()) {
+        svc.holds.wait(&name);
+    }
+    if let Some(name) = knobs.get("hold_first").filter(|n| !n.is_empty()) {
+        if nth_for_path == 1 {
+            svc.holds.wait(&name);
         }
     }
     wait_while_held(svc, &path);
@@ -471,7 +573,12 @@ fn handle(svc: &Service, req: DemoRequest) -> DemoResponse {
     // The service's own check of the identity the gateway forwards.
     let exempt = matches!(
         segments.as_slice(),
-        ["healthz"] | ["stats", ..] | [".well-known", ..] | ["echo", ..] | [_, "echo", ..]
+        ["healthz"]
+            | ["stats", ..]
+            | ["hold", ..]
+            | [".well-known", ..]
+            | ["echo", ..]
+            | [_, "echo", ..]
     );
     if svc.require_identity
         && !exempt
@@ -504,6 +611,24 @@ fn handle(svc: &Service, req: DemoRequest) -> DemoResponse {
             svc.total.store(0, Ordering::Relaxed);
             validators = false;
             json!({"reset": true})
+        }
+        ("POST", ["hold", "release"]) => {
+            svc.holds.release(None);
+            validators = false;
+            cache_control = "no-store".into();
+            json!({"released": true})
+        }
+        ("POST", ["hold", name, "release"]) => {
+            svc.holds.release(Some(name));
+            validators = false;
+            cache_control = "no-store".into();
+            json!({"name": name, "released": true})
+        }
+        (_, ["hold", name]) => {
+            let g = svc.holds.state(name);
+            validators = false;
+            cache_control = "no-store".into();
+            json!({"name": name, "waiting": g.waiting, "arrived": g.arrived, "released": g.released})
         }
         (_, [".well-known", "jwks.json"]) => match &svc.jwks {
             Some(doc) => {
@@ -672,28 +797,19 @@ fn handle(svc: &Service, req: DemoRequest) -> DemoResponse {
     respond(status, extra, bytes, &content_type, &method)
 }
 
-/// Longest a held request waits (a test that forgets to release does not hang the service).
-const MAX_HOLD: Duration = Duration::from_secs(60);
-
 /// `POST /hold?path=P` (hold later requests to P), `POST /release?path=P`, `GET /hold?path=P`
 /// (how many wait at P now).
 fn hold_endpoint(svc: &Service, method: &str, path: &str, knobs: &Knobs) -> DemoResponse {
     let target = knobs.get("path").unwrap_or_default();
-    let Ok(mut holds) = svc.holds.lock() else {
-        return DemoResponse::error();
-    };
+    let gate = path_gate(&target);
     match (method, path) {
-        ("POST", "/hold") => {
-            holds.entry(target.clone()).or_insert(0);
-        }
-        ("POST", "/release") => {
-            holds.remove(&target);
-            svc.released.notify_all();
-        }
+        ("POST", "/hold") => svc.holds.arm(&gate),
+        ("POST", "/release") => svc.holds.release(Some(&gate)),
         _ => {}
     }
-    let waiting = holds.get(&target).copied();
-    let body = json!({"path": target, "held": waiting.is_some(), "waiting": waiting.unwrap_or(0)});
+    let g = svc.holds.state(&gate);
+    let held = svc.holds.armed(&gate);
+    let body = json!({"path": target, "held": held, "waiting": g.waiting});
     respond(
         200,
         vec![("cache-control".into(), "no-store".into())],
@@ -703,28 +819,16 @@ fn hold_endpoint(svc: &Service, method: &str, path: &str, knobs: &Knobs) -> Demo
     )
 }
 
+/// The gate of a held path (`POST /hold?path=...`): one kind of hold, named after the path.
+fn path_gate(path: &str) -> String {
+    format!("path:{path}")
+}
+
 /// Wait while `path` is held (at most [`MAX_HOLD`]).
 fn wait_while_held(svc: &Service, path: &str) {
-    let Ok(mut holds) = svc.holds.lock() else {
-        return;
-    };
-    let Some(n) = holds.get_mut(path) else {
-        return;
-    };
-    *n += 1;
-    let deadline = std::time::Instant::now() + MAX_HOLD;
-    while holds.contains_key(path) {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        if left.is_zero() {
-            break;
-        }
-        holds = match svc.released.wait_timeout(holds, left) {
-            Ok((g, _)) => g,
-            Err(_) => return,
-        };
-    }
-    if let Some(n) = holds.get_mut(path) {
-        *n = n.saturating_sub(1);
+    let gate = path_gate(path);
+    if svc.holds.armed(&gate) {
+        svc.holds.wait(&gate);
     }
 }
 

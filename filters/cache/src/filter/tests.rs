@@ -841,6 +841,34 @@ fn not_modified_merge_follows_rfc_9111_3_2() {
 }
 
 #[test]
+fn failed_purge_attempts_are_throttled_per_client() {
+    // #15 finding 6: counted per client IP in shared data; past the limit, 429 before hashing.
+    let cfg = CONFIG.replace(
+        r#""key_sha256": "2bb8"#,
+        r#""failure_limit": {"max_failures": 2, "window": "1m"}, "key_sha256": "2bb8"#,
+    );
+    let mut d = Driver::<CacheRoot>::new(&cfg).unwrap();
+    let send = |d: &mut Driver<CacheRoot>, ip: &str, key: &str| {
+        let h = d.request(
+            "POST",
+            "/_purge?url=/api/x/1",
+            &[("x-tollgate-purge-key", key)],
+        );
+        d.host_mut(h)
+            .unwrap()
+            .set_property(&["source", "address"], &format!("{ip}:1"));
+        run(d, h, &[], b"").reply.unwrap()
+    };
+    assert_eq!(send(&mut d, "10.0.0.1", "nope").status, 403);
+    assert_eq!(send(&mut d, "10.0.0.1", "nope").status, 403);
+    let r = send(&mut d, "10.0.0.1", "secret");
+    assert_eq!(r.status, 429);
+    assert_eq!(r.header("retry-after"), Some("60"));
+    assert_eq!(send(&mut d, "10.0.0.2", "secret").status, 200);
+    assert_eq!(d.metric("tollgate.cache.purge_throttled"), Some(1));
+}
+
+#[test]
 fn single_ranges_are_served_from_a_stored_complete_response() {
     let mut d = driver();
     let origin: &[(&str, &str)] = &[
