@@ -44,7 +44,7 @@ CONFIG = {
     ],
     "max_total_bytes": 4 << 20,
     "max_entry_bytes": 64 << 10,
-    "purge": {"path": "/_tollgate/cache/purge", "key_sha256": PURGE_SHA},
+    "purge": {"path": "/_tollgate/cache/purge", "key_sha256": PURGE_SHA, "tag_header": "surrogate-key"},
     "targeted_fields": ["tollgate-cache-control", "cdn-cache-control"],
     "strip_targeted_fields": True,
 }
@@ -201,7 +201,7 @@ def test_no_heuristic_freshness_without_last_modified(envoy, services):
     assert cs(second) == "tollgate; fwd=stale; fwd-status=304", second
 
 
-def test_concurrent_misses_are_collapsed_per_worker(envoy, services):
+def test_concurrent_misses_are_collapsed_across_workers(envoy, services):
     from concurrent.futures import ThreadPoolExecutor
     i = fresh_id()
     active = "http.gateway.downstream_rq_active"
@@ -214,10 +214,10 @@ def test_concurrent_misses_are_collapsed_per_worker(envoy, services):
                              "eight requests in flight")
         rs = [f.result() for f in futures]
     assert all(r.status == 200 and r.body == rs[0].body for r in rs), rs
-    # one fetch per worker at most (two workers); the others waited and were answered from it
-    assert hits(services, f"/products/{i}") <= 2, [cs(r) for r in rs]
+    # one fetch across both workers (#14.13); the others waited and were answered from it
+    assert hits(services, f"/products/{i}") == 1, [cs(r) for r in rs]
     collapsed = [r for r in rs if cs(r).endswith("; collapsed")]
-    assert len(collapsed) >= 8 - 2, [cs(r) for r in rs]
+    assert len(collapsed) == 8 - 1, [cs(r) for r in rs]
     assert all(r.header("age") is not None for r in collapsed)
 
 
@@ -685,6 +685,27 @@ def test_vary_values_are_normalised_where_configured(envoy, services):
     r = envoy.get(other, headers={**knobs, "accept-language": "en-US, fr;q=0.5"})
     assert "stored" in cs(r), r
     assert "fwd=vary-miss" in cs(envoy.get(other, headers={**knobs, "accept-language": "FR;q=0.5 ,  en-us"}))
+
+
+def test_tag_purge_reaches_every_worker(envoy, services):
+    tagged = {"red-blue": "red blue", "blue": "blue,green", "green": "green"}
+    ids = {name: fresh_id() for name in tagged}
+    for name, tags in tagged.items():
+        r = envoy.get(f"/api/products/{ids[name]}", headers={"x-demo-header": f"surrogate-key: {tags}"})
+        assert "stored" in cs(r), r
+    r = envoy.request("POST", "/_tollgate/cache/purge?tag=blue", headers={"x-tollgate-purge-key": PURGE_KEY})
+    assert r.status == 200 and r.json() == {"purged": "blue", "kind": "tag"}, r
+    # a new connection each time: both workers see the purge at once
+    for _ in range(6):
+        for name in tagged:
+            envoy.get(f"/api/products/{ids[name]}")
+    assert hits(services, f"/products/{ids['green']}") == 1
+    assert hits(services, f"/products/{ids['red-blue']}") == 2
+    assert hits(services, f"/products/{ids['blue']}") == 2
+    bad = envoy.request("POST", "/_tollgate/cache/purge?tag=a%20b", headers={"x-tollgate-purge-key": PURGE_KEY})
+    assert bad.status == 400, bad
+    both = envoy.request("POST", "/_tollgate/cache/purge?tag=a&url=/x", headers={"x-tollgate-purge-key": PURGE_KEY})
+    assert both.status == 400, both
 
 
 # --- JSON Schema ------------------------------------------------------------------------------

@@ -55,6 +55,10 @@ pub struct PurgeConfig {
     pub path: String,
     /// Hex SHA-256 of the key that callers send in `x-tollgate-purge-key`.
     pub key_sha256: Sha256Hex,
+    /// Response header whose tags (separated by spaces or commas) a purge `?tag=` matches,
+    /// e.g. `surrogate-key` or `cache-tag`; absent: no tag purge.
+    #[serde(default)]
+    pub tag_header: Option<HeaderName>,
     /// Failed purge attempts (missing or wrong key) counted per client IP (all workers); past
     /// `max_failures` within `window`, 429 before the key is hashed. Absent: off.
     #[serde(default)]
@@ -199,6 +203,8 @@ pub struct Purge {
     pub path: String,
     /// SHA-256 of the key.
     pub key_sha256: [u8; 32],
+    /// Response header carrying the tags a tag purge matches (lower case).
+    pub tag_header: Option<String>,
     /// Failed-attempt throttling.
     pub failure_limit: Option<tollgate_common::throttle::FailureLimit>,
 }
@@ -320,6 +326,7 @@ impl Config {
                 Some(Purge {
                     path: p.path,
                     key_sha256: p.key_sha256.0,
+                    tag_header: p.tag_header.map(|h| h.as_str().to_string()),
                     failure_limit,
                 })
             }

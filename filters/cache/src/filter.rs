@@ -21,7 +21,7 @@ use crate::freshness::{
 };
 use crate::key::{request_url_key, vary_names, UrlKey};
 use crate::parse::{byte_range, http_date, list_members, ByteRange, CacheControl};
-use crate::store::{millis, Entry, Found, Lookup, Meta, PurgeRule, PutError, Store};
+use crate::store::{millis, Entry, Found, Lookup, Meta, PurgeRule, Purges, PutError, Store};
 
 /// Name of this cache in `Cache-Status`.
 pub const CACHE_NAME: &str = "tollgate";
@@ -98,6 +98,9 @@ pub struct Worker {
     pub inflight: RefCell<HashMap<u64, Vec<u32>>>,
     /// Waiting requests to wake on the next tick (their fetch finished).
     pub wake_queue: RefCell<Vec<u32>>,
+    /// Misses being fetched by another worker: URL hash -> requests of this worker waiting for
+    /// that fetch (checked on every tick through the shared lead record).
+    pub remote: RefCell<HashMap<u64, Vec<u32>>>,
 }
 
 impl Worker {
@@ -113,6 +116,7 @@ impl Worker {
             jobs: RefCell::new(Vec::new()),
             inflight: RefCell::new(HashMap::new()),
             wake_queue: RefCell::new(Vec::new()),
+            remote: RefCell::new(HashMap::new()),
         }
     }
 }
@@ -151,6 +155,7 @@ impl RootFilter for CacheRoot {
         for job in jobs {
             self.start_refresh(host, job);
         }
+        self.check_remote_fetches(host);
         let woken: Vec<u32> = self.shared.wake_queue.borrow_mut().drain(..).collect();
         for id in woken {
             if !host.wake(id, WAKE_FETCHED) {
@@ -202,8 +207,56 @@ const WAKE_FETCHED: u32 = 1;
 /// Most requests that wait for one fetch; more go upstream themselves.
 const MAX_WAITERS: usize = 1024;
 const SCAN_SETS_PER_TICK: u32 = 128;
+/// Lead records (`tc.lead.<n>`): which URL a worker is fetching, so that the other workers'
+/// misses of it wait (#14.13).
+const LEAD_BUCKETS: u64 = 1024;
+/// A lead record older than this is ignored (its fetch is taken to have failed).
+const LEAD_MS: u64 = 30_000;
+
+fn lead_key(url_hash: u64) -> String {
+    format!("tc.lead.{}", url_hash % LEAD_BUCKETS)
+}
+
+/// The lead record of a URL's bucket: (URL hash, until ms), and its CAS.
+fn read_lead(host: &dyn Host, url_hash: u64) -> (Option<(u64, u64)>, Option<u32>) {
+    match host.shared_get(&lead_key(url_hash)) {
+        Ok(Some((bytes, cas))) => {
+            let rec = bytes
+                .get(..16)
+                .and_then(|b| Some((b.get(..8)?.try_into().ok()?, b.get(8..)?.try_into().ok()?)))
+                .map(|(a, b): ([u8; 8], [u8; 8])| (u64::from_le_bytes(a), u64::from_le_bytes(b)));
+            (rec, Some(cas))
+        }
+        _ => (None, None),
+    }
+}
+
+/// Is another fetch of this URL under way (a live lead record names it)?
+fn lead_active(host: &dyn Host, url_hash: u64, now_ms: u64) -> bool {
+    matches!(read_lead(host, url_hash).0, Some((h, until)) if h == url_hash && until > now_ms)
+}
 
 impl CacheRoot {
+    /// Wake the requests that wait for another worker's fetch once that fetch is over (its
+    /// lead record is gone, taken by another URL, or expired).
+    fn check_remote_fetches(&mut self, host: &mut dyn Host) {
+        if self.shared.remote.borrow().is_empty() {
+            return;
+        }
+        let now = millis(host.now());
+        let mut remote = self.shared.remote.borrow_mut();
+        let done: Vec<u64> = remote
+            .keys()
+            .copied()
+            .filter(|h| !lead_active(host, *h, now))
+            .collect();
+        for h in done {
+            if let Some(ids) = remote.remove(&h) {
+                self.shared.wake_queue.borrow_mut().extend(ids);
+            }
+        }
+    }
+
     fn start_refresh(&mut self, host: &mut dyn Host, mut job: RefreshJob) {
         job.purge_seq = self.shared.store.purges(host).seq;
         let (path, query) = split_query(&job.path);
@@ -585,23 +638,20 @@ impl CacheFilter {
         byte_range(&range, u64::try_from(entry.body.len()).unwrap_or(u64::MAX))
     }
 
-    fn purge(&mut self, host: &mut dyn Host) -> Decision {
-        let Some(purge) = self.shared.config.purge.as_ref() else {
-            return Decision::Continue;
-        };
-        self.state = State::Done;
-        let path = host.path();
+    /// The refusal of a purge request that may not purge (method, throttled client, key), if
+    /// any. Failed attempts are counted per client; past the limit, 429 before any hashing.
+    fn purge_refusal(&self, host: &mut dyn Host, path: &str) -> Option<LocalReply> {
         let method = host.method();
         if method != "POST" && method != "PURGE" {
-            return Decision::Respond(
+            return Some(
                 Problem::new(405)
                     .detail("use POST (or PURGE) with ?url=/path or ?prefix=/path/")
-                    .instance(split_query(&path).0)
+                    .instance(split_query(path).0)
                     .into_reply()
                     .with_header("allow", "POST, PURGE"),
             );
         }
-        // Failed attempts are counted per client; past the limit, 429 before any hashing.
+        let purge = self.shared.config.purge.as_ref()?;
         let client = purge
             .failure_limit
             .as_ref()
@@ -609,9 +659,9 @@ impl CacheFilter {
         if let (Some(limit), Some(c)) = (&purge.failure_limit, &client) {
             if let Some(retry_after) = limit.refused(host, c, host.now_secs()) {
                 self.shared.metrics.count(host, "purge_throttled", 1);
-                return Decision::Respond(tollgate_common::throttle::FailureLimit::reply(
+                return Some(tollgate_common::throttle::FailureLimit::reply(
                     "https://tollgate.dev/problems/cache/too_many_failures",
-                    split_query(&path).0,
+                    split_query(path).0,
                     retry_after,
                 ));
             }
@@ -624,7 +674,7 @@ impl CacheFilter {
         };
         let Some(key) = host.header(MapKind::RequestHeaders, PURGE_KEY_HEADER) else {
             failed(host);
-            return Decision::Respond(
+            return Some(
                 Problem::new(401)
                     .detail(format!(
                         "the purge endpoint needs the `{PURGE_KEY_HEADER}` header"
@@ -635,20 +685,47 @@ impl CacheFilter {
         if !purge.key_matches(&key) {
             failed(host);
             log::warn!("[{}] cache: purge refused: wrong key", self.context_id);
-            return Decision::Respond(Problem::new(403).detail("wrong purge key").into_reply());
+            return Some(Problem::new(403).detail("wrong purge key").into_reply());
+        }
+        None
+    }
+
+    fn purge(&mut self, host: &mut dyn Host) -> Decision {
+        let Some(purge) = self.shared.config.purge.as_ref() else {
+            return Decision::Continue;
+        };
+        let tag_enabled = purge.tag_header.is_some();
+        self.state = State::Done;
+        let path = host.path();
+        if let Some(refusal) = self.purge_refusal(host, &path) {
+            return Decision::Respond(refusal);
         }
         let (_, query) = split_query(&path);
-        let (target, prefix) = match (query_param(query, "url"), query_param(query, "prefix")) {
-            (Some(u), None) => (split_query(&u).0.to_string(), false),
-            (None, Some(p)) => (p, true),
-            _ => {
+        let tag = query_param(query, "tag");
+        if let Some(tag) = tag {
+            if query_param(query, "url").is_some() || query_param(query, "prefix").is_some() {
                 return Decision::Respond(
                     Problem::new(400)
-                        .detail("give exactly one of the query parameters `url` and `prefix`")
+                        .detail(
+                            "give exactly one of the query parameters `url`, `prefix` and `tag`",
+                        )
                         .into_reply(),
-                )
+                );
             }
-        };
+            return self.purge_tag(host, tag_enabled, tag);
+        }
+        let (target, prefix) =
+            match (query_param(query, "url"), query_param(query, "prefix")) {
+                (Some(u), None) => (split_query(&u).0.to_string(), false),
+                (None, Some(p)) => (p, true),
+                _ => return Decision::Respond(
+                    Problem::new(400)
+                        .detail(
+                            "give exactly one of the query parameters `url`, `prefix` and `tag`",
+                        )
+                        .into_reply(),
+                ),
+            };
         if !target.starts_with('/') {
             return Decision::Respond(
                 Problem::new(400)
@@ -673,7 +750,23 @@ impl CacheFilter {
             prefix,
             at: millis(host.now()),
             seq: 0,
+            tag: None,
         };
+        let body = serde_json::json!({
+            "purged": target,
+            "kind": if prefix { "prefix" } else { "path" },
+            "host": host_filter,
+        });
+        self.record_purge(host, rule, &body)
+    }
+
+    /// Add a purge rule to the shared record and answer with `body` (or `503`).
+    fn record_purge(
+        &mut self,
+        host: &mut dyn Host,
+        rule: PurgeRule,
+        body: &serde_json::Value,
+    ) -> Decision {
         if !self.shared.store.add_purge(host, rule) {
             return Decision::Respond(
                 Problem::new(503)
@@ -682,22 +775,45 @@ impl CacheFilter {
             );
         }
         self.shared.metrics.count(host, "purges", 1);
-        log::info!(
-            "[{}] cache: purged {} {target}",
-            self.context_id,
-            if prefix { "prefix" } else { "path" }
-        );
-        let body = serde_json::json!({
-            "purged": target,
-            "kind": if prefix { "prefix" } else { "path" },
-            "host": host_filter,
-        });
+        log::info!("[{}] cache: purged {body}", self.context_id);
         Decision::Respond(
             LocalReply::new(200)
                 .with_header("content-type", "application/json")
                 .with_header("cache-control", "no-store")
-                .with_body(serde_json::to_vec(&body).unwrap_or_default()),
+                .with_body(serde_json::to_vec(body).unwrap_or_default()),
         )
+    }
+
+    /// `?tag=T`: every entry whose tag header names `T` is gone (on every worker: the rule is
+    /// in the shared purge record that each lookup reads).
+    fn purge_tag(&mut self, host: &mut dyn Host, enabled: bool, tag: String) -> Decision {
+        if !enabled {
+            return Decision::Respond(
+                Problem::new(400)
+                    .detail("tag purge is off: configure `purge.tag_header`")
+                    .into_reply(),
+            );
+        }
+        if tag.is_empty()
+            || tag.len() > 255
+            || tag.contains(|c: char| c == ',' || c.is_whitespace())
+        {
+            return Decision::Respond(
+                Problem::new(400)
+                    .detail("a tag is 1 to 255 bytes without spaces or commas")
+                    .into_reply(),
+            );
+        }
+        let rule = PurgeRule {
+            host: None,
+            path: String::new(),
+            prefix: false,
+            at: millis(host.now()),
+            seq: 0,
+            tag: Some(tag.clone()),
+        };
+        let body = serde_json::json!({"purged": tag, "kind": "tag"});
+        self.record_purge(host, rule, &body)
     }
 
     /// Look the request up and decide: a hit, a stale answer with a background refresh, a
@@ -751,10 +867,69 @@ impl CacheFilter {
             .lookup(host, url.hash, &self.request, &key_headers, &purges)
         {
             // A 64-bit hash collision of two URLs reads as a miss.
-            Lookup::Hit(found) if found.entry.meta.url == url.url => Ok(found),
+            Lookup::Hit(found) if found.entry.meta.url == url.url => {
+                if self.purged_by_tag(&found, &purges) {
+                    let store = self.shared.store;
+                    store.invalidate_way(host, found.set, found.way, found.record.g);
+                    return Err("uri-miss");
+                }
+                Ok(found)
+            }
             Lookup::VaryMiss => Err("vary-miss"),
             _ => Err("uri-miss"),
         }
+    }
+
+    /// Was this entry purged by tag (its tag header names a tag purged after it was fetched)?
+    fn purged_by_tag(&self, found: &Found, purges: &Purges) -> bool {
+        let Some(name) = self
+            .shared
+            .config
+            .purge
+            .as_ref()
+            .and_then(|p| p.tag_header.as_deref())
+        else {
+            return false;
+        };
+        if purges.rules.iter().all(|r| r.tag.is_none()) {
+            return false;
+        }
+        let tags = all(&found.entry.meta.headers, name)
+            .into_iter()
+            .flat_map(|v| v.split(|c: char| c == ',' || c.is_whitespace()))
+            .filter(|t| !t.is_empty());
+        purges.purged_by_tag(tags, found.record.p)
+    }
+
+    /// Another worker fetches this URL: wait for it (on this worker's tick), within the same
+    /// bounds as a local wait. Only when this worker is not fetching it itself.
+    fn wait_for_remote_fetch(&mut self, host: &mut dyn Host, url: &UrlKey) -> bool {
+        if self.shared.inflight.borrow().contains_key(&url.hash) {
+            return false;
+        }
+        if !lead_active(host, url.hash, millis(host.now())) {
+            return false;
+        }
+        let mut remote = self.shared.remote.borrow_mut();
+        let waiters = remote.entry(url.hash).or_default();
+        if waiters.len() >= MAX_WAITERS {
+            return false;
+        }
+        waiters.push(self.context_id);
+        true
+    }
+
+    /// Record in shared data that this worker fetches the URL (best effort: a lost race only
+    /// means that both fetch).
+    fn take_lead(&self, host: &mut dyn Host, url_hash: u64) {
+        let now = millis(host.now());
+        let (rec, cas) = read_lead(host, url_hash);
+        if matches!(rec, Some((h, until)) if until > now && h != url_hash) {
+            return;
+        }
+        let mut value = url_hash.to_le_bytes().to_vec();
+        value.extend_from_slice(&now.saturating_add(LEAD_MS).to_le_bytes());
+        let _ = host.shared_set(&lead_key(url_hash), &value, cas);
     }
 
     /// Nothing usable stored: wait for another request's fetch of the URL (once), fetch it
@@ -774,6 +949,10 @@ impl CacheFilter {
                 &format!("fwd={fwd}; detail=only-if-cached"),
             ));
         }
+        if !self.collapsed && self.wait_for_remote_fetch(host, url) {
+            self.state = State::Waiting;
+            return Decision::Pause;
+        }
         // Collapse concurrent misses of one URL on this worker: the first fetches, the others
         // wait for it (once) and look again.
         let mut inflight = self.shared.inflight.borrow_mut();
@@ -791,6 +970,9 @@ impl CacheFilter {
             None => {}
         }
         drop(inflight);
+        if self.leading.is_some() {
+            self.take_lead(host, url.hash);
+        }
         self.shared.metrics.count(host, "misses", 1);
         self.state = State::Miss(fwd);
         Decision::Continue
@@ -1092,10 +1274,15 @@ impl CacheFilter {
     }
 
     /// The fetch this request led is over (stored or not): wake the requests waiting for it.
-    fn release(&mut self) {
+    fn release(&mut self, host: &mut dyn Host) {
         let Some(hash) = self.leading.take() else {
             return;
         };
+        if let (Some((h, _)), cas) = read_lead(host, hash) {
+            if h == hash {
+                let _ = host.shared_set(&lead_key(hash), b"", cas);
+            }
+        }
         let waiters = self.shared.inflight.borrow_mut().remove(&hash);
         if let Some(w) = waiters {
             self.shared.wake_queue.borrow_mut().extend(w);
@@ -1104,7 +1291,7 @@ impl CacheFilter {
 
     fn finish_capture(&mut self, host: &mut dyn Host) {
         self.store_capture(host);
-        self.release();
+        self.release(host);
     }
 
     fn store_capture(&mut self, host: &mut dyn Host) {
@@ -1161,8 +1348,8 @@ impl HttpFilter for CacheFilter {
         self.lookup(host)
     }
 
-    fn on_done(&mut self, _host: &mut dyn Host) {
-        self.release();
+    fn on_done(&mut self, host: &mut dyn Host) {
+        self.release(host);
     }
 
     fn on_request_headers(&mut self, host: &mut dyn Host, _end_of_stream: bool) -> Decision {
@@ -1285,7 +1472,7 @@ impl HttpFilter for CacheFilter {
                     _ => {
                         // Too large (or unreadable): stop capturing, let it stream through.
                         self.capture = None;
-                        self.release();
+                        self.release(host);
                         self.shared.metrics.count(host, "too_large", 1);
                     }
                 }

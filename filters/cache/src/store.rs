@@ -328,6 +328,10 @@ pub struct PurgeRule {
     /// Sequence number: entries fetched before it (a lower `p`) are gone.
     #[serde(default)]
     pub seq: u64,
+    /// A tag purge: entries tagged with this (by the configured tag header) are gone; `path`
+    /// and `prefix` are not used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
 }
 
 /// The purge rules.
@@ -352,6 +356,7 @@ impl Purges {
         }
         self.rules.iter().any(|r| {
             seen < r.seq
+                && r.tag.is_none()
                 && r.host
                     .as_deref()
                     .is_none_or(|h| h.eq_ignore_ascii_case(host))
@@ -361,6 +366,20 @@ impl Purges {
                     path == r.path
                 }
         })
+    }
+}
+
+impl Purges {
+    /// Is an entry carrying these tags, fetched when the sequence number was `seen`, purged by
+    /// a tag purge?
+    pub fn purged_by_tag<'a>(&self, mut tags: impl Iterator<Item = &'a str>, seen: u64) -> bool {
+        let live: Vec<&str> = self
+            .rules
+            .iter()
+            .filter(|r| seen < r.seq)
+            .filter_map(|r| r.tag.as_deref())
+            .collect();
+        !live.is_empty() && tags.any(|t| live.contains(&t))
     }
 }
 
@@ -757,6 +776,28 @@ mod tests {
     }
 
     #[test]
+    fn tag_purges_match_tags_only() {
+        let tag = |t: &str, seq| PurgeRule {
+            host: None,
+            path: String::new(),
+            prefix: false,
+            at: 0,
+            seq,
+            tag: Some(t.into()),
+        };
+        let p = Purges {
+            seq: 5,
+            flush_before: 0,
+            rules: vec![tag("blue", 5)],
+        };
+        assert!(p.purged_by_tag(["red", "blue"].into_iter(), 4));
+        assert!(!p.purged_by_tag(["red", "blue"].into_iter(), 5));
+        assert!(!p.purged_by_tag(["red"].into_iter(), 0));
+        // a tag rule never purges by path (its path is empty, a prefix of everything)
+        assert!(!p.purged("h", "/any", 0));
+    }
+
+    #[test]
     fn set_records_round_trip_and_garbage_is_empty() {
         let rec = SetRecord {
             ways: vec![
@@ -898,6 +939,7 @@ mod tests {
             prefix: true,
             at: millis(now),
             seq: 0,
+            tag: None,
         };
         assert!(store.add_purge(&mut h, rule));
         assert!(matches!(
@@ -927,6 +969,7 @@ mod tests {
                 prefix: false,
                 at: i,
                 seq: 0,
+                tag: None,
             };
             store.add_purge(&mut h, r);
         }
