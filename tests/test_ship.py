@@ -1616,3 +1616,70 @@ def test_plain_envoy_combined_snippet_validates_with_the_module(tmp_path):
     path.write_text(yaml.safe_dump(doc))
     r = validate_envoy(path)
     assert r.returncode == 0 and "OK" in r.stdout + r.stderr, r.stdout[-2000:] + r.stderr[-2000:]
+
+
+def readme_checks(readme: str) -> list[tuple[str, list[str]]]:
+    """The README's demo commands with the answer it shows, in order: the token assignments
+    (`TOKEN=$(make -s token ...)`, expected None) and every command that prints a status code or
+    a `grep -o` match with that output written under it (`# 200`, or after a `$ ` prompt the lines
+    that follow), and `curl -si` commands whose status line and headers it shows. Loops are left out: how many of a burst pass is the rate limit tests' business."""
+    lines = [l[4:] for l in readme.splitlines() if l.startswith("    ")]
+    checks = []
+    for i, line in enumerate(lines):
+        prompt = line.startswith("$ ")
+        cmd = line[2:] if prompt else line
+        if re.match(r"^[A-Z]+=\$\(make -s token[^)]*\)$", cmd):
+            checks.append((cmd, None))
+            continue
+        if not cmd.startswith("curl ") or "for i in" in cmd:
+            continue
+        headers_only = cmd.startswith("curl -si ") and "|" not in cmd and not prompt
+        if not ("%{http_code}\\n'" in cmd or re.search(r"\| grep -oE? '[^']*'$", cmd) or headers_only):
+            continue
+        expected = []
+        for nxt in lines[i + 1:]:
+            if prompt:
+                if nxt.startswith("$ ") or not nxt.strip():
+                    break
+                expected.append(nxt)
+            else:
+                if not nxt.startswith("# "):
+                    break
+                expected.append(nxt[2:])
+        if "%{http_code}" in cmd:
+            expected = expected[:1] and [expected[0].split()[0]]
+        if headers_only:  # the status line and the headers shown (a subset: no date, no length)
+            expected = ["HEADERS"] + expected[:expected.index("") if "" in expected else len(expected)]
+        checks.append((cmd, expected))
+    return checks
+
+
+def test_readme_demo_answers_match_the_bundled_gateway(envoy_factory):
+    """README's "Try it" commands give the answers it shows, against envoy/envoy.yaml as `make
+    run` starts it (users and orders require the gateway's identity)."""
+    services = harness.DemoServices.start(require_identity=("users", "orders"))
+    try:
+        cfg = harness.bundled_config(services)
+        envoy = envoy_factory(config=cfg)
+        harness.wait_for(lambda: envoy.stat("tollgate.auth.jwks_fetches") >= 1, 60, "the demo provider's keys")
+        env = dict(os.environ)
+        checks = readme_checks((ROOT / "README.md").read_text())
+        assert sum(e is not None for _, e in checks) >= 5, checks
+        for cmd, expected in checks:
+            cmd = cmd.replace("127.0.0.1:10000", f"127.0.0.1:{envoy.port}").replace(
+                "127.0.0.1:9901", f"127.0.0.1:{envoy.admin_port}")
+            if expected is None:
+                name = cmd.split("=", 1)[0]
+                out = subprocess.run(["bash", "-c", f'{cmd}; printf %s "${name}"'], cwd=ROOT, env=env,
+                                     capture_output=True, text=True, timeout=60, check=True).stdout
+                env[name] = out
+                continue
+            out = subprocess.run(["bash", "-c", cmd], cwd=ROOT, env=env, capture_output=True, text=True,
+                                 timeout=60).stdout
+            if expected[:1] == ["HEADERS"]:
+                got = [l.rstrip("\r") for l in out.splitlines()]
+                assert all(e in got for e in expected[1:]), (cmd, expected[1:], got)
+            else:
+                assert out.splitlines() == expected, (cmd, out)
+    finally:
+        services.stop()
