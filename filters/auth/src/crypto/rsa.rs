@@ -91,40 +91,22 @@ impl RsaKey {
         self.bits.div_ceil(8)
     }
 
-    /// `out = a·b·R^-1 mod n` (CIOS, the multiplication and reduction in one pass).
-    fn mont_mul(&self, a: &[u32], b: &[u32], out: &mut [u32]) {
-        let n = &self.n[..];
-        let l = n.len();
-        // Same lengths, so that the loop below has no bounds checks.
-        let (Some(a), Some(out)) = (a.get(..l), out.get_mut(..l)) else {
+    /// `out = a·b·R^-1 mod n`: the `l²` products row by row (the unrolled multiply-add), then
+    /// the reduction shared with the squaring (SOS). `t` is scratch of `2l + 1` limbs.
+    fn mont_mul(&self, a: &[u32], b: &[u32], out: &mut [u32], t: &mut [u32]) {
+        let l = self.n.len();
+        let (Some(a), Some(b), Some(t)) = (a.get(..l), b.get(..l), t.get_mut(..2 * l + 1)) else {
             return;
         };
-        out.iter_mut().for_each(|t| *t = 0);
-        let mut t_n: u64 = 0;
-        let (Some(&a0), Some(&n0)) = (a.first(), n.first()) else {
-            return;
-        };
-        for &bi in b {
-            let bi = u64::from(bi);
-            let Some(&t0) = out.first() else { return };
-            let s = u64::from(t0) + u64::from(a0) * bi;
-            let mut c1 = s >> 32;
-            let m = u64::from((s as u32).wrapping_mul(self.inv));
-            let mut c2 = (u64::from(s as u32) + m * u64::from(n0)) >> 32;
-            for j in 1..l {
-                let s = u64::from(out[j]) + u64::from(a[j]) * bi + c1;
-                c1 = s >> 32;
-                let s2 = u64::from(s as u32) + m * u64::from(n[j]) + c2;
-                c2 = s2 >> 32;
-                out[j - 1] = s2 as u32;
-            }
-            let s = t_n + c1 + c2;
-            out[l - 1] = s as u32;
-            t_n = s >> 32;
+        t.iter_mut().for_each(|x| *x = 0);
+        for (i, &bi) in b.iter().enumerate() {
+            let Some(row) = t.get_mut(i..i + l) else {
+                continue;
+            };
+            let c = mul_add_row(row, a, u64::from(bi), 0);
+            t[i + l] = c as u32;
         }
-        if t_n != 0 || geq(out, n) {
-            sub_assign(out, n);
-        }
+        self.reduce(t, out);
     }
 
     /// `out = a^2·R^-1 mod n`: the square's `l(l+1)/2` products, then the reduction (SOS);
@@ -165,6 +147,16 @@ impl RsaKey {
             c = s >> 32;
         }
         t[2 * l] = t[2 * l].wrapping_add(c as u32);
+        self.reduce(t, out);
+    }
+
+    /// `out = t·R^-1 mod n` for `t < n·R` in `2l + 1` limbs (clobbered).
+    fn reduce(&self, t: &mut [u32], out: &mut [u32]) {
+        let n = &self.n[..];
+        let l = n.len();
+        let (Some(out), Some(t)) = (out.get_mut(..l), t.get_mut(..2 * l + 1)) else {
+            return;
+        };
         // Montgomery reduction, two limbs at a time (one pass over `t` for both), then one at a
         // time for an odd last limb; `pending` is the carry into limb i + l.
         let mut pending = 0u64;
@@ -227,26 +219,29 @@ impl RsaKey {
         if geq(&s, &self.n) {
             return None;
         }
-        let mut x = vec![0u32; l];
-        let mut t = vec![0u32; l];
-        self.mont_mul(&s, &self.r2, &mut x); // s·R
-        let s_m = x.clone();
+        // One allocation for the working values: x, t, s·R, and the scratch of 2l + 1 limbs.
+        let mut buf = vec![0u32; 5 * l + 1];
+        let (x, rest) = buf.split_at_mut(l);
+        let (t, rest) = rest.split_at_mut(l);
+        let (s_m, scratch) = rest.split_at_mut(l);
+        let (mut x, mut t) = (x, t);
+        self.mont_mul(&s, &self.r2, s_m, scratch); // s·R
+        x.copy_from_slice(s_m);
+        let s_m = &*s_m;
         let top = 63 - self.e.leading_zeros();
-        let mut scratch = vec![0u32; 2 * l + 1];
         // Square-and-multiply from the top bit. `e` is odd, so the last step multiplies: by the
         // plain `s` there, which leaves the plain result (no conversion out of Montgomery form).
         // For e = 65537: one conversion, 16 squarings, one multiplication.
         for i in (0..top).rev() {
-            self.mont_sqr(&x, &mut t, &mut scratch);
+            self.mont_sqr(x, t, scratch);
             std::mem::swap(&mut x, &mut t);
             if (self.e >> i) & 1 == 1 {
-                self.mont_mul(&x, if i == 0 { &s } else { &s_m }, &mut t);
+                self.mont_mul(x, if i == 0 { &s } else { s_m }, t, scratch);
                 std::mem::swap(&mut x, &mut t);
             }
         }
-        let t = x;
         let mut out = vec![0u8; self.size()];
-        limbs_to_be(&t, &mut out);
+        limbs_to_be(x, &mut out);
         Some(out)
     }
 
