@@ -8,9 +8,9 @@
 //! through untouched.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::{Duration, SystemTime};
+use tollgate_common::fast_hash::FastMap;
 
 use serde_json::{json, Map, Value};
 use tollgate_common::metrics::Metrics;
@@ -130,7 +130,7 @@ struct Active {
     /// The identity headers of the request (lower-case names, configuration order).
     identity: Vec<(String, String)>,
     calls: Vec<CallState>,
-    tokens: HashMap<u32, usize>,
+    tokens: FastMap<u32, usize>,
     finished: bool,
     /// The request body, once complete, for calls that forward it.
     body: Option<Vec<u8>>,
@@ -974,7 +974,7 @@ impl HttpFilter for AggregateFilter {
             consumer,
             identity,
             calls,
-            tokens: HashMap::new(),
+            tokens: FastMap::default(),
             finished: false,
             body: None,
             awaiting_body: false,

@@ -51,9 +51,10 @@
 //! Nothing here panics: every lookup that can miss is handled, and every proxy operation
 //! returns a `Result` that is logged, never unwrapped.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::time::{Duration, SystemTime};
 
+use crate::fast_hash::FastMap;
 use crate::filter::{CallResponse, Decision, GrpcResponse, HttpFilter, RootFilter};
 use crate::header_cache::{Cached, HeaderCache};
 use crate::host::{Body, GrpcCall, Host, HostError, HttpCall, MapKind, MetricKind, SharedError};
@@ -182,9 +183,9 @@ struct Book {
     /// The proxy's effective context as last set (0: the entry's own context).
     effective: u32,
     /// HTTP callout token -> owning context.
-    http_owners: HashMap<u32, u32>,
+    http_owners: FastMap<u32, u32>,
     /// gRPC callout token -> owning context.
-    grpc_owners: HashMap<u32, u32>,
+    grpc_owners: FastMap<u32, u32>,
     /// Wakes waiting for delivery.
     wakes: VecDeque<(u32, u32)>,
     /// Tick periods asked for by roots while their code ran.
@@ -196,7 +197,7 @@ struct Book {
 struct Scope<'a, F> {
     host: &'a mut dyn Host,
     book: &'a mut Book,
-    streams: &'a HashMap<u32, StreamSlot<F>>,
+    streams: &'a FastMap<u32, StreamSlot<F>>,
 }
 
 impl<F> Host for Scope<'_, F> {
@@ -270,8 +271,8 @@ impl<F> Host for Scope<'_, F> {
 pub struct Dispatcher<R: RootFilter, P: Proxy> {
     proxy: P,
     version: &'static str,
-    roots: HashMap<u32, RootSlot<R>>,
-    streams: HashMap<u32, StreamSlot<R::Filter>>,
+    roots: FastMap<u32, RootSlot<R>>,
+    streams: FastMap<u32, StreamSlot<R::Filter>>,
     book: Book,
     cache_headers: bool,
 }
@@ -285,8 +286,8 @@ impl<R: RootFilter, P: Proxy> Dispatcher<R, P> {
         Dispatcher {
             proxy,
             version,
-            roots: HashMap::new(),
-            streams: HashMap::new(),
+            roots: FastMap::default(),
+            streams: FastMap::default(),
             book: Book::default(),
             cache_headers: true,
         }

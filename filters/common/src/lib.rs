@@ -10,13 +10,14 @@
 //!
 //! Also here: configuration parsing with field paths ([`config`]), the route matcher every filter
 //! uses for per-route rules ([`route`]), RFC 9457 problem replies ([`problem`]), request helpers
-//! ([`request`]), named metrics ([`metrics`]) and log lines limited to one per interval
+//! ([`request`]), named metrics ([`metrics`]), a cheap hasher for internal maps ([`fast_hash`]) and log lines limited to one per interval
 //! ([`log_limit`]), and failed-credential throttling per client in shared data ([`throttle`]).
 
 mod abi;
 pub mod adapter;
 pub mod config;
 pub mod dispatch;
+pub mod fast_hash;
 pub mod filter;
 pub mod header_cache;
 pub mod host;

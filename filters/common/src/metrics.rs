@@ -2,8 +2,8 @@
 //! named `tollgate.auth.allowed` appears as `wasmcustom.tollgate.auth.allowed` in `/stats`.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 
+use crate::fast_hash::FastMap;
 use crate::host::{Host, MetricKind};
 
 /// Metrics of one filter, defined on first use and cached by name. Share one per VM
@@ -11,9 +11,9 @@ use crate::host::{Host, MetricKind};
 #[derive(Debug, Default)]
 pub struct Metrics {
     prefix: String,
-    ids: RefCell<HashMap<String, Option<u32>>>,
+    ids: RefCell<FastMap<String, Option<u32>>>,
     /// Ids of `family` + `member` names, so that a request's counter is never formatted.
-    pairs: RefCell<HashMap<(&'static str, &'static str), Option<u32>>>,
+    pairs: RefCell<FastMap<(&'static str, &'static str), Option<u32>>>,
 }
 
 impl Metrics {
@@ -21,8 +21,8 @@ impl Metrics {
     pub fn new(filter: &str) -> Self {
         Metrics {
             prefix: format!("tollgate.{filter}."),
-            ids: RefCell::new(HashMap::new()),
-            pairs: RefCell::new(HashMap::new()),
+            ids: RefCell::new(FastMap::default()),
+            pairs: RefCell::new(FastMap::default()),
         }
     }
 

@@ -7,10 +7,10 @@
 //! refused request takes nothing. With one limit the take is the only phase.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::rc::Rc;
 use std::time::UNIX_EPOCH;
+use tollgate_common::fast_hash::FastMap;
 
 use tollgate_common::metrics::Metrics;
 use tollgate_common::route::RequestInfo;
@@ -38,7 +38,7 @@ pub struct RateLimitRoot {
     context_id: u32,
     shared: Rc<Worker>,
     /// Lease refills this root sent, by token.
-    inflight: HashMap<u32, global::Inflight>,
+    inflight: FastMap<u32, global::Inflight>,
 }
 
 /// What every request of a VM shares.
@@ -144,7 +144,7 @@ impl RootFilter for RateLimitRoot {
                 refills: RefCell::new(Vec::new()),
                 failure_log: Cell::new((0, 0)),
             }),
-            inflight: HashMap::new(),
+            inflight: FastMap::default(),
         }
     }
 

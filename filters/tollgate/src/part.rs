@@ -2,8 +2,8 @@
 //! code talks to: the real host, except that the child's callouts are recorded as its own, its
 //! wakes carry its index, and (for a root) its tick period is recorded rather than set.
 
-use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
+use tollgate_common::fast_hash::FastMap;
 
 use tollgate_common::{
     Body, CallResponse, ConfigError, GrpcCall, GrpcResponse, Host, HostError, HttpCall, HttpFilter,
@@ -69,9 +69,9 @@ impl<R: RootFilter> Part for R {
 #[derive(Debug, Default)]
 pub struct Owners {
     /// HTTP callouts.
-    pub http: HashMap<u32, usize>,
+    pub http: FastMap<u32, usize>,
     /// gRPC callouts.
-    pub grpc: HashMap<u32, usize>,
+    pub grpc: FastMap<u32, usize>,
 }
 
 /// The host child `child` talks to.
