@@ -81,19 +81,19 @@ def public_jwks(*kids: str, files=("jwks.json",)) -> bytes:
 class Idp:
     """A threaded HTTP identity provider on a free loopback port.
 
-    routes: path -> (status, content_type, body bytes, delay seconds); change them at any time.
+    routes: path -> (status, content_type, body bytes); change them at any time.
     `/introspect` answers RFC 7662: tokens starting with `active-` are active (sub = the rest,
     scope `orders:read`, plan `pro`), others are inactive. `hits` counts requests per path.
 
     Holds order events without timing: a route set with `hold=True` (and `/introspect` while
     `introspect_hold` is set) answers only after `release()` (or when the Idp stops); `held(path)`
-    says how many requests wait there now. `delay` stays for callers that still sleep.
+    says how many requests wait there now. There is no delay knob: a test that wants a slow
+    answer holds it (a sleep would make the test depend on the machine's speed).
     """
 
     def __init__(self):
-        self.routes: dict[str, tuple[int, str, bytes, float]] = {}
+        self.routes: dict[str, tuple[int, str, bytes]] = {}
         self.hits: dict[str, int] = {}
-        self.introspect_delay = 0.0
         self.introspect_hold = False
         self.holding: set[str] = set()
         self.waiting: dict[str, int] = {}
@@ -121,11 +121,9 @@ class Idp:
                     route = idp.routes.get(path)
                 if route is None:
                     return self._send(404, "text/plain", b"no such path")
-                status, ctype, body, delay = route
+                status, ctype, body = route
                 if path in idp.holding:
                     idp._wait(path)
-                if delay:
-                    time.sleep(delay)
                 self._send(status, ctype, body)
 
             def do_POST(self):
@@ -138,8 +136,6 @@ class Idp:
                     return self._send(404, "text/plain", b"no such path")
                 if idp.introspect_hold:
                     idp._wait(path)
-                if idp.introspect_delay:
-                    time.sleep(idp.introspect_delay)
                 token = (form.get("token") or [""])[0]
                 if token.startswith("active-"):
                     answer = {"active": True, "sub": token[len("active-"):], "scope": "orders:read",
@@ -156,10 +152,9 @@ class Idp:
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
-    def set(self, path: str, body: bytes, status: int = 200, ctype: str = "application/json", delay: float = 0.0,
-            hold: bool = False):
+    def set(self, path: str, body: bytes, status: int = 200, ctype: str = "application/json", hold: bool = False):
         with self.lock:
-            self.routes[path] = (status, ctype, body, delay)
+            self.routes[path] = (status, ctype, body)
             if hold:
                 self.holding.add(path)
             else:
