@@ -174,13 +174,7 @@ impl RsaKey {
             if let (Some(row), Some(hi), Some(lo)) =
                 (t.get_mut(i + 1..i + l), n.get(1..), n.get(..l - 1))
             {
-                for ((r, x), y) in row.iter_mut().zip(hi).zip(lo) {
-                    let s = u64::from(*r) + m0 * u64::from(*x) + c1;
-                    c1 = s >> 32;
-                    let s2 = u64::from(s as u32) + m1 * u64::from(*y) + c2;
-                    c2 = s2 >> 32;
-                    *r = s2 as u32;
-                }
+                (c1, c2) = mul2_add_row(row, hi, lo, m0, m1, c1, c2);
             }
             let s = u64::from(t[i + l]) + c1 + pending;
             let s2 = u64::from(s as u32) + m1 * u64::from(n[l - 1]) + c2;
@@ -347,6 +341,48 @@ fn mul_add_row(row: &mut [u32], src: &[u32], m: u64, mut c: u64) -> u64 {
         c = s >> 32;
     }
     c
+}
+
+/// `row += hi·m0 + (lo·m1 << 32)` (equal lengths), the two limbs of one reduction pass, with
+/// their carries `c1` and `c2` in and out. Unrolled by two, as [`mul_add_row`].
+#[inline(always)]
+fn mul2_add_row(
+    row: &mut [u32],
+    hi: &[u32],
+    lo: &[u32],
+    m0: u64,
+    m1: u64,
+    mut c1: u64,
+    mut c2: u64,
+) -> (u64, u64) {
+    let mut rows = row.chunks_exact_mut(2);
+    let mut his = hi.chunks_exact(2);
+    let mut los = lo.chunks_exact(2);
+    for ((r, x), y) in (&mut rows).zip(&mut his).zip(&mut los) {
+        if let ([r0, r1], [x0, x1], [y0, y1]) = (r, x, y) {
+            let s = u64::from(*r0) + m0 * u64::from(*x0) + c1;
+            let s2 = u64::from(s as u32) + m1 * u64::from(*y0) + c2;
+            *r0 = s2 as u32;
+            let s = u64::from(*r1) + m0 * u64::from(*x1) + (s >> 32);
+            c1 = s >> 32;
+            let s2 = u64::from(s as u32) + m1 * u64::from(*y1) + (s2 >> 32);
+            c2 = s2 >> 32;
+            *r1 = s2 as u32;
+        }
+    }
+    for ((r, x), y) in rows
+        .into_remainder()
+        .iter_mut()
+        .zip(his.remainder())
+        .zip(los.remainder())
+    {
+        let s = u64::from(*r) + m0 * u64::from(*x) + c1;
+        c1 = s >> 32;
+        let s2 = u64::from(s as u32) + m1 * u64::from(*y) + c2;
+        c2 = s2 >> 32;
+        *r = s2 as u32;
+    }
+    (c1, c2)
 }
 
 /// The DER DigestInfo prefix of SHA-256/384/512, by hash length.
