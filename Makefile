@@ -14,7 +14,7 @@ COMBINED_TESTS := tests/test_foundation.py tests/test_auth.py tests/test_ratelim
                   tests/test_hostile.py
 
 .PHONY: help build wasm demo-service rls-service loadgen redis run test unit-test integration-test validate lint fmt clean \
-        host-toolchain python-env oci dist release manifests test-matrix test-stress
+        host-toolchain python-env oci dist release manifests test-matrix test-stress cache-conformance
 
 help: ## Show this help
 	@echo "Tollgate: API gateway filters for Envoy (proxy-wasm, Rust)"
@@ -129,6 +129,10 @@ bench-quick: build python-env bench-tools ## Every benchmark scenario briefly (c
 
 .PHONY: fuzz
 FUZZ_SECONDS ?= 60
+cache-conformance: python-env ## The public HTTP cache suite (http-tests/cache-tests) against the cache filter in Envoy -> bench/results/cache-conformance.md (needs node, npm, git)
+	scripts/wasm.sh build cache
+	$(PYTHON) scripts/cache-conformance.py
+
 fuzz: host-toolchain ## Coverage-guided fuzzing of the parsers (cargo fuzz, libFuzzer): FUZZ_SECONDS=60 per target, FUZZ_TARGETS="jws route"
 	FUZZ_SECONDS=$(FUZZ_SECONDS) nice fuzz/run.sh
 

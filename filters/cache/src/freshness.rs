@@ -144,8 +144,18 @@ fn lifetime(status: u16, cc: &CacheControl, response: &[(String, String)], date:
     floor.max(heuristic)
 }
 
+/// Directives whose value is delta-seconds: in a targeted field it must be an Integer
+/// (RFC 9213 2.1), e.g. `max-age="10000"` (a String) makes the field invalid.
+const INTEGER_DIRECTIVES: [&str; 4] = [
+    "max-age",
+    "s-maxage",
+    "stale-while-revalidate",
+    "stale-if-error",
+];
+
 /// Is a targeted field's value valid, i.e. a Structured Fields dictionary (RFC 9213 2.1,
-/// RFC 8941 3.2): lower-case keys, values that are integers, tokens or quoted strings?
+/// RFC 8941 3.2): lower-case keys, values that are integers, tokens or quoted strings, and an
+/// Integer for the delta-seconds directives?
 pub fn valid_targeted(value: &str) -> bool {
     let mut any = false;
     for member in crate::parse::list_members(value) {
@@ -163,17 +173,24 @@ pub fn valid_targeted(value: &str) -> bool {
         if !first_ok || !rest_ok || !val.is_none_or(sf_bare_item) {
             return false;
         }
+        if INTEGER_DIRECTIVES.contains(&key) && !val.is_some_and(sf_integer) {
+            return false;
+        }
         any = true;
     }
     any
+}
+
+fn sf_integer(v: &str) -> bool {
+    let digits = v.strip_prefix('-').unwrap_or(v);
+    !digits.is_empty() && digits.len() <= 15 && digits.bytes().all(|b| b.is_ascii_digit())
 }
 
 fn sf_bare_item(v: &str) -> bool {
     if let Some(inner) = v.strip_prefix('"').and_then(|x| x.strip_suffix('"')) {
         return inner.chars().all(|c| (' '..='~').contains(&c));
     }
-    let digits = v.strip_prefix('-').unwrap_or(v);
-    if !digits.is_empty() && digits.len() <= 15 && digits.bytes().all(|b| b.is_ascii_digit()) {
+    if sf_integer(v) {
         return true;
     }
     let mut chars = v.chars();
@@ -715,6 +732,12 @@ mod tests {
             ("MAX-AGE=1", false),
             ("max-age=1.5x", false),
             ("a=(b)", false),
+            // the cache-tests suite's cdn-cc-invalid-sh-type-wrong: a String, not an Integer
+            ("max-age=\"10000\"", false),
+            ("s-maxage=abc", false),
+            ("stale-if-error", false),
+            ("max-age=60, stale-while-revalidate=\"30\"", false),
+            ("private=\"x-a\", max-age=60", true),
         ] {
             assert_eq!(valid_targeted(v), ok, "{v}");
         }
