@@ -11,7 +11,7 @@ use tollgate_common::request::{query_param, split_query};
 use tollgate_common::route::RequestInfo;
 use tollgate_common::{
     Body, CallResponse, ConfigError, Decision, Host, HttpCall, HttpFilter, LocalReply, MapKind,
-    Problem, RootFilter,
+    Problem, RootFilter, SharedError,
 };
 
 use crate::config::{Compiled, Config, Refresh, Rule, SetCookie};
@@ -145,6 +145,7 @@ impl RootFilter for CacheRoot {
         let config = Config::parse(configuration)?.compile()?;
         if !config.rules.0.is_empty() {
             host.set_tick_period(Duration::from_millis(TICK_MS));
+            init_lead_records(host);
         }
         self.shared = Rc::new(Worker::new(config));
         Ok(())
@@ -228,6 +229,18 @@ fn read_lead(host: &dyn Host, url_hash: u64) -> (Option<(u64, u64)>, Option<u32>
             (rec, Some(cas))
         }
         _ => (None, None),
+    }
+}
+
+/// Create the lead records that do not exist yet, so that every later write of one is a
+/// compare-and-swap: Envoy applies a CAS only to an existing key, so two workers taking the
+/// lead of a never-written bucket would both win.
+fn init_lead_records(host: &mut dyn Host) {
+    for n in 0..LEAD_BUCKETS {
+        let key = format!("tc.lead.{n}");
+        if matches!(host.shared_get(&key), Ok(None)) {
+            let _ = host.shared_set(&key, b"", None);
+        }
     }
 }
 
@@ -910,8 +923,13 @@ impl CacheFilter {
         if !lead_active(host, url.hash, millis(host.now())) {
             return false;
         }
+        self.join_remote(url.hash)
+    }
+
+    /// Wait (on this worker's tick) for another worker's fetch of the URL, unless too many do.
+    fn join_remote(&self, url_hash: u64) -> bool {
         let mut remote = self.shared.remote.borrow_mut();
-        let waiters = remote.entry(url.hash).or_default();
+        let waiters = remote.entry(url_hash).or_default();
         if waiters.len() >= MAX_WAITERS {
             return false;
         }
@@ -919,17 +937,22 @@ impl CacheFilter {
         true
     }
 
-    /// Record in shared data that this worker fetches the URL (best effort: a lost race only
-    /// means that both fetch).
-    fn take_lead(&self, host: &mut dyn Host, url_hash: u64) {
+    /// Record in shared data that this worker fetches the URL. False when another worker took
+    /// the lead of this URL between our read and our write (the CAS failed): then that worker
+    /// fetches and this request waits for it. A bucket busy with another URL, or a store
+    /// error, means that this worker fetches without a record.
+    fn take_lead(&self, host: &mut dyn Host, url_hash: u64) -> bool {
         let now = millis(host.now());
         let (rec, cas) = read_lead(host, url_hash);
         if matches!(rec, Some((h, until)) if until > now && h != url_hash) {
-            return;
+            return true;
         }
         let mut value = url_hash.to_le_bytes().to_vec();
         value.extend_from_slice(&now.saturating_add(LEAD_MS).to_le_bytes());
-        let _ = host.shared_set(&lead_key(url_hash), &value, cas);
+        match host.shared_set(&lead_key(url_hash), &value, cas) {
+            Err(SharedError::CasMismatch) => !lead_active(host, url_hash, now),
+            _ => true,
+        }
     }
 
     /// Nothing usable stored: wait for another request's fetch of the URL (once), fetch it
@@ -970,8 +993,14 @@ impl CacheFilter {
             None => {}
         }
         drop(inflight);
-        if self.leading.is_some() {
-            self.take_lead(host, url.hash);
+        if self.leading.is_some() && !self.take_lead(host, url.hash) {
+            // another worker won the lead in the same instant: wait for its fetch instead
+            self.leading = None;
+            self.shared.inflight.borrow_mut().remove(&url.hash);
+            if !self.collapsed && self.join_remote(url.hash) {
+                self.state = State::Waiting;
+                return Decision::Pause;
+            }
         }
         self.shared.metrics.count(host, "misses", 1);
         self.state = State::Miss(fwd);

@@ -20,12 +20,19 @@ struct SharedInner {
     data: HashMap<String, (Vec<u8>, u32)>,
     next_cas: u32,
     forced_conflicts: u32,
+    /// A write another worker makes just before the next write of its key (a lost race).
+    race: Option<(String, Vec<u8>)>,
 }
 
 impl SharedStore {
     /// Make the next `n` CAS writes fail with a mismatch, as if other workers raced.
     pub fn force_conflicts(&self, n: u32) {
         self.inner.borrow_mut().forced_conflicts = n;
+    }
+    /// Another worker writes `value` to `key` just before this Envoy's next write of `key`
+    /// (after that write's read): the interleaving of a lost race, at the exact point.
+    pub fn race_next_write(&self, key: &str, value: &[u8]) {
+        self.inner.borrow_mut().race = Some((key.to_string(), value.to_vec()));
     }
     /// Number of keys stored.
     pub fn len(&self) -> usize {
@@ -299,6 +306,13 @@ impl Host for MemHost {
 
     fn shared_set(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), SharedError> {
         let mut s = self.shared.inner.borrow_mut();
+        if s.race.as_ref().is_some_and(|(k, _)| k == key) {
+            if let Some((k, v)) = s.race.take() {
+                s.next_cas = s.next_cas.wrapping_add(1).max(1);
+                let next = s.next_cas;
+                s.data.insert(k, (v, next));
+            }
+        }
         if cas.is_some() && s.forced_conflicts > 0 {
             s.forced_conflicts -= 1;
             return Err(SharedError::CasMismatch);

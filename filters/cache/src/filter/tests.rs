@@ -907,3 +907,67 @@ fn single_ranges_are_served_from_a_stored_complete_response() {
         assert_eq!(r.status, status, "If-Range: {cond}");
     }
 }
+
+/// The lead record a worker wrote for the fetch it leads: (key, value).
+fn written_lead(d: &Driver<CacheRoot>) -> (String, Vec<u8>) {
+    (0..LEAD_BUCKETS)
+        .map(|n| format!("tc.lead.{n}"))
+        .find_map(|k| {
+            let (v, _) = d.vm().shared_get(&k).ok()??;
+            (!v.is_empty()).then_some((k, v))
+        })
+        .unwrap()
+}
+
+#[test]
+fn a_miss_on_another_worker_waits_for_the_leading_fetch() {
+    let mut a = driver();
+    let mut b = a.worker(CONFIG).unwrap();
+    let leader = a.request("GET", "/api/w", &[]);
+    assert_eq!(a.request_headers(leader, true), Decision::Continue);
+    let waiter = b.request("GET", "/api/w", &[]);
+    assert_eq!(b.request_headers(waiter, true), Decision::Pause);
+    b.tick();
+    assert!(
+        b.take_woken().is_empty(),
+        "woken while the fetch is under way"
+    );
+    a.response_headers(leader, FRESH, false);
+    a.response_body(leader, b"{\"w\":1}", true);
+    b.tick();
+    assert_eq!(b.take_woken(), vec![(waiter, WAKE_FETCHED)]);
+    let Some(Decision::Respond(r)) = b.wake_decision(waiter, WAKE_FETCHED) else {
+        panic!()
+    };
+    assert_eq!(r.body, b"{\"w\":1}");
+    assert!(r.header("cache-status").unwrap().ends_with("; collapsed"));
+}
+
+#[test]
+fn two_workers_taking_the_lead_at_once_make_one_fetch() {
+    let mut a = driver();
+    let mut b = a.worker(CONFIG).unwrap();
+    let leader = a.request("GET", "/api/race", &[]);
+    assert_eq!(a.request_headers(leader, true), Decision::Continue);
+    // worker b read the record before a wrote it, and writes it just after: undo a's write
+    // and replay it between b's read and b's write
+    let (key, record) = written_lead(&a);
+    let mut vm = a.vm().worker();
+    vm.shared_set(&key, b"", None).unwrap();
+    a.vm().shared.race_next_write(&key, &record);
+    let second = b.request("GET", "/api/race", &[]);
+    assert_eq!(
+        b.request_headers(second, true),
+        Decision::Pause,
+        "both fetched"
+    );
+    assert_eq!(b.metric("tollgate.cache.misses"), Some(1), "only a's miss");
+    a.response_headers(leader, FRESH, false);
+    a.response_body(leader, b"{\"r\":1}", true);
+    b.tick();
+    assert_eq!(b.take_woken(), vec![(second, WAKE_FETCHED)]);
+    let Some(Decision::Respond(r)) = b.wake_decision(second, WAKE_FETCHED) else {
+        panic!()
+    };
+    assert_eq!(r.body, b"{\"r\":1}");
+}
