@@ -75,20 +75,16 @@ pub fn facts(
     }
     let date = first(response, "date").and_then(http_date);
     let response_time = response_time_ms / 1000;
-    let (age_secs, age_valid) = match age(all(response, "age")) {
-        AgeValue::Absent => (0, true),
-        AgeValue::Secs(s) => (s, true),
-        AgeValue::Invalid => (0, false),
+    // RFC 9111 5.1: the first member of a list; an invalid value (`abc`, `-7200`, `7200.0`)
+    // is ignored as a whole, so the age comes from `Date` alone.
+    let age_secs = match age(all(response, "age")) {
+        AgeValue::Secs(s) => s,
+        AgeValue::Absent | AgeValue::Invalid => 0,
     };
     // RFC 9111 4.2.3, the response delay taken as zero.
     let apparent = date.map_or(0, |d| response_time.saturating_sub(d));
     let initial_age = apparent.max(age_secs);
-    let life = if age_valid {
-        lifetime(status, &cc, response, date.unwrap_or(response_time))
-    } else {
-        // RFC 9111 5.1: an invalid Age makes the response stale.
-        0
-    };
+    let life = lifetime(status, &cc, response, date.unwrap_or(response_time));
     let mut flags = 0;
     if cc.forbids_stale() {
         flags |= NO_STALE;
@@ -541,16 +537,25 @@ mod tests {
                 3600,
                 0,
             ),
-            // an invalid Age: stale (RFC 9111 5.1), never silently 0
+            // an invalid Age is ignored (RFC 9111 5.1): the age comes from Date alone
             (
                 &[("cache-control", "max-age=3600"), ("age", "abc"), lm],
-                0,
+                3600,
                 0,
             ),
             (
                 &[("cache-control", "max-age=3600"), ("age", "-7200"), lm],
+                3600,
                 0,
-                0,
+            ),
+            (
+                &[
+                    ("cache-control", "max-age=3600"),
+                    ("age", "7200.0"),
+                    ("date", "Wed, 31 Dec 2025 23:00:00 GMT"),
+                ],
+                3600,
+                3600,
             ),
             // apparent age from Date
             (
