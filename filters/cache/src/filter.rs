@@ -215,8 +215,14 @@ const LEAD_BUCKETS: u64 = 1024;
 const LEAD_MS: u64 = 30_000;
 
 fn lead_key(url_hash: u64) -> String {
-    format!("tc.lead.{}", url_hash % LEAD_BUCKETS)
+    let mut key = String::with_capacity(16);
+    key.push_str("tc.lead.");
+    crate::store::push_decimal(&mut key, url_hash % LEAD_BUCKETS);
+    key
 }
+
+/// The clock (ms) and the lead record as read once on a miss.
+type LeadRead = (u64, (Option<(u64, u64)>, Option<u32>));
 
 /// The lead record of a URL's bucket: (URL hash, until ms), and its CAS.
 fn read_lead(host: &dyn Host, url_hash: u64) -> (Option<(u64, u64)>, Option<u32>) {
@@ -407,6 +413,8 @@ struct Capture {
     auth: bool,
     facts: Facts,
     body: Vec<u8>,
+    /// When the response headers arrived: the entry's response time and its stored-at time.
+    at: std::time::SystemTime,
 }
 
 /// Where a request stands.
@@ -454,6 +462,21 @@ fn header(headers: &[(String, String)], name: &str) -> Option<String> {
         .iter()
         .find(|(k, _)| k.eq_ignore_ascii_case(name))
         .map(|(_, v)| v.clone())
+}
+
+/// The first value of a header, borrowed.
+fn first<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
+
+/// A response's `:status` from its header map (0 when missing or malformed).
+fn status_of(headers: &[(String, String)]) -> u16 {
+    first(headers, ":status")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
 }
 
 fn all<'a>(headers: &'a [(String, String)], name: &str) -> Vec<&'a str> {
@@ -915,15 +938,22 @@ impl CacheFilter {
     }
 
     /// Another worker fetches this URL: wait for it (on this worker's tick), within the same
-    /// bounds as a local wait. Only when this worker is not fetching it itself.
-    fn wait_for_remote_fetch(&mut self, host: &mut dyn Host, url: &UrlKey) -> bool {
+    /// bounds as a local wait. Only when this worker is not fetching it itself. `lead` is set
+    /// to the clock and the lead record read here, so that taking the lead reads neither again.
+    fn wait_for_remote_fetch(
+        &mut self,
+        host: &mut dyn Host,
+        url: &UrlKey,
+        lead: &mut Option<LeadRead>,
+    ) -> bool {
         if self.shared.inflight.borrow().contains_key(&url.hash) {
             return false;
         }
-        if !lead_active(host, url.hash, millis(host.now())) {
-            return false;
-        }
-        self.join_remote(url.hash)
+        let now = millis(host.now());
+        let read = read_lead(host, url.hash);
+        let active = matches!(read.0, Some((h, until)) if h == url.hash && until > now);
+        *lead = Some((now, read));
+        active && self.join_remote(url.hash)
     }
 
     /// Wait (on this worker's tick) for another worker's fetch of the URL, unless too many do.
@@ -941,9 +971,11 @@ impl CacheFilter {
     /// the lead of this URL between our read and our write (the CAS failed): then that worker
     /// fetches and this request waits for it. A bucket busy with another URL, or a store
     /// error, means that this worker fetches without a record.
-    fn take_lead(&self, host: &mut dyn Host, url_hash: u64) -> bool {
-        let now = millis(host.now());
-        let (rec, cas) = read_lead(host, url_hash);
+    fn take_lead(&self, host: &mut dyn Host, url_hash: u64, lead: Option<LeadRead>) -> bool {
+        let (now, (rec, cas)) = match lead {
+            Some(read) => read,
+            None => (millis(host.now()), read_lead(host, url_hash)),
+        };
         if matches!(rec, Some((h, until)) if until > now && h != url_hash) {
             return true;
         }
@@ -972,7 +1004,8 @@ impl CacheFilter {
                 &format!("fwd={fwd}; detail=only-if-cached"),
             ));
         }
-        if !self.collapsed && self.wait_for_remote_fetch(host, url) {
+        let mut lead = None;
+        if !self.collapsed && self.wait_for_remote_fetch(host, url, &mut lead) {
             self.state = State::Waiting;
             return Decision::Pause;
         }
@@ -993,7 +1026,7 @@ impl CacheFilter {
             None => {}
         }
         drop(inflight);
-        if self.leading.is_some() && !self.take_lead(host, url.hash) {
+        if self.leading.is_some() && !self.take_lead(host, url.hash, lead) {
             // another worker won the lead in the same instant: wait for its fetch instead
             self.leading = None;
             self.shared.inflight.borrow_mut().remove(&url.hash);
@@ -1242,7 +1275,8 @@ impl CacheFilter {
             authorization: auth,
         };
         let view = targeted_view(&stored, &self.shared.config.targeted);
-        let facts = match facts(status, &view, storing, millis(host.now())) {
+        let at = host.now();
+        let facts = match facts(status, &view, storing, millis(at)) {
             Ok(f) => f,
             Err(why) => return format!("{params}; detail={why}"),
         };
@@ -1253,6 +1287,7 @@ impl CacheFilter {
             auth,
             facts,
             body: Vec::new(),
+            at,
         });
         // `stored` is promised only when the size is known to fit.
         if header(headers, "content-length").is_some() {
@@ -1345,11 +1380,10 @@ impl CacheFilter {
             },
             body: c.body,
         };
-        let now = host.now();
         match self
             .shared
             .store
-            .put(host, url.hash, &c.vary, entry, now, self.purge_seq)
+            .put(host, url.hash, &c.vary, entry, c.at, self.purge_seq)
         {
             Ok(st) => {
                 self.shared.metrics.count(host, "stores", 1);
@@ -1436,15 +1470,19 @@ impl HttpFilter for CacheFilter {
     }
 
     fn on_response_headers(&mut self, host: &mut dyn Host, end_of_stream: bool) -> Decision {
-        let status: u16 = host
-            .header(MapKind::ResponseHeaders, ":status")
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
         let state = std::mem::replace(&mut self.state, State::Done);
+        // A miss or a revalidation reads the response headers once (one host call) and takes
+        // `:status` and an upstream `Cache-Status` from that copy; the other states read only
+        // what they use, and a request the cache does not handle reads nothing.
+        let mut read: Option<Vec<(String, String)>> = None;
         let params = match state {
             State::Pass | State::Done | State::Waiting => return Decision::Continue,
             State::Bypass(fwd) => format!("fwd={fwd}"),
             State::Unsafe => {
+                let status = host
+                    .header(MapKind::ResponseHeaders, ":status")
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0);
                 if (200..400).contains(&status) {
                     self.invalidate_targets(host);
                 }
@@ -1452,7 +1490,9 @@ impl HttpFilter for CacheFilter {
             }
             State::Miss(fwd) => {
                 let headers = host.headers(MapKind::ResponseHeaders);
-                self.start_capture(host, fwd, status, &headers)
+                let params = self.start_capture(host, fwd, status_of(&headers), &headers);
+                read = Some(headers);
+                params
             }
             State::Revalidate {
                 found,
@@ -1460,14 +1500,22 @@ impl HttpFilter for CacheFilter {
                 client_conditional,
             } => {
                 let headers = host.headers(MapKind::ResponseHeaders);
+                let status = status_of(&headers);
                 match self.on_revalidated(host, found, fwd, client_conditional, status, &headers) {
                     Ok(reply) => return Decision::Respond(reply),
-                    Err(params) => params,
+                    Err(params) => {
+                        read = Some(headers);
+                        params
+                    }
                 }
             }
         };
+        let upstream = match read.as_deref() {
+            Some(headers) => first(headers, "cache-status").map(str::to_string),
+            None => host.header(MapKind::ResponseHeaders, "cache-status"),
+        };
         // RFC 9211: caches append their member; the one nearest the client comes last.
-        let value = match host.header(MapKind::ResponseHeaders, "cache-status") {
+        let value = match upstream {
             Some(upstream) if !upstream.trim().is_empty() => {
                 format!("{upstream}, {}", cache_status(&params))
             }
@@ -1496,7 +1544,11 @@ impl HttpFilter for CacheFilter {
             if body_size > 0 {
                 match host.body(Body::Response, 0, body_size) {
                     Some(chunk) if c.body.len() + chunk.len() <= limit => {
-                        c.body.extend_from_slice(&chunk)
+                        if c.body.is_empty() {
+                            c.body = chunk;
+                        } else {
+                            c.body.extend_from_slice(&chunk);
+                        }
                     }
                     _ => {
                         // Too large (or unreadable): stop capturing, let it stream through.

@@ -438,12 +438,40 @@ pub enum PutError {
     Lost,
 }
 
+/// Append the decimal digits of `n` (shared-data keys are built on every request: no
+/// formatting machinery).
+pub(crate) fn push_decimal(out: &mut String, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        if let Some(d) = digits.get_mut(i) {
+            *d = b'0' + (n % 10) as u8;
+        }
+        n /= 10;
+        if n == 0 || i == 0 {
+            break;
+        }
+    }
+    for &d in digits.get(i..).unwrap_or_default() {
+        out.push(char::from(d));
+    }
+}
+
 fn set_key(s: u32) -> String {
-    format!("tc.set.{s}")
+    let mut key = String::with_capacity(18);
+    key.push_str("tc.set.");
+    push_decimal(&mut key, u64::from(s));
+    key
 }
 
 fn slot_key(s: u32, w: usize) -> String {
-    format!("tc.slot.{s}.{w}")
+    let mut key = String::with_capacity(28);
+    key.push_str("tc.slot.");
+    push_decimal(&mut key, u64::from(s));
+    key.push('.');
+    push_decimal(&mut key, w as u64);
+    key
 }
 
 const PURGES_KEY: &str = "tc.purges";
@@ -469,10 +497,25 @@ impl Store {
         &self,
         host: &mut dyn Host,
         s: u32,
+        f: impl FnMut(&mut SetRecord) -> Option<T>,
+    ) -> Option<T> {
+        self.update_read_set(host, s, None, f)
+    }
+
+    /// [`Store::update_set`] whose first attempt starts from a record already read (and its
+    /// CAS): a write in between makes that attempt's CAS fail and the next one read again.
+    fn update_read_set<T>(
+        &self,
+        host: &mut dyn Host,
+        s: u32,
+        mut read: Option<(SetRecord, Option<u32>)>,
         mut f: impl FnMut(&mut SetRecord) -> Option<T>,
     ) -> Option<T> {
         for _ in 0..CAS_RETRIES {
-            let (mut rec, cas) = self.read_set(host, s);
+            let (mut rec, cas) = match read.take() {
+                Some(first) => first,
+                None => self.read_set(host, s),
+            };
             let out = f(&mut rec)?;
             let bytes = rec.encode();
             match host.shared_set(&set_key(s), &bytes, cas) {
@@ -648,12 +691,13 @@ impl Store {
         if n > self.max_entry_bytes {
             return Err(PutError::TooLarge);
         }
-        let (rec, _) = self.read_set(host, s);
+        let (rec, cas) = self.read_set(host, s);
         let w = choose_way(&rec, url_hash, v);
         host.shared_set(&slot_key(s, w), &bytes, None)
             .map_err(|_| PutError::Lost)?;
         let vary = vary.join(",");
-        self.update_set(host, s, |rec| {
+        // The set record as read serves the first CAS attempt (one shared-data read less).
+        self.update_read_set(host, s, Some((rec, cas)), |rec| {
             let way = rec.ways.get_mut(w)?;
             let old = way.clone();
             *way = Way {
@@ -730,6 +774,23 @@ fn choose_way(rec: &SetRecord, url_hash: u64, v: u64) -> usize {
         .min_by_key(|(_, w)| w.t)
         .map(|(i, _)| i)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod key_tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_the_formatted_ones() {
+        for n in [0u64, 7, 10, 1234567, u64::from(u32::MAX), u64::MAX] {
+            let mut s = String::from("x.");
+            push_decimal(&mut s, n);
+            assert_eq!(s, format!("x.{n}"));
+        }
+        assert_eq!(set_key(41), "tc.set.41");
+        assert_eq!(slot_key(0, 3), "tc.slot.0.3");
+        assert_eq!(slot_key(1023, 10), "tc.slot.1023.10");
+    }
 }
 
 #[cfg(test)]
