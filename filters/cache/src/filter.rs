@@ -19,7 +19,7 @@ use crate::freshness::{
     facts, freshness, stale_if_error, targeted_view, Facts, RequestDirectives, StoringRequest,
     Verdict,
 };
-use crate::key::{request_url_key, vary_names, UrlKey};
+use crate::key::{url_key_of, vary_names, UrlKey};
 use crate::parse::{byte_range, http_date, list_members, ByteRange, CacheControl};
 use crate::store::{millis, Entry, Found, Lookup, Meta, PurgeRule, Purges, PutError, Store};
 
@@ -445,7 +445,8 @@ pub struct CacheFilter {
     shared: Rc<Worker>,
     state: State,
     rule: Option<usize>,
-    url: Option<UrlKey>,
+    /// Shared so that the lookup holds it without copying its strings.
+    url: Option<Rc<UrlKey>>,
     request: Vec<(String, String)>,
     is_head: bool,
     no_store: bool,
@@ -599,7 +600,11 @@ fn only_if_cached_reply(detail: &str, status_params: &str) -> LocalReply {
 }
 
 fn cache_status(params: &str) -> String {
-    format!("{CACHE_NAME}; {params}")
+    let mut value = String::with_capacity(CACHE_NAME.len() + 2 + params.len());
+    value.push_str(CACHE_NAME);
+    value.push_str("; ");
+    value.push_str(params);
+    value
 }
 
 impl CacheFilter {
@@ -610,12 +615,12 @@ impl CacheFilter {
     /// The answer from an entry: 304 when the client's validators match; 206 / 416 for a
     /// single `Range` of a stored complete 200; else the stored response (HEAD: Envoy sends no
     /// body).
-    fn answer(&self, entry: &Entry, age: u64, status_params: &str) -> LocalReply {
+    fn answer(&self, entry: Entry, age: u64, status_params: &str) -> LocalReply {
         let not_modified = client_not_modified(&self.request, &entry.meta.headers);
         let range = if not_modified {
             ByteRange::Ignore
         } else {
-            self.requested_range(entry)
+            self.requested_range(&entry)
         };
         let status = match range {
             _ if not_modified => 304,
@@ -624,15 +629,17 @@ impl CacheFilter {
             ByteRange::Ignore => entry.meta.status,
         };
         let mut reply = LocalReply::new(status);
+        reply.headers.reserve(entry.meta.headers.len() + 3);
         let config = &self.shared.config;
-        for (k, v) in &entry.meta.headers {
+        // The entry is this reply's: its header strings and body move into it, uncopied.
+        for (k, v) in entry.meta.headers {
             if k == "age" || (not_modified && !NOT_MODIFIED_HEADERS.contains(&k.as_str())) {
                 continue;
             }
-            if config.strip_targeted && config.targeted.contains(k) {
+            if config.strip_targeted && config.targeted.contains(&k) {
                 continue;
             }
-            reply = reply.with_header(k.clone(), v.clone());
+            reply.headers.push((k, v));
         }
         reply = reply
             .with_header("age", age.to_string())
@@ -653,7 +660,7 @@ impl CacheFilter {
             ByteRange::Unsatisfiable => {
                 reply.with_header("content-range", format!("bytes */{len}"))
             }
-            ByteRange::Ignore => reply.with_body(entry.body.clone()),
+            ByteRange::Ignore => reply.with_body(entry.body),
         }
     }
 
@@ -870,7 +877,7 @@ impl CacheFilter {
             Verdict::Fresh { age, ttl } => {
                 self.shared.metrics.count(host, "hits", 1);
                 let collapsed = if self.collapsed { "; collapsed" } else { "" };
-                let reply = self.answer(&found.entry, age, &format!("hit; ttl={ttl}{collapsed}"));
+                let reply = self.answer(found.entry, age, &format!("hit; ttl={ttl}{collapsed}"));
                 self.state = State::Done;
                 Decision::Respond(reply)
             }
@@ -891,16 +898,16 @@ impl CacheFilter {
 
     /// The entry for this request, or the `fwd` reason of a miss.
     fn find(&mut self, host: &mut dyn Host, url: &UrlKey) -> Result<Box<Found>, &'static str> {
+        let shared = Rc::clone(&self.shared);
         let key_headers = self
-            .rule()
-            .map(|r| r.key_headers.clone())
-            .unwrap_or_default();
-        let purges = self.shared.store.purges(host);
+            .rule
+            .and_then(|i| shared.config.rules.0.get(i))
+            .map_or(&[][..], |r| r.key_headers.as_slice());
+        let purges = shared.store.purges(host);
         self.purge_seq = purges.seq;
-        match self
-            .shared
+        match shared
             .store
-            .lookup(host, url.hash, &self.request, &key_headers, &purges)
+            .lookup(host, url.hash, &self.request, key_headers, &purges)
         {
             // A 64-bit hash collision of two URLs reads as a miss.
             Lookup::Hit(found) if found.entry.meta.url == url.url => {
@@ -1054,7 +1061,7 @@ impl CacheFilter {
         m.count(host, "stale_served", 1);
         let ttl = -i64::try_from(stale_by).unwrap_or(i64::MAX);
         let reply = self.answer(
-            &found.entry,
+            found.entry.clone(),
             age,
             &format!("hit; ttl={ttl}; detail=stale-while-revalidate"),
         );
@@ -1147,13 +1154,12 @@ impl CacheFilter {
                 return Err(format!("fwd={fwd}; fwd-status=200; detail=head-freshened"));
             }
             self.restore_client_conditional(client_conditional);
-            let reply = match fresh.as_ref() {
-                Some(f) => self.answer(
-                    f,
-                    f.meta.f.age_at(millis(now)),
-                    &format!("fwd={fwd}; fwd-status=304"),
-                ),
-                None => self.answer(entry, 0, &format!("fwd={fwd}; fwd-status=304")),
+            let reply = match fresh {
+                Some(f) => {
+                    let age = f.meta.f.age_at(millis(now));
+                    self.answer(f, age, &format!("fwd={fwd}; fwd-status=304"))
+                }
+                None => self.answer(entry.clone(), 0, &format!("fwd={fwd}; fwd-status=304")),
             };
             return Ok(reply);
         }
@@ -1166,7 +1172,7 @@ impl CacheFilter {
                 self.shared.metrics.count(host, "stale_served", 1);
                 self.restore_client_conditional(client_conditional);
                 let params = format!("fwd={fwd}; fwd-status={status}; detail=stale-if-error");
-                return Ok(self.answer(entry, age, &params));
+                return Ok(self.answer(entry.clone(), age, &params));
             }
         }
         if self.is_head && status == 200 {
@@ -1227,7 +1233,9 @@ impl CacheFilter {
         status: u16,
         headers: &[(String, String)],
     ) -> String {
-        let mut params = format!("fwd={fwd}");
+        let mut params = String::with_capacity(48);
+        params.push_str("fwd=");
+        params.push_str(fwd);
         if fwd == "stale" || fwd == "request" {
             params.push_str(&format!("; fwd-status={status}"));
         }
@@ -1245,10 +1253,10 @@ impl CacheFilter {
             if self.no_store {
                 return Some("request-no-store");
             }
-            if set_cookie == SetCookie::Bypass && header(headers, "set-cookie").is_some() {
+            if set_cookie == SetCookie::Bypass && first(headers, "set-cookie").is_some() {
                 return Some("set-cookie");
             }
-            if let Some(len) = header(headers, "content-length").and_then(|l| l.parse::<u64>().ok())
+            if let Some(len) = first(headers, "content-length").and_then(|l| l.parse::<u64>().ok())
             {
                 if len > self.shared.config.max_entry_bytes {
                     return Some("too-large");
@@ -1270,7 +1278,7 @@ impl CacheFilter {
             return format!("{params}; detail=vary-too-long");
         }
         let stored = stored_headers(headers, set_cookie);
-        let auth = header(&self.request, "authorization").is_some();
+        let auth = first(&self.request, "authorization").is_some();
         let storing = StoringRequest {
             authorization: auth,
         };
@@ -1290,7 +1298,7 @@ impl CacheFilter {
             at,
         });
         // `stored` is promised only when the size is known to fit.
-        if header(headers, "content-length").is_some() {
+        if first(headers, "content-length").is_some() {
             params.push_str("; stored");
         }
         params
@@ -1441,12 +1449,14 @@ impl HttpFilter for CacheFilter {
             return Decision::Continue;
         }
         self.rule = Some(index);
-        self.url = Some(request_url_key(host, rule));
-        self.request = host
-            .headers(MapKind::RequestHeaders)
-            .into_iter()
-            .map(|(k, v)| (k.to_ascii_lowercase(), v))
-            .collect();
+        // One copy of the request headers (names lower-cased in place): the URL key, the
+        // lookup and the store read this copy, never the proxy again.
+        let mut request = host.headers(MapKind::RequestHeaders);
+        for (k, _) in request.iter_mut() {
+            k.make_ascii_lowercase();
+        }
+        self.url = Some(Rc::new(url_key_of(&request, rule)));
+        self.request = request;
         if !rule.vary_normalise.is_empty() {
             crate::key::normalise_request(&mut self.request, &rule.vary_normalise);
         }

@@ -62,15 +62,22 @@ pub fn normalise_query(query: &str, rule: &Rule) -> String {
 pub fn url_key(scheme: &str, authority: &str, path_and_query: &str, rule: &Rule) -> UrlKey {
     let (path, query) = split_query(path_and_query);
     let host = authority.to_ascii_lowercase();
-    let q = normalise_query(query, rule);
-    let url = format!(
-        "{}://{}{}{}{}",
-        scheme.to_ascii_lowercase(),
-        host,
-        path,
-        if q.is_empty() { "" } else { "?" },
-        q
-    );
+    // `scheme://host/path?query`, built without the formatting machinery (once per request).
+    let q = if query.is_empty() {
+        String::new()
+    } else {
+        normalise_query(query, rule)
+    };
+    let mut url = String::with_capacity(scheme.len() + 3 + host.len() + path.len() + 1 + q.len());
+    url.push_str(scheme);
+    url.make_ascii_lowercase();
+    url.push_str("://");
+    url.push_str(&host);
+    url.push_str(path);
+    if !q.is_empty() {
+        url.push('?');
+        url.push_str(&q);
+    }
     let hash = fnv64(&[url.as_bytes()]);
     UrlKey {
         host,
@@ -78,6 +85,20 @@ pub fn url_key(scheme: &str, authority: &str, path_and_query: &str, rule: &Rule)
         url,
         hash,
     }
+}
+
+/// The URL key of a request from its header map (names lower case), read by the filter once:
+/// the same values as [`request_url_key`] without a host call or a copy per header.
+pub fn url_key_of(request: &[(String, String)], rule: &Rule) -> UrlKey {
+    let get = |name: &str| {
+        request
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
+    let scheme = get(":scheme").unwrap_or("http");
+    let authority = get(":authority").or_else(|| get("host")).unwrap_or("");
+    url_key(scheme, authority, get(":path").unwrap_or(""), rule)
 }
 
 /// The URL key of the current request.
