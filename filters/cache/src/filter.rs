@@ -599,6 +599,13 @@ fn only_if_cached_reply(detail: &str, status_params: &str) -> LocalReply {
         .with_header("cache-status", cache_status(status_params))
 }
 
+/// `n` in decimal (the `Age` of every answer from the cache).
+fn decimal(n: u64) -> String {
+    let mut out = String::with_capacity(20);
+    crate::store::push_decimal(&mut out, n);
+    out
+}
+
 fn cache_status(params: &str) -> String {
     let mut value = String::with_capacity(CACHE_NAME.len() + 2 + params.len());
     value.push_str(CACHE_NAME);
@@ -642,7 +649,7 @@ impl CacheFilter {
             reply.headers.push((k, v));
         }
         reply = reply
-            .with_header("age", age.to_string())
+            .with_header("age", decimal(age))
             .with_header("cache-status", cache_status(status_params));
         let len = entry.body.len();
         match range {
@@ -877,7 +884,14 @@ impl CacheFilter {
             Verdict::Fresh { age, ttl } => {
                 self.shared.metrics.count(host, "hits", 1);
                 let collapsed = if self.collapsed { "; collapsed" } else { "" };
-                let reply = self.answer(found.entry, age, &format!("hit; ttl={ttl}{collapsed}"));
+                let mut params = String::with_capacity(32);
+                params.push_str("hit; ttl=");
+                if ttl < 0 {
+                    params.push('-');
+                }
+                crate::store::push_decimal(&mut params, ttl.unsigned_abs());
+                params.push_str(collapsed);
+                let reply = self.answer(found.entry, age, &params);
                 self.state = State::Done;
                 Decision::Respond(reply)
             }

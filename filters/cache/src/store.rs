@@ -118,7 +118,8 @@ impl SetRecord {
             pos += n;
             Some(slice)
         };
-        let mut ways = Vec::new();
+        // 58 bytes per way without its Vary names
+        let mut ways = Vec::with_capacity(bytes.len() / 58);
         while let Some(first) = take(8) {
             let mut x = [u64::from_le_bytes(first.try_into().ok()?); 7];
             for slot in x.iter_mut().skip(1) {
