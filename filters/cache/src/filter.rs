@@ -20,7 +20,7 @@ use crate::freshness::{
     Verdict,
 };
 use crate::key::{url_key_of, vary_names, UrlKey};
-use crate::parse::{byte_range, http_date, list_members, ByteRange, CacheControl};
+use crate::parse::{byte_range, http_date, list_members, ByteRange};
 use crate::store::{millis, Entry, Found, Lookup, Meta, PurgeRule, Purges, PutError, Store};
 
 /// Name of this cache in `Cache-Status`.
@@ -194,6 +194,7 @@ impl RootFilter for CacheRoot {
             request: Vec::new(),
             is_head: false,
             no_store: false,
+            directives: RequestDirectives::default(),
             capture: None,
             purge_seq: 0,
             leading: None,
@@ -450,6 +451,8 @@ pub struct CacheFilter {
     request: Vec<(String, String)>,
     is_head: bool,
     no_store: bool,
+    /// The request's `Cache-Control` (and `Pragma`), read with its headers.
+    directives: RequestDirectives,
     capture: Option<Capture>,
     purge_seq: u64,
     /// This request fetches a missing URL that other requests may wait for.
@@ -517,6 +520,22 @@ fn stored_headers(headers: &[(String, String)], set_cookie: SetCookie) -> Vec<(S
         .filter(|(k, _)| set_cookie == SetCookie::Bypass || k != "set-cookie")
         .map(|(k, v)| (k, v.clone()))
         .collect()
+}
+
+/// [`stored_headers`] of headers the caller owns: the names lower-cased in place and the
+/// per-hop (and stripped `Set-Cookie`) fields removed, nothing copied.
+fn into_stored_headers(
+    mut headers: Vec<(String, String)>,
+    set_cookie: SetCookie,
+) -> Vec<(String, String)> {
+    let connection = connection_names(&headers);
+    for (k, _) in headers.iter_mut() {
+        k.make_ascii_lowercase();
+    }
+    headers.retain(|(k, _)| {
+        !per_hop(k, &connection) && (set_cookie == SetCookie::Bypass || k != "set-cookie")
+    });
+    headers
 }
 
 /// Stored headers updated with those of a 304 or of a `HEAD` 200 (RFC 9111 3.2, 4.3.4,
@@ -873,7 +892,7 @@ impl CacheFilter {
         let Some(url) = self.url.clone() else {
             return Decision::Continue;
         };
-        let req = RequestDirectives::of(&self.request);
+        let req = self.directives;
         let found = match self.find(host, &url) {
             Ok(found) => found,
             Err(fwd) => return self.on_miss(host, &url, fwd, req.cc.only_if_cached),
@@ -1195,7 +1214,7 @@ impl CacheFilter {
                 self.shared.store.invalidate_url(host, url.hash);
             }
         }
-        Err(self.start_capture(host, fwd, status, headers))
+        Err(self.start_capture(host, fwd, status, headers.to_vec()))
     }
 
     /// Update a stored entry with the header fields of a `304` or `HEAD` answer and store it
@@ -1240,12 +1259,13 @@ impl CacheFilter {
     }
 
     /// Decide whether to capture a forwarded response; returns the `Cache-Status` params.
+    /// `headers` (the response's, as read) become the stored headers without a copy.
     fn start_capture(
         &mut self,
         host: &mut dyn Host,
         fwd: &str,
         status: u16,
-        headers: &[(String, String)],
+        headers: Vec<(String, String)>,
     ) -> String {
         let mut params = String::with_capacity(48);
         params.push_str("fwd=");
@@ -1267,10 +1287,10 @@ impl CacheFilter {
             if self.no_store {
                 return Some("request-no-store");
             }
-            if set_cookie == SetCookie::Bypass && first(headers, "set-cookie").is_some() {
+            if set_cookie == SetCookie::Bypass && first(&headers, "set-cookie").is_some() {
                 return Some("set-cookie");
             }
-            if let Some(len) = first(headers, "content-length").and_then(|l| l.parse::<u64>().ok())
+            if let Some(len) = first(&headers, "content-length").and_then(|l| l.parse::<u64>().ok())
             {
                 if len > self.shared.config.max_entry_bytes {
                     return Some("too-large");
@@ -1284,14 +1304,16 @@ impl CacheFilter {
             }
             return format!("{params}; detail={d}");
         }
-        let Some(vary) = vary_names(&all(headers, "vary")) else {
+        let Some(vary) = vary_names(&all(&headers, "vary")) else {
             return format!("{params}; detail=vary-star");
         };
         if vary.join(",").len() > MAX_VARY_BYTES {
             // The names live in the set record, which must stay small.
             return format!("{params}; detail=vary-too-long");
         }
-        let stored = stored_headers(headers, set_cookie);
+        // `stored` is promised only when the size is known to fit.
+        let length_known = first(&headers, "content-length").is_some();
+        let stored = into_stored_headers(headers, set_cookie);
         let auth = first(&self.request, "authorization").is_some();
         let storing = StoringRequest {
             authorization: auth,
@@ -1311,8 +1333,7 @@ impl CacheFilter {
             body: Vec::new(),
             at,
         });
-        // `stored` is promised only when the size is known to fit.
-        if first(headers, "content-length").is_some() {
+        if length_known {
             params.push_str("; stored");
         }
         params
@@ -1474,7 +1495,9 @@ impl HttpFilter for CacheFilter {
         if !rule.vary_normalise.is_empty() {
             crate::key::normalise_request(&mut self.request, &rule.vary_normalise);
         }
-        self.no_store = CacheControl::of(&self.request).no_store;
+        // The request's directives, parsed once for this lookup and any after a wake.
+        self.directives = RequestDirectives::of(&self.request);
+        self.no_store = self.directives.cc.no_store;
         match req.method.as_str() {
             "GET" => self.lookup(host),
             "HEAD" => {
@@ -1498,7 +1521,7 @@ impl HttpFilter for CacheFilter {
         // A miss or a revalidation reads the response headers once (one host call) and takes
         // `:status` and an upstream `Cache-Status` from that copy; the other states read only
         // what they use, and a request the cache does not handle reads nothing.
-        let mut read: Option<Vec<(String, String)>> = None;
+        let mut upstream: Option<Option<String>> = None;
         let params = match state {
             State::Pass | State::Done | State::Waiting => return Decision::Continue,
             State::Bypass(fwd) => format!("fwd={fwd}"),
@@ -1514,9 +1537,9 @@ impl HttpFilter for CacheFilter {
             }
             State::Miss(fwd) => {
                 let headers = host.headers(MapKind::ResponseHeaders);
-                let params = self.start_capture(host, fwd, status_of(&headers), &headers);
-                read = Some(headers);
-                params
+                let status = status_of(&headers);
+                upstream = Some(first(&headers, "cache-status").map(str::to_string));
+                self.start_capture(host, fwd, status, headers)
             }
             State::Revalidate {
                 found,
@@ -1528,14 +1551,14 @@ impl HttpFilter for CacheFilter {
                 match self.on_revalidated(host, found, fwd, client_conditional, status, &headers) {
                     Ok(reply) => return Decision::Respond(reply),
                     Err(params) => {
-                        read = Some(headers);
+                        upstream = Some(first(&headers, "cache-status").map(str::to_string));
                         params
                     }
                 }
             }
         };
-        let upstream = match read.as_deref() {
-            Some(headers) => first(headers, "cache-status").map(str::to_string),
+        let upstream = match upstream {
+            Some(from_copy) => from_copy,
             None => host.header(MapKind::ResponseHeaders, "cache-status"),
         };
         // RFC 9211: caches append their member; the one nearest the client comes last.

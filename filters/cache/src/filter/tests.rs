@@ -971,3 +971,30 @@ fn two_workers_taking_the_lead_at_once_make_one_fetch() {
     };
     assert_eq!(r.body, b"{\"r\":1}");
 }
+
+#[test]
+fn stored_headers_in_place_are_the_copied_ones() {
+    let h = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    let response = h(&[
+        (":status", "200"),
+        ("Content-Type", "text/plain"),
+        ("Connection", "X-Hop, keep-alive"),
+        ("x-hop", "1"),
+        ("Set-Cookie", "a=1"),
+        ("content-length", "3"),
+        ("Cache-Control", "max-age=60"),
+        ("x-envoy-upstream-service-time", "2"),
+        ("ETag", "\"v1\""),
+    ]);
+    for mode in [SetCookie::Strip, SetCookie::Bypass] {
+        assert_eq!(
+            into_stored_headers(response.clone(), mode),
+            stored_headers(&response, mode)
+        );
+    }
+}
