@@ -234,8 +234,12 @@ struct Check {
     /// Which parameters (see [`Limit::plan_index`]).
     plan: usize,
     params: Params,
+    /// Decided by the rate limit service.
+    global: bool,
     /// A global limit's key values, in the order of its key sources (the descriptor's entries
-    /// are built from them only when the service is called).
+    /// are built from them only when the service is called): read with the key for an `exact`
+    /// limit (always called); for a `leased` one only when the request calls or asks for a
+    /// refill (a request served from its lease hashes its key like a local limit).
     entries: Option<Vec<String>>,
 }
 
@@ -631,11 +635,11 @@ fn check_of(host: &dyn Host, ctx: &KeyContext<'_>, id: usize) -> Option<Check> {
         return None;
     }
     let spec = KeySpec::from(limit);
-    let (key, entries) = if limit.global.is_some() {
-        // The key's values once: hashed for the lease, and the descriptor entries.
+    let (key, entries) = if limit.global.is_some_and(|g| g.mode == Consistency::Exact) {
+        // The key's values once: hashed, and the descriptor entries of the call.
         let values = client::values(host, ctx, spec)?;
         let key = client::hash_values(&limit.name, &values);
-        (key, Some(values.into_iter().map(|(_, v, _)| v).collect()))
+        (key, Some(client::owned(values)))
     } else {
         (client::hash(host, ctx, spec)?, None)
     };
@@ -645,16 +649,17 @@ fn check_of(host: &dyn Host, ctx: &KeyContext<'_>, id: usize) -> Option<Check> {
         key,
         plan,
         params: *limit.params_at(plan),
+        global: limit.global.is_some(),
         entries,
     })
 }
 
 /// A route's checks split into global ones (decided by the service) and local ones.
 fn split_global(checks: Vec<Check>) -> (Vec<Check>, Vec<Check>) {
-    if checks.iter().all(|c| c.entries.is_some()) {
+    if checks.iter().all(|c| c.global) {
         (checks, Vec::new())
     } else {
-        checks.into_iter().partition(|c| c.entries.is_some())
+        checks.into_iter().partition(|c| c.global)
     }
 }
 
@@ -670,12 +675,7 @@ impl HttpFilter for RateLimitFilter {
         } else {
             Client::default()
         };
-        let key = KeyContext {
-            config,
-            client: &client,
-            req: &req,
-            route_name: &route.name,
-        };
+        let key = KeyContext::new(config, &client, &req, &route.name);
         let checks: Vec<Check> = route
             .limits
             .iter()
@@ -686,17 +686,18 @@ impl HttpFilter for RateLimitFilter {
         }
         if route.has_global {
             let (globals, local) = split_global(checks);
-            // The route's name is needed later only by local limits (for a warning's label).
-            let route_name = if local.is_empty() {
-                String::new()
-            } else {
-                route.name.clone()
-            };
+            // The route by its index: its name is read from the configuration when needed.
+            let index = config
+                .routes
+                .0
+                .iter()
+                .position(|r| std::ptr::eq(r, route))
+                .unwrap_or(usize::MAX);
             let waiting = global::Request {
                 local,
                 client,
                 req,
-                route_name,
+                route: index,
                 cost: route.cost,
             };
             return self.start_global(host, waiting, globals);
