@@ -51,10 +51,6 @@ pub struct Worker {
     ids: Ids,
     /// Lease refills asked for by requests, sent by the root on its next tick.
     refills: RefCell<Vec<global::Refill>>,
-    /// The root's tick runs ([`global::REFILL_TICK`]): from the configuration until a tick
-    /// finds no refill to send, then again from the next refill asked for (no tick while
-    /// leases last).
-    ticking: Cell<bool>,
     /// Failures of the rate limit service: when one was last logged (µs), and how many were
     /// not logged since.
     failure_log: Cell<(u64, u64)>,
@@ -146,7 +142,6 @@ impl RootFilter for RateLimitRoot {
                 metrics: Metrics::new("ratelimit"),
                 ids: Ids::default(),
                 refills: RefCell::new(Vec::new()),
-                ticking: Cell::new(false),
                 failure_log: Cell::new((0, 0)),
             }),
             inflight: FastMap::default(),
@@ -185,10 +180,9 @@ impl RootFilter for RateLimitRoot {
         );
         // Refills in flight belong to the previous configuration (its limits' indexes).
         self.inflight.clear();
-        let ticking = config.has_leases;
-        if ticking {
+        if config.has_leases {
             host.set_tick_period(global::REFILL_TICK);
-        } else if self.shared.ticking.get() {
+        } else if self.shared.config.has_leases {
             host.set_tick_period(std::time::Duration::ZERO);
         }
         self.shared = Rc::new(Worker {
@@ -196,7 +190,6 @@ impl RootFilter for RateLimitRoot {
             metrics,
             ids,
             refills: RefCell::new(Vec::new()),
-            ticking: Cell::new(ticking),
             failure_log: Cell::new((0, 0)),
         });
         Ok(())

@@ -755,25 +755,6 @@ fn a_lease_that_cannot_be_updated_applies_the_limits_failure_mode() {
 }
 
 #[test]
-fn the_tick_runs_only_while_refills_wait() {
-    let mut gw = Gw::new(&global_config("leased", "allow", false));
-    let mut rls = FakeRls::new(5);
-    assert_eq!(gw.d.tick_period(), Some(Duration::from_millis(20)));
-    // nothing to send: the tick stops (no tick while leases last)
-    assert_eq!(gw.tick(&mut rls), 0);
-    assert_eq!(gw.d.tick_period(), Some(Duration::ZERO));
-    // a cold key asks for a refill: the tick starts again, sends it, then stops
-    let (a, calls) = gw.send_rls("/api/x", &mut rls);
-    assert_eq!((a.status, calls), (200, 1));
-    assert_eq!(gw.d.tick_period(), Some(Duration::from_millis(20)));
-    assert_eq!(gw.tick(&mut rls), 1);
-    assert_eq!(gw.tick(&mut rls), 0);
-    assert_eq!(gw.d.tick_period(), Some(Duration::ZERO));
-    let (a, calls) = gw.send_rls("/api/x", &mut rls);
-    assert_eq!((a.status, calls), (200, 0), "served from the lease");
-}
-
-#[test]
 fn a_configuration_without_leases_stops_the_ticks() {
     let mut gw = Gw::new(&global_config("leased", "allow", false));
     assert_eq!(gw.d.tick_period(), Some(Duration::from_millis(20)));

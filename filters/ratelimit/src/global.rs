@@ -147,14 +147,6 @@ fn verdict(
 }
 
 impl Worker {
-    /// Queue a refill for the root's next tick, starting the tick if it was stopped.
-    fn ask_refill(&self, host: &mut dyn Host, refill: Refill) {
-        self.refills.borrow_mut().push(refill);
-        if !self.ticking.replace(true) {
-            host.set_tick_period(REFILL_TICK);
-        }
-    }
-
     /// Count a failure of the service for `limit` and log it, at most once per interval.
     fn service_failed(
         &self,
@@ -332,15 +324,12 @@ impl RateLimitFilter {
         ids.add_limit(host, check.limit, LimitMetric::LeaseUnused, t.unused);
         if let Some(size) = t.refill {
             let values = entries(host, check, limit, key).to_vec();
-            self.shared.ask_refill(
-                host,
-                Refill {
-                    limit: check.limit,
-                    slot,
-                    values,
-                    size,
-                },
-            );
+            self.shared.refills.borrow_mut().push(Refill {
+                limit: check.limit,
+                slot,
+                values,
+                size,
+            });
         }
         Ok(match t.verdict {
             lease::Verdict::Admit { left, reset_us } => {
@@ -459,13 +448,10 @@ impl RateLimitFilter {
 }
 
 impl RateLimitRoot {
-    /// Send the refills requests asked for since the last tick; with none, stop the tick
-    /// (the next refill asked for starts it again).
+    /// Send the refills requests asked for since the last tick.
     pub(super) fn send_refills(&mut self, host: &mut dyn Host) {
         let refills = std::mem::take(&mut *self.shared.refills.borrow_mut());
         if refills.is_empty() {
-            self.shared.ticking.set(false);
-            host.set_tick_period(Duration::ZERO);
             return;
         }
         let now = now_us(host);
@@ -527,13 +513,10 @@ impl RateLimitRoot {
                 ..
             }) if left >= 1 && left < refill.size => {
                 // Fewer units left than asked for: ask for what is left (next tick).
-                shared.ask_refill(
-                    host,
-                    Refill {
-                        size: left,
-                        ..refill.clone()
-                    },
-                );
+                shared.refills.borrow_mut().push(Refill {
+                    size: left,
+                    ..refill.clone()
+                });
                 return;
             }
             Ok(Answer::OverLimit { reset, .. }) => Refilled::Exhausted {
