@@ -443,7 +443,7 @@ impl RateLimitFilter {
             // The rate limit fields in the configuration's order of limits.
             verdicts.sort_by_key(|v| v.limit);
         }
-        self.admit(host, &verdicts)
+        self.admit(host, verdicts)
     }
 }
 
