@@ -1,5 +1,6 @@
 //! Client keys: the values of a limit's key sources for one request.
 
+use std::borrow::Cow;
 use std::net::{IpAddr, Ipv6Addr};
 
 use tollgate_common::request::query_param;
@@ -138,6 +139,23 @@ pub struct KeyContext<'a> {
     pub route_name: &'a str,
 }
 
+impl<'a> KeyContext<'a> {
+    /// The context of a request's keys.
+    pub fn new(
+        config: &'a Compiled,
+        client: &'a Client,
+        req: &'a RequestInfo,
+        route_name: &'a str,
+    ) -> Self {
+        KeyContext {
+            config,
+            client,
+            req,
+            route_name,
+        }
+    }
+}
+
 /// What one limit's key is made of.
 #[derive(Debug, Clone, Copy)]
 pub struct KeySpec<'a> {
@@ -160,39 +178,47 @@ impl<'a> From<&'a Limit> for KeySpec<'a> {
 }
 
 /// The value of each key source of a limit (name, value, secret); `None` when a source is
-/// missing and the limit skips such requests.
-pub(crate) fn values<'s>(
+/// missing and the limit skips such requests. Values already in the context (consumer, plan,
+/// route) are borrowed, not copied.
+pub(crate) fn values<'s, 'c>(
     host: &dyn Host,
-    ctx: &KeyContext<'_>,
+    ctx: &KeyContext<'c>,
     spec: KeySpec<'s>,
-) -> Option<Vec<(&'s str, String, bool)>> {
+) -> Option<Values<'s, 'c>> {
     let config = ctx.config;
     let mut out = Vec::with_capacity(spec.sources.len());
     for source in spec.sources {
         let header = |name: &str| {
             host.header(MapKind::RequestHeaders, name)
                 .filter(|v| !v.trim().is_empty())
+                .map(Cow::Owned)
         };
         let (name, value, secret) = match source {
-            KeySource::Consumer => ("consumer", ctx.client.consumer.clone(), false),
-            KeySource::Plan => ("plan", ctx.client.plan.clone(), false),
+            KeySource::Consumer => (
+                "consumer",
+                ctx.client.consumer.as_deref().map(Cow::Borrowed),
+                false,
+            ),
+            KeySource::Plan => ("plan", ctx.client.plan.as_deref().map(Cow::Borrowed), false),
             KeySource::ApiKey => ("api_key", header(&config.api_key_header), true),
             KeySource::ClientIp => (
                 "ip",
-                client_ip(host, config.trusted_hops, config.ipv6_prefix),
+                client_ip(host, config.trusted_hops, config.ipv6_prefix).map(Cow::Owned),
                 false,
             ),
-            KeySource::Route => ("route", Some(ctx.route_name.to_string()), false),
+            KeySource::Route => ("route", Some(Cow::Borrowed(ctx.route_name)), false),
             KeySource::Header(h) => (h.as_str(), header(h), true),
             KeySource::Query(q) => (
                 q.as_str(),
-                query_param(&ctx.req.query, q).filter(|v| !v.is_empty()),
+                query_param(&ctx.req.query, q)
+                    .filter(|v| !v.is_empty())
+                    .map(Cow::Owned),
                 true,
             ),
         };
         let value = match (value, spec.missing) {
             (Some(v), _) => v,
-            (None, MissingKey::Shared) => String::new(),
+            (None, MissingKey::Shared) => Cow::Borrowed(""),
             (None, MissingKey::Skip) => return None,
         };
         out.push((name, value, secret));
@@ -200,8 +226,17 @@ pub(crate) fn values<'s>(
     Some(out)
 }
 
+/// A limit's key values for one request: (source name, value, secret), in the order of its
+/// key sources.
+pub(crate) type Values<'s, 'c> = Vec<(&'s str, Cow<'c, str>, bool)>;
+
+/// The values alone, owned (a global limit's descriptor entries).
+pub(crate) fn owned(values: Values<'_, '_>) -> Vec<String> {
+    values.into_iter().map(|(_, v, _)| v.into_owned()).collect()
+}
+
 /// The hash of key values, seeded with the limit's name.
-pub(crate) fn hash_values(name: &str, values: &[(&str, String, bool)]) -> u64 {
+pub(crate) fn hash_values(name: &str, values: &[(&str, Cow<'_, str>, bool)]) -> u64 {
     hash_parts(name, values.iter().map(|(_, v, _)| v.as_bytes()))
 }
 

@@ -6,6 +6,7 @@
 //! (each take is itself a read-decide-CAS on shared data, so it is exact across workers). A
 //! refused request takes nothing. With one limit the take is the only phase.
 
+use std::borrow::{Borrow, Cow};
 use std::cell::{Cell, RefCell};
 use std::fmt::Write as _;
 use std::rc::Rc;
@@ -207,7 +208,7 @@ impl RootFilter for RateLimitRoot {
         RateLimitFilter {
             context_id,
             shared: self.shared.clone(),
-            response_headers: Vec::new(),
+            admitted: Vec::new(),
             replied: false,
             paused: None,
         }
@@ -218,8 +219,9 @@ impl RootFilter for RateLimitRoot {
 pub struct RateLimitFilter {
     context_id: u32,
     shared: Rc<Worker>,
-    /// Headers to add to the response of an admitted request.
-    response_headers: Vec<(&'static str, String)>,
+    /// The verdicts of an admitted request: its rate limit fields are written on its
+    /// response, from them (nothing is formatted before the response comes).
+    admitted: Vec<Verdict>,
     /// This filter answered the request itself.
     replied: bool,
     /// Waiting for the rate limit service.
@@ -234,8 +236,12 @@ struct Check {
     /// Which parameters (see [`Limit::plan_index`]).
     plan: usize,
     params: Params,
+    /// Decided by the rate limit service.
+    global: bool,
     /// A global limit's key values, in the order of its key sources (the descriptor's entries
-    /// are built from them only when the service is called).
+    /// are built from them only when the service is called): read with the key for an `exact`
+    /// limit (always called); for a `leased` one only when the request calls or asks for a
+    /// refill (a request served from its lease hashes its key like a local limit).
     entries: Option<Vec<String>>,
 }
 
@@ -411,36 +417,70 @@ impl RateLimitFilter {
 
     /// Rate limit headers for these verdicts (enforced limits only).
     fn rate_headers(&self, verdicts: &[&Verdict]) -> Vec<(&'static str, String)> {
-        let mode: HeaderMode = self.shared.config.headers;
         let mut out = Vec::new();
-        let reported: Vec<&Verdict>;
-        let verdicts = if verdicts.iter().all(|v| v.reported) {
-            verdicts
-        } else {
-            reported = verdicts.iter().copied().filter(|v| v.reported).collect();
-            &reported
-        };
-        if verdicts.is_empty() {
-            return out;
-        }
-        if mode.draft() {
-            let (policy, state) = self.draft_fields(verdicts);
-            out.push(("ratelimit-policy", policy));
-            out.push(("ratelimit", state));
-        }
-        if mode.legacy() {
-            out.extend(legacy_fields(verdicts));
-        }
+        self.reported_fields(verdicts, |name, value| out.push((name, value.to_string())));
         out
     }
 
+    /// The rate limit fields of `verdicts`, those whose numbers are known, each given to
+    /// `field` (name, value).
+    fn reported_fields<V: Borrow<Verdict>>(
+        &self,
+        verdicts: &[V],
+        field: impl FnMut(&'static str, &str),
+    ) {
+        if verdicts.iter().all(|v| v.borrow().reported) {
+            self.fields(verdicts, field);
+        } else {
+            let reported: Vec<&Verdict> = verdicts
+                .iter()
+                .map(Borrow::borrow)
+                .filter(|v| v.reported)
+                .collect();
+            self.fields(&reported, field);
+        }
+    }
+
+    /// The rate limit fields of `verdicts` in the configured mode: `RateLimit-Policy` and
+    /// `RateLimit`, then the legacy `X-RateLimit-*`.
+    fn fields<V: Borrow<Verdict>>(
+        &self,
+        verdicts: &[V],
+        mut field: impl FnMut(&'static str, &str),
+    ) {
+        if verdicts.is_empty() {
+            return;
+        }
+        let mode: HeaderMode = self.shared.config.headers;
+        if mode.draft() {
+            let (policy, state) = self.draft_fields(verdicts);
+            field("ratelimit-policy", &policy);
+            field("ratelimit", &state);
+        }
+        if mode.legacy() {
+            for (name, value) in legacy_fields(verdicts) {
+                field(name, &value);
+            }
+        }
+    }
+
     /// `RateLimit-Policy` and `RateLimit` (draft-ietf-httpapi-ratelimit-headers), written
-    /// without `format!`: the items of the policy were written at load, and the numbers of the
-    /// state are appended digit by digit.
-    fn draft_fields(&self, verdicts: &[&Verdict]) -> (String, String) {
-        let mut policy = String::with_capacity(40 * verdicts.len());
+    /// without `format!`: the items of the policy were written at load (one limit's is used as
+    /// it is, not copied), and the numbers of the state are appended digit by digit.
+    fn draft_fields<V: Borrow<Verdict>>(&self, verdicts: &[V]) -> (Cow<'_, str>, String) {
         let mut state = String::with_capacity(40 * verdicts.len());
-        for (i, v) in verdicts.iter().enumerate() {
+        if let [v] = verdicts {
+            let v = v.borrow();
+            if let Some((limit, item)) = self
+                .limit(v.limit)
+                .and_then(|l| l.policies.get(v.plan).map(|item| (l, item)))
+            {
+                push_state(&mut state, limit, v);
+                return (Cow::Borrowed(item.as_str()), state);
+            }
+        }
+        let mut policy = String::with_capacity(40 * verdicts.len());
+        for (i, v) in verdicts.iter().map(Borrow::borrow).enumerate() {
             let Some(limit) = self.limit(v.limit) else {
                 continue;
             };
@@ -460,12 +500,9 @@ impl RateLimitFilter {
                     );
                 }
             }
-            state.push_str(&limit.state_prefix);
-            push_u64(&mut state, v.outcome.remaining);
-            state.push_str(";t=");
-            push_u64(&mut state, v.outcome.reset_secs());
+            push_state(&mut state, limit, v);
         }
-        (policy, state)
+        (Cow::Owned(policy), state)
     }
 
     fn shadow_header(&self, verdicts: &[Verdict]) -> Option<(&'static str, String)> {
@@ -554,19 +591,41 @@ impl RateLimitFilter {
         Decision::Respond(reply)
     }
 
-    fn admit(&mut self, host: &mut dyn Host, verdicts: &[Verdict]) -> Decision {
-        self.count(host, verdicts, false);
-        let enforced: Vec<&Verdict> = verdicts.iter().filter(|v| self.enforced(v)).collect();
-        let mut headers = self.rate_headers(&enforced);
-        headers.extend(self.shadow_header(verdicts));
-        self.response_headers = headers;
+    fn admit(&mut self, host: &mut dyn Host, verdicts: Vec<Verdict>) -> Decision {
+        self.count(host, &verdicts, false);
+        self.admitted = verdicts;
         Decision::Continue
+    }
+
+    /// Write the rate limit fields of an admitted request on its response (enforced limits),
+    /// then the shadow limits that would have refused it.
+    fn write_fields(&self, host: &mut dyn Host, verdicts: &[Verdict]) {
+        let mut set = |name: &str, value: &str| {
+            host.set_header(MapKind::ResponseHeaders, name, value);
+        };
+        if verdicts.iter().all(|v| self.enforced(v)) {
+            self.reported_fields(verdicts, &mut set);
+        } else {
+            let enforced: Vec<&Verdict> = verdicts.iter().filter(|v| self.enforced(v)).collect();
+            self.reported_fields(&enforced, &mut set);
+        }
+        if let Some((name, value)) = self.shadow_header(verdicts) {
+            set(name, &value);
+        }
     }
 }
 
+/// The `RateLimit` item of a verdict: `"<name>";r=<remaining>;t=<reset>`.
+fn push_state(state: &mut String, limit: &Limit, v: &Verdict) {
+    state.push_str(&limit.state_prefix);
+    push_u64(state, v.outcome.remaining);
+    state.push_str(";t=");
+    push_u64(state, v.outcome.reset_secs());
+}
+
 /// `X-RateLimit-*` of the most restrictive limit: least remaining, then the latest reset.
-fn legacy_fields(verdicts: &[&Verdict]) -> Vec<(&'static str, String)> {
-    let Some(v) = verdicts.iter().min_by_key(|v| {
+fn legacy_fields<V: Borrow<Verdict>>(verdicts: &[V]) -> Vec<(&'static str, String)> {
+    let Some(v) = verdicts.iter().map(Borrow::borrow).min_by_key(|v| {
         (
             v.outcome.remaining,
             std::cmp::Reverse(v.outcome.reset_secs()),
@@ -631,11 +690,11 @@ fn check_of(host: &dyn Host, ctx: &KeyContext<'_>, id: usize) -> Option<Check> {
         return None;
     }
     let spec = KeySpec::from(limit);
-    let (key, entries) = if limit.global.is_some() {
-        // The key's values once: hashed for the lease, and the descriptor entries.
+    let (key, entries) = if limit.global.is_some_and(|g| g.mode == Consistency::Exact) {
+        // The key's values once: hashed, and the descriptor entries of the call.
         let values = client::values(host, ctx, spec)?;
         let key = client::hash_values(&limit.name, &values);
-        (key, Some(values.into_iter().map(|(_, v, _)| v).collect()))
+        (key, Some(client::owned(values)))
     } else {
         (client::hash(host, ctx, spec)?, None)
     };
@@ -645,16 +704,17 @@ fn check_of(host: &dyn Host, ctx: &KeyContext<'_>, id: usize) -> Option<Check> {
         key,
         plan,
         params: *limit.params_at(plan),
+        global: limit.global.is_some(),
         entries,
     })
 }
 
 /// A route's checks split into global ones (decided by the service) and local ones.
 fn split_global(checks: Vec<Check>) -> (Vec<Check>, Vec<Check>) {
-    if checks.iter().all(|c| c.entries.is_some()) {
+    if checks.iter().all(|c| c.global) {
         (checks, Vec::new())
     } else {
-        checks.into_iter().partition(|c| c.entries.is_some())
+        checks.into_iter().partition(|c| c.global)
     }
 }
 
@@ -670,12 +730,7 @@ impl HttpFilter for RateLimitFilter {
         } else {
             Client::default()
         };
-        let key = KeyContext {
-            config,
-            client: &client,
-            req: &req,
-            route_name: &route.name,
-        };
+        let key = KeyContext::new(config, &client, &req, &route.name);
         let checks: Vec<Check> = route
             .limits
             .iter()
@@ -686,17 +741,18 @@ impl HttpFilter for RateLimitFilter {
         }
         if route.has_global {
             let (globals, local) = split_global(checks);
-            // The route's name is needed later only by local limits (for a warning's label).
-            let route_name = if local.is_empty() {
-                String::new()
-            } else {
-                route.name.clone()
-            };
+            // The route by its index: its name is read from the configuration when needed.
+            let index = config
+                .routes
+                .0
+                .iter()
+                .position(|r| std::ptr::eq(r, route))
+                .unwrap_or(usize::MAX);
             let waiting = global::Request {
                 local,
                 client,
                 req,
-                route_name,
+                route: index,
                 cost: route.cost,
             };
             return self.start_global(host, waiting, globals);
@@ -707,7 +763,7 @@ impl HttpFilter for RateLimitFilter {
             cost: route.cost,
         };
         match self.decide(host, &checks, &pass) {
-            Ok(verdicts) => self.admit(host, &verdicts),
+            Ok(verdicts) => self.admit(host, verdicts),
             Err(d) => d,
         }
     }
@@ -723,9 +779,8 @@ impl HttpFilter for RateLimitFilter {
 
     fn on_response_headers(&mut self, host: &mut dyn Host, _end_of_stream: bool) -> Decision {
         if !self.replied {
-            for (k, v) in std::mem::take(&mut self.response_headers) {
-                host.set_header(MapKind::ResponseHeaders, k, &v);
-            }
+            let verdicts = std::mem::take(&mut self.admitted);
+            self.write_fields(host, &verdicts);
         }
         Decision::Continue
     }

@@ -16,8 +16,8 @@ use tollgate_common::{GrpcCall, GrpcResponse, Host, Problem};
 use super::{
     now_us, Check, Decision, Outcome, Pass, RateLimitFilter, RateLimitRoot, Total, Verdict, Worker,
 };
-use crate::client::{Client, KeyContext};
-use crate::config::{Consistency, FailureMode, Limit, LimitMetric};
+use crate::client::{self, Client, KeyContext, KeySpec};
+use crate::config::{Compiled, Consistency, FailureMode, Limit, LimitMetric};
 use crate::lease::{self, Refilled, Sizing};
 use crate::rls::{self, Answer, Failure, RLS_METHOD, RLS_SERVICE};
 use crate::table::{Slot, StoreError};
@@ -55,10 +55,49 @@ pub struct Request {
     pub client: Client,
     /// Method, host, path, query.
     pub req: RequestInfo,
-    /// The route's name (empty when it has no local limits).
-    pub route_name: String,
+    /// Its route: index into the configuration's routes (the `route` key source is its name).
+    pub route: usize,
     /// Units it costs.
     pub cost: u64,
+}
+
+impl Request {
+    /// What its limit keys are built from.
+    fn key<'a>(&'a self, config: &'a Compiled) -> KeyContext<'a> {
+        let route_name = config
+            .routes
+            .0
+            .get(self.route)
+            .map_or("", |r| r.name.as_str());
+        KeyContext::new(config, &self.client, &self.req, route_name)
+    }
+
+    /// A decision pass over its limits at `now`.
+    fn pass<'a>(&'a self, config: &'a Compiled, now: u64) -> Pass<'a> {
+        Pass {
+            key: self.key(config),
+            now,
+            cost: self.cost,
+        }
+    }
+}
+
+/// The descriptor entries of `check` (a `leased` limit's are read only when first needed: a
+/// call or a refill).
+fn entries<'c>(
+    host: &dyn Host,
+    check: &'c mut Check,
+    limit: &Limit,
+    key: &KeyContext<'_>,
+) -> &'c [String] {
+    check
+        .entries
+        .get_or_insert_with(|| {
+            client::values(host, key, KeySpec::from(limit))
+                .map(client::owned)
+                .unwrap_or_default()
+        })
+        .as_slice()
 }
 
 /// A request waiting for the service.
@@ -185,33 +224,19 @@ impl RateLimitFilter {
         globals: Vec<Check>,
     ) -> Decision {
         let now = now_us(host);
+        let shared = self.shared.clone();
+        let config = &shared.config;
         if !request.local.is_empty() {
-            let shared = self.shared.clone();
-            let pass = Pass {
-                key: KeyContext {
-                    config: &shared.config,
-                    client: &request.client,
-                    req: &request.req,
-                    route_name: &request.route_name,
-                },
-                now,
-                cost: request.cost,
-            };
-            if let Err(d) = self.judge(host, &request.local, &pass, false) {
+            if let Err(d) = self.judge(host, &request.local, &request.pass(config, now), false) {
                 return d;
             }
         }
-        let shared = self.shared.clone();
         let cost = request.cost;
-        let mut paused = Paused {
-            request,
-            verdicts: Vec::new(),
-            waiting: Vec::new(),
-            deny: false,
-        };
+        let mut verdicts = Vec::with_capacity(globals.len());
+        let mut deny = false;
         let mut calls = Vec::new();
-        for check in globals {
-            let Some(limit) = shared.config.limits.get(check.limit) else {
+        for mut check in globals {
+            let Some(limit) = config.limits.get(check.limit) else {
                 continue;
             };
             let leased = limit.global.is_some_and(|g| g.mode == Consistency::Leased);
@@ -219,9 +244,13 @@ impl RateLimitFilter {
                 calls.push(check);
                 continue;
             }
-            match self.take_lease(host, limit, &check, now, cost) {
-                Ok(Some(v)) => paused.verdicts.push(v),
-                Ok(None) => calls.push(check),
+            let key = request.key(config);
+            match self.take_lease(host, limit, &mut check, &key, now, cost) {
+                Ok(Some(v)) => verdicts.push(v),
+                Ok(None) => {
+                    entries(host, &mut check, limit, &key);
+                    calls.push(check);
+                }
                 Err(e) => {
                     // Shared data, not the service: counted as the local limits' failures.
                     let ids = &shared.ids;
@@ -235,12 +264,18 @@ impl RateLimitFilter {
                         self.context_id,
                         limit.name
                     );
-                    paused.deny |= limit
+                    deny |= limit
                         .global
                         .is_some_and(|g| g.failure_mode == FailureMode::Deny);
                 }
             }
         }
+        let mut paused = Paused {
+            request,
+            verdicts,
+            waiting: Vec::new(),
+            deny,
+        };
         if !paused.deny && !self.refused(&paused.verdicts) {
             for check in calls {
                 match shared.call(
@@ -270,7 +305,8 @@ impl RateLimitFilter {
         &self,
         host: &mut dyn Host,
         limit: &Limit,
-        check: &Check,
+        check: &mut Check,
+        key: &KeyContext<'_>,
         now: u64,
         cost: u64,
     ) -> Result<Option<Verdict>, StoreError> {
@@ -287,10 +323,11 @@ impl RateLimitFilter {
         let ids = &self.shared.ids;
         ids.add_limit(host, check.limit, LimitMetric::LeaseUnused, t.unused);
         if let Some(size) = t.refill {
+            let values = entries(host, check, limit, key).to_vec();
             self.shared.refills.borrow_mut().push(Refill {
                 limit: check.limit,
                 slot,
-                values: check.entries.clone().unwrap_or_default(),
+                values,
                 size,
             });
         }
@@ -398,16 +435,7 @@ impl RateLimitFilter {
         }
         if !request.local.is_empty() {
             let shared = self.shared.clone();
-            let pass = Pass {
-                key: KeyContext {
-                    config: &shared.config,
-                    client: &request.client,
-                    req: &request.req,
-                    route_name: &request.route_name,
-                },
-                now: now_us(host),
-                cost: request.cost,
-            };
+            let pass = request.pass(&shared.config, now_us(host));
             match self.decide(host, &request.local, &pass) {
                 Ok(v) => verdicts.extend(v),
                 Err(d) => return d,
@@ -415,7 +443,7 @@ impl RateLimitFilter {
             // The rate limit fields in the configuration's order of limits.
             verdicts.sort_by_key(|v| v.limit);
         }
-        self.admit(host, &verdicts)
+        self.admit(host, verdicts)
     }
 }
 
