@@ -142,7 +142,8 @@ impl RsaKey {
             else {
                 return;
             };
-            let (lo, hi) = dot_pair(x, y, mx, ny);
+            let ((alo, ahi), (mlo, mhi)) = (dot_pair(x, y), dot_pair(mx, ny));
+            let (lo, hi) = (alo + mlo, ahi + mhi);
             let s = acc + lo + a[k] * b0;
             let mk = s.wrapping_mul(inv) & mask;
             acc = (s + mk * n0) >> w;
@@ -172,7 +173,8 @@ impl RsaKey {
             else {
                 return;
             };
-            let (lo, hi) = dot_pair(x, y, mx, ny);
+            let ((alo, ahi), (mlo, mhi)) = (dot_pair(x, y), dot_pair(mx, ny));
+            let (lo, hi) = (alo + mlo, ahi + mhi);
             let s = acc + lo + a[j0] * b[l - 1] + m[j0] * n[l - 1];
             out[k - l] = s & mask;
             let s = (s >> w) + hi;
@@ -218,8 +220,8 @@ impl RsaKey {
             else {
                 return;
             };
-            let (plo, phi) = dot_pair1(x, y);
-            let (mlo, mhi) = dot_pair1(mx, ny);
+            let (plo, phi) = dot_pair(x, y);
+            let (mlo, mhi) = dot_pair(mx, ny);
             let s = acc + 2 * plo + a[h] * a[h] + mlo;
             let mk = s.wrapping_mul(inv) & mask;
             acc = (s + mk * n0) >> w;
@@ -256,8 +258,8 @@ impl RsaKey {
             ) else {
                 return;
             };
-            let (plo, phi) = dot_pair1(x, y);
-            let (mlo, mhi) = dot_pair1(mx, ny);
+            let (plo, phi) = dot_pair(x, y);
+            let (mlo, mhi) = dot_pair(mx, ny);
             let (mut s0, mut s1) = (plo + a[j0] * a[l - 1], phi);
             if k % 2 == 0 {
                 s0 = 2 * s0 + a[h] * a[h];
@@ -484,7 +486,7 @@ fn dot2(a: &[u64], b: &[u64], m: &[u64], n: &[u64]) -> u64 {
 /// Two neighbouring columns at once: with `r = x.len()` and `y` of `r + 1` limbs,
 /// `(Σ x[i]·y[r-1-i], Σ x[i]·y[r-i])`, each `y` limb loaded once for both sums.
 #[inline(always)]
-fn dot_pair1(x: &[u64], y: &[u64]) -> (u64, u64) {
+fn dot_pair(x: &[u64], y: &[u64]) -> (u64, u64) {
     let r = x.len();
     let (Some(&top), Some(rest)) = (y.get(r), y.get(..r)) else {
         return (0, 0);
@@ -495,33 +497,6 @@ fn dot_pair1(x: &[u64], y: &[u64]) -> (u64, u64) {
         .fold((top, 0u64, 0u64), |(prev, lo, hi), (a, b)| {
             (*b, lo.wrapping_add(a * b), hi.wrapping_add(a * prev))
         });
-    (lo, hi)
-}
-
-/// [`dot_pair1`] of `(x, y)` plus [`dot_pair1`] of `(mx, ny)` (`mx` as long as `x`).
-#[inline(always)]
-fn dot_pair(x: &[u64], y: &[u64], mx: &[u64], ny: &[u64]) -> (u64, u64) {
-    let r = x.len();
-    let (Some(&ytop), Some(yrest), Some(&ntop), Some(nrest)) =
-        (y.get(r), y.get(..r), ny.get(r), ny.get(..r))
-    else {
-        return (0, 0);
-    };
-    let (_, _, lo, hi) = x
-        .iter()
-        .zip(yrest.iter().rev())
-        .zip(mx.iter().zip(nrest.iter().rev()))
-        .fold(
-            (ytop, ntop, 0u64, 0u64),
-            |(py, pn, lo, hi), ((a, b), (u, v))| {
-                (
-                    *b,
-                    *v,
-                    lo.wrapping_add(a * b).wrapping_add(u * v),
-                    hi.wrapping_add(a * py).wrapping_add(u * pn),
-                )
-            },
-        );
     (lo, hi)
 }
 
