@@ -384,16 +384,20 @@ fn binary_inversion_agrees_with_fermat() {
 fn rsa_public_operation_for_any_exponent() {
     use crate::crypto::rsa::RsaKey;
     let mut rng = Rng(3);
-    for bits in [2048usize, 2056, 3072, 4096] {
-        let mut n = rng.bytes(bits / 8);
-        n[0] |= 0x80;
+    // Even and odd limb counts (74, 73, 37, 3 limbs of 28 bits; 125, 223, 304 of 27).
+    for bits in [
+        2048usize, 2044, 2056, 3072, 4096, 1024, 57, 3361, 6000, 8192,
+    ] {
+        let mut n = rng.bytes(bits.div_ceil(8));
+        let top = bits - 8 * (n.len() - 1);
+        n[0] = (n[0] & ((1u16 << top) - 1) as u8) | 1 << (top - 1);
         *n.last_mut().unwrap() |= 1;
         let big_n = rsa::BigUint::from_bytes_be(&n);
         for e in [3u64, 17, 65537, (1 << 33) - 1] {
             let k = RsaKey::new(&n, &e.to_be_bytes(), 8192).unwrap();
             for _ in 0..3 {
                 let mut s = rng.bytes(n.len());
-                s[0] &= 0x7f;
+                s[0] &= ((1u16 << (top - 1)) - 1) as u8;
                 let got = k.public_op(&s).unwrap();
                 let want = rsa::BigUint::from_bytes_be(&s).modpow(&rsa::BigUint::from(e), &big_n);
                 assert_eq!(rsa::BigUint::from_bytes_be(&got), want, "{bits} {e}");
