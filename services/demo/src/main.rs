@@ -43,6 +43,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
+use tollgate_common::http_date::http_date;
 
 /// Largest request body read (bigger bodies are cut).
 const MAX_BODY: usize = 1 << 20;
@@ -466,36 +467,6 @@ fn fnv(bytes: &[u8]) -> u64 {
     h
 }
 
-fn http_date_secs(s: &str) -> Option<u64> {
-    // Parses IMF-fixdate: "Thu, 01 Jan 2026 00:00:00 GMT".
-    let parts: Vec<&str> = s.split_whitespace().collect();
-    if parts.len() != 6 {
-        return None;
-    }
-    let day: u64 = parts[1].parse().ok()?;
-    let months = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    let month = months.iter().position(|m| *m == parts[2])? as u64 + 1;
-    let year: u64 = parts[3].parse().ok()?;
-    let hms: Vec<u64> = parts[4].split(':').filter_map(|x| x.parse().ok()).collect();
-    if hms.len() != 3 {
-        return None;
-    }
-    // days from civil (Howard Hinnant)
-    let (y, m) = if month <= 2 {
-        (year - 1, month + 9)
-    } else {
-        (year, month - 3)
-    };
-    let era = y / 400;
-    let yoe = y - era * 400;
-    let doy = (153 * m + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Some(days * 86400 + hms[0] * 3600 + hms[1] * 60 + hms[2])
-}
-
 fn handle(svc: &Service, req: DemoRequest) -> DemoResponse {
     let url = req.url.clone();
     let (path, query) = url.split_once('?').unwrap_or((&url, ""));
@@ -753,8 +724,8 @@ fn handle(svc: &Service, req: DemoRequest) -> DemoResponse {
         if last_modified != "none" {
             if honour && knobs.header("if-none-match").is_none() {
                 if let (Some(ims), Some(lm)) = (
-                    knobs.header("if-modified-since").and_then(http_date_secs),
-                    http_date_secs(&last_modified),
+                    knobs.header("if-modified-since").and_then(http_date),
+                    http_date(&last_modified),
                 ) {
                     not_modified = lm <= ims;
                 }
