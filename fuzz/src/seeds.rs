@@ -26,6 +26,19 @@ pub const DEMO_JWKS: &str = include_str!("../../envoy/demo-keys/jwks.json");
 /// SHA-256 of `key-pro`, the API key of the request targets (consumer `acme`).
 pub const KEY_PRO_SHA256: &str = "ac8df72d006a04bace645fec46e76f337f660acd245ba3f2289992acaf31c2af";
 
+/// The auth routes of the extra seed and of the `auth_request` target: every kind of rule
+/// (disabled, template with scopes, hosts with claims, allow-missing, catch-all).
+pub fn auth_routes() -> Value {
+    json!([
+        {"match": {"prefix": "/public"}, "disabled": true},
+        {"match": {"template": "/users/{user}", "methods": ["GET"]}, "scopes": ["users:read"]},
+        {"match": {"prefix": "/admin", "hosts": ["*.example.com"]}, "allow": ["idp"],
+         "claims": [{"claim": "roles", "any_of": ["admin"]}]},
+        {"match": {"prefix": "/maybe"}, "requirement": "allow_missing"},
+        {"match": {"prefix": "/"}}
+    ])
+}
+
 /// The configuration values (`value: |` blocks) of `envoy/envoy.yaml`, by filter.
 pub fn bundled() -> &'static [(String, String)] {
     static CELL: OnceLock<Vec<(String, String)>> = OnceLock::new();
@@ -120,14 +133,7 @@ pub fn extra() -> &'static [(String, String)] {
                 ]
             },
             "introspection": {"cluster": "idp", "path": "/introspect", "client_id": "gw", "client_secret": "s3cret"},
-            "routes": [
-                {"match": {"prefix": "/public"}, "disabled": true},
-                {"match": {"template": "/users/{user}", "methods": ["GET"]}, "scopes": ["users:read"]},
-                {"match": {"prefix": "/admin", "hosts": ["*.example.com"]}, "allow": ["idp"],
-                 "claims": [{"claim": "roles", "any_of": ["admin"]}]},
-                {"match": {"prefix": "/maybe"}, "requirement": "allow_missing"},
-                {"match": {"prefix": "/"}}
-            ]
+            "routes": auth_routes()
         });
         vec![("auth".to_string(), auth.to_string())]
     })

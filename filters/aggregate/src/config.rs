@@ -558,32 +558,7 @@ fn compile_endpoint(
         }
         calls.push(call);
     }
-    // Output keys: two calls may share a key only when both append to it; `errors` is taken
-    // when the errors member is on.
-    for (i, c) in calls.iter().enumerate() {
-        if !matches!(c.merge, MergeMode::Key | MergeMode::Append) {
-            continue;
-        }
-        if r.errors && c.key == "errors" {
-            return Err(ConfigError::new(
-                format!("calls[{i}].key"),
-                "`errors` is the errors member (`errors: true`); choose another key",
-            ));
-        }
-        if let Some(j) = calls.iter().take(i).position(|o| {
-            matches!(o.merge, MergeMode::Key | MergeMode::Append)
-                && o.key == c.key
-                && !(o.merge == MergeMode::Append && c.merge == MergeMode::Append)
-        }) {
-            return Err(ConfigError::new(
-                format!("calls[{i}].key"),
-                format!(
-                    "duplicate key `{}` (also the key of calls[{j}]); only `append` calls may share a key",
-                    c.key
-                ),
-            ));
-        }
-    }
+    check_keys(&calls, r.errors)?;
     check_cycles(&calls)?;
     let mut profiles = Vec::new();
     for (i, p) in r.profiles.iter().enumerate() {
@@ -602,6 +577,34 @@ fn compile_endpoint(
     })
 }
 
+/// Output keys: two calls may share a key only when both append to it; `errors` is taken
+/// when the errors member is on.
+fn check_keys(calls: &[Call], errors: bool) -> Result<(), ConfigError> {
+    let keyed = |c: &Call| matches!(c.merge, MergeMode::Key | MergeMode::Append);
+    for (i, c) in calls.iter().enumerate().filter(|(_, c)| keyed(c)) {
+        if errors && c.key == "errors" {
+            return Err(ConfigError::new(
+                format!("calls[{i}].key"),
+                "`errors` is the errors member (`errors: true`); choose another key",
+            ));
+        }
+        if let Some(j) = calls.iter().take(i).position(|o| {
+            keyed(o)
+                && o.key == c.key
+                && !(o.merge == MergeMode::Append && c.merge == MergeMode::Append)
+        }) {
+            return Err(ConfigError::new(
+                format!("calls[{i}].key"),
+                format!(
+                    "duplicate key `{}` (also the key of calls[{j}]); only `append` calls may share a key",
+                    c.key
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn compile_call(
     c: &CallConfig,
     route_vars: &[&str],
@@ -609,6 +612,94 @@ fn compile_call(
     default_breaker: Option<Breaker>,
     identity: &Identity<'_>,
 ) -> Result<Call, ConfigError> {
+    let method = check_target(c)?;
+    let path = PathTemplate::parse(&c.path).map_err(|e| ConfigError::new("path", e))?;
+    let (depends_on, identity_vars) = template_uses(&path, route_vars, call_names, identity)?;
+    let (forward_headers, headers) = compile_headers(c)?;
+    let timeout = c.timeout.map(|d| d.0).unwrap_or(DEFAULT_CALL_TIMEOUT);
+    if timeout.is_zero() {
+        return Err(ConfigError::new("timeout", "must be more than 0"));
+    }
+    let (key, rename) = compile_placement(c)?;
+    let max_response_bytes = c
+        .max_response_bytes
+        .map_or(DEFAULT_MAX_RESPONSE_BYTES, ByteSize::usize);
+    if max_response_bytes == 0 {
+        return Err(ConfigError::new(
+            "max_response_bytes",
+            "must be more than 0",
+        ));
+    }
+    let hedge_after = c.hedge_after.map(|d| d.0);
+    if hedge_after.is_some_and(|h| h.is_zero() || h >= timeout) {
+        return Err(ConfigError::new(
+            "hedge_after",
+            "must be more than 0 and less than the call's `timeout`",
+        ));
+    }
+    let breaker = match &c.circuit_breaker {
+        Some(b) => compile_breaker(b).map_err(|e| e.within("circuit_breaker"))?,
+        None => default_breaker,
+    };
+    if breaker.is_some() && !c.breaker_accepts_client_headers {
+        check_shared_breaker(c, &forward_headers, identity)?;
+    }
+    Ok(Call {
+        name: c.name.to_string(),
+        cluster: c.cluster.clone(),
+        method,
+        path,
+        authority: c.authority.clone().unwrap_or_else(|| c.cluster.clone()),
+        forward_headers,
+        forward_identity: c.forward_identity,
+        identity_vars,
+        headers,
+        timeout,
+        required: c.required,
+        merge: c.merge,
+        key,
+        pointer: c.pointer.clone(),
+        allow: compile_fields(&c.allow, "allow")?,
+        deny: compile_fields(&c.deny, "deny")?,
+        rename,
+        max_response_bytes,
+        hedge_after,
+        forward_body: c.forward_body,
+        breaker,
+        depends_on,
+    })
+}
+
+/// Fixed headers of a call: (lower-case name, value).
+type Fixed = Vec<(String, String)>;
+
+/// The headers of a call: the names copied from the request (default: the trace headers) and
+/// the fixed ones.
+fn compile_headers(c: &CallConfig) -> Result<(Vec<String>, Fixed), ConfigError> {
+    let forward_headers = match &c.forward_headers {
+        Some(list) => list
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                check_header_name(h.as_str())
+                    .map_err(|e| ConfigError::new(format!("forward_headers[{i}]"), e))
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+        None => DEFAULT_FORWARD_HEADERS
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+    };
+    let mut headers = Vec::new();
+    for (k, v) in &c.headers {
+        let name = check_header_name(k).map_err(|e| ConfigError::new(format!("headers.{k}"), e))?;
+        headers.push((name, v.clone()));
+    }
+    Ok((forward_headers, headers))
+}
+
+/// The call's name, cluster and method; the method upper-cased.
+fn check_target(c: &CallConfig) -> Result<String, ConfigError> {
     // `{name}` is a route variable and `{name.field}` a call's answer, so a call may share a
     // route variable's name; `query` and `identity` are reserved for `{query.NAME}` and
     // `{identity.NAME}`.
@@ -631,54 +722,59 @@ fn compile_call(
             format!("`{}` is not a method name", c.method),
         ));
     }
-    let path = PathTemplate::parse(&c.path).map_err(|e| ConfigError::new("path", e))?;
+    Ok(method)
+}
+
+/// What a call's path template uses: the calls it depends on (indexes, `{call.field}`) and the
+/// identity headers it reads (`{consumer}`, `{identity.NAME}`). Every variable must resolve.
+fn template_uses(
+    path: &PathTemplate,
+    route_vars: &[&str],
+    call_names: &[&str],
+    identity: &Identity<'_>,
+) -> Result<(Vec<usize>, Vec<String>), ConfigError> {
+    fn push_new<T: PartialEq>(list: &mut Vec<T>, x: T) {
+        if !list.contains(&x) {
+            list.push(x);
+        }
+    }
     let mut depends_on = Vec::new();
     let mut identity_vars: Vec<String> = Vec::new();
     for var in path.vars() {
         match var {
-            Var::Consumer => {
-                let consumer = identity.headers.first().cloned().unwrap_or_default();
-                if !identity_vars.contains(&consumer) {
-                    identity_vars.push(consumer);
-                }
+            Var::Consumer => push_new(
+                &mut identity_vars,
+                identity.headers.first().cloned().unwrap_or_default(),
+            ),
+            Var::Identity(h) if identity.headers.contains(h) => {
+                push_new(&mut identity_vars, h.clone())
             }
             Var::Identity(h) => {
-                if !identity.headers.contains(h) {
-                    return Err(ConfigError::new(
-                        "path",
-                        format!(
-                            "`{{identity.{h}}}`: `{h}` is not one of `identity_headers` ({}), the \
-                             headers the auth filter sets",
-                            identity.headers.join(", ")
-                        ),
-                    ));
-                }
-                if !identity_vars.contains(h) {
-                    identity_vars.push(h.clone());
-                }
+                return Err(ConfigError::new(
+                    "path",
+                    format!(
+                        "`{{identity.{h}}}`: `{h}` is not one of `identity_headers` ({}), the \
+                         headers the auth filter sets",
+                        identity.headers.join(", ")
+                    ),
+                ));
             }
-            Var::Route(n) => {
-                if !route_vars.contains(&n.as_str()) {
-                    let hint = if call_names.contains(&n.as_str()) {
-                        format!(" (a call's answer is used as `{{{n}.field}}`)")
-                    } else {
-                        String::new()
-                    };
-                    return Err(ConfigError::new(
-                        "path",
-                        format!(
-                            "unknown template variable `{{{n}}}`: not a variable of the route's `match.template`{hint}"
-                        ),
-                    ));
-                }
+            Var::Route(n) if !route_vars.contains(&n.as_str()) => {
+                let hint = if call_names.contains(&n.as_str()) {
+                    format!(" (a call's answer is used as `{{{n}.field}}`)")
+                } else {
+                    String::new()
+                };
+                return Err(ConfigError::new(
+                    "path",
+                    format!(
+                        "unknown template variable `{{{n}}}`: not a variable of the route's `match.template`{hint}"
+                    ),
+                ));
             }
-            Var::Query(_) => {}
+            Var::Route(_) | Var::Query(_) => {}
             Var::Field(head, _) => match call_names.iter().position(|n| n == head) {
-                Some(j) => {
-                    if !depends_on.contains(&j) {
-                        depends_on.push(j);
-                    }
-                }
+                Some(j) => push_new(&mut depends_on, j),
                 None => {
                     return Err(ConfigError::new(
                         "path",
@@ -690,29 +786,11 @@ fn compile_call(
             },
         }
     }
-    let forward_headers = match &c.forward_headers {
-        Some(list) => list
-            .iter()
-            .enumerate()
-            .map(|(i, h)| {
-                check_header_name(h.as_str())
-                    .map_err(|e| ConfigError::new(format!("forward_headers[{i}]"), e))
-            })
-            .collect::<Result<Vec<_>, _>>()?,
-        None => DEFAULT_FORWARD_HEADERS
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
-    };
-    let mut headers = Vec::new();
-    for (k, v) in &c.headers {
-        let name = check_header_name(k).map_err(|e| ConfigError::new(format!("headers.{k}"), e))?;
-        headers.push((name, v.clone()));
-    }
-    let timeout = c.timeout.map(|d| d.0).unwrap_or(DEFAULT_CALL_TIMEOUT);
-    if timeout.is_zero() {
-        return Err(ConfigError::new("timeout", "must be more than 0"));
-    }
+    Ok((depends_on, identity_vars))
+}
+
+/// Where the answer goes: `pointer`, the output key and `rename`.
+fn compile_placement(c: &CallConfig) -> Result<(String, Vec<(String, String)>), ConfigError> {
     if let Some(p) = &c.pointer {
         if !(p.is_empty() || p.starts_with('/')) {
             return Err(ConfigError::new(
@@ -747,72 +825,34 @@ fn compile_call(
         }
         rename.push((from.clone(), to.clone()));
     }
-    let max_response_bytes = c
-        .max_response_bytes
-        .map_or(DEFAULT_MAX_RESPONSE_BYTES, ByteSize::usize);
-    if max_response_bytes == 0 {
-        return Err(ConfigError::new(
-            "max_response_bytes",
-            "must be more than 0",
-        ));
-    }
-    let hedge_after = c.hedge_after.map(|d| d.0);
-    if let Some(h) = hedge_after {
-        if h.is_zero() || h >= timeout {
-            return Err(ConfigError::new(
-                "hedge_after",
-                "must be more than 0 and less than the call's `timeout`",
-            ));
-        }
-    }
-    let breaker = match &c.circuit_breaker {
-        Some(b) => compile_breaker(b).map_err(|e| e.within("circuit_breaker"))?,
-        None => default_breaker,
+    Ok((key, rename))
+}
+
+/// A call with a circuit breaker forwards no header a client chooses. One breaker per backend,
+/// shared by every client: a header a client chooses must not be able to make the backend fail
+/// (slow, 5xx) and so open it for everyone. The trace headers carry no such power, and the
+/// identity headers are the auth filter's.
+fn check_shared_breaker(
+    c: &CallConfig,
+    forward_headers: &[String],
+    identity: &Identity<'_>,
+) -> Result<(), ConfigError> {
+    let chosen = forward_headers.iter().enumerate().find(|(_, h)| {
+        !DEFAULT_FORWARD_HEADERS.contains(&h.as_str()) && !identity.headers.contains(h)
+    });
+    let Some((i, h)) = chosen else {
+        return Ok(());
     };
-    if breaker.is_some() && !c.breaker_accepts_client_headers {
-        // One breaker per backend, shared by every client: a header a client chooses must not
-        // be able to make the backend fail (slow, 5xx) and so open it for everyone. The trace
-        // headers carry no such power, and the identity headers are the auth filter's.
-        let chosen = forward_headers.iter().enumerate().find(|(_, h)| {
-            !DEFAULT_FORWARD_HEADERS.contains(&h.as_str()) && !identity.headers.contains(h)
-        });
-        if let Some((i, h)) = chosen {
-            return Err(ConfigError::new(
-                format!("forward_headers[{i}]"),
-                format!(
-                    "`{h}` is the client's to choose, and this call has a circuit breaker that \
-                     every client shares: one client could make `{}` fail and open it for all; \
-                     forward it from a call without a breaker (`\"circuit_breaker\": {{\"disabled\": \
-                     true}}`), or accept that with `breaker_accepts_client_headers: true`",
-                    c.cluster
-                ),
-            ));
-        }
-    }
-    Ok(Call {
-        name: c.name.to_string(),
-        cluster: c.cluster.clone(),
-        method,
-        path,
-        authority: c.authority.clone().unwrap_or_else(|| c.cluster.clone()),
-        forward_headers,
-        forward_identity: c.forward_identity,
-        identity_vars,
-        headers,
-        timeout,
-        required: c.required,
-        merge: c.merge,
-        key,
-        pointer: c.pointer.clone(),
-        allow: compile_fields(&c.allow, "allow")?,
-        deny: compile_fields(&c.deny, "deny")?,
-        rename,
-        max_response_bytes,
-        hedge_after,
-        forward_body: c.forward_body,
-        breaker,
-        depends_on,
-    })
+    Err(ConfigError::new(
+        format!("forward_headers[{i}]"),
+        format!(
+            "`{h}` is the client's to choose, and this call has a circuit breaker that \
+             every client shares: one client could make `{}` fail and open it for all; \
+             forward it from a call without a breaker (`\"circuit_breaker\": {{\"disabled\": \
+             true}}`), or accept that with `breaker_accepts_client_headers: true`",
+            c.cluster
+        ),
+    ))
 }
 
 /// Refuse dependency cycles, naming a call on the cycle.
@@ -888,37 +928,7 @@ fn compile_profile(p: &ProfileConfig, calls: &[Call]) -> Result<Profile, ConfigE
     };
     let selected = match &p.calls {
         None => None,
-        Some(list) => {
-            let mut idx = Vec::new();
-            for (i, n) in list.iter().enumerate() {
-                match calls.iter().position(|c| c.name == *n) {
-                    Some(j) => idx.push(j),
-                    None => {
-                        return Err(ConfigError::new(
-                            format!("calls[{i}]"),
-                            format!("`{n}` is not the name of a call"),
-                        ))
-                    }
-                }
-            }
-            for (i, j) in idx.iter().enumerate() {
-                if let Some(c) = calls.get(*j) {
-                    for d in &c.depends_on {
-                        if !idx.contains(d) {
-                            let dep = calls.get(*d).map(|x| x.name.as_str()).unwrap_or("?");
-                            return Err(ConfigError::new(
-                                format!("calls[{i}]"),
-                                format!(
-                                    "`{}` depends on `{dep}`, which the profile leaves out",
-                                    c.name
-                                ),
-                            ));
-                        }
-                    }
-                }
-            }
-            Some(idx)
-        }
+        Some(list) => Some(profile_calls(list, calls)?),
     };
     Ok(Profile {
         name: p.name.to_string(),
@@ -927,6 +937,34 @@ fn compile_profile(p: &ProfileConfig, calls: &[Call]) -> Result<Profile, ConfigE
         allow: compile_fields(&p.allow, "allow")?,
         deny: compile_fields(&p.deny, "deny")?,
     })
+}
+
+/// The calls a profile keeps (indexes), each with every call it depends on.
+fn profile_calls(list: &[String], calls: &[Call]) -> Result<Vec<usize>, ConfigError> {
+    let mut idx = Vec::new();
+    for (i, n) in list.iter().enumerate() {
+        let Some(j) = calls.iter().position(|c| c.name == *n) else {
+            return Err(ConfigError::new(
+                format!("calls[{i}]"),
+                format!("`{n}` is not the name of a call"),
+            ));
+        };
+        idx.push(j);
+    }
+    for (i, j) in idx.iter().enumerate() {
+        let Some(c) = calls.get(*j) else { continue };
+        if let Some(d) = c.depends_on.iter().find(|d| !idx.contains(d)) {
+            let dep = calls.get(*d).map(|x| x.name.as_str()).unwrap_or("?");
+            return Err(ConfigError::new(
+                format!("calls[{i}]"),
+                format!(
+                    "`{}` depends on `{dep}`, which the profile leaves out",
+                    c.name
+                ),
+            ));
+        }
+    }
+    Ok(idx)
 }
 
 #[cfg(test)]

@@ -21,6 +21,7 @@ pub mod fast_hash;
 pub mod filter;
 pub mod header_cache;
 pub mod host;
+pub mod http_date;
 pub mod log_limit;
 pub mod mem_host;
 pub mod metrics;

@@ -151,6 +151,23 @@ impl ChainFilter {
     }
 
     /// Child `i` decided `decision` on a callout answer or a wake.
+    /// A callout answered: hand it to the child `owner` that made it (none: not this request's,
+    /// keep waiting), then go on from that child's decision.
+    fn answered(
+        &mut self,
+        host: &mut dyn Host,
+        owner: Option<usize>,
+        f: &mut dyn FnMut(&mut dyn HttpFilter, &mut dyn Host) -> Decision,
+    ) -> Decision {
+        let Some(i) = owner else {
+            return Decision::Pause;
+        };
+        match self.call(host, i, f) {
+            Some(d) => self.after_async(host, i, d),
+            None => Decision::Pause,
+        }
+    }
+
     fn after_async(&mut self, host: &mut dyn Host, i: usize, decision: Decision) -> Decision {
         match decision {
             Decision::Respond(reply) => self.respond(reply),
@@ -226,17 +243,11 @@ impl HttpFilter for ChainFilter {
         token: u32,
         response: CallResponse,
     ) -> Decision {
-        let Some(i) = self.owners.http.remove(&token) else {
-            return Decision::Pause;
-        };
+        let owner = self.owners.http.remove(&token);
         let mut response = Some(response);
-        let d = self.call(host, i, &mut |f, h| {
+        self.answered(host, owner, &mut |f, h| {
             f.on_call_response(h, token, response.take().unwrap_or_default())
-        });
-        match d {
-            Some(d) => self.after_async(host, i, d),
-            None => Decision::Pause,
-        }
+        })
     }
 
     fn on_grpc_response(
@@ -245,17 +256,11 @@ impl HttpFilter for ChainFilter {
         token: u32,
         response: GrpcResponse,
     ) -> Decision {
-        let Some(i) = self.owners.grpc.remove(&token) else {
-            return Decision::Pause;
-        };
+        let owner = self.owners.grpc.remove(&token);
         let mut response = Some(response);
-        let d = self.call(host, i, &mut |f, h| {
+        self.answered(host, owner, &mut |f, h| {
             f.on_grpc_response(h, token, response.take().unwrap_or_default())
-        });
-        match d {
-            Some(d) => self.after_async(host, i, d),
-            None => Decision::Pause,
-        }
+        })
     }
 
     fn call_body_limit(&self, token: u32) -> Option<usize> {

@@ -191,12 +191,14 @@ impl ChainRoot {
         self.update_period(host);
     }
 
-    /// An HTTP callout of a child's root answered.
-    pub fn on_call_response(&mut self, host: &mut dyn Host, token: u32, response: CallResponse) {
-        let Some(i) = self.owners.http.remove(&token) else {
-            log::debug!("[{}] callout {token} of no filter", self.context_id);
-            return;
-        };
+    /// Run `f` on child `i`'s root with a host that records its callouts and tick period, then
+    /// set the VM's tick period.
+    fn in_child(
+        &mut self,
+        host: &mut dyn Host,
+        i: usize,
+        f: impl FnOnce(&mut dyn Part, &mut dyn Host),
+    ) {
         if let Some(slot) = self.slots.get_mut(i) {
             let mut h = ChildHost {
                 host: &mut *host,
@@ -204,9 +206,18 @@ impl ChainRoot {
                 owners: &mut self.owners,
                 period: Some(&mut slot.period),
             };
-            slot.part.on_call_response(&mut h, token, response);
+            f(slot.part.as_mut(), &mut h);
         }
         self.update_period(host);
+    }
+
+    /// An HTTP callout of a child's root answered.
+    pub fn on_call_response(&mut self, host: &mut dyn Host, token: u32, response: CallResponse) {
+        let Some(i) = self.owners.http.remove(&token) else {
+            log::debug!("[{}] callout {token} of no filter", self.context_id);
+            return;
+        };
+        self.in_child(host, i, |part, h| part.on_call_response(h, token, response));
     }
 
     /// A gRPC callout of a child's root answered.
@@ -215,16 +226,7 @@ impl ChainRoot {
             log::debug!("[{}] gRPC callout {token} of no filter", self.context_id);
             return;
         };
-        if let Some(slot) = self.slots.get_mut(i) {
-            let mut h = ChildHost {
-                host: &mut *host,
-                child: i,
-                owners: &mut self.owners,
-                period: Some(&mut slot.period),
-            };
-            slot.part.on_grpc_response(&mut h, token, response);
-        }
-        self.update_period(host);
+        self.in_child(host, i, |part, h| part.on_grpc_response(h, token, response));
     }
 
     /// The chain for a new request: each configured filter's own filter.

@@ -14,6 +14,7 @@ use tollgate_common::mem_host::MemHost;
 use tollgate_common::{CallResponse, Decision, HttpFilter, RootFilter};
 
 use crate::gen::{json as random_json, mutate, text};
+use crate::targets::next_unanswered;
 
 fn config() -> Option<&'static str> {
     static CELL: OnceLock<Option<String>> = OnceLock::new();
@@ -131,15 +132,9 @@ fn check(u: &mut Unstructured<'_>) -> Result<()> {
         if d != Decision::Pause {
             break;
         }
-        let Some(call) = req
-            .calls
-            .iter()
-            .find(|c| !answered.contains(&c.token))
-            .cloned()
-        else {
+        let Some(call) = next_unanswered(&req.calls, &mut answered) else {
             break;
         };
-        answered.insert(call.token);
         d = f.on_call_response(&mut req, call.token, answer(u)?);
     }
     // Every call stays on its templated path.

@@ -13,7 +13,7 @@ use tollgate_common::problem::PROBLEM_JSON;
 use tollgate_common::{CallResponse, Decision, Host, HttpFilter, MapKind, RootFilter};
 
 use crate::gen::{json as random_json, text};
-use crate::seeds::{KEY_PRO_SHA256, SECRET};
+use crate::seeds::{auth_routes, KEY_PRO_SHA256, SECRET};
 use crate::targets::jose::{b64, token};
 
 const FORGED: &str = "forged-evil";
@@ -40,14 +40,7 @@ fn config() -> &'static str {
             },
             "introspection": {"cluster": "idp", "path": "/introspect", "client_id": "gw",
                               "client_secret": "s3cret"},
-            "routes": [
-                {"match": {"prefix": "/public"}, "disabled": true},
-                {"match": {"template": "/users/{user}", "methods": ["GET"]}, "scopes": ["users:read"]},
-                {"match": {"prefix": "/admin", "hosts": ["*.example.com"]}, "allow": ["idp"],
-                 "claims": [{"claim": "roles", "any_of": ["admin"]}]},
-                {"match": {"prefix": "/maybe"}, "requirement": "allow_missing"},
-                {"match": {"prefix": "/"}}
-            ]
+            "routes": auth_routes()
         })
         .to_string()
     })

@@ -13,6 +13,7 @@ use tollgate_common::{CallResponse, Decision, Host, HttpFilter, MapKind, RootFil
 
 use crate::gen::{mutate, text};
 use crate::seeds::DEMO_JWKS;
+use crate::targets::next_unanswered;
 
 const DEMO_TOKEN: &str = include_str!("../../corpus/jws/demo-es256");
 const DISCOVERY: &str = "/.well-known/openid-configuration";
@@ -102,15 +103,9 @@ fn check(u: &mut Unstructured<'_>) -> Result<()> {
     let mut all_right = true;
     for _ in 0..4 {
         root.on_tick(&mut vm);
-        let Some(call) = vm
-            .calls
-            .iter()
-            .find(|c| !answered.contains(&c.token))
-            .cloned()
-        else {
+        let Some(call) = next_unanswered(&vm.calls, &mut answered) else {
             break;
         };
-        answered.insert(call.token);
         for (k, v) in &call.headers {
             assert!(
                 !k.is_empty() && !v.chars().any(char::is_control),

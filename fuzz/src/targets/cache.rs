@@ -10,6 +10,7 @@ use tollgate_cache::key::{variant_hash, vary_names};
 use tollgate_cache::parse::{
     age, byte_range, http_date, AgeValue, ByteRange, CacheControl, Delta, DELTA_MAX,
 };
+use tollgate_common::http_date::{DAYS, LONG_DAYS, MONTHS};
 
 use crate::gen::text;
 
@@ -158,20 +159,6 @@ fn check_age(u: &mut Unstructured<'_>) -> Result<()> {
     Ok(())
 }
 
-const DAY_NAMES: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
-const LONG_NAMES: [&str; 7] = [
-    "Thursday",
-    "Friday",
-    "Saturday",
-    "Sunday",
-    "Monday",
-    "Tuesday",
-    "Wednesday",
-];
-const MONTHS: [&str; 12] = [
-    "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-];
-
 /// Civil date of a day count since 1970-01-01 (H. Hinnant's algorithm).
 fn civil(days: u64) -> (u64, usize, u64) {
     let z = days + 719_468;
@@ -194,9 +181,10 @@ fn check_dates(u: &mut Unstructured<'_>) -> Result<()> {
     // Every instant from 1970 to 9999 round-trips through the three formats.
     let t = u.int_in_range(0..=253_402_300_799u64)?;
     let (y, m, d) = civil(t / 86_400);
-    let wd = usize::try_from((t / 86_400) % 7).unwrap_or(0);
+    // 1970-01-01 was a Thursday (index 3, Monday first).
+    let wd = usize::try_from((t / 86_400 + 3) % 7).unwrap_or(0);
     let hms = format!("{:02}:{:02}:{:02}", (t / 3600) % 24, (t / 60) % 60, t % 60);
-    let (day, long, mon) = (DAY_NAMES[wd], LONG_NAMES[wd], MONTHS[m]);
+    let (day, long, mon) = (DAYS[wd], LONG_DAYS[wd], MONTHS[m]);
     let imf = format!("{day}, {d:02} {mon} {y} {hms} GMT");
     assert_eq!(http_date(&imf), Some(t), "{imf}");
     let asctime = format!("{day} {mon} {d:>2} {hms} {y}");

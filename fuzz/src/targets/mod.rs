@@ -13,6 +13,10 @@ pub mod ratelimit;
 pub mod route;
 pub mod verifiers;
 
+use std::collections::HashSet;
+
+use tollgate_common::mem_host::RecordedCall;
+
 use crate::Target;
 
 /// Every target: name (also the libFuzzer binary's name and the corpus directory), function,
@@ -51,4 +55,15 @@ pub fn run(name: &str, data: &[u8]) {
     if let Some(t) = target {
         t(data);
     }
+}
+
+/// The first call in `calls` not answered yet, now marked answered (the targets answer a
+/// filter's callouts one by one, in the order it made them).
+pub(crate) fn next_unanswered(
+    calls: &[RecordedCall],
+    answered: &mut HashSet<u32>,
+) -> Option<RecordedCall> {
+    let call = calls.iter().find(|c| !answered.contains(&c.token))?.clone();
+    answered.insert(call.token);
+    Some(call)
 }

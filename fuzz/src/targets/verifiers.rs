@@ -64,57 +64,40 @@ fn mutate(u: &mut Unstructured<'_>, sig: &mut Vec<u8>, order: &[u8]) -> Result<(
     Ok(())
 }
 
-fn es256(u: &mut Unstructured<'_>) -> Result<()> {
-    use p256::ecdsa::signature::{Signer, Verifier};
-    let Ok(sk) = p256::ecdsa::SigningKey::from_slice(u.bytes(32)?) else {
-        return Ok(());
+/// One ECDSA case for a curve crate (`p256`, `p384`): a key from arbitrary bytes, a valid
+/// signature of an arbitrary message, mutated, then both verdicts compared.
+macro_rules! ecdsa_case {
+    ($name:ident, $curve:ident, $size:literal, $crv:literal, $alg:ident, $order:expr) => {
+        fn $name(u: &mut Unstructured<'_>) -> Result<()> {
+            use $curve::ecdsa::signature::{Signer, Verifier};
+            use $curve::ecdsa::{Signature, SigningKey};
+            let Ok(sk) = SigningKey::from_slice(u.bytes($size)?) else {
+                return Ok(());
+            };
+            let vk = *sk.verifying_key();
+            let pt = vk.to_encoded_point(false);
+            let (Some(x), Some(y)) = (pt.x(), pt.y()) else {
+                return Ok(());
+            };
+            let key = material(
+                json!({"kty": "EC", "crv": $crv, "x": b64url_encode(x), "y": b64url_encode(y)}),
+            );
+            assert!(key.is_some(), "a {} key from the crate is refused", $crv);
+            let Some(key) = key else { return Ok(()) };
+            let msg: Vec<u8> = u.arbitrary()?;
+            let sig: Signature = sk.sign(&msg);
+            let mut sig = sig.to_bytes().to_vec();
+            mutate(u, &mut sig, &$order)?;
+            let theirs = Signature::from_slice(&sig).is_ok_and(|s| vk.verify(&msg, &s).is_ok());
+            let ours = verify_signature(Alg::$alg, &key, &msg, &sig);
+            assert_eq!(ours, theirs, "{} verdicts differ on {sig:?}", Alg::$alg);
+            Ok(())
+        }
     };
-    let vk = *sk.verifying_key();
-    let pt = vk.to_encoded_point(false);
-    let (Some(x), Some(y)) = (pt.x(), pt.y()) else {
-        return Ok(());
-    };
-    let key = material(
-        json!({"kty": "EC", "crv": "P-256", "x": b64url_encode(x), "y": b64url_encode(y)}),
-    );
-    assert!(key.is_some(), "a P-256 key from the crate is refused");
-    let Some(key) = key else { return Ok(()) };
-    let msg: Vec<u8> = u.arbitrary()?;
-    let sig: p256::ecdsa::Signature = sk.sign(&msg);
-    let mut sig = sig.to_bytes().to_vec();
-    mutate(u, &mut sig, &P256_N)?;
-    let theirs =
-        p256::ecdsa::Signature::from_slice(&sig).is_ok_and(|s| vk.verify(&msg, &s).is_ok());
-    let ours = verify_signature(Alg::ES256, &key, &msg, &sig);
-    assert_eq!(ours, theirs, "ES256 verdicts differ on {sig:?}");
-    Ok(())
 }
 
-fn es384(u: &mut Unstructured<'_>) -> Result<()> {
-    use p384::ecdsa::signature::{Signer, Verifier};
-    let Ok(sk) = p384::ecdsa::SigningKey::from_slice(u.bytes(48)?) else {
-        return Ok(());
-    };
-    let vk = *sk.verifying_key();
-    let pt = vk.to_encoded_point(false);
-    let (Some(x), Some(y)) = (pt.x(), pt.y()) else {
-        return Ok(());
-    };
-    let key = material(
-        json!({"kty": "EC", "crv": "P-384", "x": b64url_encode(x), "y": b64url_encode(y)}),
-    );
-    assert!(key.is_some(), "a P-384 key from the crate is refused");
-    let Some(key) = key else { return Ok(()) };
-    let msg: Vec<u8> = u.arbitrary()?;
-    let sig: p384::ecdsa::Signature = sk.sign(&msg);
-    let mut sig = sig.to_bytes().to_vec();
-    mutate(u, &mut sig, &P384_N)?;
-    let theirs =
-        p384::ecdsa::Signature::from_slice(&sig).is_ok_and(|s| vk.verify(&msg, &s).is_ok());
-    let ours = verify_signature(Alg::ES384, &key, &msg, &sig);
-    assert_eq!(ours, theirs, "ES384 verdicts differ on {sig:?}");
-    Ok(())
-}
+ecdsa_case!(es256, p256, 32, "P-256", ES256, P256_N);
+ecdsa_case!(es384, p384, 48, "P-384", ES384, P384_N);
 
 /// Arbitrary coordinates (often a real point with a byte changed): accepted as a key exactly
 /// when the crate accepts the point.
@@ -233,8 +216,18 @@ fn rsa_cases() -> &'static [RsaCase] {
     })
 }
 
+/// The crate's verdict: `sig` parses as the scheme's signature and `key` accepts it for `msg`.
+fn verifies<S, V>(key: V, msg: &[u8], sig: &[u8]) -> bool
+where
+    S: for<'a> TryFrom<&'a [u8]>,
+    V: rsa::signature::Verifier<S>,
+{
+    S::try_from(sig).is_ok_and(|s| key.verify(msg, &s).is_ok())
+}
+
 fn rsa(u: &mut Unstructured<'_>) -> Result<()> {
-    use rsa::signature::Verifier;
+    use rsa::pkcs1v15::{Signature as Pkcs1Sig, VerifyingKey as Pkcs1Key};
+    use rsa::pss::{Signature as PssSig, VerifyingKey as PssKey};
     use sha2::{Sha256, Sha384, Sha512};
     let case = u.choose(rsa_cases())?;
     let (alg, msg, sig) = u.choose(&case.sigs)?;
@@ -253,39 +246,13 @@ fn rsa(u: &mut Unstructured<'_>) -> Result<()> {
         msg.push(u.arbitrary()?);
     }
     let pk = case.public.clone();
-    let p1 = |s: &[u8]| rsa::pkcs1v15::Signature::try_from(s);
-    let pss = |s: &[u8]| rsa::pss::Signature::try_from(s);
     let theirs = match alg {
-        Alg::RS256 => p1(&sig).is_ok_and(|s| {
-            rsa::pkcs1v15::VerifyingKey::<Sha256>::new(pk)
-                .verify(&msg, &s)
-                .is_ok()
-        }),
-        Alg::RS384 => p1(&sig).is_ok_and(|s| {
-            rsa::pkcs1v15::VerifyingKey::<Sha384>::new(pk)
-                .verify(&msg, &s)
-                .is_ok()
-        }),
-        Alg::RS512 => p1(&sig).is_ok_and(|s| {
-            rsa::pkcs1v15::VerifyingKey::<Sha512>::new(pk)
-                .verify(&msg, &s)
-                .is_ok()
-        }),
-        Alg::PS256 => pss(&sig).is_ok_and(|s| {
-            rsa::pss::VerifyingKey::<Sha256>::new(pk)
-                .verify(&msg, &s)
-                .is_ok()
-        }),
-        Alg::PS384 => pss(&sig).is_ok_and(|s| {
-            rsa::pss::VerifyingKey::<Sha384>::new(pk)
-                .verify(&msg, &s)
-                .is_ok()
-        }),
-        _ => pss(&sig).is_ok_and(|s| {
-            rsa::pss::VerifyingKey::<Sha512>::new(pk)
-                .verify(&msg, &s)
-                .is_ok()
-        }),
+        Alg::RS256 => verifies::<Pkcs1Sig, _>(Pkcs1Key::<Sha256>::new(pk), &msg, &sig),
+        Alg::RS384 => verifies::<Pkcs1Sig, _>(Pkcs1Key::<Sha384>::new(pk), &msg, &sig),
+        Alg::RS512 => verifies::<Pkcs1Sig, _>(Pkcs1Key::<Sha512>::new(pk), &msg, &sig),
+        Alg::PS256 => verifies::<PssSig, _>(PssKey::<Sha256>::new(pk), &msg, &sig),
+        Alg::PS384 => verifies::<PssSig, _>(PssKey::<Sha384>::new(pk), &msg, &sig),
+        _ => verifies::<PssSig, _>(PssKey::<Sha512>::new(pk), &msg, &sig),
     };
     let ours = verify_signature(*alg, &case.ours, &msg, &sig);
     assert_eq!(ours, theirs, "{alg} verdicts differ on {sig:?}");

@@ -43,6 +43,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
+use tollgate_common::http_date::http_date;
 
 /// Largest request body read (bigger bodies are cut).
 const MAX_BODY: usize = 1 << 20;
@@ -148,18 +149,31 @@ impl Holds {
     }
 }
 
-fn main() {
-    let mut listens = Vec::new();
-    let mut jwks = None;
-    let mut require_identity: Vec<String> = Vec::new();
-    let mut issuer = "https://demo.tollgate.local".to_string();
+/// The command line.
+struct Options {
+    /// `NAME=ADDR:PORT` per service.
+    listens: Vec<String>,
+    /// The JWKS document served at `/.well-known/jwks.json`.
+    jwks: Option<String>,
+    /// The services that answer identified callers only.
+    require_identity: Vec<String>,
+    issuer: String,
+}
+
+fn options() -> Options {
+    let mut o = Options {
+        listens: Vec::new(),
+        jwks: None,
+        require_identity: Vec::new(),
+        issuer: "https://demo.tollgate.local".to_string(),
+    };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
-            "--listen" => listens.push(args.next().unwrap_or_default()),
-            "--jwks" => jwks = args.next(),
-            "--issuer" => issuer = args.next().unwrap_or(issuer),
-            "--require-identity" => require_identity.extend(
+            "--listen" => o.listens.push(args.next().unwrap_or_default()),
+            "--jwks" => o.jwks = args.next(),
+            "--issuer" => o.issuer = args.next().unwrap_or(o.issuer),
+            "--require-identity" => o.require_identity.extend(
                 args.next()
                     .unwrap_or_default()
                     .split(',')
@@ -170,7 +184,7 @@ fn main() {
                     "usage: tollgate-demo --listen NAME=ADDR:PORT ... [--jwks FILE] [--issuer URL] \
                      [--require-identity NAME,...]"
                 );
-                return;
+                std::process::exit(0);
             }
             other => {
                 eprintln!("tollgate-demo: unknown argument `{other}` (see --help)");
@@ -178,20 +192,25 @@ fn main() {
             }
         }
     }
-    if listens.is_empty() {
-        listens = vec![
+    if o.listens.is_empty() {
+        o.listens = vec![
             "users=127.0.0.1:8081".into(),
             "orders=127.0.0.1:8082".into(),
             "products=127.0.0.1:8083".into(),
         ];
     }
-    let jwks_doc = jwks.and_then(|path| match std::fs::read_to_string(&path) {
+    o.jwks = o.jwks.and_then(|path| match std::fs::read_to_string(&path) {
         Ok(s) => Some(s),
         Err(e) => {
             eprintln!("tollgate-demo: cannot read --jwks {path}: {e}; /.well-known/jwks.json will answer 404");
             None
         }
     });
+    o
+}
+
+fn main() {
+    let o = options();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .max_blocking_threads(512)
@@ -207,7 +226,7 @@ fn main() {
     let holds = Arc::new(Holds::default());
     runtime.block_on(async move {
         let mut servers = Vec::new();
-        for l in listens {
+        for l in &o.listens {
             let Some((name, addr)) = l.split_once('=') else {
                 eprintln!("tollgate-demo: --listen wants NAME=ADDR:PORT, got `{l}`");
                 std::process::exit(2);
@@ -222,9 +241,9 @@ fn main() {
             eprintln!("tollgate-demo: {name} listening on http://{addr}");
             let svc = Arc::new(Service {
                 name: name.to_string(),
-                require_identity: require_identity.iter().any(|n| n == name),
-                jwks: jwks_doc.clone(),
-                issuer: issuer.clone(),
+                require_identity: o.require_identity.iter().any(|n| n == name),
+                jwks: o.jwks.clone(),
+                issuer: o.issuer.clone(),
                 counts: Mutex::new(HashMap::new()),
                 total: AtomicU64::new(0),
                 rng: AtomicU64::new(0x9E37_79B9_7F4A_7C15 ^ addr.len() as u64),
@@ -251,33 +270,7 @@ async fn serve(listener: TcpListener, svc: Arc<Service>) {
             let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                 let svc = svc.clone();
                 async move {
-                    let method = req.method().as_str().to_string();
-                    let url = req
-                        .uri()
-                        .path_and_query()
-                        .map(|p| p.as_str().to_string())
-                        .unwrap_or_else(|| "/".into());
-                    let headers = req
-                        .headers()
-                        .iter()
-                        .map(|(k, v)| {
-                            (
-                                k.as_str().to_string(),
-                                String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                            )
-                        })
-                        .collect();
-                    let body = Limited::new(req.into_body(), MAX_BODY)
-                        .collect()
-                        .await
-                        .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
-                        .unwrap_or_default();
-                    let request = DemoRequest {
-                        method,
-                        url,
-                        headers,
-                        body,
-                    };
+                    let request = read_request(req).await;
                     let answer = tokio::task::spawn_blocking(move || handle(&svc, request))
                         .await
                         .unwrap_or_else(|_| DemoResponse::error());
@@ -289,6 +282,37 @@ async fn serve(listener: TcpListener, svc: Arc<Service>) {
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
+    }
+}
+
+/// A hyper request read whole (the body up to [`MAX_BODY`], lossily as text).
+async fn read_request(req: hyper::Request<hyper::body::Incoming>) -> DemoRequest {
+    let method = req.method().as_str().to_string();
+    let url = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    let headers = req
+        .headers()
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    let body = Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
+        .unwrap_or_default();
+    DemoRequest {
+        method,
+        url,
+        headers,
+        body,
     }
 }
 
@@ -466,40 +490,51 @@ fn fnv(bytes: &[u8]) -> u64 {
     h
 }
 
-fn http_date_secs(s: &str) -> Option<u64> {
-    // Parses IMF-fixdate: "Thu, 01 Jan 2026 00:00:00 GMT".
-    let parts: Vec<&str> = s.split_whitespace().collect();
-    if parts.len() != 6 {
-        return None;
+/// One request: the counters and holds, then the route's answer with the knobs applied.
+fn handle(svc: &Service, req: DemoRequest) -> DemoResponse {
+    let (path, knobs) = read_knobs(&req);
+    let method = req.method.as_str();
+    if path == "/hold" || path == "/release" {
+        return hold_endpoint(svc, method, &path, &knobs);
     }
-    let day: u64 = parts[1].parse().ok()?;
-    let months = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    let month = months.iter().position(|m| *m == parts[2])? as u64 + 1;
-    let year: u64 = parts[3].parse().ok()?;
-    let hms: Vec<u64> = parts[4].split(':').filter_map(|x| x.parse().ok()).collect();
-    if hms.len() != 3 {
-        return None;
-    }
-    // days from civil (Howard Hinnant)
-    let (y, m) = if month <= 2 {
-        (year - 1, month + 9)
-    } else {
-        (year, month - 3)
+    let nth_for_path = count(svc, &path);
+    wait_as_asked(svc, &path, &knobs, nth_for_path);
+    let decoded: Vec<String> = path
+        .trim_matches('/')
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .map(decode_segment)
+        .collect();
+    let segments: Vec<&str> = decoded.iter().map(String::as_str).collect();
+    let call = Call {
+        method,
+        url: &req.url,
+        path: &path,
+        segments: &segments,
+        knobs: &knobs,
+        body: &req.body,
     };
-    let era = y / 400;
-    let yoe = y - era * 400;
-    let doy = (153 * m + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Some(days * 86400 + hms[0] * 3600 + hms[1] * 60 + hms[2])
+    if let Some(refused) = refuse_anonymous(svc, &call) {
+        return refused;
+    }
+    let routed = control(svc, &call).unwrap_or_else(|| data(svc, &call));
+    if let Some(rate) = knobs.get("fail_rate").and_then(|r| r.parse::<f64>().ok()) {
+        if next_random(svc) < rate {
+            return respond(
+                500,
+                vec![],
+                b"{\"error\":\"injected failure\"}".to_vec(),
+                "application/json",
+                method,
+            );
+        }
+    }
+    answer(svc, &call, routed)
 }
 
-fn handle(svc: &Service, req: DemoRequest) -> DemoResponse {
-    let url = req.url.clone();
-    let (path, query) = url.split_once('?').unwrap_or((&url, ""));
-    let path = path.to_string();
+/// The path of a request and its knobs (decoded query parameters, lower-cased headers).
+fn read_knobs(req: &DemoRequest) -> (String, Knobs) {
+    let (path, query) = req.url.split_once('?').unwrap_or((&req.url, ""));
     let knobs = Knobs {
         query: query
             .split('&')
@@ -515,25 +550,30 @@ fn handle(svc: &Service, req: DemoRequest) -> DemoResponse {
             .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
             .collect(),
     };
-    let method = req.method.clone();
-    let body_in = req.body;
+    (path.to_string(), knobs)
+}
 
-    if path == "/hold" || path == "/release" {
-        return hold_endpoint(svc, &method, &path, &knobs);
-    }
-    let mut nth_for_path = 0;
-    if path != "/stats"
-        && path != "/stats/reset"
-        && path != "/healthz"
-        && !path.starts_with("/hold/")
+/// Count a request in the request log (not the log's own endpoints): which request to this
+/// path it is since the last reset (1 for the first), 0 when not counted.
+fn count(svc: &Service, path: &str) -> u64 {
+    if path == "/stats"
+        || path == "/stats/reset"
+        || path == "/healthz"
+        || path.starts_with("/hold/")
     {
-        svc.total.fetch_add(1, Ordering::Relaxed);
-        if let Ok(mut c) = svc.counts.lock() {
-            let n = c.entry(path.clone()).or_insert(0);
-            *n += 1;
-            nth_for_path = *n;
-        }
+        return 0;
     }
+    svc.total.fetch_add(1, Ordering::Relaxed);
+    let Ok(mut c) = svc.counts.lock() else {
+        return 0;
+    };
+    let n = c.entry(path.to_string()).or_insert(0);
+    *n += 1;
+    *n
+}
+
+/// The `hold`, `hold_first`, held-path, `delay` and `delay_first` knobs: wait before answering.
+fn wait_as_asked(svc: &Service, path: &str, knobs: &Knobs, nth_for_path: u64) {
     if let Some(name) = knobs.get("hold").filter(|n| !n.is_empty()) {
         svc.holds.wait(&name);
     }
@@ -542,7 +582,7 @@ fn handle(svc: &Service, req: DemoRequest) -> DemoResponse {
             svc.holds.wait(&name);
         }
     }
-    wait_while_held(svc, &path);
+    wait_while_held(svc, path);
     if let Some(ms) = knobs.get("delay").and_then(|d| d.parse::<u64>().ok()) {
         std::thread::sleep(Duration::from_millis(ms.min(60_000)));
     }
@@ -552,27 +592,65 @@ fn handle(svc: &Service, req: DemoRequest) -> DemoResponse {
             std::thread::sleep(Duration::from_millis(ms.min(60_000)));
         }
     }
+}
 
-    let mut status: u16 = 200;
-    let mut cache_control = match svc.name.as_str() {
-        "products" => "public, max-age=60",
-        "users" => "private, max-age=30",
-        _ => "no-store",
+/// A request as the routes see it.
+struct Call<'a> {
+    method: &'a str,
+    /// Path and query, as received.
+    url: &'a str,
+    path: &'a str,
+    /// The path's segments, percent-decoded.
+    segments: &'a [&'a str],
+    knobs: &'a Knobs,
+    body: &'a str,
+}
+
+/// A route's answer before the knobs apply.
+struct Routed {
+    status: u16,
+    body: Value,
+    /// `None`: the service's default.
+    cache_control: Option<&'static str>,
+    /// Send `ETag` / `Last-Modified` and answer conditional requests (on a 200).
+    validators: bool,
+}
+
+impl Routed {
+    fn ok(body: Value) -> Self {
+        Routed {
+            status: 200,
+            body,
+            cache_control: None,
+            validators: true,
+        }
     }
-    .to_string();
-    let mut extra: Vec<(String, String)> = Vec::new();
-    let mut validators = true;
+    /// A 200 without validators.
+    fn plain(body: Value) -> Self {
+        Routed {
+            validators: false,
+            ..Routed::ok(body)
+        }
+    }
+    /// A 200 without validators, never stored.
+    fn no_store(body: Value) -> Self {
+        Routed {
+            cache_control: Some("no-store"),
+            ..Routed::plain(body)
+        }
+    }
+    fn not_found(body: Value) -> Self {
+        Routed {
+            status: 404,
+            ..Routed::plain(body)
+        }
+    }
+}
 
-    let decoded: Vec<String> = path
-        .trim_matches('/')
-        .split('/')
-        .filter(|s| !s.is_empty())
-        .map(decode_segment)
-        .collect();
-    let segments: Vec<&str> = decoded.iter().map(String::as_str).collect();
-    // The service's own check of the identity the gateway forwards.
+/// The service's own check of the identity the gateway forwards (`--require-identity`).
+fn refuse_anonymous(svc: &Service, call: &Call<'_>) -> Option<DemoResponse> {
     let exempt = matches!(
-        segments.as_slice(),
+        call.segments,
         ["healthz"]
             | ["stats", ..]
             | ["hold", ..]
@@ -580,203 +658,222 @@ fn handle(svc: &Service, req: DemoRequest) -> DemoResponse {
             | ["echo", ..]
             | [_, "echo", ..]
     );
-    if svc.require_identity
-        && !exempt
-        && knobs
-            .header("x-tollgate-consumer")
-            .is_none_or(|c| c.trim().is_empty())
-    {
-        let body = json!({"type": "about:blank", "title": "Unauthorized", "status": 401,
-                          "detail": format!("the {} service answers identified callers only (x-tollgate-consumer)", svc.name)});
-        return respond(
-            401,
-            vec![("cache-control".into(), "no-store".into())],
-            serde_json::to_vec(&body).unwrap_or_default(),
-            "application/problem+json",
-            &method,
-        );
+    let identified = call
+        .knobs
+        .header("x-tollgate-consumer")
+        .is_some_and(|c| !c.trim().is_empty());
+    if !svc.require_identity || exempt || identified {
+        return None;
     }
-    let body: Value = match (method.as_str(), segments.as_slice()) {
-        (_, ["healthz"]) => json!({"ok": true, "service": svc.name}),
+    let body = json!({"type": "about:blank", "title": "Unauthorized", "status": 401,
+                      "detail": format!("the {} service answers identified callers only (x-tollgate-consumer)", svc.name)});
+    Some(respond(
+        401,
+        vec![("cache-control".into(), "no-store".into())],
+        serde_json::to_vec(&body).unwrap_or_default(),
+        "application/problem+json",
+        call.method,
+    ))
+}
+
+/// The endpoints every service has: health, the request log, holds, discovery, echo.
+fn control(svc: &Service, call: &Call<'_>) -> Option<Routed> {
+    Some(match (call.method, call.segments) {
+        (_, ["healthz"]) => Routed::ok(json!({"ok": true, "service": svc.name})),
         (_, ["stats"]) => {
             let counts = svc.counts.lock().map(|c| c.clone()).unwrap_or_default();
-            validators = false;
-            cache_control = "no-store".into();
-            json!({"service": svc.name, "requests": svc.total.load(Ordering::Relaxed), "by_path": counts})
+            Routed::no_store(
+                json!({"service": svc.name, "requests": svc.total.load(Ordering::Relaxed), "by_path": counts}),
+            )
         }
         ("POST", ["stats", "reset"]) => {
             if let Ok(mut c) = svc.counts.lock() {
                 c.clear();
             }
             svc.total.store(0, Ordering::Relaxed);
-            validators = false;
-            json!({"reset": true})
+            Routed::plain(json!({"reset": true}))
         }
         ("POST", ["hold", "release"]) => {
             svc.holds.release(None);
-            validators = false;
-            cache_control = "no-store".into();
-            json!({"released": true})
+            Routed::no_store(json!({"released": true}))
         }
         ("POST", ["hold", name, "release"]) => {
             svc.holds.release(Some(name));
-            validators = false;
-            cache_control = "no-store".into();
-            json!({"name": name, "released": true})
+            Routed::no_store(json!({"name": name, "released": true}))
         }
         (_, ["hold", name]) => {
             let g = svc.holds.state(name);
-            validators = false;
-            cache_control = "no-store".into();
-            json!({"name": name, "waiting": g.waiting, "arrived": g.arrived, "released": g.released})
+            Routed::no_store(
+                json!({"name": name, "waiting": g.waiting, "arrived": g.arrived, "released": g.released}),
+            )
         }
         (_, [".well-known", "jwks.json"]) => match &svc.jwks {
-            Some(doc) => {
-                cache_control = "public, max-age=300".into();
-                serde_json::from_str(doc).unwrap_or(Value::Null)
-            }
-            None => {
-                status = 404;
-                json!({"title": "no JWKS configured"})
-            }
+            Some(doc) => Routed {
+                cache_control: Some("public, max-age=300"),
+                ..Routed::ok(serde_json::from_str(doc).unwrap_or(Value::Null))
+            },
+            None => Routed {
+                status: 404,
+                ..Routed::ok(json!({"title": "no JWKS configured"}))
+            },
         },
         (_, [".well-known", "openid-configuration"]) => {
-            let host = knobs.header("host").unwrap_or("127.0.0.1");
-            json!({
+            let host = call.knobs.header("host").unwrap_or("127.0.0.1");
+            Routed::ok(json!({
                 "issuer": svc.issuer,
                 "jwks_uri": format!("http://{host}/.well-known/jwks.json"),
                 "id_token_signing_alg_values_supported": ["ES256", "RS256"]
-            })
+            }))
         }
-        (_, ["echo", ..] | [_, "echo", ..]) => {
-            validators = false;
-            cache_control = "no-store".into();
-            let headers: serde_json::Map<String, Value> =
-                knobs
-                    .headers
-                    .iter()
-                    .fold(serde_json::Map::new(), |mut m, (k, v)| {
-                        match m.get_mut(k) {
-                            Some(Value::String(prev)) => {
-                                let joined = format!("{prev},{v}");
-                                *prev = joined;
-                            }
-                            _ => {
-                                m.insert(k.clone(), Value::String(v.clone()));
-                            }
-                        }
-                        m
-                    });
-            json!({"service": svc.name, "method": method, "path": url, "headers": headers, "body": body_in})
-        }
-        ("GET" | "HEAD", [s]) if *s == svc.name => list(&svc.name, &knobs),
-        ("GET" | "HEAD", [s, id]) if *s == svc.name => match item(&svc.name, id) {
-            Some(v) => v,
-            None => {
-                status = 404;
-                validators = false;
-                json!({"type": "about:blank", "title": "Not Found", "status": 404,
-                       "detail": format!("no {} with id {id}", svc.name)})
-            }
-        },
-        ("POST" | "PUT" | "PATCH" | "DELETE", [s, ..]) if *s == svc.name => {
-            validators = false;
-            cache_control = "no-store".into();
-            status = if method == "POST" { 201 } else { 200 };
-            json!({"service": svc.name, "method": method, "path": path, "accepted": true})
-        }
-        _ => {
-            status = 404;
-            validators = false;
-            json!({"type": "about:blank", "title": "Not Found", "status": 404, "detail": path})
-        }
-    };
+        (_, ["echo", ..] | [_, "echo", ..]) => Routed::no_store(echo(svc, call)),
+        _ => return None,
+    })
+}
 
-    if let Some(rate) = knobs.get("fail_rate").and_then(|r| r.parse::<f64>().ok()) {
-        if next_random(svc) < rate {
-            return respond(
-                500,
-                vec![],
-                b"{\"error\":\"injected failure\"}".to_vec(),
-                "application/json",
-                &method,
-            );
+/// What `/echo` answers: the request as the service received it (repeated headers joined).
+fn echo(svc: &Service, call: &Call<'_>) -> Value {
+    let mut headers = serde_json::Map::new();
+    for (k, v) in &call.knobs.headers {
+        match headers.get_mut(k) {
+            Some(Value::String(prev)) => *prev = format!("{prev},{v}"),
+            _ => {
+                headers.insert(k.clone(), Value::String(v.clone()));
+            }
         }
     }
+    json!({"service": svc.name, "method": call.method, "path": call.url, "headers": headers, "body": call.body})
+}
+
+/// The service's data: a list, an item, writes accepted; anything else 404.
+fn data(svc: &Service, call: &Call<'_>) -> Routed {
+    match (call.method, call.segments) {
+        ("GET" | "HEAD", [s]) if *s == svc.name => Routed::ok(list(&svc.name, call.knobs)),
+        ("GET" | "HEAD", [s, id]) if *s == svc.name => match item(&svc.name, id) {
+            Some(v) => Routed::ok(v),
+            None => Routed::not_found(
+                json!({"type": "about:blank", "title": "Not Found", "status": 404,
+                       "detail": format!("no {} with id {id}", svc.name)}),
+            ),
+        },
+        ("POST" | "PUT" | "PATCH" | "DELETE", [s, ..]) if *s == svc.name => Routed {
+            status: if call.method == "POST" { 201 } else { 200 },
+            ..Routed::no_store(
+                json!({"service": svc.name, "method": call.method, "path": call.path, "accepted": true}),
+            )
+        },
+        _ => Routed::not_found(
+            json!({"type": "about:blank", "title": "Not Found", "status": 404, "detail": call.path}),
+        ),
+    }
+}
+
+/// The response of a route with the knobs applied: status, cache control, content type, size,
+/// validators (and 304), extra headers.
+fn answer(svc: &Service, call: &Call<'_>, routed: Routed) -> DemoResponse {
+    let knobs = call.knobs;
+    let mut status = routed.status;
     if let Some(s) = knobs.get("status").and_then(|s| s.parse::<u16>().ok()) {
         status = s;
     }
-    if let Some(cc) = knobs.get("cache_control") {
-        cache_control = cc;
-    }
+    let cache_control = knobs.get("cache_control").unwrap_or_else(|| {
+        routed
+            .cache_control
+            .unwrap_or(match svc.name.as_str() {
+                "products" => "public, max-age=60",
+                "users" => "private, max-age=30",
+                _ => "no-store",
+            })
+            .to_string()
+    });
     let content_type = knobs
         .get("content_type")
         .unwrap_or_else(|| "application/json".into());
-    let mut bytes = if content_type.contains("json") {
-        serde_json::to_vec(&body).unwrap_or_default()
+    let mut bytes = body_bytes(&routed.body, knobs, &content_type);
+    let mut extra: Vec<(String, String)> = Vec::new();
+    if routed.validators && status == 200 && validate(knobs, &bytes, &mut extra) {
+        status = 304;
+        bytes = Vec::new();
+    }
+    extra.push(("cache-control".into(), cache_control));
+    knob_headers(knobs, &mut extra);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    extra.push(("x-demo-service".into(), svc.name.clone()));
+    extra.push(("x-demo-served-at-ms".into(), now.to_string()));
+    respond(status, extra, bytes, &content_type, call.method)
+}
+
+/// The body's bytes: JSON (padded to the `size` knob), or a non-JSON text for another
+/// `content_type`.
+fn body_bytes(body: &Value, knobs: &Knobs, content_type: &str) -> Vec<u8> {
+    let json = content_type.contains("json");
+    let mut bytes = if json {
+        serde_json::to_vec(body).unwrap_or_default()
     } else {
         b"this is not JSON <html>".to_vec()
     };
-    if let Some(size) = knobs.get("size").and_then(|s| s.parse::<usize>().ok()) {
-        let size = size.min(64 << 20);
-        if content_type.contains("json") {
-            if let Value::Object(mut m) = body.clone() {
-                let base = serde_json::to_vec(&m).unwrap_or_default().len() + 12;
-                m.insert(
-                    "padding".into(),
-                    Value::String("x".repeat(size.saturating_sub(base))),
-                );
-                bytes = serde_json::to_vec(&m).unwrap_or_default();
-            }
-        } else {
-            bytes.resize(size, b'.');
-        }
+    let Some(size) = knobs.get("size").and_then(|s| s.parse::<usize>().ok()) else {
+        return bytes;
+    };
+    let size = size.min(64 << 20);
+    if !json {
+        bytes.resize(size, b'.');
+    } else if let Value::Object(mut m) = body.clone() {
+        let base = serde_json::to_vec(&m).unwrap_or_default().len() + 12;
+        m.insert(
+            "padding".into(),
+            Value::String("x".repeat(size.saturating_sub(base))),
+        );
+        bytes = serde_json::to_vec(&m).unwrap_or_default();
     }
+    bytes
+}
 
-    if validators && status == 200 {
-        let etag = knobs
-            .get("etag")
-            .unwrap_or_else(|| format!("\"{:016x}\"", fnv(&bytes)));
-        let last_modified = knobs
-            .get("last_modified")
-            .unwrap_or_else(|| LAST_MODIFIED.into());
-        let mut not_modified = false;
-        // `conditional: ignore`: answer 200 even to a matching conditional request.
-        let honour = knobs.get("conditional").as_deref() != Some("ignore");
-        if etag != "none" {
-            if let Some(inm) = knobs.header("if-none-match").filter(|_| honour) {
-                let weak = |t: &str| t.trim().trim_start_matches("W/").to_string();
-                not_modified = inm.trim() == "*" || inm.split(',').any(|t| weak(t) == weak(&etag));
+/// Add `ETag` and `Last-Modified` (the `etag` / `last_modified` knobs, `none` to omit) and
+/// say whether the request's `If-None-Match` / `If-Modified-Since` makes the answer a 304
+/// (never with `conditional: ignore`).
+fn validate(knobs: &Knobs, bytes: &[u8], extra: &mut Vec<(String, String)>) -> bool {
+    let etag = knobs
+        .get("etag")
+        .unwrap_or_else(|| format!("\"{:016x}\"", fnv(bytes)));
+    let last_modified = knobs
+        .get("last_modified")
+        .unwrap_or_else(|| LAST_MODIFIED.into());
+    let mut not_modified = false;
+    let honour = knobs.get("conditional").as_deref() != Some("ignore");
+    if etag != "none" {
+        if let Some(inm) = knobs.header("if-none-match").filter(|_| honour) {
+            let weak = |t: &str| t.trim().trim_start_matches("W/").to_string();
+            not_modified = inm.trim() == "*" || inm.split(',').any(|t| weak(t) == weak(&etag));
+        }
+        extra.push(("etag".into(), etag));
+    }
+    if last_modified != "none" {
+        if honour && knobs.header("if-none-match").is_none() {
+            if let (Some(ims), Some(lm)) = (
+                knobs.header("if-modified-since").and_then(http_date),
+                http_date(&last_modified),
+            ) {
+                not_modified = lm <= ims;
             }
-            extra.push(("etag".into(), etag));
         }
-        if last_modified != "none" {
-            if honour && knobs.header("if-none-match").is_none() {
-                if let (Some(ims), Some(lm)) = (
-                    knobs.header("if-modified-since").and_then(http_date_secs),
-                    http_date_secs(&last_modified),
-                ) {
-                    not_modified = lm <= ims;
-                }
-            }
-            extra.push(("last-modified".into(), last_modified));
-        }
-        if not_modified {
-            status = 304;
-            bytes = Vec::new();
-        }
+        extra.push(("last-modified".into(), last_modified));
     }
-    extra.push(("cache-control".into(), cache_control));
-    if let Some(v) = knobs.get("vary") {
-        extra.push(("vary".into(), v));
-    }
-    if let Some(v) = knobs.get("expires") {
-        extra.push(("expires".into(), v));
-    }
-    if let Some(c) = knobs.get("set_cookie") {
-        extra.push(("set-cookie".into(), c));
-    }
-    for (knob, name) in [("age", "age"), ("date", "date")] {
+    not_modified
+}
+
+/// The response headers set by knobs: `vary`, `expires`, `set_cookie`, `age`, `date`, and
+/// `header: NAME: VALUE`.
+fn knob_headers(knobs: &Knobs, extra: &mut Vec<(String, String)>) {
+    for (knob, name) in [
+        ("vary", "vary"),
+        ("expires", "expires"),
+        ("set_cookie", "set-cookie"),
+        ("age", "age"),
+        ("date", "date"),
+    ] {
         if let Some(v) = knobs.get(knob) {
             extra.push((name.into(), v));
         }
@@ -788,13 +885,6 @@ fn handle(svc: &Service, req: DemoRequest) -> DemoResponse {
     {
         extra.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
     }
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or(0);
-    extra.push(("x-demo-service".into(), svc.name.clone()));
-    extra.push(("x-demo-served-at-ms".into(), now.to_string()));
-    respond(status, extra, bytes, &content_type, &method)
 }
 
 /// `POST /hold?path=P` (hold later requests to P), `POST /release?path=P`, `GET /hold?path=P`
