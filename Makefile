@@ -10,8 +10,8 @@ ENVOY         ?=
 ENVOY_BIN      = $(if $(ENVOY),$(ENVOY),$(VENV)/bin/envoy)
 PYTEST_ARGS   ?=
 # The filter tests that run a second time against the combined module (TOLLGATE_MODULE=combined).
-COMBINED_TESTS := tests/test_foundation.py tests/test_auth.py tests/test_ratelimit.py tests/test_cache.py tests/test_aggregate.py \
-                  tests/test_hostile.py
+COMBINED_TESTS := tests/test_foundation.py tests/test_auth.py tests/test_ratelimit.py tests/test_global_ratelimit.py \
+                  tests/test_cache.py tests/test_aggregate.py tests/test_hostile.py
 
 .PHONY: help build wasm demo-service rls-service loadgen redis run test unit-test integration-test validate lint fmt clean \
         host-toolchain python-env oci dist release manifests test-matrix test-stress cache-conformance

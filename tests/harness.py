@@ -445,6 +445,12 @@ def chain_entries(filters: list[tuple[str, object]]) -> list[dict]:
     return entries
 
 
+def user_env() -> dict:
+    """The environment a user's shell has: without the variables of the `make` that runs the
+    tests (a nested `make` would print "Entering directory" into a command's output)."""
+    return {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+
+
 def config_field(name: str, path: str) -> str:
     """The field a configuration error of filter `name` names: `path`, or in combined mode the
     path within the filter's section (`ratelimit.routes[0].match`)."""

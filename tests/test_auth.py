@@ -451,10 +451,10 @@ def test_make_token_prints_a_demo_token():
     """`make token` runs the mint-token that `make build` built: no cargo inside the tests."""
     import subprocess
     plan = subprocess.run(["make", "-n", "-s", "token", "SUB=dora"], cwd=harness.ROOT, capture_output=True,
-                          text=True, timeout=60, check=True).stdout
+                          text=True, timeout=60, check=True, env=harness.user_env()).stdout
     assert "cargo" not in plan and "target/release/examples/mint-token" in plan, plan
     out = subprocess.run(["make", "-s", "token", "SUB=dora", "SCOPES=orders:read orders:write"], cwd=harness.ROOT,
-                         capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+                         capture_output=True, text=True, timeout=60, check=True, env=harness.user_env()).stdout.strip()
     header, payload, sig = out.split(".")
     assert json.loads(unb64(header))["kid"] == "demo-es256"
     claims = json.loads(unb64(payload))

@@ -1662,7 +1662,7 @@ def test_readme_demo_answers_match_the_bundled_gateway(envoy_factory):
         cfg = harness.bundled_config(services)
         envoy = envoy_factory(config=cfg)
         harness.wait_for(lambda: envoy.stat("tollgate.auth.jwks_fetches") >= 1, 60, "the demo provider's keys")
-        env = dict(os.environ)
+        env = harness.user_env()
         checks = readme_checks((ROOT / "README.md").read_text())
         assert sum(e is not None for _, e in checks) >= 5, checks
         for cmd, expected in checks:

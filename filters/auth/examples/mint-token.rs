@@ -147,12 +147,14 @@ fn mac<M: Mac + hmac::digest::KeyInit>(secret: &[u8], input: &[u8]) -> Vec<u8> {
     m.finalize().into_bytes().to_vec()
 }
 
+const DEMO_KEYS: &str = include_str!("../../../envoy/demo-keys/private.jwks.json");
+
 fn main() {
     let mut args = std::env::args().skip(1);
-    let mut keys_path = format!(
-        "{}/../../envoy/demo-keys/private.jwks.json",
-        env!("CARGO_MANIFEST_DIR")
-    );
+    // The DEMO-ONLY keys are built in, so the binary works wherever the checkout is (a copied
+    // target/ or a moved worktree); `--keys FILE` reads others.
+    let mut keys_path = "the built-in demo keys".to_string();
+    let mut keys_file = None;
     let mut kid = "demo-es256".to_string();
     let (mut sub, mut scopes) = (None, None);
     let mut iss = "https://demo.tollgate.local".to_string();
@@ -168,7 +170,10 @@ fn main() {
     while let Some(a) = args.next() {
         let mut val = || args.next().unwrap_or_else(|| panic!("{a} needs a value"));
         match a.as_str() {
-            "--keys" => keys_path = val(),
+            "--keys" => {
+                keys_path = val();
+                keys_file = Some(keys_path.clone());
+            }
             "--kid" => kid = val(),
             "--sub" => sub = Some(val()),
             "--scopes" => scopes = Some(val()),
@@ -217,8 +222,10 @@ fn main() {
         header.insert("alg".into(), json!("HS256"));
         None
     } else {
-        let text =
-            std::fs::read_to_string(&keys_path).unwrap_or_else(|e| panic!("{keys_path}: {e}"));
+        let text = match &keys_file {
+            Some(f) => std::fs::read_to_string(f).unwrap_or_else(|e| panic!("{f}: {e}")),
+            None => DEMO_KEYS.to_string(),
+        };
         let doc: Value = serde_json::from_str(&text).unwrap();
         let key = doc["keys"]
             .as_array()
