@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -241,6 +242,7 @@ def files(paths: list[str]) -> list[Path]:
 
 
 def main() -> int:
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `| head` ends the listing quietly
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("paths", nargs="*", default=DEFAULT_DIRS)
     ap.add_argument("--max-lines", type=int, default=80)
