@@ -626,10 +626,7 @@ impl<R: RootFilter, P: Proxy> Dispatcher<R, P> {
             let host = self.proxy.host();
             let mut cached;
             let host: &mut dyn Host = if self.cache_headers {
-                cached = Cached {
-                    host,
-                    cache: &mut cache,
-                };
+                cached = Cached::new(host, &mut cache);
                 &mut cached
             } else {
                 host
