@@ -1,7 +1,8 @@
 //! `tollgate-micro`: runs one module's code (the filter's pure core and the dispatcher, the same
 //! code as in the .wasm, compiled for the host) over the in-memory proxy of the test driver,
 //! request after request, and prints nanoseconds and the proxy calls (hostcalls in Envoy) per
-//! request. Used to find hot spots with a profiler, since Envoy's V8 gives wasm code no symbols:
+//! request (in total, and hook by hook in order: `by_hook`). Used to find hot spots with a
+//! profiler, since Envoy's V8 gives wasm code no symbols:
 //!
 //!     cargo build --release --manifest-path bench/micro/Cargo.toml
 //!     valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.out \
@@ -79,6 +80,16 @@ const BODY: &[u8] = br#"{"id":1,"name":"bench","items":[1,2,3],"ok":true}"#;
 /// One request through the module (request headers, then the upstream's answer when it goes
 /// on, then the end of the stream); returns what happened for a summary.
 fn one<R: RootFilter>(d: &mut Driver<R>, args: &Args, n: u64) -> &'static str {
+    one_phased(d, args, n, &mut |_, _| {})
+}
+
+/// [`one`], calling `phase(name, driver)` after each hook (to take the host calls it made).
+fn one_phased<R: RootFilter>(
+    d: &mut Driver<R>,
+    args: &Args,
+    n: u64,
+    phase: &mut dyn FnMut(&'static str, &mut Driver<R>),
+) -> &'static str {
     let num = n.to_string();
     let path = args.path.replace("{n}", &num);
     let headers: Vec<(String, String)> = args
@@ -91,7 +102,9 @@ fn one<R: RootFilter>(d: &mut Driver<R>, args: &Args, n: u64) -> &'static str {
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
     let id = d.request("GET", &path, &hv);
-    let outcome = match d.request_headers(id, true) {
+    let decision = d.request_headers(id, true);
+    phase("request_headers", d);
+    let outcome = match decision {
         Decision::Respond(_) => "local reply",
         Decision::Pause => "paused",
         Decision::Continue => {
@@ -103,11 +116,14 @@ fn one<R: RootFilter>(d: &mut Driver<R>, args: &Args, n: u64) -> &'static str {
                     .map(|(k, v)| (k.as_str(), v.as_str())),
             );
             let _ = d.response_headers(id, &rh, false);
+            phase("response_headers", d);
             let _ = d.response_body(id, BODY, true);
+            phase("response_body", d);
             "upstream"
         }
     };
     d.done(id);
+    phase("done", d);
     outcome
 }
 
@@ -121,10 +137,13 @@ fn run<R: RootFilter>(args: &Args) -> Result<(), String> {
     }
     // proxy calls of one more request, after the warm-up
     d.count_host_calls(true);
-    one(&mut d, args, 999_999);
+    let mut phases: Vec<(&'static str, Vec<&'static str>)> = Vec::new();
+    one_phased(&mut d, args, 999_999, &mut |name, d| {
+        phases.push((name, d.take_host_calls()))
+    });
     d.count_host_calls(false);
     let mut calls: BTreeMap<&str, u64> = BTreeMap::new();
-    for c in d.take_host_calls() {
+    for c in phases.iter().flat_map(|(_, calls)| calls) {
         *calls.entry(c).or_default() += 1;
     }
     // What the header reads cost besides the calls: bytes copied out of the proxy.
@@ -137,8 +156,20 @@ fn run<R: RootFilter>(args: &Args) -> Result<(), String> {
     let ns = t0.elapsed().as_nanos() as f64 / args.iterations.max(1) as f64;
     let total: u64 = calls.values().sum();
     println!(
-        "{{\"module\":\"{}\",\"header_cache\":{},\"iterations\":{},\"ns_per_request\":{:.0},\"outcomes\":{:?},\"host_calls_per_request\":{},\"header_bytes_per_request\":{},\"host_calls\":{:?}}}",
-        args.module, args.header_cache, args.iterations, ns, counts, total, header_bytes, calls
+        "{{\"module\":\"{}\",\"header_cache\":{},\"iterations\":{},\"ns_per_request\":{:.0},\"outcomes\":{:?},\"host_calls_per_request\":{},\"header_bytes_per_request\":{},\"host_calls\":{:?},\"by_hook\":{{{}}}}}",
+        args.module,
+        args.header_cache,
+        args.iterations,
+        ns,
+        counts,
+        total,
+        header_bytes,
+        calls,
+        phases
+            .iter()
+            .map(|(name, calls)| format!("\"{name}\":{calls:?}"))
+            .collect::<Vec<_>>()
+            .join(",")
     );
     Ok(())
 }

@@ -59,6 +59,7 @@ impl AuthRoot {
 impl RootFilter for AuthRoot {
     type Filter = AuthFilter;
     const NAME: &'static str = "auth";
+    const RESPONSE_HOOKS: bool = false;
 
     fn new(context_id: u32) -> Self {
         AuthRoot {

@@ -17,7 +17,7 @@ pub mod verdict;
 
 pub use filter::{AuthFilter, AuthRoot};
 
-tollgate_common::export_filter!(AuthRoot);
+tollgate_common::export_filter!(AuthRoot, request_only);
 
 #[cfg(test)]
 mod tests;

@@ -565,16 +565,15 @@ pub mod exports {
         }))
     }
 
-    /// Response headers.
-    #[cfg_attr(target_arch = "wasm32", no_mangle)]
+    /// Response headers. Exported by [`crate::export_filter!`] only for a filter that has
+    /// response hooks: Envoy does not enter a module for a hook it does not export.
     pub extern "C" fn proxy_on_response_headers(id: u32, _headers: u32, eos: u32) -> u32 {
         action(with_vm(Action::Continue, |vm| {
             vm.on_response_headers(id, eos != 0)
         }))
     }
 
-    /// A response body chunk.
-    #[cfg_attr(target_arch = "wasm32", no_mangle)]
+    /// A response body chunk. Exported like [`proxy_on_response_headers`].
     pub extern "C" fn proxy_on_response_body(id: u32, size: u32, eos: u32) -> u32 {
         action(with_vm(Action::Continue, |vm| {
             vm.on_response_body(id, size as usize, eos != 0)
@@ -615,25 +614,59 @@ pub mod exports {
         u32::from(with_vm(true, |vm| vm.on_done(context_id)))
     }
 
-    /// A context is deleted.
-    #[cfg_attr(target_arch = "wasm32", no_mangle)]
+    /// A context is deleted. Not exported: `proxy_on_done` already forgets a request or a root,
+    /// and Envoy makes no entry into the VM for a hook the module does not export (one entry
+    /// fewer per request).
     pub extern "C" fn proxy_on_delete(context_id: u32) {
         with_vm((), |vm| vm.on_delete(context_id))
     }
 }
 
 /// Export a [`RootFilter`] as a proxy-wasm module: `tollgate_common::export_filter!(AuthRoot);`
-/// in the filter crate's `lib.rs`. It defines the module's `_initialize` (only when building
-/// the wasm module with the crate's `export` feature, on by default: a crate that links several
-/// filters into one module turns it off for them).
+/// in the filter crate's `lib.rs`. It defines the module's `_initialize` and the response hooks
+/// `proxy_on_response_headers` / `proxy_on_response_body` (only when building the wasm module
+/// with the crate's `export` feature, on by default: a crate that links several filters into
+/// one module turns it off for them); the other entry points are exported by
+/// [`adapter::exports`](crate::adapter::exports).
+///
+/// `export_filter!(AuthRoot, request_only)` leaves the response hooks out, for a filter whose
+/// [`RootFilter::RESPONSE_HOOKS`](crate::RootFilter::RESPONSE_HOOKS) is false (checked when
+/// compiling): Envoy then never enters the module for the response (two V8 entries fewer per
+/// request).
 #[macro_export]
 macro_rules! export_filter {
-    ($root:ty) => {
+    (@initialize $root:ty) => {
         /// The module's initializer (WASI reactor): installs the filter.
         #[cfg(all(target_arch = "wasm32", feature = "export"))]
         #[no_mangle]
         pub extern "C" fn _initialize() {
             $crate::adapter::start::<$root>(env!("CARGO_PKG_VERSION"));
         }
+    };
+    (@response_hooks) => {
+        /// Response headers (proxy-wasm ABI 0.2.1).
+        #[cfg(all(target_arch = "wasm32", feature = "export"))]
+        #[no_mangle]
+        pub extern "C" fn proxy_on_response_headers(id: u32, headers: u32, eos: u32) -> u32 {
+            $crate::adapter::exports::proxy_on_response_headers(id, headers, eos)
+        }
+
+        /// A response body chunk (proxy-wasm ABI 0.2.1).
+        #[cfg(all(target_arch = "wasm32", feature = "export"))]
+        #[no_mangle]
+        pub extern "C" fn proxy_on_response_body(id: u32, size: u32, eos: u32) -> u32 {
+            $crate::adapter::exports::proxy_on_response_body(id, size, eos)
+        }
+    };
+    ($root:ty) => {
+        $crate::export_filter!(@initialize $root);
+        $crate::export_filter!(@response_hooks);
+    };
+    ($root:ty, request_only) => {
+        const _: () = assert!(
+            !<$root as $crate::RootFilter>::RESPONSE_HOOKS,
+            "export_filter!(.., request_only) for a filter with response hooks"
+        );
+        $crate::export_filter!(@initialize $root);
     };
 }

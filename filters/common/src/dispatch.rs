@@ -553,7 +553,10 @@ impl<R: RootFilter, P: Proxy> Dispatcher<R, P> {
     }
 
     /// `proxy_on_done`: the request is complete; its filter's `on_done` runs and the request
-    /// is forgotten (later wakes and answers for it are dropped).
+    /// is forgotten (later wakes and answers for it are dropped). For a root (the plugin is
+    /// being removed; Envoy deletes a root right after its `on_done` says it is done), the root
+    /// is forgotten: the module does not export `proxy_on_delete`, so that Envoy makes no entry
+    /// into the VM for it on every request.
     pub fn on_done(&mut self, context_id: u32) -> bool {
         let root = self.streams.get(&context_id).map(|s| s.root);
         if root.is_some() {
@@ -564,10 +567,13 @@ impl<R: RootFilter, P: Proxy> Dispatcher<R, P> {
             self.streams.remove(&context_id);
         }
         self.finish_entry(context_id, root, true);
+        if root.is_none() {
+            self.roots.remove(&context_id);
+        }
         true
     }
 
-    /// `proxy_on_delete`: forget the context (a request after `on_done`, or a root).
+    /// `proxy_on_delete` (not exported; see [`Dispatcher::on_done`]): forget the context.
     pub fn on_delete(&mut self, context_id: u32) {
         self.streams.remove(&context_id);
         self.roots.remove(&context_id);
@@ -626,10 +632,7 @@ impl<R: RootFilter, P: Proxy> Dispatcher<R, P> {
             let host = self.proxy.host();
             let mut cached;
             let host: &mut dyn Host = if self.cache_headers {
-                cached = Cached {
-                    host,
-                    cache: &mut cache,
-                };
+                cached = Cached::new(host, &mut cache);
                 &mut cached
             } else {
                 host

@@ -122,6 +122,10 @@ pub trait RootFilter: Sized + 'static {
     type Filter: HttpFilter + 'static;
     /// Filter name used in logs and metric names, such as `auth`.
     const NAME: &'static str;
+    /// The filter has response hooks (`on_response_headers`, `on_response_body`). A filter
+    /// that sets it to false is exported with `export_filter!(Root, request_only)`: its module
+    /// has no response entry points, so Envoy never enters it for the response.
+    const RESPONSE_HOOKS: bool = true;
 
     /// A root for a new VM context.
     fn new(context_id: u32) -> Self;

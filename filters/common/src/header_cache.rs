@@ -10,8 +10,25 @@
 //! One read of the whole map costs one hostcall and a copy of every header; each single read
 //! costs one hostcall. The dispatcher keeps one cache per request (see `dispatch`), so every
 //! filter of the request — and every child of the combined module — shares it.
+//!
+//! Besides the headers, the cache saves the hostcalls that would change nothing or repeat an
+//! answer the module already has:
+//! - **Writes that change nothing.** Once the map is read, removing a request header that is
+//!   absent, or setting one to the single value it already has, makes no hostcall.
+//! - **The response headers, once per entry.** In a response hook the first read of a response
+//!   header fetches the whole map (one hostcall), like the request headers; the copy lives for
+//!   the entry only (the next hook reads the map again).
+//! - **The clock, once per entry.** [`Cached`] lives for one entry of the proxy into the
+//!   module (a hook, a callout answer, a wake); the first `now()` of the entry asks the proxy
+//!   and later ones (the other filters of the combined module, a filter asking twice) get the
+//!   same instant. A request that waits (a callout, a wake) reads the clock again in its next
+//!   entry.
+//! - **Properties of the connection and the route, once per request.** `source.*`,
+//!   `destination.*`, `connection.*` and `xds.route_name` do not change during a request;
+//!   the first read of each asks the proxy, later ones (another filter, another hook) are
+//!   served from the cache. Any other property is read from the proxy each time.
 
-use std::cell::OnceCell;
+use std::cell::{OnceCell, RefCell};
 use std::time::{Duration, SystemTime};
 
 use crate::host::{Body, GrpcCall, Host, HostError, HttpCall, MapKind, MetricKind, SharedError};
@@ -20,6 +37,21 @@ use crate::host::{Body, GrpcCall, Host, HostError, HttpCall, MapKind, MetricKind
 #[derive(Debug, Default)]
 pub struct HeaderCache {
     request: OnceCell<Vec<(String, String)>>,
+    /// Properties that hold for the whole request (see [`stable_property`]), as read.
+    properties: RefCell<Vec<KnownProperty>>,
+}
+
+/// A property's path and value (`None`: absent), as read.
+type KnownProperty = (Vec<String>, Option<Vec<u8>>);
+
+/// True for a property that cannot change during a request: the connection's and the peer's
+/// addresses and the route's name.
+pub fn stable_property(path: &[&str]) -> bool {
+    match path {
+        [first, ..] if matches!(*first, "source" | "destination" | "connection") => true,
+        ["xds", "route_name"] => true,
+        _ => false,
+    }
 }
 
 impl HeaderCache {
@@ -34,61 +66,119 @@ impl HeaderCache {
     }
 }
 
-/// A [`Host`] that serves request-header reads from a [`HeaderCache`].
+/// A [`Host`] that serves request-header reads and stable properties from a request's
+/// [`HeaderCache`], and the clock and response-header reads once per entry. Build one per entry
+/// ([`Cached::new`]).
 pub struct Cached<'a> {
     /// The host behind the cache.
     pub host: &'a mut dyn Host,
     /// The request's cache.
     pub cache: &'a mut HeaderCache,
+    /// The proxy's clock, read at most once in this entry.
+    now: OnceCell<SystemTime>,
+    /// The response headers, read at most once in this entry.
+    response: OnceCell<Vec<(String, String)>>,
 }
 
-impl Cached<'_> {
-    fn request(&self) -> &Vec<(String, String)> {
-        self.cache
-            .request
-            .get_or_init(|| self.host.headers(MapKind::RequestHeaders))
+impl<'a> Cached<'a> {
+    /// The cache of one entry of a request.
+    pub fn new(host: &'a mut dyn Host, cache: &'a mut HeaderCache) -> Self {
+        Cached {
+            host,
+            cache,
+            now: OnceCell::new(),
+            response: OnceCell::new(),
+        }
+    }
+
+    /// The cell of a map this cache keeps (request or response headers).
+    fn cell(&self, map: MapKind) -> Option<&OnceCell<Vec<(String, String)>>> {
+        match map {
+            MapKind::RequestHeaders => Some(&self.cache.request),
+            MapKind::ResponseHeaders => Some(&self.response),
+            _ => None,
+        }
+    }
+
+    fn cell_mut(&mut self, map: MapKind) -> Option<&mut OnceCell<Vec<(String, String)>>> {
+        match map {
+            MapKind::RequestHeaders => Some(&mut self.cache.request),
+            MapKind::ResponseHeaders => Some(&mut self.response),
+            _ => None,
+        }
+    }
+
+    /// A kept map, read from the proxy the first time.
+    fn map(&self, map: MapKind) -> Option<&Vec<(String, String)>> {
+        self.cell(map)
+            .map(|c| c.get_or_init(|| self.host.headers(map)))
+    }
+
+    /// The values of a header of a kept map, when the map has been read.
+    fn known_values<'m>(
+        &'m self,
+        map: MapKind,
+        name: &'m str,
+    ) -> Option<impl Iterator<Item = &'m str> + 'm> {
+        let m = self.cell(map)?.get()?;
+        Some(
+            m.iter()
+                .filter(move |(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_str()),
+        )
     }
 }
 
 impl Host for Cached<'_> {
     fn header(&self, map: MapKind, name: &str) -> Option<String> {
-        if map != MapKind::RequestHeaders {
-            return self.host.header(map, name);
+        match self.map(map) {
+            Some(m) => m
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.clone()),
+            None => self.host.header(map, name),
         }
-        self.request()
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.clone())
     }
     fn headers(&self, map: MapKind) -> Vec<(String, String)> {
-        if map != MapKind::RequestHeaders {
-            return self.host.headers(map);
+        match self.map(map) {
+            Some(m) => m.clone(),
+            None => self.host.headers(map),
         }
-        self.request().clone()
     }
     fn set_header(&mut self, map: MapKind, name: &str, value: &str) {
-        self.host.set_header(map, name, value);
-        if map == MapKind::RequestHeaders {
-            if let Some(m) = self.cache.request.get_mut() {
-                m.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
-                m.push((name.to_ascii_lowercase(), value.to_string()));
+        // Already this one value: nothing to do. (A value read lossily, with U+FFFD for bytes
+        // that were not UTF-8, is never taken as equal.)
+        if let Some(mut values) = self.known_values(map, name) {
+            if values.next() == Some(value)
+                && values.next().is_none()
+                && !value.contains(char::REPLACEMENT_CHARACTER)
+            {
+                return;
             }
+        }
+        self.host.set_header(map, name, value);
+        if let Some(m) = self.cell_mut(map).and_then(OnceCell::get_mut) {
+            m.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
+            m.push((name.to_ascii_lowercase(), value.to_string()));
         }
     }
     fn add_header(&mut self, map: MapKind, name: &str, value: &str) {
         self.host.add_header(map, name, value);
-        if map == MapKind::RequestHeaders {
-            if let Some(m) = self.cache.request.get_mut() {
-                m.push((name.to_ascii_lowercase(), value.to_string()));
-            }
+        if let Some(m) = self.cell_mut(map).and_then(OnceCell::get_mut) {
+            m.push((name.to_ascii_lowercase(), value.to_string()));
         }
     }
     fn remove_header(&mut self, map: MapKind, name: &str) {
+        if self
+            .known_values(map, name)
+            .is_some_and(|mut values| values.next().is_none())
+        {
+            // Known to be absent: nothing to remove.
+            return;
+        }
         self.host.remove_header(map, name);
-        if map == MapKind::RequestHeaders {
-            if let Some(m) = self.cache.request.get_mut() {
-                m.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
-            }
+        if let Some(m) = self.cell_mut(map).and_then(OnceCell::get_mut) {
+            m.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
         }
     }
     fn body(&self, which: Body, start: usize, max: usize) -> Option<Vec<u8>> {
@@ -98,7 +188,21 @@ impl Host for Cached<'_> {
         self.host.set_body(which, start, size, data)
     }
     fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
-        self.host.property(path)
+        if !stable_property(path) {
+            return self.host.property(path);
+        }
+        let same =
+            |p: &Vec<String>| p.len() == path.len() && p.iter().zip(path).all(|(a, b)| a == b);
+        if let Ok(known) = self.cache.properties.try_borrow() {
+            if let Some((_, v)) = known.iter().find(|(p, _)| same(p)) {
+                return v.clone();
+            }
+        }
+        let v = self.host.property(path);
+        if let Ok(mut known) = self.cache.properties.try_borrow_mut() {
+            known.push((path.iter().map(|p| (*p).to_string()).collect(), v.clone()));
+        }
+        v
     }
     fn shared_get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, HostError> {
         self.host.shared_get(key)
@@ -113,7 +217,7 @@ impl Host for Cached<'_> {
         self.host.grpc_call(call)
     }
     fn now(&self) -> SystemTime {
-        self.host.now()
+        *self.now.get_or_init(|| self.host.now())
     }
     fn define_metric(&mut self, kind: MetricKind, name: &str) -> Result<u32, HostError> {
         self.host.define_metric(kind, name)
@@ -141,10 +245,7 @@ mod tests {
     fn reads_are_served_from_one_fetch_and_writes_update_it() {
         let mut mem = MemHost::request("GET", "/a?b", &[("x-one", "1"), ("x-two", "2")]);
         let mut cache = HeaderCache::new();
-        let mut h = Cached {
-            host: &mut mem,
-            cache: &mut cache,
-        };
+        let mut h = Cached::new(&mut mem, &mut cache);
         assert_eq!(
             h.header(MapKind::RequestHeaders, "X-One").as_deref(),
             Some("1")
@@ -171,13 +272,119 @@ mod tests {
     }
 
     #[test]
+    fn writes_that_change_nothing_clock_and_stable_properties_make_no_hostcall() {
+        use crate::testing::MemProxy;
+        let mut vm = MemHost::request("GET", "/", &[("x-id", "a"), ("x-two", "1")]);
+        vm.add_header(MapKind::RequestHeaders, "x-two", "2");
+        vm.set_property(&["source", "address"], "10.0.0.1:5000");
+        let mut proxy = MemProxy::new(vm);
+        proxy.count_host_calls = true;
+        let mut cache = HeaderCache::new();
+        let calls = |p: &MemProxy| std::mem::take(&mut *p.host_calls.borrow_mut());
+        {
+            let mut h = Cached::new(&mut proxy, &mut cache);
+            // Before the map is read, writes go to the proxy.
+            h.remove_header(MapKind::RequestHeaders, "x-none");
+            assert_eq!(
+                h.header(MapKind::RequestHeaders, "x-id").as_deref(),
+                Some("a")
+            );
+            h.remove_header(MapKind::RequestHeaders, "x-absent");
+            h.set_header(MapKind::RequestHeaders, "x-id", "a");
+            // Two values, or another value: written.
+            h.set_header(MapKind::RequestHeaders, "x-two", "1");
+            h.set_header(MapKind::RequestHeaders, "x-id", "b");
+            let t = h.now();
+            assert_eq!(h.now(), t);
+            let a = h.property(&["source", "address"]);
+            assert_eq!(a.as_deref(), Some(&b"10.0.0.1:5000"[..]));
+            assert_eq!(h.property(&["source", "address"]), a);
+            assert_eq!(h.property(&["request", "id"]), None);
+            assert_eq!(h.property(&["request", "id"]), None);
+        }
+        assert_eq!(
+            calls(&proxy),
+            [
+                "remove_header_map_value",
+                "get_header_map_pairs",
+                "replace_header_map_value",
+                "replace_header_map_value",
+                "get_current_time_nanoseconds",
+                "get_property",
+                "get_property",
+                "get_property",
+            ]
+        );
+        let all = proxy.headers(MapKind::RequestHeaders);
+        assert_eq!(
+            all.get(all.len() - 2..),
+            Some(
+                &[
+                    ("x-two".to_string(), "1".to_string()),
+                    ("x-id".to_string(), "b".to_string())
+                ][..]
+            )
+        );
+        calls(&proxy);
+        // The next entry reads the clock again; the stable property is still known.
+        proxy.vm.now += Duration::from_secs(1);
+        let h = Cached::new(&mut proxy, &mut cache);
+        assert_eq!(
+            h.property(&["source", "address"]).as_deref(),
+            Some(&b"10.0.0.1:5000"[..])
+        );
+        let _ = h.now();
+        assert_eq!(calls(&proxy), ["get_current_time_nanoseconds"]);
+    }
+
+    #[test]
+    fn response_headers_are_read_once_per_entry() {
+        use crate::testing::MemProxy;
+        let mut vm = MemHost::request("GET", "/", &[]);
+        vm.set_header(MapKind::ResponseHeaders, ":status", "200");
+        let mut proxy = MemProxy::new(vm);
+        proxy.count_host_calls = true;
+        let mut cache = HeaderCache::new();
+        {
+            let mut h = Cached::new(&mut proxy, &mut cache);
+            assert_eq!(
+                h.header(MapKind::ResponseHeaders, ":status").as_deref(),
+                Some("200")
+            );
+            assert_eq!(h.header(MapKind::ResponseHeaders, "cache-status"), None);
+            h.remove_header(MapKind::ResponseHeaders, "x-absent");
+            h.set_header(
+                MapKind::ResponseHeaders,
+                "cache-status",
+                "tollgate; fwd=miss",
+            );
+            assert_eq!(
+                h.header(MapKind::ResponseHeaders, "cache-status")
+                    .as_deref(),
+                Some("tollgate; fwd=miss")
+            );
+        }
+        assert_eq!(
+            std::mem::take(&mut *proxy.host_calls.borrow_mut()),
+            ["get_header_map_pairs", "replace_header_map_value"]
+        );
+        let h = Cached::new(&mut proxy, &mut cache);
+        assert_eq!(h.headers(MapKind::ResponseHeaders).len(), 2);
+        assert_eq!(
+            h.header(MapKind::ResponseHeaders, ":status").as_deref(),
+            Some("200")
+        );
+        assert_eq!(
+            std::mem::take(&mut *proxy.host_calls.borrow_mut()),
+            ["get_header_map_pairs"]
+        );
+    }
+
+    #[test]
     fn writes_before_the_first_read_reach_the_proxy_and_the_later_fetch() {
         let mut mem = MemHost::request("GET", "/", &[]);
         let mut cache = HeaderCache::new();
-        let mut h = Cached {
-            host: &mut mem,
-            cache: &mut cache,
-        };
+        let mut h = Cached::new(&mut mem, &mut cache);
         h.set_header(MapKind::RequestHeaders, "x-a", "1");
         assert!(!h.cache.is_filled());
         assert_eq!(

@@ -711,3 +711,26 @@ fn two_roots_in_one_vm_keep_their_requests_and_callouts_apart() {
         vec![b"two".to_vec()]
     );
 }
+
+#[test]
+fn on_done_forgets_a_request_and_a_root_without_on_delete() {
+    // The module does not export `proxy_on_delete`: `on_done` alone must forget both.
+    let mut d = driver("{}");
+    let id = d.request("GET", "/plain", &[]);
+    assert_eq!(d.request_headers(id, true), Decision::Continue);
+    {
+        let disp = d.dispatcher_mut();
+        disp.on_context_create(50, 0);
+        disp.proxy_mut().configuration = b"{}".to_vec();
+        assert!(disp.on_configure(50, 2));
+        assert!(disp.on_done(id));
+        assert!(!disp.is_live(id));
+        assert!(disp.root(50).is_some());
+        assert!(disp.on_done(50));
+        assert!(
+            disp.root(50).is_none(),
+            "the removed plugin's root is forgotten"
+        );
+    }
+    assert!(d.root().is_some(), "the other root stays");
+}
