@@ -221,6 +221,23 @@ def test_concurrent_misses_are_collapsed_across_workers(envoy, services):
     assert all(r.header("age") is not None for r in collapsed)
 
 
+def test_misses_of_a_url_whose_answer_cannot_be_stored_go_upstream_together(envoy, services):
+    """After a response that cannot be stored, concurrent misses of the URL are not collapsed
+    (hit-for-miss): all of them reach the origin at once instead of waiting for one another."""
+    from concurrent.futures import ThreadPoolExecutor
+    i = fresh_id()
+    path, private = f"/api/products/{i}", {"x-demo-cache-control": "private"}
+    first = envoy.get(path, headers=private)
+    assert cs(first) == "tollgate; fwd=uri-miss; detail=not-storable", first
+    with ThreadPoolExecutor(4) as pool:
+        with Held(services, f"/products/{i}") as hold:
+            futures = [pool.submit(envoy.get, path, private) for _ in range(4)]
+            harness.wait_for(lambda: hold.waiting() >= 4, 30, "four requests at the origin at once")
+        rs = [f.result() for f in futures]
+    assert all(r.status == 200 and cs(r) == cs(first) for r in rs), [(r.status, cs(r)) for r in rs]
+    assert hits(services, f"/products/{i}") == 5
+
+
 def test_client_conditional_requests_get_304_from_the_cache(envoy, services):
     i = fresh_id()
     r = envoy.get(f"/api/products/{i}")

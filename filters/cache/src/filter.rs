@@ -198,6 +198,7 @@ impl RootFilter for CacheRoot {
             capture: None,
             purge_seq: 0,
             leading: None,
+            unstored: false,
             collapsed: false,
         }
     }
@@ -214,6 +215,8 @@ const SCAN_SETS_PER_TICK: u32 = 128;
 const LEAD_BUCKETS: u64 = 1024;
 /// A lead record older than this is ignored (its fetch is taken to have failed).
 const LEAD_MS: u64 = 30_000;
+/// How long misses of a URL whose last response could not be stored skip collapsing.
+const PASS_MS: u64 = 30_000;
 
 fn lead_key(url_hash: u64) -> String {
     let mut key = String::with_capacity(16);
@@ -223,16 +226,46 @@ fn lead_key(url_hash: u64) -> String {
 }
 
 /// The clock (ms) and the lead record as read once on a miss.
-type LeadRead = (u64, (Option<(u64, u64)>, Option<u32>));
+type LeadRead = (u64, (Option<LeadRecord>, Option<u32>));
 
-/// The lead record of a URL's bucket: (URL hash, until ms), and its CAS.
-fn read_lead(host: &dyn Host, url_hash: u64) -> (Option<(u64, u64)>, Option<u32>) {
+/// A lead record: a worker fetches the URL (`pass: false`), or the last fetch of the URL gave a
+/// response that could not be stored (`pass: true`): until `until`, its misses go upstream at
+/// once instead of waiting for one another (Varnish's "hit-for-miss").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct LeadRecord {
+    hash: u64,
+    until: u64,
+    pass: bool,
+}
+
+impl LeadRecord {
+    fn live_for(&self, url_hash: u64, now_ms: u64) -> bool {
+        self.hash == url_hash && self.until > now_ms
+    }
+
+    fn bytes(&self) -> Vec<u8> {
+        let mut value = Vec::with_capacity(17);
+        value.extend_from_slice(&self.hash.to_le_bytes());
+        value.extend_from_slice(&self.until.to_le_bytes());
+        if self.pass {
+            value.push(1);
+        }
+        value
+    }
+}
+
+/// The lead record of a URL's bucket, and its CAS.
+fn read_lead(host: &dyn Host, url_hash: u64) -> (Option<LeadRecord>, Option<u32>) {
     match host.shared_get(&lead_key(url_hash)) {
         Ok(Some((bytes, cas))) => {
             let rec = bytes
                 .get(..16)
                 .and_then(|b| Some((b.get(..8)?.try_into().ok()?, b.get(8..)?.try_into().ok()?)))
-                .map(|(a, b): ([u8; 8], [u8; 8])| (u64::from_le_bytes(a), u64::from_le_bytes(b)));
+                .map(|(a, b): ([u8; 8], [u8; 8])| LeadRecord {
+                    hash: u64::from_le_bytes(a),
+                    until: u64::from_le_bytes(b),
+                    pass: bytes.get(16) == Some(&1),
+                });
             (rec, Some(cas))
         }
         _ => (None, None),
@@ -253,7 +286,7 @@ fn init_lead_records(host: &mut dyn Host) {
 
 /// Is another fetch of this URL under way (a live lead record names it)?
 fn lead_active(host: &dyn Host, url_hash: u64, now_ms: u64) -> bool {
-    matches!(read_lead(host, url_hash).0, Some((h, until)) if h == url_hash && until > now_ms)
+    matches!(read_lead(host, url_hash).0, Some(r) if !r.pass && r.live_for(url_hash, now_ms))
 }
 
 impl CacheRoot {
@@ -457,6 +490,8 @@ pub struct CacheFilter {
     purge_seq: u64,
     /// This request fetches a missing URL that other requests may wait for.
     leading: Option<u64>,
+    /// The response this request fetched could not be stored (not storable, too large).
+    unstored: bool,
     /// This request already waited for another's fetch (it waits at most once).
     collapsed: bool,
 }
@@ -991,7 +1026,7 @@ impl CacheFilter {
         }
         let now = millis(host.now());
         let read = read_lead(host, url.hash);
-        let active = matches!(read.0, Some((h, until)) if h == url.hash && until > now);
+        let active = matches!(read.0, Some(r) if !r.pass && r.live_for(url.hash, now));
         *lead = Some((now, read));
         active && self.join_remote(url.hash)
     }
@@ -1016,12 +1051,15 @@ impl CacheFilter {
             Some(read) => read,
             None => (millis(host.now()), read_lead(host, url_hash)),
         };
-        if matches!(rec, Some((h, until)) if until > now && h != url_hash) {
+        if matches!(rec, Some(r) if r.until > now && r.hash != url_hash) {
             return true;
         }
-        let mut value = url_hash.to_le_bytes().to_vec();
-        value.extend_from_slice(&now.saturating_add(LEAD_MS).to_le_bytes());
-        match host.shared_set(&lead_key(url_hash), &value, cas) {
+        let value = LeadRecord {
+            hash: url_hash,
+            until: now.saturating_add(LEAD_MS),
+            pass: false,
+        };
+        match host.shared_set(&lead_key(url_hash), &value.bytes(), cas) {
             Err(SharedError::CasMismatch) => !lead_active(host, url_hash, now),
             _ => true,
         }
@@ -1048,6 +1086,12 @@ impl CacheFilter {
         if !self.collapsed && self.wait_for_remote_fetch(host, url, &mut lead) {
             self.state = State::Waiting;
             return Decision::Pause;
+        }
+        if matches!(lead, Some((now, (Some(r), _))) if r.pass && r.live_for(url.hash, now)) {
+            // the last fetch of this URL could not be stored: no waiting for one another
+            self.shared.metrics.count(host, "misses", 1);
+            self.state = State::Miss(fwd);
+            return Decision::Continue;
         }
         // Collapse concurrent misses of one URL on this worker: the first fetches, the others
         // wait for it (once) and look again.
@@ -1385,9 +1429,19 @@ impl CacheFilter {
         let Some(hash) = self.leading.take() else {
             return;
         };
-        if let (Some((h, _)), cas) = read_lead(host, hash) {
-            if h == hash {
-                let _ = host.shared_set(&lead_key(hash), b"", cas);
+        if let (Some(r), cas) = read_lead(host, hash) {
+            if r.hash == hash {
+                // an answer that could not be stored makes the next misses go upstream at once
+                let value = match self.unstored {
+                    true => LeadRecord {
+                        hash,
+                        until: millis(host.now()).saturating_add(PASS_MS),
+                        pass: true,
+                    }
+                    .bytes(),
+                    false => Vec::new(),
+                };
+                let _ = host.shared_set(&lead_key(hash), &value, cas);
             }
         }
         let waiters = self.shared.inflight.borrow_mut().remove(&hash);
@@ -1434,7 +1488,10 @@ impl CacheFilter {
                     self.shared.metrics.count(host, "evictions", 1);
                 }
             }
-            Err(PutError::TooLarge) => self.shared.metrics.count(host, "too_large", 1),
+            Err(PutError::TooLarge) => {
+                self.unstored = true;
+                self.shared.metrics.count(host, "too_large", 1)
+            }
             Err(PutError::Lost) => {
                 log::debug!("[{}] cache: store lost a race", self.context_id)
             }
@@ -1539,7 +1596,9 @@ impl HttpFilter for CacheFilter {
                 let headers = host.headers(MapKind::ResponseHeaders);
                 let status = status_of(&headers);
                 upstream = Some(first(&headers, "cache-status").map(str::to_string));
-                self.start_capture(host, fwd, status, headers)
+                let params = self.start_capture(host, fwd, status, headers);
+                self.unstored = self.capture.is_none();
+                params
             }
             State::Revalidate {
                 found,
@@ -1600,6 +1659,7 @@ impl HttpFilter for CacheFilter {
                     _ => {
                         // Too large (or unreadable): stop capturing, let it stream through.
                         self.capture = None;
+                        self.unstored = true;
                         self.release(host);
                         self.shared.metrics.count(host, "too_large", 1);
                     }

@@ -998,3 +998,40 @@ fn stored_headers_in_place_are_the_copied_ones() {
         );
     }
 }
+
+#[test]
+fn misses_of_a_url_whose_answer_could_not_be_stored_do_not_wait_for_one_another() {
+    let mut a = driver();
+    let mut b = a.worker(CONFIG).unwrap();
+    let private = [(":status", "200"), ("cache-control", "private")];
+    let leader = a.request("GET", "/api/pass", &[]);
+    assert_eq!(a.request_headers(leader, true), Decision::Continue);
+    a.response_headers(leader, &private, true);
+    a.done(leader);
+    // on both workers, concurrent misses of that URL now go upstream at once
+    let (r1, r2) = (
+        a.request("GET", "/api/pass", &[]),
+        a.request("GET", "/api/pass", &[]),
+    );
+    assert_eq!(a.request_headers(r1, true), Decision::Continue);
+    assert_eq!(a.request_headers(r2, true), Decision::Continue, "waited");
+    let r3 = b.request("GET", "/api/pass", &[]);
+    assert_eq!(b.request_headers(r3, true), Decision::Continue, "waited");
+    // a storable answer is still stored (and then hit)
+    a.response_headers(r1, FRESH, false);
+    a.response_body(r1, b"{\"p\":1}", true);
+    let hit = a.request("GET", "/api/pass", &[]);
+    assert!(matches!(a.request_headers(hit, true), Decision::Respond(_)));
+    // a URL whose last answer was stored collapses as before; and after PASS_MS, so does this one
+    let l = a.request("GET", "/api/pass2", &[]);
+    assert_eq!(a.request_headers(l, true), Decision::Continue);
+    a.response_headers(l, &private, true);
+    a.done(l);
+    a.advance(Duration::from_millis(PASS_MS + 1));
+    let (l2, w2) = (
+        a.request("GET", "/api/pass2", &[]),
+        a.request("GET", "/api/pass2", &[]),
+    );
+    assert_eq!(a.request_headers(l2, true), Decision::Continue);
+    assert_eq!(a.request_headers(w2, true), Decision::Pause);
+}
