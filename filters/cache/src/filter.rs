@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::Duration;
 
+use tollgate_common::decimal::push_u64;
 use tollgate_common::metrics::Metrics;
 use tollgate_common::request::{query_param, split_query};
 use tollgate_common::route::RequestInfo;
@@ -221,7 +222,7 @@ const PASS_MS: u64 = 30_000;
 fn lead_key(url_hash: u64) -> String {
     let mut key = String::with_capacity(16);
     key.push_str("tc.lead.");
-    crate::store::push_decimal(&mut key, url_hash % LEAD_BUCKETS);
+    push_u64(&mut key, url_hash % LEAD_BUCKETS);
     key
 }
 
@@ -656,7 +657,7 @@ fn only_if_cached_reply(detail: &str, status_params: &str) -> LocalReply {
 /// `n` in decimal (the `Age` of every answer from the cache).
 fn decimal(n: u64) -> String {
     let mut out = String::with_capacity(20);
-    crate::store::push_decimal(&mut out, n);
+    push_u64(&mut out, n);
     out
 }
 
@@ -943,7 +944,7 @@ impl CacheFilter {
                 if ttl < 0 {
                     params.push('-');
                 }
-                crate::store::push_decimal(&mut params, ttl.unsigned_abs());
+                push_u64(&mut params, ttl.unsigned_abs());
                 params.push_str(collapsed);
                 let reply = self.answer(found.entry, age, &params);
                 self.state = State::Done;

@@ -21,6 +21,7 @@
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
+use tollgate_common::decimal::push_u64;
 use tollgate_common::{Host, SharedError};
 
 use crate::freshness::Facts;
@@ -439,39 +440,19 @@ pub enum PutError {
     Lost,
 }
 
-/// Append the decimal digits of `n` (shared-data keys are built on every request: no
-/// formatting machinery).
-pub(crate) fn push_decimal(out: &mut String, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        if let Some(d) = digits.get_mut(i) {
-            *d = b'0' + (n % 10) as u8;
-        }
-        n /= 10;
-        if n == 0 || i == 0 {
-            break;
-        }
-    }
-    for &d in digits.get(i..).unwrap_or_default() {
-        out.push(char::from(d));
-    }
-}
-
 fn set_key(s: u32) -> String {
     let mut key = String::with_capacity(18);
     key.push_str("tc.set.");
-    push_decimal(&mut key, u64::from(s));
+    push_u64(&mut key, u64::from(s));
     key
 }
 
 fn slot_key(s: u32, w: usize) -> String {
     let mut key = String::with_capacity(28);
     key.push_str("tc.slot.");
-    push_decimal(&mut key, u64::from(s));
+    push_u64(&mut key, u64::from(s));
     key.push('.');
-    push_decimal(&mut key, w as u64);
+    push_u64(&mut key, w as u64);
     key
 }
 
@@ -785,7 +766,7 @@ mod key_tests {
     fn keys_are_the_formatted_ones() {
         for n in [0u64, 7, 10, 1234567, u64::from(u32::MAX), u64::MAX] {
             let mut s = String::from("x.");
-            push_decimal(&mut s, n);
+            push_u64(&mut s, n);
             assert_eq!(s, format!("x.{n}"));
         }
         assert_eq!(set_key(41), "tc.set.41");

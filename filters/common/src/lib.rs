@@ -16,6 +16,7 @@
 mod abi;
 pub mod adapter;
 pub mod config;
+pub mod decimal;
 pub mod dispatch;
 pub mod fast_hash;
 pub mod filter;

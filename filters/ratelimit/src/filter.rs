@@ -24,7 +24,8 @@ use crate::client::{self, Client, KeyContext, KeySpec};
 use crate::config::{
     AppliesTo, Compiled, Consistency, FailureMode, HeaderMode, Limit, LimitMetric, Route,
 };
-use crate::table::{push_u64, StoreError};
+use crate::table::StoreError;
+use tollgate_common::decimal::push_u64;
 
 /// Problem type of 429 answers (draft-ietf-httpapi-ratelimit-headers-10).
 pub const QUOTA_EXCEEDED: &str = "https://iana.org/assignments/http-problem-types#quota-exceeded";

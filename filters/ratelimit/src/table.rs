@@ -18,6 +18,7 @@
 //!
 //! Memory per limit: `buckets * (key length + WAYS * SLOT_BYTES)` bytes of shared data.
 
+use tollgate_common::decimal::push_u64;
 use tollgate_common::{Host, HostError, SharedError};
 
 use crate::algo::State;
@@ -257,25 +258,6 @@ fn encode(bucket: &Bucket) -> [u8; BUCKET_BYTES] {
         }
     }
     out
-}
-
-/// Append the decimal digits of `v` (cheaper than `fmt` in a wasm module).
-pub fn push_u64(out: &mut String, mut v: u64) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        if let Some(d) = digits.get_mut(at) {
-            *d = b'0' + (v % 10) as u8;
-        }
-        v /= 10;
-        if v == 0 || at == 0 {
-            break;
-        }
-    }
-    for d in digits.get(at..).unwrap_or(&[]) {
-        out.push(char::from(*d));
-    }
 }
 
 /// A 64-bit finalizer (splitmix64): spreads the bits of a hash.
