@@ -32,6 +32,28 @@ pub struct Config {
     /// panic at critical level before the VM dies. Never set it anywhere else.
     #[serde(default)]
     pub panic_on_request: bool,
+    /// Benchmarks only (the cost of one host call in the proxy, `make bench`'s `hostcall-cost`):
+    /// host calls made on every request, by kind.
+    #[serde(default)]
+    pub calls: CallCounts,
+}
+
+/// Host calls the probe makes on every request (all zero by default).
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallCounts {
+    /// Increments of one counter (request hook).
+    #[serde(default)]
+    pub metric_increments: u32,
+    /// Reads of the `request.path` property, which the request's cache does not keep (request hook).
+    #[serde(default)]
+    pub property_reads: u32,
+    /// Reads of one shared-data key (request hook).
+    #[serde(default)]
+    pub shared_reads: u32,
+    /// Response headers added (`x-probe-<i>`, response hook).
+    #[serde(default)]
+    pub response_header_adds: u32,
 }
 
 #[derive(Default)]
@@ -42,6 +64,8 @@ struct Waiting {
 /// Root: keeps the waiting requests and wakes them on ticks.
 pub struct ProbeRoot {
     config: Rc<Config>,
+    /// The counter `calls.metric_increments` increments.
+    metric: Option<u32>,
     waiting: Rc<RefCell<Waiting>>,
 }
 
@@ -52,6 +76,7 @@ impl RootFilter for ProbeRoot {
     fn new(_context_id: u32) -> Self {
         ProbeRoot {
             config: Rc::default(),
+            metric: None,
             waiting: Rc::default(),
         }
     }
@@ -60,6 +85,15 @@ impl RootFilter for ProbeRoot {
         let config: Config = tollgate_common::config::parse(configuration)?;
         if config.wait_ms > 0 {
             host.set_tick_period(Duration::from_millis(10));
+        }
+        if config.calls.metric_increments > 0 {
+            self.metric = host
+                .define_metric(tollgate_common::MetricKind::Counter, "tollgate.probe.calls")
+                .ok();
+        }
+        if config.calls.shared_reads > 0 {
+            // Absent keys answer without a copy; the benchmark reads a present one.
+            let _ = host.shared_set(PROBE_KEY, b"probe", None);
         }
         self.config = Rc::new(config);
         Ok(())
@@ -86,6 +120,7 @@ impl RootFilter for ProbeRoot {
             config: self.config.clone(),
             waiting: self.waiting.clone(),
             token: None,
+            metric: self.metric,
         }
     }
 }
@@ -96,6 +131,28 @@ pub struct ProbeFilter {
     config: Rc<Config>,
     waiting: Rc<RefCell<Waiting>>,
     token: Option<u32>,
+    metric: Option<u32>,
+}
+
+/// The shared-data key `calls.shared_reads` reads.
+const PROBE_KEY: &str = "tollgate.probe.key";
+
+impl ProbeFilter {
+    /// The request hook's share of `calls`.
+    fn request_calls(&self, host: &mut dyn Host) {
+        let calls = &self.config.calls;
+        if let Some(id) = self.metric {
+            for _ in 0..calls.metric_increments {
+                host.increment_metric(id, 1);
+            }
+        }
+        for _ in 0..calls.property_reads {
+            let _ = host.property(&["request", "path"]);
+        }
+        for _ in 0..calls.shared_reads {
+            let _ = host.shared_get(PROBE_KEY);
+        }
+    }
 }
 
 impl HttpFilter for ProbeFilter {
@@ -105,6 +162,7 @@ impl HttpFilter for ProbeFilter {
             !self.config.panic_on_request,
             "probe: a panic on purpose (panic_on_request)"
         );
+        self.request_calls(host);
         if self.config.wait_ms == 0 {
             return Decision::Continue;
         }
@@ -118,6 +176,11 @@ impl HttpFilter for ProbeFilter {
             let path = host.header(MapKind::RequestHeaders, ":path");
             let shown = path.as_deref().unwrap_or("unavailable");
             host.set_header(MapKind::ResponseHeaders, "x-probe-request-path", shown);
+        }
+        for i in 0..self.config.calls.response_header_adds {
+            let mut name = String::from("x-probe-");
+            tollgate_common::decimal::push_u64(&mut name, u64::from(i));
+            host.add_header(MapKind::ResponseHeaders, &name, "1");
         }
         Decision::Continue
     }
@@ -209,5 +272,24 @@ mod tests {
         let id = d.request("GET", "/", &[]);
         assert_eq!(d.request_headers(id, true), Decision::Continue);
         assert!(Driver::<ProbeRoot>::new(r#"{"wait": 1}"#).is_err());
+    }
+
+    #[test]
+    fn makes_the_host_calls_it_is_told_to() {
+        let config = r#"{"calls": {"metric_increments": 3, "property_reads": 2,
+            "shared_reads": 2, "response_header_adds": 2}}"#;
+        let mut d = Driver::<ProbeRoot>::new(config).unwrap();
+        let id = d.request("GET", "/", &[]);
+        assert_eq!(d.request_headers(id, true), Decision::Continue);
+        assert_eq!(d.metric("tollgate.probe.calls"), Some(3));
+        assert_eq!(
+            d.response_headers(id, &[(":status", "200")], true),
+            Decision::Continue
+        );
+        assert_eq!(
+            d.header(id, MapKind::ResponseHeaders, "x-probe-1")
+                .as_deref(),
+            Some("1")
+        );
     }
 }
