@@ -816,6 +816,17 @@ def med(xs: list[float]) -> float | None:
     return statistics.median(xs) if xs else None
 
 
+def paired(a: list[float], b: list[float]) -> float | None:
+    """The median over rounds of a − b, round by round (variants are interleaved inside a round, so
+    a slow round slows both: the pairs cancel the drift that medians taken apart keep). Falls back
+    to the difference of the medians when a variant missed a round."""
+    if not a or not b:
+        return None
+    if len(a) == len(b):
+        return statistics.median(x - y for x, y in zip(a, b))
+    return statistics.median(a) - statistics.median(b)
+
+
 def fmt_spread(xs: list[float], digits: int) -> str:
     if not xs:
         return "–"
@@ -951,16 +962,42 @@ def render(bench: Bench) -> tuple[str, dict]:
             cpu = med(v.samples["cpu_us"])
             diff = cpu - ncpu
             added = (f"{cpu - none_cpu:+.1f} vs {ncpu - none_cpu:+.1f}" if none_cpu is not None else "–")
+            pair = paired(v.samples["cpu_us"], native.samples["cpu_us"])
             summary.append(f"| {sc.id} | {v.name} | {native.name} | {cpu:.1f} | {ncpu:.1f} | "
-                           f"{'**' if diff > 0 else ''}{diff:+.1f}{'**' if diff > 0 else ''} | {cpu / ncpu:.2f}× | {added} |")
+                           f"{'**' if diff > 0 else ''}{diff:+.1f}{'**' if diff > 0 else ''} | {pair:+.1f} "
+                           f"| {cpu / ncpu:.2f}× | {added} |")
+    # against the wasm floor measured in the same scenario (a `floor` variant beside the filter)
+    over_floor = []
+    for sc in bench.scenarios:
+        sfloor = next((v for v in sc.variants if v.kind == "floor" and v.samples.get("cpu_us")), None)
+        if sc.id == "baseline" or sfloor is None:
+            continue
+        fcpu = sfloor.samples["cpu_us"]
+        for v in sc.variants:
+            if v.kind != "tollgate" or not v.samples.get("cpu_us"):
+                continue
+            pair = paired(v.samples["cpu_us"], fcpu)
+            over_floor.append(f"| {sc.id} | {v.name} | {med(v.samples['cpu_us']):.1f} | {med(fcpu):.1f} "
+                              f"| {pair:+.1f} | {', '.join(f'{x - y:+.1f}' for x, y in zip(v.samples['cpu_us'], fcpu))} |")
     head = []
     if summary:
         head += ["## Summary: Tollgate vs the native equivalent", "",
                  "CPU per operation of the gateway, medians (details, spread and latency in each scenario's "
                  "table below). A positive difference (in bold) is how much more the Tollgate filter costs.", "",
-                 "| scenario | Tollgate | compared with | Tollgate µs/op | native µs/op | difference µs | ratio "
-                 "| added over no filter: Tollgate vs native µs |",
-                 "|---|---|---|---|---|---|---|---|"] + summary + [""]
+                 "“paired” is the median over rounds of the round-by-round difference (the two run one after "
+                 "the other in each round, so a slow round slows both and the pair cancels it); it is the "
+                 "steadier of the two differences on a shared machine.", "",
+                 "| scenario | Tollgate | compared with | Tollgate µs/op | native µs/op | difference µs "
+                 "| paired difference µs | ratio | added over no filter: Tollgate vs native µs |",
+                 "|---|---|---|---|---|---|---|---|---|"] + summary + [""]
+    if over_floor:
+        head += ["## Over the wasm floor, in the same scenario", "",
+                 "The probe filter (a wasm module doing nothing: the entries into the VM every filter pays) "
+                 "run as a variant of the scenario itself, interleaved with the filters; “over the floor” is "
+                 "the paired difference (median over rounds of the round-by-round difference), then each "
+                 "round's difference. This is the filter's own work beyond being a wasm module.", "",
+                 "| scenario | Tollgate | µs/op | floor µs/op | over the floor µs (paired) | per round |",
+                 "|---|---|---|---|---|---|"] + over_floor + [""]
     if floor_cpu is not None and none_cpu is not None:
         head += [f"The wasm runtime floor (the probe filter, which does nothing) costs {floor_cpu - none_cpu:+.1f} µs "
                  f"per request over no filter ({floor_cpu / none_cpu:.2f}×); every Tollgate module in a chain "
