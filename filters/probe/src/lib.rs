@@ -54,6 +54,15 @@ pub struct CallCounts {
     /// Response headers added (`x-probe-<i>`, response hook).
     #[serde(default)]
     pub response_header_adds: u32,
+    /// Read the request's header map (one hostcall: the request's cache keeps it; request hook).
+    #[serde(default)]
+    pub request_map_read: bool,
+    /// Writes of the shared-data key (request hook).
+    #[serde(default)]
+    pub shared_writes: u32,
+    /// Read the clock (once: the entry's cache keeps it; request hook).
+    #[serde(default)]
+    pub clock_read: bool,
 }
 
 #[derive(Default)]
@@ -151,6 +160,15 @@ impl ProbeFilter {
         }
         for _ in 0..calls.shared_reads {
             let _ = host.shared_get(PROBE_KEY);
+        }
+        for _ in 0..calls.shared_writes {
+            let _ = host.shared_set(PROBE_KEY, b"probe", None);
+        }
+        if calls.request_map_read {
+            let _ = host.header(MapKind::RequestHeaders, ":path");
+        }
+        if calls.clock_read {
+            let _ = host.now();
         }
     }
 }
