@@ -321,6 +321,21 @@ def test_routes_on_method_and_host(envoy):
     assert envoy.request("PUT", path("writes"), {}, b"{}").status == 200
 
 
+def test_bodies_pass_through_a_module_without_body_hooks(envoy):
+    """The ratelimit module exports no body hook (only `proxy_on_response_headers`): a request
+    body and a response body of many chunks go by whole, and the rate limit fields are on the
+    answer."""
+    body = "".join(f"{i:07d}," for i in range(12_500))  # 100,000 bytes
+    tenant = {"x-tenant": "bodies"}
+    r = envoy.request("POST", path("k-header"), tenant, body.encode())
+    check_allowed(r, "k-header", remaining=1)
+    echoed = r.json()
+    assert echoed["method"] == "POST" and echoed["body"] == body, r
+    assert len(r.body) > len(body)
+    check_allowed(envoy.request("POST", path("k-header"), tenant, body.encode()), "k-header", remaining=0)
+    check_refused(envoy.request("POST", path("k-header"), tenant, body.encode()), "k-header")
+
+
 def test_plans(envoy):
     free = {"x-tollgate-consumer": "f1", "x-tollgate-plan": "free"}
     pro = {"x-tollgate-consumer": "p1", "x-tollgate-plan": "pro"}

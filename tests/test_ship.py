@@ -761,6 +761,81 @@ def test_modules_carry_no_machine_specific_paths():
             assert path.encode() not in data, f"{name}: the module names {path}; rebuild with `make build`"
 
 
+def wasm_exports(data: bytes) -> dict[str, int]:
+    """A wasm module's export section: name -> kind (0 function, 1 table, 2 memory, 3 global)."""
+    assert data[:4] == b"\0asm", "not a wasm module"
+
+    def uleb(i: int) -> tuple[int, int]:
+        value = shift = 0
+        while True:
+            byte = data[i]
+            i += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                return value, i
+
+    i = 8
+    while i < len(data):
+        section, i = data[i], i + 1
+        size, i = uleb(i)
+        end = i + size
+        if section == 7:
+            count, i = uleb(i)
+            out = {}
+            for _ in range(count):
+                length, i = uleb(i)
+                name = data[i:i + length].decode()
+                i += length
+                out[name] = data[i]
+                _, i = uleb(i + 1)
+            assert i == end, "export section length"
+            return out
+        i = end
+    return {}
+
+
+# Every module: the ABI marker, the initializer, memory, and the entries each request, root or
+# callout needs (docs/architecture.md, "What each module exports").
+COMMON_EXPORTS = {
+    "memory", "_initialize", "proxy_abi_version_0_2_1", "proxy_on_memory_allocate",
+    "proxy_on_context_create", "proxy_on_vm_start", "proxy_on_configure", "proxy_on_tick",
+    "proxy_on_request_headers", "proxy_on_http_call_response", "proxy_on_grpc_receive",
+    "proxy_on_grpc_close", "proxy_on_done",
+}
+# The optional stream hooks (RootFilter::HOOKS): Envoy enters a module only for those it exports.
+HOOK_EXPORTS = {
+    "auth": set(),
+    "ratelimit": {"proxy_on_response_headers"},
+    "cache": {"proxy_on_response_headers", "proxy_on_response_body"},
+    "aggregate": {"proxy_on_request_body", "proxy_on_response_headers", "proxy_on_response_body"},
+    # The union of its children's.
+    "tollgate": {"proxy_on_request_body", "proxy_on_response_headers", "proxy_on_response_body"},
+    # The benchmarks' floor: every hook, as before.
+    "probe": {"proxy_on_request_body", "proxy_on_response_headers", "proxy_on_response_body"},
+}
+
+
+def test_each_module_exports_exactly_the_hooks_its_filter_uses():
+    """A module exports the stream hooks its filter uses and no other entry point: no trailers,
+    metadata, `proxy_on_log` or `proxy_on_delete` (each export Envoy calls is an entry into the
+    VM, about 4 µs)."""
+    assert set(HOOK_EXPORTS) == set(harness.MODULES)
+    for name in harness.MODULES:
+        exports = wasm_exports(harness.module_path(name).read_bytes())
+        assert set(exports) == COMMON_EXPORTS | HOOK_EXPORTS[name], name
+        assert exports["memory"] == 2
+        assert all(kind == 0 for export, kind in exports.items() if export != "memory"), name
+
+
+def test_wasm_export_reader_reads_a_handmade_module():
+    # magic, version; a type section (skipped); an export section: "f" function 0, "memory" memory 0
+    module = (b"\0asm\x01\0\0\0" + bytes([1, 4, 1, 0x60, 0, 0])
+              + bytes([7, 14, 2, 1]) + b"f" + bytes([0, 0, 6]) + b"memory" + bytes([2, 0]))
+    assert wasm_exports(module) == {"f": 0, "memory": 2}
+    assert wasm_exports(b"\0asm\x01\0\0\0") == {}
+
+
 def test_committed_digests_are_those_of_a_fresh_build():
     """deploy/ carries the image digests of the modules `make build` just wrote: the filter code,
     its docs page and its schema all go into the image, so a change to any of them needs

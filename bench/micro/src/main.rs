@@ -1,7 +1,9 @@
 //! `tollgate-micro`: runs one module's code (the filter's pure core and the dispatcher, the same
 //! code as in the .wasm, compiled for the host) over the in-memory proxy of the test driver,
 //! request after request, and prints nanoseconds and the proxy calls (hostcalls in Envoy) per
-//! request (in total, and hook by hook in order: `by_hook`). Used to find hot spots with a
+//! request (in total, and hook by hook in order: `by_hook`), and the entries into the module per
+//! request (the exports Envoy would call: the filter's `RootFilter::HOOKS` decide which stream
+//! hooks are entries; `entries_per_request`). Used to find hot spots with a
 //! profiler, since Envoy's V8 gives wasm code no symbols:
 //!
 //!     cargo build --release --manifest-path bench/micro/Cargo.toml
@@ -10,12 +12,13 @@
 //!     callgrind_annotate /tmp/cg.out | head -40
 //!
 //! usage: tollgate-micro MODULE CONFIG.json ITERATIONS [--path P] [-H 'name: value']...
-//!        [--response-header 'name: value']... [--no-header-cache]
+//!        [--response-header 'name: value']... [--no-header-cache] [--request-body BYTES]
 //!        (`{n}` in path/headers = iteration)
 //! MODULE: probe | auth | ratelimit | cache | aggregate | tollgate (the combined module; CONFIG
 //! has a section per filter). The request's answer (when the module lets it through) is a 200
 //! with a small JSON body and the given response headers. `--no-header-cache` reads each request
 //! header from the proxy instead of the whole map once (to measure what the cache saves).
+//! `--request-body BYTES` sends a POST with a body of that many bytes (one chunk) instead of a GET.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -31,6 +34,7 @@ struct Args {
     headers: Vec<(String, String)>,
     response_headers: Vec<(String, String)>,
     header_cache: bool,
+    request_body: Option<usize>,
 }
 
 fn parse() -> Result<Args, String> {
@@ -51,12 +55,16 @@ fn parse() -> Result<Args, String> {
         headers: Vec::new(),
         response_headers: Vec::new(),
         header_cache: true,
+        request_body: None,
     };
     while let Some(x) = it.next() {
         let mut val = || it.next().ok_or(format!("{x} needs a value"));
         match x.as_str() {
             "--path" => a.path = val()?,
             "--no-header-cache" => a.header_cache = false,
+            "--request-body" => {
+                a.request_body = Some(val()?.parse().map_err(|e| format!("--request-body: {e}"))?)
+            }
             "-H" | "--response-header" => {
                 let v = val()?;
                 let (k, v2) = v
@@ -101,9 +109,18 @@ fn one_phased<R: RootFilter>(
         .iter()
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
-    let id = d.request("GET", &path, &hv);
-    let decision = d.request_headers(id, true);
+    let method = if args.request_body.is_some() {
+        "POST"
+    } else {
+        "GET"
+    };
+    let id = d.request(method, &path, &hv);
+    let mut decision = d.request_headers(id, args.request_body.is_none());
     phase("request_headers", d);
+    if let (Some(size), Decision::Continue) = (args.request_body, &decision) {
+        decision = d.request_body(id, &vec![b'x'; size], true);
+        phase("request_body", d);
+    }
     let outcome = match decision {
         Decision::Respond(_) => "local reply",
         Decision::Pause => "paused",
@@ -137,11 +154,13 @@ fn run<R: RootFilter>(args: &Args) -> Result<(), String> {
     }
     // proxy calls of one more request, after the warm-up
     d.count_host_calls(true);
+    d.take_entries();
     let mut phases: Vec<(&'static str, Vec<&'static str>)> = Vec::new();
     one_phased(&mut d, args, 999_999, &mut |name, d| {
         phases.push((name, d.take_host_calls()))
     });
     d.count_host_calls(false);
+    let entries = d.take_entries();
     let mut calls: BTreeMap<&str, u64> = BTreeMap::new();
     for c in phases.iter().flat_map(|(_, calls)| calls) {
         *calls.entry(c).or_default() += 1;
@@ -156,13 +175,14 @@ fn run<R: RootFilter>(args: &Args) -> Result<(), String> {
     let ns = t0.elapsed().as_nanos() as f64 / args.iterations.max(1) as f64;
     let total: u64 = calls.values().sum();
     println!(
-        "{{\"module\":\"{}\",\"header_cache\":{},\"iterations\":{},\"ns_per_request\":{:.0},\"outcomes\":{:?},\"host_calls_per_request\":{},\"header_bytes_per_request\":{},\"host_calls\":{:?},\"by_hook\":{{{}}}}}",
+        "{{\"module\":\"{}\",\"header_cache\":{},\"iterations\":{},\"ns_per_request\":{:.0},\"outcomes\":{:?},\"host_calls_per_request\":{},\"entries_per_request\":{},\"header_bytes_per_request\":{},\"host_calls\":{:?},\"by_hook\":{{{}}}}}",
         args.module,
         args.header_cache,
         args.iterations,
         ns,
         counts,
         total,
+        entries,
         header_bytes,
         calls,
         phases

@@ -55,6 +55,8 @@ pub struct WakeAt {
 impl RootFilter for AggregateRoot {
     type Filter = AggregateFilter;
     const NAME: &'static str = "aggregate";
+    // A composite request's body is read; the upstream answer is checked and reshaped.
+    const HOOKS: tollgate_common::filter::Hooks = tollgate_common::filter::Hooks::ALL;
 
     fn new(_context_id: u32) -> Self {
         AggregateRoot {

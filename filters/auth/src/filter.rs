@@ -59,7 +59,9 @@ impl AuthRoot {
 impl RootFilter for AuthRoot {
     type Filter = AuthFilter;
     const NAME: &'static str = "auth";
-    const RESPONSE_HOOKS: bool = false;
+    // Request headers only: its request body hook only held the body while a check was
+    // pending, and Envoy delivers no body chunk while the headers are paused.
+    const HOOKS: tollgate_common::filter::Hooks = tollgate_common::filter::Hooks::NONE;
 
     fn new(context_id: u32) -> Self {
         AuthRoot {

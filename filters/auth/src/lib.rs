@@ -17,7 +17,7 @@ pub mod verdict;
 
 pub use filter::{AuthFilter, AuthRoot};
 
-tollgate_common::export_filter!(AuthRoot, request_only);
+tollgate_common::export_filter!(AuthRoot, hooks());
 
 #[cfg(test)]
 mod tests;

@@ -133,6 +133,12 @@ pub struct CacheRoot {
 impl RootFilter for CacheRoot {
     type Filter = CacheFilter;
     const NAME: &'static str = "cache";
+    // A miss stores the response (headers and body); the request body is never read.
+    const HOOKS: tollgate_common::filter::Hooks = tollgate_common::filter::Hooks {
+        response_headers: true,
+        response_body: true,
+        ..tollgate_common::filter::Hooks::NONE
+    };
 
     fn new(_context_id: u32) -> Self {
         CacheRoot {

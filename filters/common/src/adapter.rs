@@ -557,16 +557,16 @@ pub mod exports {
         with_vm(None, |vm| Some(vm.on_request_headers(id, eos != 0))).map_or_else(refuse, action)
     }
 
-    /// A request body chunk.
-    #[cfg_attr(target_arch = "wasm32", no_mangle)]
+    /// A request body chunk. Exported by [`crate::export_filter!`] only for a filter that uses
+    /// it (like the response hooks below).
     pub extern "C" fn proxy_on_request_body(id: u32, size: u32, eos: u32) -> u32 {
         action(with_vm(Action::Continue, |vm| {
             vm.on_request_body(id, size as usize, eos != 0)
         }))
     }
 
-    /// Response headers. Exported by [`crate::export_filter!`] only for a filter that has
-    /// response hooks: Envoy does not enter a module for a hook it does not export.
+    /// Response headers. Exported by [`crate::export_filter!`] only for a filter that uses
+    /// them: Envoy does not enter a module for a hook it does not export.
     pub extern "C" fn proxy_on_response_headers(id: u32, _headers: u32, eos: u32) -> u32 {
         action(with_vm(Action::Continue, |vm| {
             vm.on_response_headers(id, eos != 0)
@@ -622,17 +622,24 @@ pub mod exports {
     }
 }
 
-/// Export a [`RootFilter`] as a proxy-wasm module: `tollgate_common::export_filter!(AuthRoot);`
-/// in the filter crate's `lib.rs`. It defines the module's `_initialize` and the response hooks
-/// `proxy_on_response_headers` / `proxy_on_response_body` (only when building the wasm module
-/// with the crate's `export` feature, on by default: a crate that links several filters into
-/// one module turns it off for them); the other entry points are exported by
-/// [`adapter::exports`](crate::adapter::exports).
+/// Export a [`RootFilter`] as a proxy-wasm module, in the filter crate's `lib.rs`:
 ///
-/// `export_filter!(AuthRoot, request_only)` leaves the response hooks out, for a filter whose
-/// [`RootFilter::RESPONSE_HOOKS`](crate::RootFilter::RESPONSE_HOOKS) is false (checked when
-/// compiling): Envoy then never enters the module for the response (two V8 entries fewer per
-/// request).
+/// ```ignore
+/// tollgate_common::export_filter!(CacheRoot, hooks(response_headers, response_body));
+/// ```
+///
+/// It defines the module's `_initialize` and the optional stream hooks listed in `hooks(...)`
+/// (`request_body`, `response_headers`, `response_body`: `proxy_on_request_body`, ...), only when
+/// building the wasm module with the crate's `export` feature (on by default: a crate that links
+/// several filters into one module turns it off for them). The list must be the filter's
+/// [`RootFilter::HOOKS`](crate::RootFilter::HOOKS) (checked when compiling); `hooks()` exports
+/// none. `export_filter!(Root)` exports all three, for a filter whose `HOOKS` is
+/// [`Hooks::ALL`](crate::filter::Hooks::ALL). The other entry points (context creation, request
+/// headers, `proxy_on_done`, callouts, ticks, ...) are exported by
+/// [`adapter::exports`](crate::adapter::exports) for every module.
+///
+/// Envoy never enters the module for a hook it does not export: each one left out is one V8
+/// entry fewer per request (per body chunk for the body hooks).
 #[macro_export]
 macro_rules! export_filter {
     (@initialize $root:ty) => {
@@ -643,14 +650,23 @@ macro_rules! export_filter {
             $crate::adapter::start::<$root>(env!("CARGO_PKG_VERSION"));
         }
     };
-    (@response_hooks) => {
+    (@hook request_body) => {
+        /// A request body chunk (proxy-wasm ABI 0.2.1).
+        #[cfg(all(target_arch = "wasm32", feature = "export"))]
+        #[no_mangle]
+        pub extern "C" fn proxy_on_request_body(id: u32, size: u32, eos: u32) -> u32 {
+            $crate::adapter::exports::proxy_on_request_body(id, size, eos)
+        }
+    };
+    (@hook response_headers) => {
         /// Response headers (proxy-wasm ABI 0.2.1).
         #[cfg(all(target_arch = "wasm32", feature = "export"))]
         #[no_mangle]
         pub extern "C" fn proxy_on_response_headers(id: u32, headers: u32, eos: u32) -> u32 {
             $crate::adapter::exports::proxy_on_response_headers(id, headers, eos)
         }
-
+    };
+    (@hook response_body) => {
         /// A response body chunk (proxy-wasm ABI 0.2.1).
         #[cfg(all(target_arch = "wasm32", feature = "export"))]
         #[no_mangle]
@@ -659,14 +675,19 @@ macro_rules! export_filter {
         }
     };
     ($root:ty) => {
-        $crate::export_filter!(@initialize $root);
-        $crate::export_filter!(@response_hooks);
+        $crate::export_filter!($root, hooks(request_body, response_headers, response_body));
     };
-    ($root:ty, request_only) => {
-        const _: () = assert!(
-            !<$root as $crate::RootFilter>::RESPONSE_HOOKS,
-            "export_filter!(.., request_only) for a filter with response hooks"
-        );
+    ($root:ty, hooks($($hook:ident),* $(,)?)) => {
+        // An unknown hook name does not compile (each is a field of `Hooks`).
+        const _: () = {
+            let listed = $crate::filter::Hooks::NONE;
+            $(let listed = $crate::filter::Hooks { $hook: true, ..listed };)*
+            assert!(
+                listed.same(<$root as $crate::RootFilter>::HOOKS),
+                "export_filter!(.., hooks(..)) must list exactly the filter's RootFilter::HOOKS"
+            );
+        };
         $crate::export_filter!(@initialize $root);
+        $($crate::export_filter!(@hook $hook);)*
     };
 }

@@ -52,6 +52,69 @@ pub struct GrpcResponse {
     pub body: Vec<u8>,
 }
 
+/// The optional per-request stream hooks a filter uses: each is a `proxy_on_*` export of its
+/// module, and each export Envoy calls is one entry into the VM (about 4 µs; see
+/// docs/benchmarks.md). Request headers, context creation and `proxy_on_done` are always
+/// exported (every request needs them). Request and response trailers, metadata and
+/// `proxy_on_log` are never exported: no filter uses them.
+///
+/// A filter that pauses its request headers does not need the request body hook to hold the
+/// body: proxy-wasm-cpp-host turns a `Pause` from a headers hook into Envoy's
+/// `StopAllIterationAndWatermark`, so no body chunk reaches the filter, or passes it, until the
+/// stream is resumed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hooks {
+    /// `proxy_on_request_body` (each request body chunk).
+    pub request_body: bool,
+    /// `proxy_on_response_headers`.
+    pub response_headers: bool,
+    /// `proxy_on_response_body` (each response body chunk).
+    pub response_body: bool,
+}
+
+impl Hooks {
+    /// Every optional hook.
+    pub const ALL: Hooks = Hooks {
+        request_body: true,
+        response_headers: true,
+        response_body: true,
+    };
+    /// No optional hook: request headers only.
+    pub const NONE: Hooks = Hooks {
+        request_body: false,
+        response_headers: false,
+        response_body: false,
+    };
+
+    /// The same hooks as `other` (usable in constants, where `==` is not).
+    pub const fn same(self, other: Hooks) -> bool {
+        self.request_body == other.request_body
+            && self.response_headers == other.response_headers
+            && self.response_body == other.response_body
+    }
+
+    /// The hooks of either (a module that runs several filters exports the union).
+    pub const fn union(self, other: Hooks) -> Hooks {
+        Hooks {
+            request_body: self.request_body || other.request_body,
+            response_headers: self.response_headers || other.response_headers,
+            response_body: self.response_body || other.response_body,
+        }
+    }
+
+    /// The exported names (`proxy_on_request_body`, ...), in ABI order.
+    pub fn exports(self) -> Vec<&'static str> {
+        [
+            (self.request_body, "proxy_on_request_body"),
+            (self.response_headers, "proxy_on_response_headers"),
+            (self.response_body, "proxy_on_response_body"),
+        ]
+        .into_iter()
+        .filter_map(|(on, name)| on.then_some(name))
+        .collect()
+    }
+}
+
 /// Per-request filter logic. Every hook defaults to [`Decision::Continue`].
 pub trait HttpFilter {
     /// Request headers arrived.
@@ -122,10 +185,11 @@ pub trait RootFilter: Sized + 'static {
     type Filter: HttpFilter + 'static;
     /// Filter name used in logs and metric names, such as `auth`.
     const NAME: &'static str;
-    /// The filter has response hooks (`on_response_headers`, `on_response_body`). A filter
-    /// that sets it to false is exported with `export_filter!(Root, request_only)`: its module
-    /// has no response entry points, so Envoy never enters it for the response.
-    const RESPONSE_HOOKS: bool = true;
+    /// The optional stream hooks this filter uses, hence the ones its module exports
+    /// (`export_filter!(Root, hooks(...))` lists the same, checked when compiling). Envoy never
+    /// enters a module for a hook it does not export, and the test driver does not run one
+    /// either. Default: all of them.
+    const HOOKS: Hooks = Hooks::ALL;
 
     /// A root for a new VM context.
     fn new(context_id: u32) -> Self;

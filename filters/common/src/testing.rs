@@ -319,6 +319,8 @@ pub struct Driver<R: RootFilter> {
     next_id: u32,
     /// Events seen by [`Driver::take_woken`].
     woken_seen: usize,
+    /// Entries into the module for requests (see [`Driver::take_entries`]).
+    entries: usize,
 }
 
 impl<R: RootFilter> Driver<R> {
@@ -350,6 +352,7 @@ impl<R: RootFilter> Driver<R> {
             dispatcher,
             next_id: ROOT_ID + 1,
             woken_seen: 0,
+            entries: 0,
         })
     }
 
@@ -423,6 +426,7 @@ impl<R: RootFilter> Driver<R> {
         let proxy = self.proxy_mut();
         proxy.streams.insert(id, host);
         proxy.enter(id);
+        self.entries += 1;
         self.dispatcher.on_context_create(id, ROOT_ID);
         id
     }
@@ -453,20 +457,29 @@ impl<R: RootFilter> Driver<R> {
     pub fn request_headers(&mut self, id: u32, end_of_stream: bool) -> Decision {
         let (e, r) = self.marks();
         self.proxy_mut().enter(id);
+        self.entries += 1;
         self.dispatcher.on_request_headers(id, end_of_stream);
         self.outcome(id, Event::RequestHeaders, e, r)
     }
 
     /// Append `chunk` to the request body and run `on_request_body`; the filter's decision.
+    /// When the filter does not use the hook (its module does not export it:
+    /// [`RootFilter::HOOKS`]), the hook does not run and the chunk goes on (`Continue`), as in
+    /// Envoy.
     pub fn request_body(&mut self, id: u32, chunk: &[u8], end_of_stream: bool) -> Decision {
         let size = self.append(id, Body::Request, chunk);
+        if !R::HOOKS.request_body {
+            return Decision::Continue;
+        }
+        self.entries += 1;
         let (e, r) = self.marks();
         self.proxy_mut().enter(id);
         self.dispatcher.on_request_body(id, size, end_of_stream);
         self.outcome(id, Event::RequestBody, e, r)
     }
 
-    /// Set the response headers to `headers` and run `on_response_headers`; the decision.
+    /// Set the response headers to `headers` and run `on_response_headers`; the decision
+    /// (`Continue` without running it when the filter does not use the hook, as in Envoy).
     pub fn response_headers(
         &mut self,
         id: u32,
@@ -476,15 +489,24 @@ impl<R: RootFilter> Driver<R> {
         if let Some(h) = self.host_mut(id) {
             h.set_map(MapKind::ResponseHeaders, headers);
         }
+        if !R::HOOKS.response_headers {
+            return Decision::Continue;
+        }
+        self.entries += 1;
         let (e, r) = self.marks();
         self.proxy_mut().enter(id);
         self.dispatcher.on_response_headers(id, end_of_stream);
         self.outcome(id, Event::ResponseHeaders, e, r)
     }
 
-    /// Append `chunk` to the response body and run `on_response_body`; the decision.
+    /// Append `chunk` to the response body and run `on_response_body`; the decision
+    /// (`Continue` without running it when the filter does not use the hook, as in Envoy).
     pub fn response_body(&mut self, id: u32, chunk: &[u8], end_of_stream: bool) -> Decision {
         let size = self.append(id, Body::Response, chunk);
+        if !R::HOOKS.response_body {
+            return Decision::Continue;
+        }
+        self.entries += 1;
         let (e, r) = self.marks();
         self.proxy_mut().enter(id);
         self.dispatcher.on_response_body(id, size, end_of_stream);
@@ -501,12 +523,12 @@ impl<R: RootFilter> Driver<R> {
         all.len()
     }
 
-    /// The request is complete: `on_done`, then the context is deleted. Returns its host (its
-    /// headers, bodies and callouts as they ended).
+    /// The request is complete: `on_done` (which forgets it: no module exports
+    /// `proxy_on_delete`). Returns its host (its headers, bodies and callouts as they ended).
     pub fn done(&mut self, id: u32) -> Option<MemHost> {
         self.proxy_mut().enter(id);
+        self.entries += 1;
         self.dispatcher.on_done(id);
-        self.dispatcher.on_delete(id);
         let proxy = self.proxy_mut();
         proxy.deleted.insert(id);
         let host = proxy.streams.remove(&id)?;
@@ -706,9 +728,109 @@ impl<R: RootFilter> Driver<R> {
         std::mem::take(&mut *self.proxy().host_calls.borrow_mut())
     }
 
+    /// Entries into the module for requests since the last time: the exports Envoy would have
+    /// called (context creation, request headers, each hook the filter uses, `proxy_on_done`);
+    /// not counting `proxy_on_memory_allocate`, callout answers, wakes or ticks.
+    pub fn take_entries(&mut self) -> usize {
+        std::mem::take(&mut self.entries)
+    }
+
     /// Bytes of header names and values the proxy handed to the VM since the last time (while
     /// counting host calls).
     pub fn take_header_bytes(&mut self) -> usize {
         self.proxy().header_bytes.replace(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Driver;
+    use crate::filter::Hooks;
+    use crate::{ConfigError, Decision, Host, HttpFilter, RootFilter};
+
+    /// Pauses in every hook, so that a hook that ran shows in the decision.
+    struct Stop;
+    impl HttpFilter for Stop {
+        fn on_request_body(&mut self, _: &mut dyn Host, _: usize, _: bool) -> Decision {
+            Decision::Pause
+        }
+        fn on_response_headers(&mut self, _: &mut dyn Host, _: bool) -> Decision {
+            Decision::Pause
+        }
+        fn on_response_body(&mut self, _: &mut dyn Host, _: usize, _: bool) -> Decision {
+            Decision::Pause
+        }
+    }
+
+    struct StopRoot<const RESPONSE_HEADERS: bool>;
+    impl<const RESPONSE_HEADERS: bool> RootFilter for StopRoot<RESPONSE_HEADERS> {
+        type Filter = Stop;
+        const NAME: &'static str = "stop";
+        const HOOKS: Hooks = Hooks {
+            response_headers: RESPONSE_HEADERS,
+            ..Hooks::NONE
+        };
+        fn new(_: u32) -> Self {
+            StopRoot
+        }
+        fn configure(&mut self, _: &mut dyn Host, _: &[u8]) -> Result<(), ConfigError> {
+            Ok(())
+        }
+        fn create_filter(&self, _: u32) -> Stop {
+            Stop
+        }
+    }
+
+    #[test]
+    fn hooks_the_filter_does_not_use_do_not_run_and_are_not_entries() {
+        let mut d = Driver::<StopRoot<true>>::new("{}").unwrap();
+        let id = d.request("POST", "/x", &[]);
+        assert_eq!(d.request_headers(id, false), Decision::Continue);
+        assert_eq!(d.request_body(id, b"abc", true), Decision::Continue);
+        assert_eq!(
+            d.response_headers(id, &[(":status", "200")], false),
+            Decision::Pause
+        );
+        assert_eq!(d.response_body(id, b"{}", true), Decision::Continue);
+        // The body went by all the same.
+        assert_eq!(d.host(id).unwrap().body_bytes(crate::Body::Request), b"abc");
+        d.done(id);
+        // context create, request headers, response headers, done
+        assert_eq!(d.take_entries(), 4);
+
+        let mut d = Driver::<StopRoot<false>>::new("{}").unwrap();
+        let id = d.request("GET", "/x", &[]);
+        d.request_headers(id, true);
+        assert_eq!(
+            d.response_headers(id, &[(":status", "200")], false),
+            Decision::Continue
+        );
+        d.done(id);
+        assert_eq!(d.take_entries(), 3);
+    }
+
+    #[test]
+    fn hooks_union_and_exports() {
+        let rl = Hooks {
+            response_headers: true,
+            ..Hooks::NONE
+        };
+        let cache = Hooks {
+            response_body: true,
+            ..rl
+        };
+        assert_eq!(rl.exports(), ["proxy_on_response_headers"]);
+        assert!(Hooks::NONE.exports().is_empty());
+        assert_eq!(rl.union(cache), cache);
+        assert!(rl.union(Hooks::ALL).same(Hooks::ALL));
+        assert!(!rl.same(cache));
+        assert_eq!(
+            Hooks::ALL.exports(),
+            [
+                "proxy_on_request_body",
+                "proxy_on_response_headers",
+                "proxy_on_response_body"
+            ]
+        );
     }
 }

@@ -135,6 +135,11 @@ const TOTALS: [&str; 10] = [
 impl RootFilter for RateLimitRoot {
     type Filter = RateLimitFilter;
     const NAME: &'static str = "ratelimit";
+    // The rate limit headers are added to the response headers; no body is read.
+    const HOOKS: tollgate_common::filter::Hooks = tollgate_common::filter::Hooks {
+        response_headers: true,
+        ..tollgate_common::filter::Hooks::NONE
+    };
 
     fn new(context_id: u32) -> Self {
         RateLimitRoot {

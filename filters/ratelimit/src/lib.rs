@@ -21,4 +21,4 @@ pub mod table;
 
 pub use filter::{RateLimitFilter, RateLimitRoot};
 
-tollgate_common::export_filter!(RateLimitRoot);
+tollgate_common::export_filter!(RateLimitRoot, hooks(response_headers));

@@ -60,6 +60,11 @@ impl TollgateRoot {
 impl RootFilter for TollgateRoot {
     type Filter = ChainFilter;
     const NAME: &'static str = "tollgate";
+    // What its children use (all of them: the aggregator uses every hook).
+    const HOOKS: tollgate_common::filter::Hooks = <tollgate_auth::AuthRoot as RootFilter>::HOOKS
+        .union(<tollgate_ratelimit::RateLimitRoot as RootFilter>::HOOKS)
+        .union(<tollgate_cache::CacheRoot as RootFilter>::HOOKS)
+        .union(<tollgate_aggregate::AggregateRoot as RootFilter>::HOOKS);
 
     fn new(context_id: u32) -> Self {
         TollgateRoot(ChainRoot::new(context_id, CATALOG))
