@@ -145,11 +145,7 @@ impl<T> TokenCache<T> {
             return;
         }
         let key = token_key(token);
-        if self
-            .map
-            .insert(key, (token.as_bytes().into(), t))
-            .is_none()
-        {
+        if self.map.insert(key, (token.as_bytes().into(), t)).is_none() {
             self.order.push_back(key);
         }
         while self.map.len() > self.cap {
@@ -181,8 +177,6 @@ pub struct Worker {
     /// API keys recently found valid: the index of the key in the configuration.
     pub api_keys: TokenCache<usize>,
 }
-
-
 
 impl Worker {
     /// Fresh state for a configuration.
@@ -622,7 +616,8 @@ mod tests {
         assert_eq!(c.len(), 1);
         // An entry under the key of a token but holding another token (a hash collision):
         // never returned for it.
-        c.map.insert(token_key("x.y.z"), ("x.y.w".as_bytes().into(), t.clone()));
+        c.map
+            .insert(token_key("x.y.z"), ("x.y.w".as_bytes().into(), t.clone()));
         assert!(c.get("x.y.z").is_none());
         let mut off = TokenCache::new(0);
         off.insert("a.b.c1", t);
