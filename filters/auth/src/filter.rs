@@ -397,8 +397,21 @@ impl AuthFilter {
 
     /// The first rule whose match fits, with the template's variables.
     fn choose_rule(&mut self, host: &dyn Host) {
-        let req = RequestInfo::from_host(host);
         let config = Rc::clone(&self.config);
+        // Only what the rules match on is read (`:method` and `:authority` when some rule
+        // lists methods or hosts).
+        let rules = &config.rules.0;
+        let method = if rules.iter().any(|r| r.route.uses_method()) {
+            host.method()
+        } else {
+            String::new()
+        };
+        let authority = if rules.iter().any(|r| r.route.uses_host()) {
+            host.authority()
+        } else {
+            String::new()
+        };
+        let req = RequestInfo::from_parts(method, authority, host.path());
         if let Some((i, params)) = config
             .rules
             .0
