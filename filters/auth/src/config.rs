@@ -568,6 +568,9 @@ pub struct ApiKey {
     pub headers: Vec<(String, String)>,
     /// Plan from metadata.
     pub plan: Option<String>,
+    /// The claims a request with this key gets (`sub`, `plan`, the metadata headers), built
+    /// once at load.
+    pub claims: std::rc::Rc<serde_json::Map<String, Value>>,
 }
 
 /// Compiled API key settings.
@@ -1065,12 +1068,21 @@ fn compile_api_keys(a: ApiKeysConfig, identity: &mut Vec<String>) -> Result<ApiK
             identity.push(h.clone());
             headers.push((h, value.clone()));
         }
+        let mut claims = serde_json::Map::new();
+        claims.insert("sub".into(), Value::String(k.consumer.clone()));
+        if let Some(p) = &plan {
+            claims.insert("plan".into(), Value::String(p.clone()));
+        }
+        for (h, v) in &headers {
+            claims.insert(h.clone(), Value::String(v.clone()));
+        }
         keys.push(ApiKey {
             digest,
             consumer: k.consumer,
             expires,
             headers,
             plan,
+            claims: std::rc::Rc::new(claims),
         });
     }
     Ok(ApiKeys { from, keys })

@@ -309,6 +309,20 @@ fn remove_source(host: &mut dyn Host, s: &Source) {
     }
 }
 
+/// A string as a header value: control characters become spaces (as
+/// [`claims::header_value`] writes a string claim), borrowed when there are none.
+fn header_safe(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.chars().any(char::is_control) {
+        std::borrow::Cow::Owned(
+            s.chars()
+                .map(|c| if c.is_control() { ' ' } else { c })
+                .collect(),
+        )
+    } else {
+        std::borrow::Cow::Borrowed(s)
+    }
+}
+
 fn quote(s: &str) -> String {
     s.chars()
         .filter(|c| *c != '"' && *c != '\\' && !c.is_control())
@@ -385,8 +399,21 @@ impl AuthFilter {
 
     /// The first rule whose match fits, with the template's variables.
     fn choose_rule(&mut self, host: &dyn Host) {
-        let req = RequestInfo::from_host(host);
         let config = Rc::clone(&self.config);
+        // Only what the rules match on is read (`:method` and `:authority` when some rule
+        // lists methods or hosts).
+        let rules = &config.rules.0;
+        let method = if rules.iter().any(|r| r.route.uses_method()) {
+            host.method()
+        } else {
+            String::new()
+        };
+        let authority = if rules.iter().any(|r| r.route.uses_host()) {
+            host.authority()
+        } else {
+            String::new()
+        };
+        let req = RequestInfo::from_parts(method, authority, host.path());
         if let Some((i, params)) = config
             .rules
             .0
@@ -490,34 +517,39 @@ impl AuthFilter {
         if key.len() > self.config.max_token_size {
             return api_refusal("token_too_large", "the API key is too long");
         }
-        let digest = sha256(key.as_bytes());
-        // Compare with every key in constant time, without stopping at a match.
-        let mut found: Option<usize> = None;
-        for (i, k) in keys.keys.iter().enumerate() {
-            if bool::from(k.digest.ct_eq(&digest)) {
-                found = Some(i);
+        // A key found valid before on this worker (compared in constant time with the key
+        // remembered, `keyset::TokenCache`); else its SHA-256 compared with every key's digest
+        // in constant time, without stopping at a match.
+        let known = self
+            .runtime
+            .try_borrow()
+            .ok()
+            .and_then(|rt| rt.api_keys.get(key).copied());
+        let found = known.or_else(|| {
+            let digest = sha256(key.as_bytes());
+            let mut found: Option<usize> = None;
+            for (i, k) in keys.keys.iter().enumerate() {
+                if bool::from(k.digest.ct_eq(&digest)) {
+                    found = Some(i);
+                }
             }
-        }
+            if let (Some(i), Ok(mut rt)) = (found, self.runtime.try_borrow_mut()) {
+                rt.api_keys.insert(key, i);
+            }
+            found
+        });
         let Some(k) = found.and_then(|i| keys.keys.get(i)) else {
             return api_refusal("invalid_api_key", "the API key is not valid");
         };
         if k.expires.is_some_and(|e| host.now_secs() >= e) {
             return api_refusal("expired_api_key", "the API key has expired");
         }
-        let mut claims = Map::new();
-        claims.insert("sub".into(), Value::String(k.consumer.clone()));
-        if let Some(p) = &k.plan {
-            claims.insert("plan".into(), Value::String(p.clone()));
-        }
-        for (h, v) in &k.headers {
-            claims.insert(h.clone(), Value::String(v.clone()));
-        }
         Outcome::Allowed(Identity {
             metric: "allowed.api_key",
             source: crate::config::SOURCE_API_KEY.to_string(),
             consumer: Some(k.consumer.clone()),
             plan: k.plan.clone(),
-            claims: Rc::new(claims),
+            claims: Rc::clone(&k.claims),
             headers: k.headers.clone(),
         })
     }
@@ -558,10 +590,9 @@ impl AuthFilter {
             .rule
             .and_then(|i| config.rules.0.get(i))
             .map_or(&[], |r| &r.allow.providers);
-        // The token's digest keys the verified-token cache; with the cache off (every token
-        // new, a forged-token flood) it is not computed.
-        let digest = (config.token_cache_size > 0).then(|| sha256(token.as_bytes()));
-        if let Some(outcome) = digest.and_then(|d| self.cached_jwt(&d, now)) {
+        // The verified-token cache (keyed by a cheap hash of the token, the token compared in
+        // constant time: `keyset::TokenCache`).
+        if let Some(outcome) = self.cached_jwt(&token, now) {
             return outcome;
         }
         let read = match verdict::read_token(&token, &config.providers, allowed) {
@@ -587,9 +618,9 @@ impl AuthFilter {
             return Outcome::Refused(e.into());
         }
         let claims = Rc::new(read.claims);
-        if let (Some(digest), Ok(mut rt)) = (digest, self.runtime.try_borrow_mut()) {
+        if let Ok(mut rt) = self.runtime.try_borrow_mut() {
             rt.cache.insert(
-                digest,
+                &token,
                 CachedToken {
                     provider: read.provider,
                     claims: claims.clone(),
@@ -602,8 +633,8 @@ impl AuthFilter {
 
     /// A token in the verified-token cache, for a provider the route accepts: allowed (its
     /// times checked again) or refused (and dropped from the cache). `None`: not cached.
-    fn cached_jwt(&mut self, digest: &[u8; 32], now: f64) -> Option<Outcome> {
-        let hit = self.runtime.try_borrow().ok()?.cache.get(digest).cloned()?;
+    fn cached_jwt(&mut self, token: &str, now: f64) -> Option<Outcome> {
+        let hit = self.runtime.try_borrow().ok()?.cache.get(token).cloned()?;
         let config = Rc::clone(&self.config);
         let p = config.providers.get(hit.provider)?;
         if !self.rule()?.allow.providers.contains(&hit.provider) {
@@ -616,7 +647,7 @@ impl AuthFilter {
             }),
             Err(e) => {
                 if let Ok(mut rt) = self.runtime.try_borrow_mut() {
-                    rt.cache.remove(digest);
+                    rt.cache.remove(token);
                 }
                 Outcome::Refused(e.into())
             }
@@ -939,8 +970,7 @@ impl AuthFilter {
             host.set_header(MapKind::RequestHeaders, h, v);
         }
         let mut set = |name: &str, value: &str| {
-            let v = claims::header_value(&Value::String(value.to_string())).unwrap_or_default();
-            host.set_header(MapKind::RequestHeaders, name, &v);
+            host.set_header(MapKind::RequestHeaders, name, &header_safe(value));
         };
         if let Some(c) = &id.consumer {
             set(&self.config.consumer_header, c);

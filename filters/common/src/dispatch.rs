@@ -613,6 +613,9 @@ impl<R: RootFilter, P: Proxy> Dispatcher<R, P> {
 
     /// Record tick periods asked for (by a root, or by a request for its root).
     fn take_periods(&mut self) {
+        if self.book.periods.is_empty() {
+            return;
+        }
         for (id, period) in std::mem::take(&mut self.book.periods) {
             let root = self.streams.get(&id).map_or(id, |s| s.root);
             if let Some(slot) = self.roots.get_mut(&root) {

@@ -30,9 +30,43 @@ impl RequestInfo {
             query: query.to_string(),
         }
     }
+    /// [`RequestInfo::new`] from owned values, reusing their buffers (no copy: the case is
+    /// changed in place, the port and the query cut off; only a query gets its own string).
+    pub fn from_parts(method: String, authority: String, path_and_query: String) -> Self {
+        let mut method = method;
+        method.make_ascii_uppercase();
+        let mut host = authority;
+        let kept = strip_port(&host).len();
+        host.truncate(kept);
+        host.make_ascii_lowercase();
+        let mut path = path_and_query;
+        let query = match path.find('?') {
+            Some(q) => {
+                let query = path
+                    .get(q + 1..)
+                    .and_then(|rest| rest.split('#').next())
+                    .unwrap_or("")
+                    .to_string();
+                path.truncate(q);
+                query
+            }
+            None => {
+                if let Some(f) = path.find('#') {
+                    path.truncate(f);
+                }
+                String::new()
+            }
+        };
+        RequestInfo {
+            method,
+            host,
+            path,
+            query,
+        }
+    }
     /// Read method, authority and path from the request headers.
     pub fn from_host(host: &dyn Host) -> Self {
-        RequestInfo::new(&host.method(), &host.authority(), &host.path())
+        RequestInfo::from_parts(host.method(), host.authority(), host.path())
     }
 }
 
@@ -380,6 +414,24 @@ mod tests {
 
     fn req(method: &str, host: &str, path: &str) -> RequestInfo {
         RequestInfo::new(method, host, path)
+    }
+
+    #[test]
+    fn from_parts_is_new() {
+        for (m, a, p) in [
+            ("get", "API.Example.com:8080", "/a/b?x=1&y=2#f"),
+            ("POST", "[::1]:443", "/a#frag"),
+            ("Put", "[::1", "/a?"),
+            ("GET", "host:abc", "/"),
+            ("", "", ""),
+            ("GET", "h", "/p?q#f?g"),
+        ] {
+            assert_eq!(
+                RequestInfo::from_parts(m.into(), a.into(), p.into()),
+                RequestInfo::new(m, a, p),
+                "{m} {a} {p}"
+            );
+        }
     }
 
     #[test]

@@ -665,7 +665,7 @@ fn route_of<'c>(host: &mut dyn Host, shared: &'c Worker) -> Option<(&'c Route, R
     } else {
         String::new()
     };
-    let req = RequestInfo::new(&method, &authority, &host.path());
+    let req = RequestInfo::from_parts(method, authority, host.path());
     let route = config.routes.find(&req).map(|(route, _)| route);
     match route {
         Some(route) if route.disabled => {
