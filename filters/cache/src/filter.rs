@@ -22,7 +22,9 @@ use crate::freshness::{
 };
 use crate::key::{url_key_of, vary_names, UrlKey};
 use crate::parse::{byte_range, http_date, list_members, ByteRange};
-use crate::store::{millis, Entry, Found, Lookup, Meta, PurgeRule, Purges, PutError, Store};
+use crate::store::{
+    millis, Entry, Found, Lookup, Meta, PurgeRule, Purges, PutError, Store, UNKNOWN_PSEQ,
+};
 
 /// Name of this cache in `Cache-Status`.
 pub const CACHE_NAME: &str = "tollgate";
@@ -972,24 +974,37 @@ impl CacheFilter {
             .rule
             .and_then(|i| shared.config.rules.0.get(i))
             .map_or(&[][..], |r| r.key_headers.as_slice());
-        let purges = shared.store.purges(host);
-        self.purge_seq = purges.seq;
-        match shared
-            .store
-            .lookup(host, url.hash, &self.request, key_headers, &purges)
-        {
+        let store = shared.store;
+        let (lookup, pseq) = store.lookup(host, url.hash, &self.request, key_headers);
+        // The purge sequence number a response fetched now is stored with: the set's (no
+        // higher than the purge record's, and at least that of every finished purge), else
+        // the purge record's.
+        let found = match lookup {
             // A 64-bit hash collision of two URLs reads as a miss.
-            Lookup::Hit(found) if found.entry.meta.url == url.url => {
-                if self.purged_by_tag(&found, &purges) {
-                    let store = self.shared.store;
-                    store.invalidate_way(host, found.set, found.way, found.record.g);
-                    return Err("uri-miss");
-                }
-                Ok(found)
+            Lookup::Hit(found) if found.entry.meta.url == url.url => found,
+            other => {
+                self.purge_seq = match pseq {
+                    UNKNOWN_PSEQ => store.purges(host).seq,
+                    known => known,
+                };
+                return Err(match other {
+                    Lookup::VaryMiss => "vary-miss",
+                    _ => "uri-miss",
+                });
             }
-            Lookup::VaryMiss => Err("vary-miss"),
-            _ => Err("uri-miss"),
+        };
+        let Some(purges) = found.purges.as_ref() else {
+            // No purge since the entry was fetched: nothing to check.
+            self.purge_seq = pseq;
+            return Ok(found);
+        };
+        self.purge_seq = purges.seq;
+        if self.purged_by_tag(&found, purges) {
+            store.invalidate_way(host, found.set, found.way, found.record.g);
+            return Err("uri-miss");
         }
+        store.mark_unpurged(host, &found);
+        Ok(found)
     }
 
     /// Was this entry purged by tag (its tag header names a tag purged after it was fetched)?
