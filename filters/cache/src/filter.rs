@@ -22,7 +22,9 @@ use crate::freshness::{
 };
 use crate::key::{url_key_of, vary_names, UrlKey};
 use crate::parse::{byte_range, http_date, list_members, ByteRange};
-use crate::store::{millis, Entry, Found, Lookup, Meta, PurgeRule, Purges, PutError, Store};
+use crate::store::{
+    millis, Entry, Found, Lookup, Meta, PurgeRule, Purges, PutError, Store, UNKNOWN_PSEQ,
+};
 
 /// Name of this cache in `Cache-Status`.
 pub const CACHE_NAME: &str = "tollgate";
@@ -604,24 +606,23 @@ fn merge_not_modified(
 
 /// Does a client's conditional request match the entry (so that 304 is the answer)?
 /// `If-None-Match` (weak comparison, `*`) wins over `If-Modified-Since`.
+/// A request without either (most hits) reads nothing of the entry.
 fn client_not_modified(request: &[(String, String)], entry: &[(String, String)]) -> bool {
-    let etag = header(entry, "etag");
-    if let Some(inm) = header(request, "if-none-match") {
+    if let Some(inm) = first(request, "if-none-match") {
         let weak = |t: &str| t.trim().trim_start_matches("W/").to_string();
-        return match etag {
-            Some(e) => inm.trim() == "*" || inm.split(',').any(|t| weak(t) == weak(&e)),
+        return match first(entry, "etag") {
+            Some(e) => inm.trim() == "*" || inm.split(',').any(|t| weak(t) == weak(e)),
             None => false,
         };
     }
+    let Some(ims) = first(request, "if-modified-since").and_then(http_date) else {
+        return false;
+    };
     // Without `Last-Modified`, the entry's `Date` (RFC 9110 13.1.3).
-    let modified = header(entry, "last-modified").or_else(|| header(entry, "date"));
-    match (
-        header(request, "if-modified-since").and_then(|v| http_date(&v)),
-        modified.and_then(|v| http_date(&v)),
-    ) {
-        (Some(ims), Some(lm)) => lm <= ims,
-        _ => false,
-    }
+    first(entry, "last-modified")
+        .or_else(|| first(entry, "date"))
+        .and_then(http_date)
+        .is_some_and(|lm| lm <= ims)
 }
 
 /// May a `HEAD` answer freshen this entry (RFC 9111 4.3.5)? Its validators must not
@@ -682,8 +683,8 @@ impl CacheFilter {
 
     /// The answer from an entry: 304 when the client's validators match; 206 / 416 for a
     /// single `Range` of a stored complete 200; else the stored response (HEAD: Envoy sends no
-    /// body).
-    fn answer(&self, entry: Entry, age: u64, status_params: &str) -> LocalReply {
+    /// body). `cache_status`: the whole `Cache-Status` value ([`cache_status`]).
+    fn answer(&self, entry: Entry, age: u64, cache_status: String) -> LocalReply {
         let not_modified = client_not_modified(&self.request, &entry.meta.headers);
         let range = if not_modified {
             ByteRange::Ignore
@@ -711,7 +712,7 @@ impl CacheFilter {
         }
         reply = reply
             .with_header("age", decimal(age))
-            .with_header("cache-status", cache_status(status_params));
+            .with_header("cache-status", cache_status);
         let len = entry.body.len();
         match range {
             _ if not_modified => reply,
@@ -945,14 +946,16 @@ impl CacheFilter {
             Verdict::Fresh { age, ttl } => {
                 self.shared.metrics.count(host, "hits", 1);
                 let collapsed = if self.collapsed { "; collapsed" } else { "" };
-                let mut params = String::with_capacity(32);
-                params.push_str("hit; ttl=");
+                // `Cache-Status` written once, without a `params` string in between.
+                let mut status = String::with_capacity(CACHE_NAME.len() + 40);
+                status.push_str(CACHE_NAME);
+                status.push_str("; hit; ttl=");
                 if ttl < 0 {
-                    params.push('-');
+                    status.push('-');
                 }
-                push_u64(&mut params, ttl.unsigned_abs());
-                params.push_str(collapsed);
-                let reply = self.answer(found.entry, age, &params);
+                push_u64(&mut status, ttl.unsigned_abs());
+                status.push_str(collapsed);
+                let reply = self.answer(found.entry, age, status);
                 self.state = State::Done;
                 Decision::Respond(reply)
             }
@@ -978,24 +981,37 @@ impl CacheFilter {
             .rule
             .and_then(|i| shared.config.rules.0.get(i))
             .map_or(&[][..], |r| r.key_headers.as_slice());
-        let purges = shared.store.purges(host);
-        self.purge_seq = purges.seq;
-        match shared
-            .store
-            .lookup(host, url.hash, &self.request, key_headers, &purges)
-        {
+        let store = shared.store;
+        let (lookup, pseq) = store.lookup(host, url.hash, &self.request, key_headers);
+        // The purge sequence number a response fetched now is stored with: the set's (no
+        // higher than the purge record's, and at least that of every finished purge), else
+        // the purge record's.
+        let found = match lookup {
             // A 64-bit hash collision of two URLs reads as a miss.
-            Lookup::Hit(found) if found.entry.meta.url == url.url => {
-                if self.purged_by_tag(&found, &purges) {
-                    let store = self.shared.store;
-                    store.invalidate_way(host, found.set, found.way, found.record.g);
-                    return Err("uri-miss");
-                }
-                Ok(found)
+            Lookup::Hit(found) if found.entry.meta.url == url.url => found,
+            other => {
+                self.purge_seq = match pseq {
+                    UNKNOWN_PSEQ => store.purges(host).seq,
+                    known => known,
+                };
+                return Err(match other {
+                    Lookup::VaryMiss => "vary-miss",
+                    _ => "uri-miss",
+                });
             }
-            Lookup::VaryMiss => Err("vary-miss"),
-            _ => Err("uri-miss"),
+        };
+        let Some(purges) = found.purges.as_ref() else {
+            // No purge since the entry was fetched: nothing to check.
+            self.purge_seq = pseq;
+            return Ok(found);
+        };
+        self.purge_seq = purges.seq;
+        if self.purged_by_tag(&found, purges) {
+            store.invalidate_way(host, found.set, found.way, found.record.g);
+            return Err("uri-miss");
         }
+        store.mark_unpurged(host, &found);
+        Ok(found)
     }
 
     /// Was this entry purged by tag (its tag header names a tag purged after it was fetched)?
@@ -1147,7 +1163,7 @@ impl CacheFilter {
         let reply = self.answer(
             found.entry.clone(),
             age,
-            &format!("hit; ttl={ttl}; detail=stale-while-revalidate"),
+            cache_status(&format!("hit; ttl={ttl}; detail=stale-while-revalidate")),
         );
         self.state = State::Done;
         let Some(rule) = self.rule() else {
@@ -1241,9 +1257,13 @@ impl CacheFilter {
             let reply = match fresh {
                 Some(f) => {
                     let age = f.meta.f.age_at(millis(now));
-                    self.answer(f, age, &format!("fwd={fwd}; fwd-status=304"))
+                    self.answer(f, age, cache_status(&format!("fwd={fwd}; fwd-status=304")))
                 }
-                None => self.answer(entry.clone(), 0, &format!("fwd={fwd}; fwd-status=304")),
+                None => self.answer(
+                    entry.clone(),
+                    0,
+                    cache_status(&format!("fwd={fwd}; fwd-status=304")),
+                ),
             };
             return Ok(reply);
         }
@@ -1256,7 +1276,7 @@ impl CacheFilter {
                 self.shared.metrics.count(host, "stale_served", 1);
                 self.restore_client_conditional(client_conditional);
                 let params = format!("fwd={fwd}; fwd-status={status}; detail=stale-if-error");
-                return Ok(self.answer(entry.clone(), age, &params));
+                return Ok(self.answer(entry.clone(), age, cache_status(&params)));
             }
         }
         if self.is_head && status == 200 {
@@ -1524,7 +1544,21 @@ impl HttpFilter for CacheFilter {
 
     fn on_request_headers(&mut self, host: &mut dyn Host, _end_of_stream: bool) -> Decision {
         self.shared.metrics.count(host, "requests", 1);
-        let req = RequestInfo::from_host(host);
+        // One copy of the request headers (names lower-cased in place): the route match, the
+        // URL key, the lookup and the store read this copy, never the proxy again (three
+        // owned header reads fewer than `RequestInfo::from_host`).
+        let mut request = host.headers(MapKind::RequestHeaders);
+        for (k, _) in request.iter_mut() {
+            k.make_ascii_lowercase();
+        }
+        let req = {
+            let authority = first(&request, ":authority").or_else(|| first(&request, "host"));
+            RequestInfo::new(
+                first(&request, ":method").unwrap_or_default(),
+                authority.unwrap_or_default(),
+                first(&request, ":path").unwrap_or_default(),
+            )
+        };
         if let Some(p) = self.shared.config.purge.as_ref() {
             if req.path == p.path {
                 return self.purge(host);
@@ -1548,12 +1582,6 @@ impl HttpFilter for CacheFilter {
             return Decision::Continue;
         }
         self.rule = Some(index);
-        // One copy of the request headers (names lower-cased in place): the URL key, the
-        // lookup and the store read this copy, never the proxy again.
-        let mut request = host.headers(MapKind::RequestHeaders);
-        for (k, _) in request.iter_mut() {
-            k.make_ascii_lowercase();
-        }
         self.url = Some(Rc::new(url_key_of(&request, rule)));
         self.request = request;
         if !rule.vary_normalise.is_empty() {

@@ -84,18 +84,30 @@ impl Way {
 /// A set record.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SetRecord {
+    /// The purge sequence number every finished purge has reached in this set: a purge
+    /// records its rule, then raises this in every set record before it answers. A way whose
+    /// `p` is at least this was fetched after every finished purge, so a hit on it needs no
+    /// purge record read. [`UNKNOWN_PSEQ`] for a record created or read without a
+    /// compare-and-swap (never lowered by a purge; the first hit that reads the purge record
+    /// sets it with a CAS).
+    pub pseq: u64,
     /// The ways (padded to the configured number).
     pub ways: Vec<Way>,
 }
 
-const SET_FORMAT: u8 = 1;
+/// [`SetRecord::pseq`] not known: every hit in the set reads the purge record.
+pub const UNKNOWN_PSEQ: u64 = u64::MAX;
+
+const SET_FORMAT: u8 = 2;
 
 impl SetRecord {
-    /// Compact binary form (read on every lookup, so not JSON): a format byte, then per way
-    /// seven little-endian u64 (`u v g t n r p`), a u16 length and the Vary names.
+    /// Compact binary form (read on every lookup, so not JSON): a format byte, the purge
+    /// sequence number (u64), then per way seven little-endian u64 (`u v g t n r p`), a u16
+    /// length and the Vary names.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(1 + self.ways.len() * 64);
+        let mut out = Vec::with_capacity(9 + self.ways.len() * 64);
         out.push(SET_FORMAT);
+        out.extend_from_slice(&self.pseq.to_le_bytes());
         for w in &self.ways {
             for x in [w.u, w.v, w.g, w.t, w.n, w.r, w.p] {
                 out.extend_from_slice(&x.to_le_bytes());
@@ -119,6 +131,7 @@ impl SetRecord {
             pos += n;
             Some(slice)
         };
+        let pseq = u64::from_le_bytes(take(8)?.try_into().ok()?);
         // 58 bytes per way without its Vary names
         let mut ways = Vec::with_capacity(bytes.len() / 58);
         while let Some(first) = take(8) {
@@ -140,7 +153,7 @@ impl SetRecord {
                 p,
             });
         }
-        Some(SetRecord { ways })
+        Some(SetRecord { pseq, ways })
     }
 }
 
@@ -233,9 +246,6 @@ impl<'a> Reader<'a> {
         let bytes = self.take(usize::try_from(len).ok()?)?;
         String::from_utf8(bytes.to_vec()).ok()
     }
-    fn rest(&self) -> &'a [u8] {
-        self.bytes.get(self.pos..).unwrap_or_default()
-    }
 }
 
 impl Entry {
@@ -277,6 +287,23 @@ impl Entry {
 
     /// Decode; `None` for anything malformed (an empty slot, an older format included).
     pub fn decode(bytes: &[u8]) -> Option<Entry> {
+        let (meta, pos) = Entry::decode_meta(bytes)?;
+        Some(Entry {
+            meta,
+            body: bytes.get(pos..).unwrap_or_default().to_vec(),
+        })
+    }
+
+    /// [`Entry::decode`] of a slot value the caller owns: the body stays in that buffer (moved
+    /// to its start), not copied into a new one.
+    pub fn decode_owned(mut bytes: Vec<u8>) -> Option<Entry> {
+        let (meta, pos) = Entry::decode_meta(&bytes)?;
+        bytes.drain(..pos.min(bytes.len()));
+        Some(Entry { meta, body: bytes })
+    }
+
+    /// The metadata, and where the body starts.
+    fn decode_meta(bytes: &[u8]) -> Option<(Meta, usize)> {
         let mut r = Reader { bytes, pos: 0 };
         if r.u8()? != ENTRY_FORMAT {
             return None;
@@ -308,10 +335,7 @@ impl Entry {
             auth,
             f,
         };
-        Some(Entry {
-            meta,
-            body: r.rest().to_vec(),
-        })
+        Some((meta, r.pos))
     }
 }
 
@@ -396,6 +420,14 @@ pub struct Found {
     pub way: usize,
     /// The way record as read.
     pub record: Way,
+    /// The purge sequence number of the set record as read ([`SetRecord::pseq`]).
+    pub pseq: u64,
+    /// The purge record, when this hit needed it (the way is older than a purge of its set,
+    /// or the set's purge sequence number is unknown): the path rules were checked, the caller
+    /// checks the tag rules, then [`Store::mark_unpurged`]. `None`: no purge applies.
+    pub purges: Option<Purges>,
+    /// The set record as read and its CAS, with `purges` (for [`Store::mark_unpurged`]).
+    pub set_read: Option<(SetRecord, Option<u32>)>,
 }
 
 /// Result of a lookup.
@@ -465,9 +497,17 @@ impl Store {
     }
 
     fn read_set(&self, host: &dyn Host, s: u32) -> (SetRecord, Option<u32>) {
+        // Missing or unreadable: its purge sequence number is unknown (never lowered by a
+        // purge's write, so that a record written without a CAS cannot hide a purge).
+        let unknown = || SetRecord {
+            pseq: UNKNOWN_PSEQ,
+            ways: Vec::new(),
+        };
         let (mut rec, cas) = match host.shared_get(&set_key(s)) {
-            Ok(Some((bytes, cas))) => (SetRecord::decode(&bytes).unwrap_or_default(), Some(cas)),
-            _ => (SetRecord::default(), None),
+            Ok(Some((bytes, cas))) => {
+                (SetRecord::decode(&bytes).unwrap_or_else(unknown), Some(cas))
+            }
+            _ => (unknown(), None),
         };
         let ways = usize::try_from(self.ways).unwrap_or(1);
         rec.ways.resize(ways, Way::default());
@@ -520,8 +560,36 @@ impl Store {
         }
     }
 
-    /// Add a purge rule.
+    /// Add a purge rule, then raise every set record's purge sequence number to it (so that
+    /// hits on entries fetched before it read the purge record). False when the rule could
+    /// not be recorded.
     pub fn add_purge(&self, host: &mut dyn Host, rule: PurgeRule) -> bool {
+        let Some(seq) = self.record_purge(host, rule) else {
+            return false;
+        };
+        for s in 0..self.sets {
+            // Always written (a CAS version change even when the number stays), so that a
+            // hit that read the set before this purge cannot lower it afterwards.
+            let raised = self.update_set(host, s, |rec| {
+                if rec.pseq != UNKNOWN_PSEQ {
+                    rec.pseq = rec.pseq.max(seq);
+                }
+                Some(())
+            });
+            if raised.is_none() {
+                // Lost every CAS: the set is emptied with an unknown sequence number instead.
+                let empty = SetRecord {
+                    pseq: UNKNOWN_PSEQ,
+                    ways: Vec::new(),
+                };
+                let _ = host.shared_set(&set_key(s), &empty.encode(), None);
+            }
+        }
+        true
+    }
+
+    /// Add a purge rule to the purge record; its sequence number.
+    fn record_purge(&self, host: &mut dyn Host, rule: PurgeRule) -> Option<u64> {
         for _ in 0..CAS_RETRIES {
             let (mut purges, cas) = match host.shared_get(PURGES_KEY) {
                 Ok(Some((bytes, cas))) => (
@@ -538,30 +606,32 @@ impl Store {
                 let oldest = purges.rules.remove(0);
                 purges.flush_before = purges.flush_before.max(oldest.seq);
             }
-            let Ok(bytes) = serde_json::to_vec(&purges) else {
-                return false;
-            };
+            let bytes = serde_json::to_vec(&purges).ok()?;
             match host.shared_set(PURGES_KEY, &bytes, cas) {
-                Ok(()) => return true,
+                Ok(()) => return Some(purges.seq),
                 Err(SharedError::CasMismatch) => continue,
-                Err(SharedError::Host(_)) => return false,
+                Err(SharedError::Host(_)) => return None,
             }
         }
-        false
+        None
     }
 
     /// Find the entry of a URL for a request (`request` are its headers; `key_headers` the
-    /// configured key headers). Purged entries read as misses and are emptied.
+    /// configured key headers), with the set's purge sequence number (on a hit
+    /// [`UNKNOWN_PSEQ`] when unknown; a miss learns it from the purge record). The purge record is read only when a way is older than a purge of its set
+    /// (or the set's number is unknown); entries purged by path read as misses and are
+    /// emptied.
     pub fn lookup(
         &self,
         host: &mut dyn Host,
         url_hash: u64,
         request: &[(String, String)],
         key_headers: &[String],
-        purges: &Purges,
-    ) -> Lookup {
+    ) -> (Lookup, u64) {
         let s = self.set_of(url_hash);
-        let (rec, _) = self.read_set(host, s);
+        let (rec, cas) = self.read_set(host, s);
+        let pseq = rec.pseq;
+        let mut purges: Option<Purges> = None;
         let mut any = false;
         for (w, way) in rec.ways.iter().enumerate() {
             if way.is_empty() || way.u != url_hash {
@@ -575,29 +645,90 @@ impl Store {
             let Ok(Some((bytes, _))) = host.shared_get(&slot_key(s, w)) else {
                 continue;
             };
-            let Some(entry) = Entry::decode(&bytes) else {
+            let Some(entry) = Entry::decode_owned(bytes) else {
                 continue;
             };
             if entry.meta.g != way.g || entry.meta.v != way.v {
                 continue;
             }
-            if purges.purged(&entry.meta.host, &entry.meta.path, way.p) {
+            let record = way.clone();
+            if pseq != UNKNOWN_PSEQ && way.p >= pseq {
+                // Fetched after every finished purge: none applies.
+                return (
+                    Lookup::Hit(Box::new(Found {
+                        entry,
+                        set: s,
+                        way: w,
+                        record,
+                        pseq,
+                        purges: None,
+                        set_read: None,
+                    })),
+                    pseq,
+                );
+            }
+            // Read after the set record: see `mark_unpurged`.
+            let p = purges.get_or_insert_with(|| self.purges(host));
+            if p.purged(&entry.meta.host, &entry.meta.path, way.p) {
                 self.invalidate_way(host, s, w, way.g);
                 any = false;
                 continue;
             }
-            return Lookup::Hit(Box::new(Found {
-                entry,
-                set: s,
-                way: w,
-                record: way.clone(),
-            }));
+            let purges = purges.take();
+            return (
+                Lookup::Hit(Box::new(Found {
+                    entry,
+                    set: s,
+                    way: w,
+                    record,
+                    pseq,
+                    purges,
+                    set_read: Some((rec, cas)),
+                })),
+                pseq,
+            );
         }
-        if any {
+        let out = if any {
             Lookup::VaryMiss
         } else {
             Lookup::UriMiss
+        };
+        if pseq != UNKNOWN_PSEQ {
+            return (out, pseq);
         }
+        // A miss in a set whose number is unknown: the purge record's (read after the set
+        // record), written into the set with the CAS of its read (see `mark_unpurged`).
+        let seq = purges.map_or_else(|| self.purges(host).seq, |p| p.seq);
+        if let Some(cas) = cas {
+            let mut rec = rec;
+            rec.pseq = seq;
+            let _ = host.shared_set(&set_key(s), &rec.encode(), Some(cas));
+        }
+        (out, seq)
+    }
+
+    /// A hit that read the purge record and is purged by none of its rules (path and tag):
+    /// record that in its set (the way's `p` raised to the record's sequence number, and an
+    /// unknown set number set to it) with the CAS of the lookup's read, so that the next hits
+    /// read no purge record. The purge record was read after the set record: a purge that
+    /// finished in between has changed the set record (its CAS fails), and one that finishes
+    /// later raises the number again. One attempt; a lost CAS leaves it to the next hit.
+    pub fn mark_unpurged(&self, host: &mut dyn Host, found: &Found) {
+        let (Some(purges), Some((rec, Some(cas)))) = (&found.purges, &found.set_read) else {
+            return;
+        };
+        let mut rec = rec.clone();
+        let Some(way) = rec.ways.get_mut(found.way) else {
+            return;
+        };
+        if way.g != found.record.g || way.is_empty() {
+            return;
+        }
+        way.p = way.p.max(purges.seq);
+        if rec.pseq == UNKNOWN_PSEQ {
+            rec.pseq = purges.seq;
+        }
+        let _ = host.shared_set(&set_key(found.set), &rec.encode(), Some(*cas));
     }
 
     /// Empty a way (if it still holds generation `g`) and its slot. Returns the bytes freed.
@@ -813,8 +944,7 @@ mod tests {
             r: &[(String, String)],
             k: &[String],
         ) -> Lookup {
-            let p = self.purges(h);
-            self.lookup(h, u, r, k, &p)
+            self.lookup(h, u, r, k).0
         }
     }
 
@@ -843,6 +973,7 @@ mod tests {
     #[test]
     fn set_records_round_trip_and_garbage_is_empty() {
         let rec = SetRecord {
+            pseq: 9,
             ways: vec![
                 Way {
                     u: 1,
@@ -1019,6 +1150,72 @@ mod tests {
         let p = store.purges(&h);
         assert_eq!(p.rules.len(), MAX_PURGE_RULES);
         assert!(p.flush_before > 0);
+    }
+
+    #[test]
+    fn hits_read_the_purge_record_only_after_a_purge_of_their_set() {
+        let store = Store {
+            sets: 2,
+            ways: 2,
+            max_entry_bytes: 1 << 20,
+        };
+        let mut h = MemHost::new();
+        let v0 = crate::key::variant_hash(&[], &[], &[]);
+        let now = h.now;
+        store
+            .put(&mut h, 2, &[], entry("/api/x", v0, b"x"), now, 0)
+            .unwrap();
+        let hit = |h: &mut MemHost| match store.lookup(h, 2, &[], &[]) {
+            (Lookup::Hit(f), pseq) => (f, pseq),
+            other => panic!("{other:?}"),
+        };
+        // a set record written without a CAS: its purge number is unknown, the hit checks
+        let (f, pseq) = hit(&mut h);
+        assert_eq!(pseq, UNKNOWN_PSEQ);
+        assert!(f.purges.is_some());
+        store.mark_unpurged(&mut h, &f);
+        let (f, pseq) = hit(&mut h);
+        assert_eq!((pseq, f.purges.is_none()), (0, true));
+        // a purge of another path raises the set's number: one checked hit, then none
+        let other = |path: &str| PurgeRule {
+            host: None,
+            path: path.into(),
+            prefix: false,
+            at: 0,
+            seq: 0,
+            tag: None,
+        };
+        assert!(store.add_purge(&mut h, other("/other")));
+        let (f, pseq) = hit(&mut h);
+        assert_eq!((pseq, f.purges.as_ref().map(|p| p.seq)), (1, Some(1)));
+        store.mark_unpurged(&mut h, &f);
+        let (f, _) = hit(&mut h);
+        assert!(f.purges.is_none());
+        assert_eq!(f.record.p, 1);
+        // a mark from a read older than a purge is refused (the CAS changed)
+        assert!(store.add_purge(&mut h, other("/other2")));
+        let (stale, _) = hit(&mut h);
+        assert!(stale.purges.is_some());
+        assert!(store.add_purge(&mut h, other("/other3")));
+        store.mark_unpurged(&mut h, &stale);
+        let (f, pseq) = hit(&mut h);
+        assert_eq!((pseq, f.record.p), (3, 1));
+        // the purge of its path hides it even after fast hits
+        store.mark_unpurged(&mut h, &f);
+        assert!(hit(&mut h).0.purges.is_none());
+        assert!(store.add_purge(&mut h, other("/api/x")));
+        assert!(matches!(
+            store.lookup(&mut h, 2, &[], &[]).0,
+            Lookup::UriMiss
+        ));
+        // every set was raised, the never-written one included (created unknown)
+        let (rec, _) = store.read_set(&h, 1);
+        assert_eq!(rec.pseq, UNKNOWN_PSEQ);
+        assert_eq!(store.read_set(&h, 0).0.pseq, 4);
+        // a miss there learns the number from the purge record and writes it
+        let (miss, seq) = store.lookup(&mut h, 3, &[], &[]);
+        assert!(matches!(miss, Lookup::UriMiss));
+        assert_eq!((seq, store.read_set(&h, 1).0.pseq), (4, 4));
     }
 
     #[test]

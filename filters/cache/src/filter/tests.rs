@@ -584,16 +584,14 @@ fn hit_path_timing_probe() {
     let mut h0 = d.vm().worker();
     let t = std::time::Instant::now();
     for _ in 0..n {
-        let p = store.purges(&h0);
         let r: Vec<(String, String)> = vec![];
-        let _ = store.lookup(&mut h0, crate::key::fnv64(&[b"x"]), &r, &[], &p);
+        let _ = store.lookup(&mut h0, crate::key::fnv64(&[b"x"]), &r, &[]);
     }
     eprintln!("lookup miss: {:?}/op", t.elapsed() / n);
     let mut h = h0.next_request("GET", "/api/p/1", &[]);
     let req = h.headers(MapKind::RequestHeaders);
     let uh = crate::key::request_url_key(&h, &shared.config.rules.0[0]).hash;
-    let p = store.purges(&h0);
-    let Lookup::Hit(found) = store.lookup(&mut h, uh, &req, &[], &p) else {
+    let (Lookup::Hit(found), _) = store.lookup(&mut h, uh, &req, &[]) else {
         panic!()
     };
     let e = &found.entry;
