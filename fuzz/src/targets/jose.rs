@@ -1,6 +1,7 @@
 //! JOSE: compact JWS splitting, strict base64url, the header's JSON without duplicate members,
 //! JWK and JWK Set parsing, signature verification and the claim checks.
 
+use std::rc::Rc;
 use std::sync::OnceLock;
 
 use arbitrary::{Result, Unstructured};
@@ -181,18 +182,22 @@ fn keys() -> &'static [Jwk] {
     })
 }
 
-fn provider_config() -> &'static Option<Compiled> {
-    static CELL: OnceLock<Option<Compiled>> = OnceLock::new();
-    CELL.get_or_init(|| {
-        let cfg = json!({
-            "providers": [{"name": "idp", "issuer": "https://idp", "audiences": ["api", "other"],
-                           "algorithms": ["HS256"], "max_lifetime": "1h", "clock_skew": "30s",
-                           "jwks": {"keys": [{"kty": "oct", "kid": "hs", "k": b64(&SECRET)}]}}],
-            "routes": [{"match": {}, "scopes": ["orders:read"],
-                        "claims": [{"claim": "org.id", "any_of": ["o1"]}], "consumers": ["alice"]}]
-        });
-        Config::parse(cfg.to_string().as_bytes()).ok()
-    })
+/// The compiled configuration the claim checks run against, built once per thread (a compiled
+/// configuration holds `Rc`s: it is per worker in the filter, per thread here).
+fn provider_config() -> Option<Rc<Compiled>> {
+    thread_local! {
+        static CELL: Option<Rc<Compiled>> = {
+            let cfg = json!({
+                "providers": [{"name": "idp", "issuer": "https://idp", "audiences": ["api", "other"],
+                               "algorithms": ["HS256"], "max_lifetime": "1h", "clock_skew": "30s",
+                               "jwks": {"keys": [{"kty": "oct", "kid": "hs", "k": b64(&SECRET)}]}}],
+                "routes": [{"match": {}, "scopes": ["orders:read"],
+                            "claims": [{"claim": "org.id", "any_of": ["o1"]}], "consumers": ["alice"]}]
+            });
+            Config::parse(cfg.to_string().as_bytes()).ok().map(Rc::new)
+        };
+    }
+    CELL.with(Clone::clone)
 }
 
 /// A compact JWS, parsed, verified and its claims checked; only a token signed with the right
@@ -326,6 +331,7 @@ fn check_claims(payload: &[u8], typ: Option<&str>) {
     let Some(compiled) = provider_config() else {
         return;
     };
+    let compiled = &*compiled;
     let (Some(p), Some(rule)) = (compiled.providers.first(), compiled.rules.0.first()) else {
         return;
     };
