@@ -808,7 +808,7 @@ HOOK_EXPORTS = {
     "auth": set(),
     "ratelimit": {"proxy_on_response_headers"},
     "cache": {"proxy_on_response_headers", "proxy_on_response_body"},
-    "aggregate": {"proxy_on_request_body", "proxy_on_response_headers", "proxy_on_response_body"},
+    "aggregate": {"proxy_on_request_body", "proxy_on_response_headers"},
     # The union of its children's.
     "tollgate": {"proxy_on_request_body", "proxy_on_response_headers", "proxy_on_response_body"},
     # The benchmarks' floor: every hook, as before.

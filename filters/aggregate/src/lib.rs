@@ -13,7 +13,4 @@ pub mod template;
 
 pub use filter::{AggregateFilter, AggregateRoot};
 
-tollgate_common::export_filter!(
-    AggregateRoot,
-    hooks(request_body, response_headers, response_body)
-);
+tollgate_common::export_filter!(AggregateRoot, hooks(request_body, response_headers));

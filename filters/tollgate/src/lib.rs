@@ -60,7 +60,8 @@ impl TollgateRoot {
 impl RootFilter for TollgateRoot {
     type Filter = ChainFilter;
     const NAME: &'static str = "tollgate";
-    // What its children use (all of them: the aggregator uses every hook).
+    // What its children use (all of them: the cache the response body, the aggregator the
+    // request body).
     const HOOKS: tollgate_common::filter::Hooks = <tollgate_auth::AuthRoot as RootFilter>::HOOKS
         .union(<tollgate_ratelimit::RateLimitRoot as RootFilter>::HOOKS)
         .union(<tollgate_cache::CacheRoot as RootFilter>::HOOKS)
