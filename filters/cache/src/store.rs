@@ -909,6 +909,15 @@ mod key_tests {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A store of `sets` × `ways` with entries up to 1 MiB.
+    fn store(sets: u32, ways: u32) -> Store {
+        Store {
+            sets,
+            ways,
+            max_entry_bytes: 1 << 20,
+        }
+    }
     use tollgate_common::mem_host::MemHost;
 
     fn entry(url: &str, v: u64, body: &[u8]) -> Entry {
@@ -1024,11 +1033,7 @@ mod tests {
 
     #[test]
     fn put_lookup_and_fifo_eviction_within_a_set() {
-        let store = Store {
-            sets: 1,
-            ways: 2,
-            max_entry_bytes: 1 << 20,
-        };
+        let store = store(1, 2);
         let mut h = MemHost::new();
         let v0 = crate::key::variant_hash(&[], &[], &[]);
         for (i, url) in ["/a", "/b", "/c"].iter().enumerate() {
@@ -1066,11 +1071,7 @@ mod tests {
 
     #[test]
     fn variants_are_kept_apart() {
-        let store = Store {
-            sets: 1,
-            ways: 4,
-            max_entry_bytes: 1 << 20,
-        };
+        let store = store(1, 4);
         let mut h = MemHost::new();
         let vary = vec!["accept-language".to_string()];
         let req = |l: &str| vec![("accept-language".to_string(), l.to_string())];
@@ -1095,11 +1096,7 @@ mod tests {
 
     #[test]
     fn purge_rules_hide_older_entries_and_fold_when_full() {
-        let store = Store {
-            sets: 1,
-            ways: 4,
-            max_entry_bytes: 1 << 20,
-        };
+        let store = store(1, 4);
         let mut h = MemHost::new();
         let v0 = crate::key::variant_hash(&[], &[], &[]);
         let now = h.now;
@@ -1154,11 +1151,7 @@ mod tests {
 
     #[test]
     fn hits_read_the_purge_record_only_after_a_purge_of_their_set() {
-        let store = Store {
-            sets: 2,
-            ways: 2,
-            max_entry_bytes: 1 << 20,
-        };
+        let store = store(2, 2);
         let mut h = MemHost::new();
         let v0 = crate::key::variant_hash(&[], &[], &[]);
         let now = h.now;
@@ -1240,11 +1233,7 @@ mod tests {
 
     #[test]
     fn refresh_lock_is_taken_once() {
-        let store = Store {
-            sets: 1,
-            ways: 1,
-            max_entry_bytes: 1 << 20,
-        };
+        let store = store(1, 1);
         let mut h = MemHost::new();
         let now = h.now;
         let v0 = crate::key::variant_hash(&[], &[], &[]);

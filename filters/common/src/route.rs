@@ -22,13 +22,11 @@ pub struct RequestInfo {
 impl RequestInfo {
     /// Build from explicit values (`path` may carry a query string).
     pub fn new(method: &str, authority: &str, path_and_query: &str) -> Self {
-        let (path, query) = crate::request::split_query(path_and_query);
-        RequestInfo {
-            method: method.to_ascii_uppercase(),
-            host: strip_port(authority).to_ascii_lowercase(),
-            path: path.to_string(),
-            query: query.to_string(),
-        }
+        RequestInfo::from_parts(
+            method.to_string(),
+            authority.to_string(),
+            path_and_query.to_string(),
+        )
     }
     /// [`RequestInfo::new`] from owned values, reusing their buffers (no copy: the case is
     /// changed in place, the port and the query cut off; only a query gets its own string).
@@ -40,23 +38,12 @@ impl RequestInfo {
         host.truncate(kept);
         host.make_ascii_lowercase();
         let mut path = path_and_query;
-        let query = match path.find('?') {
-            Some(q) => {
-                let query = path
-                    .get(q + 1..)
-                    .and_then(|rest| rest.split('#').next())
-                    .unwrap_or("")
-                    .to_string();
-                path.truncate(q);
-                query
-            }
-            None => {
-                if let Some(f) = path.find('#') {
-                    path.truncate(f);
-                }
-                String::new()
-            }
+        // `split_query`'s path is a prefix of its input.
+        let (kept, query) = {
+            let (p, q) = crate::request::split_query(&path);
+            (p.len(), q.to_string())
         };
+        path.truncate(kept);
         RequestInfo {
             method,
             host,
@@ -417,18 +404,25 @@ mod tests {
     }
 
     #[test]
-    fn from_parts_is_new() {
-        for (m, a, p) in [
-            ("get", "API.Example.com:8080", "/a/b?x=1&y=2#f"),
-            ("POST", "[::1]:443", "/a#frag"),
-            ("Put", "[::1", "/a?"),
-            ("GET", "host:abc", "/"),
-            ("", "", ""),
-            ("GET", "h", "/p?q#f?g"),
+    fn from_parts_normalises_in_place() {
+        for ((m, a, p), (method, host, path, query)) in [
+            (
+                ("get", "API.Example.com:8080", "/a/b?x=1&y=2#f"),
+                ("GET", "api.example.com", "/a/b", "x=1&y=2"),
+            ),
+            (
+                ("POST", "[::1]:443", "/a#frag"),
+                ("POST", "[::1]", "/a", ""),
+            ),
+            (("Put", "[::1", "/a?"), ("PUT", "[::1", "/a", "")),
+            (("GET", "host:abc", "/"), ("GET", "host:abc", "/", "")),
+            (("", "", ""), ("", "", "", "")),
+            (("GET", "h", "/p?q#f?g"), ("GET", "h", "/p", "q")),
         ] {
+            let info = RequestInfo::from_parts(m.into(), a.into(), p.into());
             assert_eq!(
-                RequestInfo::from_parts(m.into(), a.into(), p.into()),
-                RequestInfo::new(m, a, p),
+                (&*info.method, &*info.host, &*info.path, &*info.query),
+                (method, host, path, query),
                 "{m} {a} {p}"
             );
         }
