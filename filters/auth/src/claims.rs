@@ -173,11 +173,25 @@ pub fn header_value(v: &Value) -> Option<String> {
             .join(","),
         other => other.to_string(),
     };
-    Some(
-        s.chars()
-            .map(|c| if c.is_control() { ' ' } else { c })
-            .collect(),
-    )
+    // The string itself unless a control character had to be replaced (no second copy).
+    let replaced = match header_safe(&s) {
+        std::borrow::Cow::Owned(o) => Some(o),
+        std::borrow::Cow::Borrowed(_) => None,
+    };
+    Some(replaced.unwrap_or(s))
+}
+
+/// A string as a header value: control characters become spaces; borrowed when there are none.
+pub fn header_safe(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.chars().any(char::is_control) {
+        std::borrow::Cow::Owned(
+            s.chars()
+                .map(|c| if c.is_control() { ' ' } else { c })
+                .collect(),
+        )
+    } else {
+        std::borrow::Cow::Borrowed(s)
+    }
 }
 
 /// A claim as a plain string (strings only; numbers are written out).

@@ -309,20 +309,6 @@ fn remove_source(host: &mut dyn Host, s: &Source) {
     }
 }
 
-/// A string as a header value: control characters become spaces (as
-/// [`claims::header_value`] writes a string claim), borrowed when there are none.
-fn header_safe(s: &str) -> std::borrow::Cow<'_, str> {
-    if s.chars().any(char::is_control) {
-        std::borrow::Cow::Owned(
-            s.chars()
-                .map(|c| if c.is_control() { ' ' } else { c })
-                .collect(),
-        )
-    } else {
-        std::borrow::Cow::Borrowed(s)
-    }
-}
-
 fn quote(s: &str) -> String {
     s.chars()
         .filter(|c| *c != '"' && *c != '\\' && !c.is_control())
@@ -970,7 +956,7 @@ impl AuthFilter {
             host.set_header(MapKind::RequestHeaders, h, v);
         }
         let mut set = |name: &str, value: &str| {
-            host.set_header(MapKind::RequestHeaders, name, &header_safe(value));
+            host.set_header(MapKind::RequestHeaders, name, &claims::header_safe(value));
         };
         if let Some(c) = &id.consumer {
             set(&self.config.consumer_header, c);
