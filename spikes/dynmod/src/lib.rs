@@ -150,10 +150,10 @@ fn itoa(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
 }
 
 #[no_mangle]
-pub extern "C" fn envoy_dynamic_module_on_program_init() -> *const u8 {
+pub extern "C" fn envoy_dynamic_module_on_program_init() -> *const std::ffi::c_char {
     // ENVOY_DYNAMIC_MODULES_ABI_VERSION of Envoy 1.40.0's abi.h. Envoy compares it with its own
     // and only logs a warning when they differ.
-    b"v0.2.0\0".as_ptr()
+    c"v0.2.0".as_ptr()
 }
 
 #[no_mangle]
