@@ -243,3 +243,37 @@ def test_instr_runs_envoy_itself_under_valgrind_not_its_python_launcher():
     from harness import envoy_binary
     with open(instr.native_envoy(envoy_binary()), "rb") as f:
         assert f.read(4) == b"\x7fELF"
+
+
+def test_summary_gives_the_paired_p50_difference_of_compare_to_rows(tmp_path):
+    """The median of the round-by-round p50 differences (not the difference of the medians), for
+    a row whose variant names its peer; rows compared with a native filter get none."""
+    import types
+    scen = tmp_path / "scen"
+    scen.mkdir()
+    (scen / "scenarios.yaml").write_text("""
+scenarios:
+- id: two
+  title: a global limit beside the same limit kept locally
+  variants:
+  - {name: global, kind: tollgate, compare_to: local, filters: [{module: probe, config: {}}]}
+  - {name: local, kind: tollgate, filters: [{module: probe, config: {}}]}
+  - {name: native, kind: native, http_filters: []}
+""")
+    scenarios, _ = instr.bench.discover(["two"], [str(scen)])
+    samples = {
+        "global": {"cpu_us": [100.0, 104.0, 102.0], "p50_ms": [1.10, 1.30, 1.20]},
+        "local": {"cpu_us": [98.0, 101.0, 99.0], "p50_ms": [1.00, 1.25, 1.05]},
+        "native": {"cpu_us": [90.0, 91.0, 92.0], "p50_ms": [0.90, 0.95, 1.00]},
+    }
+    two = next(sc for sc in scenarios if sc.id == "two")
+    for v in two.variants:
+        v.samples = {k: list(x) for k, x in samples[v.name].items()}
+    fake = types.SimpleNamespace(prof=instr.bench.PROFILES["quick"], scenarios=[two], variants=two.variants,
+                                 cores=instr.bench.Cores(), started=instr.bench.dt.datetime(2026, 12, 3),
+                                 memory={}, problems=[])
+    md, _ = instr.bench.render(fake)
+    assert "paired p50 difference ms" in md
+    # p50 differences per round: +0.10, +0.05, +0.15 -> median +0.100 (the medians' difference is +0.15)
+    assert "| two | global | local | 102.0 | 99.0 | **+3.0** | +3.0 | +0.100 | 1.03× | – |" in md
+    assert "| two | local | native | 99.0 | 91.0 | **+8.0** | +8.0 | – | 1.09× | – |" in md
