@@ -30,7 +30,8 @@ import subprocess
 import sys
 import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -42,8 +43,9 @@ harness = bench.harness
 # The rows of the README's performance table and of bench.py's "Over the wasm floor" table, and the
 # host-call costs. `baseline` (no filter, the probe doing nothing) is what scenarios without a
 # no-filter variant of their own are read against.
-DEFAULT_ONLY = [
+DEFAULT_ONLY = [  # measured in this order (the tables follow the scenarios' order)
     "baseline",
+    "hostcall-cost",
     "ratelimit-never",
     "auth-apikey",
     "auth-jwt-es256/tollgate (token cache on)",
@@ -58,10 +60,10 @@ DEFAULT_ONLY = [
     "chain-hit/no filter",
     "ratelimit-global-leased/tollgate global leased",
     "ratelimit-global-leased/tollgate local",
-    "hostcall-cost",
 ]
 DEFAULT_REQUESTS = 1000
 DEFAULT_WARMUP = 400
+DEFAULT_IDLE = 20
 VALGRIND = ["valgrind", "--tool=callgrind", "--smc-check=all-non-file"]
 OUTPUT = bench.RESULTS / "instructions.md"
 
@@ -82,10 +84,19 @@ def dump_total(text: str) -> int:
     raise ValueError("not a callgrind dump: no `summary:` or `totals:` line")
 
 
-def per_request(total: int, requests: int) -> float:
+def per_request(total: int, requests: int, seconds: float = 0.0, idle_per_second: float = 0.0) -> float:
+    """Instructions per request: the window's total, minus the work the idle gateway does in as many
+    seconds (timers: the watchdog, V8's housekeeping), divided by the requests."""
     if requests <= 0:
         raise ValueError("no request was measured")
-    return total / requests
+    return (total - idle_per_second * seconds) / requests
+
+
+def idle_rate(total: int, seconds: float) -> float:
+    """Instructions per second of the idle gateway (a window with no request)."""
+    if seconds <= 0:
+        raise ValueError("an idle window of no time")
+    return total / seconds
 
 
 def no_filter_of(scenarios: list[bench.Scenario], sc: bench.Scenario) -> bench.Variant | None:
@@ -118,6 +129,8 @@ def compare(scenarios: list[bench.Scenario], measured: dict[str, dict]) -> list[
             row = {"scenario": sc.id, "variant": v.name, "kind": v.kind, "key": v.key,
                    "instructions": m.get("instructions"), "failure": m.get("failure"),
                    "requests": m.get("requests"), "total": m.get("total"), "statuses": m.get("statuses"),
+                   "raw": m.get("raw"), "idle_subtracted": m.get("idle_subtracted"), "seconds": m.get("seconds"),
+                   "idle_per_second": m.get("idle_per_second"),
                    "no_filter": None, "over_no_filter": None, "floor": None, "over_floor": None,
                    "peer": None, "over_peer": None, "ratio": None}
             x = row["instructions"]
@@ -133,12 +146,27 @@ def compare(scenarios: list[bench.Scenario], measured: dict[str, dict]) -> list[
     return rows
 
 
+def order(v: bench.Variant, only: list[str]) -> int:
+    """Variants are measured in the order of the `--only` patterns they match (a run stopped early
+    has the first ones); the baseline's no-filter row, which bench.discover always adds, first."""
+    for i, o in enumerate(only):
+        if v.scenario.id == o or v.key == o or (o.endswith("*") and v.scenario.id.startswith(o.rstrip("*"))):
+            return i
+    return -1
+
+
 def fmt_instr(x: float | None) -> str:
     return "–" if x is None else f"{x / 1000:.1f}k"
 
 
 def fmt_diff(x: float | None) -> str:
     return "–" if x is None else f"{x / 1000:+.1f}k"
+
+
+def fmt_idle(per_request_: float | None, seconds: float | None) -> str:
+    if per_request_ is None:
+        return "–"
+    return f"{per_request_ / 1000:.1f}k" + (f" ({seconds:.0f} s)" if seconds is not None else "")
 
 
 def reproduce_only(sc: bench.Scenario, all_variants: list[str]) -> str:
@@ -171,11 +199,13 @@ def render(scenarios: list[bench.Scenario], measured: dict[str, dict], info: dic
         f"Method: each variant's gateway Envoy (`--concurrency 1`, the configuration bench/bench.py builds "
         f"for it) runs under `{' '.join(VALGRIND)}`; once it answers, {info['warmup']} requests on one "
         f"connection warm it up (the scenario's request), `callgrind_control -z` sets the counters to zero, "
-        f"{info['requests']} requests follow on one connection, `callgrind_control -d` dumps the counters, "
-        "and the dump's `summary:` divided by the number of requests is the row. The upstream Envoy, the "
-        "demo services (and Redis + tollgate-rls for the global limits) run natively beside it, as in "
-        "`make bench`. The count does not depend on the machine's load (two runs agree within ±0.2 %), "
-        "which is why this is the measure to decide with on a shared machine.",
+        f"{info['requests']} requests follow on one connection, `callgrind_control -d` dumps the counters; "
+        f"then the same for {info['idle']:g} s without a request. The row is the first dump's `summary:` minus "
+        "the idle work per second times the first window's seconds (“idle work subtracted”: timers that fire "
+        "per second, not per request — the window lasts longer on a loaded machine), divided by the number "
+        "of requests. The gateway's periodic stats flush is off (`stats_flush_on_admin`), otherwise its "
+        "configuration is bench.py's; the upstream Envoy, the demo services (and Redis + tollgate-rls for the "
+        "global limits) run natively beside it, as in `make bench`.",
         "",
         "What it counts: the user-space instructions of every thread of the gateway Envoy (the worker, "
         "the main thread's timers and stats, V8's compiled wasm and its runtime, the proxy-wasm host "
@@ -202,24 +232,25 @@ def render(scenarios: list[bench.Scenario], measured: dict[str, dict], info: dic
         lines += [f"## {sc.title}", "",
                   f"`{sc.id}` from `{sc.source}`; request: `{' '.join(shlex.quote(a) for a in req)}`.", "",
                   "| variant | instructions/request | over no filter | over the wasm floor | compared with "
-                  "| difference | × | statuses |",
-                  "|---|---:|---:|---:|---|---:|---:|---|"]
+                  "| difference | × | idle work subtracted | statuses |",
+                  "|---|---:|---:|---:|---|---:|---:|---:|---|"]
         for r in srows:
             if r["instructions"] is None:
-                lines.append(f"| {r['variant']} | {r['failure'] or 'not measured'} | | | | | | |")
+                lines.append(f"| {r['variant']} | {r['failure'] or 'not measured'} | | | | | | | |")
                 continue
             peer = r["peer"].split("/", 1)[1] if r["peer"] else "–"
             statuses = ", ".join(f"{k}×{c}" for k, c in sorted((r["statuses"] or {}).items()))
             ratio = "–" if r["ratio"] is None else f"{r['ratio']:.2f}×"
             lines.append(f"| {r['variant']} | {fmt_instr(r['instructions'])} | {fmt_diff(r['over_no_filter'])} "
                          f"| {fmt_diff(r['over_floor'])} | {peer} | {fmt_diff(r['over_peer'])} | {ratio} "
-                         f"| {statuses} |")
+                         f"| {fmt_idle(r['idle_subtracted'], r['seconds'])} | {statuses} |")
         lines += ["", "Reproduce: `.venv/bin/python bench/instr.py "
                   + reproduce_only(sc, all_variants.get(sc.id, [])) + "`", ""]
     if info.get("problems"):
         lines += ["## Scenario problems", ""] + [f"- {p}" for p in info["problems"]] + [""]
     data = {"started": info["started"].isoformat(), "command": info["command"], "machine": m,
             "valgrind": info["valgrind"], "requests": info["requests"], "warmup": info["warmup"],
+            "idle": info.get("idle"),
             "rows": rows, "problems": info.get("problems", [])}
     return "\n".join(lines), data
 
@@ -288,8 +319,12 @@ class Runner:
     def launch(self, v: bench.Variant) -> "harness.Envoy":
         workdir = self.bench.workdir / re.sub(r"[^A-Za-z0-9_.-]+", "_", v.key)
         for attempt in range(3):
+            config = self.bench.gateway_config(v)
+            # no periodic stats flush (work per second, not per request; every 5 s by default): the
+            # stats are flushed when the admin endpoint is asked for them
+            config["stats_flush_on_admin"] = True
             envoy = harness.Envoy.launch(
-                self.bench.gateway_config(v), concurrency=1, log_level="warning", workdir=workdir,
+                config, concurrency=1, log_level="warning", workdir=workdir,
                 argv_prefix=VALGRIND + [f"--callgrind-out-file={workdir}/callgrind.out.%p"])
             try:
                 envoy.wait_ready(self.args.start_timeout)
@@ -319,12 +354,27 @@ class Runner:
                 raise RuntimeError(f"warm-up: never saw status {missing} (got {warm['statuses']})")
             pid = envoy.proc.pid  # valgrind's process is Envoy's
             callgrind_control("-z", pid)
+            t0 = time.monotonic()
             r = self.loadgen(v, envoy.port, self.args.requests)
+            seconds = time.monotonic() - t0
             callgrind_control("-d", pid)
             self.bench.check(v, r, "measured run")
             total = dump_total(latest_dump(envoy.tmpdir, pid).read_text(errors="replace"))
-            return {"instructions": per_request(total, r["ops"]), "total": total, "requests": r["ops"],
-                    "statuses": r["statuses"]}
+            # the idle gateway's own work per second, measured the same way, to subtract: the
+            # measured window lasts longer on a loaded machine, and its timers fire more often
+            idle_total, idle_seconds, rate = 0, 0.0, 0.0
+            if self.args.idle > 0:
+                callgrind_control("-z", pid)
+                t0 = time.monotonic()
+                time.sleep(self.args.idle)
+                idle_seconds = time.monotonic() - t0
+                callgrind_control("-d", pid)
+                idle_total = dump_total(latest_dump(envoy.tmpdir, pid).read_text(errors="replace"))
+                rate = idle_rate(idle_total, idle_seconds)
+            return {"instructions": per_request(total, r["ops"], seconds, rate),
+                    "raw": per_request(total, r["ops"]), "idle_subtracted": rate * seconds / r["ops"],
+                    "total": total, "requests": r["ops"], "seconds": seconds, "statuses": r["statuses"],
+                    "idle_total": idle_total, "idle_seconds": idle_seconds, "idle_per_second": rate}
         finally:
             envoy.proc.kill()  # no final dump to write
             envoy.stop()
@@ -352,13 +402,16 @@ def main(argv=None) -> int:
                                       "with --only: none, the table is printed)")
     ap.add_argument("--scenarios", action="append", metavar="DIR",
                     help="read scenarios from DIR instead of bench/scenarios/* (repeatable)")
-    ap.add_argument("--start-timeout", type=float, default=600, help="seconds for Envoy under valgrind to answer")
+    ap.add_argument("--idle", type=float, default=DEFAULT_IDLE,
+                    help="seconds of the idle window whose work per second is subtracted (0: none)")
+    ap.add_argument("--start-timeout", type=float, default=1800, help="seconds for Envoy under valgrind to answer")
     ap.add_argument("--keep", action="store_true", help="keep the Envoy configs, logs and callgrind dumps")
     ap.add_argument("--list", action="store_true", help="list the rows a run would measure, then exit")
     args = ap.parse_args(argv)
     args.no_memory = True  # bench.Bench reads it; no memory measurement here
 
-    scenarios, problems = bench.discover(args.only or DEFAULT_ONLY, args.scenarios)
+    only = args.only or DEFAULT_ONLY
+    scenarios, problems = bench.discover(only, args.scenarios)
     everything, _ = bench.discover(None, args.scenarios)
     all_variants = {sc.id: [v.name for v in sc.variants] for sc in everything}
     if args.list:
@@ -372,33 +425,41 @@ def main(argv=None) -> int:
 
     started = dt.datetime.now(dt.timezone.utc)
     info = {"started": started, "valgrind": valgrind_version(), "requests": args.requests, "warmup": args.warmup,
+            "idle": args.idle,
             "command": " ".join([".venv/bin/python bench/instr.py"] + [shlex.quote(a) for a in sys.argv[1:]])}
     os.environ["ENVOY"] = native_envoy(harness.envoy_binary())
     bench.ensure_loadgen()
     runner = Runner(args, scenarios, problems)
     measured: dict[str, dict] = {}
+    info["machine"] = bench.machine()
+    info["problems"] = problems
+    out = Path(args.output) if args.output else (OUTPUT if not args.only else None)
+
+    def write() -> str:
+        text, data = render(scenarios, measured, info, all_variants)
+        if out is not None:  # after every row: a run stopped halfway keeps what it measured
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(text + "\n")
+            out.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
+        return text
+
     try:
         runner.bench.start_upstreams()
-        todo = [v for v in runner.bench.variants if not v.skip]
+        todo = sorted((v for v in runner.bench.variants if not v.skip), key=lambda v: order(v, only))
         for v in runner.bench.variants:
             if v.skip:
                 measured[v.key] = {"failure": v.skip}
         log(f"{len(todo)} variants under callgrind, {args.jobs} at a time ({args.warmup} warm-up + "
-            f"{args.requests} measured requests each)")
+            f"{args.requests} measured requests each, then {args.idle:g} s idle)")
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-            for v, m in zip(todo, pool.map(runner.measure_or_fail, todo)):
-                measured[v.key] = m
+            futures = {pool.submit(runner.measure_or_fail, v): v for v in todo}
+            for f in as_completed(futures):
+                measured[futures[f].key] = f.result()
+                write()
     finally:
         runner.bench.stop_all()
-    info["machine"] = bench.machine()
-    info["problems"] = problems
-    text, data = render(scenarios, measured, info, all_variants)
-    print(text)
-    out = Path(args.output) if args.output else (OUTPUT if not args.only else None)
+    print(write())
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
-        out.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
         log(f"results: {bench.rel(out.resolve())}")
     if args.keep:
         log(f"Envoy configs, logs and callgrind dumps: {runner.bench.workdir}")

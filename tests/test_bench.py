@@ -164,6 +164,12 @@ def test_instr_reads_the_dump_and_divides_by_the_requests():
     assert instr.per_request(187_654_321, 1000) == pytest.approx(187_654.321)
     with pytest.raises(ValueError):
         instr.per_request(5, 0)
+    # the idle gateway's work per second, times the window's seconds, is subtracted
+    rate = instr.idle_rate(2_000_000, 20.0)
+    assert rate == pytest.approx(100_000)
+    assert instr.per_request(187_654_321, 1000, 30.0, rate) == pytest.approx(184_654.321)
+    with pytest.raises(ValueError):
+        instr.idle_rate(5, 0)
 
 
 def test_instr_takes_the_last_dump(tmp_path):
@@ -198,7 +204,8 @@ scenarios:
     measured = {
         "baseline/no filter": {"instructions": 140_000.0},
         "baseline/probe wasm {}": {"instructions": 158_000.0},
-        "withfloor/ours": {"instructions": 210_000.0, "requests": 1000, "statuses": {"200": 1000}},
+        "withfloor/ours": {"instructions": 210_000.0, "requests": 1000, "statuses": {"200": 1000},
+                           "idle_subtracted": 2_500.0, "seconds": 41.2},
         "withfloor/theirs": {"instructions": 150_000.0},
         "withfloor/floor": {"instructions": 160_000.0},
         "ownnone/a": {"instructions": 212_400.0},
@@ -228,10 +235,10 @@ scenarios:
                "kernel": "6", "os": "Debian", "envoy": "1.40.0", "loadavg": "1.0"}
     import datetime as dt
     info = {"started": dt.datetime(2026, 12, 3, 19, 0), "valgrind": "valgrind-3.19.0", "requests": 1000,
-            "warmup": 400, "command": ".venv/bin/python bench/instr.py", "machine": machine}
+            "warmup": 400, "idle": 20, "command": ".venv/bin/python bench/instr.py", "machine": machine}
     md, data = instr.render(scenarios, measured, info, {"withfloor": ["ours", "theirs", "floor"]})
-    assert "| ours | 210.0k | +70.0k | +50.0k | theirs | +60.0k | 1.40× | 200×1000 |" in md
-    assert "| a | 212.4k | +67.4k | – | b | +1.2k | 1.01× |" in md
+    assert "| ours | 210.0k | +70.0k | +50.0k | theirs | +60.0k | 1.40× | 2.5k (41 s) | 200×1000 |" in md
+    assert "| a | 212.4k | +67.4k | – | b | +1.2k | 1.01× | – |" in md
     assert "| native | failed: warm-up |" in md
     assert "Reproduce: `.venv/bin/python bench/instr.py --only withfloor`" in md
     assert "--only ownnone/a --only ownnone/b" in md
