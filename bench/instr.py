@@ -86,7 +86,7 @@ def dump_total(text: str) -> int:
 
 def per_request(total: int, requests: int, seconds: float = 0.0, idle_per_second: float = 0.0) -> float:
     """Instructions per request: the window's total, minus the work the idle gateway does in as many
-    seconds (timers: the watchdog, V8's housekeeping), divided by the requests."""
+    seconds (its timers), divided by the requests."""
     if requests <= 0:
         raise ValueError("no request was measured")
     return (total - idle_per_second * seconds) / requests
