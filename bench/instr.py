@@ -225,7 +225,9 @@ def render(scenarios: list[bench.Scenario], measured: dict[str, dict], info: dic
     ]
     by_key = {r["key"]: r for r in rows}
     for sc in scenarios:
-        srows = [by_key[v.key] for v in sc.variants if v.key in by_key]
+        srows = [by_key.get(v.key) or {"variant": v.name, "instructions": None,
+                                        "failure": "not measured (the run stopped before this row)"}
+                 for v in sc.variants]
         if not srows:
             continue
         req = sc.variants[0].load.args() if sc.variants else []
