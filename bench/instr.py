@@ -137,7 +137,7 @@ def compare(scenarios: list[bench.Scenario], measured: dict[str, dict]) -> list[
             if x is not None:
                 if none is not None and none is not v and instr(none) is not None:
                     row["no_filter"], row["over_no_filter"] = none.key, x - instr(none)
-                if floor is not None and floor is not v and instr(floor) is not None:
+                if floor is not None and floor is not v and v.kind != "none" and instr(floor) is not None:
                     row["floor"], row["over_floor"] = floor.key, x - instr(floor)
                 p = bench.peer(sc, v)
                 if p is not None and instr(p):

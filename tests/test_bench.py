@@ -229,6 +229,7 @@ scenarios:
     # b's peer is the native variant, which failed: no comparison rather than a wrong one
     assert rows["ownnone/b"]["peer"] is None and rows["ownnone/b"]["ratio"] is None
     assert rows["ownnone/nothing"]["over_no_filter"] is None
+    assert rows["baseline/no filter"]["over_floor"] is None  # no filter is not read against the floor
     assert rows["ownnone/native"]["failure"] == "failed: warm-up"
 
     machine = {"commit": "abc1234", "dirty": False, "cpus": 2, "cpu_model": "cpu", "memory": "4 GiB",
