@@ -115,7 +115,7 @@ clean: ## Remove build output (keeps .venv)
 	cargo clean
 	rm -rf build dist
 
-.PHONY: bench bench-quick bench-tools
+.PHONY: bench bench-quick bench-tools bench-instr valgrind
 BENCH_ARGS ?=
 
 bench-tools: loadgen
@@ -126,6 +126,17 @@ bench: build python-env bench-tools ## Benchmarks vs native Envoy filters and no
 
 bench-quick: build python-env bench-tools ## Every benchmark scenario briefly (checks that they run; no timing claims)
 	ENVOY=$(ENVOY_BIN) $(PYTHON) bench/bench.py --quick $(BENCH_ARGS)
+
+# Instructions per request in Envoy under callgrind (deterministic, whatever the load): Debian's
+# valgrind, installed here when missing, like `make redis` installs redis-server.
+valgrind:
+	@command -v valgrind >/dev/null && command -v callgrind_control >/dev/null || { echo "installing valgrind (apt-get)"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -q valgrind; \
+	  else sudo apt-get update -qq && sudo apt-get install -y -q valgrind; fi; }
+
+INSTR_ARGS ?=
+bench-instr: build python-env bench-tools valgrind ## Instructions per request in Envoy (callgrind; deterministic; about 1 min per row) -> bench/results/instructions.md (INSTR_ARGS="--only cache-hit")
+	ENVOY=$(ENVOY_BIN) $(PYTHON) bench/instr.py $(INSTR_ARGS)
 
 .PHONY: fuzz
 FUZZ_SECONDS ?= 60

@@ -845,15 +845,19 @@ def ratio(a: float | None, b: float | None) -> str:
 REFERENCE_KINDS = ("native", "client")
 
 
-def reference(sc: Scenario, v: Variant) -> Variant | None:
+def peer(sc: Scenario, v: Variant) -> Variant | None:
     """What a Tollgate variant is compared with: `compare_to`, else the scenario's first native
-    (or client-side) variant. Only Tollgate variants (and the wasm floor) get a ratio."""
+    (or client-side) variant. Only Tollgate variants (and the wasm floor) have one."""
     if v.kind not in ("tollgate", "floor"):
         return None
     if v.compare_to:
-        ref = next((r for r in sc.variants if r.name == v.compare_to), None)
-    else:
-        ref = next((r for r in sc.variants if r.kind in REFERENCE_KINDS), None)
+        return next((r for r in sc.variants if r.name == v.compare_to), None)
+    return next((r for r in sc.variants if r.kind in REFERENCE_KINDS), None)
+
+
+def reference(sc: Scenario, v: Variant) -> Variant | None:
+    """`peer`, when it was measured (bench/instr.py uses `peer` with its own measurements)."""
+    ref = peer(sc, v)
     return ref if ref is not None and ref.samples.get("cpu_us") else None
 
 
@@ -963,8 +967,12 @@ def render(bench: Bench) -> tuple[str, dict]:
             diff = cpu - ncpu
             added = (f"{cpu - none_cpu:+.1f} vs {ncpu - none_cpu:+.1f}" if none_cpu is not None else "–")
             pair = paired(v.samples["cpu_us"], native.samples["cpu_us"])
+            # latency: only where the variant names its peer (`compare_to`: the same filter set up
+            # two ways, e.g. a global limit beside the same limit kept locally)
+            p50 = paired(v.samples.get("p50_ms", []), native.samples.get("p50_ms", [])) if v.compare_to else None
             summary.append(f"| {sc.id} | {v.name} | {native.name} | {cpu:.1f} | {ncpu:.1f} | "
                            f"{'**' if diff > 0 else ''}{diff:+.1f}{'**' if diff > 0 else ''} | {pair:+.1f} "
+                           f"| {'–' if p50 is None else f'{p50:+.3f}'} "
                            f"| {cpu / ncpu:.2f}× | {added} |")
     # against the wasm floor measured in the same scenario (a `floor` variant beside the filter)
     over_floor = []
@@ -987,9 +995,13 @@ def render(bench: Bench) -> tuple[str, dict]:
                  "“paired” is the median over rounds of the round-by-round difference (the two run one after "
                  "the other in each round, so a slow round slows both and the pair cancels it); it is the "
                  "steadier of the two differences on a shared machine.", "",
+                 "“paired p50 difference” (rows whose variant names its peer with `compare_to`) is the same "
+                 "for latency: the median over rounds of the round-by-round difference of the two p50s, in "
+                 "ms (the p50s taken apart move by ±0.1 ms between rounds here).", "",
                  "| scenario | Tollgate | compared with | Tollgate µs/op | native µs/op | difference µs "
-                 "| paired difference µs | ratio | added over no filter: Tollgate vs native µs |",
-                 "|---|---|---|---|---|---|---|---|---|"] + summary + [""]
+                 "| paired difference µs | paired p50 difference ms | ratio "
+                 "| added over no filter: Tollgate vs native µs |",
+                 "|---|---|---|---|---|---|---|---|---|---|"] + summary + [""]
     if over_floor:
         head += ["## Over the wasm floor, in the same scenario", "",
                  "The probe filter (a wasm module doing nothing: the entries into the VM every filter pays) "

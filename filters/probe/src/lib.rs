@@ -54,6 +54,10 @@ pub struct CallCounts {
     /// Response headers added (`x-probe-<i>`, response hook).
     #[serde(default)]
     pub response_header_adds: u32,
+    /// Request headers added (`x-probe-<i>`, request hook). Envoy clears the route cache on every
+    /// request-header write, so each one also costs the router a new route match.
+    #[serde(default)]
+    pub request_header_adds: u32,
     /// Read the request's header map (one hostcall: the request's cache keeps it; request hook).
     #[serde(default)]
     pub request_map_read: bool,
@@ -146,6 +150,15 @@ pub struct ProbeFilter {
 /// The shared-data key `calls.shared_reads` reads.
 const PROBE_KEY: &str = "tollgate.probe.key";
 
+/// Adds `x-probe-0` .. `x-probe-<n-1>` (value `1`) to `map`: one host call each.
+fn add_probe_headers(host: &mut dyn Host, map: MapKind, n: u32) {
+    for i in 0..n {
+        let mut name = String::from("x-probe-");
+        tollgate_common::decimal::push_u64(&mut name, u64::from(i));
+        host.add_header(map, &name, "1");
+    }
+}
+
 impl ProbeFilter {
     /// The request hook's share of `calls`.
     fn request_calls(&self, host: &mut dyn Host) {
@@ -170,6 +183,7 @@ impl ProbeFilter {
         if calls.clock_read {
             let _ = host.now();
         }
+        add_probe_headers(host, MapKind::RequestHeaders, calls.request_header_adds);
     }
 }
 
@@ -195,11 +209,11 @@ impl HttpFilter for ProbeFilter {
             let shown = path.as_deref().unwrap_or("unavailable");
             host.set_header(MapKind::ResponseHeaders, "x-probe-request-path", shown);
         }
-        for i in 0..self.config.calls.response_header_adds {
-            let mut name = String::from("x-probe-");
-            tollgate_common::decimal::push_u64(&mut name, u64::from(i));
-            host.add_header(MapKind::ResponseHeaders, &name, "1");
-        }
+        add_probe_headers(
+            host,
+            MapKind::ResponseHeaders,
+            self.config.calls.response_header_adds,
+        );
         Decision::Continue
     }
 
@@ -309,5 +323,30 @@ mod tests {
                 .as_deref(),
             Some("1")
         );
+        assert_eq!(d.header(id, MapKind::ResponseHeaders, "x-probe-2"), None);
+        assert_eq!(d.header(id, MapKind::RequestHeaders, "x-probe-0"), None);
+    }
+
+    #[test]
+    fn adds_the_request_headers_it_is_told_to() {
+        let config = r#"{"calls": {"request_header_adds": 3}}"#;
+        let mut d = Driver::<ProbeRoot>::new(config).unwrap();
+        let id = d.request("GET", "/", &[]);
+        assert_eq!(d.request_headers(id, true), Decision::Continue);
+        for i in 0..3 {
+            let name = format!("x-probe-{i}");
+            assert_eq!(
+                d.header(id, MapKind::RequestHeaders, &name).as_deref(),
+                Some("1"),
+                "{name}"
+            );
+        }
+        assert_eq!(d.header(id, MapKind::RequestHeaders, "x-probe-3"), None);
+        // in the request hook only: the response gets none
+        assert_eq!(
+            d.response_headers(id, &[(":status", "200")], true),
+            Decision::Continue
+        );
+        assert_eq!(d.header(id, MapKind::ResponseHeaders, "x-probe-0"), None);
     }
 }
