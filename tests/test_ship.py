@@ -1556,7 +1556,7 @@ def test_dashboard_is_generated_and_well_formed():
     ids = [p["id"] for p in board["panels"]]
     assert len(ids) == len(set(ids))
     titles = " ".join(p["title"] for p in board["panels"])
-    for needed in ("Refused, by reason", "Decisions per limit", "Hit ratio", "Cache-Status outcomes",
+    for needed in ("Refused, by reason", "Refusals per limit", "Hit ratio", "Cache-Status outcomes",
                    "Answers per endpoint", "Circuit breakers", "Key fetches", "Gateway latency"):
         assert needed in titles, needed
     variables = {v["name"]: v for v in board["templating"]["list"]}
