@@ -117,14 +117,15 @@ def dashboard() -> dict:
              (f"sum(increase(tollgate_auth_jwks_refetches[{RATE}]))", "refetch (unknown kid)")])
 
     b.row("Rate limiting (tollgate.ratelimit)")
-    b.panel("timeseries", "Decisions per limit", "Requests each limit admitted or refused (429), and what shadow limits would have refused.",
-            [(family_rate("tollgate_ratelimit_limit_.+_allowed", "limit", "tollgate_ratelimit_limit_(.+)_allowed"), "{{limit}} allowed"),
-             (family_rate("tollgate_ratelimit_limit_.+_limited", "limit", "tollgate_ratelimit_limit_(.+)_limited",
+    b.panel("timeseries", "Refusals per limit", "Requests each limit refused (429), and what shadow limits would have refused "
+            "(an admitted request counts once, in the total allowed: no limit has an allowed counter of its own).",
+            [(family_rate("tollgate_ratelimit_limit_.+_limited", "limit", "tollgate_ratelimit_limit_(.+)_limited",
                           exclude=".+_shadow_limited"), "{{limit}} limited"),
              (family_rate("tollgate_ratelimit_limit_.+_shadow_limited", "limit", "tollgate_ratelimit_limit_(.+)_shadow_limited"),
               "{{limit}} shadow")], w=12, unit="reqps")
-    b.panel("timeseries", "Admitted and refused", "All limits together; failures are counter updates that failed (failure_mode applied).",
+    b.panel("timeseries", "Admitted and refused", "All limits together (every request counts once: admitted, refused or skipped); failures are counter updates that failed (failure_mode applied).",
             [(rate("tollgate_ratelimit_allowed"), "admitted"), (rate("tollgate_ratelimit_limited"), "refused (429)"),
+             (rate("tollgate_ratelimit_skipped"), "skipped (no limit applied)"),
              (rate("tollgate_ratelimit_shadow_limited"), "shadow refusals"), (rate("tollgate_ratelimit_failures"), "failures")],
             w=12, unit="reqps")
 

@@ -33,6 +33,15 @@ COMBINED_MODULE = "tollgate"
 # combined module.
 MODULES = FILTERS + ("probe", COMBINED_MODULE)
 SERVICES = ("users", "orders", "products")
+# The counters a filter counts each request it handled in: its `requests` counter, or, for a
+# filter that increments one counter per request (issue #11), the sum of its outcome counters.
+OUTCOMES = {"ratelimit": ("skipped", "allowed", "limited")}
+
+
+def handled_in(stats: dict[str, int], name: str) -> int:
+    """Requests filter `name` handled, from an Envoy stats dict (`Envoy.stats()`)."""
+    counters = OUTCOMES.get(name, ("requests",))
+    return sum(stats.get(f"wasmcustom.tollgate.{name}.{c}", 0) for c in counters)
 
 # TOLLGATE_MODULE=combined runs the tests against the combined module: every run of Tollgate
 # filters in a chain (in chain order) becomes one entry of build/tollgate.wasm whose configuration
@@ -660,6 +669,10 @@ class Envoy:
             except ValueError:
                 pass
         return out
+
+    def handled(self, name: str) -> int:
+        """Requests Tollgate filter `name` handled (see `handled_in`)."""
+        return handled_in(self.stats(f"tollgate.{name}."), name)
 
     def stat(self, name: str) -> int:
         """One metric; Tollgate metrics may be given without the `wasmcustom.` prefix."""

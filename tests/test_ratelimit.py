@@ -140,6 +140,7 @@ def crossed_lines(envoy, limit: str) -> list[str]:
 def test_exact_across_two_workers_with_64_connections(envoy):
     """A limit of 100 admits exactly 100 of 320 requests sent on 64 concurrent keep-alive
     connections, spread over both Envoy workers."""
+    allowed_before = envoy.stat("tollgate.ratelimit.allowed")
     results: list[int] = []
     lock = threading.Lock()
     start = threading.Barrier(64)
@@ -174,7 +175,7 @@ def test_exact_across_two_workers_with_64_connections(envoy):
     per_worker = {k: v for k, v in stats.items()
                   if re.fullmatch(r"listener\.127\.0\.0\.1_\d+\.worker_\d+\.downstream_cx_total", k)}
     assert len(per_worker) == 2 and all(v > 0 for v in per_worker.values()), per_worker
-    assert envoy.stat("tollgate.ratelimit.limit.exact.allowed") == 100
+    assert envoy.stat("tollgate.ratelimit.allowed") - allowed_before == 100
     assert envoy.stat("tollgate.ratelimit.limit.exact.limited") == 220
     assert envoy.stat("tollgate.ratelimit.limit.exact.cas_exhausted") == 0
     # one warning for the key crossing its limit, whichever worker saw it first
@@ -404,11 +405,19 @@ def test_memory_bound_is_published_and_matches_the_docs(envoy):
 
 def test_metrics_and_no_panics(envoy):
     stats = envoy.stats("tollgate.ratelimit")
-    for m in ("requests", "allowed", "limited", "shadow_limited", "failures", "cas_exhausted", "evictions"):
+    for m in ("skipped", "allowed", "limited", "shadow_limited", "failures", "cas_exhausted", "evictions"):
         assert f"wasmcustom.tollgate.ratelimit.{m}" in stats, m
+    # One increment per outcome: no `requests` counter, no per-limit `allowed`.
+    assert "wasmcustom.tollgate.ratelimit.requests" not in stats
+    assert not [k for k in stats if k.startswith("wasmcustom.tollgate.ratelimit.limit.") and k.endswith(".allowed")]
     assert stats["wasmcustom.tollgate.ratelimit.failures"] == 0
-    assert envoy.stat("tollgate.ratelimit.requests") >= envoy.stat("tollgate.ratelimit.allowed") + \
-        envoy.stat("tollgate.ratelimit.limited")
+    # Each request counts in exactly one outcome counter: admitted, or skipped (no route).
+    outcomes = ("skipped", "allowed", "limited")
+    before = {m: envoy.stat(f"tollgate.ratelimit.{m}") for m in outcomes}
+    assert envoy.get(path("k-ip"), headers={"x-forwarded-for": "198.51.100.77"}).status == 200
+    assert envoy.get("/api/users/echo/no-rule").status == 200
+    after = {m: envoy.stat(f"tollgate.ratelimit.{m}") for m in outcomes}
+    assert {m: after[m] - before[m] for m in outcomes} == {"skipped": 1, "allowed": 1, "limited": 0}
     assert "panicked" not in envoy.log()
 
 

@@ -52,11 +52,12 @@
 //! returns a `Result` that is logged, never unwrapped.
 
 use std::collections::VecDeque;
+use std::rc::Rc;
 use std::time::{Duration, SystemTime};
 
 use crate::fast_hash::FastMap;
 use crate::filter::{CallResponse, Decision, GrpcResponse, HttpFilter, RootFilter};
-use crate::header_cache::{Cached, HeaderCache};
+use crate::header_cache::{self, Cached, HeaderCache};
 use crate::host::{Body, GrpcCall, Host, HostError, HttpCall, MapKind, MetricKind, SharedError};
 use crate::problem::{LocalReply, Problem};
 
@@ -162,6 +163,9 @@ struct RootSlot<R> {
     own_period: Duration,
     /// The dispatcher borrowed this root's tick ([`FAST_TICK`]) to deliver wakes.
     fast: bool,
+    /// The request headers its requests read value by value (`header_cache::singles` of what
+    /// the root declared after its configuration); `None`: the whole map.
+    singles: Option<Rc<[String]>>,
 }
 
 /// A request context.
@@ -363,11 +367,16 @@ impl<R: RootFilter, P: Proxy> Dispatcher<R, P> {
                     root: Some(R::new(context_id)),
                     own_period: Duration::ZERO,
                     fast: false,
+                    singles: None,
                 },
             );
             return;
         }
-        let Some(root) = self.roots.get(&parent).and_then(|s| s.root.as_ref()) else {
+        let Some((root, singles)) = self
+            .roots
+            .get(&parent)
+            .and_then(|s| Some((s.root.as_ref()?, s.singles.clone())))
+        else {
             self.log(
                 Level::Error,
                 &format!(
@@ -385,7 +394,7 @@ impl<R: RootFilter, P: Proxy> Dispatcher<R, P> {
                 filter: Some(filter),
                 paused: None,
                 replied: false,
-                cache: HeaderCache::new(),
+                cache: HeaderCache::with_singles(singles),
             },
         );
     }
@@ -407,6 +416,12 @@ impl<R: RootFilter, P: Proxy> Dispatcher<R, P> {
         let result = self.with_root(root_id, &mut |root, host| root.configure(host, &bytes));
         let ok = match result {
             Some(Ok(())) => {
+                if let Some(slot) = self.roots.get_mut(&root_id) {
+                    slot.singles = slot
+                        .root
+                        .as_ref()
+                        .and_then(|r| header_cache::singles(r.request_header_reads()));
+                }
                 let line = format!("{} {}: configuration accepted", R::log_name(), self.version);
                 self.log(Level::Info, &line);
                 true

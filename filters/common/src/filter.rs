@@ -115,6 +115,55 @@ impl Hooks {
     }
 }
 
+/// The request headers a root's filters read, declared after configuration
+/// ([`RootFilter::request_header_reads`]). The request's header cache reads a small known set
+/// value by value (one `proxy_get_header_map_value` each) instead of copying the whole map: in
+/// Envoy one value costs about half the map of a plain request (docs/architecture.md, rule 7).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum HeaderReads {
+    /// Any header, in any hook: the first read fetches the whole map.
+    #[default]
+    Any,
+    /// At most these (lower-case names), in any hook; a read of another header still works (it
+    /// fetches the whole map), so a missing name costs time, never a wrong answer — except in a
+    /// response hook, where Envoy refuses to read the request headers and an undeclared header
+    /// not read before reads as absent.
+    Only(Vec<String>),
+}
+
+impl HeaderReads {
+    /// No request header at all.
+    pub const NONE: HeaderReads = HeaderReads::Only(Vec::new());
+
+    /// Only `names` (lower-cased, each once).
+    pub fn only<S: AsRef<str>>(names: impl IntoIterator<Item = S>) -> HeaderReads {
+        HeaderReads::NONE.with(names)
+    }
+
+    /// What either reads (a module that runs several filters reads the union): `Any` when
+    /// either reads any.
+    pub fn and(self, other: HeaderReads) -> HeaderReads {
+        match other {
+            HeaderReads::Only(names) => self.with(names),
+            HeaderReads::Any => HeaderReads::Any,
+        }
+    }
+
+    /// These and `names`.
+    pub fn with<S: AsRef<str>>(self, names: impl IntoIterator<Item = S>) -> HeaderReads {
+        let HeaderReads::Only(mut all) = self else {
+            return HeaderReads::Any;
+        };
+        for n in names {
+            let n = n.as_ref().to_ascii_lowercase();
+            if !all.contains(&n) {
+                all.push(n);
+            }
+        }
+        HeaderReads::Only(all)
+    }
+}
+
 /// Per-request filter logic. Every hook defaults to [`Decision::Continue`].
 pub trait HttpFilter {
     /// Request headers arrived.
@@ -204,6 +253,11 @@ pub trait RootFilter: Sized + 'static {
     fn on_grpc_response(&mut self, _host: &mut dyn Host, _token: u32, _response: GrpcResponse) {}
     /// A filter for a new request.
     fn create_filter(&self, context_id: u32) -> Self::Filter;
+    /// The request headers this root's filters read, in any hook, under the configuration in
+    /// force (asked after each accepted configuration). Default: any ([`HeaderReads::Any`]).
+    fn request_header_reads(&self) -> HeaderReads {
+        HeaderReads::Any
+    }
     /// How the dispatcher's log lines for this filter start (VM start, configuration accepted or
     /// refused): `tollgate-<NAME>`.
     fn log_name() -> String {

@@ -36,7 +36,7 @@ pub mod throttle;
 /// targets can feed it arbitrary bytes.
 pub use abi::{deserialize_map, serialize_map};
 pub use config::ConfigError;
-pub use filter::{CallResponse, Decision, GrpcResponse, HttpFilter, RootFilter};
+pub use filter::{CallResponse, Decision, GrpcResponse, HeaderReads, HttpFilter, RootFilter};
 pub use host::{Body, GrpcCall, Host, HostError, HttpCall, MapKind, MetricKind, SharedError};
 pub use problem::{LocalReply, Problem};
 pub use route::{RouteMatch, RouteParams, Rules};

@@ -99,14 +99,40 @@ impl Problem {
         self.extensions.insert(name.into(), value.into());
         self
     }
-    /// The JSON body.
+    /// The JSON body: the members in the order of the struct, then the extensions, written
+    /// straight into one buffer (the same bytes as `serde_json::to_vec`, without serde's
+    /// flattening, which cost a 429 of the rate limiter about half its own work).
     pub fn to_json(&self) -> Vec<u8> {
-        // Serializing a struct of strings and a map of JSON values cannot fail; fall back to a
-        // minimal body rather than panic.
-        serde_json::to_vec(self).unwrap_or_else(|_| {
-            format!("{{\"type\":\"about:blank\",\"status\":{}}}", self.status).into_bytes()
-        })
+        let mut out = String::with_capacity(
+            96 + self.type_uri.len()
+                + self.title.len()
+                + self.detail.as_ref().map_or(0, String::len)
+                + self.instance.as_ref().map_or(0, String::len),
+        );
+        out.push_str("{\"type\":");
+        push_json_str(&mut out, &self.type_uri);
+        out.push_str(",\"title\":");
+        push_json_str(&mut out, &self.title);
+        out.push_str(",\"status\":");
+        crate::decimal::push_u64(&mut out, u64::from(self.status));
+        for (name, value) in [("detail", &self.detail), ("instance", &self.instance)] {
+            if let Some(v) = value {
+                out.push_str(",\"");
+                out.push_str(name);
+                out.push_str("\":");
+                push_json_str(&mut out, v);
+            }
+        }
+        for (name, value) in &self.extensions {
+            out.push(',');
+            push_json_str(&mut out, name);
+            out.push(':');
+            push_json_value(&mut out, value);
+        }
+        out.push('}');
+        out.into_bytes()
     }
+
     /// The local reply: status, `content-type: application/problem+json`, JSON body.
     pub fn into_reply(self) -> LocalReply {
         let body = self.to_json();
@@ -114,6 +140,72 @@ impl Problem {
             .with_header("content-type", PROBLEM_JSON)
             .with_header("cache-control", "no-store")
             .with_body(body)
+    }
+}
+
+/// `s` as a JSON string, escaped as serde_json escapes it: `"`, `\\` and the control
+/// characters (`\b \f \n \r \t` by name, the others as `\u00XX`); everything else as is.
+pub fn push_json_str(out: &mut String, s: &str) {
+    out.push('"');
+    let mut plain = 0;
+    for (i, b) in s.bytes().enumerate() {
+        let escaped = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0x08 => "\\b",
+            0x0c => "\\f",
+            0..=0x1f => "",
+            _ => continue,
+        };
+        out.push_str(s.get(plain..i).unwrap_or(""));
+        plain = i + 1;
+        if escaped.is_empty() {
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            out.push_str("\\u00");
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 0xf)]));
+        } else {
+            out.push_str(escaped);
+        }
+    }
+    out.push_str(s.get(plain..).unwrap_or(""));
+    out.push('"');
+}
+
+/// A JSON value as serde_json writes it (compact).
+fn push_json_value(out: &mut String, value: &Value) {
+    match value {
+        Value::String(s) => push_json_str(out, s),
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                push_json_value(out, item);
+            }
+            out.push(']');
+        }
+        Value::Object(members) => {
+            out.push('{');
+            for (i, (k, v)) in members.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                push_json_str(out, k);
+                out.push(':');
+                push_json_value(out, v);
+            }
+            out.push('}');
+        }
+        // null, booleans and numbers: their JSON text is their display.
+        other => {
+            use std::fmt::Write as _;
+            let _ = write!(out, "{other}");
+        }
     }
 }
 
@@ -165,6 +257,32 @@ mod tests {
         assert_eq!(v["detail"], "10 requests per second");
         assert_eq!(v["instance"], "/api/users/1");
         assert_eq!(v["retry_after"], 3);
+    }
+
+    #[test]
+    fn the_body_is_what_serde_json_writes() {
+        let awkward = "q\"b\\s/\u{8}\u{c}\n\r\t\u{1}\u{1f}\u{7f} é ✓ 😀 </script>";
+        let problems = [
+            Problem::new(401),
+            Problem::new(503).detail("the rate limit service is unavailable"),
+            Problem::new(429)
+                .typed("https://example/t", awkward)
+                .detail(awkward)
+                .instance("/a?b=\"c\"")
+                .extension("violated-policies", vec!["a", awkward])
+                .extension("retry", 3)
+                .extension("ratio", 0.5)
+                .extension("none", Value::Null)
+                .extension("flag", true)
+                .extension(awkward, serde_json::json!({"k": [1, "v", {"z": false}]})),
+        ];
+        for p in problems {
+            let body = p.to_json();
+            assert_eq!(
+                String::from_utf8(body).unwrap(),
+                String::from_utf8(serde_json::to_vec(&p).unwrap()).unwrap()
+            );
+        }
     }
 
     #[test]

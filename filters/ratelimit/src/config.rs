@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use tollgate_common::config::{ConfigDuration, HeaderName, Name};
 use tollgate_common::route::{RouteMatch, Routed, Rules};
-use tollgate_common::ConfigError;
+use tollgate_common::{ConfigError, HeaderReads};
 
 use crate::algo::{Algorithm, Params, MICROS};
 use crate::table::Table;
@@ -307,7 +307,7 @@ pub struct Limit {
     /// Its table in shared data.
     pub table: Table,
     /// Its metric names: `limit.<name>.` + [`LIMIT_METRICS`] (see [`LimitMetric`]).
-    pub metric_names: [String; 10],
+    pub metric_names: [String; 9],
     /// It reads the consumer or plan header (key, plans or `applies_to`).
     pub uses_client: bool,
     /// Its `RateLimit-Policy` items, `"<name>";q=<quota>;w=<window>`, written at load: index 0
@@ -344,32 +344,30 @@ pub struct Service {
 /// A per-limit metric.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LimitMetric {
-    /// Admitted requests the limit decided.
-    Allowed = 0,
     /// Requests it refused.
-    Limited = 1,
+    Limited = 0,
     /// Requests it would have refused (shadow).
-    ShadowLimited = 2,
+    ShadowLimited = 1,
     /// CAS retries exhausted.
-    CasExhausted = 3,
+    CasExhausted = 2,
     /// Live states evicted.
-    Evicted = 4,
+    Evicted = 3,
     /// Calls to the rate limit service (requests and lease refills).
-    RlsCalls = 5,
+    RlsCalls = 4,
     /// Calls that failed (error, timeout, unusable answer): the failure mode applied.
-    RlsFailures = 6,
+    RlsFailures = 5,
     /// Leases granted.
-    LeaseRefills = 7,
+    LeaseRefills = 6,
     /// Units of leases that ended unused (taken from the fleet's quota, never admitted).
-    LeaseUnused = 8,
+    LeaseUnused = 7,
     /// Units granted in leases whose window end the service did not say: each may be admitted
     /// after the service's window ended (the worst-case over-admission so far).
-    OverAdmissionBound = 9,
+    OverAdmissionBound = 8,
 }
 
-/// Per-limit metric names after `limit.<name>.`, indexed by [`LimitMetric`].
-pub const LIMIT_METRICS: [&str; 10] = [
-    "allowed",
+/// Per-limit metric names after `limit.<name>.`, indexed by [`LimitMetric`]. An admitted
+/// request counts once, in the total `allowed`: no limit has an `allowed` of its own.
+pub const LIMIT_METRICS: [&str; 9] = [
     "limited",
     "shadow_limited",
     "cas_exhausted",
@@ -467,6 +465,37 @@ pub struct Compiled {
 }
 
 impl Compiled {
+    /// Every request header a request may read under this configuration (any hook; the
+    /// dispatcher's header cache reads a few known ones value by value): what the routes match on,
+    /// the consumer, plan and identity source headers when a route's limits use them, and each
+    /// limit's header key sources (`api_key`, `header`, `x-forwarded-for` for `client_ip` with
+    /// `trusted_hops`). A `query` source reads `:path`, which any route reads.
+    pub fn request_header_reads(&self) -> HeaderReads {
+        if self.routes.0.is_empty() {
+            return HeaderReads::NONE;
+        }
+        let mut names: Vec<&str> = vec![":path"];
+        if self.needs_method {
+            names.push(":method");
+        }
+        if self.needs_host {
+            names.extend([":authority", "host"]);
+        }
+        if self.routes.0.iter().any(|r| r.uses_client) {
+            names.extend([self.consumer_header.as_str(), self.plan_header.as_str()]);
+            names.extend(self.source_header.as_deref());
+        }
+        for source in self.limits.iter().flat_map(|l| &l.key) {
+            match source {
+                KeySource::ApiKey => names.push(&self.api_key_header),
+                KeySource::Header(h) => names.push(h.as_str()),
+                KeySource::ClientIp if self.trusted_hops > 0 => names.push("x-forwarded-for"),
+                _ => {}
+            }
+        }
+        HeaderReads::only(names)
+    }
+
     /// Parse, validate and compile a configuration.
     pub fn parse(bytes: &[u8]) -> Result<Compiled, ConfigError> {
         let raw: Config = tollgate_common::config::parse(bytes)?;
@@ -1010,5 +1039,58 @@ mod tests {
             assert_eq!(e.field, field, "{json}: {e}");
             assert!(e.reason.contains(reason), "{json}: {e}");
         }
+    }
+
+    #[test]
+    fn request_header_reads_list_what_requests_may_read() {
+        let reads = |json: &str| match Compiled::parse(json.as_bytes())
+            .unwrap()
+            .request_header_reads()
+        {
+            HeaderReads::Only(names) => Some(names),
+            HeaderReads::Any => None,
+        };
+        let route = |key: &str| {
+            format!(
+                r#"{{"limits":[{{"name":"a","quota":1,"window":"1s","key":{key}}}],
+                   "routes":[{{"match":{{"prefix":"/"}},"limits":["a"]}}]}}"#
+            )
+        };
+        assert_eq!(reads("{}"), Some(vec![]));
+        assert_eq!(reads(&route(r#"["route"]"#)), Some(vec![":path".into()]));
+        assert_eq!(
+            reads(&route(r#"["client_ip", {"query": "t"}]"#)),
+            Some(vec![":path".into()])
+        );
+        assert_eq!(
+            reads(&route(r#"["api_key", {"header": "X-Tenant"}]"#)),
+            Some(vec![":path".into(), "x-api-key".into(), "x-tenant".into()])
+        );
+        let trusted = route(r#"["client_ip"]"#).replacen('{', r#"{"trusted_hops":1,"#, 1);
+        assert_eq!(
+            reads(&trusted),
+            Some(vec![":path".into(), "x-forwarded-for".into()])
+        );
+        // A route matching on the method and host; a limit using the consumer (its header, the
+        // identity source and the plan header are read).
+        let json = r#"{"limits":[{"name":"a","quota":1,"window":"1s","key":["consumer"]}],
+            "routes":[{"match":{"prefix":"/","methods":["POST"],"hosts":["a.example"]},
+                       "limits":["a"]}]}"#;
+        assert_eq!(
+            reads(json),
+            Some(
+                [
+                    ":path",
+                    ":method",
+                    ":authority",
+                    "host",
+                    "x-tollgate-consumer",
+                    "x-tollgate-plan",
+                    "x-tollgate-identity-source"
+                ]
+                .map(String::from)
+                .to_vec()
+            )
+        );
     }
 }

@@ -16,7 +16,8 @@ use tollgate_common::fast_hash::FastMap;
 use tollgate_common::metrics::Metrics;
 use tollgate_common::route::RequestInfo;
 use tollgate_common::{
-    ConfigError, Decision, GrpcResponse, Host, HttpFilter, MapKind, MetricKind, Problem, RootFilter,
+    ConfigError, Decision, GrpcResponse, HeaderReads, Host, HttpFilter, MapKind, MetricKind,
+    Problem, RootFilter,
 };
 
 use crate::algo::{evaluate, Outcome, Params};
@@ -61,23 +62,22 @@ pub struct Worker {
 /// Counter ids: the totals (indexed by [`Total`]) and each limit's (by [`LimitMetric`]).
 #[derive(Debug, Default)]
 struct Ids {
-    totals: [Option<u32>; 10],
-    limits: Vec<[Option<u32>; 10]>,
+    totals: [Option<u32>; 9],
+    limits: Vec<[Option<u32>; 9]>,
 }
 
 /// A total counter (index into [`TOTALS`]).
 #[derive(Debug, Clone, Copy)]
 enum Total {
-    Requests = 0,
-    Skipped = 1,
-    Allowed = 2,
-    Limited = 3,
-    ShadowLimited = 4,
-    Failures = 5,
-    CasExhausted = 6,
-    Evictions = 7,
-    RlsCalls = 8,
-    RlsFailures = 9,
+    Skipped = 0,
+    Allowed = 1,
+    Limited = 2,
+    ShadowLimited = 3,
+    Failures = 4,
+    CasExhausted = 5,
+    Evictions = 6,
+    RlsCalls = 7,
+    RlsFailures = 8,
 }
 
 impl Ids {
@@ -119,8 +119,9 @@ impl Ids {
     }
 }
 
-const TOTALS: [&str; 10] = [
-    "requests",
+/// A request counts in exactly one of the outcome counters (`skipped`, `allowed`, `limited`),
+/// or, refused 503 by a `deny` failure mode, in `failures`: there is no `requests` counter.
+const TOTALS: [&str; 9] = [
     "skipped",
     "allowed",
     "limited",
@@ -208,6 +209,10 @@ impl RootFilter for RateLimitRoot {
 
     fn on_grpc_response(&mut self, host: &mut dyn Host, token: u32, response: GrpcResponse) {
         self.refilled(host, token, &response);
+    }
+
+    fn request_header_reads(&self) -> HeaderReads {
+        self.shared.config.request_header_reads()
     }
 
     fn create_filter(&self, context_id: u32) -> RateLimitFilter {
@@ -520,7 +525,8 @@ impl RateLimitFilter {
         (!names.is_empty()).then(|| (SHADOW_HEADER, names.join(", ")))
     }
 
-    /// Count the final verdicts.
+    /// Count the final verdicts: the request's outcome (`allowed` or `limited`, one increment
+    /// for an admitted request), then each refusing limit's `limited` or `shadow_limited`.
     fn count(&self, host: &mut dyn Host, verdicts: &[Verdict], refused: bool) {
         let ids = &self.shared.ids;
         ids.count(
@@ -542,7 +548,6 @@ impl RateLimitFilter {
                     LimitMetric::ShadowLimited
                 }
                 (false, false) => LimitMetric::Limited,
-                (true, _) if !refused => LimitMetric::Allowed,
                 (true, _) => continue,
             };
             ids.count_limit(host, v.limit, metric);
@@ -568,25 +573,28 @@ impl RateLimitFilter {
             .iter()
             .filter_map(|v| self.limit(v.limit).map(|l| l.name.as_str()))
             .collect();
-        let detail = refusing
-            .first()
-            .map(|v| {
-                format!(
-                    "limit `{}` allows {} per {}s; retry in {retry}s",
-                    names.first().copied().unwrap_or(""),
-                    v.params.quota,
-                    v.params.window_secs()
-                )
-            })
-            .unwrap_or_default();
-        let instance = path.to_string();
+        // `limit `<name>` allows <quota> per <window>s; retry in <retry>s`, without `format!`.
+        let mut detail = String::with_capacity(80);
+        if let Some(v) = refusing.first() {
+            detail.push_str("limit `");
+            detail.push_str(names.first().copied().unwrap_or(""));
+            detail.push_str("` allows ");
+            push_u64(&mut detail, v.params.quota);
+            detail.push_str(" per ");
+            push_u64(&mut detail, v.params.window_secs());
+            detail.push_str("s; retry in ");
+            push_u64(&mut detail, retry);
+            detail.push('s');
+        }
+        let mut retry_after = String::with_capacity(20);
+        push_u64(&mut retry_after, retry);
         let mut reply = Problem::new(429)
             .typed(QUOTA_EXCEEDED, QUOTA_EXCEEDED_TITLE)
             .detail(detail)
-            .instance(instance)
-            .extension("violated-policies", names.clone())
+            .instance(path)
+            .extension("violated-policies", names)
             .into_reply()
-            .with_header("retry-after", retry.to_string());
+            .with_header("retry-after", retry_after);
         for (k, v) in self.rate_headers(&refusing) {
             reply = reply.with_header(k, v);
         }
@@ -646,13 +654,12 @@ fn legacy_fields<V: Borrow<Verdict>>(verdicts: &[V]) -> Vec<(&'static str, Strin
     ]
 }
 
-/// The route rule of this request, counting the request (`requests`, or `skipped` for a
-/// disabled route); `None`: no limit applies. Reads only what the routes match on (each read is
-/// a host call).
+/// The route rule of this request; `None` (counted in `skipped`): no route, or a disabled one.
+/// Reads only what the routes match on (each read is a host call).
 fn route_of<'c>(host: &mut dyn Host, shared: &'c Worker) -> Option<(&'c Route, RequestInfo)> {
     let config = &shared.config;
     if config.routes.0.is_empty() {
-        shared.ids.count(host, Total::Requests);
+        shared.ids.count(host, Total::Skipped);
         return None;
     }
     let method = if config.needs_method {
@@ -668,16 +675,9 @@ fn route_of<'c>(host: &mut dyn Host, shared: &'c Worker) -> Option<(&'c Route, R
     let req = RequestInfo::from_parts(method, authority, host.path());
     let route = config.routes.find(&req).map(|(route, _)| route);
     match route {
-        Some(route) if route.disabled => {
+        Some(route) if !route.disabled => Some((route, req)),
+        _ => {
             shared.ids.count(host, Total::Skipped);
-            None
-        }
-        Some(route) => {
-            shared.ids.count(host, Total::Requests);
-            Some((route, req))
-        }
-        None => {
-            shared.ids.count(host, Total::Requests);
             None
         }
     }
@@ -743,6 +743,7 @@ impl HttpFilter for RateLimitFilter {
             .filter_map(|&id| check_of(host, &key, id))
             .collect();
         if checks.is_empty() {
+            shared.ids.count(host, Total::Skipped);
             return Decision::Continue;
         }
         if route.has_global {

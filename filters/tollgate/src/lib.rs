@@ -22,7 +22,7 @@ pub mod chain;
 pub mod part;
 pub mod root;
 
-use tollgate_common::{CallResponse, ConfigError, GrpcResponse, Host, RootFilter};
+use tollgate_common::{CallResponse, ConfigError, GrpcResponse, HeaderReads, Host, RootFilter};
 
 pub use chain::ChainFilter;
 pub use root::{ChainRoot, Kind};
@@ -84,6 +84,9 @@ impl RootFilter for TollgateRoot {
     }
     fn create_filter(&self, context_id: u32) -> ChainFilter {
         self.0.create_filter(context_id)
+    }
+    fn request_header_reads(&self) -> HeaderReads {
+        self.0.request_header_reads()
     }
     /// `tollgate: ...` (the filters' own lines keep their names: `tollgate-auth: ...`).
     fn log_name() -> String {

@@ -6,8 +6,8 @@ use std::time::{Duration, SystemTime};
 use tollgate_common::fast_hash::FastMap;
 
 use tollgate_common::{
-    Body, CallResponse, ConfigError, GrpcCall, GrpcResponse, Host, HostError, HttpCall, HttpFilter,
-    MapKind, MetricKind, RootFilter, SharedError,
+    Body, CallResponse, ConfigError, GrpcCall, GrpcResponse, HeaderReads, Host, HostError,
+    HttpCall, HttpFilter, MapKind, MetricKind, RootFilter, SharedError,
 };
 
 /// Where a child's index goes in a wake reason: the top bits. A child's own reasons must be
@@ -45,6 +45,8 @@ pub trait Part {
     fn on_grpc_response(&mut self, host: &mut dyn Host, token: u32, response: GrpcResponse);
     /// The child's filter for a new request.
     fn create_filter(&self, context_id: u32) -> Box<dyn HttpFilter>;
+    /// The request headers the child's filters read.
+    fn request_header_reads(&self) -> HeaderReads;
 }
 
 impl<R: RootFilter> Part for R {
@@ -62,6 +64,9 @@ impl<R: RootFilter> Part for R {
     }
     fn create_filter(&self, context_id: u32) -> Box<dyn HttpFilter> {
         Box::new(RootFilter::create_filter(self, context_id))
+    }
+    fn request_header_reads(&self) -> HeaderReads {
+        RootFilter::request_header_reads(self)
     }
 }
 

@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
-use tollgate_common::{CallResponse, ConfigError, GrpcResponse, Host};
+use tollgate_common::{CallResponse, ConfigError, GrpcResponse, HeaderReads, Host};
 
 use crate::chain::{ChainFilter, Child};
 use crate::part::{ChildHost, Owners, Part, MAX_CHILDREN};
@@ -227,6 +227,14 @@ impl ChainRoot {
             return;
         };
         self.in_child(host, i, |part, h| part.on_grpc_response(h, token, response));
+    }
+
+    /// The request headers the configured filters read: the union of theirs (the whole map
+    /// when one of them reads any).
+    pub fn request_header_reads(&self) -> HeaderReads {
+        self.slots.iter().fold(HeaderReads::NONE, |all, s| {
+            all.and(s.part.request_header_reads())
+        })
     }
 
     /// The chain for a new request: each configured filter's own filter.

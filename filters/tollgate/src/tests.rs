@@ -534,10 +534,7 @@ fn the_four_filters_run_in_order_in_one_vm() {
             .as_deref(),
         Some("acme")
     );
-    assert_eq!(
-        d.metric("tollgate.ratelimit.limit.per-consumer.allowed"),
-        Some(1)
-    );
+    assert_eq!(d.metric("tollgate.ratelimit.allowed"), Some(1));
     assert_eq!(d.response_headers(id, PRODUCT, false), Decision::Continue);
     assert_eq!(d.response_body(id, b"{\"id\":1}", true), Decision::Continue);
     let response = d.host(id).unwrap().headers(MapKind::ResponseHeaders);
@@ -550,13 +547,15 @@ fn the_four_filters_run_in_order_in_one_vm() {
         panic!("a cache hit")
     };
     assert_eq!(hit.body, b"{\"id\":1}");
-    for filter in ["auth", "ratelimit", "cache"] {
+    for filter in ["auth", "cache"] {
         assert_eq!(
             d.metric(&format!("tollgate.{filter}.requests")),
             Some(2),
             "{filter}"
         );
     }
+    assert_eq!(ratelimit_outcomes(&d), 2);
+    assert_eq!(d.metric("tollgate.ratelimit.allowed"), Some(2));
     assert_eq!(
         d.metric("tollgate.aggregate.requests"),
         Some(1),
@@ -578,10 +577,20 @@ fn a_local_reply_from_auth_stops_the_later_filters() {
     );
     d.done(id);
     assert_eq!(d.metric("tollgate.auth.requests"), Some(1));
-    for filter in ["ratelimit", "cache", "aggregate"] {
+    for filter in ["cache", "aggregate"] {
         let n = d.metric(&format!("tollgate.{filter}.requests"));
         assert_eq!(n.unwrap_or(0), 0, "{filter}");
     }
+    assert_eq!(ratelimit_outcomes(&d), 0);
+}
+
+/// The requests the rate limiter handled: the sum of its outcome counters (it has no
+/// `requests` counter: one increment per request).
+fn ratelimit_outcomes(d: &Driver<TollgateRoot>) -> i64 {
+    ["skipped", "allowed", "limited"]
+        .iter()
+        .map(|m| d.metric(&format!("tollgate.ratelimit.{m}")).unwrap_or(0))
+        .sum()
 }
 
 /// An ES256 token of `https://idp` with key id `k1` (its signature is never checked: the keys
@@ -597,8 +606,7 @@ fn a_jwks_fetch_holds_the_later_filters() {
     let mut config = four(remote);
     config["auth"].as_object_mut().unwrap().remove("api_keys");
     let mut d = tollgate(config);
-    let ratelimited =
-        |d: &Driver<TollgateRoot>| d.metric("tollgate.ratelimit.requests").unwrap_or(0);
+    let ratelimited = ratelimit_outcomes;
     let id = d.request("GET", "/api/products/1", &[("authorization", JWT)]);
     assert_eq!(d.request_headers(id, true), Decision::Pause);
     assert_eq!(ratelimited(&d), 0, "held behind auth");
@@ -649,6 +657,40 @@ fn request_headers_are_read_from_the_proxy_once_per_request() {
     let n = |c: &str| calls.iter().filter(|x| **x == c).count();
     assert_eq!(n("get_header_map_pairs"), 1, "{calls:?}");
     assert_eq!(n("get_header_map_value"), 0, "{calls:?}");
+}
+
+#[test]
+fn a_chain_reading_one_known_header_reads_it_alone_and_any_other_reads_the_map() {
+    // The rate limiter alone, keyed by route, reads `:path` only: one value, not the map.
+    let rl = json!({"ratelimit": {
+        "limits": [{"name": "r", "quota": 100, "window": "1m", "key": ["route"]}],
+        "routes": [{"match": {"prefix": "/api/"}, "limits": ["r"]}]}});
+    let reads = |config: serde_json::Value| {
+        let mut d = tollgate(config);
+        d.count_host_calls(true);
+        let id = d.request("GET", "/api/products/1", &[("x-api-key", "key-pro")]);
+        assert_eq!(d.request_headers(id, true), Decision::Continue);
+        d.take_host_calls()
+            .into_iter()
+            .filter(|c| c.starts_with("get_header_map"))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        declared_reads(&rl),
+        HeaderReads::only([":path"]),
+        "the union of one child"
+    );
+    assert_eq!(reads(rl.clone()), ["get_header_map_value"]);
+    // With auth (which reads any header) in the chain: the whole map, once.
+    let mut both = four(json!({}));
+    both["ratelimit"] = rl["ratelimit"].clone();
+    assert_eq!(declared_reads(&both), HeaderReads::Any);
+    assert_eq!(reads(both), ["get_header_map_pairs"]);
+}
+
+fn declared_reads(config: &serde_json::Value) -> HeaderReads {
+    let d = tollgate(config.clone());
+    d.root().unwrap().request_header_reads()
 }
 
 #[test]
