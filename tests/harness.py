@@ -33,6 +33,21 @@ COMBINED_MODULE = "tollgate"
 # combined module.
 MODULES = FILTERS + ("probe", COMBINED_MODULE)
 SERVICES = ("users", "orders", "products")
+# The counters a filter counts each request it handled in: its `requests` counter, or, for a
+# filter that increments one counter per request (issue #11), the sum of its outcome counters
+# (a name ending in `.` is a family: every counter under it).
+OUTCOMES = {"auth": ("skipped", "anonymous", "failure_mode_allowed", "allowed.", "denied.")}
+
+
+def handled_in(stats: dict[str, int], name: str) -> int:
+    """Requests filter `name` handled, from an Envoy stats dict (`Envoy.stats()`)."""
+    prefix = f"wasmcustom.tollgate.{name}."
+    counters = OUTCOMES.get(name, ("requests",))
+
+    def outcome(metric: str) -> bool:
+        return any(metric == c or (c.endswith(".") and metric.startswith(c)) for c in counters)
+
+    return sum(v for k, v in stats.items() if k.startswith(prefix) and outcome(k[len(prefix):]))
 
 # TOLLGATE_MODULE=combined runs the tests against the combined module: every run of Tollgate
 # filters in a chain (in chain order) becomes one entry of build/tollgate.wasm whose configuration
@@ -660,6 +675,10 @@ class Envoy:
             except ValueError:
                 pass
         return out
+
+    def handled(self, name: str) -> int:
+        """Requests Tollgate filter `name` handled (see `handled_in`)."""
+        return handled_in(self.stats(f"tollgate.{name}."), name)
 
     def stat(self, name: str) -> int:
         """One metric; Tollgate metrics may be given without the `wasmcustom.` prefix."""
