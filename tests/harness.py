@@ -34,14 +34,23 @@ COMBINED_MODULE = "tollgate"
 MODULES = FILTERS + ("probe", COMBINED_MODULE)
 SERVICES = ("users", "orders", "products")
 # The counters a filter counts each request it handled in: its `requests` counter, or, for a
-# filter that increments one counter per request (issue #11), the sum of its outcome counters.
-OUTCOMES = {"ratelimit": ("skipped", "allowed", "limited")}
+# filter that increments one counter per request (issue #11), the sum of its outcome counters
+# (a name ending in `.` is a family: every counter under it).
+OUTCOMES = {
+    "ratelimit": ("skipped", "allowed", "limited"),
+    "auth": ("skipped", "anonymous", "failure_mode_allowed", "allowed.", "denied."),
+}
 
 
 def handled_in(stats: dict[str, int], name: str) -> int:
     """Requests filter `name` handled, from an Envoy stats dict (`Envoy.stats()`)."""
+    prefix = f"wasmcustom.tollgate.{name}."
     counters = OUTCOMES.get(name, ("requests",))
-    return sum(stats.get(f"wasmcustom.tollgate.{name}.{c}", 0) for c in counters)
+
+    def outcome(metric: str) -> bool:
+        return any(metric == c or (c.endswith(".") and metric.startswith(c)) for c in counters)
+
+    return sum(v for k, v in stats.items() if k.startswith(prefix) and outcome(k[len(prefix):]))
 
 # TOLLGATE_MODULE=combined runs the tests against the combined module: every run of Tollgate
 # filters in a chain (in chain order) becomes one entry of build/tollgate.wasm whose configuration

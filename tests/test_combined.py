@@ -118,9 +118,12 @@ def test_a_paused_filter_holds_the_later_ones_until_it_continues(services, envoy
 
         t = threading.Thread(target=send)
         t.start()
-        # The request has reached auth, which waits for the keys it is fetching ...
-        harness.wait_for(lambda: counted(envoy, "auth") == 1 and keys.count() >= 1, 60,
-                         "auth to wait for the held key fetch")
+        # The request is in Envoy, where auth waits for the keys it is fetching (auth counts a
+        # request only in its outcome counter, when it ends: the gateway's active requests
+        # show it) ...
+        harness.wait_for(lambda: envoy.stat("http.gateway.downstream_rq_active") == 1
+                         and keys.count() >= 1, 60, "auth to wait for the held key fetch")
+        assert counted(envoy, "auth") == 0
         # ... and the later filters have not seen it.
         assert [counted(envoy, n) for n in ("ratelimit", "cache", "aggregate")] == [0, 0, 0]
         keys.release.set()

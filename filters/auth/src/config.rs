@@ -11,6 +11,7 @@ use tollgate_common::route::{RouteMatch, Routed};
 use tollgate_common::throttle::{FailureLimit, FailureLimitConfig};
 use tollgate_common::ConfigError;
 
+use crate::identity::{HeaderNames, Identity};
 use crate::jose::{self, Alg, Jwk};
 
 /// The filter's configuration (JSON in Envoy's `configuration` field).
@@ -560,17 +561,11 @@ pub struct Provider {
 pub struct ApiKey {
     /// SHA-256 of the key.
     pub digest: [u8; 32],
-    /// Consumer.
-    pub consumer: String,
     /// Expiry (Unix seconds).
     pub expires: Option<f64>,
-    /// (header, value) to forward.
-    pub headers: Vec<(String, String)>,
-    /// Plan from metadata.
-    pub plan: Option<String>,
-    /// The claims a request with this key gets (`sub`, `plan`, the metadata headers), built
-    /// once at load.
-    pub claims: std::rc::Rc<serde_json::Map<String, Value>>,
+    /// The identity a request with this key gets (consumer; claims `sub`, `plan` and the
+    /// metadata headers; the headers to set), built once at load.
+    pub identity: std::rc::Rc<Identity>,
 }
 
 /// Compiled API key settings.
@@ -676,11 +671,24 @@ pub struct Compiled {
     pub realm: String,
     /// Every header the filter may set: removed from every request first.
     pub identity_headers: Vec<String>,
+    /// Some rule matches on the method (else `:method` is not read).
+    pub reads_method: bool,
+    /// Some rule matches on the host (else `:authority` is not read).
+    pub reads_host: bool,
     /// Failed-credential throttling.
     pub failure_limit: Option<FailureLimit>,
 }
 
 impl Compiled {
+    /// The names of the identity headers.
+    pub fn names(&self) -> HeaderNames<'_> {
+        HeaderNames {
+            consumer: &self.consumer_header,
+            plan: &self.plan_header,
+            source: self.source_header.as_deref(),
+        }
+    }
+
     /// True when some provider fetches its keys.
     pub fn has_remote(&self) -> bool {
         self.providers
@@ -790,7 +798,14 @@ impl Config {
         }
         let api_keys = match self.api_keys {
             None => None,
-            Some(a) => Some(compile_api_keys(a, &mut identity).map_err(|e| e.within("api_keys"))?),
+            Some(a) => {
+                let names = HeaderNames {
+                    consumer: &consumer_header,
+                    plan: &plan_header,
+                    source: source_header.as_deref(),
+                };
+                Some(compile_api_keys(a, names, &mut identity).map_err(|e| e.within("api_keys"))?)
+            }
         };
         let introspection = match self.introspection {
             None => None,
@@ -830,6 +845,8 @@ impl Config {
         identity.sort();
         identity.dedup();
         Ok(Compiled {
+            reads_method: rules.iter().any(|r| r.route.uses_method()),
+            reads_host: rules.iter().any(|r| r.route.uses_host()),
             rules: tollgate_common::Rules(rules),
             providers,
             api_keys,
@@ -992,7 +1009,11 @@ fn compile_remote(r: RemoteJwksConfig) -> Result<Remote, ConfigError> {
     })
 }
 
-fn compile_api_keys(a: ApiKeysConfig, identity: &mut Vec<String>) -> Result<ApiKeys, ConfigError> {
+fn compile_api_keys(
+    a: ApiKeysConfig,
+    names: HeaderNames<'_>,
+    identity: &mut Vec<String>,
+) -> Result<ApiKeys, ConfigError> {
     let from = a
         .from
         .iter()
@@ -1078,11 +1099,15 @@ fn compile_api_keys(a: ApiKeysConfig, identity: &mut Vec<String>) -> Result<ApiK
         }
         keys.push(ApiKey {
             digest,
-            consumer: k.consumer,
             expires,
-            headers,
-            plan,
-            claims: std::rc::Rc::new(claims),
+            identity: std::rc::Rc::new(Identity::new(
+                names,
+                SOURCE_API_KEY,
+                Some(k.consumer),
+                plan.as_deref(),
+                std::rc::Rc::new(claims),
+                headers,
+            )),
         });
     }
     Ok(ApiKeys { from, keys })

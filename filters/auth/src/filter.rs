@@ -23,6 +23,7 @@ use crate::claims::{self, AuthzError};
 use crate::config::{
     Allow, Compiled, Config, FailureMode, KeySource, Provider, Requirement, Rule, Source,
 };
+use crate::identity::Identity;
 use crate::jose::{self, JwsError};
 use crate::keyset::{self, CachedToken, Worker, WAKE_TIMEOUT};
 use crate::verdict::{self, Attempt, KeyStep, KeyView, KidStep, Refusal};
@@ -158,28 +159,24 @@ enum Pending {
     },
 }
 
-/// An authenticated caller.
-#[derive(Debug, Clone)]
-struct Identity {
-    /// The outcome counter of a request it makes (`allowed.jwt`, ...).
-    metric: &'static str,
-    /// `jwt:<provider>`, `api_key` or `introspection`.
-    source: String,
-    consumer: Option<String>,
-    plan: Option<String>,
-    claims: Rc<Map<String, Value>>,
-    headers: Vec<(String, String)>,
-}
-
 /// The result of checking a credential.
 #[derive(Debug)]
 enum Outcome {
-    Allowed(Identity),
+    /// An authenticated caller, with the outcome counter of the request (`allowed.jwt`, ...).
+    Allowed(Rc<Identity>, &'static str),
     Refused(Refusal),
     /// The key server or introspection endpoint could not answer.
     Unavailable(String),
     /// Wait (the filter's `pending` says for what).
     Wait,
+}
+
+/// Where the request's credential was found: an index into `api_keys.from` or
+/// `token_sources`.
+#[derive(Debug, Clone, Copy)]
+enum SourceAt {
+    ApiKey(usize),
+    Token(usize),
 }
 
 /// A credential found in the request.
@@ -229,7 +226,7 @@ pub struct AuthFilter {
     outage_log: Rc<LogLimit>,
     rule: Option<usize>,
     pending: Pending,
-    credential: Option<Source>,
+    credential: Option<SourceAt>,
     /// The client's address, read when failed-credential throttling is on.
     client: Option<String>,
     /// The matched rule's template variables.
@@ -330,18 +327,19 @@ impl AuthFilter {
 
     /// Start: strip forged identity headers, choose the rule, find a credential.
     fn start(&mut self, host: &mut dyn Host) -> Decision {
-        self.count(host, "requests");
         self.strip_forged(host);
         self.choose_rule(host);
-        let Some(rule) = self.rule() else {
+        let config = Rc::clone(&self.config);
+        let Some(rule) = self.rule.and_then(|i| config.rules.0.get(i)) else {
+            self.count(host, "skipped");
             return Decision::Continue;
         };
         if rule.disabled {
             self.count(host, "skipped");
             return Decision::Continue;
         }
-        let allow = rule.allow.clone();
-        let Some((src, credential)) = self.find_credential(host, &allow) else {
+        let allow = &rule.allow;
+        let Some((src, credential)) = self.find_credential(host, allow) else {
             return self.missing(host);
         };
         self.credential = Some(src);
@@ -350,7 +348,7 @@ impl AuthFilter {
         }
         let outcome = match credential {
             Credential::ApiKey(key) => self.check_api_key(host, &key),
-            Credential::Token(token) => match token_kind(&token, &allow, &self.config) {
+            Credential::Token(token) => match token_kind(&token, allow, &self.config) {
                 TokenKind::TooLarge => Outcome::Refused(Refusal::token(
                     "token_too_large",
                     format!(
@@ -388,13 +386,12 @@ impl AuthFilter {
         let config = Rc::clone(&self.config);
         // Only what the rules match on is read (`:method` and `:authority` when some rule
         // lists methods or hosts).
-        let rules = &config.rules.0;
-        let method = if rules.iter().any(|r| r.route.uses_method()) {
+        let method = if config.reads_method {
             host.method()
         } else {
             String::new()
         };
-        let authority = if rules.iter().any(|r| r.route.uses_host()) {
+        let authority = if config.reads_host {
             host.authority()
         } else {
             String::new()
@@ -414,21 +411,30 @@ impl AuthFilter {
 
     /// The credential to check: an API key when the route accepts them and one was sent, else
     /// the first bearer token of `token_sources` when the route accepts bearer tokens.
-    fn find_credential(&self, host: &dyn Host, allow: &Allow) -> Option<(Source, Credential)> {
+    fn find_credential(&self, host: &dyn Host, allow: &Allow) -> Option<(SourceAt, Credential)> {
         let first = |sources: &[Source]| {
             sources
                 .iter()
-                .find_map(|s| read_source(host, s).map(|v| (s.clone(), v)))
+                .enumerate()
+                .find_map(|(i, s)| read_source(host, s).map(|v| (i, v)))
         };
         let api_keys = self.config.api_keys.as_ref().filter(|_| allow.api_key);
-        if let Some((src, key)) = api_keys.and_then(|k| first(&k.from)) {
-            return Some((src, Credential::ApiKey(key)));
+        if let Some((i, key)) = api_keys.and_then(|k| first(&k.from)) {
+            return Some((SourceAt::ApiKey(i), Credential::ApiKey(key)));
         }
         if allow.providers.is_empty() && !allow.introspection {
             return None;
         }
-        let (src, token) = first(&self.config.token_sources)?;
-        Some((src, Credential::Token(token)))
+        let (i, token) = first(&self.config.token_sources)?;
+        Some((SourceAt::Token(i), Credential::Token(token)))
+    }
+
+    /// The source a credential was read from.
+    fn source(&self, at: SourceAt) -> Option<&Source> {
+        match at {
+            SourceAt::ApiKey(i) => self.config.api_keys.as_ref()?.from.get(i),
+            SourceAt::Token(i) => self.config.token_sources.get(i),
+        }
     }
 
     /// A client past its failed-credential limit gets 429, before any hash or signature work.
@@ -530,20 +536,14 @@ impl AuthFilter {
         if k.expires.is_some_and(|e| host.now_secs() >= e) {
             return api_refusal("expired_api_key", "the API key has expired");
         }
-        Outcome::Allowed(Identity {
-            metric: "allowed.api_key",
-            source: crate::config::SOURCE_API_KEY.to_string(),
-            consumer: Some(k.consumer.clone()),
-            plan: k.plan.clone(),
-            claims: Rc::clone(&k.claims),
-            headers: k.headers.clone(),
-        })
+        Outcome::Allowed(Rc::clone(&k.identity), "allowed.api_key")
     }
 
+    /// The identity of a verified token (kept in the verified-token cache).
     fn jwt_identity(
         &self,
         p: &Provider,
-        claims: Rc<Map<String, Value>>,
+        claims: Map<String, Value>,
         payload_b64: &str,
     ) -> Identity {
         let mut headers = Vec::new();
@@ -555,17 +555,18 @@ impl AuthFilter {
         if let Some(h) = &p.payload_header {
             headers.push((h.clone(), payload_b64.to_string()));
         }
-        Identity {
-            metric: "allowed.jwt",
-            source: p.source.clone(),
-            consumer: claims::string_claim(&claims, &p.consumer_claim),
-            plan: p
-                .plan_claim
-                .as_ref()
-                .and_then(|c| claims::string_claim(&claims, c)),
-            claims,
+        let plan = p
+            .plan_claim
+            .as_ref()
+            .and_then(|c| claims::string_claim(&claims, c));
+        Identity::new(
+            self.config.names(),
+            &p.source,
+            claims::string_claim(&claims, &p.consumer_claim),
+            plan.as_deref(),
+            Rc::new(claims),
             headers,
-        }
+        )
     }
 
     /// Verify a JWT; `attempt`: which waits are behind (never the same one twice).
@@ -603,18 +604,17 @@ impl AuthFilter {
         if let Err(e) = claims::check_claims(p, read.jws.header.typ.as_deref(), &read.claims, now) {
             return Outcome::Refused(e.into());
         }
-        let claims = Rc::new(read.claims);
+        let identity = Rc::new(self.jwt_identity(p, read.claims, read.jws.payload_b64));
         if let Ok(mut rt) = self.runtime.try_borrow_mut() {
             rt.cache.insert(
                 &token,
                 CachedToken {
                     provider: read.provider,
-                    claims: claims.clone(),
-                    payload_b64: read.jws.payload_b64.to_string(),
+                    identity: Rc::clone(&identity),
                 },
             );
         }
-        Outcome::Allowed(self.jwt_identity(p, claims, read.jws.payload_b64))
+        Outcome::Allowed(identity, "allowed.jwt")
     }
 
     /// A token in the verified-token cache, for a provider the route accepts: allowed (its
@@ -626,11 +626,8 @@ impl AuthFilter {
         if !self.rule()?.allow.providers.contains(&hit.provider) {
             return None;
         }
-        Some(match claims::check_times(p, &hit.claims, now) {
-            Ok(()) => Outcome::Allowed(Identity {
-                metric: "allowed.jwt_cached",
-                ..self.jwt_identity(p, hit.claims, &hit.payload_b64)
-            }),
+        Some(match claims::check_times(p, &hit.identity.claims, now) {
+            Ok(()) => Outcome::Allowed(hit.identity, "allowed.jwt_cached"),
             Err(e) => {
                 if let Ok(mut rt) = self.runtime.try_borrow_mut() {
                     rt.cache.remove(token);
@@ -847,14 +844,15 @@ impl AuthFilter {
             .plan_claim
             .as_ref()
             .and_then(|c| claims::string_claim(&claims, c));
-        Outcome::Allowed(Identity {
-            metric: "allowed.introspection",
-            source: crate::config::SOURCE_INTROSPECTION.to_string(),
+        let identity = Identity::new(
+            self.config.names(),
+            crate::config::SOURCE_INTROSPECTION,
             consumer,
-            plan,
-            claims: Rc::new(claims),
-            headers: Vec::new(),
-        })
+            plan.as_deref(),
+            Rc::new(claims),
+            Vec::new(),
+        );
+        Outcome::Allowed(Rc::new(identity), "allowed.introspection")
     }
 
     fn on_introspection(
@@ -921,14 +919,14 @@ impl AuthFilter {
     fn finish(&mut self, host: &mut dyn Host, outcome: Outcome) -> Decision {
         match outcome {
             Outcome::Wait => Decision::Pause,
-            Outcome::Allowed(id) => self.allow(host, &id),
+            Outcome::Allowed(id, metric) => self.allow(host, &id, metric),
             Outcome::Refused(r) => self.refuse(host, &r),
             Outcome::Unavailable(why) => self.unavailable(host, &why),
         }
     }
 
     /// An authenticated caller: authorize, then forward the identity.
-    fn allow(&mut self, host: &mut dyn Host, id: &Identity) -> Decision {
+    fn allow(&mut self, host: &mut dyn Host, id: &Identity, metric: &str) -> Decision {
         let authz = match self.rule() {
             Some(rule) => claims::authorize(rule, &id.claims, id.consumer.as_deref(), &self.params),
             None => Ok(()),
@@ -940,33 +938,16 @@ impl AuthFilter {
             }
             return self.forbidden(host, &e);
         }
-        self.forward_identity(host, id);
-        if self.config.remove_credential {
-            if let Some(src) = self.credential.clone() {
-                remove_source(host, &src);
-            }
-        }
-        self.count(host, id.metric);
-        Decision::Continue
-    }
-
-    /// Set the identity headers.
-    fn forward_identity(&self, host: &mut dyn Host, id: &Identity) {
         for (h, v) in &id.headers {
             host.set_header(MapKind::RequestHeaders, h, v);
         }
-        let mut set = |name: &str, value: &str| {
-            host.set_header(MapKind::RequestHeaders, name, &claims::header_safe(value));
-        };
-        if let Some(c) = &id.consumer {
-            set(&self.config.consumer_header, c);
+        if self.config.remove_credential {
+            if let Some(src) = self.credential.and_then(|at| self.source(at)) {
+                remove_source(host, src);
+            }
         }
-        if let Some(p) = &id.plan {
-            set(&self.config.plan_header, p);
-        }
-        if let Some(h) = &self.config.source_header {
-            set(h, &id.source);
-        }
+        self.count(host, metric);
+        Decision::Continue
     }
 
     /// A refused credential: 401 (or through without identity on an `optional` route).

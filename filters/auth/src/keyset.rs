@@ -6,12 +6,13 @@ use std::hash::BuildHasher;
 use std::rc::Rc;
 use std::time::Duration;
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 use subtle::ConstantTimeEq;
 use tollgate_common::fast_hash::{FastBuild, FastMap};
 use tollgate_common::{CallResponse, Host, HttpCall};
 
 use crate::config::{Compiled, KeySource, Remote};
+use crate::identity::Identity;
 use crate::jose::{self, Jwk};
 
 /// Wake reason: a fetch a request waited for has finished (successfully or not).
@@ -74,10 +75,9 @@ impl RemoteState {
 pub struct CachedToken {
     /// Provider index.
     pub provider: usize,
-    /// Verified claims.
-    pub claims: Rc<Map<String, Value>>,
-    /// Payload segment (for the payload header).
-    pub payload_b64: String,
+    /// The caller: verified claims (their times are checked again on every hit), consumer and
+    /// identity headers, built once when the token was verified.
+    pub identity: Rc<Identity>,
 }
 
 /// A bounded cache of verified tokens, per worker. Entries leave in insertion order when the
@@ -599,8 +599,7 @@ mod tests {
         let mut c = TokenCache::new(2);
         let t = CachedToken {
             provider: 0,
-            claims: Rc::default(),
-            payload_b64: String::new(),
+            identity: Rc::default(),
         };
         c.insert("a.b.c1", t.clone());
         c.insert("a.b.c2", t.clone());

@@ -11,6 +11,7 @@ pub mod claims;
 pub mod config;
 pub mod crypto;
 pub mod filter;
+pub mod identity;
 pub mod jose;
 pub mod keyset;
 pub mod verdict;

@@ -131,7 +131,9 @@ fn empty_configuration_passes_untouched() {
             .as_deref(),
         Some("forged")
     );
-    assert_eq!(vm.metric("tollgate.auth.requests"), Some(1));
+    // No `requests` counter: a request no rule matches counts in `skipped` (#11).
+    assert_eq!(vm.metric("tollgate.auth.skipped"), Some(1));
+    assert_eq!(vm.metric("tollgate.auth.requests"), None);
 }
 
 #[test]
@@ -1226,14 +1228,13 @@ fn hot_path_calls(headers: &[(&str, &str)]) -> Vec<&'static str> {
 
 #[test]
 fn host_calls_on_the_hot_paths() {
-    // #11.3: `requests` and one metric increment per outcome, headers read once, no metric
+    // #11: one metric increment per request (its outcome), headers read once, no metric
     // defined or name formatted per request. Counted with the test driver (docs/filters/auth.md, "Cost").
     let auth = format!("Bearer {}", good_hs());
     let jwt = hot_path_calls(&[("authorization", &auth)]);
     assert_eq!(
         jwt,
         [
-            "increment_metric",
             "get_header_map_pairs",
             "get_current_time_nanoseconds",
             "replace_header_map_value",
@@ -1247,7 +1248,6 @@ fn host_calls_on_the_hot_paths() {
     assert_eq!(
         key,
         [
-            "increment_metric",
             "get_header_map_pairs",
             "replace_header_map_value",
             "replace_header_map_value",
@@ -1256,5 +1256,49 @@ fn host_calls_on_the_hot_paths() {
             "increment_metric"
         ],
         "API key: metadata, consumer, plan and source headers"
+    );
+}
+
+#[test]
+fn one_counter_per_outcome() {
+    // #11: a request increments its outcome counter and nothing else; `requests` is the sum of
+    // the outcome counters (docs/filters/auth.md, "Metrics").
+    let mut vm = root(&inline_config());
+    let auth = format!("Bearer {}", good_hs());
+    let send = |vm: &mut Driver<AuthRoot>, path: &str, headers: &[(&str, &str)]| {
+        let req = vm.request("GET", path, headers);
+        let d = vm.request_headers(req, true);
+        vm.done(req);
+        status(&d)
+    };
+    let counters = |vm: &Driver<AuthRoot>| {
+        [
+            "requests",
+            "allowed",
+            "token_cache_hits",
+            "allowed.api_key",
+            "allowed.jwt",
+            "allowed.jwt_cached",
+            "denied.missing",
+        ]
+        .map(|n| vm.metric(&format!("tollgate.auth.{n}")))
+    };
+    assert_eq!(send(&mut vm, "/x", &[("x-api-key", "key-pro")]), 0);
+    assert_eq!(
+        counters(&vm),
+        [None, None, None, Some(1), None, None, None],
+        "an API key: allowed.api_key only"
+    );
+    assert_eq!(send(&mut vm, "/x", &[("authorization", &auth)]), 0);
+    assert_eq!(send(&mut vm, "/x", &[("authorization", &auth)]), 0);
+    assert_eq!(
+        counters(&vm),
+        [None, None, None, Some(1), Some(1), Some(1), None],
+        "a verified JWT: allowed.jwt; the same from the cache: allowed.jwt_cached only"
+    );
+    assert_eq!(send(&mut vm, "/x", &[]), 401);
+    assert_eq!(
+        counters(&vm),
+        [None, None, None, Some(1), Some(1), Some(1), Some(1)]
     );
 }
