@@ -39,6 +39,8 @@ SERVICES = ("users", "orders", "products")
 OUTCOMES = {
     "ratelimit": ("skipped", "allowed", "limited"),
     "auth": ("skipped", "anonymous", "failure_mode_allowed", "allowed.", "denied."),
+    "cache": ("hits", "misses", "revalidations", "bypass", "unsafe", "skipped", "uncached", "purges",
+              "purge_throttled", "purge_refused"),
 }
 
 

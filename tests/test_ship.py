@@ -1595,7 +1595,7 @@ def test_compose_prometheus_scrapes_the_bundled_envoy_and_grafana_shows_the_dash
     r = harness.http(env.admin_port, "GET", job["metrics_path"])
     assert r.status == 200 and "text/plain" in (r.header("content-type") or "")
     names = {n for n, _ in parse_exposition(r.text)}
-    assert "tollgate_cache_requests" in names
+    assert "tollgate_cache_misses" in names
     # Grafana: the data source is that Prometheus; the dashboard provider reads the mounted
     # deploy/grafana/, which holds the generated dashboard; the home dashboard is it.
     ds = load_yaml(host_path(grafana, "/etc/grafana/provisioning/datasources/prometheus.yml"))["datasources"][0]

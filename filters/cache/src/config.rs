@@ -13,6 +13,8 @@ use tollgate_common::ConfigError;
 pub const DEFAULT_MAX_TOTAL_BYTES: u64 = 16 << 20;
 /// Default bound of one stored entry.
 pub const DEFAULT_MAX_ENTRY_BYTES: u64 = 256 << 10;
+/// Default bound of each worker's copies of entries (`store::LocalCopies`).
+pub const DEFAULT_WORKER_COPY_BYTES: u64 = 1 << 20;
 /// Entries per set (set-associative layout, see `store.rs`).
 pub const DEFAULT_WAYS: u32 = 4;
 
@@ -32,6 +34,9 @@ pub struct Config {
     /// Entries per set of the set-associative store (1 to 16).
     #[serde(default)]
     pub ways: Option<u32>,
+    /// Bound of the copies of entries each worker keeps (a hit on one reads no slot).
+    #[serde(default)]
+    pub worker_copy_bytes: Option<ByteSize>,
     /// The purge endpoint; absent: no purge endpoint.
     #[serde(default)]
     pub purge: Option<PurgeConfig>,
@@ -233,6 +238,8 @@ pub struct Compiled {
     pub sets: u32,
     /// Entries per set.
     pub ways: u32,
+    /// Bound of each worker's copies of entries.
+    pub worker_copy_bytes: u64,
     /// Purge endpoint.
     pub purge: Option<Purge>,
     /// Targeted cache-control fields, in precedence order (lower case).
@@ -248,6 +255,7 @@ impl Default for Compiled {
             max_entry_bytes: DEFAULT_MAX_ENTRY_BYTES,
             sets: 1,
             ways: 1,
+            worker_copy_bytes: 0,
             purge: None,
             targeted: vec![CDN_CACHE_CONTROL.to_string()],
             strip_targeted: false,
@@ -304,6 +312,15 @@ impl Config {
             ));
         }
         let sets = u32::try_from((max_total / per_set).min(65_536)).unwrap_or(65_536);
+        let worker_copy_bytes = self
+            .worker_copy_bytes
+            .map_or(DEFAULT_WORKER_COPY_BYTES.min(max_total), |b| b.0);
+        if worker_copy_bytes > max_total {
+            return Err(ConfigError::new(
+                "worker_copy_bytes",
+                "must be at most max_total_bytes",
+            ));
+        }
         let purge = match self.purge {
             None => None,
             Some(p) => {
@@ -352,6 +369,7 @@ impl Config {
             max_entry_bytes: max_entry,
             sets,
             ways,
+            worker_copy_bytes,
             purge,
             targeted,
             strip_targeted: self.strip_targeted_fields,
@@ -470,6 +488,11 @@ mod tests {
             .unwrap();
         assert_eq!((c.sets, c.ways), (4, 4));
         assert_eq!(c.bound_bytes(), 1048576);
+        assert_eq!(c.worker_copy_bytes, DEFAULT_WORKER_COPY_BYTES);
+        let small = compile(r#"{"max_total_bytes": 65536, "max_entry_bytes": 16384}"#).unwrap();
+        assert_eq!(small.worker_copy_bytes, 65536);
+        let none = compile(r#"{"worker_copy_bytes": 0}"#).unwrap();
+        assert_eq!(none.worker_copy_bytes, 0);
     }
 
     #[test]
@@ -492,6 +515,7 @@ mod tests {
             (r#"{"ways":0}"#, "ways"),
             (r#"{"ways":17}"#, "ways"),
             (r#"{"max_entry_bytes":10}"#, "max_entry_bytes"),
+            (r#"{"worker_copy_bytes":"32MiB"}"#, "worker_copy_bytes"),
             (
                 r#"{"max_entry_bytes":65536,"max_total_bytes":1000,"ways":4}"#,
                 "max_total_bytes",

@@ -23,7 +23,8 @@ use crate::freshness::{
 use crate::key::{url_key_of, vary_names, UrlKey};
 use crate::parse::{byte_range, http_date, list_members, ByteRange};
 use crate::store::{
-    millis, Entry, Found, Lookup, Meta, PurgeRule, Purges, PutError, Store, UNKNOWN_PSEQ,
+    millis, Entry, Found, LocalCopies, Lookup, Meta, PurgeRule, Purges, PutError, Store,
+    UNKNOWN_PSEQ,
 };
 
 /// Name of this cache in `Cache-Status`.
@@ -95,6 +96,8 @@ pub struct Worker {
     pub store: Store,
     /// The filter's metrics.
     pub metrics: Metrics,
+    /// This worker's copies of entries it read (`worker_copy_bytes`).
+    pub copies: LocalCopies,
     /// Refresh jobs queued by requests, started by the root on its next tick.
     pub jobs: RefCell<Vec<RefreshJob>>,
     /// Misses being fetched on this worker: URL hash -> requests waiting for that fetch.
@@ -114,6 +117,7 @@ impl Worker {
                 ways: config.ways,
                 max_entry_bytes: config.max_entry_bytes,
             },
+            copies: LocalCopies::new(config.worker_copy_bytes),
             config,
             metrics: Metrics::new("cache"),
             jobs: RefCell::new(Vec::new()),
@@ -982,7 +986,8 @@ impl CacheFilter {
             .and_then(|i| shared.config.rules.0.get(i))
             .map_or(&[][..], |r| r.key_headers.as_slice());
         let store = shared.store;
-        let (lookup, pseq) = store.lookup(host, url.hash, &self.request, key_headers);
+        let (lookup, pseq) =
+            store.lookup(host, url.hash, &self.request, key_headers, &shared.copies);
         // The purge sequence number a response fetched now is stored with: the set's (no
         // higher than the purge record's, and at least that of every finished purge), else
         // the purge record's.
@@ -1543,7 +1548,8 @@ impl HttpFilter for CacheFilter {
     }
 
     fn on_request_headers(&mut self, host: &mut dyn Host, _end_of_stream: bool) -> Decision {
-        self.shared.metrics.count(host, "requests", 1);
+        // One counter per request: its outcome's (hits, misses, revalidations, bypass, unsafe,
+        // skipped, uncached, purges, purge_throttled, purge_refused); no `requests` counter.
         // One copy of the request headers (names lower-cased in place): the route match, the
         // URL key, the lookup and the store read this copy, never the proxy again (three
         // owned header reads fewer than `RequestInfo::from_host`).
@@ -1561,7 +1567,11 @@ impl HttpFilter for CacheFilter {
         };
         if let Some(p) = self.shared.config.purge.as_ref() {
             if req.path == p.path {
-                return self.purge(host);
+                let decision = self.purge(host);
+                if matches!(&decision, Decision::Respond(r) if r.status != 200 && r.status != 429) {
+                    self.shared.metrics.count(host, "purge_refused", 1);
+                }
+                return decision;
             }
         }
         let Some(index) = self
@@ -1572,6 +1582,7 @@ impl HttpFilter for CacheFilter {
             .iter()
             .position(|r| r.route.matches(&req).is_some())
         else {
+            self.shared.metrics.count(host, "uncached", 1);
             return Decision::Continue;
         };
         let Some(rule) = self.shared.config.rules.0.get(index) else {
@@ -1597,6 +1608,7 @@ impl HttpFilter for CacheFilter {
                 self.lookup(host)
             }
             "POST" | "PUT" | "DELETE" | "PATCH" => {
+                self.shared.metrics.count(host, "unsafe", 1);
                 self.state = State::Unsafe;
                 Decision::Continue
             }

@@ -18,6 +18,8 @@
 //! URL touches one record. Eviction is FIFO within the set: the oldest way is overwritten.
 //! Memory is bounded by `sets x ways x max_entry_bytes` plus the set records and purge rules.
 
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
@@ -430,6 +432,65 @@ pub struct Found {
     pub set_read: Option<(SetRecord, Option<u32>)>,
 }
 
+/// This worker's copies of entries it read from slots, keyed by slot and checked against the
+/// way record like the slot itself (generation and variant): a hit on an entry this worker
+/// already read reads the set record only, not the slot again. A slot's content for a
+/// generation never changes (a store writes a new generation), and the set record stays the
+/// authority (invalidations, purges, evictions change or empty the way record), so a copy is
+/// served only when the slot would hold the same bytes. Bounded by `budget` bytes (the
+/// entries' encoded sizes); 0 keeps none.
+#[derive(Debug, Default)]
+pub struct LocalCopies {
+    budget: u64,
+    bytes: Cell<u64>,
+    map: RefCell<HashMap<(u32, usize), (u64, Entry)>>,
+}
+
+impl LocalCopies {
+    /// Copies of at most `budget` bytes in all.
+    pub fn new(budget: u64) -> LocalCopies {
+        LocalCopies {
+            budget,
+            ..LocalCopies::default()
+        }
+    }
+
+    /// The copy of slot `s`.`w` if it holds what `way` names.
+    fn get(&self, s: u32, w: usize, way: &Way) -> Option<Entry> {
+        let map = self.map.borrow();
+        let (_, e) = map.get(&(s, w))?;
+        (e.meta.g == way.g && e.meta.v == way.v).then(|| e.clone())
+    }
+
+    /// Keep a copy of slot `s`.`w` (`n`: its encoded size), dropping other copies to stay
+    /// within the budget.
+    fn put(&self, s: u32, w: usize, n: u64, entry: &Entry) {
+        if n > self.budget {
+            return;
+        }
+        let mut map = self.map.borrow_mut();
+        let mut bytes = self.bytes.get();
+        if let Some((old, _)) = map.remove(&(s, w)) {
+            bytes = bytes.saturating_sub(old);
+        }
+        while bytes + n > self.budget {
+            let Some(k) = map.keys().next().copied() else {
+                break;
+            };
+            if let Some((old, _)) = map.remove(&k) {
+                bytes = bytes.saturating_sub(old);
+            }
+        }
+        map.insert((s, w), (n, entry.clone()));
+        self.bytes.set(bytes + n);
+    }
+
+    /// Bytes held (encoded sizes).
+    pub fn bytes(&self) -> u64 {
+        self.bytes.get()
+    }
+}
+
 /// Result of a lookup.
 #[derive(Debug, Clone)]
 pub enum Lookup {
@@ -627,6 +688,7 @@ impl Store {
         url_hash: u64,
         request: &[(String, String)],
         key_headers: &[String],
+        local: &LocalCopies,
     ) -> (Lookup, u64) {
         let s = self.set_of(url_hash);
         let (rec, cas) = self.read_set(host, s);
@@ -642,15 +704,23 @@ impl Store {
             if v != way.v {
                 continue;
             }
-            let Ok(Some((bytes, _))) = host.shared_get(&slot_key(s, w)) else {
-                continue;
+            let entry = match local.get(s, w, way) {
+                Some(entry) => entry,
+                None => {
+                    let Ok(Some((bytes, _))) = host.shared_get(&slot_key(s, w)) else {
+                        continue;
+                    };
+                    let n = bytes.len() as u64;
+                    let Some(entry) = Entry::decode_owned(bytes) else {
+                        continue;
+                    };
+                    if entry.meta.g != way.g || entry.meta.v != way.v {
+                        continue;
+                    }
+                    local.put(s, w, n, &entry);
+                    entry
+                }
             };
-            let Some(entry) = Entry::decode_owned(bytes) else {
-                continue;
-            };
-            if entry.meta.g != way.g || entry.meta.v != way.v {
-                continue;
-            }
             let record = way.clone();
             if pseq != UNKNOWN_PSEQ && way.p >= pseq {
                 // Fetched after every finished purge: none applies.
@@ -791,21 +861,34 @@ impl Store {
         let s = self.set_of(url_hash);
         let now_ms = millis(now);
         let v = entry.meta.v;
-        // A generation unlikely to collide with a racing writer's.
-        let g = crate::key::fnv64(&[
-            &now_ms.to_le_bytes(),
-            &url_hash.to_le_bytes(),
-            &v.to_le_bytes(),
-            &entry.body.len().to_le_bytes(),
-        ]) | 1;
-        entry.meta.g = g;
-        let bytes = entry.encode();
+        entry.meta.g = 0;
+        let mut bytes = entry.encode();
         let n = bytes.len() as u64;
         if n > self.max_entry_bytes {
             return Err(PutError::TooLarge);
         }
         let (rec, cas) = self.read_set(host, s);
         let w = choose_way(&rec, url_hash, v);
+        // A generation unlikely to collide with a racing writer's. The slot's content for a
+        // generation must not change (workers keep copies by generation, [`LocalCopies`]):
+        // besides the time, key and size, the stored headers and facts and the generation
+        // it replaces (with the record's CAS) take part, so that storing the same URL again
+        // in the same millisecond gives a new one. (Two workers storing one URL from the same
+        // record in the same millisecond, with the same headers and size, may agree.)
+        let meta_len = bytes.len().saturating_sub(entry.body.len());
+        let g = crate::key::fnv64(&[
+            &now_ms.to_le_bytes(),
+            &url_hash.to_le_bytes(),
+            &v.to_le_bytes(),
+            &entry.body.len().to_le_bytes(),
+            bytes.get(..meta_len).unwrap_or_default(),
+            &rec.ways.get(w).map_or(0, |old| old.g).to_le_bytes(),
+            &cas.unwrap_or(0).to_le_bytes(),
+        ]) | 1;
+        if let Some(field) = bytes.get_mut(1..9) {
+            // `g` follows the format byte ([`Entry::encode`])
+            field.copy_from_slice(&g.to_le_bytes());
+        }
         host.shared_set(&slot_key(s, w), &bytes, None)
             .map_err(|_| PutError::Lost)?;
         let vary = vary.join(",");
@@ -953,7 +1036,7 @@ mod tests {
             r: &[(String, String)],
             k: &[String],
         ) -> Lookup {
-            self.lookup(h, u, r, k).0
+            self.lookup(h, u, r, k, &LocalCopies::default()).0
         }
     }
 
@@ -1150,6 +1233,94 @@ mod tests {
     }
 
     #[test]
+    fn worker_copies_are_served_only_while_the_way_record_names_them() {
+        let store = store(1, 2);
+        let mut h = MemHost::new();
+        let v0 = crate::key::variant_hash(&[], &[], &[]);
+        let (a, b) = (LocalCopies::new(1 << 20), LocalCopies::new(1 << 20));
+        let body = |l: (Lookup, u64)| match l.0 {
+            Lookup::Hit(f) => Some(f.entry.body),
+            _ => None,
+        };
+        let now = h.now;
+        store
+            .put(&mut h, 7, &[], entry("/u", v0, b"one"), now, 0)
+            .unwrap();
+        assert_eq!(
+            body(store.lookup(&mut h, 7, &[], &[], &a)),
+            Some(b"one".to_vec())
+        );
+        assert!(a.bytes() > 0, "the first hit keeps a copy");
+        // another worker stores a new version in the same millisecond, same size: a new
+        // generation (the headers differ), so the copy is not served
+        let mut e = entry("/u", v0, b"two");
+        e.meta.headers = vec![("etag".into(), "\"2\"".into())];
+        store.put(&mut h, 7, &[], e, now, 0).unwrap();
+        assert_eq!(
+            body(store.lookup(&mut h, 7, &[], &[], &a)),
+            Some(b"two".to_vec())
+        );
+        assert_eq!(
+            body(store.lookup(&mut h, 7, &[], &[], &a)),
+            Some(b"two".to_vec())
+        );
+        // the slot itself is no longer read while the way record names the copy
+        let set = store.set_of(7);
+        let way = store
+            .read_set(&h, set)
+            .0
+            .ways
+            .iter()
+            .position(|w| w.u == 7)
+            .unwrap();
+        h.shared_set(&slot_key(set, way), b"", None).unwrap();
+        assert_eq!(
+            body(store.lookup(&mut h, 7, &[], &[], &a)),
+            Some(b"two".to_vec())
+        );
+        assert_eq!(
+            body(store.lookup(&mut h, 7, &[], &[], &b)),
+            None,
+            "b has no copy"
+        );
+        // invalidated by another worker: a miss, copy or not
+        store
+            .put(&mut h, 7, &[], entry("/u", v0, b"three"), now, 0)
+            .unwrap();
+        assert!(body(store.lookup(&mut h, 7, &[], &[], &a)).is_some());
+        store.invalidate_url(&mut h, 7);
+        assert!(matches!(
+            store.lookup(&mut h, 7, &[], &[], &a).0,
+            Lookup::UriMiss
+        ));
+        // purged by path: a miss, copy or not
+        store
+            .put(&mut h, 7, &[], entry("/u", v0, b"four"), now, 0)
+            .unwrap();
+        assert!(body(store.lookup(&mut h, 7, &[], &[], &a)).is_some());
+        let rule = PurgeRule {
+            host: None,
+            path: "/u".into(),
+            prefix: false,
+            at: 0,
+            seq: 0,
+            tag: None,
+        };
+        assert!(store.add_purge(&mut h, rule));
+        assert!(matches!(
+            store.lookup(&mut h, 7, &[], &[], &a).0,
+            Lookup::UriMiss
+        ));
+        // the budget bounds the copies: an entry larger than it is never kept
+        let small = LocalCopies::new(8);
+        store
+            .put(&mut h, 7, &[], entry("/u", v0, b"five"), now, 1)
+            .unwrap();
+        assert!(body(store.lookup(&mut h, 7, &[], &[], &small)).is_some());
+        assert_eq!(small.bytes(), 0);
+    }
+
+    #[test]
     fn hits_read_the_purge_record_only_after_a_purge_of_their_set() {
         let store = store(2, 2);
         let mut h = MemHost::new();
@@ -1158,7 +1329,7 @@ mod tests {
         store
             .put(&mut h, 2, &[], entry("/api/x", v0, b"x"), now, 0)
             .unwrap();
-        let hit = |h: &mut MemHost| match store.lookup(h, 2, &[], &[]) {
+        let hit = |h: &mut MemHost| match store.lookup(h, 2, &[], &[], &LocalCopies::default()) {
             (Lookup::Hit(f), pseq) => (f, pseq),
             other => panic!("{other:?}"),
         };
@@ -1198,7 +1369,7 @@ mod tests {
         assert!(hit(&mut h).0.purges.is_none());
         assert!(store.add_purge(&mut h, other("/api/x")));
         assert!(matches!(
-            store.lookup(&mut h, 2, &[], &[]).0,
+            store.lookup(&mut h, 2, &[], &[], &LocalCopies::default()).0,
             Lookup::UriMiss
         ));
         // every set was raised, the never-written one included (created unknown)
@@ -1206,7 +1377,7 @@ mod tests {
         assert_eq!(rec.pseq, UNKNOWN_PSEQ);
         assert_eq!(store.read_set(&h, 0).0.pseq, 4);
         // a miss there learns the number from the purge record and writes it
-        let (miss, seq) = store.lookup(&mut h, 3, &[], &[]);
+        let (miss, seq) = store.lookup(&mut h, 3, &[], &[], &LocalCopies::default());
         assert!(matches!(miss, Lookup::UriMiss));
         assert_eq!((seq, store.read_set(&h, 1).0.pseq), (4, 4));
     }

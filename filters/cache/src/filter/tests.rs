@@ -497,7 +497,9 @@ fn empty_configuration_passes_untouched() {
     let h = d.request("GET", "/api/p/1", &[]);
     let o = run(&mut d, h, FRESH, b"{}");
     assert!(o.forwarded && cs(&o).is_empty());
-    assert_eq!(d.metric("tollgate.cache.requests"), Some(1));
+    // one counter per request: its outcome's
+    assert_eq!(d.metric("tollgate.cache.uncached"), Some(1));
+    assert_eq!(d.metric("tollgate.cache.requests"), None);
 }
 
 #[test]
@@ -585,13 +587,19 @@ fn hit_path_timing_probe() {
     let t = std::time::Instant::now();
     for _ in 0..n {
         let r: Vec<(String, String)> = vec![];
-        let _ = store.lookup(&mut h0, crate::key::fnv64(&[b"x"]), &r, &[]);
+        let _ = store.lookup(
+            &mut h0,
+            crate::key::fnv64(&[b"x"]),
+            &r,
+            &[],
+            &Default::default(),
+        );
     }
     eprintln!("lookup miss: {:?}/op", t.elapsed() / n);
     let mut h = h0.next_request("GET", "/api/p/1", &[]);
     let req = h.headers(MapKind::RequestHeaders);
     let uh = crate::key::request_url_key(&h, &shared.config.rules.0[0]).hash;
-    let (Lookup::Hit(found), _) = store.lookup(&mut h, uh, &req, &[]) else {
+    let (Lookup::Hit(found), _) = store.lookup(&mut h, uh, &req, &[], &Default::default()) else {
         panic!()
     };
     let e = &found.entry;
@@ -1032,4 +1040,38 @@ fn misses_of_a_url_whose_answer_could_not_be_stored_do_not_wait_for_one_another(
     );
     assert_eq!(a.request_headers(l2, true), Decision::Continue);
     assert_eq!(a.request_headers(w2, true), Decision::Pause);
+}
+
+#[test]
+fn a_hit_reads_one_shared_data_key_and_counts_one_metric() {
+    let mut d = driver();
+    let h = d.request("GET", "/api/one", &[]);
+    assert!(run(&mut d, h, FRESH, b"{\"a\":1}").forwarded);
+    // the first hit on this worker reads the slot and keeps a copy
+    let h = d.request("GET", "/api/one", &[]);
+    assert!(run(&mut d, h, &[], b"").reply.is_some());
+    let (hits, misses) = (
+        d.metric("tollgate.cache.hits"),
+        d.metric("tollgate.cache.misses"),
+    );
+    d.count_host_calls(true);
+    let id = d.request("GET", "/api/one", &[]);
+    let Decision::Respond(r) = d.request_headers(id, true) else {
+        panic!("a hit");
+    };
+    assert_eq!(r.body, b"{\"a\":1}");
+    let calls = d.take_host_calls();
+    let n = |c: &str| calls.iter().filter(|x| **x == c).count();
+    // the set record only: the entry is this worker's copy
+    assert_eq!(n("get_shared_data"), 1, "{calls:?}");
+    assert_eq!(n("increment_metric"), 1, "{calls:?}");
+    assert_eq!(d.metric("tollgate.cache.hits"), hits.map(|n| n + 1));
+    assert_eq!(d.metric("tollgate.cache.misses"), misses);
+    assert_eq!(d.metric("tollgate.cache.requests"), None);
+    // Envoy passes the local reply through this filter's response hooks: nothing is read
+    let status = r.status.to_string();
+    d.response_headers(id, &[(":status", &status)], false);
+    d.response_body(id, &r.body, true);
+    d.done(id);
+    assert_eq!(d.take_host_calls(), Vec::<&str>::new());
 }
