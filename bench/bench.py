@@ -1068,6 +1068,16 @@ def ensure_loadgen():
                    check=True)
 
 
+
+def print_list(scenarios, problems, width: int = 32):
+    """`--list`: the scenarios, their variants, and the problems found reading them."""
+    for sc in scenarios:
+        print(f"{sc.id}: {sc.title}  [{sc.source}]")
+        for v in sc.variants:
+            print(f"    {v.name:<{width}} {v.kind:<9} {v.skip or ''}")
+    for p in problems:
+        print("problem:", p)
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="every scenario briefly (no timing claims)")
@@ -1091,12 +1101,7 @@ def main(argv=None) -> int:
         prof.cpu_ops = args.cpu_ops
     scenarios, problems = discover(args.only, args.scenarios)
     if args.list:
-        for sc in scenarios:
-            print(f"{sc.id}: {sc.title}  [{sc.source}]")
-            for v in sc.variants:
-                print(f"    {v.name:<32} {v.kind:<9} {v.skip or ''}")
-        for p in problems:
-            print("problem:", p)
+        print_list(scenarios, problems)
         return 0
     ensure_loadgen()
     bench = Bench(prof, scenarios, problems, args)

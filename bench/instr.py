@@ -417,12 +417,7 @@ def main(argv=None) -> int:
     everything, _ = bench.discover(None, args.scenarios)
     all_variants = {sc.id: [v.name for v in sc.variants] for sc in everything}
     if args.list:
-        for sc in scenarios:
-            print(f"{sc.id}: {sc.title}  [{sc.source}]")
-            for v in sc.variants:
-                print(f"    {v.name:<48} {v.kind:<9} {v.skip or ''}")
-        for p in problems:
-            print("problem:", p)
+        bench.print_list(scenarios, problems, width=48)
         return 0
 
     started = dt.datetime.now(dt.timezone.utc)
