@@ -869,22 +869,16 @@ impl Store {
         }
         let (rec, cas) = self.read_set(host, s);
         let w = choose_way(&rec, url_hash, v);
-        // A generation unlikely to collide with a racing writer's. The slot's content for a
-        // generation must not change (workers keep copies by generation, [`LocalCopies`]):
-        // besides the time, key and size, the stored headers and facts and the generation
-        // it replaces (with the record's CAS) take part, so that storing the same URL again
-        // in the same millisecond gives a new one. (Two workers storing one URL from the same
-        // record in the same millisecond, with the same headers and size, may agree.)
-        let meta_len = bytes.len().saturating_sub(entry.body.len());
-        let g = crate::key::fnv64(&[
-            &now_ms.to_le_bytes(),
-            &url_hash.to_le_bytes(),
-            &v.to_le_bytes(),
-            &entry.body.len().to_le_bytes(),
-            bytes.get(..meta_len).unwrap_or_default(),
-            &rec.ways.get(w).map_or(0, |old| old.g).to_le_bytes(),
-            &cas.unwrap_or(0).to_le_bytes(),
-        ]) | 1;
+        let old_g = rec.ways.get(w).map_or(0, |old| old.g);
+        let g = generation(
+            now_ms,
+            url_hash,
+            v,
+            &bytes,
+            &entry.body,
+            old_g,
+            cas.unwrap_or(0),
+        );
         if let Some(field) = bytes.get_mut(1..9) {
             // `g` follows the format byte ([`Entry::encode`])
             field.copy_from_slice(&g.to_le_bytes());
@@ -970,6 +964,38 @@ fn choose_way(rec: &SetRecord, url_hash: u64, v: u64) -> usize {
         .min_by_key(|(_, w)| w.t)
         .map(|(i, _)| i)
         .unwrap_or(0)
+}
+
+/// The generation of an entry being stored: unlikely to collide with a racing writer's. The
+/// slot's content for a generation must not change (workers keep copies by generation,
+/// [`LocalCopies`]), so besides the time, key and size, the stored headers and facts, a hash of
+/// the body and the generation it replaces (with the record's CAS) take part: storing the same
+/// URL again in the same millisecond, or two workers storing different bodies of one URL from
+/// the same record in the same millisecond, gives different generations. Computed when storing
+/// only (a miss), never on a hit.
+fn generation(
+    now_ms: u64,
+    url_hash: u64,
+    v: u64,
+    encoded: &[u8],
+    body: &[u8],
+    old_g: u64,
+    cas: u32,
+) -> u64 {
+    use std::hash::Hasher;
+    let mut body_hash = tollgate_common::fast_hash::FastHasher::default();
+    body_hash.write(body);
+    let meta_len = encoded.len().saturating_sub(body.len());
+    crate::key::fnv64(&[
+        &now_ms.to_le_bytes(),
+        &url_hash.to_le_bytes(),
+        &v.to_le_bytes(),
+        &body.len().to_le_bytes(),
+        &body_hash.finish().to_le_bytes(),
+        encoded.get(..meta_len).unwrap_or_default(),
+        &old_g.to_le_bytes(),
+        &cas.to_le_bytes(),
+    ]) | 1
 }
 
 #[cfg(test)]
@@ -1230,6 +1256,17 @@ mod tests {
         let p = store.purges(&h);
         assert_eq!(p.rules.len(), MAX_PURGE_RULES);
         assert!(p.flush_before > 0);
+    }
+
+    #[test]
+    fn racing_writers_of_different_bodies_get_different_generations() {
+        // two workers storing one URL from the same record in the same millisecond, same
+        // headers and size, different bodies
+        let a = generation(1, 7, 9, b"hdrone", b"one", 3, 4);
+        let b = generation(1, 7, 9, b"hdrtwo", b"two", 3, 4);
+        assert_ne!(a, b);
+        assert_eq!(a, generation(1, 7, 9, b"hdrone", b"one", 3, 4));
+        assert_eq!(a & 1, 1, "never 0");
     }
 
     #[test]
