@@ -19,8 +19,8 @@
 //! Memory is bounded by `sets x ways x max_entry_bytes` plus the set records and purge rules.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
+use tollgate_common::fast_hash::FastMap;
 
 use serde::{Deserialize, Serialize};
 use tollgate_common::decimal::push_u64;
@@ -443,7 +443,7 @@ pub struct Found {
 pub struct LocalCopies {
     budget: u64,
     bytes: Cell<u64>,
-    map: RefCell<HashMap<(u32, usize), (u64, Entry)>>,
+    map: RefCell<FastMap<(u32, usize), (u64, Entry)>>,
 }
 
 impl LocalCopies {
