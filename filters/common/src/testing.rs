@@ -16,10 +16,13 @@
 //! #     fn configure(&mut self, _: &mut dyn Host, _: &[u8]) -> Result<(), ConfigError> { Ok(()) }
 //! #     fn create_filter(&self, _: u32) -> Pass { Pass }
 //! # }
-//! let mut d = Driver::<PassRoot>::new("{}").unwrap();
+//! # fn main() -> Result<(), String> {
+//! let mut d = Driver::<PassRoot>::new("{}")?;
 //! let id = d.request("GET", "/x", &[("x-one", "1")]);
 //! assert_eq!(d.request_headers(id, true), Decision::Continue);
 //! d.done(id);
+//! # Ok(())
+//! # }
 //! ```
 
 use std::cell::RefCell;
