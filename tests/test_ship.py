@@ -801,18 +801,21 @@ COMMON_EXPORTS = {
     "memory", "_initialize", "proxy_abi_version_0_2_1", "proxy_on_memory_allocate",
     "proxy_on_context_create", "proxy_on_vm_start", "proxy_on_configure", "proxy_on_tick",
     "proxy_on_request_headers", "proxy_on_http_call_response", "proxy_on_grpc_receive",
-    "proxy_on_grpc_close", "proxy_on_done",
+    "proxy_on_grpc_close",
 }
-# The optional stream hooks (RootFilter::HOOKS): Envoy enters a module only for those it exports.
+# The optional hooks (RootFilter::HOOKS): Envoy enters a module only for those it exports;
+# `proxy_on_done` only where the filter has work when a request ends.
 HOOK_EXPORTS = {
     "auth": set(),
     "ratelimit": {"proxy_on_response_headers"},
-    "cache": {"proxy_on_response_headers", "proxy_on_response_body"},
-    "aggregate": {"proxy_on_request_body", "proxy_on_response_headers"},
+    "cache": {"proxy_on_response_headers", "proxy_on_response_body", "proxy_on_done"},
+    "aggregate": {"proxy_on_request_body", "proxy_on_response_headers", "proxy_on_done"},
     # The union of its children's.
-    "tollgate": {"proxy_on_request_body", "proxy_on_response_headers", "proxy_on_response_body"},
+    "tollgate": {"proxy_on_request_body", "proxy_on_response_headers", "proxy_on_response_body",
+                 "proxy_on_done"},
     # The benchmarks' floor: every hook, as before.
-    "probe": {"proxy_on_request_body", "proxy_on_response_headers", "proxy_on_response_body"},
+    "probe": {"proxy_on_request_body", "proxy_on_response_headers", "proxy_on_response_body",
+              "proxy_on_done"},
 }
 
 

@@ -56,10 +56,12 @@ impl RootFilter for AggregateRoot {
     type Filter = AggregateFilter;
     const NAME: &'static str = "aggregate";
     // A composite request's body is read; the route's answer is held back while its calls are
-    // out (a paused response gets no body chunk, so no response body hook).
+    // out (a paused response gets no body chunk, so no response body hook). `on_done` cancels
+    // the calls of a request that ended.
     const HOOKS: tollgate_common::filter::Hooks = tollgate_common::filter::Hooks {
         request_body: true,
         response_headers: true,
+        done: true,
         ..tollgate_common::filter::Hooks::NONE
     };
 

@@ -13,4 +13,4 @@ pub mod template;
 
 pub use filter::{AggregateFilter, AggregateRoot};
 
-tollgate_common::export_filter!(AggregateRoot, hooks(request_body, response_headers));
+tollgate_common::export_filter!(AggregateRoot, hooks(request_body, response_headers, done));

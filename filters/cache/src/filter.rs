@@ -140,9 +140,11 @@ impl RootFilter for CacheRoot {
     type Filter = CacheFilter;
     const NAME: &'static str = "cache";
     // A miss stores the response (headers and body); the request body is never read.
+    // `on_done` releases what a request that ended held.
     const HOOKS: tollgate_common::filter::Hooks = tollgate_common::filter::Hooks {
         response_headers: true,
         response_body: true,
+        done: true,
         ..tollgate_common::filter::Hooks::NONE
     };
 

@@ -14,4 +14,4 @@ pub mod store;
 
 pub use filter::{CacheFilter, CacheRoot};
 
-tollgate_common::export_filter!(CacheRoot, hooks(response_headers, response_body));
+tollgate_common::export_filter!(CacheRoot, hooks(response_headers, response_body, done));

@@ -608,13 +608,14 @@ pub mod exports {
         with_vm((), |vm| vm.on_grpc_response(root_id, token, status, 0))
     }
 
-    /// A context is complete.
-    #[cfg_attr(target_arch = "wasm32", no_mangle)]
+    /// A context is complete. Exported by `export_filter!` only for a filter whose `HOOKS`
+    /// has `done` (each export Envoy calls is an entry into the VM per request).
     pub extern "C" fn proxy_on_done(context_id: u32) -> u32 {
         u32::from(with_vm(true, |vm| vm.on_done(context_id)))
     }
 
-    /// A context is deleted. Not exported: `proxy_on_done` already forgets a request or a root,
+    /// A context is deleted. Not exported: `proxy_on_done` (or, in a module without it, the
+    /// dispatcher's own bookkeeping: `dispatch`, rule 4) already forgets a request or a root,
     /// and Envoy makes no entry into the VM for a hook the module does not export (one entry
     /// fewer per request).
     pub extern "C" fn proxy_on_delete(context_id: u32) {
@@ -625,21 +626,23 @@ pub mod exports {
 /// Export a [`RootFilter`] as a proxy-wasm module, in the filter crate's `lib.rs`:
 ///
 /// ```ignore
-/// tollgate_common::export_filter!(CacheRoot, hooks(response_headers, response_body));
+/// tollgate_common::export_filter!(CacheRoot, hooks(response_headers, response_body, done));
 /// ```
 ///
-/// It defines the module's `_initialize` and the optional stream hooks listed in `hooks(...)`
-/// (`request_body`, `response_headers`, `response_body`: `proxy_on_request_body`, ...), only when
+/// It defines the module's `_initialize` and the optional hooks listed in `hooks(...)`
+/// (`request_body`, `response_headers`, `response_body`, `done`: `proxy_on_request_body`, ...,
+/// `proxy_on_done`), only when
 /// building the wasm module with the crate's `export` feature (on by default: a crate that links
 /// several filters into one module turns it off for them). The list must be the filter's
 /// [`RootFilter::HOOKS`](crate::RootFilter::HOOKS) (checked when compiling); `hooks()` exports
-/// none. `export_filter!(Root)` exports all three, for a filter whose `HOOKS` is
+/// none. `export_filter!(Root)` exports all four, for a filter whose `HOOKS` is
 /// [`Hooks::ALL`](crate::filter::Hooks::ALL). The other entry points (context creation, request
-/// headers, `proxy_on_done`, callouts, ticks, ...) are exported by
+/// headers, callouts, ticks, ...) are exported by
 /// [`adapter::exports`](crate::adapter::exports) for every module.
 ///
 /// Envoy never enters the module for a hook it does not export: each one left out is one V8
-/// entry fewer per request (per body chunk for the body hooks).
+/// entry fewer per request (per body chunk for the body hooks). Without `done`, the dispatcher
+/// forgets a request after its last exported hook (`dispatch`, rule 4).
 #[macro_export]
 macro_rules! export_filter {
     (@initialize $root:ty) => {
@@ -666,6 +669,14 @@ macro_rules! export_filter {
             $crate::adapter::exports::proxy_on_response_headers(id, headers, eos)
         }
     };
+    (@hook done) => {
+        /// The request (or a root) is complete (proxy-wasm ABI 0.2.1).
+        #[cfg(all(target_arch = "wasm32", feature = "export"))]
+        #[no_mangle]
+        pub extern "C" fn proxy_on_done(id: u32) -> u32 {
+            $crate::adapter::exports::proxy_on_done(id)
+        }
+    };
     (@hook response_body) => {
         /// A response body chunk (proxy-wasm ABI 0.2.1).
         #[cfg(all(target_arch = "wasm32", feature = "export"))]
@@ -675,7 +686,7 @@ macro_rules! export_filter {
         }
     };
     ($root:ty) => {
-        $crate::export_filter!($root, hooks(request_body, response_headers, response_body));
+        $crate::export_filter!($root, hooks(request_body, response_headers, response_body, done));
     };
     ($root:ty, hooks($($hook:ident),* $(,)?)) => {
         // An unknown hook name does not compile (each is a field of `Hooks`).

@@ -39,7 +39,16 @@
 //!    period, never later.)
 //! 4. **Gone contexts.** A wake, callout answer or gRPC answer for a request that has ended
 //!    (`on_done`) is dropped (a callout answer without copying its body into the VM); a wake of
-//!    a request id that is not live returns false at once.
+//!    a request id that is not live returns false at once. A module whose filter has no
+//!    `on_done` does not export `proxy_on_done` (`Hooks::done`: one entry into the VM fewer per
+//!    request); its dispatcher forgets a request once the last hook the module exports has run
+//!    (a body hook: with the end of the stream) and the request waits for nothing (no paused
+//!    stream, no callout of its own), or once a callout answer or wake finds that Envoy no
+//!    longer knows it. Requests Envoy ended before their last hook (a client that went away) and
+//!    roots Envoy removed (after a configuration change) are found by a sweep: when the live
+//!    requests reach twice their number at the last sweep (at least [`SWEEP_MIN`]), and every
+//!    [`ROOT_CHECK_EVERY`] requests while the VM has several roots, the dispatcher asks the proxy
+//!    to switch to each known context and forgets those it refuses.
 //! 5. **Decisions.** From a stream hook: `Continue` goes on (and clears a pause of that
 //!    stream), `Pause` holds the stream, `Respond` sends the local reply and stops. From a
 //!    callout answer or a wake: `Continue` resumes the stream this request paused (nothing if
@@ -67,6 +76,14 @@ pub const MAX_WAKES_PER_ENTRY: usize = 1024;
 
 /// The tick period the dispatcher borrows while wakes wait for delivery.
 pub const FAST_TICK: Duration = Duration::from_millis(1);
+
+/// Without `proxy_on_done`: the fewest live requests at which the dispatcher sweeps the
+/// requests Envoy has ended (rule 4).
+pub const SWEEP_MIN: usize = 256;
+
+/// Without `proxy_on_done`: while the VM has several roots, every this many requests the
+/// dispatcher checks which roots Envoy still has (rule 4).
+pub const ROOT_CHECK_EVERY: u32 = 4096;
 
 /// One direction of an HTTP stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -175,6 +192,8 @@ struct StreamSlot<F> {
     filter: Option<F>,
     paused: Option<Stream>,
     replied: bool,
+    /// The last hook the module exports has run (used without `proxy_on_done`, rule 4).
+    last_ran: bool,
     /// The request's headers, once read (taken out while its code runs).
     cache: HeaderCache,
 }
@@ -279,6 +298,10 @@ pub struct Dispatcher<R: RootFilter, P: Proxy> {
     streams: FastMap<u32, StreamSlot<R::Filter>>,
     book: Book,
     cache_headers: bool,
+    /// Without `proxy_on_done`: live requests at which the next sweep runs (rule 4).
+    sweep_at: usize,
+    /// Without `proxy_on_done`: requests created so far (for the root check, rule 4).
+    created: u32,
 }
 
 /// How a request's hook is run.
@@ -294,6 +317,8 @@ impl<R: RootFilter, P: Proxy> Dispatcher<R, P> {
             streams: FastMap::default(),
             book: Book::default(),
             cache_headers: true,
+            sweep_at: SWEEP_MIN,
+            created: 0,
         }
     }
 
@@ -330,7 +355,8 @@ impl<R: RootFilter, P: Proxy> Dispatcher<R, P> {
         self.streams.get(&context_id).and_then(|s| s.paused)
     }
 
-    /// True while request `context_id` is live (created, not yet done).
+    /// True while request `context_id` is live (created, not yet done; without
+    /// `proxy_on_done`: not yet forgotten, rule 4).
     pub fn is_live(&self, context_id: u32) -> bool {
         self.streams.contains_key(&context_id)
     }
@@ -387,6 +413,14 @@ impl<R: RootFilter, P: Proxy> Dispatcher<R, P> {
             return;
         };
         let filter = root.create_filter(context_id);
+        if !R::HOOKS.done {
+            self.created = self.created.wrapping_add(1);
+            if self.streams.len() >= self.sweep_at
+                || (self.roots.len() > 1 && self.created % ROOT_CHECK_EVERY == 0)
+            {
+                self.sweep(context_id);
+            }
+        }
         self.streams.insert(
             context_id,
             StreamSlot {
@@ -394,9 +428,55 @@ impl<R: RootFilter, P: Proxy> Dispatcher<R, P> {
                 filter: Some(filter),
                 paused: None,
                 replied: false,
+                last_ran: false,
                 cache: HeaderCache::with_singles(singles),
             },
         );
+    }
+
+    /// Without `proxy_on_done` (rule 4): forget the requests and roots the proxy no longer
+    /// knows (it refuses to switch to them), then make `context_id` (the entry's own context)
+    /// effective again.
+    fn sweep(&mut self, context_id: u32) {
+        let ids: Vec<u32> = self
+            .streams
+            .keys()
+            .chain(self.roots.keys())
+            .copied()
+            .collect();
+        let mut gone = 0usize;
+        for id in ids {
+            if self.proxy.set_effective_context(id).is_err() {
+                self.streams.remove(&id);
+                self.roots.remove(&id);
+                gone += 1;
+            }
+        }
+        if let Err(e) = self.proxy.set_effective_context(context_id) {
+            log::debug!("[{context_id}] restoring the effective context after a sweep: {e}");
+        }
+        self.book.effective = 0;
+        self.sweep_at = SWEEP_MIN.max(2 * self.streams.len());
+        log::debug!("sweep: {gone} ended contexts forgotten");
+    }
+
+    /// Without `proxy_on_done` (rule 4): forget request `context_id` if its last exported hook
+    /// has run and it waits for nothing (a paused stream, a callout of its own).
+    fn forget_if_idle(&mut self, context_id: u32) {
+        if R::HOOKS.done {
+            return;
+        }
+        let Some(slot) = self.streams.get(&context_id) else {
+            return;
+        };
+        if !slot.last_ran || slot.paused.is_some() {
+            return;
+        }
+        let owns = |owners: &FastMap<u32, u32>| owners.values().any(|&o| o == context_id);
+        if owns(&self.book.http_owners) || owns(&self.book.grpc_owners) {
+            return;
+        }
+        self.streams.remove(&context_id);
     }
 
     /// `proxy_on_vm_start`: logs that the VM started.
@@ -462,10 +542,13 @@ impl<R: RootFilter, P: Proxy> Dispatcher<R, P> {
 
     /// `proxy_on_request_headers`.
     pub fn on_request_headers(&mut self, context_id: u32, end_of_stream: bool) -> Action {
+        let h = R::HOOKS;
+        let last = !(h.request_body || h.response_headers || h.response_body);
         self.stream_hook(
             context_id,
             Stream::Request,
             Event::RequestHeaders,
+            last,
             &mut |f, h| f.on_request_headers(h, end_of_stream),
         )
     }
@@ -477,20 +560,25 @@ impl<R: RootFilter, P: Proxy> Dispatcher<R, P> {
         body_size: usize,
         end_of_stream: bool,
     ) -> Action {
+        let h = R::HOOKS;
+        let last = end_of_stream && !(h.response_headers || h.response_body);
         self.stream_hook(
             context_id,
             Stream::Request,
             Event::RequestBody,
+            last,
             &mut |f, h| f.on_request_body(h, body_size, end_of_stream),
         )
     }
 
     /// `proxy_on_response_headers`.
     pub fn on_response_headers(&mut self, context_id: u32, end_of_stream: bool) -> Action {
+        let last = !R::HOOKS.response_body || end_of_stream;
         self.stream_hook(
             context_id,
             Stream::Response,
             Event::ResponseHeaders,
+            last,
             &mut |f, h| f.on_response_headers(h, end_of_stream),
         )
     }
@@ -506,6 +594,7 @@ impl<R: RootFilter, P: Proxy> Dispatcher<R, P> {
             context_id,
             Stream::Response,
             Event::ResponseBody,
+            end_of_stream,
             &mut |f, h| f.on_response_body(h, body_size, end_of_stream),
         )
     }
@@ -671,11 +760,14 @@ impl<R: RootFilter, P: Proxy> Dispatcher<R, P> {
         Some(decision)
     }
 
+    /// Run a stream hook; `last`: no exported hook of the request comes after this one (a body
+    /// hook: with the end of the stream).
     fn stream_hook(
         &mut self,
         context_id: u32,
         stream: Stream,
         event: Event,
+        last: bool,
         f: Run<'_, R::Filter>,
     ) -> Action {
         let root = self.streams.get(&context_id).map(|s| s.root);
@@ -683,7 +775,14 @@ impl<R: RootFilter, P: Proxy> Dispatcher<R, P> {
         let action = match self.run_stream(context_id, f) {
             Some(decision) => {
                 self.proxy.observe(context_id, event, &decision);
-                self.apply_in_hook(context_id, stream, decision)
+                let action = self.apply_in_hook(context_id, stream, decision);
+                if last {
+                    if let Some(slot) = self.streams.get_mut(&context_id) {
+                        slot.last_ran = true;
+                    }
+                    self.forget_if_idle(context_id);
+                }
+                action
             }
             None => self.unknown_context(context_id, stream),
         };
@@ -750,6 +849,10 @@ impl<R: RootFilter, P: Proxy> Dispatcher<R, P> {
         if self.book.effective != context_id {
             if let Err(e) = self.proxy.set_effective_context(context_id) {
                 log::debug!("[{context_id}] cannot switch to the request ({e}): event dropped");
+                if !R::HOOKS.done {
+                    // The proxy ended it (rule 4).
+                    self.streams.remove(&context_id);
+                }
                 return;
             }
             self.book.effective = context_id;
@@ -758,6 +861,12 @@ impl<R: RootFilter, P: Proxy> Dispatcher<R, P> {
             return;
         };
         self.proxy.observe(context_id, event, &decision);
+        self.apply_delivered(context_id, decision);
+        self.forget_if_idle(context_id);
+    }
+
+    /// Apply the decision of an asynchronous event (rule 5).
+    fn apply_delivered(&mut self, context_id: u32, decision: Decision) {
         let Some(slot) = self.streams.get_mut(&context_id) else {
             return;
         };

@@ -54,9 +54,10 @@ pub struct GrpcResponse {
 
 /// The optional per-request stream hooks a filter uses: each is a `proxy_on_*` export of its
 /// module, and each export Envoy calls is one entry into the VM (about 4 µs; see
-/// docs/benchmarks.md). Request headers, context creation and `proxy_on_done` are always
-/// exported (every request needs them). Request and response trailers, metadata and
-/// `proxy_on_log` are never exported: no filter uses them.
+/// docs/benchmarks.md). Request headers and context creation are always exported (every
+/// request needs them); `proxy_on_done` only for a filter with an `on_done` (`done`). Request
+/// and response trailers, metadata, `proxy_on_log` and `proxy_on_delete` are never exported: no
+/// filter uses them.
 ///
 /// A filter that pauses its request headers does not need the request body hook to hold the
 /// body: proxy-wasm-cpp-host turns a `Pause` from a headers hook into Envoy's
@@ -70,6 +71,11 @@ pub struct Hooks {
     pub response_headers: bool,
     /// `proxy_on_response_body` (each response body chunk).
     pub response_body: bool,
+    /// `proxy_on_done` (the request is complete): needed by a filter with an
+    /// [`HttpFilter::on_done`]. Without it Envoy makes one entry fewer per request, and the
+    /// dispatcher forgets a request once its last exported hook has run and it waits for
+    /// nothing (`dispatch`, rule 4).
+    pub done: bool,
 }
 
 impl Hooks {
@@ -78,12 +84,14 @@ impl Hooks {
         request_body: true,
         response_headers: true,
         response_body: true,
+        done: true,
     };
-    /// No optional hook: request headers only.
+    /// No optional hook: request headers only (and no `proxy_on_done`).
     pub const NONE: Hooks = Hooks {
         request_body: false,
         response_headers: false,
         response_body: false,
+        done: false,
     };
 
     /// The same hooks as `other` (usable in constants, where `==` is not).
@@ -91,6 +99,7 @@ impl Hooks {
         self.request_body == other.request_body
             && self.response_headers == other.response_headers
             && self.response_body == other.response_body
+            && self.done == other.done
     }
 
     /// The hooks of either (a module that runs several filters exports the union).
@@ -99,6 +108,7 @@ impl Hooks {
             request_body: self.request_body || other.request_body,
             response_headers: self.response_headers || other.response_headers,
             response_body: self.response_body || other.response_body,
+            done: self.done || other.done,
         }
     }
 
@@ -108,6 +118,7 @@ impl Hooks {
             (self.request_body, "proxy_on_request_body"),
             (self.response_headers, "proxy_on_response_headers"),
             (self.response_body, "proxy_on_response_body"),
+            (self.done, "proxy_on_done"),
         ]
         .into_iter()
         .filter_map(|(on, name)| on.then_some(name))
@@ -224,7 +235,8 @@ pub trait HttpFilter {
     fn on_wake(&mut self, _host: &mut dyn Host, _reason: u32) -> Decision {
         Decision::Continue
     }
-    /// The stream is complete (access-log time).
+    /// The stream is complete (access-log time). Runs only for a root whose
+    /// [`RootFilter::HOOKS`] has `done` (its module exports `proxy_on_done`).
     fn on_done(&mut self, _host: &mut dyn Host) {}
 }
 

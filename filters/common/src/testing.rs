@@ -527,11 +527,16 @@ impl<R: RootFilter> Driver<R> {
     }
 
     /// The request is complete: `on_done` (which forgets it: no module exports
-    /// `proxy_on_delete`). Returns its host (its headers, bodies and callouts as they ended).
+    /// `proxy_on_delete`), when the filter's module exports it ([`RootFilter::HOOKS`]`.done`;
+    /// without it the dispatcher has forgotten the request after its last hook, or forgets it
+    /// when it finds the proxy no longer knows it, as in Envoy). Returns its host (its headers,
+    /// bodies and callouts as they ended).
     pub fn done(&mut self, id: u32) -> Option<MemHost> {
-        self.proxy_mut().enter(id);
-        self.entries += 1;
-        self.dispatcher.on_done(id);
+        if R::HOOKS.done {
+            self.proxy_mut().enter(id);
+            self.entries += 1;
+            self.dispatcher.on_done(id);
+        }
         let proxy = self.proxy_mut();
         proxy.deleted.insert(id);
         let host = proxy.streams.remove(&id)?;
@@ -798,8 +803,8 @@ mod tests {
         // The body went by all the same.
         assert_eq!(d.host(id).unwrap().body_bytes(crate::Body::Request), b"abc");
         d.done(id);
-        // context create, request headers, response headers, done
-        assert_eq!(d.take_entries(), 4);
+        // context create, request headers, response headers (no `proxy_on_done`: not `done`)
+        assert_eq!(d.take_entries(), 3);
 
         let mut d = Driver::<StopRoot<false>>::new("{}").unwrap();
         let id = d.request("GET", "/x", &[]);
@@ -809,7 +814,7 @@ mod tests {
             Decision::Continue
         );
         d.done(id);
-        assert_eq!(d.take_entries(), 3);
+        assert_eq!(d.take_entries(), 2);
     }
 
     #[test]
@@ -832,7 +837,8 @@ mod tests {
             [
                 "proxy_on_request_body",
                 "proxy_on_response_headers",
-                "proxy_on_response_body"
+                "proxy_on_response_body",
+                "proxy_on_done"
             ]
         );
     }

@@ -136,7 +136,8 @@ const TOTALS: [&str; 9] = [
 impl RootFilter for RateLimitRoot {
     type Filter = RateLimitFilter;
     const NAME: &'static str = "ratelimit";
-    // The rate limit headers are added to the response headers; no body is read.
+    // The rate limit headers are added to the response headers; no body is read; nothing to
+    // do when a request ends (no `proxy_on_done`: one entry fewer per request).
     const HOOKS: tollgate_common::filter::Hooks = tollgate_common::filter::Hooks {
         response_headers: true,
         ..tollgate_common::filter::Hooks::NONE

@@ -734,3 +734,144 @@ fn on_done_forgets_a_request_and_a_root_without_on_delete() {
     }
     assert!(d.root().is_some(), "the other root stays");
 }
+
+// ---- a module without `proxy_on_done` (rule 4) ----
+
+/// The scripted root in a module that does not export `proxy_on_done`: request headers only
+/// (`RESPONSE` false), or with the response headers hook.
+struct Lean<const RESPONSE: bool>(TestRoot);
+
+impl<const RESPONSE: bool> RootFilter for Lean<RESPONSE> {
+    type Filter = TestFilter;
+    const NAME: &'static str = "lean";
+    const HOOKS: crate::filter::Hooks = crate::filter::Hooks {
+        response_headers: RESPONSE,
+        ..crate::filter::Hooks::NONE
+    };
+
+    fn new(context_id: u32) -> Self {
+        Lean(TestRoot::new(context_id))
+    }
+    fn configure(&mut self, host: &mut dyn Host, configuration: &[u8]) -> Result<(), ConfigError> {
+        self.0.configure(host, configuration)
+    }
+    fn on_tick(&mut self, host: &mut dyn Host) {
+        self.0.on_tick(host)
+    }
+    fn on_call_response(&mut self, host: &mut dyn Host, token: u32, response: CallResponse) {
+        self.0.on_call_response(host, token, response)
+    }
+    fn create_filter(&self, context_id: u32) -> TestFilter {
+        self.0.create_filter(context_id)
+    }
+}
+
+#[test]
+fn without_done_a_request_is_forgotten_after_its_last_hook() {
+    let mut d = Driver::<Lean<false>>::new("{}").unwrap();
+    let id = d.request("GET", "/", &[]);
+    assert!(d.dispatcher().is_live(id));
+    assert_eq!(d.request_headers(id, true), Decision::Continue);
+    assert!(
+        !d.dispatcher().is_live(id),
+        "request headers were its last hook"
+    );
+    d.done(id);
+    // Context creation and request headers: no `proxy_on_done`.
+    assert_eq!(d.take_entries(), 2);
+
+    let mut d = Driver::<Lean<true>>::new("{}").unwrap();
+    let id = d.request("GET", "/", &[]);
+    d.request_headers(id, true);
+    assert!(
+        d.dispatcher().is_live(id),
+        "its response headers are to come"
+    );
+    d.response_headers(id, &[(":status", "200")], true);
+    assert!(!d.dispatcher().is_live(id));
+    // A local reply: the reply's response headers are its last hook.
+    let id = d.request("GET", "/reply", &[]);
+    d.request_headers(id, true);
+    assert!(d.dispatcher().is_live(id));
+    d.response_headers(id, &[(":status", "418")], true);
+    assert!(!d.dispatcher().is_live(id));
+    // A response held for a callout lives until the answer.
+    let id = d.request("GET", "/hold-response", &[]);
+    d.request_headers(id, true);
+    assert_eq!(
+        d.response_headers(id, &[(":status", "200")], false),
+        Decision::Pause
+    );
+    assert!(d.dispatcher().is_live(id));
+    let token = d.calls().last().unwrap().token;
+    d.answer(token, ok(""));
+    assert_eq!(d.resumed(id), vec![Stream::Response]);
+    assert!(!d.dispatcher().is_live(id));
+}
+
+#[test]
+fn without_done_a_paused_request_lives_until_its_callout_or_wake() {
+    let mut d = Driver::<Lean<false>>::new(r#"{"tick_ms": 10}"#).unwrap();
+    let id = d.request("GET", "/call", &[]);
+    assert_eq!(d.request_headers(id, true), Decision::Pause);
+    assert!(d.dispatcher().is_live(id));
+    let token = d.calls()[0].token;
+    assert_eq!(d.answer(token, ok("fine")), Decision::Continue);
+    assert_eq!(d.resumed(id), vec![Stream::Request]);
+    assert!(!d.dispatcher().is_live(id));
+    assert_eq!(d.dispatcher().pending_callouts(), 0);
+
+    let id = d.request("GET", "/wait", &[]);
+    assert_eq!(d.request_headers(id, true), Decision::Pause);
+    assert!(d.dispatcher().is_live(id));
+    d.tick();
+    assert_eq!(d.resumed(id), vec![Stream::Request]);
+    assert!(!d.dispatcher().is_live(id));
+}
+
+#[test]
+fn without_done_a_request_that_ended_while_paused_is_forgotten_at_its_answer() {
+    let mut d = Driver::<Lean<false>>::new("{}").unwrap();
+    let id = d.request("GET", "/call", &[]);
+    d.request_headers(id, true);
+    let token = d.calls()[0].token;
+    // The client went away: Envoy deletes the context and does not tell the module.
+    d.done(id);
+    assert!(d.dispatcher().is_live(id));
+    assert_eq!(d.answer(token, ok("late")), Decision::Continue);
+    assert!(!d.dispatcher().is_live(id), "the proxy no longer knows it");
+    assert!(d.resumed(id).is_empty());
+}
+
+#[test]
+fn without_done_requests_that_ended_early_are_swept() {
+    let mut d = Driver::<Lean<true>>::new("{}").unwrap();
+    let running = d.request("GET", "/", &[]);
+    d.request_headers(running, true);
+    // Requests whose client went away before the response: their last hook never runs.
+    let ended: Vec<u32> = (1..SWEEP_MIN)
+        .map(|_| {
+            let id = d.request("GET", "/", &[]);
+            d.request_headers(id, true);
+            d.done(id);
+            id
+        })
+        .collect();
+    assert!(ended.iter().all(|&id| d.dispatcher().is_live(id)));
+    // The next request finds SWEEP_MIN live requests and sweeps.
+    let next = d.request("GET", "/", &[]);
+    assert!(ended.iter().all(|&id| !d.dispatcher().is_live(id)));
+    assert!(d.dispatcher().is_live(running));
+    assert!(d.dispatcher().is_live(next));
+    // The new request is the effective context again.
+    assert_eq!(d.proxy().switches.last(), Some(&next));
+    // Both still work to the end.
+    for id in [running, next] {
+        if id == next {
+            d.request_headers(id, true);
+        }
+        let answer = d.response_headers(id, &[(":status", "200")], true);
+        assert_eq!(answer, Decision::Continue);
+        assert!(!d.dispatcher().is_live(id));
+    }
+}
