@@ -545,3 +545,58 @@ def test_readme_demo_through_the_whole_bundled_chain(services, envoy_factory):
     assert 593 <= policies(pro[-1].header("ratelimit"))["consumer-minute"]["r"] < 600, pro[-1]
     assert policies(pro[-1].header("ratelimit-policy"))["consumer-minute"] == {"q": 600, "w": 60}, pro[-1]
     assert e.stat("tollgate.ratelimit.limited") >= 2
+
+
+@pytest.mark.skipif(harness.MODULE_MODE == "combined",
+                    reason="the combined module exports proxy_on_done (the cache needs it): Envoy tells it")
+def test_requests_whose_client_went_away_are_swept(services):
+    """The ratelimit module exports no `proxy_on_done` (one entry into the VM fewer per request):
+    its dispatcher forgets a request after the response headers. A request whose client goes
+    away before them leaves its state behind until a sweep asks Envoy which requests it still has
+    (docs/architecture.md, dispatch rule 4): at 256 live requests, then whenever they reach twice
+    the number the last sweep left. On one worker: 260 requests held upstream (the sweep at 256
+    finds all of them live), their clients go away; 260 more held: at 512 live the sweep forgets
+    the first 260, and requests are answered as usual."""
+    import socket
+
+    config = {"limits": [lim("sweep", 100000, "1h", ["route"])],
+              "routes": [{"match": {"prefix": "/api/users/"}, "limits": ["sweep"]}]}
+    e = Envoy.start(filters=[("ratelimit", config)], services=services, concurrency=1,
+                    component_log_level="wasm:debug")
+    n = 260
+    socks = []
+    reset = "http.gateway.downstream_cx_destroy_remote_active_rq"
+
+    def hold(name: str):
+        for i in range(n):
+            s = socket.create_connection(("127.0.0.1", e.port), timeout=30)
+            s.sendall(f"GET /api/users/{i}?hold={name} HTTP/1.1\r\nHost: gw\r\n\r\n".encode())
+            socks.append(s)
+        # Every request went through the filter (the upstream holds all of them).
+        services.wait_held(name, n)
+
+    def sweeps() -> list[str]:
+        return re.findall(r"sweep: (\d+) ended contexts forgotten", e.log())
+
+    try:
+        hold("sweep-a")
+        # At 256 live requests, all of them running (the log may lag: waited for).
+        harness.wait_for(lambda: sweeps() == ["0"], 30, "one sweep that forgot nothing")
+        for s in socks:
+            s.close()
+        socks.clear()
+        # Envoy resets each stream as its client goes away; the module is not told.
+        harness.wait_for(lambda: e.stats(reset).get(reset, 0) >= n, 60, f"{n} streams reset by their clients")
+        hold("sweep-b")
+        # At 512 live requests: the first 260 had ended.
+        harness.wait_for(lambda: sweeps() == ["0", str(n)], 30, f"a second sweep that forgot {n}")
+        for s in socks:
+            s.close()
+        socks.clear()
+        check_allowed(e.get("/api/users/1"), "sweep")
+    finally:
+        for s in socks:
+            s.close()
+        services.release("sweep-a")
+        services.release("sweep-b")
+        e.stop()
