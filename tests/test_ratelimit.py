@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.client as httpclient
 import json
 import re
+import socket
 import threading
 import time
 
@@ -557,8 +558,6 @@ def test_requests_whose_client_went_away_are_swept(services):
     the number the last sweep left. On one worker: 260 requests held upstream (the sweep at 256
     finds all of them live), their clients go away; 260 more held: at 512 live the sweep forgets
     the first 260, and requests are answered as usual."""
-    import socket
-
     config = {"limits": [lim("sweep", 100000, "1h", ["route"])],
               "routes": [{"match": {"prefix": "/api/users/"}, "limits": ["sweep"]}]}
     e = Envoy.start(filters=[("ratelimit", config)], services=services, concurrency=1,

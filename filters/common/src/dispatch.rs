@@ -65,7 +65,7 @@ use std::rc::Rc;
 use std::time::{Duration, SystemTime};
 
 use crate::fast_hash::FastMap;
-use crate::filter::{CallResponse, Decision, GrpcResponse, HttpFilter, RootFilter};
+use crate::filter::{CallResponse, Decision, GrpcResponse, Hooks, HttpFilter, RootFilter};
 use crate::header_cache::{self, Cached, HeaderCache};
 use crate::host::{Body, GrpcCall, Host, HostError, HttpCall, MapKind, MetricKind, SharedError};
 use crate::problem::{LocalReply, Problem};
@@ -84,6 +84,20 @@ pub const SWEEP_MIN: usize = 256;
 /// Without `proxy_on_done`: while the VM has several roots, every this many requests the
 /// dispatcher checks which roots Envoy still has (rule 4).
 pub const ROOT_CHECK_EVERY: u32 = 4096;
+
+/// Rule 4: no hook the module exports (`hooks`) comes after `event` for its request. A body hook
+/// is last only with the end of its stream; request headers that end the request are followed
+/// by no request body hook.
+fn is_last(hooks: Hooks, event: Event, end_of_stream: bool) -> bool {
+    let response = hooks.response_headers || hooks.response_body;
+    match event {
+        Event::RequestHeaders => !response && (end_of_stream || !hooks.request_body),
+        Event::RequestBody => !response && end_of_stream,
+        Event::ResponseHeaders => end_of_stream || !hooks.response_body,
+        Event::ResponseBody => end_of_stream,
+        Event::CallResponse(_) | Event::GrpcResponse(_) | Event::Wake(_) => false,
+    }
+}
 
 /// One direction of an HTTP stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -542,13 +556,11 @@ impl<R: RootFilter, P: Proxy> Dispatcher<R, P> {
 
     /// `proxy_on_request_headers`.
     pub fn on_request_headers(&mut self, context_id: u32, end_of_stream: bool) -> Action {
-        let h = R::HOOKS;
-        let last = !(h.request_body || h.response_headers || h.response_body);
         self.stream_hook(
             context_id,
             Stream::Request,
             Event::RequestHeaders,
-            last,
+            end_of_stream,
             &mut |f, h| f.on_request_headers(h, end_of_stream),
         )
     }
@@ -560,25 +572,22 @@ impl<R: RootFilter, P: Proxy> Dispatcher<R, P> {
         body_size: usize,
         end_of_stream: bool,
     ) -> Action {
-        let h = R::HOOKS;
-        let last = end_of_stream && !(h.response_headers || h.response_body);
         self.stream_hook(
             context_id,
             Stream::Request,
             Event::RequestBody,
-            last,
+            end_of_stream,
             &mut |f, h| f.on_request_body(h, body_size, end_of_stream),
         )
     }
 
     /// `proxy_on_response_headers`.
     pub fn on_response_headers(&mut self, context_id: u32, end_of_stream: bool) -> Action {
-        let last = !R::HOOKS.response_body || end_of_stream;
         self.stream_hook(
             context_id,
             Stream::Response,
             Event::ResponseHeaders,
-            last,
+            end_of_stream,
             &mut |f, h| f.on_response_headers(h, end_of_stream),
         )
     }
@@ -760,14 +769,13 @@ impl<R: RootFilter, P: Proxy> Dispatcher<R, P> {
         Some(decision)
     }
 
-    /// Run a stream hook; `last`: no exported hook of the request comes after this one (a body
-    /// hook: with the end of the stream).
+    /// Run a stream hook (`end_of_stream`: of the stream it belongs to).
     fn stream_hook(
         &mut self,
         context_id: u32,
         stream: Stream,
         event: Event,
-        last: bool,
+        end_of_stream: bool,
         f: Run<'_, R::Filter>,
     ) -> Action {
         let root = self.streams.get(&context_id).map(|s| s.root);
@@ -776,7 +784,7 @@ impl<R: RootFilter, P: Proxy> Dispatcher<R, P> {
             Some(decision) => {
                 self.proxy.observe(context_id, event, &decision);
                 let action = self.apply_in_hook(context_id, stream, decision);
-                if last {
+                if !R::HOOKS.done && is_last(R::HOOKS, event, end_of_stream) {
                     if let Some(slot) = self.streams.get_mut(&context_id) {
                         slot.last_ran = true;
                     }

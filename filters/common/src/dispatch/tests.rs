@@ -875,3 +875,36 @@ fn without_done_requests_that_ended_early_are_swept() {
         assert!(!d.dispatcher().is_live(id));
     }
 }
+
+#[test]
+fn the_last_hook_of_a_request_follows_the_exported_hooks() {
+    use crate::filter::Hooks;
+    let headers_only = Hooks::NONE;
+    assert!(is_last(headers_only, Event::RequestHeaders, false));
+    let body = Hooks {
+        request_body: true,
+        ..Hooks::NONE
+    };
+    assert!(!is_last(body, Event::RequestHeaders, false));
+    assert!(
+        is_last(body, Event::RequestHeaders, true),
+        "no body follows"
+    );
+    assert!(!is_last(body, Event::RequestBody, false));
+    assert!(is_last(body, Event::RequestBody, true));
+    let response = Hooks {
+        response_headers: true,
+        ..body
+    };
+    assert!(!is_last(response, Event::RequestHeaders, true));
+    assert!(!is_last(response, Event::RequestBody, true));
+    assert!(is_last(response, Event::ResponseHeaders, false));
+    let response_body = Hooks {
+        response_body: true,
+        ..response
+    };
+    assert!(!is_last(response_body, Event::ResponseHeaders, false));
+    assert!(is_last(response_body, Event::ResponseHeaders, true));
+    assert!(is_last(response_body, Event::ResponseBody, true));
+    assert!(!is_last(response_body, Event::Wake(1), true));
+}
