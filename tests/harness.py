@@ -243,8 +243,18 @@ class DemoServices:
         return self.get("users", f"/hold/{name}").json()
 
     def wait_held(self, name: str, n: int = 1, timeout: float = 60.0) -> None:
-        """Wait until `n` requests are held under `name` at once."""
-        wait_for(lambda: self.hold_state(name)["waiting"] >= n, timeout, f"{n} request(s) held as {name!r}")
+        """Wait until `n` requests are held under `name` at once (a timeout says the last state
+        seen: how many waited, how many had arrived)."""
+        last = {}
+
+        def held() -> bool:
+            last.update(self.hold_state(name))
+            return last["waiting"] >= n
+
+        try:
+            wait_for(held, timeout, f"{n} request(s) held as {name!r}")
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}; last seen: {last}") from None
 
     def release(self, name: str | None = None) -> None:
         """Let the requests held under `name` (every name when None) and all later ones go."""

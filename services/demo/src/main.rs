@@ -213,7 +213,7 @@ fn main() {
     let o = options();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
-        .max_blocking_threads(512)
+        .max_blocking_threads(1024)
         .enable_all()
         .build()
     {
@@ -258,7 +258,7 @@ fn main() {
 }
 
 /// Accept connections and serve HTTP/1.1 (keep-alive) on each; a request is handled on the
-/// blocking pool, so the `delay` knobs simply sleep.
+/// blocking pool (up to 1024 at once: tests hold hundreds), so the `delay` knobs simply sleep.
 async fn serve(listener: TcpListener, svc: Arc<Service>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
