@@ -54,6 +54,8 @@ pub struct Worker {
     ids: Ids,
     /// Lease refills asked for by requests, sent by the root on its next tick.
     refills: RefCell<Vec<global::Refill>>,
+    /// The root's tick runs (it runs only while refills wait to be sent).
+    ticking: Cell<bool>,
     /// Failures of the rate limit service: when one was last logged (µs), and how many were
     /// not logged since.
     failure_log: Cell<(u64, u64)>,
@@ -151,6 +153,7 @@ impl RootFilter for RateLimitRoot {
                 metrics: Metrics::new("ratelimit"),
                 ids: Ids::default(),
                 refills: RefCell::new(Vec::new()),
+                ticking: Cell::new(false),
                 failure_log: Cell::new((0, 0)),
             }),
             inflight: FastMap::default(),
@@ -189,9 +192,7 @@ impl RootFilter for RateLimitRoot {
         );
         // Refills in flight belong to the previous configuration (its limits' indexes).
         self.inflight.clear();
-        if config.has_leases {
-            host.set_tick_period(global::REFILL_TICK);
-        } else if self.shared.config.has_leases {
+        if self.shared.ticking.get() {
             host.set_tick_period(std::time::Duration::ZERO);
         }
         self.shared = Rc::new(Worker {
@@ -199,6 +200,7 @@ impl RootFilter for RateLimitRoot {
             metrics,
             ids,
             refills: RefCell::new(Vec::new()),
+            ticking: Cell::new(false),
             failure_log: Cell::new((0, 0)),
         });
         Ok(())
@@ -206,6 +208,10 @@ impl RootFilter for RateLimitRoot {
 
     fn on_tick(&mut self, host: &mut dyn Host) {
         self.send_refills(host);
+        // Idle until a request asks for a refill (a refill answered "fewer left" asks again).
+        if self.shared.refills.borrow().is_empty() && self.shared.ticking.replace(false) {
+            host.set_tick_period(std::time::Duration::ZERO);
+        }
     }
 
     fn on_grpc_response(&mut self, host: &mut dyn Host, token: u32, response: GrpcResponse) {

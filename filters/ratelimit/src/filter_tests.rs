@@ -573,8 +573,12 @@ impl Gw {
         (answer, calls)
     }
 
-    /// The root's tick: its refill calls answered by `rls`. Returns how many it sent.
+    /// The root's tick, when its tick runs (as in Envoy: none at a period of zero): its refill
+    /// calls answered by `rls`. Returns how many it sent.
     fn tick(&mut self, rls: &mut FakeRls) -> usize {
+        if self.d.tick_period().is_none_or(|p| p.is_zero()) {
+            return 0;
+        }
         let before = self.d.vm().grpc_calls.len();
         self.d.tick();
         let calls: Vec<_> = self.d.vm().grpc_calls[before..].to_vec();
@@ -702,12 +706,16 @@ fn service_failures_apply_the_failure_mode_and_are_counted() {
 #[test]
 fn leased_limits_admit_from_the_lease_without_calls() {
     let mut gw = Gw::new(&global_config("leased", "allow", false));
-    assert_eq!(gw.d.tick_period(), Some(Duration::from_millis(20)));
+    // An idle root does not tick.
+    assert_eq!(gw.d.tick_period(), None);
     let mut rls = FakeRls::new(5);
-    // cold: the request calls for itself; a refill of 1 (lease_max 4 / 4) is asked for
+    // cold: the request calls for itself; a refill of 1 (lease_max 4 / 4) is asked for, which
+    // starts the root's tick; the tick sends it, and stops
     let (a, calls) = gw.send_rls("/api/x", &mut rls);
     assert_eq!((a.status, calls), (200, 1));
+    assert_eq!(gw.d.tick_period(), Some(Duration::from_millis(20)));
     assert_eq!(gw.tick(&mut rls), 1);
+    assert_eq!(gw.d.tick_period(), Some(Duration::ZERO));
     assert_eq!(rls.calls[1].hits_addend, 1);
     // from the lease: no call; running low asks for a (larger) refill
     let (a, calls) = gw.send_rls("/api/x", &mut rls);
@@ -720,7 +728,9 @@ fn leased_limits_admit_from_the_lease_without_calls() {
     );
     assert_eq!(gw.statuses_rls(2, &mut rls), vec![200, 200]);
     // 1 + 1 + 2 used; 1 left at the service: the refill of 4 is refused, 1 is asked instead
+    // (on the next tick: the tick goes on)
     assert_eq!(gw.tick(&mut rls), 1);
+    assert_eq!(gw.d.tick_period(), Some(Duration::from_millis(20)));
     assert_eq!(gw.tick(&mut rls), 1);
     assert_eq!(rls.calls.last().map(|c| c.hits_addend), Some(1));
     let (a, calls) = gw.send_rls("/api/x", &mut rls);
@@ -758,15 +768,24 @@ fn a_lease_that_cannot_be_updated_applies_the_limits_failure_mode() {
 }
 
 #[test]
-fn a_configuration_without_leases_stops_the_ticks() {
+fn a_new_configuration_stops_a_running_tick() {
     let mut gw = Gw::new(&global_config("leased", "allow", false));
-    assert_eq!(gw.d.tick_period(), Some(Duration::from_millis(20)));
+    let mut rls = FakeRls::new(5);
+    let (a, _) = gw.send_rls("/api/x", &mut rls);
+    assert_eq!(a.status, 200);
+    assert_eq!(
+        gw.d.tick_period(),
+        Some(Duration::from_millis(20)),
+        "a refill waits"
+    );
+    // The refill belonged to the old configuration: no tick for the new one.
     let exact = global_config("exact", "allow", false).into_bytes();
     let len = exact.len();
     let dispatcher = gw.d.dispatcher_mut();
     dispatcher.proxy_mut().configuration = exact;
     assert!(dispatcher.on_configure(tollgate_common::testing::ROOT_ID, len));
     assert_eq!(gw.d.tick_period(), Some(Duration::ZERO));
+    assert_eq!(gw.tick(&mut rls), 0);
 }
 
 #[test]

@@ -23,7 +23,9 @@ use crate::rls::{self, Answer, Failure, RLS_METHOD, RLS_SERVICE};
 use crate::table::{Slot, StoreError};
 use tollgate_common::route::RequestInfo;
 
-/// How often a root with leased limits sends the refills requests asked for.
+/// How soon a root sends the lease refills requests asked for: the tick a request that queues
+/// the first refill starts, stopped by the tick that leaves none queued (an idle root never
+/// wakes).
 pub const REFILL_TICK: Duration = Duration::from_millis(20);
 /// Failures of the service are logged at most once per this interval (per worker), with the
 /// number of failures since the last line.
@@ -147,6 +149,15 @@ fn verdict(
 }
 
 impl Worker {
+    /// Queue a refill for the root's next tick, starting the tick when it is idle (the timer is
+    /// the root's, whichever context asks).
+    fn ask_refill(&self, host: &mut dyn Host, refill: Refill) {
+        self.refills.borrow_mut().push(refill);
+        if !self.ticking.replace(true) {
+            host.set_tick_period(REFILL_TICK);
+        }
+    }
+
     /// Count a failure of the service for `limit` and log it, at most once per interval.
     fn service_failed(
         &self,
@@ -324,12 +335,15 @@ impl RateLimitFilter {
         ids.add_limit(host, check.limit, LimitMetric::LeaseUnused, t.unused);
         if let Some(size) = t.refill {
             let values = entries(host, check, limit, key).to_vec();
-            self.shared.refills.borrow_mut().push(Refill {
-                limit: check.limit,
-                slot,
-                values,
-                size,
-            });
+            self.shared.ask_refill(
+                host,
+                Refill {
+                    limit: check.limit,
+                    slot,
+                    values,
+                    size,
+                },
+            );
         }
         Ok(match t.verdict {
             lease::Verdict::Admit { left, reset_us } => {
@@ -513,10 +527,13 @@ impl RateLimitRoot {
                 ..
             }) if left >= 1 && left < refill.size => {
                 // Fewer units left than asked for: ask for what is left (next tick).
-                shared.refills.borrow_mut().push(Refill {
-                    size: left,
-                    ..refill.clone()
-                });
+                shared.ask_refill(
+                    host,
+                    Refill {
+                        size: left,
+                        ..refill.clone()
+                    },
+                );
                 return;
             }
             Ok(Answer::OverLimit { reset, .. }) => Refilled::Exhausted {

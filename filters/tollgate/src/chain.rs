@@ -13,7 +13,9 @@
 
 use tollgate_common::{CallResponse, Decision, GrpcResponse, Host, HttpFilter};
 
-use crate::part::{unpack, ChildHost, Owners};
+use std::rc::Rc;
+
+use crate::part::{unpack, ChildHost, Owners, Ticks};
 
 /// One child of a request.
 pub struct Child {
@@ -34,6 +36,8 @@ enum Event {
 pub struct ChainFilter {
     children: Vec<Child>,
     owners: Owners,
+    /// The children's tick periods: a child's request may ask for its root to tick.
+    ticks: Rc<Ticks>,
     /// The child holding the request stream, and the event it holds.
     request_held: Option<(usize, Event)>,
     /// The child holding the response stream, and the event it holds.
@@ -42,10 +46,11 @@ pub struct ChainFilter {
 
 impl ChainFilter {
     /// A request through these children (in request order).
-    pub fn new(children: Vec<Child>) -> Self {
+    pub fn new(children: Vec<Child>, ticks: Rc<Ticks>) -> Self {
         ChainFilter {
             children,
             owners: Owners::default(),
+            ticks,
             request_held: None,
             response_held: None,
         }
@@ -68,7 +73,8 @@ impl ChainFilter {
             host,
             child: i,
             owners: &mut self.owners,
-            period: None,
+            ticks: &self.ticks,
+            apply_ticks: true,
         };
         Some(f(child.filter.as_mut(), &mut h))
     }

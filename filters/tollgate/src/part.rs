@@ -1,7 +1,9 @@
 //! A child filter behind trait objects ([`Part`] for its root), and the [`ChildHost`] each child's
 //! code talks to: the real host, except that the child's callouts are recorded as its own, its
-//! wakes carry its index, and (for a root) its tick period is recorded rather than set.
+//! wakes carry its index, and its tick period (asked for by its root or by one of its requests)
+//! is recorded in the chain's [`Ticks`], which asks the proxy for the greatest common divisor.
 
+use std::cell::Cell;
 use std::time::{Duration, SystemTime};
 use tollgate_common::fast_hash::FastMap;
 
@@ -70,6 +72,64 @@ impl<R: RootFilter> Part for R {
     }
 }
 
+/// The children's tick periods, shared by the chain's root and its requests (a request may ask
+/// for its filter's root to tick, as in Envoy, where the timer belongs to the root whichever
+/// context asks), and the VM's period as last asked of the proxy.
+#[derive(Debug, Default)]
+pub struct Ticks {
+    periods: [Cell<Duration>; MAX_CHILDREN],
+    vm: Cell<Duration>,
+}
+
+impl Ticks {
+    /// Child `child`'s period (zero: it asked for none).
+    pub fn get(&self, child: usize) -> Duration {
+        self.periods.get(child).map_or(Duration::ZERO, Cell::get)
+    }
+
+    /// Record child `child`'s period.
+    pub fn set(&self, child: usize, period: Duration) {
+        if let Some(c) = self.periods.get(child) {
+            c.set(period);
+        }
+    }
+
+    /// Take every child's period from `other` (a configuration that was accepted).
+    pub fn copy_from(&self, other: &Ticks) {
+        for (mine, theirs) in self.periods.iter().zip(&other.periods) {
+            mine.set(theirs.get());
+        }
+    }
+
+    /// The VM's period: the greatest common divisor of the children's, in milliseconds.
+    pub fn vm_period(&self) -> Duration {
+        self.vm.get()
+    }
+
+    /// Ask the proxy for the greatest common divisor of the children's periods when it changed.
+    pub fn apply(&self, host: &mut dyn Host) {
+        let g = self
+            .periods
+            .iter()
+            .map(|p| u64::try_from(p.get().as_millis()).unwrap_or(u64::MAX))
+            .filter(|ms| *ms > 0)
+            .fold(0, gcd);
+        let period = Duration::from_millis(g);
+        if period != self.vm.get() {
+            self.vm.set(period);
+            host.set_tick_period(period);
+        }
+    }
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
 /// Callout tokens of one context (the root, or one request) -> the child that started them.
 #[derive(Debug, Default)]
 pub struct Owners {
@@ -87,8 +147,11 @@ pub struct ChildHost<'a> {
     pub child: usize,
     /// Where the child's callouts are recorded.
     pub owners: &'a mut Owners,
-    /// For a root: where its tick period is recorded (the chain sets the VM's period).
-    pub period: Option<&'a mut Duration>,
+    /// Where the child's tick period is recorded.
+    pub ticks: &'a Ticks,
+    /// Ask the proxy for the VM's new period at once (false while a configuration is being
+    /// read: it is applied only when the whole configuration is accepted).
+    pub apply_ticks: bool,
 }
 
 impl Host for ChildHost<'_> {
@@ -145,12 +208,9 @@ impl Host for ChildHost<'_> {
         self.host.record_metric(id, value)
     }
     fn set_tick_period(&mut self, period: Duration) {
-        match self.period.as_deref_mut() {
-            Some(slot) => *slot = period,
-            None => log::warn!(
-                "a request of child {} asked for a tick period: ignored (roots only)",
-                self.child
-            ),
+        self.ticks.set(self.child, period);
+        if self.apply_ticks {
+            self.ticks.apply(self.host);
         }
     }
     fn wake(&mut self, context_id: u32, reason: u32) -> bool {
@@ -180,5 +240,13 @@ mod tests {
         }
         assert_eq!(pack(0, 1 << REASON_BITS), None);
         assert_eq!(pack(MAX_CHILDREN, 1), None);
+    }
+
+    #[test]
+    fn gcd_of_periods() {
+        assert_eq!([50, 10, 50].into_iter().fold(0, gcd), 10);
+        assert_eq!([50].into_iter().fold(0, gcd), 50);
+        assert_eq!([30, 50].into_iter().fold(0, gcd), 10);
+        assert_eq!(std::iter::empty::<u64>().fold(0, gcd), 0);
     }
 }

@@ -2,6 +2,7 @@
 //! filter, their ticks (one period for the VM, each child at its own period) and their
 //! callouts.
 
+use std::rc::Rc;
 use std::time::{Duration, SystemTime};
 
 use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
@@ -9,7 +10,7 @@ use serde_json::value::RawValue;
 use tollgate_common::{CallResponse, ConfigError, GrpcResponse, HeaderReads, Host};
 
 use crate::chain::{ChainFilter, Child};
-use crate::part::{ChildHost, Owners, Part, MAX_CHILDREN};
+use crate::part::{ChildHost, Owners, Part, Ticks, MAX_CHILDREN};
 
 /// A filter the chain can hold: its section name and how to make its root.
 #[derive(Clone, Copy)]
@@ -24,8 +25,6 @@ pub struct Kind {
 struct Slot {
     name: &'static str,
     part: Box<dyn Part>,
-    /// The tick period the child asked for (zero: none).
-    period: Duration,
     /// When the child was last ticked.
     last_tick: Option<SystemTime>,
 }
@@ -59,8 +58,9 @@ pub struct ChainRoot {
     catalog: &'static [Kind],
     slots: Vec<Slot>,
     owners: Owners,
-    /// The VM's tick period as last asked of the proxy.
-    period: Duration,
+    /// The children's tick periods (shared with the requests: a request may ask for its
+    /// filter's root to tick).
+    ticks: Rc<Ticks>,
 }
 
 impl ChainRoot {
@@ -71,7 +71,7 @@ impl ChainRoot {
             catalog,
             slots: Vec::new(),
             owners: Owners::default(),
-            period: Duration::ZERO,
+            ticks: Rc::new(Ticks::default()),
         }
     }
 
@@ -83,7 +83,7 @@ impl ChainRoot {
     /// The tick period of the VM (the greatest common divisor of the children's, in
     /// milliseconds).
     pub fn tick_period(&self) -> Duration {
-        self.period
+        self.ticks.vm_period()
     }
 
     fn expected(&self) -> String {
@@ -123,59 +123,47 @@ impl ChainRoot {
         }
         let mut slots = Vec::new();
         let mut owners = Owners::default();
+        // Periods asked for while configuring count only once the whole configuration is.
+        let ticks = Ticks::default();
         for kind in self.catalog.iter().take(MAX_CHILDREN) {
             let Some((_, raw)) = sections.iter().find(|(n, _)| n == kind.name) else {
                 continue;
             };
             let mut part = (kind.make)(self.context_id);
-            let mut period = Duration::ZERO;
             let mut h = ChildHost {
                 host: &mut *host,
                 child: slots.len(),
                 owners: &mut owners,
-                period: Some(&mut period),
+                ticks: &ticks,
+                apply_ticks: false,
             };
             part.configure(&mut h, raw.get().as_bytes())
                 .map_err(|e| e.within(kind.name))?;
             slots.push(Slot {
                 name: kind.name,
                 part,
-                period,
                 last_tick: None,
             });
         }
         self.slots = slots;
         self.owners = owners;
-        self.update_period(host);
+        self.ticks.copy_from(&ticks);
+        self.ticks.apply(host);
         Ok(())
-    }
-
-    /// Ask the proxy for the greatest common divisor of the children's periods.
-    fn update_period(&mut self, host: &mut dyn Host) {
-        let g = self
-            .slots
-            .iter()
-            .map(|s| u64::try_from(s.period.as_millis()).unwrap_or(u64::MAX))
-            .filter(|ms| *ms > 0)
-            .fold(0, gcd);
-        let period = Duration::from_millis(g);
-        if period != self.period {
-            self.period = period;
-            host.set_tick_period(period);
-        }
     }
 
     /// Tick each child whose own period has passed since its last tick (its first tick at once).
     pub fn on_tick(&mut self, host: &mut dyn Host) {
         let now = host.now();
         // A tick may come a little early: half the VM's period counts as on time.
-        let slack = self.period / 2;
+        let slack = self.ticks.vm_period() / 2;
         for (i, slot) in self.slots.iter_mut().enumerate() {
-            if slot.period.is_zero() {
+            let period = self.ticks.get(i);
+            if period.is_zero() {
                 continue;
             }
             if let Some(last) = slot.last_tick {
-                if now + slack < last + slot.period {
+                if now + slack < last + period {
                     continue;
                 }
             }
@@ -184,15 +172,14 @@ impl ChainRoot {
                 host: &mut *host,
                 child: i,
                 owners: &mut self.owners,
-                period: Some(&mut slot.period),
+                ticks: &self.ticks,
+                apply_ticks: true,
             };
             slot.part.on_tick(&mut h);
         }
-        self.update_period(host);
     }
 
-    /// Run `f` on child `i`'s root with a host that records its callouts and tick period, then
-    /// set the VM's tick period.
+    /// Run `f` on child `i`'s root with a host that records its callouts and tick period.
     fn in_child(
         &mut self,
         host: &mut dyn Host,
@@ -204,11 +191,11 @@ impl ChainRoot {
                 host: &mut *host,
                 child: i,
                 owners: &mut self.owners,
-                period: Some(&mut slot.period),
+                ticks: &self.ticks,
+                apply_ticks: true,
             };
             f(slot.part.as_mut(), &mut h);
         }
-        self.update_period(host);
     }
 
     /// An HTTP callout of a child's root answered.
@@ -247,27 +234,7 @@ impl ChainRoot {
                     saw_request: false,
                 })
                 .collect(),
+            self.ticks.clone(),
         )
-    }
-}
-
-fn gcd(a: u64, b: u64) -> u64 {
-    if b == 0 {
-        a
-    } else {
-        gcd(b, a % b)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::gcd;
-
-    #[test]
-    fn gcd_of_periods() {
-        assert_eq!([50, 10, 50].into_iter().fold(0, gcd), 10);
-        assert_eq!([50].into_iter().fold(0, gcd), 50);
-        assert_eq!([30, 50].into_iter().fold(0, gcd), 10);
-        assert_eq!(std::iter::empty::<u64>().fold(0, gcd), 0);
     }
 }

@@ -44,6 +44,10 @@ struct Script {
     status: u16,
     #[serde(default)]
     tick_ms: u64,
+    /// The tick runs only while a request waits: a `wait` request starts it (`tick_ms`), the
+    /// root's tick stops it.
+    #[serde(default)]
+    on_demand: bool,
     /// The root fetches something at configuration.
     #[serde(default)]
     fetch: bool,
@@ -94,7 +98,7 @@ impl<const N: usize> RootFilter for ScriptRoot<N> {
         if script.bad {
             return Err(ConfigError::new("bad", "refused"));
         }
-        if script.tick_ms > 0 {
+        if script.tick_ms > 0 && !script.on_demand {
             host.set_tick_period(Duration::from_millis(script.tick_ms));
         }
         if script.fetch {
@@ -108,6 +112,9 @@ impl<const N: usize> RootFilter for ScriptRoot<N> {
         note(format!("{}:tick", NAMES[N]));
         for id in std::mem::take(&mut *self.waiting.borrow_mut()) {
             host.wake(id, 1);
+        }
+        if self.script.on_demand {
+            host.set_tick_period(Duration::ZERO);
         }
     }
     fn on_call_response(&mut self, _: &mut dyn Host, _: u32, response: CallResponse) {
@@ -156,6 +163,9 @@ impl HttpFilter for ScriptFilter {
             "reply" => Decision::Respond(LocalReply::new(self.script.status)),
             "wait" => {
                 self.waiting.borrow_mut().push(self.id);
+                if self.script.on_demand {
+                    host.set_tick_period(Duration::from_millis(self.script.tick_ms));
+                }
                 Decision::Pause
             }
             "grpc" => {
@@ -425,6 +435,32 @@ fn wakes_and_ticks_go_to_their_child_at_its_own_period() {
     }
     let count = |n: &str| ticks.iter().filter(|t| *t == n).count();
     assert_eq!((count("a:tick"), count("b:tick")), (5, 2));
+}
+
+#[test]
+fn a_request_starts_its_roots_tick_and_the_root_stops_it() {
+    // a ticks every 20 ms; b ticks (every 30 ms) only while one of its requests waits.
+    let mut d = scripted(json!({
+        "a": {"tick_ms": 20},
+        "b": {"request": "wait", "tick_ms": 30, "on_demand": true}
+    }));
+    assert_eq!(d.tick_period(), Some(Duration::from_millis(20)));
+    d.tick();
+    assert_eq!(trace(), ["a:tick"]);
+    let id = d.request("GET", "/", &[]);
+    assert_eq!(d.request_headers(id, true), Decision::Pause);
+    // The request asked for b's tick: the VM ticks at the common divisor.
+    assert_eq!(d.tick_period(), Some(Duration::from_millis(10)));
+    trace();
+    d.advance(Duration::from_millis(10));
+    d.tick();
+    assert_eq!(trace(), ["b:tick", "b:wake:1"], "b at once, a not yet");
+    assert_eq!(d.resumed(id), vec![Stream::Request]);
+    // b's root stopped its tick: a's period again.
+    assert_eq!(d.tick_period(), Some(Duration::from_millis(20)));
+    d.advance(Duration::from_millis(10));
+    d.tick();
+    assert_eq!(trace(), ["a:tick"]);
 }
 
 #[test]
