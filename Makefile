@@ -121,7 +121,7 @@ BENCH_ARGS ?=
 bench-tools: loadgen
 	@command -v taskset >/dev/null || { echo "installing taskset (util-linux)"; apt-get install -y -q util-linux; }
 
-bench: build python-env bench-tools ## Benchmarks vs native Envoy filters and no filter (about 20 min) -> bench/results/latest.md
+bench: build python-env bench-tools ## Benchmarks vs native Envoy filters and no filter (about 25 min; 40 with BENCH_ARGS='--rounds 5') -> bench/results/latest.md
 	ENVOY=$(ENVOY_BIN) $(PYTHON) bench/bench.py $(BENCH_ARGS)
 
 bench-quick: build python-env bench-tools ## Every benchmark scenario briefly (checks that they run; no timing claims)
