@@ -50,12 +50,16 @@ rls-service: host-toolchain
 loadgen: host-toolchain
 	cargo build --release -q --manifest-path bench/loadgen/Cargo.toml
 
+# $(call apt_install,PACKAGE,COMMANDS): install Debian's PACKAGE when one of COMMANDS is missing
+# (apt-get as root, else through sudo).
+apt_install = $(foreach c,$(2),command -v $(c) >/dev/null &&) true || { echo "installing $(1) (apt-get)"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -q $(1); \
+	  else sudo apt-get update -qq && sudo apt-get install -y -q $(1); fi; }
+
 # The global rate limits' counters live in Redis: the demo, the tests and the benchmarks start a
 # redis-server of their own on a local port (Debian's package, installed here when missing).
 redis:
-	@command -v redis-server >/dev/null || { echo "installing redis-server (apt-get)"; \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -q redis-server; \
-	  else sudo apt-get update -qq && sudo apt-get install -y -q redis-server; fi; }
+	@$(call apt_install,redis-server,redis-server)
 
 build: wasm demo-service rls-service redis loadgen ## Build the filters, the demo services, the rate limit service and every test helper (mint-token, the load generator)
 
@@ -119,7 +123,7 @@ clean: ## Remove build output (keeps .venv)
 BENCH_ARGS ?=
 
 bench-tools: loadgen
-	@command -v taskset >/dev/null || { echo "installing taskset (util-linux)"; apt-get install -y -q util-linux; }
+	@$(call apt_install,util-linux,taskset)
 
 bench: build python-env bench-tools ## Benchmarks vs native Envoy filters and no filter (about 25 min; 40 with BENCH_ARGS='--rounds 5') -> bench/results/latest.md
 	ENVOY=$(ENVOY_BIN) $(PYTHON) bench/bench.py $(BENCH_ARGS)
@@ -130,9 +134,7 @@ bench-quick: build python-env bench-tools ## Every benchmark scenario briefly (c
 # Instructions per request in Envoy under callgrind (deterministic, whatever the load): Debian's
 # valgrind, installed here when missing, like `make redis` installs redis-server.
 valgrind:
-	@command -v valgrind >/dev/null && command -v callgrind_control >/dev/null || { echo "installing valgrind (apt-get)"; \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -q valgrind; \
-	  else sudo apt-get update -qq && sudo apt-get install -y -q valgrind; fi; }
+	@$(call apt_install,valgrind,valgrind callgrind_control)
 
 INSTR_ARGS ?=
 bench-instr: build python-env bench-tools valgrind ## Instructions per request in Envoy (callgrind; deterministic; about 1 min per row) -> bench/results/instructions.md (INSTR_ARGS="--only cache-hit")
