@@ -47,6 +47,7 @@ impl UnaryService<RateLimitRequest> for ShouldRateLimit {
                 Ok(answer) => Ok(tonic::Response::new(answer)),
                 Err(Failure::Timeout) => Err(tonic::Status::unavailable("storage timed out")),
                 Err(Failure::Storage(_)) => Err(tonic::Status::unavailable("storage failed")),
+                Err(Failure::FastFail) => Err(tonic::Status::unavailable("storage down")),
             }
         })
     }

@@ -25,6 +25,9 @@ pub enum Failure {
     Storage(String),
     /// The storage did not answer within the timeout.
     Timeout,
+    /// The storage is known to be down (its last calls failed): answered at once, without
+    /// waiting for it ([`Breaker`]).
+    FastFail,
 }
 
 /// The rate limit service: limits by namespace, and the counters.
@@ -33,6 +36,7 @@ pub struct RateLimitService {
     limits: HashMap<String, Vec<LimitDef>>,
     timeout: Duration,
     failures: FailureLog,
+    breaker: Breaker,
 }
 
 impl RateLimitService {
@@ -51,6 +55,7 @@ impl RateLimitService {
             limits: by_ns,
             timeout,
             failures: FailureLog::new(Duration::from_secs(10)),
+            breaker: Breaker::default(),
         }
     }
 
@@ -77,19 +82,26 @@ impl RateLimitService {
         }
         let refs: Vec<CounterRef> = counters.iter().map(|(r, _)| r.clone()).collect();
         let delta = u64::from(req.hits_addend.max(1));
+        if !self.breaker.admit(Instant::now()) {
+            self.failures.record("storage down, failing fast");
+            return Err(Failure::FastFail);
+        }
         let decided =
             tokio::time::timeout(self.timeout, self.store.check_and_increment(&refs, delta)).await;
         let outcome = match decided {
             Ok(Ok(o)) => o,
             Ok(Err(e)) => {
+                self.breaker.failed(Instant::now());
                 self.failures.record(&e);
                 return Err(Failure::Storage(e));
             }
             Err(_) => {
+                self.breaker.failed(Instant::now());
                 self.failures.record("storage timed out");
                 return Err(Failure::Timeout);
             }
         };
+        self.breaker.succeeded();
         let seen: Vec<Seen> = counters
             .iter()
             .zip(&outcome.states)
@@ -187,6 +199,65 @@ struct FailureLog {
     since: AtomicU64,
 }
 
+/// Storage calls that failed in a row before the service fails fast.
+pub const TRIP_AFTER: u32 = 3;
+/// While failing fast, one call per this interval tries the storage (a probe); the first that
+/// succeeds ends the outage.
+pub const PROBE_EVERY: Duration = Duration::from_millis(200);
+
+/// Fails fast while the storage is down: after [`TRIP_AFTER`] storage calls failed in a row
+/// (an error or the timeout), calls are answered `UNAVAILABLE` at once instead of each waiting
+/// for the storage's timeout, except one call per [`PROBE_EVERY`], which tries the storage; the
+/// first success closes the breaker. A single failure (a blip) changes nothing.
+#[derive(Debug, Default)]
+pub struct Breaker {
+    state: Mutex<BreakerState>,
+}
+
+#[derive(Debug, Default)]
+struct BreakerState {
+    failures_in_a_row: u32,
+    next_probe: Option<Instant>,
+}
+
+impl Breaker {
+    /// May a call at `now` try the storage?
+    pub fn admit(&self, now: Instant) -> bool {
+        let Ok(mut s) = self.state.lock() else {
+            return true;
+        };
+        if s.failures_in_a_row < TRIP_AFTER {
+            return true;
+        }
+        match s.next_probe {
+            Some(t) if now < t => false,
+            _ => {
+                s.next_probe = Some(now + PROBE_EVERY);
+                true
+            }
+        }
+    }
+
+    /// A storage call failed at `now`.
+    pub fn failed(&self, now: Instant) {
+        if let Ok(mut s) = self.state.lock() {
+            s.failures_in_a_row = s.failures_in_a_row.saturating_add(1);
+            if s.failures_in_a_row >= TRIP_AFTER {
+                s.next_probe = Some(now + PROBE_EVERY);
+            }
+        }
+    }
+
+    /// A storage call succeeded.
+    pub fn succeeded(&self) {
+        if let Ok(mut s) = self.state.lock() {
+            if s.failures_in_a_row != 0 {
+                *s = BreakerState::default();
+            }
+        }
+    }
+}
+
 impl FailureLog {
     fn new(interval: Duration) -> Self {
         FailureLog {
@@ -276,6 +347,30 @@ mod tests {
         let r = s.should_rate_limit(&request("a", "bob", 0)).await.unwrap();
         assert_eq!(r.overall_code, Code::Ok as i32);
         assert_eq!(r.statuses[0].limit_remaining, 4);
+    }
+
+    #[test]
+    fn the_breaker_fails_fast_after_failures_in_a_row_and_probes() {
+        let b = Breaker::default();
+        let t0 = Instant::now();
+        // a blip, then a success: nothing changes
+        b.failed(t0);
+        b.succeeded();
+        for i in 0..TRIP_AFTER {
+            assert!(b.admit(t0), "call {i} before the trip tries the storage");
+            b.failed(t0);
+        }
+        assert!(!b.admit(t0), "tripped: fail fast");
+        assert!(!b.admit(t0 + PROBE_EVERY / 2));
+        let t1 = t0 + PROBE_EVERY;
+        assert!(b.admit(t1), "one probe per interval");
+        assert!(!b.admit(t1), "only one");
+        b.failed(t1);
+        assert!(!b.admit(t1 + PROBE_EVERY / 2));
+        let t2 = t1 + PROBE_EVERY;
+        assert!(b.admit(t2));
+        b.succeeded();
+        assert!(b.admit(t2) && b.admit(t2), "closed again");
     }
 
     #[tokio::test]

@@ -191,6 +191,19 @@ mod tests {
         drop(redis_proc);
         let err = call(&mut c1, request("carol", 1)).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::Unavailable);
+        // After a few failures in a row the service fails fast ("storage down": answered
+        // without waiting for Redis), but for one probe per interval.
+        let mut messages = vec![err.message().to_string()];
+        while messages.len() < 20 && messages.last().map(String::as_str) != Some("storage down") {
+            let err = call(&mut c1, request("carol", 1)).await.unwrap_err();
+            assert_eq!(err.code(), tonic::Code::Unavailable);
+            messages.push(err.message().to_string());
+        }
+        assert_eq!(
+            messages.last().map(String::as_str),
+            Some("storage down"),
+            "{messages:?}"
+        );
 
         // Redis is back (empty: a fresh window): answers again after the reconnect.
         redis_proc = redis(redis_port);
