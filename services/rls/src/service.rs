@@ -5,7 +5,7 @@
 //! ([`Store::check_and_increment`], atomic).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -208,31 +208,28 @@ pub const PROBE_EVERY: Duration = Duration::from_millis(200);
 /// Fails fast while the storage is down: after [`TRIP_AFTER`] storage calls failed in a row
 /// (an error or the timeout), calls are answered `UNAVAILABLE` at once instead of each waiting
 /// for the storage's timeout, except one call per [`PROBE_EVERY`], which tries the storage; the
-/// first success closes the breaker. A single failure (a blip) changes nothing.
+/// first success closes the breaker. A single failure (a blip) changes nothing. While the
+/// storage answers, a call reads one atomic counter (no lock).
 #[derive(Debug, Default)]
 pub struct Breaker {
-    state: Mutex<BreakerState>,
-}
-
-#[derive(Debug, Default)]
-struct BreakerState {
-    failures_in_a_row: u32,
-    next_probe: Option<Instant>,
+    failures_in_a_row: AtomicU32,
+    /// While tripped: when the next probe may go (set by the failure that trips it).
+    next_probe: Mutex<Option<Instant>>,
 }
 
 impl Breaker {
     /// May a call at `now` try the storage?
     pub fn admit(&self, now: Instant) -> bool {
-        let Ok(mut s) = self.state.lock() else {
-            return true;
-        };
-        if s.failures_in_a_row < TRIP_AFTER {
+        if self.failures_in_a_row.load(Ordering::Relaxed) < TRIP_AFTER {
             return true;
         }
-        match s.next_probe {
+        let Ok(mut next) = self.next_probe.lock() else {
+            return true;
+        };
+        match *next {
             Some(t) if now < t => false,
             _ => {
-                s.next_probe = Some(now + PROBE_EVERY);
+                *next = Some(now + PROBE_EVERY);
                 true
             }
         }
@@ -240,20 +237,24 @@ impl Breaker {
 
     /// A storage call failed at `now`.
     pub fn failed(&self, now: Instant) {
-        if let Ok(mut s) = self.state.lock() {
-            s.failures_in_a_row = s.failures_in_a_row.saturating_add(1);
-            if s.failures_in_a_row >= TRIP_AFTER {
-                s.next_probe = Some(now + PROBE_EVERY);
+        let before = self
+            .failures_in_a_row
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.saturating_add(1))
+            })
+            .unwrap_or(u32::MAX);
+        if before.saturating_add(1) >= TRIP_AFTER {
+            if let Ok(mut next) = self.next_probe.lock() {
+                *next = Some(now + PROBE_EVERY);
             }
         }
     }
 
-    /// A storage call succeeded.
+    /// A storage call succeeded (a write only when failures were counted: the next trip sets
+    /// its own probe time).
     pub fn succeeded(&self) {
-        if let Ok(mut s) = self.state.lock() {
-            if s.failures_in_a_row != 0 {
-                *s = BreakerState::default();
-            }
+        if self.failures_in_a_row.load(Ordering::Relaxed) != 0 {
+            self.failures_in_a_row.store(0, Ordering::Relaxed);
         }
     }
 }
